@@ -1,0 +1,249 @@
+/*
+ * kvm_loop: the native lower bound for pyvmm's exit-handling benchmarks.
+ *
+ *   kvm_loop pio N     N x (KVM_RUN -> KVM_EXIT_IO)    prints ns_per_exit=<float>
+ *   kvm_loop mmio N    N x (KVM_RUN -> KVM_EXIT_MMIO)  prints ns_per_exit=<float>
+ *   kvm_loop create N  N x (create + tear down a minimal VM)  prints ns_per_vm=<float>
+ *
+ * The guest runs in 16-bit real mode: it needs no GDT, page tables or mode
+ * switch, so the only state we set is CS:IP, DS and a couple of GPRs.  The
+ * guest code must stay byte-identical to benchmarks/raw_kvm_loop.py so the C,
+ * raw-Python and pyvmm numbers measure the same guest.
+ *
+ * Built by the Python benchmark with `cc -O2 -o kvm_loop kvm_loop.c`.
+ */
+#define _GNU_SOURCE
+#include <errno.h>
+#include <fcntl.h>
+#include <linux/kvm.h>
+#include <stdint.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/ioctl.h>
+#include <sys/mman.h>
+#include <time.h>
+#include <unistd.h>
+
+#define RAM_SIZE   0x10000u  /* 64 KiB of guest RAM at GPA 0 */
+#define CODE_GPA   0x1000u   /* CS = 0, IP = 0x1000 */
+#define PIO_PORT   0x10u
+/* DS selector 0x1000 -> base 0x10000 = first byte past RAM, so [ds:bx] with
+ * bx = 0 is an unbacked GPA and every store to it is an MMIO exit. */
+#define MMIO_DS_SEL 0x1000u
+#define MMIO_GPA    ((uint64_t)MMIO_DS_SEL << 4)
+#define WARMUP     16        /* first entries fault in pages / build shadow state */
+
+/* pio:  loop: out dx, al   ; ee
+ *             jmp loop     ; eb fd            */
+static const uint8_t guest_pio[] = {0xee, 0xeb, 0xfd};
+/* mmio: loop: mov [bx], al ; 88 07
+ *             jmp loop     ; eb fc            */
+static const uint8_t guest_mmio[] = {0x88, 0x07, 0xeb, 0xfc};
+
+static void die(const char *what)
+{
+	fprintf(stderr, "kvm_loop: %s: %s\n", what, strerror(errno));
+	exit(1);
+}
+
+static void die_msg(const char *msg)
+{
+	fprintf(stderr, "kvm_loop: %s\n", msg);
+	exit(1);
+}
+
+static int xioctl(int fd, unsigned long req, unsigned long arg, const char *what)
+{
+	int r = ioctl(fd, req, arg);
+	if (r < 0)
+		die(what);
+	return r;
+}
+
+static double now_ns(void)
+{
+	struct timespec ts;
+	if (clock_gettime(CLOCK_MONOTONIC, &ts) < 0)
+		die("clock_gettime");
+	return (double)ts.tv_sec * 1e9 + (double)ts.tv_nsec;
+}
+
+struct vm {
+	int vm_fd;
+	int vcpu_fd;
+	uint8_t *ram;
+	struct kvm_run *run;
+	size_t run_size;
+};
+
+/* Everything a minimal VM needs: one RAM slot, one vCPU with its run page. */
+static void vm_create(int kvm_fd, size_t run_size, struct vm *vm)
+{
+	vm->run_size = run_size;
+	vm->vm_fd = xioctl(kvm_fd, KVM_CREATE_VM, 0, "KVM_CREATE_VM");
+
+	vm->ram = mmap(NULL, RAM_SIZE, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0);
+	if (vm->ram == MAP_FAILED)
+		die("mmap guest RAM");
+
+	struct kvm_userspace_memory_region region = {
+		.slot = 0,
+		.flags = 0,
+		.guest_phys_addr = 0,
+		.memory_size = RAM_SIZE,
+		.userspace_addr = (uint64_t)(uintptr_t)vm->ram,
+	};
+	xioctl(vm->vm_fd, KVM_SET_USER_MEMORY_REGION, (unsigned long)&region, "KVM_SET_USER_MEMORY_REGION");
+
+	vm->vcpu_fd = xioctl(vm->vm_fd, KVM_CREATE_VCPU, 0, "KVM_CREATE_VCPU");
+	vm->run = mmap(NULL, run_size, PROT_READ | PROT_WRITE, MAP_SHARED, vm->vcpu_fd, 0);
+	if (vm->run == MAP_FAILED)
+		die("mmap kvm_run");
+}
+
+static void vm_destroy(struct vm *vm)
+{
+	if (munmap(vm->run, vm->run_size) < 0)
+		die("munmap kvm_run");
+	if (close(vm->vcpu_fd) < 0)
+		die("close vcpu");
+	if (close(vm->vm_fd) < 0)
+		die("close vm");
+	if (munmap(vm->ram, RAM_SIZE) < 0)
+		die("munmap guest RAM");
+}
+
+static void setup_real_mode(struct vm *vm, const uint8_t *code, size_t code_len)
+{
+	memcpy(vm->ram + CODE_GPA, code, code_len);
+
+	struct kvm_sregs sregs;
+	xioctl(vm->vcpu_fd, KVM_GET_SREGS, (unsigned long)&sregs, "KVM_GET_SREGS");
+	/* Reset state is CS=f000 base ffff0000; flatten CS so IP is a GPA. */
+	sregs.cs.base = 0;
+	sregs.cs.selector = 0;
+	sregs.ds.base = MMIO_GPA;
+	sregs.ds.selector = MMIO_DS_SEL;
+	xioctl(vm->vcpu_fd, KVM_SET_SREGS, (unsigned long)&sregs, "KVM_SET_SREGS");
+
+	struct kvm_regs regs;
+	memset(&regs, 0, sizeof(regs));
+	regs.rip = CODE_GPA;
+	regs.rflags = 0x2; /* bit 1 is reserved-as-one; IF clear so no interrupts */
+	regs.rax = 0x5a;
+	regs.rbx = 0;
+	regs.rdx = PIO_PORT;
+	xioctl(vm->vcpu_fd, KVM_SET_REGS, (unsigned long)&regs, "KVM_SET_REGS");
+}
+
+static void bad_exit(const struct kvm_run *run, const char *expected)
+{
+	fprintf(stderr, "kvm_loop: expected %s exit, got exit_reason=%u", expected, run->exit_reason);
+	if (run->exit_reason == KVM_EXIT_INTERNAL_ERROR)
+		fprintf(stderr, " (internal suberror=%u)", run->internal.suberror);
+	else if (run->exit_reason == KVM_EXIT_FAIL_ENTRY)
+		fprintf(stderr, " (hardware_entry_failure_reason=0x%llx)",
+			(unsigned long long)run->fail_entry.hardware_entry_failure_reason);
+	else if (run->exit_reason == KVM_EXIT_IO)
+		fprintf(stderr, " (port=0x%x dir=%u)", run->io.port, run->io.direction);
+	else if (run->exit_reason == KVM_EXIT_MMIO)
+		fprintf(stderr, " (gpa=0x%llx write=%u)", (unsigned long long)run->mmio.phys_addr, run->mmio.is_write);
+	fputc('\n', stderr);
+	exit(1);
+}
+
+/* Checked inline rather than via a callback so the loop body is as cheap as
+ * a real VMM's fast path would be. */
+static void run_once_pio(struct vm *vm)
+{
+	xioctl(vm->vcpu_fd, KVM_RUN, 0, "KVM_RUN");
+	const struct kvm_run *run = vm->run;
+	if (run->exit_reason != KVM_EXIT_IO || run->io.direction != KVM_EXIT_IO_OUT || run->io.port != PIO_PORT ||
+	    run->io.size != 1)
+		bad_exit(run, "PIO out to port 0x10");
+}
+
+static void run_once_mmio(struct vm *vm)
+{
+	xioctl(vm->vcpu_fd, KVM_RUN, 0, "KVM_RUN");
+	const struct kvm_run *run = vm->run;
+	if (run->exit_reason != KVM_EXIT_MMIO || !run->mmio.is_write || run->mmio.phys_addr != MMIO_GPA ||
+	    run->mmio.len != 1)
+		bad_exit(run, "MMIO write to 0x10000");
+}
+
+static double bench_exits(int kvm_fd, size_t run_size, long n, int mmio)
+{
+	struct vm vm;
+	vm_create(kvm_fd, run_size, &vm);
+	if (mmio)
+		setup_real_mode(&vm, guest_mmio, sizeof(guest_mmio));
+	else
+		setup_real_mode(&vm, guest_pio, sizeof(guest_pio));
+
+	void (*once)(struct vm *) = mmio ? run_once_mmio : run_once_pio;
+	for (int i = 0; i < WARMUP; i++)
+		once(&vm);
+
+	double t0 = now_ns();
+	for (long i = 0; i < n; i++)
+		once(&vm);
+	double t1 = now_ns();
+
+	vm_destroy(&vm);
+	return (t1 - t0) / (double)n;
+}
+
+static double bench_create(int kvm_fd, size_t run_size, long n)
+{
+	struct vm vm;
+	double t0 = now_ns();
+	for (long i = 0; i < n; i++) {
+		vm_create(kvm_fd, run_size, &vm);
+		vm_destroy(&vm);
+	}
+	double t1 = now_ns();
+	return (t1 - t0) / (double)n;
+}
+
+static void usage(void)
+{
+	die_msg("usage: kvm_loop {pio|mmio|create} N");
+}
+
+int main(int argc, char **argv)
+{
+	if (argc != 3)
+		usage();
+	char *end;
+	errno = 0;
+	long n = strtol(argv[2], &end, 10);
+	if (errno || *end || n <= 0)
+		usage();
+
+	int kvm_fd = open("/dev/kvm", O_RDWR | O_CLOEXEC);
+	if (kvm_fd < 0)
+		die("open /dev/kvm");
+	int api = xioctl(kvm_fd, KVM_GET_API_VERSION, 0, "KVM_GET_API_VERSION");
+	if (api != KVM_API_VERSION) {
+		fprintf(stderr, "kvm_loop: KVM API version %d, expected %d\n", api, KVM_API_VERSION);
+		return 1;
+	}
+	int run_size = xioctl(kvm_fd, KVM_GET_VCPU_MMAP_SIZE, 0, "KVM_GET_VCPU_MMAP_SIZE");
+	if ((size_t)run_size < sizeof(struct kvm_run))
+		die_msg("KVM_GET_VCPU_MMAP_SIZE smaller than struct kvm_run");
+
+	if (strcmp(argv[1], "pio") == 0)
+		printf("ns_per_exit=%.1f\n", bench_exits(kvm_fd, (size_t)run_size, n, 0));
+	else if (strcmp(argv[1], "mmio") == 0)
+		printf("ns_per_exit=%.1f\n", bench_exits(kvm_fd, (size_t)run_size, n, 1));
+	else if (strcmp(argv[1], "create") == 0)
+		printf("ns_per_vm=%.1f\n", bench_create(kvm_fd, (size_t)run_size, n));
+	else
+		usage();
+
+	if (close(kvm_fd) < 0)
+		die("close /dev/kvm");
+	return 0;
+}

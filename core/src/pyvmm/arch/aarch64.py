@@ -1,0 +1,56 @@
+"""aarch64 core registers and KVM-style "one reg" identifiers.
+
+The one-reg id encoding is the one KVM and GenieZone share
+(``arch/arm64/include/uapi/asm/kvm.h``): core registers are addressed by their
+32-bit word offset inside ``struct kvm_regs``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+REG_ARM64 = 0x6000000000000000
+REG_SIZE_U64 = 0x0030000000000000
+REG_SIZE_U128 = 0x0040000000000000
+REG_ARM_CORE = 0x0010 << 16
+REG_ARM64_SYSREG = 0x0013 << 16
+
+#: PSTATE for entering a kernel: EL1h with D, A, I and F masked.
+PSTATE_EL1H_DAIF = 0x3C5
+#: The same at EL2 (nested virtualisation).
+PSTATE_EL2H_DAIF = 0x3C9
+
+
+def core_reg_id(word_offset: int, size: int = REG_SIZE_U64) -> int:
+    """One-reg id of the core register at ``word_offset`` 32-bit words into kvm_regs."""
+    return REG_ARM64 | size | REG_ARM_CORE | word_offset
+
+
+def x_reg_id(n: int) -> int:
+    """Id of general register Xn (0..30)."""
+    if not 0 <= n <= 30:
+        raise ValueError(f"X{n} does not exist (X0..X30)")
+    return core_reg_id(2 * n)
+
+
+SP_ID = core_reg_id(2 * 31)
+PC_ID = core_reg_id(2 * 32)
+PSTATE_ID = core_reg_id(2 * 33)
+
+
+def sysreg_id(op0: int, op1: int, crn: int, crm: int, op2: int) -> int:
+    """One-reg id of a system register, from its encoding."""
+    return REG_ARM64 | REG_SIZE_U64 | REG_ARM64_SYSREG | (op0 << 14) | (op1 << 11) | (crn << 7) | (crm << 3) | op2
+
+
+MPIDR_EL1_ID = sysreg_id(3, 0, 0, 0, 5)
+
+
+@dataclass(slots=True)
+class CoreRegs:
+    """X0..X30, SP (SP_EL1 for a kernel), PC and PSTATE."""
+
+    x: list[int] = field(default_factory=lambda: [0] * 31)
+    sp: int = 0
+    pc: int = 0
+    pstate: int = PSTATE_EL1H_DAIF

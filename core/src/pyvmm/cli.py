@@ -1,0 +1,100 @@
+"""The ``pyvmm`` command line."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Sequence
+from typing import Any
+
+from pyvmm import __version__
+
+
+def _backends_report() -> dict[str, Any]:
+    from pyvmm.plugins import default_registry
+
+    registry = default_registry()
+    backends = []
+    for name in sorted(registry.backends):
+        plugin = registry.backends[name]
+        manifest = plugin.manifest
+        availability = plugin.availability()
+        backends.append(
+            {
+                "name": name,
+                "version": manifest.version,
+                "distribution": plugin.source.distribution,
+                "distribution_version": plugin.source.version,
+                "location": plugin.source.location,
+                "contract_version": manifest.contract_version,
+                "available": availability.available,
+                "reason": availability.reason,
+                "host_os": list(manifest.host_os),
+                "guest_arches": [a.value for a in manifest.guest_arches],
+                "capabilities": [c.value for c in manifest.capability_set],
+                "unknown_capabilities": list(manifest.unknown_capabilities),
+                "priority": manifest.priority,
+                "auto_select": manifest.auto_select,
+            }
+        )
+    failures = [
+        {
+            "entry_point": f.source.entry_point,
+            "distribution": f.source.distribution,
+            "version": f.source.version,
+            "error": f.error,
+        }
+        for f in registry.failures
+    ]
+    return {"pyvmm_version": __version__, "backends": backends, "failures": failures}
+
+
+def _print_backends(report: dict[str, Any]) -> None:
+    if not report["backends"]:
+        print("no backends installed (install one, e.g. pip install ./plugins/pyvmm-kvm)")
+    for b in report["backends"]:
+        state = "available" if b["available"] else f"unavailable: {b['reason']}"
+        print(f"{b['name']} {b['version']}  [{state}]")
+        print(f"  from:         {b['distribution']} {b['distribution_version']}  {b['location']}".rstrip())
+        print(f"  guest arches: {', '.join(b['guest_arches'])}   host: {', '.join(b['host_os'])}")
+        print(f"  capabilities: {', '.join(b['capabilities']) or '(none)'}")
+        if b["unknown_capabilities"]:
+            print(f"  unknown to this pyvmm (ignored): {', '.join(b['unknown_capabilities'])}")
+    for f in report["failures"]:
+        print(f"BROKEN {f['entry_point']} from {f['distribution']} {f['version']}: {f['error']}".rstrip())
+
+
+def _cmd_backends(args: argparse.Namespace) -> int:
+    report = _backends_report()
+    if args.json:
+        json.dump(report, sys.stdout, indent=2)
+        print()
+    else:
+        _print_backends(report)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="pyvmm", description="Build and run VMs on hardware hypervisors.")
+    parser.add_argument("--version", action="version", version=f"pyvmm {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    backends = sub.add_parser("backends", help="list installed backends, their capabilities and availability")
+    backends.add_argument("--json", action="store_true", help="machine-readable output")
+    backends.set_defaults(func=_cmd_backends)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not hasattr(args, "func"):
+        parser.print_help()
+        return 2
+    from pyvmm.errors import PyvmmError
+
+    try:
+        return int(args.func(args))
+    except PyvmmError as exc:
+        print(f"pyvmm: error: {exc}", file=sys.stderr)
+        return 2

@@ -1,0 +1,95 @@
+"""The backend manifest: what a backend says about itself at discovery.
+
+A backend returns a :class:`BackendManifest` from ``pyvmm_backend_info()``.  Core
+validates it, checks it against the hooks the plugin implements, and refuses the
+plugin (reported, not fatal) when the two disagree.
+"""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Callable
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+from pyvmm.capabilities import Capability, CapabilitySet, parse_capabilities
+from pyvmm.config import Arch
+
+#: The version of the hook contract this pyvmm implements.  A plugin declares the
+#: version it was written for; a mismatch is refused at registration.
+CONTRACT_VERSION = 1
+
+
+class Availability(BaseModel):
+    """Result of a backend's availability probe."""
+
+    model_config = ConfigDict(frozen=True)
+
+    available: bool
+    reason: str = ""
+
+    @classmethod
+    def yes(cls) -> Availability:
+        return cls(available=True)
+
+    @classmethod
+    def no(cls, reason: str) -> Availability:
+        return cls(available=False, reason=reason)
+
+
+def _never_available() -> Availability:
+    return Availability.no("the backend declares no availability probe")
+
+
+class BackendManifest(BaseModel):
+    """Everything core needs to know about a backend before using it."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True, arbitrary_types_allowed=True)
+
+    name: str = Field(pattern=r"^[a-z][a-z0-9_-]{0,31}$", description="backend name users select it by")
+    version: str = Field(min_length=1)
+    contract_version: int = Field(ge=1, description="hook contract version the plugin implements")
+    description: str = ""
+    host_os: tuple[str, ...] = Field(min_length=1, description="sys.platform prefixes the backend runs on")
+    guest_arches: tuple[Arch, ...] = Field(min_length=1)
+    capabilities: tuple[str, ...] = Field(
+        default=(), description="Capability values; unknown names are kept and read as false"
+    )
+    priority: int = Field(default=0, description="higher wins when several backends are available")
+    auto_select: bool = Field(
+        default=True, description="false for backends only ever chosen by name (test backends, models)"
+    )
+    probe: Callable[[], Availability] = Field(default=_never_available, exclude=True, repr=False)
+
+    @field_validator("capabilities", mode="before")
+    @classmethod
+    def _capability_values(cls, value: Any) -> Any:
+        if isinstance(value, (list, tuple, set, frozenset)):
+            return tuple(sorted(c.value if isinstance(c, Capability) else c for c in value))
+        return value
+
+    @property
+    def capability_set(self) -> CapabilitySet:
+        known, _ = parse_capabilities(self.capabilities)
+        return CapabilitySet(known)
+
+    @property
+    def unknown_capabilities(self) -> tuple[str, ...]:
+        return parse_capabilities(self.capabilities)[1]
+
+    def runs_on_host(self, platform: str | None = None) -> bool:
+        platform = sys.platform if platform is None else platform
+        return any(platform.startswith(prefix) for prefix in self.host_os)
+
+    def check_availability(self) -> Availability:
+        """Run the probe; a probe that raises counts as "unavailable", never as a crash."""
+        if not self.runs_on_host():
+            return Availability.no(f"runs on {', '.join(self.host_os)}, this host is {sys.platform}")
+        try:
+            result: object = self.probe()  # plugins are untrusted: check the type at run time
+        except Exception as exc:  # noqa: BLE001 - a probe must never take discovery down
+            return Availability.no(f"availability probe raised {type(exc).__name__}: {exc}")
+        if not isinstance(result, Availability):
+            return Availability.no(f"availability probe returned {type(result).__name__}, not Availability")
+        return result

@@ -1,0 +1,274 @@
+"""The contract test backend: an in-process backend that runs no guest code.
+
+Core's own tests use it to exercise the hook contract (capability gating, the
+boot-context rule, registration checks, memory bookkeeping) without any
+hypervisor.  It records every hook call in :attr:`ContractTestBackend.calls` and
+returns the exits a test scripts with :meth:`ContractTestBackend.script_exits`.
+It is never auto-selected.
+
+Build one with the capabilities under test; :meth:`ContractTestBackend.plugin`
+returns the object to register, holding exactly the hooks those capabilities
+call for (or, with ``omit``/``extra``, a deliberately wrong set).
+"""
+
+from __future__ import annotations
+
+import types
+from collections import deque
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from typing import Any
+
+from pyvmm.arch.x86_64 import CpuidEntry, MsrEntry, Regs, Sregs
+from pyvmm.boot import BootSpec, VcpuInit
+from pyvmm.capabilities import HOOKS_BY_CAPABILITY, INIT_VCPU_HOOK, Capability
+from pyvmm.config import Arch, VmConfig
+from pyvmm.exits import HltExit, VcpuExit
+from pyvmm.hookspecs import hookimpl
+from pyvmm.manifest import CONTRACT_VERSION, Availability, BackendManifest
+from pyvmm.memory import RamRegion
+from pyvmm.plugins import REQUIRED_HOOKS
+from pyvmm.vcpu_state import IoEventAddress, StateKind
+
+
+class InitVcpuCalled(AssertionError):
+    """Raised by a test backend that must never see ``pyvmm_init_vcpu``."""
+
+
+@dataclass
+class TestVm:
+    config: VmConfig
+    regions: dict[int, RamRegion] = field(default_factory=dict)
+    destroyed: bool = False
+    started: bool = False
+    boot: BootSpec | None = None
+
+
+@dataclass
+class TestVcpu:
+    vm: TestVm
+    index: int
+    regs: Regs = field(default_factory=Regs)
+    sregs: Sregs = field(default_factory=Sregs)
+    init: VcpuInit | None = None
+    kicked: bool = False
+    destroyed: bool = False
+
+
+class ContractTestBackend:
+    """A backend whose behaviour a test controls completely."""
+
+    __test__ = False  # not a pytest test class, despite the name
+
+    def __init__(
+        self,
+        name: str = "contract-test",
+        capabilities: Iterable[Capability | str] = (),
+        *,
+        arches: tuple[Arch, ...] = (Arch.X86_64, Arch.AARCH64),
+        available: bool = True,
+        contract_version: int = CONTRACT_VERSION,
+        priority: int = 0,
+        auto_select: bool = False,
+    ) -> None:
+        self.name = name
+        self.capabilities = tuple(capabilities)
+        self.arches = arches
+        self.available = available
+        self.contract_version = contract_version
+        self.priority = priority
+        self.auto_select = auto_select
+        self.calls: list[tuple[Any, ...]] = []
+        self.vms: list[TestVm] = []
+        self._exits: deque[VcpuExit] = deque()
+        self.fail_next: dict[str, BaseException] = {}
+
+    # --- test control -------------------------------------------------------
+    def script_exits(self, *exits: VcpuExit) -> None:
+        """Queue exits for ``run``; once empty, ``run`` returns a halt."""
+        self._exits.extend(exits)
+
+    def fail(self, hook: str, error: BaseException) -> None:
+        """Make the next call of ``hook`` raise ``error``."""
+        self.fail_next[hook] = error
+
+    def hook_names(self) -> set[str]:
+        return {name for name, _ in self.calls}
+
+    def _record(self, hook: str, *args: Any) -> None:
+        self.calls.append((hook, *args))
+        error = self.fail_next.pop(hook, None)
+        if error is not None:
+            raise error
+
+    def manifest(self) -> BackendManifest:
+        return BackendManifest(
+            name=self.name,
+            version="0",
+            contract_version=self.contract_version,
+            description="in-process backend for pyvmm's contract tests; runs no guest code",
+            host_os=("linux", "darwin", "win32"),
+            guest_arches=self.arches,
+            capabilities=self.capabilities,
+            priority=self.priority,
+            auto_select=self.auto_select,
+            probe=lambda: Availability.yes() if self.available else Availability.no("switched off by the test"),
+        )
+
+    def plugin(self, *, omit: Iterable[str] = (), extra: Iterable[str] = ()) -> types.SimpleNamespace:
+        """The registrable plugin object: required hooks, the init hook unless the
+        hypervisor owns the boot context, the hooks of the declared capabilities,
+        minus ``omit`` plus ``extra``."""
+        declared = {c if isinstance(c, Capability) else Capability(c) for c in self.capabilities if _known(c)}
+        wanted = set(REQUIRED_HOOKS)
+        if Capability.HYPERVISOR_INITIALIZED_BOOT_CONTEXT not in declared:
+            wanted.add(INIT_VCPU_HOOK)
+        for cap in declared:
+            wanted.update(HOOKS_BY_CAPABILITY.get(cap, ()))
+        wanted = (wanted - set(omit)) | set(extra)
+        return types.SimpleNamespace(**{hook: getattr(self, hook) for hook in sorted(wanted)})
+
+    # --- required hooks -----------------------------------------------------
+    @hookimpl
+    def pyvmm_backend_info(self) -> BackendManifest:
+        return self.manifest()
+
+    @hookimpl
+    def pyvmm_create_vm(self, backend: Any, config: VmConfig) -> TestVm:
+        self._record("pyvmm_create_vm", config)
+        vm = TestVm(config)
+        self.vms.append(vm)
+        return vm
+
+    @hookimpl
+    def pyvmm_destroy_vm(self, vm: TestVm) -> None:
+        self._record("pyvmm_destroy_vm", vm)
+        vm.destroyed = True
+
+    @hookimpl
+    def pyvmm_map_memory(self, vm: TestVm, region: RamRegion) -> None:
+        self._record("pyvmm_map_memory", region.slot, region.guest_phys_addr, region.size)
+        vm.regions[region.slot] = region
+
+    @hookimpl
+    def pyvmm_create_vcpu(self, vm: TestVm, index: int) -> TestVcpu:
+        self._record("pyvmm_create_vcpu", index)
+        return TestVcpu(vm, index)
+
+    @hookimpl
+    def pyvmm_destroy_vcpu(self, vcpu: TestVcpu) -> None:
+        self._record("pyvmm_destroy_vcpu", vcpu.index)
+        vcpu.destroyed = True
+
+    @hookimpl
+    def pyvmm_run_vcpu(self, vcpu: TestVcpu) -> VcpuExit:
+        self._record("pyvmm_run_vcpu", vcpu.index)
+        return self._exits.popleft() if self._exits else HltExit()
+
+    @hookimpl
+    def pyvmm_init_vcpu(self, vcpu: TestVcpu, boot: VcpuInit) -> None:
+        if Capability.HYPERVISOR_INITIALIZED_BOOT_CONTEXT.value in [getattr(c, "value", c) for c in self.capabilities]:
+            raise InitVcpuCalled(f"pyvmm_init_vcpu called on {self.name!r}, whose hypervisor owns the boot context")
+        self._record("pyvmm_init_vcpu", vcpu.index, boot)
+        vcpu.init = boot
+
+    # --- optional hooks -----------------------------------------------------
+    @hookimpl
+    def pyvmm_set_boot_context(self, vm: TestVm, boot: BootSpec) -> None:
+        self._record("pyvmm_set_boot_context", boot)
+        vm.boot = boot
+
+    @hookimpl
+    def pyvmm_start_vm(self, vm: TestVm) -> None:
+        self._record("pyvmm_start_vm")
+        vm.started = True
+
+    @hookimpl
+    def pyvmm_unmap_memory(self, vm: TestVm, region: RamRegion) -> None:
+        self._record("pyvmm_unmap_memory", region.slot)
+        del vm.regions[region.slot]
+
+    @hookimpl
+    def pyvmm_get_dirty_log(self, vm: TestVm, region: RamRegion) -> bytes:
+        self._record("pyvmm_get_dirty_log", region.slot)
+        return bytes((region.size // 4096 + 7) // 8)
+
+    @hookimpl
+    def pyvmm_get_clock(self, vm: TestVm) -> int:
+        self._record("pyvmm_get_clock")
+        return 0
+
+    @hookimpl
+    def pyvmm_set_clock(self, vm: TestVm, nanoseconds: int) -> None:
+        self._record("pyvmm_set_clock", nanoseconds)
+
+    @hookimpl
+    def pyvmm_kick_vcpu(self, vcpu: TestVcpu) -> None:
+        self._record("pyvmm_kick_vcpu", vcpu.index)
+        vcpu.kicked = True
+
+    @hookimpl
+    def pyvmm_get_vcpu_state(self, vcpu: TestVcpu, kind: StateKind) -> Any:
+        self._record("pyvmm_get_vcpu_state", kind)
+        return {StateKind.REGS: vcpu.regs, StateKind.SREGS: vcpu.sregs}[kind]
+
+    @hookimpl
+    def pyvmm_set_vcpu_state(self, vcpu: TestVcpu, kind: StateKind, value: Any) -> None:
+        self._record("pyvmm_set_vcpu_state", kind, value)
+        setattr(vcpu, kind.value, value)
+
+    @hookimpl
+    def pyvmm_get_msrs(self, vcpu: TestVcpu, indices: list[int]) -> list[MsrEntry]:
+        self._record("pyvmm_get_msrs", indices)
+        return [MsrEntry(i, 0) for i in indices]
+
+    @hookimpl
+    def pyvmm_set_msrs(self, vcpu: TestVcpu, entries: list[MsrEntry]) -> None:
+        self._record("pyvmm_set_msrs", entries)
+
+    @hookimpl
+    def pyvmm_get_supported_cpuid(self, vm: TestVm) -> list[CpuidEntry]:
+        self._record("pyvmm_get_supported_cpuid")
+        return [CpuidEntry(0, eax=1)]
+
+    @hookimpl
+    def pyvmm_set_cpuid(self, vcpu: TestVcpu, entries: list[CpuidEntry]) -> None:
+        self._record("pyvmm_set_cpuid", entries)
+
+    @hookimpl
+    def pyvmm_register_ioevent(
+        self, vm: TestVm, fd: int, address: IoEventAddress, datamatch: int | None, length: int
+    ) -> None:
+        self._record("pyvmm_register_ioevent", fd, address, datamatch, length)
+
+    @hookimpl
+    def pyvmm_unregister_ioevent(
+        self, vm: TestVm, fd: int, address: IoEventAddress, datamatch: int | None, length: int
+    ) -> None:
+        self._record("pyvmm_unregister_ioevent", fd, address, datamatch, length)
+
+    @hookimpl
+    def pyvmm_register_irqfd(self, vm: TestVm, fd: int, line: int, level: bool) -> None:
+        self._record("pyvmm_register_irqfd", fd, line, level)
+
+    @hookimpl
+    def pyvmm_set_irq_line(self, vm: TestVm, line: int, level: bool) -> None:
+        self._record("pyvmm_set_irq_line", line, level)
+
+    @hookimpl
+    def pyvmm_create_irqchip(self, vm: TestVm) -> None:
+        self._record("pyvmm_create_irqchip")
+
+    @hookimpl
+    def pyvmm_set_guest_debug(self, vcpu: TestVcpu, single_step: bool, breakpoints: list[int]) -> None:
+        self._record("pyvmm_set_guest_debug", single_step, breakpoints)
+
+
+def _known(cap: Capability | str) -> bool:
+    if isinstance(cap, Capability):
+        return True
+    try:
+        Capability(cap)
+    except ValueError:
+        return False
+    return True

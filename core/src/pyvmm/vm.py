@@ -1,0 +1,418 @@
+"""The VMM-facing API: a backend, its VMs and their vCPUs.
+
+These classes are the only callers of the hooks.  Each VM is bound to one
+backend; the backend's hook functions are looked up once, when the VM is made,
+and ``Vcpu.run`` is the backend's run function pre-bound to the vCPU handle, so
+the per-exit path costs one direct call.  Every optional operation checks the
+backend's declared capability first and raises
+:class:`~pyvmm.errors.UnsupportedCapability` instead of calling.
+"""
+
+from __future__ import annotations
+
+import functools
+import threading
+from collections.abc import Callable
+from typing import Any
+
+from pydantic import ValidationError
+
+from pyvmm.arch.x86_64 import CpuidEntry, DebugRegs, Fpu, MsrEntry, Regs, Sregs
+from pyvmm.boot import Aarch64VcpuInit, BootSpec, VcpuInit, X86VcpuInit
+from pyvmm.capabilities import CAPABILITY_BY_HOOK, Capability, CapabilitySet
+from pyvmm.config import PAGE_SIZE, Arch, MemoryRegionSpec, VmConfig, validation_message
+from pyvmm.errors import ConfigError, UnsupportedCapability, VmStateError
+from pyvmm.exits import VcpuExit
+from pyvmm.manifest import Availability, BackendManifest
+from pyvmm.memory import GuestMemory, RamRegion
+from pyvmm.plugins import BackendPlugin, PluginRegistry, default_registry
+from pyvmm.vcpu_state import IoEventAddress, StateKind
+
+
+def _validated(model: Any, value: Any, what: str) -> Any:
+    if isinstance(value, model):
+        return value
+    try:
+        return model.model_validate(value)
+    except ValidationError as exc:
+        raise ConfigError(f"invalid {what}: {validation_message(exc)}") from exc
+
+
+class Backend:
+    """One registered backend, ready to create VMs."""
+
+    def __init__(self, plugin: BackendPlugin) -> None:
+        self.plugin = plugin
+        self.manifest: BackendManifest = plugin.manifest
+        self.name: str = plugin.name
+        self.capabilities: CapabilitySet = plugin.manifest.capability_set
+
+    def __repr__(self) -> str:
+        return f"Backend({self.name!r})"
+
+    def supports(self, capability: Capability) -> bool:
+        return capability in self.capabilities
+
+    def require(self, capability: Capability, what: str = "") -> None:
+        if capability not in self.capabilities:
+            raise UnsupportedCapability(self.name, capability, what)
+
+    def hook(self, name: str) -> Callable[..., Any]:
+        """The backend's implementation of hook ``name``, after the capability check."""
+        capability = CAPABILITY_BY_HOOK.get(name)
+        if capability is not None:
+            self.require(capability, name)
+        try:
+            return self.plugin.impls[name]
+        except KeyError:
+            raise UnsupportedCapability(self.name, name, "hook not implemented") from None
+
+    def availability(self) -> Availability:
+        return self.manifest.check_availability()
+
+    def create_vm(self, config: VmConfig | dict[str, Any] | None = None) -> Vm:
+        """Create a VM on this backend.  Nothing is left open if this raises."""
+        cfg: VmConfig = _validated(VmConfig, config if config is not None else {}, "VM config")
+        if cfg.arch not in self.manifest.guest_arches:
+            arches = ", ".join(a.value for a in self.manifest.guest_arches)
+            raise ConfigError(f"arch: backend {self.name!r} runs {arches} guests, not {cfg.arch.value}")
+        if cfg.vcpus > 1 and not self.supports(Capability.MULTI_VCPU):
+            raise UnsupportedCapability(self.name, Capability.MULTI_VCPU, f"a VM with {cfg.vcpus} vCPUs")
+        handle = self.plugin.impls["pyvmm_create_vm"](self, cfg)
+        return Vm(self, cfg, handle)
+
+
+def get_backend(name: str | None = None, registry: PluginRegistry | None = None) -> Backend:
+    """Select a backend: ``name``, else ``$PYVMM_BACKEND``, else the best available."""
+    return Backend((registry or default_registry()).select(name))
+
+
+class Vm:
+    """A VM bound to one backend.  Use as a context manager, or call :meth:`close`."""
+
+    def __init__(self, backend: Backend, config: VmConfig, handle: Any) -> None:
+        self.backend = backend
+        self.config = config
+        self.handle = handle
+        self.memory = GuestMemory()
+        self.vcpus: list[Vcpu] = []
+        self._boot: BootSpec | None = None
+        self._boot_init: VcpuInit | None = None
+        self._started = False
+        self._closed = False
+        impls = backend.plugin.impls
+        self._map = impls["pyvmm_map_memory"]
+        self._create_vcpu = impls["pyvmm_create_vcpu"]
+
+    def __enter__(self) -> Vm:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        state = "closed" if self._closed else f"{len(self.memory)} regions, {len(self.vcpus)} vCPUs"
+        return f"Vm({self.backend.name!r}, {self.config.arch.value}, {state})"
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise VmStateError("the VM is closed")
+
+    @property
+    def arch(self) -> Arch:
+        return self.config.arch
+
+    @property
+    def started(self) -> bool:
+        return self._started
+
+    # --- memory -------------------------------------------------------------
+    def add_memory(
+        self, guest_phys_addr: int | MemoryRegionSpec, size: int | str | None = None, **flags: bool
+    ) -> RamRegion:
+        """Back ``size`` bytes at ``guest_phys_addr`` with fresh host memory.
+
+        ``read_only=True`` needs ``READ_ONLY_MEMORY``; ``log_dirty=True`` needs
+        ``DIRTY_LOG``; after :meth:`start` it needs ``LATE_MEMORY``.
+        """
+        self._check_open()
+        if isinstance(guest_phys_addr, MemoryRegionSpec):
+            spec = guest_phys_addr
+        else:
+            spec = _validated(
+                MemoryRegionSpec, {"guest_phys_addr": guest_phys_addr, "size": size, **flags}, "memory region"
+            )
+        if spec.read_only:
+            self.backend.require(Capability.READ_ONLY_MEMORY, "a read-only region")
+        if spec.log_dirty:
+            self.backend.require(Capability.DIRTY_LOG, "a dirty-logged region")
+        if self._started:
+            self.backend.require(Capability.LATE_MEMORY, "mapping memory after start")
+        region = self.memory.allocate(spec)
+        try:
+            self._map(self.handle, region)
+        except BaseException:
+            self.memory.release_slot(region)
+            raise
+        self.memory.insert(region)
+        return region
+
+    def remove_memory(self, region: RamRegion) -> None:
+        """Unmap ``region`` from the guest and free its host memory (``MEMORY_REMOVAL``)."""
+        self._check_open()
+        unmap = self.backend.hook("pyvmm_unmap_memory")
+        if region not in list(self.memory):
+            raise ConfigError(f"{region!r} is not mapped in this VM")
+        unmap(self.handle, region)
+        self.memory.remove(region)
+
+    def dirty_log(self, region: RamRegion) -> bytes:
+        """Bitmap of the pages of ``region`` written since the last call (``DIRTY_LOG``)."""
+        self._check_open()
+        get = self.backend.hook("pyvmm_get_dirty_log")
+        if not region.log_dirty:
+            raise ConfigError(f"{region!r} was not mapped with log_dirty=True")
+        return bytes(get(self.handle, region))
+
+    def dirty_pages(self, region: RamRegion) -> list[int]:
+        """Guest-physical addresses of the pages of ``region`` written since the last call."""
+        bitmap = self.dirty_log(region)
+        base = region.guest_phys_addr
+        pages = [i * 8 + bit for i, byte in enumerate(bitmap) if byte for bit in range(8) if byte >> bit & 1]
+        return [base + page * PAGE_SIZE for page in pages]
+
+    # --- vCPUs ----------------------------------------------------------------
+    def create_vcpu(self, index: int | None = None) -> Vcpu:
+        """Create a vCPU.  The calling thread becomes the vCPU's thread."""
+        self._check_open()
+        index = len(self.vcpus) if index is None else index
+        if not 0 <= index < self.config.vcpus:
+            raise ConfigError(f"vCPU index {index} is out of range for a VM configured with {self.config.vcpus}")
+        if any(v.index == index for v in self.vcpus):
+            raise ConfigError(f"vCPU {index} already exists")
+        vcpu = Vcpu(self, index, self._create_vcpu(self.handle, index))
+        self.vcpus.append(vcpu)
+        if self._boot is not None:
+            vcpu._needs_boot = True
+        return vcpu
+
+    # --- boot -----------------------------------------------------------------
+    def set_boot(self, spec: BootSpec | dict[str, Any]) -> None:
+        """Record how the VM boots.
+
+        Where the hypervisor owns the boot context, this hands ``spec`` to it now
+        (``pyvmm_set_boot_context``) and no vCPU register is ever set.  Otherwise
+        it prepares the boot vCPU's registers (writing the x86 boot tables into
+        guest RAM); each vCPU applies them with :meth:`Vcpu.apply_boot` on its own
+        thread.
+        """
+        self._check_open()
+        boot: BootSpec = _validated(BootSpec, spec, "boot spec")
+        if boot.arch is not self.config.arch:
+            raise ConfigError(f"arch: boot spec is for {boot.arch.value}, the VM is {self.config.arch.value}")
+        if self._started:
+            raise VmStateError("the VM has already started")
+        if self.backend.supports(Capability.HYPERVISOR_INITIALIZED_BOOT_CONTEXT):
+            self.backend.hook("pyvmm_set_boot_context")(self.handle, boot)
+        elif boot.arch is Arch.X86_64:
+            from pyvmm.arch.x86_64_boot import build_x86_boot_state
+
+            self._boot_init = build_x86_boot_state(boot, self.memory)
+        else:
+            from pyvmm.arch.aarch64_boot import build_aarch64_boot_state
+
+            self._boot_init = build_aarch64_boot_state(boot)
+        self._boot = boot
+        for vcpu in self.vcpus:
+            vcpu._needs_boot = True
+
+    def boot_state_for(self, index: int) -> VcpuInit | None:
+        """The register record vCPU ``index`` is initialised with, or None when the
+        hypervisor initialises the boot context (or no boot was set)."""
+        if self._boot_init is None:
+            return None
+        if index == 0:
+            return self._boot_init
+        if isinstance(self._boot_init, X86VcpuInit):
+            return X86VcpuInit(regs=Regs(), sregs=Sregs(), boot_cpu=False)
+        return Aarch64VcpuInit(regs={}, boot_cpu=False, power_off=True)
+
+    def boot(self, spec: BootSpec | dict[str, Any]) -> None:
+        """:meth:`set_boot`, :meth:`Vcpu.apply_boot` for every vCPU, then :meth:`start`.
+        For VMs whose vCPUs all live on the calling thread."""
+        self.set_boot(spec)
+        for vcpu in self.vcpus:
+            vcpu.apply_boot()
+        self.start()
+
+    def start(self) -> None:
+        """Start the VM where the backend needs it (``VM_START``); otherwise only
+        marks it started.  Idempotent."""
+        self._check_open()
+        if self._started:
+            return
+        if self.backend.supports(Capability.VM_START):
+            self.backend.hook("pyvmm_start_vm")(self.handle)
+        self._started = True
+
+    # --- interrupts, events, clock ------------------------------------------
+    def create_irqchip(self) -> None:
+        self._check_open()
+        if self.vcpus:
+            raise VmStateError("the irqchip must be created before the first vCPU")
+        self.backend.hook("pyvmm_create_irqchip")(self.handle)
+
+    def set_irq_line(self, line: int, level: bool) -> None:
+        self.backend.hook("pyvmm_set_irq_line")(self.handle, line, level)
+
+    def register_irqfd(self, fd: int, line: int, level: bool = False) -> None:
+        self.backend.hook("pyvmm_register_irqfd")(self.handle, fd, line, level)
+
+    def register_ioevent(self, fd: int, address: IoEventAddress, datamatch: int | None = None, length: int = 0) -> None:
+        self._check_ioevent(address, datamatch, length)
+        self.backend.hook("pyvmm_register_ioevent")(self.handle, fd, address, datamatch, length)
+
+    def unregister_ioevent(
+        self, fd: int, address: IoEventAddress, datamatch: int | None = None, length: int = 0
+    ) -> None:
+        self._check_ioevent(address, datamatch, length)
+        self.backend.hook("pyvmm_unregister_ioevent")(self.handle, fd, address, datamatch, length)
+
+    def _check_ioevent(self, address: IoEventAddress, datamatch: int | None, length: int) -> None:
+        self.backend.require(Capability.IOEVENTS, "ioevents")
+        if address.space.value == "pio":
+            self.backend.require(Capability.PIO_IOEVENTS, "an ioevent on an I/O port")
+        if length not in (0, 1, 2, 4, 8):
+            raise ConfigError(f"ioevent length must be 0 (any), 1, 2, 4 or 8, not {length}")
+        if datamatch is not None and length == 0:
+            raise ConfigError("an ioevent with datamatch needs a length")
+
+    def get_clock(self) -> int:
+        return int(self.backend.hook("pyvmm_get_clock")(self.handle))
+
+    def set_clock(self, nanoseconds: int) -> None:
+        self.backend.hook("pyvmm_set_clock")(self.handle, nanoseconds)
+
+    def supported_cpuid(self) -> list[CpuidEntry]:
+        return list(self.backend.hook("pyvmm_get_supported_cpuid")(self.handle))
+
+    # --- teardown -------------------------------------------------------------
+    def close(self) -> None:
+        """Destroy the vCPUs, the VM and the guest memory.  Idempotent."""
+        if self._closed:
+            return
+        self._closed = True
+        try:
+            for vcpu in reversed(self.vcpus):
+                vcpu.close()
+        finally:
+            try:
+                self.backend.plugin.impls["pyvmm_destroy_vm"](self.handle)
+            finally:
+                self.memory.close()
+
+
+class Vcpu:
+    """One vCPU.  ``run()`` is the backend's run hook bound to this vCPU."""
+
+    def __init__(self, vm: Vm, index: int, handle: Any) -> None:
+        self.vm = vm
+        self.index = index
+        self.handle = handle
+        self.thread_id = threading.get_ident()
+        self._needs_boot = False
+        self._closed = False
+        backend = vm.backend
+        self._backend = backend
+        #: Run until the next exit.  Bound once, so each call is a direct call.
+        self.run: Callable[[], VcpuExit] = functools.partial(backend.plugin.impls["pyvmm_run_vcpu"], handle)
+
+    def __repr__(self) -> str:
+        return f"Vcpu({self.index}, backend={self._backend.name!r})"
+
+    def _on_thread(self, what: str) -> None:
+        if self._closed:
+            raise VmStateError(f"vCPU {self.index} is closed")
+        if threading.get_ident() != self.thread_id:
+            raise VmStateError(f"{what} must be called on the thread that created vCPU {self.index}")
+
+    def apply_boot(self) -> None:
+        """Set this vCPU's boot registers from the VM's boot spec.  A no-op (and no
+        hook call) where the hypervisor initialises the boot context."""
+        self._on_thread("apply_boot")
+        if self.vm._boot is None:
+            raise VmStateError("no boot spec: call Vm.set_boot first")
+        self._needs_boot = False
+        if self._backend.supports(Capability.HYPERVISOR_INITIALIZED_BOOT_CONTEXT):
+            return
+        init = self.vm.boot_state_for(self.index)
+        if init is not None:
+            self.init(init)
+
+    def init(self, boot: VcpuInit) -> None:
+        """Set boot registers directly.  Refused where the hypervisor owns them."""
+        self._on_thread("init")
+        if self._backend.supports(Capability.HYPERVISOR_INITIALIZED_BOOT_CONTEXT):
+            raise UnsupportedCapability(
+                self._backend.name, "vCPU register init", "the hypervisor initialises the boot context"
+            )
+        self._backend.plugin.impls["pyvmm_init_vcpu"](self.handle, boot)
+
+    def kick(self) -> None:
+        """From any thread: make the current or next :meth:`run` return an
+        :class:`~pyvmm.exits.InterruptedExit` (``IMMEDIATE_EXIT``)."""
+        self._backend.hook("pyvmm_kick_vcpu")(self.handle)
+
+    # --- registers ------------------------------------------------------------
+    def get_state(self, kind: StateKind) -> Any:
+        self._on_thread("get_state")
+        return self._backend.hook("pyvmm_get_vcpu_state")(self.handle, kind)
+
+    def set_state(self, kind: StateKind, value: Any) -> None:
+        self._on_thread("set_state")
+        self._backend.hook("pyvmm_set_vcpu_state")(self.handle, kind, value)
+
+    def get_regs(self) -> Regs:
+        return self.get_state(StateKind.REGS)  # type: ignore[no-any-return]
+
+    def set_regs(self, regs: Regs) -> None:
+        self.set_state(StateKind.REGS, regs)
+
+    def get_sregs(self) -> Sregs:
+        return self.get_state(StateKind.SREGS)  # type: ignore[no-any-return]
+
+    def set_sregs(self, sregs: Sregs) -> None:
+        self.set_state(StateKind.SREGS, sregs)
+
+    def get_fpu(self) -> Fpu:
+        return self.get_state(StateKind.FPU)  # type: ignore[no-any-return]
+
+    def get_debug_regs(self) -> DebugRegs:
+        return self.get_state(StateKind.DEBUG_REGS)  # type: ignore[no-any-return]
+
+    def get_msrs(self, indices: list[int]) -> list[MsrEntry]:
+        self._on_thread("get_msrs")
+        return list(self._backend.hook("pyvmm_get_msrs")(self.handle, list(indices)))
+
+    def set_msrs(self, entries: list[MsrEntry]) -> None:
+        self._on_thread("set_msrs")
+        self._backend.hook("pyvmm_set_msrs")(self.handle, list(entries))
+
+    def set_cpuid(self, entries: list[CpuidEntry]) -> None:
+        self._on_thread("set_cpuid")
+        if self._backend.supports(Capability.EARLY_INIT_CPUID):
+            raise UnsupportedCapability(self._backend.name, "set_cpuid", "CPUID is fixed at VM creation")
+        self._backend.hook("pyvmm_set_cpuid")(self.handle, list(entries))
+
+    def set_guest_debug(self, single_step: bool = False, breakpoints: list[int] | None = None) -> None:
+        self._on_thread("set_guest_debug")
+        points = list(breakpoints or [])
+        if len(points) > 4:
+            raise ConfigError(f"at most 4 hardware breakpoints, {len(points)} given")
+        self._backend.hook("pyvmm_set_guest_debug")(self.handle, single_step, points)
+
+    def close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        self._backend.plugin.impls["pyvmm_destroy_vcpu"](self.handle)
