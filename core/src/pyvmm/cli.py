@@ -32,7 +32,8 @@ def _backends_report() -> dict[str, Any]:
                 "reason": availability.reason,
                 "host_os": list(manifest.host_os),
                 "guest_arches": [a.value for a in manifest.guest_arches],
-                "capabilities": [c.value for c in manifest.capability_set],
+                "capabilities": [c.value for c in manifest.host_capabilities(availability)],
+                "missing_on_host": [c.value for c in availability.missing_capabilities],
                 "unknown_capabilities": list(manifest.unknown_capabilities),
                 "priority": manifest.priority,
                 "auto_select": manifest.auto_select,
@@ -59,6 +60,8 @@ def _print_backends(report: dict[str, Any]) -> None:
         print(f"  from:         {b['distribution']} {b['distribution_version']}  {b['location']}".rstrip())
         print(f"  guest arches: {', '.join(b['guest_arches'])}   host: {', '.join(b['host_os'])}")
         print(f"  capabilities: {', '.join(b['capabilities']) or '(none)'}")
+        if b["missing_on_host"]:
+            print(f"  declared but missing on this host: {', '.join(b['missing_on_host'])}")
         if b["unknown_capabilities"]:
             print(f"  unknown to this pyvmm (ignored): {', '.join(b['unknown_capabilities'])}")
     for f in report["failures"]:

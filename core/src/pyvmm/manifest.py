@@ -22,16 +22,22 @@ CONTRACT_VERSION = 1
 
 
 class Availability(BaseModel):
-    """Result of a backend's availability probe."""
+    """Result of a backend's availability probe.
+
+    ``missing_capabilities`` narrows the manifest to what this host really offers:
+    a manifest declares what the plugin implements, while (say) an older kernel
+    may lack some of it.  Core gates optional hooks on the narrowed set.
+    """
 
     model_config = ConfigDict(frozen=True)
 
     available: bool
     reason: str = ""
+    missing_capabilities: tuple[Capability, ...] = ()
 
     @classmethod
-    def yes(cls) -> Availability:
-        return cls(available=True)
+    def yes(cls, missing_capabilities: tuple[Capability, ...] = ()) -> Availability:
+        return cls(available=True, missing_capabilities=missing_capabilities)
 
     @classmethod
     def no(cls, reason: str) -> Availability:
@@ -73,6 +79,11 @@ class BackendManifest(BaseModel):
     def capability_set(self) -> CapabilitySet:
         known, _ = parse_capabilities(self.capabilities)
         return CapabilitySet(known)
+
+    def host_capabilities(self, availability: Availability) -> CapabilitySet:
+        """The declared capabilities less those the probe found missing on this host."""
+        known, _ = parse_capabilities(self.capabilities)
+        return CapabilitySet(known - set(availability.missing_capabilities))
 
     @property
     def unknown_capabilities(self) -> tuple[str, ...]:

@@ -45,7 +45,8 @@ class Backend:
         self.plugin = plugin
         self.manifest: BackendManifest = plugin.manifest
         self.name: str = plugin.name
-        self.capabilities: CapabilitySet = plugin.manifest.capability_set
+        #: Declared capabilities, less those the availability probe found missing here.
+        self.capabilities: CapabilitySet = plugin.manifest.host_capabilities(plugin.availability())
 
     def __repr__(self) -> str:
         return f"Backend({self.name!r})"

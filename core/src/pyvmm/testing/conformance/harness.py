@@ -1,0 +1,83 @@
+"""Set-up shared by the scenarios: one VM, RAM at 0, a program, a booted vCPU."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+import pytest
+
+from pyvmm.boot import BootSpec, X86Mode
+from pyvmm.capabilities import Capability
+from pyvmm.config import Arch
+from pyvmm.exits import ExitKind, IoExit, MmioExit, VcpuExit
+from pyvmm.testing.conformance.programs import CODE_ADDRESS, RAM_SIZE, STACK_TOP, GuestProgram
+from pyvmm.vm import Backend, Vcpu, Vm
+
+#: No scenario needs more exits than this; more means the guest went astray.
+MAX_EXITS = 64
+
+
+def require(backend: Backend, *caps: Capability) -> None:
+    """Skip the scenario, naming the capability, if the backend lacks one."""
+    for cap in caps:
+        if not backend.supports(cap):
+            pytest.skip(f"backend {backend.name!r} does not declare {cap.name}")
+
+
+def require_arch(backend: Backend, arch: Arch) -> None:
+    if arch not in backend.manifest.guest_arches:
+        pytest.skip(f"backend {backend.name!r} does not run {arch.value} guests")
+
+
+@contextmanager
+def booted(backend: Backend, program: GuestProgram) -> Iterator[tuple[Vm, Vcpu]]:
+    """A VM with RAM at 0..RAM_SIZE, ``program`` at CODE_ADDRESS, vCPU 0 in long mode."""
+    require_arch(backend, program.arch)
+    with backend.create_vm({"arch": program.arch}) as vm:
+        vm.add_memory(0, RAM_SIZE)
+        vm.memory.write(CODE_ADDRESS, program.code)
+        vcpu = vm.create_vcpu()
+        vm.boot(BootSpec(arch=program.arch, entry=CODE_ADDRESS, stack=STACK_TOP, x86_mode=X86Mode.LONG))
+        yield vm, vcpu
+
+
+def run_to(vcpu: Vcpu, kind: ExitKind) -> VcpuExit:
+    """Run until an exit of ``kind``; any other exit fails the scenario."""
+    exit_ = vcpu.run()
+    assert exit_.kind is kind, f"expected a {kind.name} exit, got {exit_!r}"
+    return exit_
+
+
+def expect_io(vcpu: Vcpu) -> IoExit:
+    exit_ = run_to(vcpu, ExitKind.IO)
+    assert isinstance(exit_, IoExit)
+    return exit_
+
+
+def expect_mmio(vcpu: Vcpu) -> MmioExit:
+    exit_ = run_to(vcpu, ExitKind.MMIO)
+    assert isinstance(exit_, MmioExit)
+    return exit_
+
+
+def port_output_until_halt(vcpu: Vcpu, port: int, fill: bytes = b"") -> tuple[bytes, int]:
+    """Collect the bytes the guest writes to ``port`` until it halts, answering its
+    reads from ``fill``.  Returns the bytes and the number of I/O exits, so that
+    backends that batch ``rep`` string I/O (one exit) and those that do not (one
+    exit per item) both pass."""
+    written = bytearray()
+    feed = bytearray(fill)
+    for exits in range(MAX_EXITS):
+        exit_ = vcpu.run()
+        if exit_.kind is ExitKind.HLT:
+            return bytes(written), exits
+        assert isinstance(exit_, IoExit), f"expected port I/O or a halt, got {exit_!r}"
+        nbytes = exit_.size * exit_.count
+        if exit_.is_write:
+            assert exit_.port == port, f"write to port {exit_.port:#x}, expected {port:#x}"
+            written += exit_.data[:nbytes]
+        else:
+            exit_.data[:nbytes] = bytes(feed[:nbytes])
+            del feed[:nbytes]
+    raise AssertionError(f"the guest did not halt within {MAX_EXITS} exits")
