@@ -1,0 +1,135 @@
+"""System-level KVM: ``/dev/kvm``, its API version and what this kernel supports."""
+
+from __future__ import annotations
+
+import dataclasses
+import errno
+import os
+import threading
+from typing import Any
+
+from pyvmm.arch.x86_64 import CpuidEntry
+from pyvmm.capabilities import Capability
+from pyvmm.errors import HypervisorError
+from pyvmm.manifest import Availability
+from pyvmm_kvm import bindings as k
+from pyvmm_kvm import host
+from pyvmm_kvm.bindings import ffi
+
+DEVICE = os.environ.get("PYVMM_KVM_DEVICE", "/dev/kvm")
+
+#: Capabilities the plugin implements that depend on a KVM extension; anything
+#: not listed here the base KVM API (version 12) always has.
+CAPABILITY_EXTENSIONS: dict[Capability, int] = {
+    Capability.IMMEDIATE_EXIT: k.KVM_CAP_IMMEDIATE_EXIT,
+    Capability.READ_ONLY_MEMORY: k.KVM_CAP_READONLY_MEM,
+    Capability.IOEVENTS: k.KVM_CAP_IOEVENTFD,
+    Capability.PIO_IOEVENTS: k.KVM_CAP_IOEVENTFD,
+    Capability.IRQFD: k.KVM_CAP_IRQFD,
+    Capability.IRQCHIP: k.KVM_CAP_IRQCHIP,
+    Capability.IRQ_LINE: k.KVM_CAP_IRQCHIP,
+    Capability.GUEST_DEBUG: k.KVM_CAP_SET_GUEST_DEBUG,
+    Capability.PVCLOCK: k.KVM_CAP_ADJUST_CLOCK,
+    Capability.XCRS: k.KVM_CAP_XCRS,
+}
+
+
+class KvmSystem:
+    """An open ``/dev/kvm``.  One per process is enough: :func:`system` shares it."""
+
+    def __init__(self, path: str = DEVICE) -> None:
+        self.path = path
+        self.fd = host.open_device(path)
+        try:
+            version = host.ioctl(self.fd, k.KVM_GET_API_VERSION)
+            if version != k.KVM_API_VERSION:
+                raise HypervisorError(
+                    "KVM_GET_API_VERSION", errno.EPROTO, f"{path} speaks API {version}, pyvmm-kvm needs 12"
+                )
+            self.vcpu_mmap_size = host.ioctl(self.fd, k.KVM_GET_VCPU_MMAP_SIZE)
+        except BaseException:
+            host.close(self.fd)
+            raise
+        self._cpuid: list[CpuidEntry] | None = None
+
+    def check_extension(self, cap: int) -> int:
+        """``KVM_CHECK_EXTENSION``: 0 when absent, else a cap-specific positive value."""
+        return host.ioctl(self.fd, k.KVM_CHECK_EXTENSION, cap)
+
+    def missing_capabilities(self) -> tuple[Capability, ...]:
+        return tuple(cap for cap, ext in CAPABILITY_EXTENSIONS.items() if not self.check_extension(ext))
+
+    def max_vcpus(self) -> int:
+        return self.check_extension(k.KVM_CAP_MAX_VCPUS) or self.check_extension(k.KVM_CAP_NR_VCPUS) or 4
+
+    def supported_cpuid(self) -> list[CpuidEntry]:
+        """``KVM_GET_SUPPORTED_CPUID``, cached (it cannot change while the module is loaded)."""
+        if self._cpuid is None:
+            self._cpuid = cpuid_entries(self._get_cpuid_buffer())
+        return [dataclasses.replace(e) for e in self._cpuid]
+
+    def _get_cpuid_buffer(self) -> Any:
+        entries = k.KVM_MAX_CPUID_ENTRIES
+        while True:
+            buf = ffi.new("struct kvm_cpuid2 *", {"nent": entries, "entries": entries})
+            try:
+                host.ioctl(self.fd, k.KVM_GET_SUPPORTED_CPUID, buf)
+                return buf
+            except HypervisorError as exc:
+                if exc.errno != errno.E2BIG or entries > 4096:
+                    raise
+                entries *= 2
+
+    def msr_index_list(self) -> list[int]:
+        """``KVM_GET_MSR_INDEX_LIST``: the MSRs KVM saves and restores."""
+        count = 256
+        while True:
+            buf = ffi.new("struct kvm_msr_list *", {"nmsrs": count, "indices": count})
+            try:
+                host.ioctl(self.fd, k.KVM_GET_MSR_INDEX_LIST, buf)
+            except HypervisorError as exc:
+                if exc.errno != errno.E2BIG or count > 65536:
+                    raise
+                count = max(count * 2, buf.nmsrs)
+                continue
+            return [int(buf.indices[i]) for i in range(buf.nmsrs)]
+
+    def close(self) -> None:
+        if self.fd >= 0:
+            host.close(self.fd)
+            self.fd = -1
+
+
+def cpuid_entries(buf: Any) -> list[CpuidEntry]:
+    """Read a ``struct kvm_cpuid2`` into records."""
+    return [
+        CpuidEntry(function=e.function, index=e.index, flags=e.flags, eax=e.eax, ebx=e.ebx, ecx=e.ecx, edx=e.edx)
+        for e in (buf.entries[i] for i in range(buf.nent))
+    ]
+
+
+_system: KvmSystem | None = None
+_system_lock = threading.Lock()
+
+
+def system() -> KvmSystem:
+    """The process's shared ``/dev/kvm`` handle, opened on first use."""
+    global _system
+    with _system_lock:
+        if _system is None:
+            _system = KvmSystem()
+        return _system
+
+
+def probe() -> Availability:
+    """The manifest's availability probe: never raises."""
+    if not os.path.exists(DEVICE):
+        return Availability.no(f"{DEVICE} does not exist (is the kvm module loaded?)")
+    try:
+        kvm = system()
+        missing = kvm.missing_capabilities()
+    except HypervisorError as exc:
+        return Availability.no(str(exc))
+    except Exception as exc:  # noqa: BLE001 - a probe never raises
+        return Availability.no(f"{type(exc).__name__}: {exc}")
+    return Availability.yes(missing_capabilities=missing)

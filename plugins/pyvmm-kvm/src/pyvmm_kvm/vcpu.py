@@ -1,0 +1,389 @@
+"""A KVM vCPU: its descriptor, the shared ``kvm_run`` page, and the exits.
+
+The run loop reads the exit out of the mmapped ``kvm_run`` page with precompiled
+``struct`` unpackers at offsets taken from the cffi layout (checked against the
+kernel header by the layout test), and refills one exit object per kind, so a
+port or MMIO exit allocates nothing but what ``struct.unpack_from`` returns.
+Read data is completed in place: ``exit.data`` is a view of the run page itself.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import signal
+import struct
+import threading
+from typing import Any
+
+from pyvmm.arch.x86_64 import CpuidEntry, Lapic, MpState, MsrEntry, Xcr
+from pyvmm.boot import VcpuInit, X86VcpuInit
+from pyvmm.errors import ConfigError, HypervisorError, UnknownExitError, VmStateError
+from pyvmm.exits import (
+    DebugExit,
+    ExceptionExit,
+    FailEntryExit,
+    GenericExit,
+    HltExit,
+    HypercallExit,
+    InternalErrorExit,
+    InterruptedExit,
+    IoapicEoiExit,
+    IoExit,
+    IrqWindowOpenExit,
+    MmioExit,
+    MsrAccessExit,
+    OtherExit,
+    ShutdownExit,
+    SystemEvent,
+    SystemEventExit,
+    VcpuExit,
+)
+from pyvmm.vcpu_state import StateKind
+from pyvmm_kvm import bindings as k
+from pyvmm_kvm import host, regs
+from pyvmm_kvm.bindings import ffi
+
+_RUN = "struct kvm_run"
+_OFF_IMMEDIATE_EXIT = ffi.offsetof(_RUN, "immediate_exit")
+_OFF_EXIT_REASON = ffi.offsetof(_RUN, "exit_reason")
+_OFF_UNION = ffi.offsetof(_RUN, "io")
+_OFF_MMIO_DATA = ffi.offsetof(_RUN, "mmio", "data")
+
+_EXIT_REASON = struct.Struct("<I")
+_IO = struct.Struct("<BBHIQ")  # direction, size, port, count, data_offset
+_MMIO = struct.Struct("<Q8xIB")  # phys_addr, (data), len, is_write
+_HW_REASON = struct.Struct("<Q")
+
+_SYSTEM_EVENTS = {
+    k.KVM_SYSTEM_EVENT_SHUTDOWN: SystemEvent.SHUTDOWN,
+    k.KVM_SYSTEM_EVENT_RESET: SystemEvent.RESET,
+    k.KVM_SYSTEM_EVENT_CRASH: SystemEvent.CRASH,
+}
+
+#: The signal a kick sends to interrupt a vCPU thread blocked in KVM_RUN.  It needs
+#: a handler (the default action of a real-time signal kills the process); Python
+#: can only install one from the main thread, so :func:`install_kick_handler` runs
+#: when the backend is first used there.
+KICK_SIGNAL = signal.SIGRTMIN
+_kick_handler_installed = False
+
+
+def _ignore_kick(signum: int, frame: object) -> None:
+    """The kick only needs KVM_RUN to see a pending signal; nothing to do here."""
+
+
+def install_kick_handler() -> bool:
+    """Install the kick signal's handler if possible; True once one is in place."""
+    global _kick_handler_installed
+    if _kick_handler_installed:
+        return True
+    if threading.current_thread() is not threading.main_thread():
+        return False
+    signal.signal(KICK_SIGNAL, _ignore_kick)
+    _kick_handler_installed = True
+    return True
+
+
+class KvmVcpu:
+    """One vCPU of a :class:`pyvmm_kvm.vm.KvmVm`."""
+
+    def __init__(self, vm: Any, index: int, mmap_size: int) -> None:
+        self.vm = vm
+        self.index = index
+        self.fd = host.ioctl(vm.fd, k.KVM_CREATE_VCPU, index)
+        try:
+            self._page = host.map_shared(self.fd, mmap_size, f"vCPU {index} kvm_run")
+        except BaseException:
+            host.close(self.fd)
+            raise
+        self._view = memoryview(self._page)
+        self._run = ffi.from_buffer(f"{_RUN} *", self._page)
+        self.thread = threading.get_ident()
+        self._run_arg = ffi.cast("unsigned long", 0)
+        self._ioctl = host.libc.ioctl
+        # One exit object per kind, refilled on every run.
+        self._io = IoExit()
+        self._mmio = MmioExit()
+        self._hlt = HltExit()
+        self._interrupted = InterruptedExit()
+        self._debug = DebugExit()
+        self._hypercall = HypercallExit()
+        self._msr = MsrAccessExit()
+        self._irq_window = IrqWindowOpenExit()
+        self._io_views: dict[tuple[int, int], memoryview] = {}
+        self._mmio_views = [self._view[_OFF_MMIO_DATA : _OFF_MMIO_DATA + n] for n in range(9)]
+        self._pending: VcpuExit | None = None
+
+    # --- run ------------------------------------------------------------------
+    def run(self) -> VcpuExit:
+        pending = self._pending
+        if pending is not None:
+            self._complete(pending)
+        if self._ioctl(self.fd, k.KVM_RUN, self._run_arg) < 0:
+            err = ffi.errno
+            if err in (errno.EINTR, errno.EAGAIN):
+                self._view[_OFF_IMMEDIATE_EXIT] = 0
+                return self._interrupted
+            raise HypervisorError("KVM_RUN", err)
+        view = self._view
+        reason = _EXIT_REASON.unpack_from(view, _OFF_EXIT_REASON)[0]
+        if reason == k.KVM_EXIT_IO:
+            direction, size, port, count, data_offset = _IO.unpack_from(view, _OFF_UNION)
+            io = self._io
+            io.port, io.size, io.count = port, size, count
+            io.is_write = direction == k.KVM_EXIT_IO_OUT
+            key = (data_offset, size * count)
+            data = self._io_views.get(key)
+            if data is None:
+                data = self._io_views[key] = view[data_offset : data_offset + size * count]
+            io.data = data
+            return io
+        if reason == k.KVM_EXIT_MMIO:
+            address, length, is_write = _MMIO.unpack_from(view, _OFF_UNION)
+            mmio = self._mmio
+            mmio.address, mmio.size, mmio.is_write = address, length, bool(is_write)
+            mmio.data = self._mmio_views[length]
+            return mmio
+        return self._slow_exit(reason)
+
+    def _slow_exit(self, reason: int) -> VcpuExit:
+        run = self._run
+        if reason == k.KVM_EXIT_HLT:
+            return self._hlt
+        if reason == k.KVM_EXIT_INTR:
+            return self._interrupted
+        if reason == k.KVM_EXIT_SHUTDOWN:
+            return ShutdownExit()
+        if reason == k.KVM_EXIT_SYSTEM_EVENT:
+            event = _SYSTEM_EVENTS.get(run.system_event.type)
+            if event is None:
+                raise UnknownExitError("KVM_RUN", reason)
+            ndata = min(run.system_event.ndata, 16)
+            return SystemEventExit(event, tuple(run.system_event.data[i] for i in range(ndata)))
+        if reason == k.KVM_EXIT_INTERNAL_ERROR:
+            return self._internal_error()
+        if reason == k.KVM_EXIT_FAIL_ENTRY:
+            return FailEntryExit(run.fail_entry.hardware_entry_failure_reason, run.fail_entry.cpu)
+        if reason == k.KVM_EXIT_DEBUG:
+            debug = self._debug
+            arch = run.debug.arch
+            debug.pc, debug.exception, debug.dr6, debug.dr7 = arch.pc, arch.exception, arch.dr6, arch.dr7
+            return debug
+        if reason == k.KVM_EXIT_EXCEPTION:
+            return ExceptionExit(run.ex.exception, run.ex.error_code)
+        if reason == k.KVM_EXIT_HYPERCALL:
+            call = self._hypercall
+            call.number = run.hypercall.nr
+            call.args = tuple(run.hypercall.args)
+            call.result = 0
+            self._pending = call
+            return call
+        if reason == k.KVM_EXIT_IRQ_WINDOW_OPEN:
+            return self._irq_window
+        if reason == k.KVM_EXIT_IOAPIC_EOI:
+            return IoapicEoiExit(run.eoi.vector)
+        if reason in (k.KVM_EXIT_X86_RDMSR, k.KVM_EXIT_X86_WRMSR):
+            msr = self._msr
+            msr.index, msr.is_write = run.msr.index, reason == k.KVM_EXIT_X86_WRMSR
+            msr.value, msr.error = run.msr.data, False
+            self._pending = msr
+            return msr
+        if reason == k.KVM_EXIT_SET_TPR:
+            return GenericExit(OtherExit.SET_TPR)
+        if reason == k.KVM_EXIT_TPR_ACCESS:
+            return GenericExit(OtherExit.TPR_ACCESS, (run.tpr_access.rip, run.tpr_access.is_write))
+        if reason == k.KVM_EXIT_X86_BUS_LOCK:
+            return GenericExit(OtherExit.BUS_LOCK)
+        if reason == k.KVM_EXIT_UNKNOWN:
+            raise UnknownExitError("KVM_RUN", _HW_REASON.unpack_from(self._view, _OFF_UNION)[0])
+        raise UnknownExitError("KVM_RUN", reason)
+
+    def _internal_error(self) -> InternalErrorExit:
+        internal = self._run.internal
+        suberror = internal.suberror
+        ndata = min(internal.ndata, 16)
+        data = tuple(internal.data[i] for i in range(ndata))
+        instruction = b""
+        if suberror == k.KVM_INTERNAL_ERROR_EMULATION:
+            failure = self._run.emulation_failure
+            if ndata >= 3 and failure.flags & k.KVM_INTERNAL_ERROR_EMULATION_FLAG_INSTRUCTION_BYTES:
+                size = min(failure.insn_size, 15)
+                instruction = bytes(failure.insn_bytes[0:size])
+            else:
+                instruction = self._instruction_at_rip()
+        names = {
+            k.KVM_INTERNAL_ERROR_EMULATION: "emulation failure",
+            k.KVM_INTERNAL_ERROR_SIMUL_EX: "exception while delivering an exception",
+            k.KVM_INTERNAL_ERROR_DELIVERY_EV: "event delivery failed",
+            k.KVM_INTERNAL_ERROR_UNEXPECTED_EXIT_REASON: "unexpected hardware exit",
+        }
+        return InternalErrorExit(suberror, instruction, data, names.get(suberror, f"suberror {suberror}"))
+
+    def _instruction_at_rip(self) -> bytes:
+        """Older kernels report no instruction bytes: read them from guest memory
+        through KVM's own translation of CS:RIP."""
+        try:
+            raw_regs = self._get("struct kvm_regs *", k.KVM_GET_REGS)
+            raw_sregs = self._get("struct kvm_sregs *", k.KVM_GET_SREGS)
+            tr = ffi.new("struct kvm_translation *", {"linear_address": raw_sregs.cs.base + raw_regs.rip})
+            host.ioctl(self.fd, k.KVM_TRANSLATE, tr)
+            if not tr.valid:
+                return b""
+            return bytes(self.vm.read_guest(tr.physical_address, 15))
+        except HypervisorError:
+            pass
+        return b""
+
+    def _complete(self, pending: VcpuExit) -> None:
+        """Hand results that do not live in the run page back before the next run."""
+        self._pending = None
+        run = self._run
+        if pending is self._hypercall:
+            run.hypercall.ret = self._hypercall.result
+        elif pending is self._msr:
+            run.msr.error = 1 if self._msr.error else 0
+            if not self._msr.is_write:
+                run.msr.data = self._msr.value
+
+    def kick(self) -> None:
+        """Thread-safe: make the current or next KVM_RUN return EINTR."""
+        self._view[_OFF_IMMEDIATE_EXIT] = 1
+        if threading.get_ident() == self.thread:
+            return
+        if not _kick_handler_installed:
+            raise VmStateError(
+                "cannot interrupt a running KVM vCPU: the kick signal handler could not be installed "
+                "(create the VM from the main thread, or call pyvmm_kvm.vcpu.install_kick_handler() there)"
+            )
+        # If the vCPU thread has ended, immediate_exit still covers a later run.
+        with contextlib.suppress(ProcessLookupError):
+            signal.pthread_kill(self.thread, KICK_SIGNAL)
+
+    # --- init and state -------------------------------------------------------
+    def init(self, boot: VcpuInit) -> None:
+        if not isinstance(boot, X86VcpuInit):
+            raise ConfigError(f"KVM x86 vCPU {self.index} cannot take {type(boot).__name__}")
+        if not boot.boot_cpu and self.vm.irqchip:
+            return  # application processors wait for INIT/SIPI from the guest
+        self.set_state(StateKind.SREGS, boot.sregs)
+        self.set_state(StateKind.REGS, boot.regs)
+        if boot.fpu is not None:
+            self.set_state(StateKind.FPU, boot.fpu)
+        if boot.msrs:
+            self.set_msrs(boot.msrs)
+
+    def _get(self, ctype: str, request: int) -> Any:
+        raw = ffi.new(ctype)
+        host.ioctl(self.fd, request, raw)
+        return raw
+
+    def get_state(self, kind: StateKind) -> Any:
+        if kind is StateKind.REGS:
+            return regs.regs_from_kvm(self._get("struct kvm_regs *", k.KVM_GET_REGS))
+        if kind is StateKind.SREGS:
+            return regs.sregs_from_kvm(self._get("struct kvm_sregs *", k.KVM_GET_SREGS))
+        if kind is StateKind.FPU:
+            return regs.fpu_from_kvm(self._get("struct kvm_fpu *", k.KVM_GET_FPU))
+        if kind is StateKind.DEBUG_REGS:
+            return regs.debugregs_from_kvm(self._get("struct kvm_debugregs *", k.KVM_GET_DEBUGREGS))
+        if kind is StateKind.LAPIC:
+            return Lapic(bytes(ffi.buffer(self._get("struct kvm_lapic_state *", k.KVM_GET_LAPIC))))
+        if kind is StateKind.MP_STATE:
+            return MpState(self._get("struct kvm_mp_state *", k.KVM_GET_MP_STATE).mp_state)
+        if kind is StateKind.XCRS:
+            raw = self._get("struct kvm_xcrs *", k.KVM_GET_XCRS)
+            return [Xcr(raw.xcrs[i].xcr, raw.xcrs[i].value) for i in range(raw.nr_xcrs)]
+        raise ConfigError(f"KVM x86 vCPUs have no {kind.value} state")
+
+    def set_state(self, kind: StateKind, value: Any) -> None:
+        if kind is StateKind.REGS:
+            raw = ffi.new("struct kvm_regs *")
+            regs.regs_to_kvm(value, raw)
+            host.ioctl(self.fd, k.KVM_SET_REGS, raw)
+        elif kind is StateKind.SREGS:
+            raw = self._get("struct kvm_sregs *", k.KVM_GET_SREGS)
+            regs.sregs_to_kvm(value, raw)
+            host.ioctl(self.fd, k.KVM_SET_SREGS, raw)
+        elif kind is StateKind.FPU:
+            raw = self._get("struct kvm_fpu *", k.KVM_GET_FPU)
+            regs.fpu_to_kvm(value, raw)
+            host.ioctl(self.fd, k.KVM_SET_FPU, raw)
+        elif kind is StateKind.DEBUG_REGS:
+            raw = self._get("struct kvm_debugregs *", k.KVM_GET_DEBUGREGS)
+            regs.debugregs_to_kvm(value, raw)
+            host.ioctl(self.fd, k.KVM_SET_DEBUGREGS, raw)
+        elif kind is StateKind.LAPIC:
+            raw = ffi.new("struct kvm_lapic_state *")
+            ffi.buffer(raw)[:] = bytes(value.regs).ljust(1024, b"\0")[:1024]
+            host.ioctl(self.fd, k.KVM_SET_LAPIC, raw)
+        elif kind is StateKind.MP_STATE:
+            host.ioctl(self.fd, k.KVM_SET_MP_STATE, ffi.new("struct kvm_mp_state *", {"mp_state": int(value)}))
+        elif kind is StateKind.XCRS:
+            raw = ffi.new("struct kvm_xcrs *")
+            raw.nr_xcrs = len(value)
+            for i, xcr in enumerate(value):
+                raw.xcrs[i].xcr, raw.xcrs[i].value = xcr.index, xcr.value
+            host.ioctl(self.fd, k.KVM_SET_XCRS, raw)
+        else:
+            raise ConfigError(f"KVM x86 vCPUs have no {kind.value} state")
+
+    def get_msrs(self, indices: list[int]) -> list[MsrEntry]:
+        raw = ffi.new("struct kvm_msrs *", {"nmsrs": len(indices), "entries": len(indices)})
+        for i, index in enumerate(indices):
+            raw.entries[i].index = index
+        done = host.ioctl(self.fd, k.KVM_GET_MSRS, raw)
+        if done != len(indices):
+            raise HypervisorError("KVM_GET_MSRS", errno.EINVAL, f"MSR {indices[done]:#x} cannot be read")
+        return [MsrEntry(raw.entries[i].index, raw.entries[i].data) for i in range(done)]
+
+    def set_msrs(self, entries: list[MsrEntry]) -> None:
+        raw = ffi.new("struct kvm_msrs *", {"nmsrs": len(entries), "entries": len(entries)})
+        for i, entry in enumerate(entries):
+            raw.entries[i].index, raw.entries[i].data = entry.index, entry.data
+        done = host.ioctl(self.fd, k.KVM_SET_MSRS, raw)
+        if done != len(entries):
+            raise HypervisorError("KVM_SET_MSRS", errno.EINVAL, f"MSR {entries[done].index:#x} was refused")
+
+    def set_cpuid(self, entries: list[CpuidEntry]) -> None:
+        host.ioctl(self.fd, k.KVM_SET_CPUID2, regs.cpuid_to_kvm(entries))
+
+    def get_vcpu_events(self) -> Any:
+        """``KVM_GET_VCPU_EVENTS`` as the raw struct (pending exceptions, NMI, SMI)."""
+        return self._get("struct kvm_vcpu_events *", k.KVM_GET_VCPU_EVENTS)
+
+    def set_vcpu_events(self, events: Any) -> None:
+        host.ioctl(self.fd, k.KVM_SET_VCPU_EVENTS, events)
+
+    def set_guest_debug(self, single_step: bool, breakpoints: list[int]) -> None:
+        raw = ffi.new("struct kvm_guest_debug *")
+        control = 0
+        if single_step or breakpoints:
+            control = k.KVM_GUESTDBG_ENABLE
+        if single_step:
+            control |= k.KVM_GUESTDBG_SINGLESTEP
+        if breakpoints:
+            control |= k.KVM_GUESTDBG_USE_HW_BP
+            dr7 = 0
+            for i, address in enumerate(breakpoints):
+                raw.arch.debugreg[i] = address
+                dr7 |= 1 << (2 * i)  # local enable; RW=00 (execute), LEN=00
+            raw.arch.debugreg[7] = dr7
+        raw.control = control
+        host.ioctl(self.fd, k.KVM_SET_GUEST_DEBUG, raw)
+
+    def close(self) -> None:
+        if self.fd < 0:
+            return
+        # Drop our own references to the run page; a view a caller still holds keeps
+        # the mapping alive until it goes (never a dangling pointer).
+        empty = memoryview(b"")
+        self._io.data = self._mmio.data = empty
+        self._io_views.clear()
+        self._mmio_views.clear()
+        ffi.release(self._run)
+        self._view.release()
+        with contextlib.suppress(BufferError):
+            self._page.close()
+        host.close(self.fd)
+        self.fd = -1

@@ -1,0 +1,169 @@
+"""A KVM VM: memory slots, the in-kernel irqchip, interrupts, eventfds, clock."""
+
+from __future__ import annotations
+
+import errno
+
+from pyvmm.arch.x86_64 import CpuidEntry
+from pyvmm.config import PAGE_SIZE, VmConfig
+from pyvmm.errors import ConfigError, HypervisorError
+from pyvmm.memory import RamRegion
+from pyvmm.vcpu_state import AddressSpace, IoEventAddress
+from pyvmm_kvm import bindings as k
+from pyvmm_kvm import host
+from pyvmm_kvm.bindings import ffi
+from pyvmm_kvm.system import KvmSystem
+from pyvmm_kvm.vcpu import KvmVcpu
+
+#: Where QEMU and crosvm put the real-mode TSS (3 pages) and the EPT identity map
+#: page on Intel hosts without unrestricted guest: just below the 4 GiB BIOS area.
+DEFAULT_TSS_ADDRESS = 0xFFFBD000
+DEFAULT_IDENTITY_MAP_ADDRESS = 0xFFFBC000
+
+
+class KvmVm:
+    """The backend's VM handle."""
+
+    def __init__(self, kvm: KvmSystem, config: VmConfig) -> None:
+        options = dict(config.backend_options)
+        self.kvm = kvm
+        self.config = config
+        self.irqchip = False
+        self.regions: dict[int, RamRegion] = {}
+        self.vcpus: list[KvmVcpu] = []
+        self.cpuid_mode = str(options.pop("cpuid", "host"))
+        tss = int(options.pop("tss_address", DEFAULT_TSS_ADDRESS))
+        identity = int(options.pop("identity_map_address", DEFAULT_IDENTITY_MAP_ADDRESS))
+        if options:
+            raise ConfigError(f"backend_options: unknown KVM option(s) {', '.join(sorted(options))}")
+        if self.cpuid_mode not in ("host", "none"):
+            raise ConfigError(f"backend_options.cpuid: 'host' or 'none', not {self.cpuid_mode!r}")
+        if config.vcpus > kvm.max_vcpus():
+            raise ConfigError(f"vcpus: this KVM allows at most {kvm.max_vcpus()} vCPUs, {config.vcpus} asked")
+        self.fd = host.ioctl(kvm.fd, k.KVM_CREATE_VM, 0)
+        try:
+            host.ioctl(self.fd, k.KVM_SET_TSS_ADDR, tss)
+            if kvm.check_extension(k.KVM_CAP_SET_IDENTITY_MAP_ADDR):
+                host.ioctl(self.fd, k.KVM_SET_IDENTITY_MAP_ADDR, ffi.new("uint64_t *", identity))
+        except BaseException:
+            host.close(self.fd)
+            raise
+        self._cpuid: list[CpuidEntry] | None = None
+
+    # --- memory -----------------------------------------------------------------
+    def _set_region(self, slot: int, flags: int, gpa: int, size: int, host_addr: int) -> None:
+        region = ffi.new(
+            "struct kvm_userspace_memory_region *",
+            {"slot": slot, "flags": flags, "guest_phys_addr": gpa, "memory_size": size, "userspace_addr": host_addr},
+        )
+        host.ioctl(self.fd, k.KVM_SET_USER_MEMORY_REGION, region)
+
+    def map_memory(self, region: RamRegion) -> None:
+        flags = 0
+        if region.read_only:
+            flags |= k.KVM_MEM_READONLY
+        if region.log_dirty:
+            flags |= k.KVM_MEM_LOG_DIRTY_PAGES
+        self._set_region(region.slot, flags, region.guest_phys_addr, region.size, region.host_addr)
+        self.regions[region.slot] = region
+
+    def unmap_memory(self, region: RamRegion) -> None:
+        # A size of 0 deletes the slot.
+        self._set_region(region.slot, 0, region.guest_phys_addr, 0, region.host_addr)
+        del self.regions[region.slot]
+
+    def read_guest(self, gpa: int, size: int) -> bytes:
+        """Up to ``size`` bytes at ``gpa`` from the region holding it (fewer at the
+        region's end, none outside RAM), for error reports."""
+        for region in self.regions.values():
+            if region.guest_phys_addr <= gpa < region.end:
+                offset = gpa - region.guest_phys_addr
+                return region.view(offset, min(size, region.size - offset)).tobytes()
+        return b""
+
+    def dirty_log(self, region: RamRegion) -> bytes:
+        pages = region.size // PAGE_SIZE
+        # KVM writes whole longs: the buffer must be rounded up to 64 pages.
+        bitmap = ffi.new("uint8_t[]", (pages + 63) // 64 * 8)
+        log = ffi.new("struct kvm_dirty_log *", {"slot": region.slot})
+        log.dirty_bitmap = bitmap
+        host.ioctl(self.fd, k.KVM_GET_DIRTY_LOG, log)
+        return bytes(ffi.buffer(bitmap, (pages + 7) // 8))
+
+    # --- vCPUs ------------------------------------------------------------------
+    def create_vcpu(self, index: int) -> KvmVcpu:
+        vcpu = KvmVcpu(self, index, self.kvm.vcpu_mmap_size)
+        try:
+            if self.cpuid_mode == "host":
+                vcpu.set_cpuid(self.vcpu_cpuid(index))
+        except BaseException:
+            vcpu.close()
+            raise
+        self.vcpus.append(vcpu)
+        return vcpu
+
+    def vcpu_cpuid(self, index: int) -> list[CpuidEntry]:
+        """The supported CPUID with this vCPU's APIC ids filled in (leaf 1 EBX[31:24],
+        leaves 0xB/0x1F EDX), so SMP guests see distinct CPUs."""
+        entries = self.kvm.supported_cpuid()
+        for entry in entries:
+            if entry.function == 1:
+                entry.ebx = (entry.ebx & 0x00FFFFFF) | (index & 0xFF) << 24
+            elif entry.function in (0xB, 0x1F):
+                entry.edx = index
+        return entries
+
+    def remove_vcpu(self, vcpu: KvmVcpu) -> None:
+        if vcpu in self.vcpus:
+            self.vcpus.remove(vcpu)
+
+    # --- interrupts and events ----------------------------------------------------
+    def create_irqchip(self) -> None:
+        """In-kernel PIC, IOAPIC and local APICs, plus the PIT (as QEMU's default pc machine)."""
+        host.ioctl(self.fd, k.KVM_CREATE_IRQCHIP)
+        self.irqchip = True
+        pit = ffi.new("struct kvm_pit_config *", {"flags": k.KVM_PIT_SPEAKER_DUMMY})
+        host.ioctl(self.fd, k.KVM_CREATE_PIT2, pit)
+
+    def set_irq_line(self, line: int, level: bool) -> None:
+        host.ioctl(self.fd, k.KVM_IRQ_LINE, ffi.new("struct kvm_irq_level *", {"irq": line, "level": int(level)}))
+
+    def register_irqfd(self, fd: int, line: int, level: bool) -> None:
+        # A level-triggered irqfd needs a resample fd, which this interface does not
+        # take: KVM's edge semantics are what every pyvmm device uses.
+        if level:
+            raise ConfigError("KVM level-triggered irqfds need a resample eventfd; use an edge irqfd or set_irq_line")
+        host.ioctl(self.fd, k.KVM_IRQFD, ffi.new("struct kvm_irqfd *", {"fd": fd, "gsi": line}))
+
+    def ioevent(self, fd: int, address: IoEventAddress, datamatch: int | None, length: int, *, remove: bool) -> None:
+        flags = 0
+        if address.space is AddressSpace.PIO:
+            flags |= k.KVM_IOEVENTFD_FLAG_PIO
+        if datamatch is not None:
+            flags |= k.KVM_IOEVENTFD_FLAG_DATAMATCH
+        if remove:
+            flags |= k.KVM_IOEVENTFD_FLAG_DEASSIGN
+        if length == 0 and not self.kvm.check_extension(k.KVM_CAP_IOEVENTFD_ANY_LENGTH):
+            raise HypervisorError("KVM_IOEVENTFD", errno.EINVAL, "this KVM needs an explicit ioevent length")
+        raw = ffi.new(
+            "struct kvm_ioeventfd *",
+            {"datamatch": datamatch or 0, "addr": address.address, "len": length, "fd": fd, "flags": flags},
+        )
+        host.ioctl(self.fd, k.KVM_IOEVENTFD, raw)
+
+    # --- clock ------------------------------------------------------------------
+    def get_clock(self) -> int:
+        data = ffi.new("struct kvm_clock_data *")
+        host.ioctl(self.fd, k.KVM_GET_CLOCK, data)
+        return int(data.clock)
+
+    def set_clock(self, nanoseconds: int) -> None:
+        host.ioctl(self.fd, k.KVM_SET_CLOCK, ffi.new("struct kvm_clock_data *", {"clock": nanoseconds}))
+
+    def close(self) -> None:
+        for vcpu in list(self.vcpus):
+            vcpu.close()
+        self.vcpus.clear()
+        if self.fd >= 0:
+            host.close(self.fd)
+            self.fd = -1

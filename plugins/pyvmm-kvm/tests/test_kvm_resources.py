@@ -1,0 +1,82 @@
+"""Resource safety: nothing leaks, nothing is left half-made."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+
+from pyvmm.errors import ConfigError, HypervisorError
+from pyvmm.vm import Backend
+
+
+def _fds() -> int:
+    return len(os.listdir("/proc/self/fd"))
+
+
+def _mappings() -> int:
+    with open("/proc/self/maps") as maps:
+        return sum(1 for _ in maps)
+
+
+def test_500_vms_leave_fds_and_mappings_unchanged(kvm: Backend) -> None:
+    def one_vm() -> None:
+        with kvm.create_vm({"arch": "x86_64"}) as vm:
+            vm.add_memory(0, 0x10000)
+            vm.create_vcpu()
+
+    one_vm()  # first use opens /dev/kvm and loads libraries: not a leak
+    fds, mappings = _fds(), _mappings()
+    for _ in range(500):
+        one_vm()
+    assert _fds() == fds
+    assert _mappings() == mappings
+
+
+def test_vm_failing_half_way_leaves_nothing_open(kvm: Backend) -> None:
+    """KVM_CREATE_VM succeeds, KVM_SET_TSS_ADDR then refuses an address in the last
+    three pages below 4 GiB: the VM descriptor must be closed before the error."""
+    fds = _fds()
+    with pytest.raises(HypervisorError, match="KVM_SET_TSS_ADDR") as info:
+        kvm.create_vm({"arch": "x86_64", "backend_options": {"tss_address": 0xFFFFF000}})
+    assert info.value.errno == 22
+    assert _fds() == fds
+
+
+def test_unknown_backend_option_refused_before_anything_opens(kvm: Backend) -> None:
+    fds = _fds()
+    with pytest.raises(ConfigError, match="colour"):
+        kvm.create_vm({"arch": "x86_64", "backend_options": {"colour": "blue"}})
+    assert _fds() == fds
+
+
+def test_failed_memory_map_frees_host_memory_and_slot(kvm: Backend) -> None:
+    """A slot KVM refuses (it overlaps nothing in core's view but wraps KVM's
+    address space) leaves no region behind, and the slot is reused."""
+    with kvm.create_vm({"arch": "x86_64"}) as vm:
+        mappings = _mappings()
+        handle = vm.handle
+        real_map = handle.map_memory
+
+        def refuse(region: object) -> None:
+            handle.fd, saved = -1, handle.fd  # the ioctl then fails with EBADF
+            try:
+                real_map(region)
+            finally:
+                handle.fd = saved
+
+        handle.map_memory = refuse
+        with pytest.raises(HypervisorError, match=r"KVM_SET_USER_MEMORY_REGION.*EBADF"):
+            vm.add_memory(0, 0x10000)
+        handle.map_memory = real_map
+        assert len(vm.memory) == 0
+        assert _mappings() == mappings
+        assert vm.add_memory(0, 0x10000).slot == 0
+
+
+def test_ioctl_errors_name_the_ioctl(kvm: Backend) -> None:
+    with kvm.create_vm({"arch": "x86_64"}) as vm:
+        vcpu = vm.create_vcpu()
+        with pytest.raises(HypervisorError, match="KVM_GET_MSRS") as info:
+            vcpu.get_msrs([0xDEADBEEF])
+        assert isinstance(info.value, OSError)
