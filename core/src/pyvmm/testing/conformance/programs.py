@@ -32,15 +32,21 @@ class GuestProgram:
     arch: Arch
     source: str
     code: bytes
+    directive: str = ".code64"
+
+    def assembled(self) -> bytes | None:
+        """The source assembled now (None without an assembler), to compare with ``code``."""
+        return assemble_x86(self.source, self.directive)
 
 
-def assemble_x86_64(source: str) -> bytes | None:
-    """Assemble ``source`` with the host's GNU as; None where as/objcopy are missing."""
+def assemble_x86(source: str, directive: str = ".code64") -> bytes | None:
+    """Assemble ``source`` with the host's GNU as (``directive`` picks 16-, 32- or
+    64-bit code); None where as/objcopy are missing."""
     if shutil.which("as") is None or shutil.which("objcopy") is None:
         return None
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
-        (work / "p.S").write_text(".code64\n.intel_syntax noprefix\n" + source)
+        (work / "p.S").write_text(f"{directive}\n.intel_syntax noprefix\n{source}")
         subprocess.run(["as", "--64", "p.S", "-o", "p.o"], cwd=work, check=True, capture_output=True)
         subprocess.run(["objcopy", "-O", "binary", "-j", ".text", "p.o", "p.bin"], cwd=work, check=True)
         return (work / "p.bin").read_bytes()
