@@ -55,6 +55,8 @@ class BootSpec(BaseModel):
                 raise ValueError(f"entry {self.entry:#x} is not reachable in real mode")
             if self.x86_mode is X86Mode.PROTECTED and self.entry >= 1 << 32:
                 raise ValueError(f"entry {self.entry:#x} is above 4 GiB in 32-bit protected mode")
+            if self.x86_mode is X86Mode.LONG and self.entry >= 1 << 32:
+                raise ValueError(f"entry {self.entry:#x} is above 4 GiB, outside the identity map pyvmm builds")
             if self.boot_tables % 4096:
                 raise ValueError(f"boot_tables {self.boot_tables:#x} is not page-aligned")
             if self.fdt_address is not None:

@@ -90,7 +90,7 @@ class MemoryRegionSpec(_Record):
             raise ValueError(f"size {self.size:#x} is not a multiple of {PAGE_SIZE}")
         if self.guest_phys_addr + self.size > MAX_GUEST_PHYS:
             raise ValueError(
-                f"region {self.guest_phys_addr:#x}+{self.size:#x} ends beyond the 52-bit guest-physical space"
+                f"size: region {self.guest_phys_addr:#x}+{self.size:#x} ends beyond the 52-bit guest-physical space"
             )
         return self
 

@@ -42,10 +42,15 @@ class UnsupportedCapability(PyvmmError):
     """An optional operation was requested from a backend that does not declare the
     capability it needs.  Raised by core *instead of* calling the backend."""
 
-    def __init__(self, backend: str, capability: object, what: str = "") -> None:
+    def __init__(self, backend: str, capability: object, what: str = "", *, because: str = "") -> None:
         cap = getattr(capability, "name", str(capability))
-        detail = f" (needed for {what})" if what else ""
-        super().__init__(f"backend {backend!r} does not support {cap}{detail}")
+        if because:
+            # Refused because of a capability the backend *has* (e.g. the
+            # hypervisor owns the boot registers): say what and why.
+            text = f"backend {backend!r} cannot {what}: {because} ({cap})"
+        else:
+            text = f"backend {backend!r} does not support {cap}" + (f" (needed for {what})" if what else "")
+        super().__init__(text)
         self.backend = backend
         self.capability = capability
 

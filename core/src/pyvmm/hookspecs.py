@@ -22,8 +22,9 @@ Conventions that apply to every hook:
   A backend implements exactly the optional hooks of the capabilities it
   declares; core calls none of them without the capability and raises
   :class:`pyvmm.errors.UnsupportedCapability` instead.
-* **Threads.** vCPU hooks (create excepted) are called on the thread that
-  created the vCPU, except ``pyvmm_kick_vcpu``, which may come from any thread.
+* **Threads.** vCPU hooks are called on the thread that created the vCPU,
+  except ``pyvmm_kick_vcpu``, which may come from any thread, and
+  ``pyvmm_destroy_vcpu``, which comes from the thread that closes the VM.
 """
 
 # mypy: disable-error-code="empty-body"

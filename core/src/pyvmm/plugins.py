@@ -111,7 +111,7 @@ class PluginRegistry:
 
         :raises PluginContractError: the plugin breaks the contract; it is not kept.
         """
-        source = source or PluginSource(entry_point=getattr(plugin, "__name__", repr(plugin)))
+        source = source or PluginSource(entry_point=getattr(plugin, "__name__", type(plugin).__name__))
         try:
             internal_name = self._pm.register(plugin, name=f"{source.entry_point}@{id(plugin):x}")
         except (pluggy.PluginValidationError, ValueError) as exc:
@@ -209,7 +209,7 @@ class PluginRegistry:
             source = _source_of(ep)
             try:
                 plugin = ep.load()
-            except Exception as exc:  # noqa: BLE001 - isolate broken plugins
+            except (Exception, SystemExit) as exc:  # noqa: BLE001 - isolate broken plugins, even one that exits
                 self.failures.append(PluginFailure(source, f"import failed: {type(exc).__name__}: {exc}"))
                 continue
             try:

@@ -171,6 +171,8 @@ class Vm:
         """Bitmap of the pages of ``region`` written since the last call (``DIRTY_LOG``)."""
         self._check_open()
         get = self.backend.hook("pyvmm_get_dirty_log")
+        if region not in list(self.memory):
+            raise ConfigError(f"{region!r} is not mapped in this VM")
         if not region.log_dirty:
             raise ConfigError(f"{region!r} was not mapped with log_dirty=True")
         return bytes(get(self.handle, region))
@@ -252,6 +254,12 @@ class Vm:
         self._check_open()
         if self._started:
             return
+        unbooted = [v.index for v in self.vcpus if v._needs_boot]
+        if unbooted and not self.backend.supports(Capability.HYPERVISOR_INITIALIZED_BOOT_CONTEXT):
+            raise VmStateError(
+                f"vCPU(s) {', '.join(map(str, unbooted))} have not applied the boot state: "
+                "call Vcpu.apply_boot() on each vCPU's thread before start()"
+            )
         if self.backend.supports(Capability.VM_START):
             self.backend.hook("pyvmm_start_vm")(self.handle)
         self._started = True
@@ -264,9 +272,11 @@ class Vm:
         self.backend.hook("pyvmm_create_irqchip")(self.handle)
 
     def set_irq_line(self, line: int, level: bool) -> None:
+        self._check_open()
         self.backend.hook("pyvmm_set_irq_line")(self.handle, line, level)
 
     def register_irqfd(self, fd: int, line: int, level: bool = False) -> None:
+        self._check_open()
         self.backend.hook("pyvmm_register_irqfd")(self.handle, fd, line, level)
 
     def register_ioevent(self, fd: int, address: IoEventAddress, datamatch: int | None = None, length: int = 0) -> None:
@@ -280,6 +290,7 @@ class Vm:
         self.backend.hook("pyvmm_unregister_ioevent")(self.handle, fd, address, datamatch, length)
 
     def _check_ioevent(self, address: IoEventAddress, datamatch: int | None, length: int) -> None:
+        self._check_open()
         self.backend.require(Capability.IOEVENTS, "ioevents")
         if address.space.value == "pio":
             self.backend.require(Capability.PIO_IOEVENTS, "an ioevent on an I/O port")
@@ -289,12 +300,15 @@ class Vm:
             raise ConfigError("an ioevent with datamatch needs a length")
 
     def get_clock(self) -> int:
+        self._check_open()
         return int(self.backend.hook("pyvmm_get_clock")(self.handle))
 
     def set_clock(self, nanoseconds: int) -> None:
+        self._check_open()
         self.backend.hook("pyvmm_set_clock")(self.handle, nanoseconds)
 
     def supported_cpuid(self) -> list[CpuidEntry]:
+        self._check_open()
         return list(self.backend.hook("pyvmm_get_supported_cpuid")(self.handle))
 
     # --- teardown -------------------------------------------------------------
@@ -355,13 +369,18 @@ class Vcpu:
         self._on_thread("init")
         if self._backend.supports(Capability.HYPERVISOR_INITIALIZED_BOOT_CONTEXT):
             raise UnsupportedCapability(
-                self._backend.name, "vCPU register init", "the hypervisor initialises the boot context"
+                self._backend.name,
+                Capability.HYPERVISOR_INITIALIZED_BOOT_CONTEXT,
+                "set vCPU boot registers",
+                because="the hypervisor initialises the boot context",
             )
         self._backend.plugin.impls["pyvmm_init_vcpu"](self.handle, boot)
 
     def kick(self) -> None:
         """From any thread: make the current or next :meth:`run` return an
         :class:`~pyvmm.exits.InterruptedExit` (``IMMEDIATE_EXIT``)."""
+        if self._closed:
+            raise VmStateError(f"vCPU {self.index} is closed")
         self._backend.hook("pyvmm_kick_vcpu")(self.handle)
 
     # --- registers ------------------------------------------------------------
@@ -402,7 +421,12 @@ class Vcpu:
     def set_cpuid(self, entries: list[CpuidEntry]) -> None:
         self._on_thread("set_cpuid")
         if self._backend.supports(Capability.EARLY_INIT_CPUID):
-            raise UnsupportedCapability(self._backend.name, "set_cpuid", "CPUID is fixed at VM creation")
+            raise UnsupportedCapability(
+                self._backend.name,
+                Capability.EARLY_INIT_CPUID,
+                "set a vCPU's CPUID",
+                because="CPUID is fixed at VM creation",
+            )
         self._backend.hook("pyvmm_set_cpuid")(self.handle, list(entries))
 
     def set_guest_debug(self, single_step: bool = False, breakpoints: list[int] | None = None) -> None:
@@ -416,4 +440,8 @@ class Vcpu:
         if self._closed:
             return
         self._closed = True
+        self.run = self._run_closed  # never hand the destroyed handle to the run hook
         self._backend.plugin.impls["pyvmm_destroy_vcpu"](self.handle)
+
+    def _run_closed(self) -> VcpuExit:
+        raise VmStateError(f"vCPU {self.index} is closed")

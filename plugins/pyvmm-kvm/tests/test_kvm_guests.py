@@ -104,7 +104,10 @@ def test_batched_string_io_decoding(vm: Vm) -> None:
 
 
 def test_two_vcpus_on_their_own_threads(kvm: Backend) -> None:
+    """Each vCPU is created, initialised and run on its own thread; a barrier makes
+    the two threads live (and run) at the same time."""
     results: dict[int, object] = {}
+    both_created = threading.Barrier(2, timeout=30)
     with kvm.create_vm({"arch": "x86_64", "vcpus": 2}) as vm:
         vm.add_memory(0, RAM)
         vm.memory.write(CODE, g.SAY_AL.code)
@@ -119,8 +122,9 @@ def test_two_vcpus_on_their_own_threads(kvm: Backend) -> None:
                 regs = vcpu.get_regs()
                 regs.rax = 0xA0 + index
                 vcpu.set_regs(regs)
+                both_created.wait()
                 out = _io(vcpu.run())
-                results[index] = (out.data[0], vcpu.run().kind, threading.get_ident())
+                results[index] = (out.data[0], vcpu.run().kind, vcpu.thread_id)
             except BaseException as exc:  # noqa: BLE001 - reported to the main thread
                 results[index] = exc
 
@@ -135,7 +139,7 @@ def test_two_vcpus_on_their_own_threads(kvm: Backend) -> None:
         assert not isinstance(result, BaseException), result
         assert isinstance(result, tuple)
         assert result[:2] == (0xA0 + index, ExitKind.HLT)
-    assert results[0][2] != results[1][2]  # type: ignore[index]
+    assert results[0][2] != results[1][2], "each vCPU belongs to the thread that made it"  # type: ignore[index]
 
 
 def test_single_step(kvm: Backend) -> None:

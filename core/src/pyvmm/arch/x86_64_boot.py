@@ -119,6 +119,7 @@ def build_x86_boot_state(spec: BootSpec, memory: GuestMemory | None) -> X86VcpuI
     sregs = Sregs()
     if spec.stack is not None:
         regs.rsp = spec.stack
+    _apply_registers(regs, spec.registers)  # before touching guest memory: a bad name writes nothing
     if spec.x86_mode is X86Mode.REAL:
         code_base = spec.entry & ~0xFFFF
         sregs.cs = Segment(base=code_base, selector=(code_base >> 4) & 0xFFFF, type=0xB)
@@ -133,7 +134,8 @@ def build_x86_boot_state(spec: BootSpec, memory: GuestMemory | None) -> X86VcpuI
         sregs.idt = DescriptorTable(base=0, limit=0)
         code_selector = CODE64_SELECTOR if long_mode else CODE32_SELECTOR
         sregs.cs = _flat(code_selector, code=True, long=long_mode)
-        sregs.ds = sregs.es = sregs.fs = sregs.gs = sregs.ss = _flat(DATA_SELECTOR, code=False)
+        for name in ("ds", "es", "fs", "gs", "ss"):
+            setattr(sregs, name, _flat(DATA_SELECTOR, code=False))
         sregs.tr = Segment(base=0, limit=0xFFFF, selector=0, type=0xB, s=0)
         sregs.cr0 = CR0_PE | CR0_ET | CR0_NE
         if long_mode:
@@ -141,5 +143,4 @@ def build_x86_boot_state(spec: BootSpec, memory: GuestMemory | None) -> X86VcpuI
             sregs.cr3 = spec.boot_tables + _PAGE
             sregs.cr4 = CR4_PAE
             sregs.efer = EFER_LME | EFER_LMA
-    _apply_registers(regs, spec.registers)
     return X86VcpuInit(regs=regs, sregs=sregs, boot_cpu=True)

@@ -93,7 +93,7 @@ class ContractTestBackend:
         self.fail_next[hook] = error
 
     def hook_names(self) -> set[str]:
-        return {name for name, _ in self.calls}
+        return {call[0] for call in self.calls}
 
     def _record(self, hook: str, *args: Any) -> None:
         self.calls.append((hook, *args))

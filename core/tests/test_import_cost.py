@@ -1,0 +1,39 @@
+"""``import pyvmm`` stays cheap: no backend, no pydantic, no pluggy."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+import pyvmm
+
+CHECK = "import pyvmm, sys; print(sorted(m for m in sys.modules if m.startswith(('pydantic', 'pluggy', 'pyvmm_'))))"
+
+
+def test_import_pyvmm_loads_no_backend_and_no_heavy_dependency() -> None:
+    result = subprocess.run([sys.executable, "-c", CHECK], capture_output=True, text=True, timeout=60, check=False)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "[]"
+
+
+def test_lazy_names_load_on_first_use() -> None:
+    code = (
+        "import json, sys, pyvmm; before = 'pydantic' in sys.modules; cfg = pyvmm.VmConfig; "
+        "print(json.dumps([before, 'pydantic' in sys.modules, cfg.__module__]))"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, check=False)
+    assert result.returncode == 0, result.stderr
+    assert json.loads(result.stdout) == [False, True, "pyvmm.config"]
+
+
+@pytest.mark.parametrize("name", pyvmm.__all__)
+def test_every_public_name_resolves(name: str) -> None:
+    assert getattr(pyvmm, name) is not None
+
+
+def test_unknown_attribute() -> None:
+    with pytest.raises(AttributeError, match="no attribute 'Frobnicator'"):
+        _ = pyvmm.Frobnicator
