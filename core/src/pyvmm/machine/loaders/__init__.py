@@ -1,0 +1,71 @@
+"""Kernel and image loaders: put a kernel (and its command line and initrd) into guest
+RAM and say how to start it.
+
+:func:`load_kernel` recognises, in this order:
+
+1. Multiboot v1 (a valid header in the first 8 KiB): ELF or a.out-kludge images,
+   such as kvm-unit-tests' x86 ``.flat`` files -- 32-bit protected mode, EAX =
+   0x2BADB002, EBX = the Multiboot information structure;
+2. Linux bzImage ("HdrS" at 0x202) -- the 64-bit boot protocol (long mode, RSI =
+   zero page) or, for kernels without it, the 32-bit one (protected mode, RSI);
+3. ELF with a PVH note (XEN_ELFNOTE_PHYS32_ENTRY) -- 32-bit protected mode, EBX =
+   ``hvm_start_info``;
+4. plain ELF -- long mode for ELF64, protected mode for ELF32, no arguments;
+5. a flat binary, only when ``load_address`` is given -- long mode at that address.
+
+Every loader validates everything (file, headers, sizes, placement in RAM, command
+line, initrd) before it writes a byte; a problem raises :class:`ImageError`.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from pyvmm.machine.loaders.bzimage import is_bzimage, load_bzimage
+from pyvmm.machine.loaders.common import ImageError, LoadedKernel, RamMap, Request, read_file
+from pyvmm.machine.loaders.elf import is_elf, load_plain_elf, parse_elf
+from pyvmm.machine.loaders.flat import load_flat
+from pyvmm.machine.loaders.multiboot import find_header, load_multiboot
+from pyvmm.machine.loaders.pvh import load_pvh, pvh_entry
+from pyvmm.memory import GuestMemory
+
+__all__ = ["ImageError", "LoadedKernel", "load_kernel"]
+
+
+def load_kernel(
+    path: Path,
+    memory: GuestMemory,
+    *,
+    cmdline: str = "",
+    initrd: Path | None = None,
+    ram_size: int,
+    cpus: int,
+    load_address: int | None = None,
+) -> LoadedKernel:
+    """Load the kernel at ``path`` into ``memory`` (the first ``ram_size`` bytes of its
+    writable regions are the guest's RAM) and return how to start it."""
+    path = Path(path)
+    initrd = Path(initrd) if initrd is not None else None
+    data = read_file(path)
+    if not data:
+        raise ImageError(path, "kernel file is empty")
+    ram = RamMap(memory, ram_size, cpus, path)
+    request = Request(path, data, memory, ram, cmdline, initrd, load_address)
+
+    header = find_header(data)
+    kind = "Multiboot" if header is not None else "bzImage" if is_bzimage(data) else "ELF" if is_elf(data) else None
+    if kind is not None and load_address is not None:
+        raise ImageError(path, f"load_address applies to flat binaries only; this is a {kind} image")
+    if header is not None:
+        return load_multiboot(request, header)
+    if kind == "bzImage":
+        return load_bzimage(request)
+    if kind == "ELF":
+        image = parse_elf(path, data)
+        entry = pvh_entry(path, image)
+        if entry is not None:
+            return load_pvh(request, image, entry)
+        return load_plain_elf(request, image)
+    if load_address is None:
+        raise ImageError(path, "not a Multiboot, bzImage or ELF kernel (give load_address to load it as a flat binary)")
+    return load_flat(request, load_address)
