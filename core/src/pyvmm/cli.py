@@ -85,6 +85,9 @@ def build_parser() -> argparse.ArgumentParser:
     backends = sub.add_parser("backends", help="list installed backends, their capabilities and availability")
     backends.add_argument("--json", action="store_true", help="machine-readable output")
     backends.set_defaults(func=_cmd_backends)
+    from pyvmm.cli_run import add_run_parser
+
+    add_run_parser(sub)
     return parser
 
 

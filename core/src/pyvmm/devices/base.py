@@ -1,0 +1,42 @@
+"""The device interface the machine's buses dispatch to."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+#: What an absent device answers on a real bus: every data line floats high.
+ALL_ONES = 0xFFFF_FFFF_FFFF_FFFF
+
+#: Drives one interrupt line: ``irq(True)`` raises it, ``irq(False)`` lowers it.
+IrqLine = Callable[[bool], None]
+
+
+class Device:
+    """A device behind a range of ports or MMIO addresses.
+
+    ``offset`` is relative to the base the device is registered at; ``size`` is
+    the access width in bytes (1, 2, 4 or 8) and ``value`` the little-endian
+    value of the access.  A read may return more bits than ``size``: the bus
+    keeps the low ``size`` bytes.  The defaults model a register window that
+    ignores writes and reads as all ones.
+
+    Devices are called from whichever vCPU thread made the access, one access at
+    a time per vCPU; a device that several vCPUs use keeps its own state
+    consistent.  An exception raised here stops the machine and propagates out of
+    :meth:`pyvmm.machine.Machine.run`, naming the access.
+    """
+
+    name = "device"
+
+    def read(self, offset: int, size: int) -> int:
+        return ALL_ONES
+
+    def write(self, offset: int, size: int, value: int) -> None:
+        return None
+
+    def close(self) -> None:
+        """Flush and release host resources when the machine stops."""
+        return None
+
+    def __repr__(self) -> str:
+        return f"<{type(self).__name__} {self.name!r}>"
