@@ -96,6 +96,9 @@ def pyvmm_map_memory(vm: Any, region: RamRegion) -> None:
     chose (lowest free), ``region.read_only`` / ``region.log_dirty`` are only ever
     set when the backend declares ``READ_ONLY_MEMORY`` / ``DIRTY_LOG``.  Core has
     checked alignment and overlap.  On error nothing may remain mapped.
+    A backend that lends the pages to the guest (the host loses access, as for
+    Gunyah's protected VMs) sets ``region.host_accessible = False``; core then
+    refuses every host access to the region.
     """
 
 

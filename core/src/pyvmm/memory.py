@@ -33,11 +33,15 @@ class RamRegion:
     address of the mapping in this process (what KVM calls ``userspace_addr``).
     """
 
-    __slots__ = ("__weakref__", "_view", "host_addr", "mapping", "slot", "spec")
+    __slots__ = ("__weakref__", "_view", "host_accessible", "host_addr", "mapping", "slot", "spec")
 
     def __init__(self, spec: MemoryRegionSpec, slot: int) -> None:
         self.spec = spec
         self.slot = slot
+        #: False once the backend has lent the pages to the guest (a protected VM):
+        #: the host then loses access, so every access through pyvmm is refused
+        #: instead of faulting.  Set by ``pyvmm_map_memory``.
+        self.host_accessible = True
         flags = mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS | MAP_NORESERVE
         self.mapping: mmap.mmap | None = mmap.mmap(-1, spec.size, flags=flags, prot=mmap.PROT_READ | mmap.PROT_WRITE)
         anchor = ctypes.c_char.from_buffer(self.mapping)
@@ -182,6 +186,11 @@ class GuestMemory:
             raise GuestMemoryError(
                 f"guest access {gpa:#x}+{size:#x} runs past the end of RAM region "
                 f"{region.guest_phys_addr:#x}..{region.end:#x}"
+            )
+        if not region.host_accessible:
+            raise GuestMemoryError(
+                f"guest RAM at {gpa:#x} is lent to the guest (region {region.guest_phys_addr:#x}.."
+                f"{region.end:#x}): the host has no access to it"
             )
         return region, gpa - region.guest_phys_addr
 

@@ -21,7 +21,7 @@ from pyvmm.arch.x86_64 import CpuidEntry, DebugRegs, Fpu, MsrEntry, Regs, Sregs
 from pyvmm.boot import Aarch64VcpuInit, BootSpec, VcpuInit, X86VcpuInit
 from pyvmm.capabilities import CAPABILITY_BY_HOOK, Capability, CapabilitySet
 from pyvmm.config import PAGE_SIZE, Arch, MemoryRegionSpec, VmConfig, validation_message
-from pyvmm.errors import ConfigError, UnsupportedCapability, VmStateError
+from pyvmm.errors import ConfigError, GuestMemoryError, UnsupportedCapability, VmStateError
 from pyvmm.exits import VcpuExit
 from pyvmm.manifest import Availability, BackendManifest
 from pyvmm.memory import GuestMemory, RamRegion
@@ -129,12 +129,20 @@ class Vm:
 
     # --- memory -------------------------------------------------------------
     def add_memory(
-        self, guest_phys_addr: int | MemoryRegionSpec, size: int | str | None = None, **flags: bool
+        self,
+        guest_phys_addr: int | MemoryRegionSpec,
+        size: int | str | None = None,
+        *,
+        contents: dict[int, bytes] | None = None,
+        **flags: bool,
     ) -> RamRegion:
         """Back ``size`` bytes at ``guest_phys_addr`` with fresh host memory.
 
         ``read_only=True`` needs ``READ_ONLY_MEMORY``; ``log_dirty=True`` needs
         ``DIRTY_LOG``; after :meth:`start` it needs ``LATE_MEMORY``.
+        ``contents`` (guest address -> bytes) is written into the region *before*
+        the backend maps it: the only way to load a protected VM's payload, whose
+        memory the host loses once it is lent to the guest.
         """
         self._check_open()
         if isinstance(guest_phys_addr, MemoryRegionSpec):
@@ -149,8 +157,17 @@ class Vm:
             self.backend.require(Capability.DIRTY_LOG, "a dirty-logged region")
         if self._started:
             self.backend.require(Capability.LATE_MEMORY, "mapping memory after start")
+        for address, data in (contents or {}).items():
+            if not (spec.guest_phys_addr <= address and address + len(data) <= spec.end):
+                raise GuestMemoryError(
+                    f"contents at {address:#x}+{len(data):#x} lie outside the region "
+                    f"{spec.guest_phys_addr:#x}..{spec.end:#x}"
+                )
         region = self.memory.allocate(spec)
         try:
+            for address, data in (contents or {}).items():
+                offset = address - spec.guest_phys_addr
+                region.view(offset, len(data))[:] = data
             self._map(self.handle, region)
         except BaseException:
             self.memory.release_slot(region)

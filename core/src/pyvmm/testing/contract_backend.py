@@ -37,6 +37,7 @@ class InitVcpuCalled(AssertionError):
 
 @dataclass
 class TestVm:
+    __test__ = False  # a VM handle, not a pytest test class
     config: VmConfig
     regions: dict[int, RamRegion] = field(default_factory=dict)
     destroyed: bool = False
@@ -46,6 +47,7 @@ class TestVm:
 
 @dataclass
 class TestVcpu:
+    __test__ = False
     vm: TestVm
     index: int
     regs: Regs = field(default_factory=Regs)
