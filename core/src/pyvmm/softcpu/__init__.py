@@ -1,0 +1,117 @@
+"""A software CPU that stops where a hypervisor would exit.
+
+:class:`SoftCpu` runs one x86_64 or aarch64 vCPU on the `unicorn
+<https://www.unicorn-engine.org>`_ engine (QEMU's TCG) and returns pyvmm exits
+from :meth:`SoftCpu.run`.  It is the execution engine of the example backend
+``pyvmm-unicorn`` and of the driver models that stand in for hypervisors that
+cannot run here (Gunyah, GenieZone, WHPX, HAXM).  It knows nothing about
+pluggy: a backend's hooks or a model's ``RUN`` handler wrap it.
+
+unicorn is an optional extra (``pip install 'pyvmm-core[softcpu]'``) and is
+imported when the first :class:`SoftCpu` is made, never by ``import
+pyvmm.softcpu``; :func:`available` answers "can it run here?" for probes.
+
+::
+
+    cpu = SoftCpu("x86_64")
+    cpu.map_region(region)             # zero-copy: the guest uses region.host_addr
+    cpu.init(vm.boot_state_for(0))     # registers from pyvmm.boot
+    exit_ = cpu.run()                  # an IoExit, MmioExit, HltExit, ...
+
+What it models
+==============
+
+* **Memory.**  RAM regions are the owner's host pages, mapped with
+  ``uc_mem_map_ptr`` (no copy; writes either side are seen by the other).  A
+  read-only region is mapped without write permission.  Regions can be removed
+  again, also while another thread runs the vCPU (the change is handed to the
+  vCPU thread between two instructions and waited for).  ``log_dirty`` regions
+  record written pages.
+* **MMIO.**  An access to guest-physical memory no RAM backs -- or a write to a
+  read-only region -- stops the guest *before* the instruction completes and is
+  an :class:`~pyvmm.exits.MmioExit`.  The next :meth:`~SoftCpu.run` re-executes
+  the instruction with the touched page mapped as emulated I/O that answers the
+  reported access: a read gets the ``exit.data`` the VMM wrote, a write is
+  absorbed (read-only RAM keeps its contents; reads of it still see them).  Any
+  width unicorn uses, up to 8 bytes.  An instruction with several MMIO accesses
+  gets one exit per access, in program order (its registers are rolled back
+  while accesses are outstanding); a read-modify-write reports the read, then
+  the write.  If RAM is mapped where a reported access went before the next
+  run, the instruction is re-executed against that RAM instead.
+* **Port I/O (x86).**  ``IN``/``OUT`` and the ``REP INS``/``REP OUTS`` string
+  forms stop right after the access with an :class:`~pyvmm.exits.IoExit` of
+  one item (``count == 1``); string forms give one exit per item.  Between the
+  exit and the next run, RIP points at the I/O instruction, which the next run
+  re-executes to hand the guest the VMM's data.
+* **HLT / WFI** are a :class:`~pyvmm.exits.HltExit` (there is no interrupt
+  controller that could wake the vCPU).  aarch64 ``WFE`` is a no-op.
+* **x86 exceptions** (a fault, ``UD2``, ``INT n``): when the guest's IDT has no
+  present gate for the vector -- what ends in a triple fault on hardware -- the
+  exit is a :class:`~pyvmm.exits.ShutdownExit` (``TRIPLE_FAULT``,
+  ``raw_error_code`` = the vector).  When it has one, the exit is an
+  :class:`~pyvmm.exits.InternalErrorExit` saying so: delivery is not modelled.
+* **aarch64 HVC/SMC** go to :attr:`SoftCpu.hypercall_handler` first (see
+  :data:`HypercallHandler`); by default PSCI ``SYSTEM_OFF``/``SYSTEM_RESET``
+  are a :class:`~pyvmm.exits.SystemEventExit` (``SHUTDOWN``/``RESET``),
+  ``PSCI_VERSION`` (1.0) and ``PSCI_FEATURES`` are answered, other PSCI calls
+  return NOT_SUPPORTED, and other function ids are a
+  :class:`~pyvmm.exits.HypercallExit` whose ``result`` (default
+  NOT_SUPPORTED) goes to X0 on the next run.  Other aarch64 exceptions are an
+  :class:`~pyvmm.exits.InternalErrorExit`.
+* **Registers.**  x86 :class:`~pyvmm.arch.x86_64.Regs` and
+  :class:`~pyvmm.arch.x86_64.Sregs` (64-bit, compatibility and flat 32-bit
+  protected mode, including the long-mode set-up of
+  :func:`pyvmm.arch.x86_64_boot.build_x86_boot_state`); aarch64 registers by
+  KVM one-reg id and as :class:`~pyvmm.arch.aarch64.CoreRegs`.
+* **Kick.**  :meth:`SoftCpu.kick` from any thread makes the current or next
+  run return an :class:`~pyvmm.exits.InterruptedExit` (``uc_emu_stop``,
+  repeated by a watchdog until the vCPU thread has seen it, because unicorn
+  forgets a stop that lands between two emulation slices).
+* **Debug.**  Single-stepping and breakpoints end a run with a
+  :class:`~pyvmm.exits.DebugExit`.
+
+What unicorn cannot model (and the engine does not pretend to)
+================================================================
+
+* **x86 real mode and 16-bit code.**  The x86_64 engine's register interface
+  sets a segment's selector but not its hidden descriptor cache (only FS/GS
+  load a descriptor), so a mode can only be reached from unicorn's fresh
+  64-bit state with control-register writes.  Real mode, 16-bit protected mode
+  and segments whose base is not 0 outside 64-bit mode are refused with
+  :class:`~pyvmm.errors.ConfigError`.  A guest that switches modes itself (far
+  jumps, ``lgdt``) is executed faithfully by QEMU, though.
+* **Segment descriptor caches** cannot be read back.  ``get_sregs`` reports the
+  state last set for a segment while its selector is unchanged, and otherwise
+  decodes the descriptor the selector names in the guest's GDT/LDT -- right
+  unless the guest changed the table after loading the segment.  ``apic_base``
+  is stored, not modelled.  ``set_sregs`` restarts the CPU from its fresh
+  state: general registers, SSE registers, MXCSR and the syscall MSRs are kept,
+  the x87 state and debug registers are not.
+* **No interrupt delivery** at all: no local APIC/GIC, no timer, no exception or
+  interrupt entry through the IDT or VBAR (see above), no ``SYSCALL`` entry.
+  Hence no ``IRQCHIP``, ``IRQ_LINE``, ``IRQFD`` or ``PVCLOCK``.
+* **CPUID and MSRs** are unicorn's own CPU model's; there is no way to give the
+  guest a CPUID table, and ``RDMSR`` of an unknown MSR does not fault.
+* **One vCPU per engine**, and guest memory shared between engines is coherent
+  for data only: translated code is per engine.  Code written by the *host*
+  into guest memory is only seen after :meth:`SoftCpu.invalidate_code` (done at
+  every run unless ``coherent_code=False``).
+* **Edge cases of MMIO:** an access crossing a page boundary is split by QEMU
+  (possibly into single bytes); a string port instruction whose memory operand
+  is MMIO, or code executing from a read-only region it also writes, is not
+  supported; instruction fetch from unbacked memory is an
+  :class:`~pyvmm.exits.InternalErrorExit` (as on KVM).  Dirty logging misses
+  the accessed/dirty bits the MMU sets in page tables.
+* **Speed.**  TCG translates guest code to host code, so guest instructions
+  run fast, but every exit goes through Python: measured here, ~25 µs per port
+  I/O exit and ~180 µs per MMIO exit (the re-execution maps a scratch page),
+  plus ~35 µs per run with ``coherent_code`` (translations are dropped and
+  redone).  A hardware hypervisor's exit costs ~7 µs.
+"""
+
+from __future__ import annotations
+
+from pyvmm.softcpu._uc import SoftCpuUnavailable, available
+from pyvmm.softcpu.engine import Conduit, Hypercall, HypercallHandler, SoftCpu
+
+__all__ = ["Conduit", "Hypercall", "HypercallHandler", "SoftCpu", "SoftCpuUnavailable", "available"]

@@ -1,0 +1,404 @@
+"""The software CPU on x86_64 guests: exits, their completion, modes, kicks.
+
+Guest code is given as bytes with its source (GNU as, Intel syntax) next to it;
+the conformance suite covers the common scenarios, these the engine's corners.
+"""
+
+from __future__ import annotations
+
+import struct
+import threading
+import time
+from collections.abc import Iterator
+
+import pytest
+
+pytest.importorskip("unicorn", reason="the software CPU needs unicorn (pip install 'pyvmm-core[softcpu]')")
+
+from pyvmm.arch.x86_64 import CR0_PE, Regs, Sregs
+from pyvmm.arch.x86_64_boot import build_x86_boot_state
+from pyvmm.boot import BootSpec, X86Mode
+from pyvmm.config import Arch, MemoryRegionSpec
+from pyvmm.errors import ConfigError
+from pyvmm.exits import (
+    DebugExit,
+    ExitKind,
+    InternalErrorExit,
+    InterruptedExit,
+    IoExit,
+    MmioExit,
+    ShutdownExit,
+    ShutdownReason,
+    VcpuExit,
+)
+from pyvmm.memory import GuestMemory, RamRegion
+from pyvmm.softcpu import SoftCpu
+from pyvmm.testing.conformance import programs as conformance
+
+CODE = 0x100000
+RAM_SIZE = 0x200000
+MMIO = 0xD0000000
+
+
+class Machine:
+    """Guest RAM at 0, a program at CODE, a SoftCpu booted into it."""
+
+    def __init__(self, code: bytes, mode: X86Mode, coherent_code: bool) -> None:
+        self.memory = GuestMemory()
+        self.ram = self.add(0, RAM_SIZE)
+        self.memory.write(CODE, code)
+        self.cpu = SoftCpu("x86_64", coherent_code=coherent_code)
+        self.cpu.map_region(self.ram)
+        spec = BootSpec(arch=Arch.X86_64, entry=CODE, stack=0x80000, x86_mode=mode)
+        self.cpu.init(build_x86_boot_state(spec, self.memory))
+
+    def add(self, gpa: int, size: int, **flags: bool) -> RamRegion:
+        region = self.memory.allocate(MemoryRegionSpec(guest_phys_addr=gpa, size=size, **flags))
+        self.memory.insert(region)
+        return region
+
+    def close(self) -> None:
+        self.cpu.close()
+        self.memory.close()
+
+
+@pytest.fixture
+def machines() -> Iterator[list[Machine]]:
+    made: list[Machine] = []
+    yield made
+    for machine in made:
+        machine.close()
+
+
+def boot(machines: list[Machine], code_hex: str, mode: X86Mode = X86Mode.LONG, coherent_code: bool = True) -> Machine:
+    machine = Machine(bytes.fromhex(code_hex), mode, coherent_code)
+    machines.append(machine)
+    return machine
+
+
+def run_to(cpu: SoftCpu, kind: ExitKind) -> VcpuExit:
+    exit_ = cpu.run()
+    assert exit_.kind is kind, f"expected {kind.name}, got {exit_!r}"
+    return exit_
+
+
+def mmio(cpu: SoftCpu) -> MmioExit:
+    exit_ = run_to(cpu, ExitKind.MMIO)
+    assert isinstance(exit_, MmioExit)
+    return exit_
+
+
+def io(cpu: SoftCpu) -> IoExit:
+    exit_ = run_to(cpu, ExitKind.IO)
+    assert isinstance(exit_, IoExit)
+    return exit_
+
+
+# --- MMIO ------------------------------------------------------------------------------
+
+
+def test_read_modify_write_reports_the_read_then_the_write(machines: list[Machine]) -> None:
+    # mov ebx, 0xd0000000 / add dword ptr [rbx], 5 / hlt
+    m = boot(machines, "bb000000d0830305f4")
+    read = mmio(m.cpu)
+    assert (read.address, read.size, read.is_write) == (MMIO, 4, False)
+    read.data[:4] = struct.pack("<I", 10)
+    write = mmio(m.cpu)
+    assert (write.address, write.size, write.is_write) == (MMIO, 4, True)
+    assert struct.unpack("<I", write.data[:4])[0] == 15
+    run_to(m.cpu, ExitKind.HLT)
+
+
+def test_an_instruction_with_two_mmio_operands_gets_both_exits(machines: list[Machine]) -> None:
+    # mov esi, 0xd0000000 / mov edi, 0xd0001000 / movsq / hlt
+    m = boot(machines, "be000000d0bf001000d048a5f4")
+    read = mmio(m.cpu)
+    assert (read.address, read.size, read.is_write) == (MMIO, 8, False)
+    read.data[:8] = struct.pack("<Q", 0xFEEDFACECAFEF00D)
+    write = mmio(m.cpu)
+    assert (write.address, write.size, write.is_write) == (MMIO + 0x1000, 8, True)
+    assert struct.unpack("<Q", write.data[:8])[0] == 0xFEEDFACECAFEF00D
+    run_to(m.cpu, ExitKind.HLT)
+    regs = m.cpu.get_regs()
+    assert (regs.rsi, regs.rdi) == (MMIO + 8, MMIO + 0x1008), "MOVSQ retired exactly once"
+
+
+def test_read_only_memory_keeps_its_contents_through_a_read_modify_write(machines: list[Machine]) -> None:
+    # mov ebx, 0x200000 / add byte ptr [rbx], 1 / mov al, [rbx] / out 0x10, al / hlt
+    m = boot(machines, "bb000020008003018a03e610f4")
+    ro = m.add(0x200000, 0x1000, read_only=True)
+    m.memory.write_u8(0x200000, 0x41)
+    m.cpu.map_region(ro)
+    write = mmio(m.cpu)
+    assert (write.address, write.size, write.is_write) == (0x200000, 1, True)
+    assert write.data[0] == 0x42, "the add read the RAM behind the read-only mapping"
+    assert io(m.cpu).data[0] == 0x41
+    assert m.memory.read_u8(0x200000) == 0x41
+    run_to(m.cpu, ExitKind.HLT)
+
+
+def test_mmio_addresses_are_guest_physical(machines: list[Machine]) -> None:
+    """With paging, the exit names the physical address the page tables map to."""
+    # mov ebx, 0x400010 / mov eax, [rbx] / mov [rbx+8], eax / hlt
+    m = boot(machines, "bb100040008b03894308f4")
+    directory = 0x1000 + 3 * 0x1000  # the boot tables' first page directory
+    m.memory.write_u64(directory + 2 * 8, MMIO | 0x83)  # VA 4 MiB -> MMIO, 2 MiB page
+    m.cpu.invalidate_code()
+    read = mmio(m.cpu)
+    assert (read.address, read.is_write) == (MMIO + 0x10, False)
+    read.data[:4] = struct.pack("<I", 7)
+    write = mmio(m.cpu)
+    assert (write.address, write.is_write) == (MMIO + 0x18, True)
+    assert write.data[:4].tobytes() == struct.pack("<I", 7)
+
+
+def test_instruction_fetch_from_unbacked_memory_is_an_internal_error(machines: list[Machine]) -> None:
+    # mov eax, 0xd0000000 / jmp rax
+    m = boot(machines, "b8000000d0ffe0")
+    exit_ = run_to(m.cpu, ExitKind.INTERNAL_ERROR)
+    assert isinstance(exit_, InternalErrorExit)
+    assert "0xd0000000" in exit_.description
+
+
+# --- port I/O ------------------------------------------------------------------------------
+
+
+def test_port_reads_of_each_width_merge_like_the_cpu(machines: list[Machine]) -> None:
+    # mov rax, 0x1122334455667788 / mov dx, 0x20 / in al, dx / mov rbx, rax
+    # in ax, dx / mov rcx, rax / in eax, dx / hlt
+    m = boot(machines, "48b8887766554433221166ba2000ec4889c366ed4889c1edf4")
+    first = io(m.cpu)
+    assert (first.port, first.size, first.count, first.is_write) == (0x20, 1, 1, False)
+    assert m.cpu.get_regs().rip == CODE + 14, "between the exit and the next run RIP is at the IN"
+    first.data[:1] = b"\x11"
+    io(m.cpu).data[:2] = b"\x22\x22"
+    io(m.cpu).data[:4] = b"\x33\x33\x33\x33"
+    run_to(m.cpu, ExitKind.HLT)
+    regs = m.cpu.get_regs()
+    assert regs.rbx == 0x1122334455667711
+    assert regs.rcx == 0x1122334455662222
+    assert regs.rax == 0x33333333, "a 32-bit IN zero-extends into RAX"
+
+
+def test_string_port_io_is_one_exit_per_item(machines: list[Machine]) -> None:
+    m = boot(machines, conformance.REP_OUTSB.code.hex())
+    items = []
+    for _ in range(5):
+        exit_ = io(m.cpu)
+        assert exit_.count == 1
+        items.append(bytes(exit_.data))
+    assert b"".join(items) == b"hello"
+    run_to(m.cpu, ExitKind.HLT)
+    assert m.cpu.get_regs().rcx == 0
+
+
+# --- halts, exceptions ---------------------------------------------------------------------------
+
+
+def test_exception_without_a_handler_is_a_triple_fault(machines: list[Machine]) -> None:
+    m = boot(machines, "cc")  # int3, and the boot IDT is empty
+    exit_ = run_to(m.cpu, ExitKind.SHUTDOWN)
+    assert isinstance(exit_, ShutdownExit)
+    assert (exit_.reason, exit_.raw_error_code) == (ShutdownReason.TRIPLE_FAULT, 3)
+
+
+def test_exception_with_a_handler_is_reported_as_not_deliverable(machines: list[Machine]) -> None:
+    m = boot(machines, "cc")
+    idt = 0x8000
+    m.memory.write(idt + 3 * 16, bytes([0, 0, 0x08, 0, 0, 0x8E, 0, 0]))  # present interrupt gate
+    sregs = m.cpu.get_sregs()
+    sregs.idt.base, sregs.idt.limit = idt, 0xFFF
+    m.cpu.set_sregs(sregs)
+    exit_ = run_to(m.cpu, ExitKind.INTERNAL_ERROR)
+    assert isinstance(exit_, InternalErrorExit)
+    assert exit_.data == (3,)
+    assert "#BP" in exit_.description
+
+
+# --- code coherence ----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("coherent", [True, False])
+def test_code_rewritten_by_the_host(machines: list[Machine], coherent: bool) -> None:
+    m = boot(machines, "909090f4", coherent_code=coherent)  # nop; nop; nop; hlt
+    run_to(m.cpu, ExitKind.HLT)
+    m.memory.write(CODE, bytes.fromhex("48ffc0f4"))  # inc rax; hlt
+    regs = m.cpu.get_regs()
+    regs.rip = CODE
+    m.cpu.set_regs(regs)
+    if not coherent:
+        run_to(m.cpu, ExitKind.HLT)
+        assert m.cpu.get_regs().rax == 0, "the translation of the old code is used until invalidated"
+        m.cpu.set_regs(regs)
+        m.cpu.invalidate_code()
+    run_to(m.cpu, ExitKind.HLT)
+    assert m.cpu.get_regs().rax == 1
+
+
+def test_a_guest_unicorn_cannot_advance_ends_the_run(machines: list[Machine]) -> None:
+    """unicorn 2.1.4 stops executing a re-translated UD2 in this sequence; run()
+    must still return (with the fault, or saying it made no progress)."""
+    m = boot(machines, "909090f4", coherent_code=False)
+    run_to(m.cpu, ExitKind.HLT)
+    m.memory.write(CODE, bytes.fromhex("0f0b"))  # ud2
+    regs = m.cpu.get_regs()
+    regs.rip = CODE
+    m.cpu.set_regs(regs)
+    run_to(m.cpu, ExitKind.HLT)  # the stale translation
+    m.cpu.set_regs(regs)
+    m.cpu.invalidate_code()
+    exit_ = m.cpu.run()
+    if isinstance(exit_, InternalErrorExit):
+        assert "without executing" in exit_.description
+        assert exit_.instruction.startswith(bytes.fromhex("0f0b90f4"))
+    else:
+        assert exit_.kind is ExitKind.SHUTDOWN
+
+
+def test_guest_self_modifying_code(machines: list[Machine]) -> None:
+    # mov byte ptr [rip + target], 0xf4 / target: nop / ud2
+    m = boot(machines, "c60500000000f4900f0b")
+    run_to(m.cpu, ExitKind.HLT)
+
+
+# --- modes and registers -------------------------------------------------------------------------
+
+
+def test_flat_protected_mode(machines: list[Machine]) -> None:
+    # .code32: mov eax, 0xd0000000 / mov dword ptr [eax], 0x12345678 / hlt
+    m = boot(machines, "b8000000d0c70078563412f4", mode=X86Mode.PROTECTED)
+    write = mmio(m.cpu)
+    assert (write.address, write.size) == (MMIO, 4)
+    assert struct.unpack("<I", write.data[:4])[0] == 0x12345678
+    sregs = m.cpu.get_sregs()
+    assert sregs.cs.db == 1 and sregs.cs.l == 0
+    assert not sregs.efer & (1 << 10), "not in long mode"
+
+
+def test_real_mode_is_refused_not_faked(machines: list[Machine]) -> None:
+    m = boot(machines, "f4")
+    sregs = Sregs()
+    assert not sregs.cr0 & CR0_PE
+    with pytest.raises(ConfigError, match="real mode"):
+        m.cpu.set_sregs(sregs)
+
+
+def test_non_flat_segments_outside_64_bit_mode_are_refused(machines: list[Machine]) -> None:
+    m = boot(machines, "f4", mode=X86Mode.PROTECTED)
+    sregs = m.cpu.get_sregs()
+    sregs.ds.base = 0x10000
+    with pytest.raises(ConfigError, match=r"ds\.base"):
+        m.cpu.set_sregs(sregs)
+
+
+def test_long_mode_state_round_trips(machines: list[Machine]) -> None:
+    m = boot(machines, conformance.SET_RAX.code.hex())
+    sregs = m.cpu.get_sregs()
+    assert (sregs.cs.selector, sregs.cs.l, sregs.ss.selector) == (0x08, 1, 0x10)
+    assert sregs.cr3 == 0x2000 and sregs.efer & 0x500 == 0x500
+    sregs.fs.base = 0x12345000
+    m.cpu.set_sregs(sregs)
+    again = m.cpu.get_sregs()
+    assert again.fs.base == 0x12345000
+    assert again.cs == sregs.cs
+    run_to(m.cpu, ExitKind.HLT)
+    assert m.cpu.get_regs().rax == 0x123456789ABCDEF0
+
+
+def test_set_sregs_keeps_the_general_registers(machines: list[Machine]) -> None:
+    m = boot(machines, "f4")
+    m.cpu.set_regs(Regs(rax=1, rbx=2, r15=3, rip=CODE, rflags=0x202))
+    m.cpu.set_sregs(m.cpu.get_sregs())
+    regs = m.cpu.get_regs()
+    assert (regs.rax, regs.rbx, regs.r15, regs.rip) == (1, 2, 3, CODE)
+
+
+def test_aarch64_registers_are_refused_on_x86(machines: list[Machine]) -> None:
+    m = boot(machines, "f4")
+    with pytest.raises(ConfigError, match="aarch64"):
+        m.cpu.get_core_regs()
+
+
+# --- debugging -------------------------------------------------------------------------------------
+
+
+def test_single_step(machines: list[Machine]) -> None:
+    m = boot(machines, "909090f4")
+    m.cpu.set_guest_debug(True, [])
+    for offset in (1, 2, 3):
+        exit_ = run_to(m.cpu, ExitKind.DEBUG)
+        assert isinstance(exit_, DebugExit)
+        assert exit_.pc == CODE + offset
+    run_to(m.cpu, ExitKind.HLT)
+
+
+def test_breakpoint_stops_before_the_instruction_and_resumes(machines: list[Machine]) -> None:
+    m = boot(machines, "909090f4")
+    m.cpu.set_guest_debug(False, [CODE + 2])
+    exit_ = run_to(m.cpu, ExitKind.DEBUG)
+    assert isinstance(exit_, DebugExit)
+    assert exit_.pc == CODE + 2 == m.cpu.get_regs().rip
+    run_to(m.cpu, ExitKind.HLT)
+
+
+# --- dirty log ---------------------------------------------------------------------------------------
+
+
+def test_dirty_log(machines: list[Machine]) -> None:
+    m = boot(machines, conformance.DIRTY_PAGES.code.hex())
+    logged = m.add(0x400000, 16 * 0x1000, log_dirty=True)
+    m.cpu.map_region(logged)
+    assert m.cpu.dirty_log(0x400000) == bytes(2)
+    run_to(m.cpu, ExitKind.HLT)
+    assert m.cpu.dirty_log(0x400000) == bytes([0b00100010, 0])
+    assert m.cpu.dirty_log(0x400000) == bytes(2), "reading the log resets it"
+
+
+# --- threads -------------------------------------------------------------------------------------------
+
+
+def _run_in_thread(cpu: SoftCpu) -> tuple[threading.Thread, list[VcpuExit]]:
+    result: list[VcpuExit] = []
+    thread = threading.Thread(target=lambda: result.append(cpu.run()), daemon=True)
+    thread.start()
+    return thread, result
+
+
+def test_kick_from_another_thread(machines: list[Machine]) -> None:
+    m = boot(machines, "48ffc0ebfb")  # 1: inc rax / jmp 1b
+    thread, result = _run_in_thread(m.cpu)
+    time.sleep(0.1)
+    m.cpu.kick()
+    thread.join(10)
+    assert not thread.is_alive()
+    assert isinstance(result[0], InterruptedExit)
+    assert m.cpu.get_regs().rax > 0, "the guest ran before the kick"
+
+
+def test_kicks_landing_before_the_run_are_not_lost(machines: list[Machine]) -> None:
+    m = boot(machines, "48ffc0ebfb")
+    for _ in range(20):
+        m.cpu.kick()
+        m.cpu.kick()  # idempotent: one interrupted run
+        assert m.cpu.run().kind is ExitKind.INTERRUPTED
+        thread, result = _run_in_thread(m.cpu)
+        m.cpu.kick()  # races with the start of the run on purpose
+        thread.join(10)
+        assert not thread.is_alive(), "a kick racing the start of run() was lost"
+        assert result[0].kind is ExitKind.INTERRUPTED
+
+
+def test_memory_changes_while_the_vcpu_runs(machines: list[Machine]) -> None:
+    m = boot(machines, "48ffc0ebfb")
+    extra = m.add(0x800000, 0x1000)
+    m.memory.write_u8(0x800000, 0x5A)
+    thread, result = _run_in_thread(m.cpu)
+    time.sleep(0.05)
+    m.cpu.map_region(extra)  # handed to the vCPU thread and waited for
+    assert m.cpu.read_physical(0x800000, 1) == b"\x5a"
+    m.cpu.unmap_region(extra)
+    assert m.cpu.read_physical(0x800000, 1) is None
+    assert thread.is_alive(), "memory changes do not end the run"
+    m.cpu.kick()
+    thread.join(10)
+    assert isinstance(result[0], InterruptedExit)
