@@ -48,11 +48,30 @@ def _backends_report() -> dict[str, Any]:
         }
         for f in registry.failures
     ]
-    return {"pyvmm_version": __version__, "backends": backends, "failures": failures}
+    report: dict[str, Any] = {"pyvmm_version": __version__, "backends": backends, "failures": failures}
+    # Present only when a policy is in force, so the report of an unrestricted
+    # installation keeps its shape.
+    policy = registry.policy
+    if policy is not None and policy.active:
+        report["policy"] = policy.describe()
+    if registry.denied:
+        report["denied"] = [
+            {
+                "entry_point": d.source.entry_point,
+                "distribution": d.source.distribution,
+                "version": d.source.version,
+                "location": d.source.location,
+                "reason": d.reason,
+            }
+            for d in registry.denied
+        ]
+    return report
 
 
 def _print_backends(report: dict[str, Any]) -> None:
-    if not report["backends"]:
+    if not report["backends"] and report.get("denied"):
+        print("no backends loaded: the policy denies the installed ones (see DENIED below)")
+    elif not report["backends"]:
         print("no backends installed (install one, e.g. pip install ./plugins/pyvmm-kvm)")
     for b in report["backends"]:
         state = "available" if b["available"] else f"unavailable: {b['reason']}"
@@ -66,6 +85,15 @@ def _print_backends(report: dict[str, Any]) -> None:
             print(f"  unknown to this pyvmm (ignored): {', '.join(b['unknown_capabilities'])}")
     for f in report["failures"]:
         print(f"BROKEN {f['entry_point']} from {f['distribution']} {f['version']}: {f['error']}".rstrip())
+    for d in report.get("denied", []):
+        origin = f"{d['distribution']} {d['version']}  {d['location']}".rstrip()
+        print(f"DENIED {d['entry_point']} from {origin}: {d['reason']}")
+    policy = report.get("policy")
+    if policy is not None:
+        if policy["allow"] is not None:
+            print(f"policy: only {', '.join(policy['allow']) or 'nothing'} allowed ({policy['allow_source']})")
+        if policy["deny"]:
+            print(f"policy: {', '.join(policy['deny'])} denied ({policy['deny_source']})")
 
 
 def _cmd_backends(args: argparse.Namespace) -> int:

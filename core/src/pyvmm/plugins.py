@@ -11,7 +11,9 @@ contract when it is registered:
 * no other plugin already uses its backend name.
 
 A plugin that fails any of this, or fails to import, is recorded in
-:attr:`PluginRegistry.failures` and skipped; the others keep working.
+:attr:`PluginRegistry.failures` and skipped; the others keep working.  A plugin
+the policy (:mod:`pyvmm.policy`) denies is recorded in
+:attr:`PluginRegistry.denied` and never imported.
 """
 
 from __future__ import annotations
@@ -22,7 +24,7 @@ import os
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from importlib import metadata
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import pluggy
 from pydantic import ValidationError
@@ -32,6 +34,9 @@ from pyvmm.capabilities import CAPABILITY_BY_HOOK, HOOKS_BY_CAPABILITY, INIT_VCP
 from pyvmm.config import validation_message
 from pyvmm.errors import BackendNotFound, BackendUnavailable, PluginContractError
 from pyvmm.manifest import CONTRACT_VERSION, Availability, BackendManifest
+
+if TYPE_CHECKING:
+    from pyvmm.policy import PluginPolicy
 
 ENTRY_POINT_GROUP = "pyvmm"
 ENV_BACKEND = "PYVMM_BACKEND"
@@ -69,6 +74,14 @@ class PluginFailure:
     error: str
 
 
+@dataclass(frozen=True)
+class PluginDenied:
+    """An installed plugin the policy kept from loading, and the rule that did."""
+
+    source: PluginSource
+    reason: str
+
+
 @dataclass
 class BackendPlugin:
     """A registered, contract-checked backend."""
@@ -97,12 +110,16 @@ def _spec_argnames() -> dict[str, tuple[str, ...]]:
 class PluginRegistry:
     """Holds the registered backends of one process (or one test)."""
 
-    def __init__(self) -> None:
+    def __init__(self, policy: PluginPolicy | None = None) -> None:
         self._pm = pluggy.PluginManager(hookspecs.PROJECT)
         self._pm.add_hookspecs(hookspecs)
         self._spec_args = _spec_argnames()
         self.backends: dict[str, BackendPlugin] = {}
         self.failures: list[PluginFailure] = []
+        #: The allow/deny policy; read from the environment and config file when
+        #: entry points are first loaded unless one is given.
+        self.policy = policy
+        self.denied: list[PluginDenied] = []
         self._entry_points_loaded = False
 
     # --- registration -------------------------------------------------------
@@ -198,15 +215,26 @@ class PluginRegistry:
 
     # --- discovery ----------------------------------------------------------
     def load_entry_points(self, entry_points: Iterable[metadata.EntryPoint] | None = None) -> None:
-        """Import and register every backend in the ``pyvmm`` entry-point group.
-        Failures are recorded, never raised.  Runs once."""
+        """Import and register every backend in the ``pyvmm`` entry-point group
+        the policy allows.  Failures are recorded, never raised.  Runs once.
+
+        :raises ConfigError: the policy's config file or variables are malformed.
+        """
         if self._entry_points_loaded and entry_points is None:
             return
+        if self.policy is None:
+            from pyvmm.policy import load_policy
+
+            self.policy = load_policy()
         self._entry_points_loaded = True
         if entry_points is None:
             entry_points = metadata.entry_points(group=ENTRY_POINT_GROUP)
         for ep in sorted(entry_points, key=lambda e: e.name):
             source = _source_of(ep)
+            denial = self.policy.denial(ep.name)
+            if denial is not None:
+                self.denied.append(PluginDenied(source, denial))
+                continue
             try:
                 plugin = ep.load()
             except (Exception, SystemExit) as exc:  # noqa: BLE001 - isolate broken plugins, even one that exits
@@ -230,6 +258,9 @@ class PluginRegistry:
         broken = [f.source.describe() for f in self.failures if name in f.source.entry_point]
         if broken:
             text += f"; a plugin that may be it failed to load: {', '.join(broken)} (see 'pyvmm backends')"
+        denied = [d for d in self.denied if d.source.entry_point == name]
+        if denied:
+            text += f"; {denied[0].source.describe()} is installed but {denied[0].reason}"
         return text
 
     def select(self, name: str | None = None) -> BackendPlugin:
@@ -296,6 +327,7 @@ def reset_default_registry() -> None:
 __all__ = [
     "CAPABILITY_BY_HOOK",
     "BackendPlugin",
+    "PluginDenied",
     "PluginFailure",
     "PluginRegistry",
     "PluginSource",

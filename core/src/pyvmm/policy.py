@@ -1,0 +1,171 @@
+"""Plugin policy: which installed backends pyvmm may load.
+
+An administrator (or a CI job, or a vendor shipping a private backend) can
+restrict the backends that discovery loads, without uninstalling anything:
+
+* environment: ``PYVMM_BACKENDS_ALLOW`` and ``PYVMM_BACKENDS_DENY``, each a
+  comma-separated list of names (``PYVMM_BACKENDS_ALLOW=kvm,acme``);
+* a config file: ``$PYVMM_CONFIG`` if set, else
+  ``$XDG_CONFIG_HOME/pyvmm/config.toml`` (``~/.config/pyvmm/config.toml``)::
+
+      [plugins]
+      allow = ["kvm", "acme"]
+      deny = ["unicorn"]
+
+Rules:
+
+* A name on a deny list is never loaded; deny wins over allow.
+* If an allow list exists, only the names on it are loaded.
+* An environment variable replaces the file's list of the same kind (so
+  ``PYVMM_BACKENDS_ALLOW=`` set to empty lifts the file's allow list); the two
+  kinds combine.
+* Names are entry-point names (the name in ``[project.entry-points.pyvmm]``),
+  which by convention are the backend's name: the decision is taken *before*
+  the plugin is imported, so a denied plugin's code never runs.
+
+A denied plugin is not a failure: ``pyvmm backends`` lists it as denied, with
+the rule and where it came from.  A config file that is not valid TOML, or
+whose ``[plugins]`` table has other keys or malformed names, raises
+:class:`~pyvmm.errors.ConfigError` naming the file -- a policy that cannot be
+read must not silently allow everything.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import sys
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Annotated, Any
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from pyvmm.config import validation_message
+from pyvmm.errors import ConfigError
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover - exercised on Python 3.10 only
+    import tomli as tomllib  # type: ignore[import-not-found,unused-ignore]
+
+ENV_ALLOW = "PYVMM_BACKENDS_ALLOW"
+ENV_DENY = "PYVMM_BACKENDS_DENY"
+ENV_CONFIG = "PYVMM_CONFIG"
+
+#: What a backend (entry-point) name looks like; the manifest's name rule.
+NAME_PATTERN = r"^[a-z][a-z0-9_-]{0,31}$"
+BackendName = Annotated[str, Field(pattern=NAME_PATTERN)]
+
+
+class PluginsSection(BaseModel):
+    """The ``[plugins]`` table of the config file."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    allow: tuple[BackendName, ...] | None = Field(
+        default=None, description="only these backends load (absent: all that are not denied)"
+    )
+    deny: tuple[BackendName, ...] = Field(default=(), description="these backends never load")
+
+
+class ConfigFile(BaseModel):
+    """The pyvmm config file.  Tables other than ``[plugins]`` belong to other
+    parts of pyvmm and are passed over here."""
+
+    model_config = ConfigDict(extra="allow", frozen=True)
+
+    plugins: PluginsSection = Field(default_factory=PluginsSection)
+
+
+@dataclass(frozen=True)
+class PluginPolicy:
+    """The merged allow/deny lists, and where each came from."""
+
+    allow: frozenset[str] | None = None
+    deny: frozenset[str] = frozenset()
+    allow_source: str = ""
+    deny_source: str = ""
+
+    @property
+    def active(self) -> bool:
+        return self.allow is not None or bool(self.deny)
+
+    def denial(self, name: str) -> str | None:
+        """Why ``name`` may not load, or None if it may."""
+        if name in self.deny:
+            return f"denied by {self.deny_source}"
+        if self.allow is not None and name not in self.allow:
+            allowed = ", ".join(sorted(self.allow)) or "nothing"
+            return f"not on the allow list of {self.allow_source} (allowed: {allowed})"
+        return None
+
+    def describe(self) -> dict[str, Any]:
+        """The policy as ``pyvmm backends --json`` shows it."""
+        return {
+            "allow": sorted(self.allow) if self.allow is not None else None,
+            "allow_source": self.allow_source,
+            "deny": sorted(self.deny),
+            "deny_source": self.deny_source,
+        }
+
+
+def config_path(environ: Mapping[str, str] | None = None) -> Path:
+    """Where the config file is looked for (it need not exist)."""
+    env = os.environ if environ is None else environ
+    explicit = env.get(ENV_CONFIG)
+    if explicit:
+        return Path(explicit).expanduser()
+    base = env.get("XDG_CONFIG_HOME") or str(Path(env.get("HOME", "~")) / ".config")
+    return Path(base).expanduser() / "pyvmm" / "config.toml"
+
+
+def read_config(path: Path) -> ConfigFile:
+    """Parse and validate a config file; a missing file is an empty config.
+
+    :raises ConfigError: unreadable, not TOML, or an invalid ``[plugins]`` table.
+    """
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        return ConfigFile()
+    except OSError as exc:
+        raise ConfigError(f"{path}: cannot read the pyvmm config file: {exc}") from exc
+    try:
+        raw = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"{path}: not valid TOML: {exc}") from exc
+    try:
+        return ConfigFile.model_validate(raw)
+    except ValidationError as exc:
+        raise ConfigError(f"{path}: {validation_message(exc)}") from exc
+
+
+def _env_names(variable: str, value: str) -> frozenset[str]:
+    names = [name.strip() for name in value.split(",") if name.strip()]
+    for name in names:
+        if not re.fullmatch(NAME_PATTERN, name):
+            raise ConfigError(f"{variable}: {name!r} is not a backend name (lower-case letters, digits, - and _)")
+    return frozenset(names)
+
+
+def load_policy(environ: Mapping[str, str] | None = None) -> PluginPolicy:
+    """The policy in force: the config file's lists, each replaced by its
+    environment variable where that is set.
+
+    :raises ConfigError: the config file or a variable is malformed.
+    """
+    env = os.environ if environ is None else environ
+    path = config_path(env)
+    section = read_config(path).plugins
+    allow = frozenset(section.allow) if section.allow is not None else None
+    allow_source = f"{path} [plugins] allow" if allow is not None else ""
+    deny = frozenset(section.deny)
+    deny_source = f"{path} [plugins] deny" if deny else ""
+    if ENV_ALLOW in env:
+        names = _env_names(ENV_ALLOW, env[ENV_ALLOW])
+        allow, allow_source = (names, ENV_ALLOW) if names else (None, "")
+    if ENV_DENY in env:
+        deny, deny_source = _env_names(ENV_DENY, env[ENV_DENY]), ENV_DENY
+    return PluginPolicy(allow=allow, deny=deny, allow_source=allow_source, deny_source=deny_source)
