@@ -14,7 +14,7 @@ from typing import Any
 import pytest
 from coretests_support import MakeBackend, RecordingBackend
 
-from pyvmm.arch.aarch64 import PC_ID, PSTATE_ID, SP_ID, x_reg_id
+from pyvmm.arch.aarch64 import PC_ID, PSTATE_ID, SP_EL1_ID, SP_ID, x_reg_id
 from pyvmm.arch.x86_64 import Regs, Sregs
 from pyvmm.boot import Aarch64VcpuInit, BootSpec, X86Mode, X86VcpuInit
 from pyvmm.capabilities import Capability
@@ -325,14 +325,16 @@ def test_aarch64(make_backend: MakeBackend) -> None:
         assert isinstance(boot, Aarch64VcpuInit)
         assert boot.boot_cpu and not boot.power_off
         # The KVM one-reg ids (arch/arm64/include/uapi/asm/kvm.h), spelled out.
+        # The boot stack goes to SP_EL1 (after user_pt_regs): an EL1h kernel runs on it.
         pc, x0, x1, pstate, sp = (
             0x6030_0000_0010_0040,
             0x6030_0000_0010_0000,
             0x6030_0000_0010_0002,
             0x6030_0000_0010_0042,
-            0x6030_0000_0010_003E,
+            0x6030_0000_0010_0044,
         )
-        assert (PC_ID, x_reg_id(0), x_reg_id(1), PSTATE_ID, SP_ID) == (pc, x0, x1, pstate, sp)
+        assert (PC_ID, x_reg_id(0), x_reg_id(1), PSTATE_ID, SP_EL1_ID) == (pc, x0, x1, pstate, sp)
+        assert SP_ID == 0x6030_0000_0010_003E  # SP_EL0
         assert boot.regs[pc] == 0x4008_0000
         assert boot.regs[x0] == 0x4800_0000  # the device tree
         assert boot.regs[pstate] == 0x3C5  # EL1h, DAIF masked

@@ -33,9 +33,14 @@ def x_reg_id(n: int) -> int:
     return core_reg_id(2 * n)
 
 
+#: SP_EL0 (``user_pt_regs.sp``).
 SP_ID = core_reg_id(2 * 31)
 PC_ID = core_reg_id(2 * 32)
 PSTATE_ID = core_reg_id(2 * 33)
+#: SP_EL1 and ELR_EL1 follow ``user_pt_regs`` (34 u64s) in ``struct kvm_regs``:
+#: a kernel entered at EL1h runs on SP_EL1, not on SP_EL0.
+SP_EL1_ID = core_reg_id(2 * 34)
+ELR_EL1_ID = core_reg_id(2 * 35)
 
 
 def sysreg_id(op0: int, op1: int, crn: int, crm: int, op2: int) -> int:

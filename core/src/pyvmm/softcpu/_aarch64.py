@@ -11,16 +11,12 @@ from __future__ import annotations
 
 from typing import Any
 
-from pyvmm.arch.aarch64 import PC_ID, PSTATE_ID, SP_ID, CoreRegs, core_reg_id, x_reg_id
+from pyvmm.arch.aarch64 import ELR_EL1_ID, PC_ID, PSTATE_ID, SP_EL1_ID, SP_ID, CoreRegs, x_reg_id
 from pyvmm.boot import Aarch64VcpuInit
 from pyvmm.errors import ConfigError
 from pyvmm.exits import HypercallExit, SystemEvent, SystemEventExit, VcpuExit
 from pyvmm.softcpu._isa import Isa
 from pyvmm.softcpu.engine import Conduit, Hypercall, SoftCpu
-
-#: ``struct kvm_regs`` fields after ``user_pt_regs`` (word offsets 2*34, 2*35).
-SP_EL1_ID = core_reg_id(2 * 34)
-ELR_EL1_ID = core_reg_id(2 * 35)
 
 WFI = 0xD503207F
 _HVC_MASK, _HVC, _SMC = 0xFFE0001F, 0xD4000002, 0xD4000003
