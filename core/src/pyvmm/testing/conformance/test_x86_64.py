@@ -84,6 +84,7 @@ def test_rep_insb(backend: Backend) -> None:
 
 def test_guest_writes_reach_memory(backend: Backend) -> None:
     """Plain RAM writes stay in RAM (no exit) and the VMM sees them."""
+    require(backend, Capability.LATE_MEMORY)
     with booted(backend, p.DIRTY_PAGES) as (vm, vcpu):
         vm.add_memory(0x400000, 16 * PAGE_SIZE)
         run_to(vcpu, ExitKind.HLT)
@@ -93,7 +94,7 @@ def test_guest_writes_reach_memory(backend: Backend) -> None:
 
 
 def test_read_only_memory(backend: Backend) -> None:
-    require(backend, Capability.READ_ONLY_MEMORY, Capability.PORT_IO)
+    require(backend, Capability.READ_ONLY_MEMORY, Capability.PORT_IO, Capability.LATE_MEMORY)
     with booted(backend, p.READ_ONLY_WRITE) as (vm, vcpu):
         vm.add_memory(0x200000, PAGE_SIZE, read_only=True)
         vm.memory.write_u8(0x200000, 0xAB)
@@ -106,7 +107,7 @@ def test_read_only_memory(backend: Backend) -> None:
 
 
 def test_memory_removal(backend: Backend) -> None:
-    require(backend, Capability.MEMORY_REMOVAL, Capability.PORT_IO)
+    require(backend, Capability.MEMORY_REMOVAL, Capability.PORT_IO, Capability.LATE_MEMORY)
     with booted(backend, p.READ_TWICE) as (vm, vcpu):
         region = vm.add_memory(0x300000, PAGE_SIZE)
         vm.memory.write_u8(0x300000, 0x99)
@@ -123,7 +124,7 @@ def test_memory_removal(backend: Backend) -> None:
 
 
 def test_dirty_log(backend: Backend) -> None:
-    require(backend, Capability.DIRTY_LOG)
+    require(backend, Capability.DIRTY_LOG, Capability.LATE_MEMORY)
     with booted(backend, p.DIRTY_PAGES) as (vm, vcpu):
         region = vm.add_memory(0x400000, 16 * PAGE_SIZE, log_dirty=True)
         assert vm.dirty_pages(region) == []
@@ -191,6 +192,7 @@ def test_kick_before_run(backend: Backend) -> None:
 
 
 def test_overlapping_region_refused(backend: Backend) -> None:
+    require(backend, Capability.LATE_MEMORY)
     with booted(backend, p.HLT) as (vm, _):
         with pytest.raises(GuestMemoryError, match="overlaps"):
             vm.add_memory(0x1FF000, 2 * PAGE_SIZE)
