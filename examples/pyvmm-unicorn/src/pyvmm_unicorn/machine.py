@@ -1,0 +1,136 @@
+"""The backend's handles: what ``pyvmm_create_vm`` and ``pyvmm_create_vcpu`` return.
+
+Core never looks inside a handle; it only passes it back to this backend's hooks.
+A VM holds the guest memory regions core mapped; each vCPU is one
+:class:`pyvmm.softcpu.SoftCpu` with those regions mapped into it.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from pyvmm.arch.aarch64 import CoreRegs
+from pyvmm.arch.x86_64 import Regs, Sregs
+from pyvmm.config import Arch, VmConfig
+from pyvmm.errors import ConfigError
+from pyvmm.memory import RamRegion
+from pyvmm.softcpu import SoftCpu
+from pyvmm.vcpu_state import StateKind
+
+#: ``VmConfig.backend_options`` this backend understands, with their defaults.
+OPTIONS: dict[str, object] = {"coherent_code": True}
+
+_STATE_KINDS = {
+    Arch.X86_64: (StateKind.REGS, StateKind.SREGS),
+    Arch.AARCH64: (StateKind.CORE_REGS,),
+}
+
+
+def parse_options(options: dict[str, Any]) -> dict[str, Any]:
+    unknown = sorted(set(options) - set(OPTIONS))
+    if unknown:
+        known = ", ".join(sorted(OPTIONS))
+        raise ConfigError(
+            f"backend_options: unknown option(s) {', '.join(unknown)} (the unicorn backend knows {known})"
+        )
+    merged = {**OPTIONS, **options}
+    if not isinstance(merged["coherent_code"], bool):
+        raise ConfigError("backend_options.coherent_code: must be true or false")
+    return merged
+
+
+class UnicornVm:
+    """A VM: its config and the guest memory core has mapped."""
+
+    def __init__(self, config: VmConfig) -> None:
+        self.config = config
+        self.options = parse_options(config.backend_options)
+        self.regions: list[RamRegion] = []
+        self.vcpus: list[UnicornVcpu] = []
+
+    def map_memory(self, region: RamRegion) -> None:
+        done: list[UnicornVcpu] = []
+        try:
+            for vcpu in self.vcpus:
+                vcpu.cpu.map_region(region)
+                done.append(vcpu)
+        except BaseException:
+            # The contract: a failed map leaves nothing mapped.
+            for vcpu in done:
+                vcpu.cpu.unmap_region(region)
+            raise
+        self.regions.append(region)
+
+    def unmap_memory(self, region: RamRegion) -> None:
+        for vcpu in self.vcpus:
+            vcpu.cpu.unmap_region(region)
+        self.regions.remove(region)
+
+    def dirty_log(self, region: RamRegion) -> bytes:
+        pages = region.size // 4096
+        if not self.vcpus:
+            return bytes((pages + 7) // 8)  # nothing ran, nothing was written
+        bitmap = bytearray((pages + 7) // 8)
+        for vcpu in self.vcpus:
+            for i, byte in enumerate(vcpu.cpu.dirty_log(region.guest_phys_addr)):
+                bitmap[i] |= byte
+        return bytes(bitmap)
+
+    def create_vcpu(self, index: int) -> UnicornVcpu:
+        cpu = SoftCpu(self.config.arch, coherent_code=bool(self.options["coherent_code"]))
+        try:
+            for region in self.regions:
+                cpu.map_region(region)
+        except BaseException:
+            cpu.close()
+            raise
+        vcpu = UnicornVcpu(self, index, cpu)
+        self.vcpus.append(vcpu)
+        return vcpu
+
+    def close(self) -> None:
+        for vcpu in list(self.vcpus):
+            vcpu.close()
+        self.regions.clear()
+
+
+class UnicornVcpu:
+    """A vCPU: one software CPU."""
+
+    def __init__(self, vm: UnicornVm, index: int, cpu: SoftCpu) -> None:
+        self.vm = vm
+        self.index = index
+        self.cpu = cpu
+
+    def get_state(self, kind: StateKind) -> Any:
+        self._check_kind(kind)
+        if kind is StateKind.REGS:
+            return self.cpu.get_regs()
+        if kind is StateKind.SREGS:
+            return self.cpu.get_sregs()
+        return self.cpu.get_core_regs()
+
+    def set_state(self, kind: StateKind, value: Any) -> None:
+        self._check_kind(kind)
+        if kind is StateKind.REGS and isinstance(value, Regs):
+            self.cpu.set_regs(value)
+        elif kind is StateKind.SREGS and isinstance(value, Sregs):
+            self.cpu.set_sregs(value)
+        elif kind is StateKind.CORE_REGS and isinstance(value, CoreRegs):
+            self.cpu.set_core_regs(value)
+        else:
+            expected = {StateKind.REGS: Regs, StateKind.SREGS: Sregs, StateKind.CORE_REGS: CoreRegs}[kind]
+            raise ConfigError(f"{kind.value}: expected {expected.__name__}, got {type(value).__name__}")
+
+    def _check_kind(self, kind: StateKind) -> None:
+        kinds = _STATE_KINDS[self.vm.config.arch]
+        if kind not in kinds:
+            have = ", ".join(k.value for k in kinds)
+            raise ConfigError(
+                f"the unicorn backend has no {kind.value} state for {self.vm.config.arch.value} guests (it has {have})"
+            )
+
+    def close(self) -> None:
+        self.cpu.close()
+        if self in self.vm.vcpus:
+            self.vm.vcpus.remove(self)
