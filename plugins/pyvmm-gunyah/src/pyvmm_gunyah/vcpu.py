@@ -1,0 +1,203 @@
+"""A Gunyah vCPU: a VM function, the shared ``gh_vcpu_run`` page, and the exits.
+
+A vCPU is ``GH_VM_ADD_FUNCTION(GH_FN_VCPU{id})``; its fd's page 0 is the run
+structure (40 bytes used).  ``GH_VCPU_RUN`` returns 0 with an exit in the page,
+or ``-errno``:
+
+* **MMIO** -- completed by the *next* run: for a read the VMM writes
+  ``data[0..len)`` in the page, and ``resume_action`` HANDLED makes the driver
+  feed it back to the hypervisor (``gunyah_vcpu.c gunyah_handle_mmio_resume``).
+* **STATUS** -- the VM cannot run any more; every later run returns it again.
+  Mapped as crosvm maps it: LOAD_FAILED is a failed entry, CRASHED a crash, and
+  EXITED goes by the resource manager's exit type (§1.5).
+* **PAGE_FAULT** -- the guest touched an address no memory binding covers and the
+  driver could not page it in.  pyvmm cannot add memory to a started Gunyah VM,
+  so it is reported as an :class:`~pyvmm.exits.InternalErrorExit`; running again
+  injects the fault (``resume_action`` stays the driver's preset FAULT).
+* ``-EINTR`` -- ``immediate_exit`` was set (a kick) or a signal arrived.
+
+There are no register ioctls: the hypervisor owns the vCPU's registers.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import signal
+import struct
+import threading
+from typing import Any
+
+from pyvmm.errors import HypervisorError, UnknownExitError, VmStateError
+from pyvmm.exits import (
+    FailEntryExit,
+    InternalErrorExit,
+    InterruptedExit,
+    MmioExit,
+    SystemEvent,
+    SystemEventExit,
+    VcpuExit,
+)
+from pyvmm_gunyah import bindings as g
+from pyvmm_gunyah.bindings import ffi
+
+_RUN = "struct gh_vcpu_run"
+_OFF_IMMEDIATE_EXIT = ffi.offsetof(_RUN, "immediate_exit")
+_OFF_EXIT_REASON = ffi.offsetof(_RUN, "exit_reason")
+_OFF_UNION = ffi.offsetof(_RUN, "mmio")
+_OFF_MMIO_DATA = ffi.offsetof(_RUN, "mmio", "data")
+_OFF_MMIO_RESUME = ffi.offsetof(_RUN, "mmio", "resume_action")
+
+_EXIT_REASON = struct.Struct("<I")
+_MMIO = struct.Struct("<Q8xIB")  # phys_addr, (data), len, is_write
+_STATUS = struct.Struct("<IHHI8s")  # status, exit_info.{type, padding, reason_size, reason}
+_PAGE_FAULT = struct.Struct("<Qi")  # phys_addr, attempt
+
+#: RM exit types of a STATUS/EXITED exit, as crosvm maps them (``gunyah/mod.rs``).
+RM_EXIT_EVENTS: dict[int, SystemEvent] = {
+    g.GH_RM_EXIT_TYPE_VM_EXIT: SystemEvent.SHUTDOWN,
+    g.GH_RM_EXIT_TYPE_PSCI_POWER_OFF: SystemEvent.SHUTDOWN,
+    g.GH_RM_EXIT_TYPE_VM_FORCE_STOPPED: SystemEvent.SHUTDOWN,
+    g.GH_RM_EXIT_TYPE_PSCI_SYSTEM_RESET: SystemEvent.RESET,
+    g.GH_RM_EXIT_TYPE_PSCI_SYSTEM_RESET2: SystemEvent.RESET,
+    g.GH_RM_EXIT_TYPE_WDT_BITE: SystemEvent.CRASH,
+    g.GH_RM_EXIT_TYPE_HYP_ERROR: SystemEvent.CRASH,
+    g.GH_RM_EXIT_TYPE_ASYNC_EXT_ABORT: SystemEvent.CRASH,
+}
+
+#: The signal a kick sends to a vCPU thread sleeping in the driver (a vCPU in
+#: WFI or powered off waits there).  Its handler must exist, or the default
+#: action of a real-time signal kills the process; Python installs handlers only
+#: from the main thread, so :func:`install_kick_handler` runs at VM creation.
+KICK_SIGNAL = signal.SIGRTMIN
+_kick_handler_installed = False
+
+
+def _ignore_kick(signum: int, frame: object) -> None:
+    """The kick only needs the blocked RUN to see a pending signal."""
+
+
+def install_kick_handler() -> bool:
+    """Install the kick signal's handler if possible; True once one is in place."""
+    global _kick_handler_installed
+    if _kick_handler_installed:
+        return True
+    if threading.current_thread() is not threading.main_thread():
+        return False
+    signal.signal(KICK_SIGNAL, _ignore_kick)
+    _kick_handler_installed = True
+    return True
+
+
+class GunyahVcpu:
+    """One vCPU of a :class:`pyvmm_gunyah.vm.GunyahVm`."""
+
+    def __init__(self, vm: Any, index: int) -> None:
+        self.vm = vm
+        self.index = index
+        self.host = vm.host
+        self._arg = ffi.new("struct gh_fn_vcpu_arg *", {"id": index})
+        self.fd = vm.add_function(g.GH_FN_VCPU, self._arg)
+        try:
+            size = self.host.ioctl(self.fd, g.GH_VCPU_MMAP_SIZE)
+            self._page = self.host.map_shared(self.fd, size, f"vCPU {index} gh_vcpu_run")
+        except BaseException:
+            self._unbind()
+            raise
+        self._view = memoryview(self._page)
+        self.thread = threading.get_ident()
+        self._ioctl = self.host.seam.ioctl
+        # One exit object per kind, refilled on every run.
+        self._mmio = MmioExit()
+        self._interrupted = InterruptedExit()
+        self._mmio_views = [self._view[_OFF_MMIO_DATA : _OFF_MMIO_DATA + n] for n in range(9)]
+        self._mmio_pending = False
+
+    # --- run ------------------------------------------------------------------
+    def run(self) -> VcpuExit:
+        view = self._view
+        if self._mmio_pending:
+            if view[_OFF_IMMEDIATE_EXIT]:
+                # The driver takes the completion out of the page and *then* checks
+                # immediate_exit; returning EINTR there would drop a read's data
+                # (gunyah_vcpu.c gunyah_vcpu_run).  Keep the completion for the next run.
+                view[_OFF_IMMEDIATE_EXIT] = 0
+                return self._interrupted
+            self._mmio_pending = False
+            view[_OFF_MMIO_RESUME] = g.GH_VCPU_RESUME_HANDLED
+        result = self._ioctl(self.fd, g.GH_VCPU_RUN, 0)
+        if result < 0:
+            if result == -errno.EINTR:
+                view[_OFF_IMMEDIATE_EXIT] = 0
+                return self._interrupted
+            raise HypervisorError("GH_VCPU_RUN", -result)
+        reason = _EXIT_REASON.unpack_from(view, _OFF_EXIT_REASON)[0]
+        if reason == g.GH_VCPU_EXIT_MMIO:
+            address, length, is_write = _MMIO.unpack_from(view, _OFF_UNION)
+            mmio = self._mmio
+            mmio.address, mmio.size, mmio.is_write = address, length, bool(is_write)
+            mmio.data = self._mmio_views[min(length, 8)]
+            self._mmio_pending = True
+            return mmio
+        if reason == g.GH_VCPU_EXIT_STATUS:
+            return self._status_exit()
+        if reason == g.GH_VCPU_EXIT_PAGE_FAULT:
+            address, attempt = _PAGE_FAULT.unpack_from(view, _OFF_UNION)
+            cause = errno.errorcode.get(-attempt, str(attempt))
+            return InternalErrorExit(
+                suberror=g.GH_VCPU_EXIT_PAGE_FAULT,
+                data=(address, attempt),
+                description=f"guest page fault at {address:#x} that no memory binding covers (-{cause})",
+            )
+        raise UnknownExitError("GH_VCPU_RUN", reason)
+
+    def _status_exit(self) -> VcpuExit:
+        status, exit_type, _, reason_size, reason = _STATUS.unpack_from(self._view, _OFF_UNION)
+        detail = int.from_bytes(reason[: min(reason_size, g.GH_VM_MAX_EXIT_REASON_SIZE)], "little")
+        if status == g.GH_VM_STATUS_LOAD_FAILED:
+            return FailEntryExit(reason=0, cpu=self.index)
+        if status == g.GH_VM_STATUS_CRASHED:
+            return SystemEventExit(SystemEvent.CRASH, (exit_type, detail))
+        if status == g.GH_VM_STATUS_EXITED:
+            event = RM_EXIT_EVENTS.get(exit_type)
+            if event is None:
+                raise HypervisorError("GH_VCPU_RUN", errno.EINVAL, f"unknown resource-manager exit type {exit_type}")
+            return SystemEventExit(event, (exit_type, detail))
+        raise HypervisorError("GH_VCPU_RUN", errno.EINVAL, f"unknown VM status {status}")
+
+    def kick(self) -> None:
+        """Thread-safe: make the current or next run return EINTR."""
+        self._view[_OFF_IMMEDIATE_EXIT] = 1
+        if threading.get_ident() == self.thread:
+            return
+        if not _kick_handler_installed:
+            raise VmStateError(
+                "cannot interrupt a sleeping Gunyah vCPU: the kick signal handler could not be installed "
+                "(create the VM from the main thread, or call pyvmm_gunyah.vcpu.install_kick_handler() there)"
+            )
+        # If the vCPU thread has ended, immediate_exit still covers a later run.
+        with contextlib.suppress(ProcessLookupError):
+            self.host.signal_thread(self.thread, KICK_SIGNAL)
+
+    # --- teardown ---------------------------------------------------------------
+    def _unbind(self) -> None:
+        """Remove the vCPU function and close its fd: closing alone would leave the
+        function (and its id) bound to the VM until the VM goes."""
+        try:
+            if self.vm.fd >= 0:
+                self.vm.remove_function(g.GH_FN_VCPU, self._arg)
+        finally:
+            self.host.close(self.fd)
+            self.fd = -1
+
+    def close(self) -> None:
+        if self.fd < 0:
+            return
+        # Drop our own references to the run page; a view a caller still holds keeps
+        # the mapping alive until it goes (never a dangling pointer).
+        self._mmio.data = memoryview(b"")
+        self._mmio_views.clear()
+        self._view.release()
+        with contextlib.suppress(BufferError):
+            self._page.close()
+        self._unbind()

@@ -1,0 +1,106 @@
+"""The Gunyah driver model, installed for the whole test session.
+
+Gunyah cannot run here, so every test of pyvmm-gunyah -- and the conformance
+suite under ``pytest --pyvmm-backend gunyah`` -- talks to
+:class:`gunyah_model.GunyahModel` through the plugin's OS seam.  The model is
+installed at configure time rather than by a fixture, because the conformance
+suite lives outside this directory and a conftest's fixtures do not reach it.
+
+A guard plugin (registered globally, so it also covers the conformance suite)
+checks after every test that the plugin broke no rule of the session model;
+tests that break rules on purpose use a fresh model of their own.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+from collections.abc import Iterator
+from contextlib import ExitStack
+from typing import Any
+
+import pytest
+from gunyah_model import GunyahModel
+
+from pyvmm.plugins import PluginRegistry
+from pyvmm.vm import Backend
+
+#: An environment without the distribution (tox's envs for other backends that
+#: collect every plugin's tests) cannot run these: say so instead of erroring.
+INSTALLED = importlib.util.find_spec("pyvmm_gunyah") is not None
+if not INSTALLED:
+    collect_ignore_glob = ["test_*.py"]
+
+_SESSION_KEY = pytest.StashKey[GunyahModel]()
+_STACK_KEY = pytest.StashKey[ExitStack]()
+
+
+class _RuleGuard:
+    """After each test: the session model saw no rule broken."""
+
+    def __init__(self, model: GunyahModel) -> None:
+        self.model = model
+
+    @pytest.fixture(autouse=True)
+    def _gunyah_session_model_stays_clean(self) -> Iterator[None]:
+        before = len(self.model.rejections)
+        yield
+        broken = self.model.rejections[before:]
+        del self.model.rejections[before:]
+        if broken:
+            lines = "\n".join(f"  {r.call.name}: {r.rule} {r.detail}" for r in broken)
+            pytest.fail(f"pyvmm-gunyah broke {len(broken)} rule(s) of the Gunyah interface:\n{lines}")
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    if not INSTALLED:
+        return
+    model = GunyahModel()
+    stack = ExitStack()
+    stack.enter_context(model.installed())
+    config.stash[_SESSION_KEY] = model
+    config.stash[_STACK_KEY] = stack
+    config.pluginmanager.register(_RuleGuard(model), "pyvmm-gunyah-rule-guard")
+
+
+def pytest_unconfigure(config: pytest.Config) -> None:
+    stack = config.stash.get(_STACK_KEY, None)
+    if stack is not None:
+        stack.close()
+
+
+@pytest.fixture(scope="session")
+def session_model(pytestconfig: pytest.Config) -> GunyahModel:
+    """The model the whole session runs on (the conformance suite's too)."""
+    return pytestconfig.stash[_SESSION_KEY]
+
+
+@pytest.fixture
+def model() -> Iterator[GunyahModel]:
+    """A fresh model of this test's own, installed for the test."""
+    fresh = GunyahModel()
+    with fresh.installed():
+        yield fresh
+    fresh.close_all()
+
+
+def make_backend() -> Backend:
+    """The gunyah backend, registered in a private registry, on the current seam."""
+    from pyvmm_gunyah import hooks
+
+    registry = PluginRegistry()
+    return Backend(registry.register(hooks))
+
+
+@pytest.fixture
+def gunyah(model: GunyahModel) -> Backend:
+    """The backend on this test's fresh model."""
+    backend = make_backend()
+    assert backend.availability().available, backend.availability().reason
+    return backend
+
+
+def pytest_report_header(config: pytest.Config) -> list[str]:
+    if not INSTALLED:
+        return ["pyvmm-gunyah: not installed here, its tests are not collected"]
+    model: Any = config.stash.get(_SESSION_KEY, None)
+    return [f"pyvmm-gunyah: driver model {type(model).__name__} (ABI {model.abi}) installed"] if model else []

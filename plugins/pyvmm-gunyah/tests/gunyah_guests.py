@@ -1,0 +1,192 @@
+"""aarch64 guest programs for the Gunyah tests, with their assembly.
+
+They exercise what Gunyah does differently from KVM -- doorbells waking WFI,
+ioeventfds, PSCI handled by the hypervisor (CPU_ON, SYSTEM_RESET2), the boot
+registers the hypervisor sets -- and so are not part of pyvmm's conformance
+suite.  ``test_gunyah_guest_sources.py`` checks every ``code`` against its
+``source`` wherever an aarch64 GNU assembler exists.
+
+All programs write to :data:`MMIO_BASE` (no RAM there: MMIO exits) and end with
+PSCI SYSTEM_OFF through ``hvc #0`` unless they are about something else.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+#: Guest RAM and where the tests put the program and the device tree in it.
+RAM_BASE = 0x8000_0000
+RAM_SIZE = 0x20_0000
+CODE_ADDRESS = RAM_BASE + 0x1000
+FDT_ADDRESS = RAM_BASE + 0x10_0000
+FDT_SIZE = 0x1000
+STACK_TOP = RAM_BASE + 0x8_0000
+MMIO_BASE = 0x0900_0000
+#: Where IOEVENT writes first (an ioeventfd's address in the tests).
+IOEVENT_ADDRESS = MMIO_BASE + 0x100
+#: Where FETCH_FAULT jumps: no RAM.
+UNBACKED = 0x1000_0000
+#: The vendor-specific reset type RESET2 passes.
+RESET2_TYPE = 0x8000_0001
+#: The context id SMP hands the secondary vCPU.
+CONTEXT_ID = 0x77
+
+
+@dataclass(frozen=True)
+class Guest:
+    name: str
+    source: str
+    code: bytes
+
+
+def _guest(name: str, source: str, code_hex: str) -> Guest:
+    return Guest(name, source, bytes.fromhex(code_hex))
+
+
+_SYSTEM_OFF = """
+    movz x0, #0x0008
+    movk x0, #0x8400, lsl #16
+    hvc #0
+"""
+
+REPORT_REGISTERS = _guest(
+    "report_registers",
+    """
+    movz x5, #0x0900, lsl #16
+    str x0, [x5]
+    str x1, [x5, #8]
+    mov x2, sp
+    str x2, [x5, #16]
+"""
+    + _SYSTEM_OFF,
+    "0520a1d2a00000f9a10400f9e2030091a20800f9000180d20080b0f2020000d4",
+)
+
+DOORBELL_WAKE = _guest(
+    "doorbell_wake",
+    """
+    movz x5, #0x0900, lsl #16
+    wfi
+    str w5, [x5]
+"""
+    + _SYSTEM_OFF,
+    "0520a1d27f2003d5a50000b9000180d20080b0f2020000d4",
+)
+
+IOEVENT = _guest(
+    "ioevent",
+    """
+    movz x5, #0x0900, lsl #16
+    movz w6, #0x2a
+    str w6, [x5, #0x100]
+    str w6, [x5]
+"""
+    + _SYSTEM_OFF,
+    "0520a1d246058052a60001b9a60000b9000180d20080b0f2020000d4",
+)
+
+# vCPU 0 asks PSCI CPU_ON for itself (already on), then for vCPU 1, reporting
+# each result, and idles; vCPU 1 reports its context id and powers the VM off.
+SMP = _guest(
+    "smp",
+    """
+    movz x5, #0x0900, lsl #16
+    movz x0, #0x0003
+    movk x0, #0xc400, lsl #16
+    mov x1, #0
+    adr x2, 2f
+    mov x3, #0x77
+    hvc #0
+    str x0, [x5]
+    movz x0, #0x0003
+    movk x0, #0xc400, lsl #16
+    mov x1, #1
+    adr x2, 2f
+    mov x3, #0x77
+    hvc #0
+    str x0, [x5]
+1:  wfi
+    b 1b
+2:  movz x5, #0x0900, lsl #16
+    str x0, [x5, #8]
+"""
+    + _SYSTEM_OFF,
+    "0520a1d2600080d20080b8f2010080d2a2010010e30e80d2020000d4a00000f9600080d20080b8f2210080d2c2000010e30e80d2"
+    "020000d4a00000f97f2003d5ffffff170520a1d2a00400f9000180d20080b0f2020000d4",
+)
+
+UNDEFINED = _guest("undefined", "    udf #0\n", "00000000")
+
+FETCH_FAULT = _guest(
+    "fetch_fault",
+    """
+    movz x1, #0x1000, lsl #16
+    br x1
+""",
+    "0100a2d220001fd6",
+)
+
+RESET2 = _guest(
+    "reset2",
+    """
+    movz x0, #0x0012
+    movk x0, #0xc400, lsl #16
+    movz x1, #0x0001
+    movk x1, #0x8000, lsl #16
+    mov x2, #0
+    hvc #0
+""",
+    "400280d20080b8f2210080d20100b0f2020080d2020000d4",
+)
+
+LOOP = _guest("loop", "1:  b 1b\n", "00000014")
+
+READ_THEN_WRITE = _guest(
+    "read_then_write",
+    """
+    movz x5, #0x0900, lsl #16
+    ldr w2, [x5]
+    str w2, [x5, #8]
+"""
+    + _SYSTEM_OFF,
+    "0520a1d2a20040b9a20800b9000180d20080b0f2020000d4",
+)
+
+# PSCI_VERSION, PSCI_FEATURES(CPU_ON), and an SMCCC call Gunyah does not
+# implement (through SMC): each answer is written out.
+PSCI_QUERIES = _guest(
+    "psci_queries",
+    """
+    movz x5, #0x0900, lsl #16
+    movz x0, #0x0000
+    movk x0, #0x8400, lsl #16
+    hvc #0
+    str x0, [x5]
+    movz x0, #0x000a
+    movk x0, #0x8400, lsl #16
+    movz x1, #0x0003
+    movk x1, #0xc400, lsl #16
+    hvc #0
+    str x0, [x5, #8]
+    movz x0, #0x0000
+    movk x0, #0xc200, lsl #16
+    smc #0
+    str x0, [x5, #16]
+"""
+    + _SYSTEM_OFF,
+    "0520a1d2000080d20080b0f2020000d4a00000f9400180d20080b0f2610080d20180b8f2020000d4a00400f9000080d20040b8f2"
+    "030000d4a00800f9000180d20080b0f2020000d4",
+)
+
+GUESTS = (
+    REPORT_REGISTERS,
+    DOORBELL_WAKE,
+    IOEVENT,
+    SMP,
+    UNDEFINED,
+    FETCH_FAULT,
+    RESET2,
+    LOOP,
+    READ_THEN_WRITE,
+    PSCI_QUERIES,
+)

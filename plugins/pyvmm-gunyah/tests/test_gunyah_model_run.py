@@ -1,0 +1,398 @@
+"""Guest code on the Gunyah model, through pyvmm-gunyah: the run loop, MMIO
+completion on the next run, what the hypervisor handles itself (PSCI, WFI,
+doorbells, ioeventfds), status exits, kicks.  Plus the run-loop rules, broken on
+purpose through the raw seam."""
+
+from __future__ import annotations
+
+import errno
+import os
+import struct
+import threading
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+
+import gunyah_guests as guests
+import gunyah_model as gm
+import pytest
+from gunyah_raw import PAGE, RawVcpu, RawVm
+
+from pyvmm.arch.aarch64 import PC_ID
+from pyvmm.boot import BootSpec
+from pyvmm.config import Arch
+from pyvmm.errors import HypervisorError
+from pyvmm.exits import ExitKind, InternalErrorExit, InterruptedExit, MmioExit, SystemEvent, SystemEventExit
+from pyvmm.testing.conformance.programs_aarch64 import minimal_fdt
+from pyvmm.testing.driver_model import ModelGap, Rule
+from pyvmm.vcpu_state import IoEventAddress
+from pyvmm.vm import Backend, Vcpu, Vm
+
+#: Run-loop rules; test_gunyah_model_rules checks every rule has a negative test.
+RUN_RULES: tuple[Rule, ...] = (gm.R_RESUME_ACTION,)
+
+
+SPEC = BootSpec(arch=Arch.AARCH64, entry=guests.CODE_ADDRESS, fdt_address=guests.FDT_ADDRESS, fdt_size=guests.FDT_SIZE)
+
+
+@contextmanager
+def booted(
+    backend: Backend,
+    guest: guests.Guest,
+    *,
+    vcpus: int = 1,
+    setup: Callable[[Vm], object] | None = None,
+    **boot: object,
+) -> Iterator[tuple[Vm, list[Vcpu]]]:
+    """A VM with ``guest`` at CODE_ADDRESS and a device tree, booted; ``setup``
+    runs before the vCPUs exist (doorbells, ioeventfds)."""
+    with backend.create_vm({"arch": "aarch64", "vcpus": vcpus}) as vm:
+        vm.add_memory(guests.RAM_BASE, guests.RAM_SIZE)
+        vm.memory.write(guests.CODE_ADDRESS, guest.code)
+        vm.memory.write(guests.FDT_ADDRESS, minimal_fdt())
+        if setup is not None:
+            setup(vm)
+        cpus = [vm.create_vcpu() for _ in range(vcpus)]
+        vm.boot(SPEC.model_copy(update=boot))
+        yield vm, cpus
+
+
+def mmio(vcpu: Vcpu) -> MmioExit:
+    exit_ = vcpu.run()
+    assert isinstance(exit_, MmioExit), f"expected an MMIO exit, got {exit_!r}"
+    return exit_
+
+
+def written(vcpu: Vcpu, address: int) -> int:
+    exit_ = mmio(vcpu)
+    assert (exit_.address, exit_.is_write) == (address, True)
+    return int.from_bytes(exit_.data[: exit_.size], "little")
+
+
+def system_event(vcpu: Vcpu) -> SystemEventExit:
+    exit_ = vcpu.run()
+    assert isinstance(exit_, SystemEventExit), f"expected a system event, got {exit_!r}"
+    return exit_
+
+
+def runs(model: gm.GunyahModel) -> int:
+    return len(model.calls_named("GH_VCPU_RUN"))
+
+
+@pytest.fixture(autouse=True)
+def _no_rule_broken(model: gm.GunyahModel) -> Iterator[None]:
+    yield
+    model.assert_no_rejections()
+
+
+# --- MMIO -----------------------------------------------------------------------------
+
+
+def test_mmio_read_is_completed_by_the_next_run(gunyah: Backend, model: gm.GunyahModel) -> None:
+    with booted(gunyah, guests.READ_THEN_WRITE) as (_, (vcpu,)):
+        read = mmio(vcpu)
+        assert (read.address, read.size, read.is_write) == (guests.MMIO_BASE, 4, False)
+        (state,) = model.vms[0].vcpus.values()
+        assert state.state == state.MMIO_READ  # the driver waits for the next RUN
+        read.data[:4] = struct.pack("<I", 0x1234_5678)
+        before = runs(model)
+        assert written(vcpu, guests.MMIO_BASE + 8) == 0x1234_5678
+        assert runs(model) == before + 1
+        assert system_event(vcpu).event is SystemEvent.SHUTDOWN
+
+
+def test_the_plugin_sets_resume_action_handled(gunyah: Backend, model: gm.GunyahModel) -> None:
+    with booted(gunyah, guests.READ_THEN_WRITE) as (_, (vcpu,)):
+        read = mmio(vcpu)
+        read.data[:4] = struct.pack("<I", 7)
+        # Whatever the page held (the driver presets HANDLED), the completion says HANDLED.
+        (state,) = model.vms[0].vcpus.values()
+        state.page.view[gm.RUN_MMIO_RESUME] = gm.RESUME_RETRY
+        assert written(vcpu, guests.MMIO_BASE + 8) == 7
+
+
+def test_a_kick_between_read_and_run_keeps_the_data(gunyah: Backend, model: gm.GunyahModel) -> None:
+    with booted(gunyah, guests.READ_THEN_WRITE) as (_, (vcpu,)):
+        read = mmio(vcpu)
+        read.data[:4] = struct.pack("<I", 0xABCD)
+        vcpu.kick()
+        before = runs(model)
+        assert isinstance(vcpu.run(), InterruptedExit)
+        # The driver would have consumed the completion and then returned EINTR,
+        # losing the data: the plugin must not have called RUN.
+        assert runs(model) == before
+        assert written(vcpu, guests.MMIO_BASE + 8) == 0xABCD
+
+
+def test_the_raw_driver_loses_a_read_completed_under_immediate_exit() -> None:
+    """What the plugin works around (gunyah_vcpu.c gunyah_vcpu_run): the
+    completion is taken from the page before immediate_exit is checked."""
+    raw = RawVm.create(gm.GunyahModel())
+    try:
+        vcpu = RawVcpu.of(raw, raw.startable(code=guests.READ_THEN_WRITE.code))
+        assert raw.start() == 0
+        assert vcpu.run() == 0
+        assert vcpu.mmio() == (guests.MMIO_BASE, 4, False, bytes(4))
+        vcpu.complete_read(struct.pack("<I", 0xABCD))
+        vcpu.page[gm.RUN_IMMEDIATE_EXIT] = 1
+        assert vcpu.run() == -errno.EINTR
+        vcpu.page[gm.RUN_IMMEDIATE_EXIT] = 0
+        assert vcpu.run() == 0
+        assert vcpu.mmio() == (guests.MMIO_BASE + 8, 4, True, bytes(4))
+        raw.model.assert_no_rejections()
+    finally:
+        raw.close()
+
+
+def test_resume_action_must_be_handled_or_fault() -> None:
+    raw = RawVm.create(gm.GunyahModel())
+    try:
+        vcpu = RawVcpu.of(raw, raw.startable(code=guests.READ_THEN_WRITE.code))
+        assert raw.start() == 0
+        assert vcpu.run() == 0
+        vcpu.complete_read(bytes(4), resume_action=gm.RESUME_RETRY)
+        assert vcpu.run() == -errno.EINVAL
+        rejection = raw.model.last_rejection
+        assert rejection is not None
+        assert rejection.rule is gm.R_RESUME_ACTION
+    finally:
+        raw.close()
+
+
+def test_fault_injection_is_not_modelled() -> None:
+    raw = RawVm.create(gm.GunyahModel())
+    try:
+        vcpu = RawVcpu.of(raw, raw.startable(code=guests.READ_THEN_WRITE.code))
+        assert raw.start() == 0
+        assert vcpu.run() == 0
+        vcpu.complete_read(bytes(4), resume_action=gm.RESUME_FAULT)
+        with pytest.raises(ModelGap, match="fault injection"):
+            vcpu.run()
+    finally:
+        raw.close()
+
+
+# --- boot registers --------------------------------------------------------------------
+
+
+def test_the_hypervisor_sets_the_boot_registers(gunyah: Backend) -> None:
+    stack = guests.STACK_TOP
+    with booted(gunyah, guests.REPORT_REGISTERS, stack=stack, registers={"x1": 0x5EED}) as (_, (vcpu,)):
+        assert written(vcpu, guests.MMIO_BASE) == guests.FDT_ADDRESS  # X0: the RM passes the DTB
+        assert written(vcpu, guests.MMIO_BASE + 8) == 0x5EED  # X1: from the boot context
+        assert written(vcpu, guests.MMIO_BASE + 16) == stack  # SP_EL1: from the boot context
+        assert system_event(vcpu).event is SystemEvent.SHUTDOWN
+
+
+def test_without_a_boot_context_pc_is_the_start_of_the_dtb_region() -> None:
+    raw = RawVm.create(gm.GunyahModel())
+    try:
+        vcpu = RawVcpu.of(raw, raw.startable(code=guests.REPORT_REGISTERS.code))
+        assert raw.start() == 0
+        assert vcpu.run() == 0
+        (dtb, _) = raw.model.vms[0].dtb or (0, 0)
+        assert vcpu.mmio() == (guests.MMIO_BASE, 8, True, struct.pack("<Q", dtb))
+    finally:
+        raw.close()
+
+
+def test_a_protected_vm_with_firmware_starts_in_it(gunyah: Backend, model: gm.GunyahModel) -> None:
+    # §1.4 step 9.9: the boot context applies to unauthenticated VMs only.
+    firmware = {"address": guests.RAM_BASE, "size": 0x10000}
+    config = {"arch": "aarch64", "protection": "protected", "backend_options": {"firmware": firmware}}
+    with gunyah.create_vm(config) as vm:
+        vm.add_memory(guests.RAM_BASE, guests.RAM_SIZE)
+        vm.create_vcpu()
+        vm.boot(SPEC)
+        (state,) = model.vms
+        assert state.applied_boot_context() == {}
+        assert state.vcpus[0].boot_registers is not None
+        assert state.vcpus[0].boot_registers[PC_ID] == guests.RAM_BASE
+
+
+# --- what the hypervisor handles itself --------------------------------------------------
+
+
+def test_psci_queries_are_answered_by_the_hypervisor(gunyah: Backend) -> None:
+    with booted(gunyah, guests.PSCI_QUERIES) as (_, (vcpu,)):
+        assert written(vcpu, guests.MMIO_BASE) == gm.PSCI_VERSION_1_1
+        assert written(vcpu, guests.MMIO_BASE + 8) == gm.PSCI_SUCCESS  # FEATURES(CPU_ON)
+        assert written(vcpu, guests.MMIO_BASE + 16) == (1 << 64) - 1  # not implemented: -1
+        assert system_event(vcpu).event is SystemEvent.SHUTDOWN
+
+
+def test_system_reset2_is_a_reset_carrying_its_type(gunyah: Backend) -> None:
+    with booted(gunyah, guests.RESET2) as (_, (vcpu,)):
+        for _ in range(2):
+            event = system_event(vcpu)
+            assert (event.event, event.data) == (SystemEvent.RESET, (gm.RM_PSCI_SYSTEM_RESET2, guests.RESET2_TYPE))
+
+
+def test_power_off_is_sticky(gunyah: Backend, model: gm.GunyahModel) -> None:
+    with booted(gunyah, guests.REPORT_REGISTERS) as (_, (vcpu,)):
+        for _ in range(3):
+            mmio(vcpu)
+        for _ in range(3):
+            event = system_event(vcpu)
+            assert (event.event, event.data) == (SystemEvent.SHUTDOWN, (gm.RM_PSCI_POWER_OFF, 0))
+        assert model.vms[0].status == gm.VmStatus.EXITED
+
+
+def test_an_exception_the_guest_cannot_take_crashes_the_vm(gunyah: Backend, model: gm.GunyahModel) -> None:
+    with booted(gunyah, guests.UNDEFINED) as (_, (vcpu,)):
+        assert system_event(vcpu).event is SystemEvent.CRASH
+        assert system_event(vcpu).event is SystemEvent.CRASH
+        assert model.vms[0].status == gm.VmStatus.CRASHED
+
+
+def test_fetch_from_unbacked_memory_is_a_page_fault(gunyah: Backend) -> None:
+    with booted(gunyah, guests.FETCH_FAULT) as (_, (vcpu,)):
+        exit_ = vcpu.run()
+        assert isinstance(exit_, InternalErrorExit)
+        assert exit_.suberror == gm.EXIT_PAGE_FAULT
+        assert exit_.data == (guests.UNBACKED, -errno.ENOENT)
+        with pytest.raises(ModelGap, match="page fault"):
+            vcpu.run()
+
+
+@pytest.fixture
+def eventfd() -> Iterator[int]:
+    fd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
+    yield fd
+    os.close(fd)
+
+
+def _ioevent(fd: int, datamatch: int) -> Callable[[Vm], object]:
+    return lambda vm: vm.register_ioevent(fd, IoEventAddress.mmio(guests.IOEVENT_ADDRESS), datamatch, length=4)
+
+
+def test_ioeventfd_write_signals_without_an_exit(gunyah: Backend, eventfd: int) -> None:
+    with booted(gunyah, guests.IOEVENT, setup=_ioevent(eventfd, 0x2A)) as (_, (vcpu,)):
+        assert written(vcpu, guests.MMIO_BASE) == 0x2A  # the first write never reached the VMM
+        assert os.eventfd_read(eventfd) == 1
+        assert system_event(vcpu).event is SystemEvent.SHUTDOWN
+
+
+def test_ioeventfd_with_other_data_lets_the_write_exit(gunyah: Backend, eventfd: int) -> None:
+    with booted(gunyah, guests.IOEVENT, setup=_ioevent(eventfd, 0x2B)) as (_, (vcpu,)):
+        assert written(vcpu, guests.IOEVENT_ADDRESS) == 0x2A
+        with pytest.raises(BlockingIOError):
+            os.eventfd_read(eventfd)
+
+
+def _doorbell(fd: int, ring_before_start: bool = False) -> Callable[[Vm], object]:
+    def setup(vm: Vm) -> None:
+        vm.register_irqfd(fd, 1)
+        if ring_before_start:
+            os.eventfd_write(fd, 1)  # no doorbell resource yet: dropped
+
+    return setup
+
+
+def test_a_doorbell_wakes_a_vcpu_in_wfi(gunyah: Backend, model: gm.GunyahModel, eventfd: int) -> None:
+    with booted(gunyah, guests.DOORBELL_WAKE, setup=_doorbell(eventfd, ring_before_start=True)) as (_, (vcpu,)):
+        ring = threading.Timer(0.2, os.eventfd_write, (eventfd, 1))
+        ring.start()
+        try:
+            assert written(vcpu, guests.MMIO_BASE) == guests.MMIO_BASE & 0xFFFFFFFF
+        finally:
+            ring.cancel()
+        bell = model.vms[0].doorbells[1]
+        assert (bell.dropped, bell.rung) == (1, 1)
+
+
+def test_a_kick_from_another_thread_ends_a_wfi_sleep(gunyah: Backend, eventfd: int) -> None:
+    with booted(gunyah, guests.DOORBELL_WAKE, setup=_doorbell(eventfd)) as (_, (vcpu,)):
+        kicker = threading.Timer(0.2, vcpu.kick)
+        kicker.start()
+        assert isinstance(vcpu.run(), InterruptedExit)
+        kicker.join()
+        os.eventfd_write(eventfd, 1)
+        assert written(vcpu, guests.MMIO_BASE) == guests.MMIO_BASE & 0xFFFFFFFF
+
+
+def test_a_kick_from_another_thread_stops_a_running_guest(gunyah: Backend, model: gm.GunyahModel) -> None:
+    with booted(gunyah, guests.LOOP) as (_, (vcpu,)):
+        for _ in range(2):
+            kicker = threading.Timer(0.1, vcpu.kick)
+            kicker.start()
+            exit_ = vcpu.run()
+            kicker.join()
+            assert exit_.kind is ExitKind.INTERRUPTED
+        signals = [c for c in model.calls if c.op == "signal"]
+        assert len(signals) == 2
+
+
+def test_psci_cpu_on_starts_the_secondary_vcpu(gunyah: Backend, model: gm.GunyahModel) -> None:
+    with gunyah.create_vm({"arch": "aarch64", "vcpus": 2}) as vm:
+        vm.add_memory(guests.RAM_BASE, guests.RAM_SIZE)
+        vm.memory.write(guests.CODE_ADDRESS, guests.SMP.code)
+        boot_vcpu = vm.create_vcpu()
+        created = threading.Event()
+        started = threading.Event()
+        secondary: dict[str, object] = {}
+
+        def second_thread() -> None:
+            try:
+                vcpu = vm.create_vcpu()  # its thread is this one
+                created.set()
+                started.wait(5)
+                secondary["context"] = written(vcpu, guests.MMIO_BASE + 8)
+                secondary["event"] = system_event(vcpu).event
+            except BaseException as exc:  # noqa: BLE001 - reported by the main thread
+                secondary["error"] = exc
+                created.set()
+
+        worker = threading.Thread(target=second_thread)
+        worker.start()
+        assert created.wait(5)
+        # Boot at VM level: no per-vCPU call, so each vCPU stays on its own thread.
+        vm.set_boot(SPEC)
+        vm.start()
+        started.set()
+        assert written(boot_vcpu, guests.MMIO_BASE) == gm.PSCI_ALREADY_ON & ((1 << 64) - 1)
+        assert written(boot_vcpu, guests.MMIO_BASE) == gm.PSCI_SUCCESS
+        worker.join(10)
+        assert "error" not in secondary, secondary.get("error")
+        assert secondary == {"context": guests.CONTEXT_ID, "event": SystemEvent.SHUTDOWN}
+        # The boot vCPU idled in WFI; the power-off ended that.
+        assert system_event(boot_vcpu).event is SystemEvent.SHUTDOWN
+
+
+# --- run errors ----------------------------------------------------------------------------
+
+
+def test_run_from_another_process_is_refused() -> None:
+    fresh = gm.GunyahModel()
+    with fresh.installed():
+        from conftest import make_backend
+
+        with booted(make_backend(), guests.LOOP) as (_, (vcpu,)):
+            with fresh.foreign_process(), pytest.raises(HypervisorError, match="GH_VCPU_RUN") as caught:
+                vcpu.run()
+            assert caught.value.errno == errno.EPERM
+    assert [r.rule for r in fresh.rejections] == [gm.R_FOREIGN_MM]
+
+
+def test_raw_run_before_start_and_sticky_status_via_the_page() -> None:
+    raw = RawVm.create(gm.GunyahModel())
+    try:
+        vcpu = RawVcpu.of(raw, raw.startable(code=guests.UNDEFINED.code))
+        assert vcpu.run() == -errno.ENODEV
+        raw.model.rejections.clear()
+        assert raw.start() == 0
+        for _ in range(2):
+            assert vcpu.run() == 0
+            assert vcpu.exit_reason == gm.EXIT_STATUS
+            assert vcpu.status() == (gm.STATUS_CRASHED, 0)
+        assert raw.model.rejections == []
+    finally:
+        raw.close()
+
+
+def test_page_is_page_sized() -> None:
+    raw = RawVm.create(gm.GunyahModel())
+    try:
+        vcpu = raw.add_vcpu(0)
+        assert raw.ioctl(gm.GH_VCPU_MMAP_SIZE, fd=vcpu) == PAGE
+    finally:
+        raw.close()
