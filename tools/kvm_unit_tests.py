@@ -95,6 +95,7 @@ def run_pyvmm(kut: Path, entry: Entry, python: str) -> Outcome:
         command = [python, "-m", "pyvmm", "run", "--kernel", str(kernel), "--cpus", str(entry.smp)]
         command += ["--timeout", str(entry.timeout), "--serial", serial.name]
         command += ["--memory", f"{entry.memory_mib or 128}M"]
+        command += ["--testdev"]  # the upstream runner always adds QEMU's pc-testdev
         if entry.args:
             command += ["--append", entry.args]
         started = time.monotonic()

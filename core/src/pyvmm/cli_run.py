@@ -1,4 +1,5 @@
-"""``pyvmm run``: build the x86_64 machine and run a guest on it.
+"""``pyvmm run``: build the machine (the x86_64 PC or the aarch64 ``virt`` board)
+and run a guest on it.
 
 Registered by :func:`pyvmm.cli.build_parser` through :func:`add_run_parser`.
 Kept apart from the machine so that ``pyvmm --help`` imports none of it.
@@ -13,14 +14,20 @@ from pathlib import Path
 from typing import Any
 
 EPILOG = """\
-Without --kernel, pyvmm runs its bundled demo guest, which powers off (status 0)
-when every check passes.
+Without --kernel, pyvmm runs its bundled demo guest for the architecture, which
+powers off (status 0) when every check passes.
+
+--arch defaults to the backend's only architecture if it has one, else x86_64.
+aarch64 kernels: a Linux arm64 Image, or a flat binary with --load-address; the
+guest gets a device tree (RAM at 0x80000000, PL011 console at 0x9000000).
 
 Exit status: the guest's.
   (code << 1) | 1   the guest wrote `code` to the debug-exit port 0xf4 (as QEMU's
-                    isa-debug-exit, so kvm-unit-tests' runner works unchanged)
-  0                 the guest powered off (port 0x8900 "Shutdown", ACPI) or reset
-                    the machine (pyvmm does not reboot), or every vCPU halted
+                    isa-debug-exit, so kvm-unit-tests' runner works unchanged);
+                    on aarch64 to the debug-exit register at 0xa001000
+  0                 the guest powered off (port 0x8900 "Shutdown", ACPI, PSCI
+                    SYSTEM_OFF) or reset the machine (pyvmm does not reboot), or
+                    every vCPU halted
   2                 pyvmm: error: bad configuration or image, or a device failed
   4                 the guest could not go on: triple fault, crash, an instruction
                     the hypervisor cannot emulate (its bytes are shown)
@@ -32,6 +39,7 @@ Unhandled port and MMIO accesses read as all ones and are logged once per addres
 
 #: Machine fields and the options that set them, for error messages.
 OPTION_NAMES = {
+    "arch": "--arch",
     "kernel": "--kernel",
     "initrd": "--initrd",
     "load_address": "--load-address",
@@ -42,6 +50,8 @@ OPTION_NAMES = {
     "timeout": "--timeout",
     "serial": "--serial",
     "stats": "--stats",
+    "testdev": "--testdev",
+    "legacy_bios": "--legacy-bios",
 }
 
 
@@ -49,28 +59,50 @@ def add_run_parser(sub: Any) -> None:
     """Add the ``run`` command to ``pyvmm``'s subparsers."""
     run = sub.add_parser(
         "run",
-        help="run a guest on the x86_64 machine (the bundled demo guest without --kernel)",
-        description="Run a guest on pyvmm's x86_64 machine.",
+        help="run a guest on the x86_64 or aarch64 machine (the bundled demo guest without --kernel)",
+        description="Run a guest on pyvmm's x86_64 PC or aarch64 virt machine.",
         epilog=EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     run.add_argument("--config", type=Path, metavar="FILE", help="TOML machine file (options override its values)")
-    run.add_argument("--kernel", type=Path, metavar="FILE", help="kernel image (multiboot, bzImage, PVH, ELF)")
+    run.add_argument(
+        "--arch",
+        choices=("x86_64", "aarch64"),
+        help="guest architecture (default: the backend's only one, else x86_64)",
+    )
+    run.add_argument(
+        "--kernel",
+        type=Path,
+        metavar="FILE",
+        help="kernel image (x86_64: multiboot, bzImage, PVH, ELF; aarch64: Image)",
+    )
     run.add_argument("--initrd", type=Path, metavar="FILE", help="initrd, or multiboot module")
     run.add_argument("--append", metavar="STR", help="kernel command line")
     run.add_argument(
         "--load-address",
         type=_address,
         metavar="ADDR",
-        help="the kernel is a flat binary: load it here (e.g. 0x100000) and enter it in long mode",
+        help="the kernel is a flat binary: load it here (e.g. 0x100000) and enter it there (x86_64: in long mode)",
     )
     run.add_argument("--memory", "-m", metavar="SIZE", help="guest RAM, e.g. 128M or 2G (default 128M)")
     run.add_argument("--cpus", "--smp", type=int, metavar="N", help="vCPUs (default 1)")
     run.add_argument("--backend", metavar="NAME", help="backend (default: $PYVMM_BACKEND, else the best available)")
     run.add_argument("--timeout", type=float, metavar="S", help="stop after S seconds, exit status 124")
-    run.add_argument("--serial", metavar="stdio|none|FILE", help="where COM1's output goes (default stdio)")
+    run.add_argument(
+        "--serial", metavar="stdio|none|FILE", help="where the console's (COM1, PL011) output goes (default stdio)"
+    )
     run.add_argument(
         "--stats", action="store_true", default=None, help="print exits per kind and time in guest vs Python"
+    )
+    run.add_argument(
+        "--testdev", action="store_true", default=None, help="x86_64: add QEMU's pc-testdev (for kvm-unit-tests)"
+    )
+    run.add_argument(
+        "--legacy-bios",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="x86_64: set up the PC as a BIOS would: 8259s, PIT, vector table, ACPI tables, S3 resume "
+        "(default: for Multiboot kernels only)",
     )
     run.set_defaults(func=cmd_run)
 

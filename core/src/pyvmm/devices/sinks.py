@@ -1,6 +1,7 @@
 """Ports that must answer but do nothing: the POST code port 0x80 and, when the
 hypervisor emulates no interrupt controller, the 8259 PIC ports (guests mask the
-PIC before anything else: 0x21 and 0xa1).
+PIC before anything else: 0x21 and 0xa1) and the PIT's (the legacy firmware's
+boot stub programs it).
 
 A sink latches what was written and reads it back, so a guest that checks its
 mask write sees the value it wrote; before any write it reads ``initial``.
@@ -14,6 +15,8 @@ POST_PORT = 0x80
 PIC_MASTER_PORT = 0x20
 PIC_SLAVE_PORT = 0xA0
 PIC_PORT_COUNT = 2
+PIT_PORT = 0x40
+PIT_PORT_COUNT = 4
 
 
 class PortSink(Device):

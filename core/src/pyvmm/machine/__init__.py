@@ -1,5 +1,6 @@
-"""The x86_64 machine layer: RAM layout, buses, PC devices, vCPU threads and the
-run loop, on any backend through :mod:`pyvmm.vm`.
+"""The machine layer: RAM layout, buses, devices, vCPU threads and the run loop,
+on any backend through :mod:`pyvmm.vm` -- the PC board for x86_64 guests, the
+``virt`` board (PL011, device tree) for aarch64 ones.
 
 ``from pyvmm.machine import Machine, MachineConfig`` and ``Machine(config).run()``.
 Names load on first use so that importing a submodule stays cheap.
@@ -18,11 +19,13 @@ _LAZY = {
     "StopReason": "pyvmm.machine.outcome",
     "DeviceError": "pyvmm.machine.vcpu_loop",
     "BusConflict": "pyvmm.machine.bus",
+    "Aarch64Image": "pyvmm.machine.images",
     "GuestImage": "pyvmm.machine.images",
     "KernelFile": "pyvmm.machine.images",
 }
 
 __all__ = [
+    "Aarch64Image",
     "BusConflict",
     "CpuidOverride",
     "DeviceError",
@@ -38,7 +41,7 @@ __all__ = [
 if TYPE_CHECKING:
     from pyvmm.machine.bus import BusConflict
     from pyvmm.machine.config import CpuidOverride, MachineConfig, build_config
-    from pyvmm.machine.images import GuestImage, KernelFile
+    from pyvmm.machine.images import Aarch64Image, GuestImage, KernelFile
     from pyvmm.machine.machine import Machine
     from pyvmm.machine.outcome import RunResult, StopReason
     from pyvmm.machine.vcpu_loop import DeviceError

@@ -5,6 +5,7 @@ A machine file holds the same settings as ``pyvmm run``'s options, at top
 level, plus CPUID overrides::
 
     kernel = "x86/msr.flat"        # relative paths are relative to this file
+    arch = "x86_64"                # or "aarch64"; default: the backend's only arch, else x86_64
     memory = "256M"
     cpus = 2
     timeout = 90
@@ -27,7 +28,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from pyvmm.config import PAGE_SIZE, ByteSize
+from pyvmm.config import PAGE_SIZE, Arch, ByteSize
 from pyvmm.errors import ConfigError
 from pyvmm.machine.layout import MIN_RAM
 
@@ -76,10 +77,13 @@ class MachineConfig(BaseModel):
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
+    arch: Arch | None = Field(
+        default=None, description="guest architecture; default: the backend's only one if it has one, else x86_64"
+    )
     kernel: Path | None = Field(default=None, description="guest kernel; none runs the bundled demo guest")
     initrd: Path | None = None
     load_address: int | None = Field(
-        default=None, ge=0, description="load a flat binary kernel here and enter it in long mode"
+        default=None, ge=0, description="load a flat binary kernel here and enter it there (x86_64: in long mode)"
     )
     append: str = Field(default="", description="kernel command line")
     memory: ByteSize = Field(default=DEFAULT_MEMORY, description="guest RAM in bytes, or '128M'-style")
@@ -89,6 +93,12 @@ class MachineConfig(BaseModel):
     serial: str = Field(default="stdio", min_length=1, description="'stdio', 'none', or a file for COM1's output")
     stats: bool = False
     irqchip: bool = Field(default=True, description="use the hypervisor's interrupt controllers and PIT if it has them")
+    testdev: bool = Field(default=False, description="x86_64: add QEMU's pc-testdev (kvm-unit-tests use it)")
+    legacy_bios: bool | None = Field(
+        default=None,
+        description="x86_64: leave the PC as a BIOS would (8259s, PIT, vector table, ACPI, S3 resume); "
+        "default: for Multiboot kernels only",
+    )
     cpuid_overrides: list[CpuidOverride] = Field(default_factory=list)
 
     @field_validator("memory")

@@ -1,22 +1,27 @@
 """What the machine boots: a kernel file (through :mod:`pyvmm.machine.loaders`) or
-an image already in memory (the bundled demo guest, test programs).
+an image already in memory (the bundled demo guests, test programs).
 
 Either one writes itself into guest RAM and returns the :class:`BootSpec` of the
 boot vCPU, before any vCPU exists; every problem is reported then, never once
-the guest runs.
+the guest runs.  An x86_64 image is a :class:`BootSource`, an aarch64 one an
+:class:`Aarch64BootSource`, which also places the device tree the board builds;
+:class:`KernelFile` is both.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 from pyvmm.arch.x86_64_boot import BOOT_TABLE_PAGES
 from pyvmm.boot import BootSpec, X86Mode
 from pyvmm.config import PAGE_SIZE, Arch
 from pyvmm.errors import ConfigError
 from pyvmm.memory import GuestMemory
+
+if TYPE_CHECKING:
+    from pyvmm.machine.loaders.arm64 import DeviceTreeBuilder
 
 #: Where in-memory images keep the boot GDT and page tables (BootSpec's default).
 BOOT_TABLES = 0x1000
@@ -28,6 +33,16 @@ class BootSource(Protocol):
 
     def load(self, memory: GuestMemory, *, ram_size: int, cpus: int) -> BootSpec:
         """Write the image into ``memory`` and say how the boot vCPU starts."""
+        ...
+
+
+class Aarch64BootSource(Protocol):
+    @property
+    def description(self) -> str: ...
+
+    def load_aarch64(self, memory: GuestMemory, *, ram_size: int, device_tree: DeviceTreeBuilder) -> BootSpec:
+        """Write the image and the device tree ``device_tree`` builds into ``memory``
+        and say how the boot vCPU starts (entry, ``fdt_address``, ``fdt_size``)."""
         ...
 
 
@@ -71,6 +86,28 @@ class GuestImage:
 
 
 @dataclass(frozen=True)
+class Aarch64Image:
+    """A64 code to run at ``address`` (in guest RAM), entered at EL1 with X0 = the
+    device tree, as a kernel is."""
+
+    name: str
+    code: bytes
+    address: int
+
+    @property
+    def description(self) -> str:
+        return self.name
+
+    def load_aarch64(self, memory: GuestMemory, *, ram_size: int, device_tree: DeviceTreeBuilder) -> BootSpec:
+        from pyvmm.machine.loaders.arm64 import load_arm64_bytes
+
+        loaded = load_arm64_bytes(
+            self.name, self.code, memory, ram_size=ram_size, device_tree=device_tree, load_address=self.address
+        )
+        return loaded.boot
+
+
+@dataclass(frozen=True)
 class KernelFile:
     """A kernel image on disk, loaded by :func:`pyvmm.machine.loaders.load_kernel`."""
 
@@ -95,6 +132,20 @@ class KernelFile:
             initrd=self.initrd,
             ram_size=ram_size,
             cpus=cpus,
+            load_address=self.load_address,
+        )
+        return loaded.boot
+
+    def load_aarch64(self, memory: GuestMemory, *, ram_size: int, device_tree: DeviceTreeBuilder) -> BootSpec:
+        from pyvmm.machine.loaders.arm64 import load_arm64_kernel
+
+        loaded = load_arm64_kernel(
+            self.path,
+            memory,
+            ram_size=ram_size,
+            device_tree=device_tree,
+            cmdline=self.cmdline,
+            initrd=self.initrd,
             load_address=self.load_address,
         )
         return loaded.boot

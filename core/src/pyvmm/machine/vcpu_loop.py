@@ -19,9 +19,12 @@ import bisect
 from collections.abc import Callable
 from typing import Protocol
 
+from pyvmm.capabilities import Capability
+from pyvmm.config import Arch
 from pyvmm.errors import PyvmmError
 from pyvmm.exits import ExitKind, IoExit, MmioExit, VcpuExit
 from pyvmm.machine.bus import Entry, MmioBus, PortBus, PortEntry
+from pyvmm.vcpu_state import StateKind
 from pyvmm.vm import Vcpu
 
 #: MASKS[n]: the low n bytes.
@@ -138,12 +141,22 @@ def describe_access(exit_: VcpuExit) -> str:
     return f"a {size}-byte{count} {space} read at {address:#x}"
 
 
-def _device_error(vcpu: Vcpu, exit_: VcpuExit, entry: Entry, exc: Exception) -> DeviceError:
-    where = ""
+def guest_pc(vcpu: Vcpu) -> str:
+    """``rip 0x...`` (x86_64) or ``pc 0x...`` (aarch64) of a vCPU stopped in an
+    exit, or "" where the backend cannot read registers."""
+    if not vcpu.vm.backend.supports(Capability.VCPU_REGISTERS):
+        return ""
     try:
-        where = f" (guest rip {vcpu.get_regs().rip:#x})"
-    except Exception:  # noqa: BLE001 - the report must not hide the device's own error
-        where = ""
+        if vcpu.vm.arch is Arch.AARCH64:
+            return f"pc {vcpu.get_state(StateKind.CORE_REGS).pc:#x}"
+        return f"rip {vcpu.get_regs().rip:#x}"
+    except Exception:  # noqa: BLE001 - a report of a failure must not fail itself
+        return ""
+
+
+def _device_error(vcpu: Vcpu, exit_: VcpuExit, entry: Entry, exc: Exception) -> DeviceError:
+    pc = guest_pc(vcpu)
+    where = f" (guest {pc})" if pc else ""
     device = entry[3].name
     return DeviceError(
         f"vCPU {vcpu.index}: device {device!r} failed on {describe_access(exit_)}{where}: {type(exc).__name__}: {exc}"

@@ -13,6 +13,10 @@ RAM and say how to start it.
 4. plain ELF -- long mode for ELF64, protected mode for ELF32, no arguments;
 5. a flat binary, only when ``load_address`` is given -- long mode at that address.
 
+:func:`load_arm64_kernel` (:mod:`pyvmm.machine.loaders.arm64`) is the aarch64
+counterpart: a Linux arm64 ``Image``, or a flat binary at ``load_address``, with
+an initrd and the device tree the board builds.
+
 Every loader validates everything (file, headers, sizes, placement in RAM, command
 line, initrd) before it writes a byte; a problem raises :class:`ImageError`.
 """
@@ -21,6 +25,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from pyvmm.machine.loaders.arm64 import load_arm64_kernel
 from pyvmm.machine.loaders.bzimage import is_bzimage, load_bzimage
 from pyvmm.machine.loaders.common import ImageError, LoadedKernel, RamMap, Request, read_file
 from pyvmm.machine.loaders.elf import is_elf, load_plain_elf, parse_elf
@@ -29,7 +34,7 @@ from pyvmm.machine.loaders.multiboot import find_header, load_multiboot
 from pyvmm.machine.loaders.pvh import load_pvh, pvh_entry
 from pyvmm.memory import GuestMemory
 
-__all__ = ["ImageError", "LoadedKernel", "load_kernel"]
+__all__ = ["ImageError", "LoadedKernel", "load_arm64_kernel", "load_kernel"]
 
 
 def load_kernel(

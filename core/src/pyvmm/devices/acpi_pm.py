@@ -1,0 +1,128 @@
+"""The ACPI fixed power-management registers: PM1a event and control blocks and
+the PM timer, at the ports the firmware's FADT names (:data:`PM_BASE`).
+
+=======  ====  ===============================================================
+offset   size  register
+=======  ====  ===============================================================
+0        2     PM1_STS: write 1 to clear; WAK_STS and RTC_STS after a wake-up
+2        2     PM1_EN: RTC_EN lets the RTC alarm wake the machine from S3
+4        2     PM1_CNT: SCI_EN stays 1 (always in ACPI mode: the FADT has no
+               SMI command port); SLP_TYP with SLP_EN enters a sleep state
+8        4     PM_TMR: 24-bit count of a 3.579545 MHz clock, read-only
+=======  ====  ===============================================================
+
+The sleep types are PIIX4's, which QEMU and the firmware's ``\\_S3``/``\\_S5``
+objects use: 1 suspends to RAM (S3), 0 powers off (S5); others are ignored.
+The registers may be read or written at any width; a write that sets SLP_EN
+acts once the byte holding it is stored.
+
+What it does not do: raise the SCI (it has no interrupt line), or set TMR_STS
+when the timer's top bit flips.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from pyvmm.devices.base import Device
+
+log = logging.getLogger("pyvmm.devices")
+
+PM_BASE = 0x600
+PM1_EVT_OFFSET = 0
+PM1_EVT_LEN = 4
+PM1_CNT_OFFSET = 4
+PM1_CNT_LEN = 2
+PM_TMR_OFFSET = 8
+PM_TMR_LEN = 4
+PORT_COUNT = 12
+
+STS_TMR = 1 << 0
+STS_PWRBTN = 1 << 8
+STS_RTC = 1 << 10
+STS_WAK = 1 << 15
+EN_RTC = 1 << 10
+CNT_SCI_EN = 1 << 0
+CNT_SLP_TYP_SHIFT = 10
+CNT_SLP_TYP_MASK = 0x7 << CNT_SLP_TYP_SHIFT
+CNT_SLP_EN = 1 << 13
+
+SLP_TYP_S5 = 0
+SLP_TYP_S3 = 1
+
+PM_TIMER_HZ = 3_579_545
+_TIMER_MASK = 0xFF_FFFF
+
+
+@dataclass(frozen=True)
+class SleepEvents:
+    """What a sleep request asks of the machine; each runs on the vCPU thread
+    that wrote PM1_CNT and returns when the guest may go on."""
+
+    suspend: Callable[[], None]
+    poweroff: Callable[[], None]
+
+
+class AcpiPm(Device):
+    name = "acpi-pm"
+
+    def __init__(self, events: SleepEvents, clock_ns: Callable[[], int] = time.monotonic_ns) -> None:
+        self._events = events
+        self._clock_ns = clock_ns
+        self._start_ns = clock_ns()
+        self.status = 0
+        self.enable = 0
+        self.control = CNT_SCI_EN
+        self._lock = threading.Lock()
+
+    def timer(self) -> int:
+        ticks = (self._clock_ns() - self._start_ns) * PM_TIMER_HZ // 1_000_000_000
+        return ticks & _TIMER_MASK
+
+    def wake(self, by_rtc: bool) -> None:
+        """The machine woke from a sleep state (by the RTC alarm if ``by_rtc``)."""
+        with self._lock:
+            self.status |= STS_WAK | (STS_RTC if by_rtc else 0)
+
+    @property
+    def rtc_wakes(self) -> bool:
+        return bool(self.enable & EN_RTC)
+
+    def read(self, offset: int, size: int) -> int:
+        with self._lock:
+            registers = (
+                self.status.to_bytes(2, "little")
+                + self.enable.to_bytes(2, "little")
+                + self.control.to_bytes(2, "little")
+                + bytes(2)
+                + self.timer().to_bytes(4, "little")
+            )
+        return int.from_bytes(registers[offset : offset + size], "little")
+
+    def write(self, offset: int, size: int, value: int) -> None:
+        sleep_type: int | None = None
+        with self._lock:
+            for i in range(size):
+                where, byte = offset + i, (value >> (8 * i)) & 0xFF
+                shift = 8 * (where % 2)
+                if where in (0, 1):
+                    self.status &= ~(byte << shift)
+                elif where in (2, 3):
+                    self.enable = (self.enable & ~(0xFF << shift)) | byte << shift
+                elif where in (4, 5):
+                    control = (self.control & ~(0xFF << shift)) | byte << shift
+                    # SLP_EN always reads 0; SCI_EN 1, as there is no legacy mode to switch to.
+                    self.control = (control & ~CNT_SLP_EN) | CNT_SCI_EN
+                    if control & CNT_SLP_EN and where == 5:
+                        sleep_type = (control & CNT_SLP_TYP_MASK) >> CNT_SLP_TYP_SHIFT
+        # Outside the lock: a suspended guest's registers stay readable by other vCPUs.
+        if sleep_type == SLP_TYP_S3:
+            self._events.suspend()
+        elif sleep_type == SLP_TYP_S5:
+            self._events.poweroff()
+        elif sleep_type is not None:
+            log.warning("acpi-pm: sleep type %d is not supported (ignored)", sleep_type)
