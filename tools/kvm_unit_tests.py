@@ -62,8 +62,11 @@ def read_config(path: Path) -> list[Entry]:
         section = parser[name]
         params = shlex.split(section.get("qemu_params", "") + " " + section.get("extra_params", ""))
         memory = None
-        if "-m" in params:
-            memory = int(re.sub(r"[^0-9]", "", params[params.index("-m") + 1]) or 0) or None
+        if "-m" in params:  # QEMU sizes: MiB unless suffixed (e.g. "4g")
+            size = re.fullmatch(r"(\d+)([kKmMgG]?)", params[params.index("-m") + 1])
+            if size:
+                scale = {"": 1, "m": 1, "g": 1024, "k": 1 / 1024}[size.group(2).lower()]
+                memory = int(int(size.group(1)) * scale) or None
         timeout = section.get("timeout", "90").rstrip("s")
         entries.append(
             Entry(
