@@ -16,12 +16,13 @@ from pyvmm.capabilities import Capability
 from pyvmm.config import Arch, VmConfig
 from pyvmm.exits import VcpuExit
 from pyvmm.hookspecs import hookimpl
+from pyvmm.kick_signal import install_kick_handler
 from pyvmm.manifest import CONTRACT_VERSION, BackendManifest
 from pyvmm.memory import RamRegion
 from pyvmm.vcpu_state import IoEventAddress
 from pyvmm_gunyah import __version__
 from pyvmm_gunyah.system import probe, system
-from pyvmm_gunyah.vcpu import GunyahVcpu, install_kick_handler
+from pyvmm_gunyah.vcpu import GunyahVcpu
 from pyvmm_gunyah.vm import GunyahVm
 
 #: What crosvm's Gunyah backend declares (``gunyah/mod.rs``), plus the pyvmm

@@ -23,12 +23,11 @@ from __future__ import annotations
 
 import contextlib
 import errno
-import signal
 import struct
 import threading
 from typing import Any
 
-from pyvmm.errors import HypervisorError, UnknownExitError, VmStateError
+from pyvmm.errors import HypervisorError, UnknownExitError
 from pyvmm.exits import (
     FailEntryExit,
     InternalErrorExit,
@@ -38,6 +37,7 @@ from pyvmm.exits import (
     SystemEventExit,
     VcpuExit,
 )
+from pyvmm.kick_signal import KICK_SIGNAL, require_kick_handler
 from pyvmm_gunyah import bindings as g
 from pyvmm_gunyah.bindings import ffi
 
@@ -64,29 +64,6 @@ RM_EXIT_EVENTS: dict[int, SystemEvent] = {
     g.GH_RM_EXIT_TYPE_HYP_ERROR: SystemEvent.CRASH,
     g.GH_RM_EXIT_TYPE_ASYNC_EXT_ABORT: SystemEvent.CRASH,
 }
-
-#: The signal a kick sends to a vCPU thread sleeping in the driver (a vCPU in
-#: WFI or powered off waits there).  Its handler must exist, or the default
-#: action of a real-time signal kills the process; Python installs handlers only
-#: from the main thread, so :func:`install_kick_handler` runs at VM creation.
-KICK_SIGNAL = signal.SIGRTMIN
-_kick_handler_installed = False
-
-
-def _ignore_kick(signum: int, frame: object) -> None:
-    """The kick only needs the blocked RUN to see a pending signal."""
-
-
-def install_kick_handler() -> bool:
-    """Install the kick signal's handler if possible; True once one is in place."""
-    global _kick_handler_installed
-    if _kick_handler_installed:
-        return True
-    if threading.current_thread() is not threading.main_thread():
-        return False
-    signal.signal(KICK_SIGNAL, _ignore_kick)
-    _kick_handler_installed = True
-    return True
 
 
 class GunyahVcpu:
@@ -170,11 +147,7 @@ class GunyahVcpu:
         self._view[_OFF_IMMEDIATE_EXIT] = 1
         if threading.get_ident() == self.thread:
             return
-        if not _kick_handler_installed:
-            raise VmStateError(
-                "cannot interrupt a sleeping Gunyah vCPU: the kick signal handler could not be installed "
-                "(create the VM from the main thread, or call pyvmm_gunyah.vcpu.install_kick_handler() there)"
-            )
+        require_kick_handler("Gunyah")
         # If the vCPU thread has ended, immediate_exit still covers a later run.
         with contextlib.suppress(ProcessLookupError):
             self.host.signal_thread(self.thread, KICK_SIGNAL)

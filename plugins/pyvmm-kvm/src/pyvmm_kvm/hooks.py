@@ -12,12 +12,13 @@ from pyvmm.capabilities import Capability
 from pyvmm.config import Arch, VmConfig
 from pyvmm.exits import VcpuExit
 from pyvmm.hookspecs import hookimpl
+from pyvmm.kick_signal import install_kick_handler
 from pyvmm.manifest import CONTRACT_VERSION, BackendManifest
 from pyvmm.memory import RamRegion
 from pyvmm.vcpu_state import IoEventAddress, StateKind
 from pyvmm_kvm import __version__
 from pyvmm_kvm.system import probe, system
-from pyvmm_kvm.vcpu import KvmVcpu, install_kick_handler
+from pyvmm_kvm.vcpu import KvmVcpu
 from pyvmm_kvm.vm import KvmVm
 
 CAPABILITIES = (

@@ -18,7 +18,7 @@ from typing import Any
 
 from pyvmm.arch.x86_64 import CpuidEntry, Lapic, MpState, MsrEntry, Xcr
 from pyvmm.boot import VcpuInit, X86VcpuInit
-from pyvmm.errors import ConfigError, HypervisorError, UnknownExitError, VmStateError
+from pyvmm.errors import ConfigError, HypervisorError, UnknownExitError
 from pyvmm.exits import (
     DebugExit,
     ExceptionExit,
@@ -39,6 +39,7 @@ from pyvmm.exits import (
     SystemEventExit,
     VcpuExit,
 )
+from pyvmm.kick_signal import KICK_SIGNAL, require_kick_handler
 from pyvmm.vcpu_state import StateKind
 from pyvmm_kvm import bindings as k
 from pyvmm_kvm import host, regs
@@ -60,29 +61,6 @@ _SYSTEM_EVENTS = {
     k.KVM_SYSTEM_EVENT_RESET: SystemEvent.RESET,
     k.KVM_SYSTEM_EVENT_CRASH: SystemEvent.CRASH,
 }
-
-#: The signal a kick sends to interrupt a vCPU thread blocked in KVM_RUN.  It needs
-#: a handler (the default action of a real-time signal kills the process); Python
-#: can only install one from the main thread, so :func:`install_kick_handler` runs
-#: when the backend is first used there.
-KICK_SIGNAL = signal.SIGRTMIN
-_kick_handler_installed = False
-
-
-def _ignore_kick(signum: int, frame: object) -> None:
-    """The kick only needs KVM_RUN to see a pending signal; nothing to do here."""
-
-
-def install_kick_handler() -> bool:
-    """Install the kick signal's handler if possible; True once one is in place."""
-    global _kick_handler_installed
-    if _kick_handler_installed:
-        return True
-    if threading.current_thread() is not threading.main_thread():
-        return False
-    signal.signal(KICK_SIGNAL, _ignore_kick)
-    _kick_handler_installed = True
-    return True
 
 
 class KvmVcpu:
@@ -251,11 +229,7 @@ class KvmVcpu:
         self._view[_OFF_IMMEDIATE_EXIT] = 1
         if threading.get_ident() == self.thread:
             return
-        if not _kick_handler_installed:
-            raise VmStateError(
-                "cannot interrupt a running KVM vCPU: the kick signal handler could not be installed "
-                "(create the VM from the main thread, or call pyvmm_kvm.vcpu.install_kick_handler() there)"
-            )
+        require_kick_handler("KVM")
         # If the vCPU thread has ended, immediate_exit still covers a later run.
         with contextlib.suppress(ProcessLookupError):
             signal.pthread_kill(self.thread, KICK_SIGNAL)
