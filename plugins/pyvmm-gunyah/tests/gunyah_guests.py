@@ -12,7 +12,7 @@ PSCI SYSTEM_OFF through ``hvc #0`` unless they are about something else.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from pyvmm.testing.conformance.programs_aarch64 import SYSTEM_OFF_SOURCE, aarch64_program
 
 #: Guest RAM and where the tests put the program and the device tree in it.
 RAM_BASE = 0x8000_0000
@@ -32,24 +32,7 @@ RESET2_TYPE = 0x8000_0001
 CONTEXT_ID = 0x77
 
 
-@dataclass(frozen=True)
-class Guest:
-    name: str
-    source: str
-    code: bytes
-
-
-def _guest(name: str, source: str, code_hex: str) -> Guest:
-    return Guest(name, source, bytes.fromhex(code_hex))
-
-
-_SYSTEM_OFF = """
-    movz x0, #0x0008
-    movk x0, #0x8400, lsl #16
-    hvc #0
-"""
-
-REPORT_REGISTERS = _guest(
+REPORT_REGISTERS = aarch64_program(
     "report_registers",
     """
     movz x5, #0x0900, lsl #16
@@ -58,22 +41,22 @@ REPORT_REGISTERS = _guest(
     mov x2, sp
     str x2, [x5, #16]
 """
-    + _SYSTEM_OFF,
+    + SYSTEM_OFF_SOURCE,
     "0520a1d2a00000f9a10400f9e2030091a20800f9000180d20080b0f2020000d4",
 )
 
-DOORBELL_WAKE = _guest(
+DOORBELL_WAKE = aarch64_program(
     "doorbell_wake",
     """
     movz x5, #0x0900, lsl #16
     wfi
     str w5, [x5]
 """
-    + _SYSTEM_OFF,
+    + SYSTEM_OFF_SOURCE,
     "0520a1d27f2003d5a50000b9000180d20080b0f2020000d4",
 )
 
-IOEVENT = _guest(
+IOEVENT = aarch64_program(
     "ioevent",
     """
     movz x5, #0x0900, lsl #16
@@ -81,13 +64,13 @@ IOEVENT = _guest(
     str w6, [x5, #0x100]
     str w6, [x5]
 """
-    + _SYSTEM_OFF,
+    + SYSTEM_OFF_SOURCE,
     "0520a1d246058052a60001b9a60000b9000180d20080b0f2020000d4",
 )
 
 # vCPU 0 asks PSCI CPU_ON for itself (already on), then for vCPU 1, reporting
 # each result, and idles; vCPU 1 reports its context id and powers the VM off.
-SMP = _guest(
+SMP = aarch64_program(
     "smp",
     """
     movz x5, #0x0900, lsl #16
@@ -110,14 +93,14 @@ SMP = _guest(
 2:  movz x5, #0x0900, lsl #16
     str x0, [x5, #8]
 """
-    + _SYSTEM_OFF,
+    + SYSTEM_OFF_SOURCE,
     "0520a1d2600080d20080b8f2010080d2a2010010e30e80d2020000d4a00000f9600080d20080b8f2210080d2c2000010e30e80d2"
     "020000d4a00000f97f2003d5ffffff170520a1d2a00400f9000180d20080b0f2020000d4",
 )
 
-UNDEFINED = _guest("undefined", "    udf #0\n", "00000000")
+UNDEFINED = aarch64_program("undefined", "    udf #0\n", "00000000")
 
-FETCH_FAULT = _guest(
+FETCH_FAULT = aarch64_program(
     "fetch_fault",
     """
     movz x1, #0x1000, lsl #16
@@ -126,7 +109,7 @@ FETCH_FAULT = _guest(
     "0100a2d220001fd6",
 )
 
-RESET2 = _guest(
+RESET2 = aarch64_program(
     "reset2",
     """
     movz x0, #0x0012
@@ -139,22 +122,22 @@ RESET2 = _guest(
     "400280d20080b8f2210080d20100b0f2020080d2020000d4",
 )
 
-LOOP = _guest("loop", "1:  b 1b\n", "00000014")
+LOOP = aarch64_program("loop", "1:  b 1b\n", "00000014")
 
-READ_THEN_WRITE = _guest(
+READ_THEN_WRITE = aarch64_program(
     "read_then_write",
     """
     movz x5, #0x0900, lsl #16
     ldr w2, [x5]
     str w2, [x5, #8]
 """
-    + _SYSTEM_OFF,
+    + SYSTEM_OFF_SOURCE,
     "0520a1d2a20040b9a20800b9000180d20080b0f2020000d4",
 )
 
 # PSCI_VERSION, PSCI_FEATURES(CPU_ON), and an SMCCC call Gunyah does not
 # implement (through SMC): each answer is written out.
-PSCI_QUERIES = _guest(
+PSCI_QUERIES = aarch64_program(
     "psci_queries",
     """
     movz x5, #0x0900, lsl #16
@@ -173,7 +156,7 @@ PSCI_QUERIES = _guest(
     smc #0
     str x0, [x5, #16]
 """
-    + _SYSTEM_OFF,
+    + SYSTEM_OFF_SOURCE,
     "0520a1d2000080d20080b0f2020000d4a00000f9400180d20080b0f2610080d20180b8f2020000d4a00400f9000080d20040b8f2"
     "030000d4a00800f9000180d20080b0f2020000d4",
 )

@@ -4,12 +4,12 @@ assembler exists: ``apt-get install binutils-aarch64-linux-gnu``)."""
 from __future__ import annotations
 
 import pytest
-from gunyah_guests import GUESTS, Guest
+from gunyah_guests import GUESTS
 
-from pyvmm.testing.conformance.programs_aarch64 import aarch64_assembler, assemble_aarch64
+from pyvmm.testing.conformance.programs_aarch64 import Aarch64Program, aarch64_assembler, assemble_aarch64
 
 
 @pytest.mark.skipif(aarch64_assembler() is None, reason="no aarch64 GNU assembler on this host")
 @pytest.mark.parametrize("guest", GUESTS, ids=[g.name for g in GUESTS])
-def test_code_is_the_assembled_source(guest: Guest) -> None:
+def test_code_is_the_assembled_source(guest: Aarch64Program) -> None:
     assert assemble_aarch64(guest.source) == guest.code

@@ -22,7 +22,7 @@ from pyvmm.boot import BootSpec
 from pyvmm.config import Arch
 from pyvmm.errors import HypervisorError
 from pyvmm.exits import ExitKind, InternalErrorExit, InterruptedExit, MmioExit, SystemEvent, SystemEventExit
-from pyvmm.testing.conformance.programs_aarch64 import minimal_fdt
+from pyvmm.testing.conformance.programs_aarch64 import Aarch64Program, minimal_fdt
 from pyvmm.testing.driver_model import ModelGap, Rule
 from pyvmm.vcpu_state import IoEventAddress
 from pyvmm.vm import Backend, Vcpu, Vm
@@ -37,7 +37,7 @@ SPEC = BootSpec(arch=Arch.AARCH64, entry=guests.CODE_ADDRESS, fdt_address=guests
 @contextmanager
 def booted(
     backend: Backend,
-    guest: guests.Guest,
+    guest: Aarch64Program,
     *,
     vcpus: int = 1,
     setup: Callable[[Vm], object] | None = None,

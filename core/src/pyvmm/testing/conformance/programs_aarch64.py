@@ -96,17 +96,20 @@ def minimal_fdt() -> bytes:
     return header + reserve_map + structure
 
 
-def _a64(name: str, source: str, code_hex: str) -> Aarch64Program:
+def aarch64_program(name: str, source: str, code_hex: str) -> Aarch64Program:
+    """A program record from its source and the hex of its assembled bytes."""
     return Aarch64Program(name, source, bytes.fromhex(code_hex))
 
 
-_SYSTEM_OFF = """
+#: PSCI SYSTEM_OFF through ``hvc #0``: how every program here (and a backend's
+#: own test guests) ends.
+SYSTEM_OFF_SOURCE = """
     movz x0, #0x0008
     movk x0, #0x8400, lsl #16
     hvc #0
 """
 
-MMIO_ROUND_TRIP = _a64(
+MMIO_ROUND_TRIP = aarch64_program(
     "mmio_round_trip",
     """
     movz x5, #0x0900, lsl #16
@@ -122,14 +125,14 @@ MMIO_ROUND_TRIP = _a64(
     add x4, x4, #1
     str x4, [x5, #32]
 """
-    + _SYSTEM_OFF,
+    + SYSTEM_OFF_SOURCE,
     "0520a1d2a20040b942040011a20800b903f18ed2c3acaaf28368c6f24324e2f2a30800f9a40c40f984040091a41000f9"
     "000180d20080b0f2020000d4",
 )
 
-PSCI_OFF = _a64("psci_system_off", _SYSTEM_OFF, "000180d20080b0f2020000d4")
+PSCI_OFF = aarch64_program("psci_system_off", SYSTEM_OFF_SOURCE, "000180d20080b0f2020000d4")
 
-PSCI_RESET = _a64(
+PSCI_RESET = aarch64_program(
     "psci_system_reset",
     """
     movz x0, #0x0009
@@ -139,7 +142,7 @@ PSCI_RESET = _a64(
     "200180d20080b0f2020000d4",
 )
 
-WFI = _a64(
+WFI = aarch64_program(
     "wfi",
     """
 1:  wfi
@@ -148,7 +151,7 @@ WFI = _a64(
     "7f2003d5ffffff17",
 )
 
-BOOT_REGISTERS = _a64(
+BOOT_REGISTERS = aarch64_program(
     "boot_registers",
     """
     movz x5, #0x0900, lsl #16
@@ -157,22 +160,22 @@ BOOT_REGISTERS = _a64(
     str x2, [x5, #16]
     str x3, [x5, #24]
 """
-    + _SYSTEM_OFF,
+    + SYSTEM_OFF_SOURCE,
     "0520a1d2a00000f9a10400f9a20800f9a30c00f9000180d20080b0f2020000d4",
 )
 
-ADD_REGISTERS = _a64(
+ADD_REGISTERS = aarch64_program(
     "add_registers",
     """
     add x6, x6, x7
     movz x5, #0x0900, lsl #16
     str x6, [x5]
 """
-    + _SYSTEM_OFF,
+    + SYSTEM_OFF_SOURCE,
     "c600078b0520a1d2a60000f9000180d20080b0f2020000d4",
 )
 
-MEMORY = _a64(
+MEMORY = aarch64_program(
     "memory",
     """
     movz x1, #0x4018, lsl #16
@@ -183,11 +186,11 @@ MEMORY = _a64(
     movk x3, #0xdead, lsl #16
     str w3, [x1, #8]
 """
-    + _SYSTEM_OFF,
+    + SYSTEM_OFF_SOURCE,
     "0103a8d2220040f90520a1d2a20000f9e3dd97d2a3d5bbf2230800b9000180d20080b0f2020000d4",
 )
 
-READ_ONLY_WRITE = _a64(
+READ_ONLY_WRITE = aarch64_program(
     "read_only_write",
     """
     movz x1, #0x4020, lsl #16
@@ -197,11 +200,11 @@ READ_ONLY_WRITE = _a64(
     movz x5, #0x0900, lsl #16
     strb w3, [x5]
 """
-    + _SYSTEM_OFF,
+    + SYSTEM_OFF_SOURCE,
     "0104a8d2e20e805222000039230040390520a1d2a3000039000180d20080b0f2020000d4",
 )
 
-READ_TWICE = _a64(
+READ_TWICE = aarch64_program(
     "read_twice",
     """
     movz x1, #0x4020, lsl #16
@@ -211,7 +214,7 @@ READ_TWICE = _a64(
     ldrb w2, [x1]
     strb w2, [x5]
 """
-    + _SYSTEM_OFF,
+    + SYSTEM_OFF_SOURCE,
     "0104a8d20520a1d222004039a200003922004039a2000039000180d20080b0f2020000d4",
 )
 
