@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import struct
 from collections.abc import Iterator
 from contextlib import contextmanager
 
@@ -59,6 +60,21 @@ def expect_mmio(vcpu: Vcpu) -> MmioExit:
     exit_ = run_to(vcpu, ExitKind.MMIO)
     assert isinstance(exit_, MmioExit)
     return exit_
+
+
+def expect_mmio_round_trip(vcpu: Vcpu, base: int) -> None:
+    """The MMIO sequence both architectures' ``MMIO_ROUND_TRIP`` programs share: a
+    4-byte read at ``base`` answered with 0xCAFEBABD, the value + 1 written at
+    ``base + 8``, then 0x1122334455667788 written as 8 bytes at ``base + 16``."""
+    read = expect_mmio(vcpu)
+    assert (read.address, read.size, read.is_write) == (base, 4, False)
+    read.data[:4] = struct.pack("<I", 0xCAFEBABD)
+    write = expect_mmio(vcpu)
+    assert (write.address, write.size, write.is_write) == (base + 8, 4, True)
+    assert struct.unpack("<I", write.data[:4])[0] == 0xCAFEBABE
+    wide = expect_mmio(vcpu)
+    assert (wide.address, wide.size, wide.is_write) == (base + 16, 8, True)
+    assert struct.unpack("<Q", wide.data[:8])[0] == 0x1122334455667788
 
 
 def port_output_until_halt(vcpu: Vcpu, port: int, fill: bytes = b"") -> tuple[bytes, int]:

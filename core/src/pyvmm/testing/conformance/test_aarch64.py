@@ -27,7 +27,7 @@ from pyvmm.config import PAGE_SIZE, Arch
 from pyvmm.errors import ConfigError, GuestMemoryError
 from pyvmm.exits import ExitKind, SystemEvent, SystemEventExit
 from pyvmm.testing.conformance import programs_aarch64 as p
-from pyvmm.testing.conformance.harness import expect_mmio, require, require_arch, run_to
+from pyvmm.testing.conformance.harness import expect_mmio, expect_mmio_round_trip, require, require_arch, run_to
 from pyvmm.vcpu_state import StateKind
 from pyvmm.vm import Backend, Vcpu, Vm
 
@@ -72,15 +72,7 @@ def expect_system_event(vcpu: Vcpu, event: SystemEvent) -> None:
 
 def test_mmio_round_trip(backend: Backend) -> None:
     with booted(backend, p.MMIO_ROUND_TRIP) as (_, vcpu):
-        read = expect_mmio(vcpu)
-        assert (read.address, read.size, read.is_write) == (p.MMIO_BASE, 4, False)
-        read.data[:4] = struct.pack("<I", 0xCAFEBABD)
-        write = expect_mmio(vcpu)
-        assert (write.address, write.size, write.is_write) == (p.MMIO_BASE + 8, 4, True)
-        assert struct.unpack("<I", write.data[:4])[0] == 0xCAFEBABE
-        wide = expect_mmio(vcpu)
-        assert (wide.address, wide.size, wide.is_write) == (p.MMIO_BASE + 16, 8, True)
-        assert struct.unpack("<Q", wide.data[:8])[0] == 0x1122334455667788
+        expect_mmio_round_trip(vcpu, p.MMIO_BASE)
         wide_read = expect_mmio(vcpu)
         assert (wide_read.address, wide_read.size, wide_read.is_write) == (p.MMIO_BASE + 24, 8, False)
         wide_read.data[:8] = struct.pack("<Q", 0x0123456789ABCDEE)

@@ -18,6 +18,7 @@ from pyvmm.testing.conformance.harness import (
     booted,
     expect_io,
     expect_mmio,
+    expect_mmio_round_trip,
     port_output_until_halt,
     require,
     require_arch,
@@ -55,15 +56,7 @@ def test_pio_read_round_trip(backend: Backend) -> None:
 
 def test_mmio_round_trip(backend: Backend) -> None:
     with booted(backend, p.MMIO_ROUND_TRIP) as (_, vcpu):
-        read = expect_mmio(vcpu)
-        assert (read.address, read.size, read.is_write) == (p.MMIO_BASE, 4, False)
-        read.data[:4] = struct.pack("<I", 0xCAFEBABD)
-        write = expect_mmio(vcpu)
-        assert (write.address, write.size, write.is_write) == (p.MMIO_BASE + 8, 4, True)
-        assert struct.unpack("<I", write.data[:4])[0] == 0xCAFEBABE
-        wide = expect_mmio(vcpu)
-        assert (wide.address, wide.size, wide.is_write) == (p.MMIO_BASE + 16, 8, True)
-        assert struct.unpack("<Q", wide.data[:8])[0] == 0x1122334455667788
+        expect_mmio_round_trip(vcpu, p.MMIO_BASE)
         run_to(vcpu, ExitKind.HLT)
 
 
