@@ -5,10 +5,14 @@ declares its capabilities in its manifest; core reads them through
 :class:`CapabilitySet`, where a capability that is not declared (including one this
 version of pyvmm does not know yet) reads as ``False``.
 
-Some capabilities gate an optional hook (:data:`HOOKS_BY_CAPABILITY`): the backend
-must implement exactly the hooks of the capabilities it declares, and core checks
-the capability before every call.  The others are flags that change what core
-allows (read-only regions, dirty logging) or how it boots a VM.
+Every capability is one of three kinds, and a test keeps it so:
+
+* it gates optional hooks (each specification in :mod:`pyvmm.hookspecs` names its
+  capability; :func:`pyvmm.contract.hooks_by_capability` derives the map): the
+  backend implements exactly the hooks of the capabilities it declares, and core
+  checks the capability before every call;
+* core reads it as a flag (:data:`CORE_READS` says where and why);
+* it is informational (:data:`INFORMATIONAL`): core never reads it.
 
 The first group mirrors crosvm's ``HypervisorCap`` and ``VmCap``
 (``hypervisor/src/caps.rs``); the second is what pyvmm's optional hooks need.
@@ -88,35 +92,56 @@ class Capability(str, enum.Enum):
     """The VM must be started explicitly once set up (hook ``pyvmm_start_vm``)."""
     MULTI_VCPU = "multi_vcpu"
     """More than one vCPU per VM."""
+    DEVICE_TREE_NODES = "device_tree_nodes"
+    """The backend adds nodes of its own to the guest's device tree
+    (:meth:`pyvmm.vm.Vm.add_device_tree_nodes`), after the board wrote its nodes and
+    registered its irqfds, as crosvm's Gunyah backend does in ``create_fdt``."""
 
 
-#: Optional hooks and the capability that gates each.  Core calls none of these
-#: without the capability, and a backend implements exactly those of the
-#: capabilities it declares.
-HOOKS_BY_CAPABILITY: dict[Capability, tuple[str, ...]] = {
-    Capability.IMMEDIATE_EXIT: ("pyvmm_kick_vcpu",),
-    Capability.HYPERVISOR_INITIALIZED_BOOT_CONTEXT: ("pyvmm_set_boot_context",),
-    Capability.DIRTY_LOG: ("pyvmm_get_dirty_log",),
-    Capability.PVCLOCK: ("pyvmm_get_clock", "pyvmm_set_clock"),
-    Capability.MEMORY_REMOVAL: ("pyvmm_unmap_memory",),
-    Capability.VCPU_REGISTERS: ("pyvmm_get_vcpu_state", "pyvmm_set_vcpu_state"),
-    Capability.MSRS: ("pyvmm_get_msrs", "pyvmm_set_msrs"),
-    Capability.CPUID: ("pyvmm_get_supported_cpuid", "pyvmm_set_cpuid"),
-    Capability.IOEVENTS: ("pyvmm_register_ioevent", "pyvmm_unregister_ioevent"),
-    Capability.IRQFD: ("pyvmm_register_irqfd",),
-    Capability.IRQ_LINE: ("pyvmm_set_irq_line",),
-    Capability.IRQCHIP: ("pyvmm_create_irqchip",),
-    Capability.GUEST_DEBUG: ("pyvmm_set_guest_debug",),
-    Capability.VM_START: ("pyvmm_start_vm",),
+#: Capabilities core reads itself (beyond gating a hook), and where.  Every
+#: other capability either gates hooks (:func:`pyvmm.contract.hooks_by_capability`)
+#: or is in :data:`INFORMATIONAL`.
+CORE_READS: dict[Capability, str] = {
+    Capability.HYPERVISOR_INITIALIZED_BOOT_CONTEXT: "Vm.set_boot/Vcpu.apply_boot: boot entry to the VM, no vCPU init",
+    Capability.PROTECTED: "Backend.create_vm: a VmConfig asking for protection needs it",
+    Capability.READ_ONLY_MEMORY: "Vm.add_memory: read_only=True needs it",
+    Capability.LATE_MEMORY: "Vm.add_memory: mapping after start needs it",
+    Capability.PORT_IO: "the pc board and the x86 conformance scenarios need port-I/O exits",
+    Capability.PIO_IOEVENTS: "Vm.register_ioevent: an ioevent on a port needs it",
+    Capability.EARLY_INIT_CPUID: "Vcpu.set_cpuid refuses; the pc board sets CPUID at VM creation instead",
+    Capability.MULTI_VCPU: "Backend.create_vm: more than one vCPU needs it",
 }
 
-#: The capability each optional hook belongs to.
-CAPABILITY_BY_HOOK: dict[str, Capability] = {hook: cap for cap, hooks in HOOKS_BY_CAPABILITY.items() for hook in hooks}
+#: Capabilities core never reads: they mirror crosvm's ``HypervisorCap``/``VmCap``
+#: so a VMM (and ``pyvmm backends``) can see them, and change nothing in core.
+INFORMATIONAL: frozenset[Capability] = frozenset(
+    {
+        Capability.USER_MEMORY,
+        Capability.XCRS,
+        Capability.CALIBRATED_TSC_LEAF_REQUIRED,
+        Capability.STATIC_SWIOTLB_ALLOCATION_REQUIRED,
+        Capability.ARM_PMU_V3,
+        Capability.BUS_LOCK_DETECT,
+        Capability.MEM_NONCOHERENT_DMA,
+        Capability.MTE,
+        Capability.SVE,
+        Capability.NESTED_VIRT,
+    }
+)
 
-#: ``pyvmm_init_vcpu`` is optional the other way round: required unless the
-#: backend declares that the hypervisor initialises the boot context, and
-#: forbidden (it would never be called) when it does.
-INIT_VCPU_HOOK = "pyvmm_init_vcpu"
+
+def __getattr__(name: str) -> object:
+    # The hook maps moved to pyvmm.contract, derived from the specifications;
+    # these names stay importable for plugins' tests written against 0.1.
+    from pyvmm import contract
+
+    if name == "HOOKS_BY_CAPABILITY":
+        return contract.hooks_by_capability()
+    if name == "CAPABILITY_BY_HOOK":
+        return contract.capability_by_hook()
+    if name == "INIT_VCPU_HOOK":
+        return contract.INIT_VCPU_HOOK
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def parse_capabilities(names: Iterable[str | Capability]) -> tuple[frozenset[Capability], tuple[str, ...]]:

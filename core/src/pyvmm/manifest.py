@@ -16,9 +16,11 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 from pyvmm.capabilities import Capability, CapabilitySet, parse_capabilities
 from pyvmm.config import Arch
 
-#: The version of the hook contract this pyvmm implements.  A plugin declares the
-#: version it was written for; a mismatch is refused at registration.
-CONTRACT_VERSION = 1
+# The contract version lives with the specifications' metadata; plugins have
+# always imported it from here.
+from pyvmm.contract import CONTRACT_VERSION  # noqa: E402
+
+__all__ = ["CONTRACT_VERSION", "Availability", "BackendManifest"]
 
 
 class Availability(BaseModel):

@@ -19,7 +19,6 @@ the policy (:mod:`pyvmm.policy`) denies is recorded in
 from __future__ import annotations
 
 import contextlib
-import inspect
 import os
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
@@ -30,10 +29,19 @@ import pluggy
 from pydantic import ValidationError
 
 from pyvmm import hookspecs
-from pyvmm.capabilities import CAPABILITY_BY_HOOK, HOOKS_BY_CAPABILITY, INIT_VCPU_HOOK, Capability
+from pyvmm.capabilities import Capability
 from pyvmm.config import validation_message
+from pyvmm.contract import (
+    CHANGED_HOOKS,
+    CONTRACT_VERSION,
+    INIT_VCPU_HOOK,
+    MIN_CONTRACT_VERSION,
+    hooks_by_capability,
+    required_hooks,
+    specs,
+)
 from pyvmm.errors import BackendNotFound, BackendUnavailable, PluginContractError
-from pyvmm.manifest import CONTRACT_VERSION, Availability, BackendManifest
+from pyvmm.manifest import Availability, BackendManifest
 
 if TYPE_CHECKING:
     from pyvmm.policy import PluginPolicy
@@ -41,15 +49,8 @@ if TYPE_CHECKING:
 ENTRY_POINT_GROUP = "pyvmm"
 ENV_BACKEND = "PYVMM_BACKEND"
 
-REQUIRED_HOOKS = (
-    "pyvmm_backend_info",
-    "pyvmm_create_vm",
-    "pyvmm_destroy_vm",
-    "pyvmm_map_memory",
-    "pyvmm_create_vcpu",
-    "pyvmm_destroy_vcpu",
-    "pyvmm_run_vcpu",
-)
+#: The hooks every backend implements (from the specifications' metadata).
+REQUIRED_HOOKS = required_hooks()
 
 
 @dataclass(frozen=True)
@@ -99,21 +100,13 @@ class BackendPlugin:
         return self.manifest.check_availability()
 
 
-def _spec_argnames() -> dict[str, tuple[str, ...]]:
-    names: dict[str, tuple[str, ...]] = {}
-    for attr in dir(hookspecs):
-        if attr.startswith("pyvmm_"):
-            names[attr] = tuple(inspect.signature(getattr(hookspecs, attr)).parameters)
-    return names
-
-
 class PluginRegistry:
     """Holds the registered backends of one process (or one test)."""
 
     def __init__(self, policy: PluginPolicy | None = None) -> None:
         self._pm = pluggy.PluginManager(hookspecs.PROJECT)
         self._pm.add_hookspecs(hookspecs)
-        self._spec_args = _spec_argnames()
+        self._specs = specs()
         self.backends: dict[str, BackendPlugin] = {}
         self.failures: list[PluginFailure] = []
         #: The allow/deny policy; read from the environment and config file when
@@ -132,7 +125,8 @@ class PluginRegistry:
         try:
             internal_name = self._pm.register(plugin, name=f"{source.entry_point}@{id(plugin):x}")
         except (pluggy.PluginValidationError, ValueError) as exc:
-            raise PluginContractError(f"{source.describe()}: {exc}") from exc
+            hint = "".join(f" ({hook}: {why})" for hook, why in CHANGED_HOOKS.items() if hook in str(exc))
+            raise PluginContractError(f"{source.describe()}: {exc}{hint}") from exc
         try:
             backend = self._check(plugin, source)
         except BaseException:
@@ -143,11 +137,14 @@ class PluginRegistry:
 
     def _check(self, plugin: object, source: PluginSource) -> BackendPlugin:
         where = source.describe()
-        impls = self._implementations(plugin, where)
+        info = self._implementation(plugin, "pyvmm_backend_info")
+        if info is None:
+            raise PluginContractError(f"{where}: required hook(s) not implemented: pyvmm_backend_info")
+        manifest = self._manifest(info, where)
+        impls = self._implementations(plugin, where, manifest.contract_version)
         missing = [hook for hook in REQUIRED_HOOKS if hook not in impls]
         if missing:
             raise PluginContractError(f"{where}: required hook(s) not implemented: {', '.join(missing)}")
-        manifest = self._manifest(impls["pyvmm_backend_info"], where)
         self._check_capabilities(manifest, impls, where)
         clash = self.backends.get(manifest.name)
         if clash is not None:
@@ -156,19 +153,34 @@ class PluginRegistry:
             )
         return BackendPlugin(manifest=manifest, source=source, impls=impls, plugin=plugin)
 
-    def _implementations(self, plugin: object, where: str) -> dict[str, Callable[..., Any]]:
+    def _implementation(self, plugin: object, hook_name: str) -> Any:
+        for impl in getattr(self._pm.hook, hook_name).get_hookimpls():
+            if impl.plugin is plugin:
+                return impl.function
+        return None
+
+    def _implementations(self, plugin: object, where: str, version: int) -> dict[str, Callable[..., Any]]:
+        """The plugin's implementations, each checked against the argument names of
+        the contract version the plugin declares (or of the current one)."""
         impls: dict[str, Callable[..., Any]] = {}
         for hook_name in dir(plugin):
-            if hook_name.startswith("pyvmm_") and hook_name not in self._spec_args:
+            if hook_name.startswith("pyvmm_") and hook_name not in self._specs:
                 candidate = getattr(plugin, hook_name, None)
                 if callable(candidate) and self._pm.parse_hookimpl_opts(plugin, hook_name) is not None:
                     raise PluginContractError(f"{where}: {hook_name} is not a pyvmm hook")
-        for hook_name, expected in self._spec_args.items():
+        for hook_name, info in self._specs.items():
             caller = getattr(self._pm.hook, hook_name)
             for impl in caller.get_hookimpls():
                 if impl.plugin is not plugin:
                     continue
-                if tuple(impl.argnames) != expected:
+                if info.since > version:
+                    raise PluginContractError(
+                        f"{where}: {hook_name} was added in contract version {info.since}, "
+                        f"but the plugin declares version {version}"
+                    )
+                accepted = {info.argnames_for(version), info.argnames}
+                if tuple(impl.argnames) not in accepted:
+                    expected = info.argnames_for(version)
                     raise PluginContractError(
                         f"{where}: {hook_name} must take ({', '.join(expected)}), it takes ({', '.join(impl.argnames)})"
                     )
@@ -185,10 +197,11 @@ class PluginRegistry:
             manifest = raw if isinstance(raw, BackendManifest) else BackendManifest.model_validate(raw)
         except ValidationError as exc:
             raise PluginContractError(f"{where}: invalid manifest: {validation_message(exc)}") from exc
-        if manifest.contract_version != CONTRACT_VERSION:
+        if not MIN_CONTRACT_VERSION <= manifest.contract_version <= CONTRACT_VERSION:
             raise PluginContractError(
                 f"{where}: backend {manifest.name!r} implements hook contract version "
-                f"{manifest.contract_version}, this pyvmm implements version {CONTRACT_VERSION}"
+                f"{manifest.contract_version}, this pyvmm supports versions {MIN_CONTRACT_VERSION} "
+                f"to {CONTRACT_VERSION}"
             )
         return manifest
 
@@ -196,7 +209,10 @@ class PluginRegistry:
     def _check_capabilities(manifest: BackendManifest, impls: dict[str, Any], where: str) -> None:
         caps = manifest.capability_set
         problems: list[str] = []
-        for cap, hooks in HOOKS_BY_CAPABILITY.items():
+        for cap, hooks in hooks_by_capability().items():
+            hooks = tuple(h for h in hooks if specs()[h].since <= manifest.contract_version)
+            if not hooks:
+                continue
             have = [h for h in hooks if h in impls]
             if cap in caps and len(have) != len(hooks):
                 absent = sorted(set(hooks) - set(have))
@@ -322,10 +338,7 @@ def reset_default_registry() -> None:
     _default = None
 
 
-# Keep CAPABILITY_BY_HOOK importable from here: backends' tests use it to list
-# which hooks their capabilities oblige them to write.
 __all__ = [
-    "CAPABILITY_BY_HOOK",
     "BackendPlugin",
     "PluginDenied",
     "PluginFailure",

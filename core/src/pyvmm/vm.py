@@ -13,20 +13,26 @@ from __future__ import annotations
 import functools
 import threading
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any, NoReturn
 
 from pydantic import ValidationError
 
 from pyvmm.arch.x86_64 import CpuidEntry, DebugRegs, Fpu, MsrEntry, Regs, Sregs
 from pyvmm.boot import Aarch64VcpuInit, BootSpec, VcpuInit, X86VcpuInit
-from pyvmm.capabilities import CAPABILITY_BY_HOOK, Capability, CapabilitySet
-from pyvmm.config import PAGE_SIZE, Arch, MemoryRegionSpec, VmConfig, validation_message
+from pyvmm.backend.plugin import FORWARD_ATTRIBUTE
+from pyvmm.capabilities import Capability, CapabilitySet
+from pyvmm.config import PAGE_SIZE, Arch, MemoryRegionSpec, Protection, VmConfig, validation_message
+from pyvmm.contract import HookSpecInfo, specs
 from pyvmm.errors import ConfigError, GuestMemoryError, UnsupportedCapability, VmStateError
 from pyvmm.exits import VcpuExit
 from pyvmm.manifest import Availability, BackendManifest
 from pyvmm.memory import GuestMemory, RamRegion
 from pyvmm.plugins import BackendPlugin, PluginRegistry, default_registry
 from pyvmm.vcpu_state import IoEventAddress, StateKind
+
+if TYPE_CHECKING:
+    from pyvmm.host import Event
+    from pyvmm.machine.devicetree import DeviceTree
 
 
 def _validated(model: Any, value: Any, what: str) -> Any:
@@ -47,6 +53,8 @@ class Backend:
         self.name: str = plugin.name
         #: Declared capabilities, less those the availability probe found missing here.
         self.capabilities: CapabilitySet = plugin.manifest.host_capabilities(plugin.availability())
+        #: The hook implementations, resolved once: every call into the backend goes here.
+        self.hooks = BackendHooks(plugin, self.capabilities)
 
     def __repr__(self) -> str:
         return f"Backend({self.name!r})"
@@ -57,16 +65,6 @@ class Backend:
     def require(self, capability: Capability, what: str = "") -> None:
         if capability not in self.capabilities:
             raise UnsupportedCapability(self.name, capability, what)
-
-    def hook(self, name: str) -> Callable[..., Any]:
-        """The backend's implementation of hook ``name``, after the capability check."""
-        capability = CAPABILITY_BY_HOOK.get(name)
-        if capability is not None:
-            self.require(capability, name)
-        try:
-            return self.plugin.impls[name]
-        except KeyError:
-            raise UnsupportedCapability(self.name, name, "hook not implemented") from None
 
     def availability(self) -> Availability:
         return self.manifest.check_availability()
@@ -79,8 +77,98 @@ class Backend:
             raise ConfigError(f"arch: backend {self.name!r} runs {arches} guests, not {cfg.arch.value}")
         if cfg.vcpus > 1 and not self.supports(Capability.MULTI_VCPU):
             raise UnsupportedCapability(self.name, Capability.MULTI_VCPU, f"a VM with {cfg.vcpus} vCPUs")
-        handle = self.plugin.impls["pyvmm_create_vm"](self, cfg)
+        if cfg.protection is Protection.PROTECTED:
+            # Creating it unprotected would leave the guest's memory readable by
+            # the host while the VMM believes it is not.
+            self.require(Capability.PROTECTED, "a protected VM")
+        handle = self.hooks.create_vm(self, cfg)
         return Vm(self, cfg, handle)
+
+
+class BackendHooks:
+    """A backend's hook implementations, resolved once per backend.
+
+    Core calls the backend only through these attributes (one per specification
+    in :mod:`pyvmm.hookspecs`, named without the ``pyvmm_`` prefix), so a reader
+    or an IDE follows ``self._hooks.map_memory`` straight to its specification.
+    An optional hook whose capability the backend lacks on this host is a
+    function that raises :class:`~pyvmm.errors.UnsupportedCapability` instead of
+    calling the backend; a plugin of an older contract version that does not
+    take a newer trailing argument is called without it.
+    """
+
+    backend_info: Callable[[], BackendManifest]
+    create_vm: Callable[[Backend, VmConfig], Any]
+    destroy_vm: Callable[[Any], None]
+    map_memory: Callable[[Any, RamRegion], None]
+    create_vcpu: Callable[[Any, int], Any]
+    destroy_vcpu: Callable[[Any], None]
+    run_vcpu: Callable[[Any], VcpuExit]
+    init_vcpu: Callable[[Any, VcpuInit], None]
+    set_boot_context: Callable[[Any, BootSpec], None]
+    start_vm: Callable[[Any], None]
+    unmap_memory: Callable[[Any, RamRegion], None]
+    get_dirty_log: Callable[[Any, RamRegion], bytes]
+    get_clock: Callable[[Any], int]
+    set_clock: Callable[[Any, int], None]
+    kick_vcpu: Callable[[Any], None]
+    get_vcpu_state: Callable[[Any, StateKind], Any]
+    set_vcpu_state: Callable[[Any, StateKind, Any], None]
+    get_msrs: Callable[[Any, list[int]], list[MsrEntry]]
+    set_msrs: Callable[[Any, list[MsrEntry]], None]
+    get_supported_cpuid: Callable[[Any], list[CpuidEntry]]
+    set_cpuid: Callable[[Any, list[CpuidEntry]], None]
+    register_ioevent: Callable[[Any, Event, IoEventAddress, "int | None", int], None]
+    unregister_ioevent: Callable[[Any, Event, IoEventAddress, "int | None", int], None]
+    register_irqfd: Callable[[Any, Event, int, bool], None]
+    set_irq_line: Callable[[Any, int, bool], None]
+    create_irqchip: Callable[[Any], None]
+    set_guest_debug: Callable[[Any, bool, list[int]], None]
+    add_device_tree_nodes: Callable[[Any, DeviceTree], None]
+
+    def __init__(self, plugin: BackendPlugin, capabilities: CapabilitySet) -> None:
+        version = plugin.manifest.contract_version
+        for name, info in specs().items():
+            impl = plugin.impls.get(name)
+            attr = name.removeprefix("pyvmm_")
+            if info.capability is not None and info.capability not in capabilities:
+                impl = None
+            if impl is None:
+                setattr(self, attr, _refusal(plugin.name, info))
+                continue
+            setattr(self, attr, _adapted(impl, info, version))
+        #: ``(target, method)`` of each generated forwarder, so a vCPU can bind its
+        #: handle's own method (see :class:`Vcpu`).
+        self.forwards: dict[str, tuple[str, str]] = {
+            name.removeprefix("pyvmm_"): getattr(fn, FORWARD_ATTRIBUTE)
+            for name, fn in plugin.impls.items()
+            if hasattr(fn, FORWARD_ATTRIBUTE)
+        }
+
+
+def _refusal(backend: str, info: HookSpecInfo) -> Callable[..., Any]:
+    def refuse(*args: object) -> NoReturn:
+        raise UnsupportedCapability(backend, info.capability or info.name, info.name)
+
+    return refuse
+
+
+def _adapted(impl: Callable[..., Any], info: HookSpecInfo, version: int) -> Callable[..., Any]:
+    """``impl`` as core calls it: with every argument of the current contract."""
+    taken = len(info.argnames_for(version))
+    if taken == len(info.argnames) or len(_argnames(impl)) == len(info.argnames):
+        return impl
+
+    def adapt(*args: Any) -> Any:
+        return impl(*args[:taken])
+
+    return adapt
+
+
+def _argnames(fn: Callable[..., Any]) -> tuple[str, ...]:
+    from pluggy._hooks import varnames
+
+    return varnames(fn)[0]
 
 
 def get_backend(name: str | None = None, registry: PluginRegistry | None = None) -> Backend:
@@ -101,9 +189,7 @@ class Vm:
         self._boot_init: VcpuInit | None = None
         self._started = False
         self._closed = False
-        impls = backend.plugin.impls
-        self._map = impls["pyvmm_map_memory"]
-        self._create_vcpu = impls["pyvmm_create_vcpu"]
+        self._hooks = backend.hooks
 
     def __enter__(self) -> Vm:
         return self
@@ -168,7 +254,7 @@ class Vm:
             for address, data in (contents or {}).items():
                 offset = address - spec.guest_phys_addr
                 region.view(offset, len(data))[:] = data
-            self._map(self.handle, region)
+            self._hooks.map_memory(self.handle, region)
         except BaseException:
             self.memory.release_slot(region)
             raise
@@ -178,21 +264,21 @@ class Vm:
     def remove_memory(self, region: RamRegion) -> None:
         """Unmap ``region`` from the guest and free its host memory (``MEMORY_REMOVAL``)."""
         self._check_open()
-        unmap = self.backend.hook("pyvmm_unmap_memory")
+        self.backend.require(Capability.MEMORY_REMOVAL, "remove memory")
         if region not in list(self.memory):
             raise ConfigError(f"{region!r} is not mapped in this VM")
-        unmap(self.handle, region)
+        self._hooks.unmap_memory(self.handle, region)
         self.memory.remove(region)
 
     def dirty_log(self, region: RamRegion) -> bytes:
         """Bitmap of the pages of ``region`` written since the last call (``DIRTY_LOG``)."""
         self._check_open()
-        get = self.backend.hook("pyvmm_get_dirty_log")
+        self.backend.require(Capability.DIRTY_LOG, "read a dirty log")
         if region not in list(self.memory):
             raise ConfigError(f"{region!r} is not mapped in this VM")
         if not region.log_dirty:
             raise ConfigError(f"{region!r} was not mapped with log_dirty=True")
-        return bytes(get(self.handle, region))
+        return bytes(self._hooks.get_dirty_log(self.handle, region))
 
     def dirty_pages(self, region: RamRegion) -> list[int]:
         """Guest-physical addresses of the pages of ``region`` written since the last call."""
@@ -210,7 +296,7 @@ class Vm:
             raise ConfigError(f"vCPU index {index} is out of range for a VM configured with {self.config.vcpus}")
         if any(v.index == index for v in self.vcpus):
             raise ConfigError(f"vCPU {index} already exists")
-        vcpu = Vcpu(self, index, self._create_vcpu(self.handle, index))
+        vcpu = Vcpu(self, index, self._hooks.create_vcpu(self.handle, index))
         self.vcpus.append(vcpu)
         if self._boot is not None:
             vcpu._needs_boot = True
@@ -233,7 +319,7 @@ class Vm:
         if self._started:
             raise VmStateError("the VM has already started")
         if self.backend.supports(Capability.HYPERVISOR_INITIALIZED_BOOT_CONTEXT):
-            self.backend.hook("pyvmm_set_boot_context")(self.handle, boot)
+            self._hooks.set_boot_context(self.handle, boot)
         elif boot.arch is Arch.X86_64:
             from pyvmm.arch.x86_64_boot import build_x86_boot_state
 
@@ -278,7 +364,7 @@ class Vm:
                 "call Vcpu.apply_boot() on each vCPU's thread before start()"
             )
         if self.backend.supports(Capability.VM_START):
-            self.backend.hook("pyvmm_start_vm")(self.handle)
+            self._hooks.start_vm(self.handle)
         self._started = True
 
     # --- interrupts, events, clock ------------------------------------------
@@ -286,25 +372,35 @@ class Vm:
         self._check_open()
         if self.vcpus:
             raise VmStateError("the irqchip must be created before the first vCPU")
-        self.backend.hook("pyvmm_create_irqchip")(self.handle)
+        self._hooks.create_irqchip(self.handle)
 
     def set_irq_line(self, line: int, level: bool) -> None:
         self._check_open()
-        self.backend.hook("pyvmm_set_irq_line")(self.handle, line, level)
+        self._hooks.set_irq_line(self.handle, line, level)
 
-    def register_irqfd(self, fd: int, line: int, level: bool = False) -> None:
+    def register_irqfd(self, event: Event, line: int, level: bool = False) -> None:
+        """Make a signal of ``event`` raise interrupt ``line`` (``IRQFD``)."""
         self._check_open()
-        self.backend.hook("pyvmm_register_irqfd")(self.handle, fd, line, level)
+        self._hooks.register_irqfd(self.handle, event, line, level)
 
-    def register_ioevent(self, fd: int, address: IoEventAddress, datamatch: int | None = None, length: int = 0) -> None:
+    def register_ioevent(
+        self, event: Event, address: IoEventAddress, datamatch: int | None = None, length: int = 0
+    ) -> None:
+        """Signal ``event`` instead of exiting on a guest write at ``address`` (``IOEVENTS``)."""
         self._check_ioevent(address, datamatch, length)
-        self.backend.hook("pyvmm_register_ioevent")(self.handle, fd, address, datamatch, length)
+        self._hooks.register_ioevent(self.handle, event, address, datamatch, length)
 
     def unregister_ioevent(
-        self, fd: int, address: IoEventAddress, datamatch: int | None = None, length: int = 0
+        self, event: Event, address: IoEventAddress, datamatch: int | None = None, length: int = 0
     ) -> None:
         self._check_ioevent(address, datamatch, length)
-        self.backend.hook("pyvmm_unregister_ioevent")(self.handle, fd, address, datamatch, length)
+        self._hooks.unregister_ioevent(self.handle, event, address, datamatch, length)
+
+    def add_device_tree_nodes(self, tree: DeviceTree) -> None:
+        """Let the backend add its own nodes to the guest's device tree
+        (``DEVICE_TREE_NODES``; the aarch64 board calls this)."""
+        self._check_open()
+        self._hooks.add_device_tree_nodes(self.handle, tree)
 
     def _check_ioevent(self, address: IoEventAddress, datamatch: int | None, length: int) -> None:
         self._check_open()
@@ -318,15 +414,15 @@ class Vm:
 
     def get_clock(self) -> int:
         self._check_open()
-        return int(self.backend.hook("pyvmm_get_clock")(self.handle))
+        return int(self._hooks.get_clock(self.handle))
 
     def set_clock(self, nanoseconds: int) -> None:
         self._check_open()
-        self.backend.hook("pyvmm_set_clock")(self.handle, nanoseconds)
+        self._hooks.set_clock(self.handle, nanoseconds)
 
     def supported_cpuid(self) -> list[CpuidEntry]:
         self._check_open()
-        return list(self.backend.hook("pyvmm_get_supported_cpuid")(self.handle))
+        return list(self._hooks.get_supported_cpuid(self.handle))
 
     # --- teardown -------------------------------------------------------------
     def close(self) -> None:
@@ -339,7 +435,7 @@ class Vm:
                 vcpu.close()
         finally:
             try:
-                self.backend.plugin.impls["pyvmm_destroy_vm"](self.handle)
+                self._hooks.destroy_vm(self.handle)
             finally:
                 self.memory.close()
 
@@ -356,8 +452,14 @@ class Vcpu:
         self._closed = False
         backend = vm.backend
         self._backend = backend
-        #: Run until the next exit.  Bound once, so each call is a direct call.
-        self.run: Callable[[], VcpuExit] = functools.partial(backend.plugin.impls["pyvmm_run_vcpu"], handle)
+        self._hooks = hooks = backend.hooks
+        #: Run until the next exit.  Bound once, so each call is a direct call: a
+        #: backend on the template gets its handle's own ``run`` method.
+        self.run: Callable[[], VcpuExit]
+        if hooks.forwards.get("run_vcpu") == ("vcpu", "run"):
+            self.run = handle.run
+        else:
+            self.run = functools.partial(hooks.run_vcpu, handle)
 
     def __repr__(self) -> str:
         return f"Vcpu({self.index}, backend={self._backend.name!r})"
@@ -391,23 +493,23 @@ class Vcpu:
                 "set vCPU boot registers",
                 because="the hypervisor initialises the boot context",
             )
-        self._backend.plugin.impls["pyvmm_init_vcpu"](self.handle, boot)
+        self._hooks.init_vcpu(self.handle, boot)
 
     def kick(self) -> None:
         """From any thread: make the current or next :meth:`run` return an
         :class:`~pyvmm.exits.InterruptedExit` (``IMMEDIATE_EXIT``)."""
         if self._closed:
             raise VmStateError(f"vCPU {self.index} is closed")
-        self._backend.hook("pyvmm_kick_vcpu")(self.handle)
+        self._hooks.kick_vcpu(self.handle)
 
     # --- registers ------------------------------------------------------------
     def get_state(self, kind: StateKind) -> Any:
         self._on_thread("get_state")
-        return self._backend.hook("pyvmm_get_vcpu_state")(self.handle, kind)
+        return self._hooks.get_vcpu_state(self.handle, kind)
 
     def set_state(self, kind: StateKind, value: Any) -> None:
         self._on_thread("set_state")
-        self._backend.hook("pyvmm_set_vcpu_state")(self.handle, kind, value)
+        self._hooks.set_vcpu_state(self.handle, kind, value)
 
     def get_regs(self) -> Regs:
         return self.get_state(StateKind.REGS)  # type: ignore[no-any-return]
@@ -429,11 +531,11 @@ class Vcpu:
 
     def get_msrs(self, indices: list[int]) -> list[MsrEntry]:
         self._on_thread("get_msrs")
-        return list(self._backend.hook("pyvmm_get_msrs")(self.handle, list(indices)))
+        return list(self._hooks.get_msrs(self.handle, list(indices)))
 
     def set_msrs(self, entries: list[MsrEntry]) -> None:
         self._on_thread("set_msrs")
-        self._backend.hook("pyvmm_set_msrs")(self.handle, list(entries))
+        self._hooks.set_msrs(self.handle, list(entries))
 
     def set_cpuid(self, entries: list[CpuidEntry]) -> None:
         self._on_thread("set_cpuid")
@@ -444,21 +546,21 @@ class Vcpu:
                 "set a vCPU's CPUID",
                 because="CPUID is fixed at VM creation",
             )
-        self._backend.hook("pyvmm_set_cpuid")(self.handle, list(entries))
+        self._hooks.set_cpuid(self.handle, list(entries))
 
     def set_guest_debug(self, single_step: bool = False, breakpoints: list[int] | None = None) -> None:
         self._on_thread("set_guest_debug")
         points = list(breakpoints or [])
         if len(points) > 4:
             raise ConfigError(f"at most 4 hardware breakpoints, {len(points)} given")
-        self._backend.hook("pyvmm_set_guest_debug")(self.handle, single_step, points)
+        self._hooks.set_guest_debug(self.handle, single_step, points)
 
     def close(self) -> None:
         if self._closed:
             return
         self._closed = True
         self.run = self._run_closed  # never hand the destroyed handle to the run hook
-        self._backend.plugin.impls["pyvmm_destroy_vcpu"](self.handle)
+        self._hooks.destroy_vcpu(self.handle)
 
     def _run_closed(self) -> VcpuExit:
         raise VmStateError(f"vCPU {self.index} is closed")

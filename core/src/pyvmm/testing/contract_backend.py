@@ -17,11 +17,12 @@ import types
 from collections import deque
 from collections.abc import Iterable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from pyvmm.arch.x86_64 import CpuidEntry, MsrEntry, Regs, Sregs
 from pyvmm.boot import BootSpec, VcpuInit
-from pyvmm.capabilities import HOOKS_BY_CAPABILITY, INIT_VCPU_HOOK, Capability
+from pyvmm.capabilities import Capability
+from pyvmm.contract import INIT_VCPU_HOOK, hooks_by_capability
 from pyvmm.config import Arch, VmConfig
 from pyvmm.exits import HltExit, VcpuExit
 from pyvmm.hookspecs import hookimpl
@@ -29,6 +30,10 @@ from pyvmm.manifest import CONTRACT_VERSION, Availability, BackendManifest
 from pyvmm.memory import RamRegion
 from pyvmm.plugins import REQUIRED_HOOKS
 from pyvmm.vcpu_state import IoEventAddress, StateKind
+
+if TYPE_CHECKING:
+    from pyvmm.host import Event
+    from pyvmm.machine.devicetree import DeviceTree
 
 
 class InitVcpuCalled(AssertionError):
@@ -126,7 +131,7 @@ class ContractTestBackend:
         if Capability.HYPERVISOR_INITIALIZED_BOOT_CONTEXT not in declared:
             wanted.add(INIT_VCPU_HOOK)
         for cap in declared:
-            wanted.update(HOOKS_BY_CAPABILITY.get(cap, ()))
+            wanted.update(hooks_by_capability().get(cap, ()))
         wanted = (wanted - set(omit)) | set(extra)
         return types.SimpleNamespace(**{hook: getattr(self, hook) for hook in sorted(wanted)})
 
@@ -239,19 +244,23 @@ class ContractTestBackend:
 
     @hookimpl
     def pyvmm_register_ioevent(
-        self, vm: TestVm, fd: int, address: IoEventAddress, datamatch: int | None, length: int
+        self, vm: TestVm, event: Event, address: IoEventAddress, datamatch: int | None, length: int
     ) -> None:
-        self._record("pyvmm_register_ioevent", fd, address, datamatch, length)
+        self._record("pyvmm_register_ioevent", event, address, datamatch, length)
 
     @hookimpl
     def pyvmm_unregister_ioevent(
-        self, vm: TestVm, fd: int, address: IoEventAddress, datamatch: int | None, length: int
+        self, vm: TestVm, event: Event, address: IoEventAddress, datamatch: int | None, length: int
     ) -> None:
-        self._record("pyvmm_unregister_ioevent", fd, address, datamatch, length)
+        self._record("pyvmm_unregister_ioevent", event, address, datamatch, length)
 
     @hookimpl
-    def pyvmm_register_irqfd(self, vm: TestVm, fd: int, line: int, level: bool) -> None:
-        self._record("pyvmm_register_irqfd", fd, line, level)
+    def pyvmm_register_irqfd(self, vm: TestVm, event: Event, line: int, level: bool) -> None:
+        self._record("pyvmm_register_irqfd", event, line, level)
+
+    @hookimpl
+    def pyvmm_add_device_tree_nodes(self, vm: TestVm, tree: DeviceTree) -> None:
+        self._record("pyvmm_add_device_tree_nodes", tree)
 
     @hookimpl
     def pyvmm_set_irq_line(self, vm: TestVm, line: int, level: bool) -> None:

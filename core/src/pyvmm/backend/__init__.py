@@ -1,0 +1,54 @@
+"""The backend kit: everything a pyvmm backend is built from, once, in core.
+
+A backend is its **bindings** (cffi declarations and constants, ioctl numbers
+encoded by :mod:`pyvmm.backend.ioctl`), its **VM and vCPU classes** on this kit,
+and a **manifest**; ``docs/writing-a-backend.md`` walks through the template, and
+``pyvmm-kvm`` and ``pyvmm-gunyah`` follow it.  The kit holds:
+
+* :mod:`~pyvmm.backend.seam` -- the OS seams (:class:`DeviceSeam` for device-file
+  drivers, :class:`DllSeam` for DLL APIs) and :class:`LibcDeviceSeam`;
+* :mod:`~pyvmm.backend.host` -- :class:`DeviceHost` (a seam with the error
+  conventions: a failed call raises :class:`~pyvmm.errors.HypervisorError` naming
+  the ioctl) and :class:`HostSwitch`, the one switch tests use to put a driver
+  model behind a backend;
+* :mod:`~pyvmm.backend.dll` -- :class:`LoadedDll` and :class:`DllHost` (HRESULT and
+  BOOL + last-error conventions, optional exports found at load time);
+* :mod:`~pyvmm.backend.ioctl` -- Linux, BSD/macOS and Windows request encodings
+  and the name table;
+* :mod:`~pyvmm.backend.run_page` -- the shared run page of KVM-style drivers;
+* :mod:`~pyvmm.backend.kick` -- :class:`SignalKicker`, the thread rules of a kick;
+* :mod:`~pyvmm.backend.plugin` -- :func:`backend_plugin`, which turns the VM and
+  vCPU classes into the plugin the entry point names.
+
+Nothing here imports :mod:`pyvmm.testing`.
+"""
+
+from pyvmm.backend.dll import DllFunction, DllHost, LoadedDll
+from pyvmm.backend.host import DeviceHost, HostSwitch, address_of
+from pyvmm.backend.ioctl import IoctlRequest, bsd, ctl_code, linux, request_names
+from pyvmm.backend.kick import SignalKicker, install_kick_handler, kick_signal
+from pyvmm.backend.plugin import backend_plugin
+from pyvmm.backend.run_page import RunPage
+from pyvmm.backend.seam import DeviceSeam, DllSeam, LibcDeviceSeam
+
+__all__ = [
+    "DeviceHost",
+    "DeviceSeam",
+    "DllFunction",
+    "DllHost",
+    "DllSeam",
+    "HostSwitch",
+    "IoctlRequest",
+    "LibcDeviceSeam",
+    "LoadedDll",
+    "RunPage",
+    "SignalKicker",
+    "address_of",
+    "backend_plugin",
+    "bsd",
+    "ctl_code",
+    "install_kick_handler",
+    "kick_signal",
+    "linux",
+    "request_names",
+]

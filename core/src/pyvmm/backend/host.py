@@ -1,0 +1,118 @@
+"""A backend's host: its seam with error conventions, and the one switch tests use.
+
+Every device-file backend has one :class:`HostSwitch` in its ``host.py``::
+
+    HOST = HostSwitch("kvm", LibcDeviceSeam, IOCTL_NAMES)
+
+Production code takes ``HOST.current()`` (a :class:`DeviceHost`) when it opens the
+device, and every VM and vCPU keeps the host it was made with, so switching seams
+never reroutes a live object.  Tests, and only tests, route new objects to a
+driver model with ``with HOST.use(model): ...``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import mmap
+import os
+import threading
+from collections.abc import Callable, Iterator, Mapping
+from typing import Any
+
+from pyvmm.backend.seam import DeviceSeam
+from pyvmm.errors import HypervisorError
+
+_ffi: Any = None
+
+
+def address_of(cdata: Any) -> int:
+    """The address of a cffi object: what an ioctl taking a pointer receives.
+    (cffi pointers of any ``FFI`` instance cast the same way.)"""
+    global _ffi
+    if _ffi is None:
+        import cffi
+
+        _ffi = cffi.FFI()
+    return int(_ffi.cast("uintptr_t", cdata))
+
+
+class DeviceHost:
+    """A :class:`DeviceSeam` with the backend's error conventions: a failing call
+    raises :class:`~pyvmm.errors.HypervisorError` naming the ioctl."""
+
+    def __init__(self, seam: DeviceSeam, names: Mapping[int, str]) -> None:
+        self.seam = seam
+        self.names = names
+        #: Per-host state a backend shares between its VMs (an opened device).
+        self.state: dict[str, Any] = {}
+        self.lock = threading.Lock()
+
+    def ioctl_name(self, request: int) -> str:
+        return self.names.get(request, f"ioctl {request:#x}")
+
+    def try_ioctl(self, fd: int, request: int, arg: int | Any = 0) -> int:
+        """``ioctl``: the result, or ``-errno`` (for probes that expect some errors)."""
+        return self.seam.ioctl(fd, request, arg if isinstance(arg, int) else address_of(arg))
+
+    def ioctl(self, fd: int, request: int, arg: int | Any = 0, *, detail: str = "") -> int:
+        """``ioctl(fd, request, arg)``; ``arg`` is an int (passed by value) or a
+        cffi pointer (passed by address).  The non-negative result; a failure
+        raises :class:`HypervisorError` naming the request."""
+        result = self.seam.ioctl(fd, request, arg if isinstance(arg, int) else address_of(arg))
+        if result < 0:
+            raise HypervisorError(self.ioctl_name(request), -result, detail)
+        return result
+
+    def open_device(self, path: str) -> int:
+        fd = self.seam.open(path, os.O_RDWR | os.O_CLOEXEC)
+        if fd < 0:
+            raise HypervisorError(f"open({path})", -fd)
+        return fd
+
+    def close(self, fd: int) -> None:
+        result = self.seam.close(fd)
+        if result < 0:
+            # Only EBADF can happen here, which would be a bug of ours: let it show.
+            raise HypervisorError("close", -result)
+
+    def map_shared(self, fd: int, size: int, what: str, offset: int = 0) -> mmap.mmap:
+        """Map ``size`` bytes of a kernel object (a vCPU run page)."""
+        try:
+            return self.seam.mmap(fd, size, offset)
+        except OSError as exc:
+            raise HypervisorError(f"mmap({what})", exc.errno or errno.EIO) from exc
+
+    def signal_thread(self, thread_id: int, signum: int) -> None:
+        self.seam.signal_thread(thread_id, signum)
+
+
+class HostSwitch:
+    """The one switch between the real system calls and a driver model, for one backend."""
+
+    def __init__(self, backend: str, make_seam: Callable[[], DeviceSeam], names: Mapping[int, str]) -> None:
+        self.backend = backend
+        self.names = names
+        self._make_seam = make_seam
+        self._host: DeviceHost | None = None
+        self._lock = threading.Lock()
+
+    def current(self) -> DeviceHost:
+        """The host new objects are created on."""
+        with self._lock:
+            if self._host is None:
+                self._host = DeviceHost(self._make_seam(), self.names)
+            return self._host
+
+    @contextlib.contextmanager
+    def use(self, seam: DeviceSeam) -> Iterator[DeviceHost]:
+        """Route the objects created inside the block to ``seam``.  Only tests and
+        :mod:`pyvmm.testing` call this."""
+        with self._lock:
+            previous, self._host = self._host, DeviceHost(seam, self.names)
+            installed = self._host
+        try:
+            yield installed
+        finally:
+            with self._lock:
+                self._host = previous

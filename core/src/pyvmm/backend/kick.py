@@ -1,0 +1,163 @@
+"""Kicking a vCPU out of the hypervisor, from any thread.
+
+Setting a run page's ``immediate_exit`` stops only the *next* entry into the
+guest; a thread already inside the hypervisor (a guest spinning, a vCPU waiting
+in WFI/HLT) leaves only when a signal is pending for it.  :class:`SignalKicker`
+does both, under the thread rules every device-file backend shares:
+
+* **The kick follows the running thread.**  A vCPU may run on a thread other
+  than the one that created it; the backend's ``run`` calls :meth:`SignalKicker.bind`
+  when the calling thread changes, and the signal goes to that thread.
+* **Never a dead thread.**  ``pthread_kill`` on the id of a thread that has
+  exited is undefined behaviour (a crash, in practice).  Every bound thread
+  registers a sentinel in its thread-local storage; CPython drops it while the
+  thread is still alive but finishing, and the sentinel takes the thread off the
+  live list under the same lock a kick holds while it signals.
+* **Coalesced.**  At most one signal is in flight per vCPU: a kick flood sets
+  ``immediate_exit`` over and over but signals once, until the vCPU reports the
+  interruption (:meth:`SignalKicker.acknowledge`).
+* **Safe against close.**  After :meth:`SignalKicker.close` a kick does nothing,
+  so it can never touch a released run page.
+
+The signal needs a handler (the default action of a real-time signal kills the
+process) and Python installs handlers only from the main thread: backends call
+:func:`install_kick_handler` when a VM is created.  Nothing here touches a
+POSIX-only name at import time.
+"""
+
+from __future__ import annotations
+
+import signal
+import threading
+from collections.abc import Callable
+
+from pyvmm.errors import VmStateError
+
+_installed = False
+
+
+def kick_signal() -> int:
+    """The signal a kick sends: the first real-time signal where the host has
+    them, else ``SIGUSR2``."""
+    return int(getattr(signal, "SIGRTMIN", 0) or getattr(signal, "SIGUSR2", 0))
+
+
+def _ignore_kick(signum: int, frame: object) -> None:
+    """The kick only needs the blocked call to see a pending signal."""
+
+
+def install_kick_handler() -> bool:
+    """Install the kick signal's handler if possible; True once one is in place."""
+    global _installed
+    if _installed:
+        return True
+    if threading.current_thread() is not threading.main_thread() or not hasattr(signal, "pthread_kill"):
+        return False
+    signal.signal(kick_signal(), _ignore_kick)
+    _installed = True
+    return True
+
+
+def kick_handler_installed() -> bool:
+    return _installed
+
+
+# --- which threads are alive ------------------------------------------------------
+
+_alive_lock = threading.Lock()
+_alive: set[int] = set()
+_local = threading.local()
+
+
+class _ThreadSentinel:
+    """Lives in one thread's local storage; its finaliser runs on that thread as
+    it finishes, before the OS thread is gone."""
+
+    __slots__ = ("ident",)
+
+    def __init__(self, ident: int) -> None:
+        self.ident = ident
+
+    def __del__(self) -> None:
+        with _alive_lock:
+            _alive.discard(self.ident)
+
+
+def _register_current_thread() -> int:
+    ident = threading.get_ident()
+    if getattr(_local, "sentinel", None) is None:
+        with _alive_lock:
+            _alive.add(ident)
+        _local.sentinel = _ThreadSentinel(ident)
+    return ident
+
+
+def thread_alive(ident: int) -> bool:
+    with _alive_lock:
+        return ident in _alive
+
+
+# --- the kicker -------------------------------------------------------------------
+
+
+class SignalKicker:
+    """The kick of one vCPU: ``immediate_exit`` plus one coalesced signal to the
+    thread running it.
+
+    :param request_exit: sets the vCPU's ``immediate_exit`` (its run page's
+        :meth:`~pyvmm.backend.run_page.RunPage.request_immediate_exit`).
+    :param send_signal: ``pthread_kill`` (a seam's ``signal_thread``).
+    :param backend: the backend's name, for errors.
+    """
+
+    __slots__ = ("_backend", "_lock", "_request_exit", "_send_signal", "_signalled", "closed", "thread")
+
+    def __init__(
+        self, request_exit: Callable[[], None], send_signal: Callable[[int, int], None], backend: str
+    ) -> None:
+        self._request_exit = request_exit
+        self._send_signal = send_signal
+        self._backend = backend
+        self._lock = threading.Lock()
+        self._signalled = False
+        self.closed = False
+        #: The thread the vCPU runs on (the creator until another thread runs it).
+        self.thread = _register_current_thread()
+
+    def bind(self) -> None:
+        """Make the calling thread the one a kick signals.  The backend's ``run``
+        calls this when ``threading.get_ident() != kicker.thread``."""
+        ident = _register_current_thread()
+        with self._lock:
+            self.thread = ident
+
+    def kick(self) -> None:
+        """Make the vCPU's current or next run return promptly.  Any thread; idempotent."""
+        with self._lock:
+            if self.closed:
+                return
+            self._request_exit()
+            target = self.thread
+            if target == threading.get_ident() or self._signalled:
+                return
+            if not _installed:
+                raise VmStateError(
+                    f"cannot interrupt a running {self._backend} vCPU: the kick signal handler could not be "
+                    "installed (create the VM from the main thread, or call "
+                    "pyvmm.backend.install_kick_handler() there)"
+                )
+            with _alive_lock:
+                # Holding the lock keeps a finishing target from completing its exit
+                # (its sentinel waits for it) until the signal is sent.
+                if target in _alive:
+                    self._send_signal(target, kick_signal())
+                    self._signalled = True
+
+    def acknowledge(self) -> None:
+        """The vCPU returned an interruption: the next kick may signal again."""
+        self._signalled = False
+
+    def close(self) -> None:
+        """No kick touches the vCPU after this returns."""
+        with self._lock:
+            self.closed = True
