@@ -49,6 +49,7 @@ def _with_init_tripwire(backend: Backend) -> list[tuple[Any, ...]]:
         raise InitVcpuCalled("pyvmm_init_vcpu called although the hypervisor owns the boot context")
 
     backend.plugin.impls["pyvmm_init_vcpu"] = init_tripwire
+    backend.hooks.init_vcpu = init_tripwire
     return tripped
 
 

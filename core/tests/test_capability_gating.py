@@ -107,6 +107,12 @@ GATES = [
     Gate("set_irq_line", Capability.IRQ_LINE, "pyvmm_set_irq_line", lambda c: c.vm.set_irq_line(4, True)),
     Gate("create_irqchip", Capability.IRQCHIP, "pyvmm_create_irqchip", lambda c: c.vm.create_irqchip()),
     Gate(
+        "add_device_tree_nodes",
+        Capability.DEVICE_TREE_NODES,
+        "pyvmm_add_device_tree_nodes",
+        lambda c: c.vm.add_device_tree_nodes(object()),  # type: ignore[arg-type]
+    ),
+    Gate(
         "set_guest_debug",
         Capability.GUEST_DEBUG,
         "pyvmm_set_guest_debug",

@@ -344,7 +344,7 @@ def test_dirty_log_only_for_a_region_of_this_vm(make_backend: MakeBackend) -> No
 
 def test_dirty_pages_decodes_the_bitmap(make_backend: MakeBackend) -> None:
     _, backend = make_backend([Capability.DIRTY_LOG])
-    backend.plugin.impls["pyvmm_get_dirty_log"] = lambda vm, region: bytearray(b"\x05\x80")
+    backend.hooks.get_dirty_log = lambda vm, region: bytearray(b"\x05\x80")
     with backend.create_vm() as vm:
         region = vm.add_memory(0x40000, 0x10000, log_dirty=True)
         assert vm.dirty_log(region) == b"\x05\x80"

@@ -3,6 +3,8 @@ hook-contract version check, as discovery and ``pyvmm backends`` apply them."""
 
 from __future__ import annotations
 
+from pyvmm.contract import MIN_CONTRACT_VERSION
+
 import json
 import sys
 import uuid
@@ -222,7 +224,7 @@ def test_a_plugin_for_another_contract_version_is_refused_naming_both(version: i
         registry.register(plugin)
     message = str(info.value)
     assert f"contract version {version}" in message
-    assert f"this pyvmm implements version {CONTRACT_VERSION}" in message
+    assert f"this pyvmm supports versions {MIN_CONTRACT_VERSION} to {CONTRACT_VERSION}" in message
     assert "'future'" in message
     assert registry.backends == {}
 

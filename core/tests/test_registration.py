@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pyvmm.contract import MIN_CONTRACT_VERSION
+
 import types
 from collections.abc import Callable, Iterator
 from typing import Any
@@ -215,7 +217,7 @@ def test_backend_info_raising(refused: Callable[[object], PluginContractError]) 
 def test_contract_version_mismatch(refused: Callable[[object], PluginContractError]) -> None:
     error = refused(RecordingBackend("from-the-future", contract_version=CONTRACT_VERSION + 1).plugin())
     assert f"version {CONTRACT_VERSION + 1}" in str(error)
-    assert f"version {CONTRACT_VERSION}" in str(error)
+    assert f"versions {MIN_CONTRACT_VERSION} to {CONTRACT_VERSION}" in str(error)
     assert "'from-the-future'" in str(error)
 
 

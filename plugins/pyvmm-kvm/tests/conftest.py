@@ -9,13 +9,13 @@ import pytest
 
 from pyvmm.plugins import PluginRegistry
 from pyvmm.vm import Backend
-from pyvmm_kvm import hooks
+from pyvmm_kvm.plugin import plugin as kvm_plugin
 
 
 @pytest.fixture(scope="session")
 def kvm() -> Backend:
     registry = PluginRegistry()
-    plugin = registry.register(hooks)
+    plugin = registry.register(kvm_plugin)
     availability = plugin.availability()
     if not availability.available:
         pytest.skip(f"KVM is not usable here: {availability.reason}")

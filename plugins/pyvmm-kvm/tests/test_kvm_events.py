@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+
 import os
 import struct
 
@@ -14,31 +16,27 @@ from pyvmm.testing.conformance import programs as p
 from pyvmm.testing.conformance.harness import booted
 from pyvmm.vcpu_state import IoEventAddress, StateKind
 from pyvmm.vm import Backend
-from pyvmm_kvm.host import new_eventfd
+from pyvmm.host import Event
 
 
-def _counter(fd: int) -> int:
-    try:
-        return int(struct.unpack("<Q", os.read(fd, 8))[0])
-    except BlockingIOError:
-        return 0
+def _counter(event: Event) -> int:
+    return event.consume()
 
 
 @pytest.fixture
-def eventfd() -> object:
-    fd = new_eventfd()
-    yield fd
-    os.close(fd)
+def eventfd() -> Iterator[Event]:
+    with Event() as event:
+        yield event
 
 
-def test_pio_ioevent_signals_instead_of_exiting(kvm: Backend, eventfd: int) -> None:
+def test_pio_ioevent_signals_instead_of_exiting(kvm: Backend, eventfd: Event) -> None:
     with booted(kvm, p.PIO_OUT) as (vm, vcpu):
         vm.register_ioevent(eventfd, IoEventAddress.pio(p.TEST_PORT), length=1)
         assert vcpu.run().kind is ExitKind.HLT, "the OUT must not exit"
         assert _counter(eventfd) == 1
 
 
-def test_ioevent_datamatch(kvm: Backend, eventfd: int) -> None:
+def test_ioevent_datamatch(kvm: Backend, eventfd: Event) -> None:
     with booted(kvm, p.PIO_OUT) as (vm, vcpu):
         vm.register_ioevent(eventfd, IoEventAddress.pio(p.TEST_PORT), datamatch=0x11, length=1)
         assert vcpu.run().kind is ExitKind.IO, "0x5a does not match 0x11: a normal exit"
@@ -49,7 +47,7 @@ def test_ioevent_datamatch(kvm: Backend, eventfd: int) -> None:
         assert _counter(eventfd) == 1
 
 
-def test_mmio_ioevent_and_unregister(kvm: Backend, eventfd: int) -> None:
+def test_mmio_ioevent_and_unregister(kvm: Backend, eventfd: Event) -> None:
     address = IoEventAddress.mmio(p.MMIO_BASE + 8)
     with booted(kvm, p.MMIO_ROUND_TRIP) as (vm, vcpu):
         vm.register_ioevent(eventfd, address, length=4)
@@ -63,7 +61,7 @@ def test_mmio_ioevent_and_unregister(kvm: Backend, eventfd: int) -> None:
             vm.unregister_ioevent(eventfd, address, length=4)  # already gone: ENOENT
 
 
-def test_ioevent_bad_length_refused(kvm: Backend, eventfd: int) -> None:
+def test_ioevent_bad_length_refused(kvm: Backend, eventfd: Event) -> None:
     with kvm.create_vm({"arch": "x86_64"}) as vm:
         with pytest.raises(ConfigError, match="length"):
             vm.register_ioevent(eventfd, IoEventAddress.pio(0x10), length=3)
@@ -71,13 +69,13 @@ def test_ioevent_bad_length_refused(kvm: Backend, eventfd: int) -> None:
             vm.register_ioevent(eventfd, IoEventAddress.pio(0x10), datamatch=1, length=0)
 
 
-def test_irqfd(kvm: Backend, eventfd: int) -> None:
+def test_irqfd(kvm: Backend, eventfd: Event) -> None:
     with kvm.create_vm({"arch": "x86_64"}) as vm:
         with pytest.raises(HypervisorError, match="KVM_IRQFD"):
             vm.register_irqfd(eventfd, 4)  # no in-kernel irqchip to deliver it to
         vm.create_irqchip()
         vm.register_irqfd(eventfd, 4)
-        os.write(eventfd, struct.pack("<Q", 1))
+        eventfd.signal()
         with pytest.raises(ConfigError, match="resample"):
             vm.register_irqfd(eventfd, 5, level=True)
 

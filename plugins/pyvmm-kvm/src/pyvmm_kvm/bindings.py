@@ -28,6 +28,8 @@ from typing import Final
 
 import cffi
 
+from pyvmm.backend.ioctl import IoctlRequest, linux, request_names
+
 # Everything in linux/kvm.h that is the same on every architecture.  It names
 # the arch structs (kvm_debug_exit_arch, kvm_guest_debug_arch, kvm_sync_regs),
 # so each FFI prepends its own definitions of those.
@@ -625,35 +627,23 @@ ffi_aarch64.cdef(_AARCH64_CDEF + _GENERIC_CDEF)
 
 KVMIO: Final = 0xAE
 
-_IOC_NRSHIFT: Final = 0
-_IOC_TYPESHIFT: Final = 8
-_IOC_SIZESHIFT: Final = 16
-_IOC_DIRSHIFT: Final = 30
-_IOC_NONE: Final = 0
-_IOC_WRITE: Final = 1
-_IOC_READ: Final = 2
-
-
-def _ioc(direction: int, nr: int, size: int) -> int:
-    return (direction << _IOC_DIRSHIFT) | (size << _IOC_SIZESHIFT) | (KVMIO << _IOC_TYPESHIFT) | (nr << _IOC_NRSHIFT)
-
-
-def _io(nr: int) -> int:
-    return _ioc(_IOC_NONE, nr, 0)
-
-
 # The kernel's _IOR/_IOW take a type and use its sizeof; these take the C type
-# name and ask cffi, so the number follows the declared layout.
-def _ior(nr: int, ctype: str, of: cffi.FFI = ffi) -> int:
-    return _ioc(_IOC_READ, nr, of.sizeof(ctype))
+# name and ask cffi, so the number follows the declared layout.  The encoding
+# itself (asm-generic, x86 and arm64 alike) is the backend kit's.
+def _io(nr: int) -> IoctlRequest:
+    return linux.io(KVMIO, nr)
 
 
-def _iow(nr: int, ctype: str, of: cffi.FFI = ffi) -> int:
-    return _ioc(_IOC_WRITE, nr, of.sizeof(ctype))
+def _ior(nr: int, ctype: str, of: cffi.FFI = ffi) -> IoctlRequest:
+    return linux.ior(KVMIO, nr, of.sizeof(ctype))
 
 
-def _iowr(nr: int, ctype: str, of: cffi.FFI = ffi) -> int:
-    return _ioc(_IOC_READ | _IOC_WRITE, nr, of.sizeof(ctype))
+def _iow(nr: int, ctype: str, of: cffi.FFI = ffi) -> IoctlRequest:
+    return linux.iow(KVMIO, nr, of.sizeof(ctype))
+
+
+def _iowr(nr: int, ctype: str, of: cffi.FFI = ffi) -> IoctlRequest:
+    return linux.iowr(KVMIO, nr, of.sizeof(ctype))
 
 
 KVM_API_VERSION: Final = 12
@@ -1016,71 +1006,5 @@ EXIT_REASON_NAMES: Final[dict[int, str]] = {
     KVM_EXIT_MEMORY_FAULT: "KVM_EXIT_MEMORY_FAULT",
 }
 
-IOCTL_NAMES: Final[dict[int, str]] = {
-    KVM_GET_API_VERSION: "KVM_GET_API_VERSION",
-    KVM_CREATE_VM: "KVM_CREATE_VM",
-    KVM_GET_MSR_INDEX_LIST: "KVM_GET_MSR_INDEX_LIST",
-    KVM_CHECK_EXTENSION: "KVM_CHECK_EXTENSION",
-    KVM_GET_VCPU_MMAP_SIZE: "KVM_GET_VCPU_MMAP_SIZE",
-    KVM_GET_SUPPORTED_CPUID: "KVM_GET_SUPPORTED_CPUID",
-    KVM_GET_EMULATED_CPUID: "KVM_GET_EMULATED_CPUID",
-    KVM_GET_MSR_FEATURE_INDEX_LIST: "KVM_GET_MSR_FEATURE_INDEX_LIST",
-    KVM_CREATE_VCPU: "KVM_CREATE_VCPU",
-    KVM_GET_DIRTY_LOG: "KVM_GET_DIRTY_LOG",
-    KVM_SET_USER_MEMORY_REGION: "KVM_SET_USER_MEMORY_REGION",
-    KVM_SET_TSS_ADDR: "KVM_SET_TSS_ADDR",
-    KVM_SET_IDENTITY_MAP_ADDR: "KVM_SET_IDENTITY_MAP_ADDR",
-    KVM_CREATE_IRQCHIP: "KVM_CREATE_IRQCHIP",
-    KVM_IRQ_LINE: "KVM_IRQ_LINE",
-    KVM_GET_IRQCHIP: "KVM_GET_IRQCHIP",
-    KVM_SET_IRQCHIP: "KVM_SET_IRQCHIP",
-    KVM_IRQ_LINE_STATUS: "KVM_IRQ_LINE_STATUS",
-    KVM_SET_GSI_ROUTING: "KVM_SET_GSI_ROUTING",
-    KVM_IRQFD: "KVM_IRQFD",
-    KVM_CREATE_PIT2: "KVM_CREATE_PIT2",
-    KVM_IOEVENTFD: "KVM_IOEVENTFD",
-    KVM_SET_CLOCK: "KVM_SET_CLOCK",
-    KVM_GET_CLOCK: "KVM_GET_CLOCK",
-    KVM_GET_PIT2: "KVM_GET_PIT2",
-    KVM_SET_PIT2: "KVM_SET_PIT2",
-    KVM_SIGNAL_MSI: "KVM_SIGNAL_MSI",
-    KVM_CREATE_DEVICE: "KVM_CREATE_DEVICE",
-    KVM_SET_DEVICE_ATTR: "KVM_SET_DEVICE_ATTR",
-    KVM_GET_DEVICE_ATTR: "KVM_GET_DEVICE_ATTR",
-    KVM_HAS_DEVICE_ATTR: "KVM_HAS_DEVICE_ATTR",
-    KVM_ENABLE_CAP: "KVM_ENABLE_CAP",
-    KVM_RUN: "KVM_RUN",
-    KVM_GET_REGS: "KVM_GET_REGS",
-    KVM_SET_REGS: "KVM_SET_REGS",
-    KVM_GET_SREGS: "KVM_GET_SREGS",
-    KVM_SET_SREGS: "KVM_SET_SREGS",
-    KVM_TRANSLATE: "KVM_TRANSLATE",
-    KVM_INTERRUPT: "KVM_INTERRUPT",
-    KVM_GET_MSRS: "KVM_GET_MSRS",
-    KVM_SET_MSRS: "KVM_SET_MSRS",
-    KVM_GET_FPU: "KVM_GET_FPU",
-    KVM_SET_FPU: "KVM_SET_FPU",
-    KVM_GET_LAPIC: "KVM_GET_LAPIC",
-    KVM_SET_LAPIC: "KVM_SET_LAPIC",
-    KVM_SET_CPUID2: "KVM_SET_CPUID2",
-    KVM_GET_CPUID2: "KVM_GET_CPUID2",
-    KVM_GET_MP_STATE: "KVM_GET_MP_STATE",
-    KVM_SET_MP_STATE: "KVM_SET_MP_STATE",
-    KVM_NMI: "KVM_NMI",
-    KVM_SET_GUEST_DEBUG: "KVM_SET_GUEST_DEBUG",
-    KVM_GET_VCPU_EVENTS: "KVM_GET_VCPU_EVENTS",
-    KVM_SET_VCPU_EVENTS: "KVM_SET_VCPU_EVENTS",
-    KVM_GET_DEBUGREGS: "KVM_GET_DEBUGREGS",
-    KVM_SET_DEBUGREGS: "KVM_SET_DEBUGREGS",
-    KVM_GET_XSAVE: "KVM_GET_XSAVE",
-    KVM_SET_XSAVE: "KVM_SET_XSAVE",
-    KVM_GET_XCRS: "KVM_GET_XCRS",
-    KVM_SET_XCRS: "KVM_SET_XCRS",
-    KVM_GET_ONE_REG: "KVM_GET_ONE_REG",
-    KVM_SET_ONE_REG: "KVM_SET_ONE_REG",
-    KVM_KVMCLOCK_CTRL: "KVM_KVMCLOCK_CTRL",
-    KVM_ARM_VCPU_INIT: "KVM_ARM_VCPU_INIT",
-    KVM_ARM_PREFERRED_TARGET: "KVM_ARM_PREFERRED_TARGET",
-    KVM_GET_REG_LIST: "KVM_GET_REG_LIST",
-    KVM_ARM_VCPU_FINALIZE: "KVM_ARM_VCPU_FINALIZE",
-}
+#: Name of every ioctl request, from the names above (for errors and call logs).
+IOCTL_NAMES: Final[dict[int, str]] = request_names(globals())

@@ -5,16 +5,16 @@ from __future__ import annotations
 import dataclasses
 import errno
 import os
-import threading
 from typing import Any
 
 from pyvmm.arch.x86_64 import CpuidEntry
+from pyvmm.backend import DeviceHost
 from pyvmm.capabilities import Capability
 from pyvmm.errors import HypervisorError
 from pyvmm.manifest import Availability
 from pyvmm_kvm import bindings as k
-from pyvmm_kvm import host
 from pyvmm_kvm.bindings import ffi
+from pyvmm_kvm.host import HOST
 
 DEVICE = os.environ.get("PYVMM_KVM_DEVICE", "/dev/kvm")
 
@@ -35,18 +35,19 @@ CAPABILITY_EXTENSIONS: dict[Capability, int] = {
 
 
 class KvmSystem:
-    """An open ``/dev/kvm``.  One per process is enough: :func:`system` shares it."""
+    """An open ``/dev/kvm``.  One per host is enough: :func:`system` shares it."""
 
-    def __init__(self, path: str = DEVICE) -> None:
+    def __init__(self, host: DeviceHost, path: str = DEVICE) -> None:
+        self.host = host
         self.path = path
         self.fd = host.open_device(path)
         try:
-            version = host.ioctl(self.fd, k.KVM_GET_API_VERSION)
+            version = self.host.ioctl(self.fd, k.KVM_GET_API_VERSION)
             if version != k.KVM_API_VERSION:
                 raise HypervisorError(
                     "KVM_GET_API_VERSION", errno.EPROTO, f"{path} speaks API {version}, pyvmm-kvm needs 12"
                 )
-            self.vcpu_mmap_size = host.ioctl(self.fd, k.KVM_GET_VCPU_MMAP_SIZE)
+            self.vcpu_mmap_size = self.host.ioctl(self.fd, k.KVM_GET_VCPU_MMAP_SIZE)
         except BaseException:
             host.close(self.fd)
             raise
@@ -54,7 +55,7 @@ class KvmSystem:
 
     def check_extension(self, cap: int) -> int:
         """``KVM_CHECK_EXTENSION``: 0 when absent, else a cap-specific positive value."""
-        return host.ioctl(self.fd, k.KVM_CHECK_EXTENSION, cap)
+        return self.host.ioctl(self.fd, k.KVM_CHECK_EXTENSION, cap)
 
     def missing_capabilities(self) -> tuple[Capability, ...]:
         return tuple(cap for cap, ext in CAPABILITY_EXTENSIONS.items() if not self.check_extension(ext))
@@ -73,7 +74,7 @@ class KvmSystem:
         while True:
             buf = ffi.new("struct kvm_cpuid2 *", {"nent": entries, "entries": entries})
             try:
-                host.ioctl(self.fd, k.KVM_GET_SUPPORTED_CPUID, buf)
+                self.host.ioctl(self.fd, k.KVM_GET_SUPPORTED_CPUID, buf)
                 return buf
             except HypervisorError as exc:
                 if exc.errno != errno.E2BIG or entries > 4096:
@@ -86,7 +87,7 @@ class KvmSystem:
         while True:
             buf = ffi.new("struct kvm_msr_list *", {"nmsrs": count, "indices": count})
             try:
-                host.ioctl(self.fd, k.KVM_GET_MSR_INDEX_LIST, buf)
+                self.host.ioctl(self.fd, k.KVM_GET_MSR_INDEX_LIST, buf)
             except HypervisorError as exc:
                 if exc.errno != errno.E2BIG or count > 65536:
                     raise
@@ -96,7 +97,7 @@ class KvmSystem:
 
     def close(self) -> None:
         if self.fd >= 0:
-            host.close(self.fd)
+            self.host.close(self.fd)
             self.fd = -1
 
 
@@ -108,17 +109,16 @@ def cpuid_entries(buf: Any) -> list[CpuidEntry]:
     ]
 
 
-_system: KvmSystem | None = None
-_system_lock = threading.Lock()
-
-
-def system() -> KvmSystem:
-    """The process's shared ``/dev/kvm`` handle, opened on first use."""
-    global _system
-    with _system_lock:
-        if _system is None:
-            _system = KvmSystem()
-        return _system
+def system(host: DeviceHost | None = None) -> KvmSystem:
+    """The shared ``/dev/kvm`` handle of ``host`` (default: the current one),
+    opened on first use."""
+    host = host or HOST.current()
+    with host.lock:
+        kvm = host.state.get("system")
+        if kvm is None:
+            kvm = host.state["system"] = KvmSystem(host)
+        assert isinstance(kvm, KvmSystem)
+        return kvm
 
 
 def probe() -> Availability:

@@ -5,13 +5,15 @@ The run loop reads the exit out of the mmapped ``kvm_run`` page with precompiled
 kernel header by the layout test), and refills one exit object per kind, so a
 port or MMIO exit allocates nothing but what ``struct.unpack_from`` returns.
 Read data is completed in place: ``exit.data`` is a view of the run page itself.
+The page, the kick and the thread rules are the backend kit's
+(:class:`~pyvmm.backend.RunPage`, :class:`~pyvmm.backend.SignalKicker`).
+
+Its public methods are the backend's vCPU hooks (``docs/backends/kvm.md`` §4).
 """
 
 from __future__ import annotations
 
-import contextlib
 import errno
-import signal
 import struct
 import threading
 from typing import Any
@@ -39,10 +41,10 @@ from pyvmm.exits import (
     SystemEventExit,
     VcpuExit,
 )
-from pyvmm.kick_signal import KICK_SIGNAL, require_kick_handler
+from pyvmm.backend import RunPage, SignalKicker
 from pyvmm.vcpu_state import StateKind
 from pyvmm_kvm import bindings as k
-from pyvmm_kvm import host, regs
+from pyvmm_kvm import regs
 from pyvmm_kvm.bindings import ffi
 
 _RUN = "struct kvm_run"
@@ -60,6 +62,9 @@ _EXIT_IO = k.KVM_EXIT_IO
 _EXIT_MMIO = k.KVM_EXIT_MMIO
 _IO_OUT = k.KVM_EXIT_IO_OUT
 _HW_REASON = struct.Struct("<Q")
+_RUN_REQUEST = int(k.KVM_RUN)
+_EINTR, _EAGAIN = -errno.EINTR, -errno.EAGAIN
+_get_ident = threading.get_ident
 
 _SYSTEM_EVENTS = {
     k.KVM_SYSTEM_EVENT_SHUTDOWN: SystemEvent.SHUTDOWN,
@@ -74,17 +79,18 @@ class KvmVcpu:
     def __init__(self, vm: Any, index: int, mmap_size: int) -> None:
         self.vm = vm
         self.index = index
+        self.host = host = vm.host
         self.fd = host.ioctl(vm.fd, k.KVM_CREATE_VCPU, index)
         try:
-            self._page = host.map_shared(self.fd, mmap_size, f"vCPU {index} kvm_run")
+            mapping = host.map_shared(self.fd, mmap_size, f"vCPU {index} kvm_run")
         except BaseException:
             host.close(self.fd)
             raise
-        self._view = memoryview(self._page)
-        self._run = ffi.from_buffer(f"{_RUN} *", self._page)
-        self.thread = threading.get_ident()
-        self._run_arg = ffi.cast("unsigned long", 0)
-        self._ioctl = host.libc.ioctl
+        self.page = RunPage(mapping, immediate_exit=_OFF_IMMEDIATE_EXIT, mmio_data=_OFF_MMIO_DATA)
+        self._view = self.page.view
+        self._run = ffi.from_buffer(f"{_RUN} *", self._view)
+        self.kicker = SignalKicker(self.page.request_immediate_exit, host.signal_thread, "KVM")
+        self._ioctl = host.seam.ioctl
         # One exit object per kind, refilled on every run.
         self._io = IoExit()
         self._mmio = MmioExit()
@@ -95,20 +101,24 @@ class KvmVcpu:
         self._msr = MsrAccessExit()
         self._irq_window = IrqWindowOpenExit()
         self._io_views: dict[int, memoryview] = {}
-        self._mmio_views = [self._view[_OFF_MMIO_DATA : _OFF_MMIO_DATA + n] for n in range(9)]
+        self._mmio_views = self.page.mmio_views
         self._pending: VcpuExit | None = None
 
     # --- run ------------------------------------------------------------------
     def run(self) -> VcpuExit:
+        kicker = self.kicker
+        if kicker.thread != _get_ident():
+            kicker.bind()  # run from another thread: the kick follows it
         pending = self._pending
         if pending is not None:
             self._complete(pending)
-        if self._ioctl(self.fd, k.KVM_RUN, self._run_arg) < 0:
-            err = ffi.errno
-            if err in (errno.EINTR, errno.EAGAIN):
-                self._view[_OFF_IMMEDIATE_EXIT] = 0
+        result = self._ioctl(self.fd, _RUN_REQUEST, 0)
+        if result < 0:
+            if result == _EINTR or result == _EAGAIN:
+                self.page.clear_immediate_exit()
+                kicker.acknowledge()
                 return self._interrupted
-            raise HypervisorError("KVM_RUN", err)
+            raise HypervisorError("KVM_RUN", -result)
         view = self._view
         reason, direction, size, port, count, data_offset = _HEAD_IO.unpack_from(view, _OFF_EXIT_REASON)
         if reason == _EXIT_IO:
@@ -135,6 +145,7 @@ class KvmVcpu:
         if reason == k.KVM_EXIT_HLT:
             return self._hlt
         if reason == k.KVM_EXIT_INTR:
+            self.kicker.acknowledge()
             return self._interrupted
         if reason == k.KVM_EXIT_SHUTDOWN:
             return ShutdownExit()
@@ -210,7 +221,7 @@ class KvmVcpu:
             raw_regs = self._get("struct kvm_regs *", k.KVM_GET_REGS)
             raw_sregs = self._get("struct kvm_sregs *", k.KVM_GET_SREGS)
             tr = ffi.new("struct kvm_translation *", {"linear_address": raw_sregs.cs.base + raw_regs.rip})
-            host.ioctl(self.fd, k.KVM_TRANSLATE, tr)
+            self.host.ioctl(self.fd, k.KVM_TRANSLATE, tr)
             if not tr.valid:
                 return b""
             return bytes(self.vm.read_guest(tr.physical_address, 15))
@@ -230,14 +241,8 @@ class KvmVcpu:
                 run.msr.data = self._msr.value
 
     def kick(self) -> None:
-        """Thread-safe: make the current or next KVM_RUN return EINTR."""
-        self._view[_OFF_IMMEDIATE_EXIT] = 1
-        if threading.get_ident() == self.thread:
-            return
-        require_kick_handler("KVM")
-        # If the vCPU thread has ended, immediate_exit still covers a later run.
-        with contextlib.suppress(ProcessLookupError):
-            signal.pthread_kill(self.thread, KICK_SIGNAL)
+        """Any thread: make the current or next KVM_RUN return EINTR."""
+        self.kicker.kick()
 
     # --- init and state -------------------------------------------------------
     def init(self, boot: VcpuInit) -> None:
@@ -254,7 +259,7 @@ class KvmVcpu:
 
     def _get(self, ctype: str, request: int) -> Any:
         raw = ffi.new(ctype)
-        host.ioctl(self.fd, request, raw)
+        self.host.ioctl(self.fd, request, raw)
         return raw
 
     def get_state(self, kind: StateKind) -> Any:
@@ -279,31 +284,31 @@ class KvmVcpu:
         if kind is StateKind.REGS:
             raw = ffi.new("struct kvm_regs *")
             regs.regs_to_kvm(value, raw)
-            host.ioctl(self.fd, k.KVM_SET_REGS, raw)
+            self.host.ioctl(self.fd, k.KVM_SET_REGS, raw)
         elif kind is StateKind.SREGS:
             raw = self._get("struct kvm_sregs *", k.KVM_GET_SREGS)
             regs.sregs_to_kvm(value, raw)
-            host.ioctl(self.fd, k.KVM_SET_SREGS, raw)
+            self.host.ioctl(self.fd, k.KVM_SET_SREGS, raw)
         elif kind is StateKind.FPU:
             raw = self._get("struct kvm_fpu *", k.KVM_GET_FPU)
             regs.fpu_to_kvm(value, raw)
-            host.ioctl(self.fd, k.KVM_SET_FPU, raw)
+            self.host.ioctl(self.fd, k.KVM_SET_FPU, raw)
         elif kind is StateKind.DEBUG_REGS:
             raw = self._get("struct kvm_debugregs *", k.KVM_GET_DEBUGREGS)
             regs.debugregs_to_kvm(value, raw)
-            host.ioctl(self.fd, k.KVM_SET_DEBUGREGS, raw)
+            self.host.ioctl(self.fd, k.KVM_SET_DEBUGREGS, raw)
         elif kind is StateKind.LAPIC:
             raw = ffi.new("struct kvm_lapic_state *")
             ffi.buffer(raw)[:] = bytes(value.regs).ljust(1024, b"\0")[:1024]
-            host.ioctl(self.fd, k.KVM_SET_LAPIC, raw)
+            self.host.ioctl(self.fd, k.KVM_SET_LAPIC, raw)
         elif kind is StateKind.MP_STATE:
-            host.ioctl(self.fd, k.KVM_SET_MP_STATE, ffi.new("struct kvm_mp_state *", {"mp_state": int(value)}))
+            self.host.ioctl(self.fd, k.KVM_SET_MP_STATE, ffi.new("struct kvm_mp_state *", {"mp_state": int(value)}))
         elif kind is StateKind.XCRS:
             raw = ffi.new("struct kvm_xcrs *")
             raw.nr_xcrs = len(value)
             for i, xcr in enumerate(value):
                 raw.xcrs[i].xcr, raw.xcrs[i].value = xcr.index, xcr.value
-            host.ioctl(self.fd, k.KVM_SET_XCRS, raw)
+            self.host.ioctl(self.fd, k.KVM_SET_XCRS, raw)
         else:
             raise ConfigError(f"KVM x86 vCPUs have no {kind.value} state")
 
@@ -311,7 +316,7 @@ class KvmVcpu:
         raw = ffi.new("struct kvm_msrs *", {"nmsrs": len(indices), "entries": len(indices)})
         for i, index in enumerate(indices):
             raw.entries[i].index = index
-        done = host.ioctl(self.fd, k.KVM_GET_MSRS, raw)
+        done = self.host.ioctl(self.fd, k.KVM_GET_MSRS, raw)
         if done != len(indices):
             raise HypervisorError("KVM_GET_MSRS", errno.EINVAL, f"MSR {indices[done]:#x} cannot be read")
         return [MsrEntry(raw.entries[i].index, raw.entries[i].data) for i in range(done)]
@@ -320,19 +325,19 @@ class KvmVcpu:
         raw = ffi.new("struct kvm_msrs *", {"nmsrs": len(entries), "entries": len(entries)})
         for i, entry in enumerate(entries):
             raw.entries[i].index, raw.entries[i].data = entry.index, entry.data
-        done = host.ioctl(self.fd, k.KVM_SET_MSRS, raw)
+        done = self.host.ioctl(self.fd, k.KVM_SET_MSRS, raw)
         if done != len(entries):
             raise HypervisorError("KVM_SET_MSRS", errno.EINVAL, f"MSR {entries[done].index:#x} was refused")
 
     def set_cpuid(self, entries: list[CpuidEntry]) -> None:
-        host.ioctl(self.fd, k.KVM_SET_CPUID2, regs.cpuid_to_kvm(entries))
+        self.host.ioctl(self.fd, k.KVM_SET_CPUID2, regs.cpuid_to_kvm(entries))
 
     def get_vcpu_events(self) -> Any:
         """``KVM_GET_VCPU_EVENTS`` as the raw struct (pending exceptions, NMI, SMI)."""
         return self._get("struct kvm_vcpu_events *", k.KVM_GET_VCPU_EVENTS)
 
     def set_vcpu_events(self, events: Any) -> None:
-        host.ioctl(self.fd, k.KVM_SET_VCPU_EVENTS, events)
+        self.host.ioctl(self.fd, k.KVM_SET_VCPU_EVENTS, events)
 
     def set_guest_debug(self, single_step: bool, breakpoints: list[int]) -> None:
         raw = ffi.new("struct kvm_guest_debug *")
@@ -349,20 +354,20 @@ class KvmVcpu:
                 dr7 |= 1 << (2 * i)  # local enable; RW=00 (execute), LEN=00
             raw.arch.debugreg[7] = dr7
         raw.control = control
-        host.ioctl(self.fd, k.KVM_SET_GUEST_DEBUG, raw)
+        self.host.ioctl(self.fd, k.KVM_SET_GUEST_DEBUG, raw)
 
     def close(self) -> None:
+        """``pyvmm_destroy_vcpu``: no kick reaches the vCPU after this starts."""
         if self.fd < 0:
             return
+        self.kicker.close()
+        self.vm.remove_vcpu(self)
         # Drop our own references to the run page; a view a caller still holds keeps
         # the mapping alive until it goes (never a dangling pointer).
         empty = memoryview(b"")
         self._io.data = self._mmio.data = empty
         self._io_views.clear()
-        self._mmio_views.clear()
         ffi.release(self._run)
-        self._view.release()
-        with contextlib.suppress(BufferError):
-            self._page.close()
-        host.close(self.fd)
+        self.page.release()
+        self.host.close(self.fd)
         self.fd = -1

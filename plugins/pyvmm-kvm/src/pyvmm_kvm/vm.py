@@ -1,19 +1,28 @@
-"""A KVM VM: memory slots, the in-kernel irqchip, interrupts, eventfds, clock."""
+"""A KVM VM: memory slots, the in-kernel irqchip, interrupts, eventfds, clock.
+
+Its public methods are the backend's VM hooks (``docs/backends/kvm.md`` §3):
+the backend kit's generated adapter forwards ``pyvmm_map_memory(vm, region)`` to
+:meth:`KvmVm.map_memory`, and so on.
+"""
 
 from __future__ import annotations
 
 import errno
+from typing import TYPE_CHECKING, Any
 
 from pyvmm.arch.x86_64 import CpuidEntry
+from pyvmm.backend import install_kick_handler
 from pyvmm.config import PAGE_SIZE, VmConfig
 from pyvmm.errors import ConfigError, HypervisorError
 from pyvmm.memory import RamRegion
 from pyvmm.vcpu_state import AddressSpace, IoEventAddress
 from pyvmm_kvm import bindings as k
-from pyvmm_kvm import host
 from pyvmm_kvm.bindings import ffi
-from pyvmm_kvm.system import KvmSystem
+from pyvmm_kvm.system import KvmSystem, system
 from pyvmm_kvm.vcpu import KvmVcpu
+
+if TYPE_CHECKING:
+    from pyvmm.host import Event
 
 #: Where QEMU and crosvm put the real-mode TSS (3 pages) and the EPT identity map
 #: page on Intel hosts without unrestricted guest: just below the 4 GiB BIOS area.
@@ -24,9 +33,16 @@ DEFAULT_IDENTITY_MAP_ADDRESS = 0xFFFBC000
 class KvmVm:
     """The backend's VM handle."""
 
+    @classmethod
+    def create(cls, backend: Any, config: VmConfig) -> KvmVm:
+        """``pyvmm_create_vm``: a VM on the current host's ``/dev/kvm``."""
+        install_kick_handler()
+        return cls(system(), config)
+
     def __init__(self, kvm: KvmSystem, config: VmConfig) -> None:
         options = dict(config.backend_options)
         self.kvm = kvm
+        self.host = kvm.host
         self.config = config
         self.irqchip = False
         self.regions: dict[int, RamRegion] = {}
@@ -40,13 +56,13 @@ class KvmVm:
             raise ConfigError(f"backend_options.cpuid: 'host' or 'none', not {self.cpuid_mode!r}")
         if config.vcpus > kvm.max_vcpus():
             raise ConfigError(f"vcpus: this KVM allows at most {kvm.max_vcpus()} vCPUs, {config.vcpus} asked")
-        self.fd = host.ioctl(kvm.fd, k.KVM_CREATE_VM, 0)
+        self.fd = self.host.ioctl(kvm.fd, k.KVM_CREATE_VM, 0)
         try:
-            host.ioctl(self.fd, k.KVM_SET_TSS_ADDR, tss)
+            self.host.ioctl(self.fd, k.KVM_SET_TSS_ADDR, tss)
             if kvm.check_extension(k.KVM_CAP_SET_IDENTITY_MAP_ADDR):
-                host.ioctl(self.fd, k.KVM_SET_IDENTITY_MAP_ADDR, ffi.new("uint64_t *", identity))
+                self.host.ioctl(self.fd, k.KVM_SET_IDENTITY_MAP_ADDR, ffi.new("uint64_t *", identity))
         except BaseException:
-            host.close(self.fd)
+            self.host.close(self.fd)
             raise
         self._cpuid: list[CpuidEntry] | None = None
 
@@ -56,7 +72,7 @@ class KvmVm:
             "struct kvm_userspace_memory_region *",
             {"slot": slot, "flags": flags, "guest_phys_addr": gpa, "memory_size": size, "userspace_addr": host_addr},
         )
-        host.ioctl(self.fd, k.KVM_SET_USER_MEMORY_REGION, region)
+        self.host.ioctl(self.fd, k.KVM_SET_USER_MEMORY_REGION, region)
 
     def map_memory(self, region: RamRegion) -> None:
         flags = 0
@@ -81,13 +97,13 @@ class KvmVm:
                 return region.view(offset, min(size, region.size - offset)).tobytes()
         return b""
 
-    def dirty_log(self, region: RamRegion) -> bytes:
+    def get_dirty_log(self, region: RamRegion) -> bytes:
         pages = region.size // PAGE_SIZE
         # KVM writes whole longs: the buffer must be rounded up to 64 pages.
         bitmap = ffi.new("uint8_t[]", (pages + 63) // 64 * 8)
         log = ffi.new("struct kvm_dirty_log *", {"slot": region.slot})
         log.dirty_bitmap = bitmap
-        host.ioctl(self.fd, k.KVM_GET_DIRTY_LOG, log)
+        self.host.ioctl(self.fd, k.KVM_GET_DIRTY_LOG, log)
         return bytes(ffi.buffer(bitmap, (pages + 7) // 8))
 
     # --- vCPUs ------------------------------------------------------------------
@@ -101,6 +117,9 @@ class KvmVm:
             raise
         self.vcpus.append(vcpu)
         return vcpu
+
+    def get_supported_cpuid(self) -> list[CpuidEntry]:
+        return self.kvm.supported_cpuid()
 
     def vcpu_cpuid(self, index: int) -> list[CpuidEntry]:
         """The supported CPUID with this vCPU's APIC ids filled in (leaf 1 EBX[31:24],
@@ -120,22 +139,28 @@ class KvmVm:
     # --- interrupts and events ----------------------------------------------------
     def create_irqchip(self) -> None:
         """In-kernel PIC, IOAPIC and local APICs, plus the PIT (as QEMU's default pc machine)."""
-        host.ioctl(self.fd, k.KVM_CREATE_IRQCHIP)
+        self.host.ioctl(self.fd, k.KVM_CREATE_IRQCHIP)
         self.irqchip = True
         pit = ffi.new("struct kvm_pit_config *", {"flags": k.KVM_PIT_SPEAKER_DUMMY})
-        host.ioctl(self.fd, k.KVM_CREATE_PIT2, pit)
+        self.host.ioctl(self.fd, k.KVM_CREATE_PIT2, pit)
 
     def set_irq_line(self, line: int, level: bool) -> None:
-        host.ioctl(self.fd, k.KVM_IRQ_LINE, ffi.new("struct kvm_irq_level *", {"irq": line, "level": int(level)}))
+        self.host.ioctl(self.fd, k.KVM_IRQ_LINE, ffi.new("struct kvm_irq_level *", {"irq": line, "level": int(level)}))
 
-    def register_irqfd(self, fd: int, line: int, level: bool) -> None:
+    def register_irqfd(self, event: Event, line: int, level: bool) -> None:
         # A level-triggered irqfd needs a resample fd, which this interface does not
         # take: KVM's edge semantics are what every pyvmm device uses.
         if level:
             raise ConfigError("KVM level-triggered irqfds need a resample eventfd; use an edge irqfd or set_irq_line")
-        host.ioctl(self.fd, k.KVM_IRQFD, ffi.new("struct kvm_irqfd *", {"fd": fd, "gsi": line}))
+        self.host.ioctl(self.fd, k.KVM_IRQFD, ffi.new("struct kvm_irqfd *", {"fd": event.fileno(), "gsi": line}))
 
-    def ioevent(self, fd: int, address: IoEventAddress, datamatch: int | None, length: int, *, remove: bool) -> None:
+    def register_ioevent(self, event: Event, address: IoEventAddress, datamatch: int | None, length: int) -> None:
+        self._ioeventfd(event.fileno(), address, datamatch, length, remove=False)
+
+    def unregister_ioevent(self, event: Event, address: IoEventAddress, datamatch: int | None, length: int) -> None:
+        self._ioeventfd(event.fileno(), address, datamatch, length, remove=True)
+
+    def _ioeventfd(self, fd: int, address: IoEventAddress, datamatch: int | None, length: int, *, remove: bool) -> None:
         flags = 0
         if address.space is AddressSpace.PIO:
             flags |= k.KVM_IOEVENTFD_FLAG_PIO
@@ -149,21 +174,21 @@ class KvmVm:
             "struct kvm_ioeventfd *",
             {"datamatch": datamatch or 0, "addr": address.address, "len": length, "fd": fd, "flags": flags},
         )
-        host.ioctl(self.fd, k.KVM_IOEVENTFD, raw)
+        self.host.ioctl(self.fd, k.KVM_IOEVENTFD, raw)
 
     # --- clock ------------------------------------------------------------------
     def get_clock(self) -> int:
         data = ffi.new("struct kvm_clock_data *")
-        host.ioctl(self.fd, k.KVM_GET_CLOCK, data)
+        self.host.ioctl(self.fd, k.KVM_GET_CLOCK, data)
         return int(data.clock)
 
     def set_clock(self, nanoseconds: int) -> None:
-        host.ioctl(self.fd, k.KVM_SET_CLOCK, ffi.new("struct kvm_clock_data *", {"clock": nanoseconds}))
+        self.host.ioctl(self.fd, k.KVM_SET_CLOCK, ffi.new("struct kvm_clock_data *", {"clock": nanoseconds}))
 
     def close(self) -> None:
         for vcpu in list(self.vcpus):
             vcpu.close()
         self.vcpus.clear()
         if self.fd >= 0:
-            host.close(self.fd)
+            self.host.close(self.fd)
             self.fd = -1

@@ -1,0 +1,56 @@
+"""The KVM backend's manifest and plugin object (entry point ``kvm``).
+
+The hooks themselves are the methods of :class:`~pyvmm_kvm.vm.KvmVm` and
+:class:`~pyvmm_kvm.vcpu.KvmVcpu`; :func:`pyvmm.backend.backend_plugin` generates
+the pluggy implementations that forward to them.
+"""
+
+from __future__ import annotations
+
+from pyvmm.backend import backend_plugin
+from pyvmm.capabilities import Capability
+from pyvmm.config import Arch
+from pyvmm.manifest import CONTRACT_VERSION, BackendManifest
+from pyvmm_kvm import __version__
+from pyvmm_kvm.system import probe
+from pyvmm_kvm.vcpu import KvmVcpu
+from pyvmm_kvm.vm import KvmVm
+
+CAPABILITIES = (
+    Capability.USER_MEMORY,
+    Capability.IMMEDIATE_EXIT,
+    Capability.READ_ONLY_MEMORY,
+    Capability.DIRTY_LOG,
+    Capability.MEMORY_REMOVAL,
+    Capability.LATE_MEMORY,
+    Capability.PORT_IO,
+    Capability.VCPU_REGISTERS,
+    Capability.MSRS,
+    Capability.CPUID,
+    Capability.XCRS,
+    Capability.IOEVENTS,
+    Capability.PIO_IOEVENTS,
+    Capability.IRQFD,
+    Capability.IRQ_LINE,
+    Capability.IRQCHIP,
+    Capability.GUEST_DEBUG,
+    Capability.PVCLOCK,
+    Capability.MULTI_VCPU,
+)
+
+
+def manifest() -> BackendManifest:
+    return BackendManifest(
+        name="kvm",
+        version=__version__,
+        contract_version=CONTRACT_VERSION,
+        description="Linux KVM through /dev/kvm",
+        host_os=("linux",),
+        guest_arches=(Arch.X86_64,),
+        capabilities=CAPABILITIES,
+        priority=100,
+        probe=probe,
+    )
+
+
+plugin = backend_plugin(manifest=manifest, create_vm=KvmVm.create, vm_class=KvmVm, vcpu_class=KvmVcpu)
