@@ -209,8 +209,9 @@ class PluginRegistry:
     def _check_capabilities(manifest: BackendManifest, impls: dict[str, Any], where: str) -> None:
         caps = manifest.capability_set
         problems: list[str] = []
-        for cap, hooks in hooks_by_capability().items():
-            hooks = tuple(h for h in hooks if specs()[h].since <= manifest.contract_version)
+        for cap, all_hooks in hooks_by_capability().items():
+            # A hook newer than the plugin's contract version is not expected of it.
+            hooks = tuple(h for h in all_hooks if specs()[h].since <= manifest.contract_version)
             if not hooks:
                 continue
             have = [h for h in hooks if h in impls]

@@ -18,8 +18,8 @@ from typing import TYPE_CHECKING, Any, NoReturn
 from pydantic import ValidationError
 
 from pyvmm.arch.x86_64 import CpuidEntry, DebugRegs, Fpu, MsrEntry, Regs, Sregs
-from pyvmm.boot import Aarch64VcpuInit, BootSpec, VcpuInit, X86VcpuInit
 from pyvmm.backend.plugin import FORWARD_ATTRIBUTE
+from pyvmm.boot import Aarch64VcpuInit, BootSpec, VcpuInit, X86VcpuInit
 from pyvmm.capabilities import Capability, CapabilitySet
 from pyvmm.config import PAGE_SIZE, Arch, MemoryRegionSpec, Protection, VmConfig, validation_message
 from pyvmm.contract import HookSpecInfo, specs
@@ -118,8 +118,8 @@ class BackendHooks:
     set_msrs: Callable[[Any, list[MsrEntry]], None]
     get_supported_cpuid: Callable[[Any], list[CpuidEntry]]
     set_cpuid: Callable[[Any, list[CpuidEntry]], None]
-    register_ioevent: Callable[[Any, Event, IoEventAddress, "int | None", int], None]
-    unregister_ioevent: Callable[[Any, Event, IoEventAddress, "int | None", int], None]
+    register_ioevent: Callable[[Any, Event, IoEventAddress, int | None, int], None]
+    unregister_ioevent: Callable[[Any, Event, IoEventAddress, int | None, int], None]
     register_irqfd: Callable[[Any, Event, int, bool], None]
     set_irq_line: Callable[[Any, int, bool], None]
     create_irqchip: Callable[[Any], None]

@@ -4,19 +4,16 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 
-import os
-import struct
-
 import pytest
 
 from pyvmm.arch.x86_64 import MpState
 from pyvmm.errors import ConfigError, HypervisorError
 from pyvmm.exits import ExitKind, MmioExit
+from pyvmm.host import Event
 from pyvmm.testing.conformance import programs as p
 from pyvmm.testing.conformance.harness import booted
 from pyvmm.vcpu_state import IoEventAddress, StateKind
 from pyvmm.vm import Backend
-from pyvmm.host import Event
 
 
 def _counter(event: Event) -> int:

@@ -47,7 +47,9 @@ class LoadedDll:
 
     library: Any
     functions: Iterable[DllFunction]
-    get_last_error: Callable[[], int] = field(default=lambda: ctypes.get_last_error() if hasattr(ctypes, "get_last_error") else 0)
+    get_last_error: Callable[[], int] = field(
+        default=lambda: ctypes.get_last_error() if hasattr(ctypes, "get_last_error") else 0
+    )
     _table: dict[str, Any] = field(init=False, default_factory=dict)
     missing_optional: tuple[str, ...] = field(init=False, default=())
 
@@ -66,7 +68,10 @@ class LoadedDll:
         if missing_required:
             name = getattr(self.library, "_name", repr(self.library))
             raise HypervisorError(
-                f"load {name}", 127, f"required export(s) missing: {', '.join(missing_required)}", space=ErrorSpace.WIN32
+                f"load {name}",
+                127,
+                f"required export(s) missing: {', '.join(missing_required)}",
+                space=ErrorSpace.WIN32,
             )
         self.missing_optional = tuple(missing_optional)
 
@@ -78,6 +83,12 @@ class LoadedDll:
 
     def last_error(self) -> int:
         return self.get_last_error()
+
+
+def _last_error() -> int:
+    # ctypes.get_last_error exists only on Windows (with use_last_error=True libraries).
+    get = getattr(ctypes, "get_last_error", None)
+    return int(get()) if get is not None else 0
 
 
 class DllHost:

@@ -108,7 +108,9 @@ FILE_READ_ACCESS = 1
 FILE_WRITE_ACCESS = 2
 
 
-def ctl_code(device_type: int, function: int, method: int = METHOD_BUFFERED, access: int = FILE_ANY_ACCESS) -> IoctlRequest:
+def ctl_code(
+    device_type: int, function: int, method: int = METHOD_BUFFERED, access: int = FILE_ANY_ACCESS
+) -> IoctlRequest:
     """Windows ``CTL_CODE``: a ``DeviceIoControl`` code."""
     return IoctlRequest(
         _checked(device_type, 16, "device type") << 16

@@ -112,9 +112,7 @@ class SignalKicker:
 
     __slots__ = ("_backend", "_lock", "_request_exit", "_send_signal", "_signalled", "closed", "thread")
 
-    def __init__(
-        self, request_exit: Callable[[], None], send_signal: Callable[[int, int], None], backend: str
-    ) -> None:
+    def __init__(self, request_exit: Callable[[], None], send_signal: Callable[[int, int], None], backend: str) -> None:
         self._request_exit = request_exit
         self._send_signal = send_signal
         self._backend = backend

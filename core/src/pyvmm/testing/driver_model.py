@@ -16,18 +16,19 @@ How the pieces fit
 
     plugin code (vm.py, vcpu.py, ...)        <- ships, under test
         |  host.ioctl(fd, request, arg)
-    plugin host.py: the OS seam               <- one module-level switch
+    plugin host.py: HOST = HostSwitch(...)    <- the kit's one switch
         |  real: LibcSeam (libc ioctl/mmap)      tests: the model
     DeviceFileModel subclass (tests only)     <- this module's base classes
         |  FileObject per fd kind, @handles(request) methods, Rules
     GuestCpu (pyvmm.softcpu engine)           <- runs the guest for RUN
 
-1. **The seam.**  A plugin's ``host.py`` routes every system call through one
-   object satisfying :class:`DeviceSeam` (open, close, ioctl, mmap, eventfd,
-   signalling a thread).  In production that object calls libc.  ``host.py``
-   exposes one switch, a context manager ``use(seam)``, that only tests (and
-   ``pyvmm.testing``) touch; the plugin's other modules never know which seam they
-   talk to.  Conventions, chosen to match the raw system calls so that the real
+1. **The seam.**  A plugin routes every system call through one object
+   satisfying :class:`pyvmm.backend.seam.DeviceSeam` (open, close, ioctl, mmap,
+   signalling a thread).  In production that object is the backend kit's
+   :class:`~pyvmm.backend.seam.LibcDeviceSeam`.  The plugin's ``host.py`` holds
+   one :class:`~pyvmm.backend.host.HostSwitch`, whose ``use(seam)`` only tests
+   (and ``pyvmm.testing``) touch; the plugin's other modules never know which
+   seam they talk to.  Conventions, chosen to match the raw system calls so that the real
    seam is a thin shim:
 
    * ``ioctl``, ``open`` and ``close`` return the non-negative result or
@@ -98,8 +99,9 @@ Building the next backend's model
 
 1. Read the backend's section of ``reference/backend-interfaces.md``: ioctls,
    structs, lifecycle, exits, "may NOT do", and its model checklist.
-2. Give the plugin's ``host.py`` a ``LibcSeam``-style class satisfying
-   :class:`DeviceSeam` and a ``use(seam)`` switch; route every call through it.
+2. Build the plugin on the backend kit: its ``host.py`` is one
+   :class:`~pyvmm.backend.host.HostSwitch`, and every call goes through the
+   :class:`~pyvmm.backend.host.DeviceHost` it hands out.
 3. In the plugin's ``tests/`` write ``<name>_model.py``: one module-level
    :class:`Rule` per documented constraint (cite the source), a
    :class:`DeviceFileModel` subclass whose ``devices`` maps the device path to a
@@ -134,8 +136,9 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, ClassVar, Protocol, TypeVar
+from typing import TYPE_CHECKING, Any, ClassVar, TypeVar
 
+from pyvmm.backend.seam import DeviceSeam
 from pyvmm.boot import VcpuInit
 from pyvmm.exits import InternalErrorExit, MmioExit, VcpuExit
 
@@ -153,35 +156,9 @@ FOREIGN_PROCESS = "foreign"
 # --- the seam -----------------------------------------------------------------
 
 
-class DeviceSeam(Protocol):
-    """The system calls a device-file backend makes.  A plugin's ``host.py``
-    implements it with libc; a :class:`DeviceFileModel` implements it in tests."""
-
-    def open(self, path: str, flags: int) -> int:
-        """``open(2)``: a file descriptor, or ``-errno``."""
-        ...
-
-    def close(self, fd: int) -> int:
-        """``close(2)``: 0 or ``-errno``."""
-        ...
-
-    def ioctl(self, fd: int, request: int, arg: int) -> int:
-        """``ioctl(2)`` with an integer argument (a value or an address): the
-        non-negative result, or ``-errno``."""
-        ...
-
-    def mmap(self, fd: int, length: int, offset: int) -> mmap.mmap:
-        """A shared read-write mapping of ``length`` bytes of ``fd`` at ``offset``;
-        raises :class:`OSError`."""
-        ...
-
-    def eventfd(self, initval: int, flags: int) -> int:
-        """``eventfd(2)``; raises :class:`OSError`."""
-        ...
-
-    def signal_thread(self, thread_id: int, signum: int) -> None:
-        """``pthread_kill``: interrupt ``thread_id`` (blocked in the driver)."""
-        ...
+# The seam protocol is production code: it lives in the backend kit, and the
+# models here implement it.
+__all__ = ["DeviceSeam"]
 
 
 # --- rules, rejections, the call log ---------------------------------------------

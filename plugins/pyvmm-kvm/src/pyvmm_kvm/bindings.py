@@ -627,6 +627,7 @@ ffi_aarch64.cdef(_AARCH64_CDEF + _GENERIC_CDEF)
 
 KVMIO: Final = 0xAE
 
+
 # The kernel's _IOR/_IOW take a type and use its sizeof; these take the C type
 # name and ask cffi, so the number follows the declared layout.  The encoding
 # itself (asm-generic, x86 and arm64 alike) is the backend kit's.

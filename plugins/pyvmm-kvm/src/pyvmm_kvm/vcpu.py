@@ -19,6 +19,7 @@ import threading
 from typing import Any
 
 from pyvmm.arch.x86_64 import CpuidEntry, Lapic, MpState, MsrEntry, Xcr
+from pyvmm.backend import RunPage, SignalKicker
 from pyvmm.boot import VcpuInit, X86VcpuInit
 from pyvmm.errors import ConfigError, HypervisorError, UnknownExitError
 from pyvmm.exits import (
@@ -41,7 +42,6 @@ from pyvmm.exits import (
     SystemEventExit,
     VcpuExit,
 )
-from pyvmm.backend import RunPage, SignalKicker
 from pyvmm.vcpu_state import StateKind
 from pyvmm_kvm import bindings as k
 from pyvmm_kvm import regs
@@ -114,7 +114,7 @@ class KvmVcpu:
             self._complete(pending)
         result = self._ioctl(self.fd, _RUN_REQUEST, 0)
         if result < 0:
-            if result == _EINTR or result == _EAGAIN:
+            if result in (_EINTR, _EAGAIN):
                 self.page.clear_immediate_exit()
                 kicker.acknowledge()
                 return self._interrupted
