@@ -412,9 +412,7 @@ def pyvmm_set_cpuid(vcpu: Any, entries: list[CpuidEntry]) -> None:
 
 @hookspec
 @hook_info(on="vm", capability=Cap.IOEVENTS)
-def pyvmm_register_ioevent(
-    vm: Any, event: Event, address: IoEventAddress, datamatch: int | None, length: int
-) -> None:
+def pyvmm_register_ioevent(vm: Any, event: Event, address: IoEventAddress, datamatch: int | None, length: int) -> None:
     """``IOEVENTS``: signal ``event`` on a guest write instead of exiting.
 
     The write is of ``length`` bytes (0 = any length) at ``address``, matching

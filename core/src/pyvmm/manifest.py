@@ -18,7 +18,7 @@ from pyvmm.config import Arch
 
 # The contract version lives with the specifications' metadata; plugins have
 # always imported it from here.
-from pyvmm.contract import CONTRACT_VERSION  # noqa: E402
+from pyvmm.contract import CONTRACT_VERSION
 
 __all__ = ["CONTRACT_VERSION", "Availability", "BackendManifest"]
 
