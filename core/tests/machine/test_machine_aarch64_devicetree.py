@@ -1,5 +1,6 @@
 """The device tree of the aarch64 machine, parsed back node by node (with the
-library that wrote it, and with dtc where it is installed)."""
+library that wrote it, and with dtc where it is installed).  A backend's own
+nodes are the backend's to test (pyvmm-gunyah's ``test_gunyah_devicetree.py``)."""
 
 from __future__ import annotations
 
@@ -10,20 +11,9 @@ from pathlib import Path
 
 import pytest
 
-from pyvmm.capabilities import Capability
 from pyvmm.errors import ConfigError
 from pyvmm.machine import virt
-from pyvmm.machine.devicetree import (
-    GUNYAH_SIZE_MAX,
-    PHANDLE_CLOCK,
-    PHANDLE_GIC,
-    DeviceTree,
-    Doorbell,
-    build_fdt,
-    cpu_reg,
-    gunyah_vm_config,
-    read_fdt,
-)
+from pyvmm.machine.devicetree import PHANDLE_CLOCK, PHANDLE_GIC, DeviceTree, build_fdt, cpu_reg, read_fdt
 from pyvmm.machine.loaders.arm64 import Chosen
 
 MiB = 1 << 20
@@ -42,9 +32,8 @@ def strings(*texts: str) -> bytes:
     return b"".join(t.encode() + b"\0" for t in texts)
 
 
-def tree_of(cpus: int = 1, doorbells: tuple[Doorbell, ...] = (), gunyah: bool = False, **chosen: object) -> dict:
-    nodes = (gunyah_vm_config(virt.RAM_BASE, RAM, doorbells),) if gunyah else ()
-    blob = build_fdt(virt.board_tree(cpus, RAM, doorbells, nodes), Chosen(**chosen))  # type: ignore[arg-type]
+def tree_of(cpus: int = 1, uart_edge: bool = False, **chosen: object) -> dict:
+    blob = build_fdt(virt.board_tree(cpus, RAM, uart_edge=uart_edge), Chosen(**chosen))  # type: ignore[arg-type]
     return read_fdt(blob)
 
 
@@ -133,9 +122,9 @@ def test_pl011_and_its_clock() -> None:
     }
 
 
-def test_uart_delivered_by_an_edge_doorbell_is_described_edge_triggered() -> None:
-    assert tree_of(doorbells=(Doorbell(virt.UART_SPI),))["/pl011@9000000"]["interrupts"] == cells(0, 1, 1)
-    assert tree_of(doorbells=(Doorbell(virt.UART_SPI, level=True),))["/pl011@9000000"]["interrupts"] == cells(0, 1, 4)
+def test_uart_delivered_by_an_edge_irqfd_is_described_edge_triggered() -> None:
+    assert tree_of(uart_edge=True)["/pl011@9000000"]["interrupts"] == cells(0, 1, 1)
+    assert tree_of(uart_edge=False)["/pl011@9000000"]["interrupts"] == cells(0, 1, 4)
 
 
 def test_pyvmm_devices_are_described() -> None:
@@ -148,52 +137,17 @@ def test_no_hypervisor_nodes_by_default() -> None:
     assert not any(path.startswith("/gunyah-vm-config") for path in tree_of())
 
 
-def test_gunyah_vm_config() -> None:
-    tree = tree_of(gunyah=True, doorbells=(Doorbell(1), Doorbell(0x1F, level=True)))
-    top = "/gunyah-vm-config"
-    assert tree[top] == {"image-name": strings("pyvmm-vm"), "os-type": strings("linux")}
-    assert tree[f"{top}/memory"] == {
-        "#address-cells": cells(2),
-        "#size-cells": cells(2),
-        "base-address": u64(0x8000_0000),
-        "size-max": u64(0x7_8000_0000),
-    }
-    assert tree[f"{top}/interrupts"] == {"config": cells(PHANDLE_GIC)}
-    assert tree[f"{top}/vcpus"] == {"affinity": strings("proxy")}
-    assert tree[f"{top}/vdevices"] == {"generate": strings("/hypervisor")}
-    assert tree[f"{top}/vdevices/bell-1"] == {
-        "vdevice-type": strings("doorbell"),
-        "generate": strings("/hypervisor/bell-1"),
-        "label": cells(1),
-        "peer-default": b"",
-        "source-can-clear": b"",
-        "interrupts": cells(0, 1, 1),  # SPI 1, edge
-    }
-    # Names in hex, as crosvm writes them; level doorbells are level-high.
-    assert tree[f"{top}/vdevices/bell-1f"]["interrupts"] == cells(0, 0x1F, 4)
-    assert tree[f"{top}/vdevices/bell-1f"]["generate"] == strings("/hypervisor/bell-1f")
-    bells = [path for path in tree if path.startswith(f"{top}/vdevices/bell-")]
-    assert len(bells) == 2
+def test_backend_nodes_come_after_the_boards() -> None:
+    seen: list[set[str]] = []
 
+    def backend_nodes(tree: DeviceTree) -> None:
+        seen.append(set(read_fdt(tree.to_dtb())))
+        tree.string("/hypervisor-config", "compatible", "example,vm-config")
 
-def test_gunyah_firmware_address_only_when_there_is_firmware() -> None:
-    tree = DeviceTree()
-    gunyah_vm_config(virt.RAM_BASE, RAM, (), firmware_address=0x7FE0_0000, image_name="guest")(tree)
-    nodes = read_fdt(tree.to_dtb())
-    assert nodes["/gunyah-vm-config/memory"]["firmware-address"] == u64(0x7FE0_0000)
-    assert nodes["/gunyah-vm-config"]["image-name"] == strings("guest")
-
-
-def test_gunyah_refuses_more_memory_than_size_max() -> None:
-    with pytest.raises(ConfigError, match=r"memory: 0x780001000 bytes; Gunyah VMs may have at most 0x780000000"):
-        gunyah_vm_config(virt.RAM_BASE, GUNYAH_SIZE_MAX + 0x1000, ())
-
-
-def test_the_board_picks_hypervisor_nodes_by_capability(make_backend) -> None:
-    _, gunyah_like = make_backend([Capability.HYPERVISOR_INITIALIZED_BOOT_CONTEXT], name="owns-boot")
-    _, kvm_like = make_backend([Capability.VCPU_REGISTERS], name="kvm-like")
-    assert len(virt.hypervisor_nodes(gunyah_like, RAM, ())) == 1
-    assert virt.hypervisor_nodes(kvm_like, RAM, ()) == ()
+    blob = build_fdt(virt.board_tree(1, RAM, nodes=(backend_nodes,)), Chosen())
+    [paths] = seen
+    assert {"/chosen", "/memory@80000000", "/pl011@9000000", "/debug-exit@a001000"} <= paths
+    assert read_fdt(blob)["/hypervisor-config"] == {"compatible": strings("example,vm-config")}
 
 
 @pytest.mark.parametrize(
@@ -220,16 +174,11 @@ def test_read_fdt_refuses_what_is_not_a_tree() -> None:
 
 @pytest.mark.skipif(shutil.which("dtc") is None, reason="dtc (device-tree-compiler) is not installed")
 def test_dtc_reads_the_tree_without_complaint(tmp_path: Path) -> None:
-    blob = build_fdt(
-        virt.board_tree(4, RAM, (Doorbell(1),), (gunyah_vm_config(virt.RAM_BASE, RAM, (Doorbell(1),)),)),
-        Chosen("console=ttyAMA0", (0x8100_0000, 0x8110_0000)),
-    )
+    blob = build_fdt(virt.board_tree(4, RAM, uart_edge=True), Chosen("console=ttyAMA0", (0x8100_0000, 0x8110_0000)))
     (tmp_path / "virt.dtb").write_bytes(blob)
     result = subprocess.run(
         ["dtc", "-I", "dtb", "-O", "dts", "virt.dtb"], cwd=tmp_path, capture_output=True, text=True, check=True
     )
     assert 'stdout-path = "/pl011@9000000";' in result.stdout
     assert 'compatible = "arm,pl011\\0arm,primecell";' in result.stdout
-    warnings = [line for line in result.stderr.splitlines() if "Warning" in line]
-    # Gunyah's doorbell label is a number, where dtc expects labels to be strings.
-    assert all("label_is_string" in line and "bell-1:label" in line for line in warnings), warnings
+    assert [line for line in result.stderr.splitlines() if "Warning" in line] == []

@@ -1,5 +1,5 @@
-"""The CPUID table each vCPU gets: the backend's supported set (what KVM calls
-KVM_GET_SUPPORTED_CPUID, roughly QEMU's ``-cpu host``), with the vCPU's own APIC
+"""The CPUID table each vCPU gets: the backend's supported set (everything the
+hypervisor can expose, roughly QEMU's ``-cpu host``), with the vCPU's own APIC
 id filled in and the user's overrides applied on top."""
 
 from __future__ import annotations

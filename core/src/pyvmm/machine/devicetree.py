@@ -3,10 +3,10 @@
 The tree describes the ``virt`` board (:mod:`pyvmm.machine.virt`) the way the
 Linux bindings and crosvm's ``aarch64/src/fdt.rs`` do: memory, CPUs with the
 PSCI enable method, PSCI over HVC, the architected timer, a GICv3 (described even
-when the hypervisor owns it, as Gunyah's does: the guest still has to find it),
-the PL011 console and its clock, and ``/chosen``.  Nodes a hypervisor needs for
-itself come from :data:`NodeWriter` callables the board picks by capability, e.g.
-:func:`gunyah_vm_config`.
+when the hypervisor emulates it entirely: the guest still has to find it), the
+PL011 console and its clock, and ``/chosen``.  Nodes a hypervisor needs for
+itself are written by its backend, as :data:`NodeWriter` callables the board
+runs after its own nodes.
 
 Library choice: the PyPI package ``fdt`` (pure Python, Apache-2.0, no
 dependencies) builds and parses the blob.  ``pylibfdt``, the bindings of dtc's
@@ -19,7 +19,7 @@ them itself before handing them over.
 from __future__ import annotations
 
 import struct
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 from dataclasses import dataclass
 from string import printable
 
@@ -42,8 +42,6 @@ IRQ_TYPE_LEVEL_HIGH = 4
 TIMER_PPIS = (13, 14, 11, 10)
 
 PSCI_COMPATIBLE = ("arm,psci-1.0", "arm,psci-0.2")
-#: What Gunyah's resource manager accepts as the VM's total memory (crosvm ``MAX_VM_SIZE``).
-GUNYAH_SIZE_MAX = 0x7_8000_0000
 
 _U32 = struct.Struct(">I")
 
@@ -97,18 +95,8 @@ class DeviceTree:
         return bytes(self._tree.to_dtb(version=17))
 
 
-#: Adds one hypervisor's own nodes to the tree.
+#: Adds a backend's own nodes to the tree (``Vm.add_device_tree_nodes``).
 NodeWriter = Callable[[DeviceTree], None]
-
-
-@dataclass(frozen=True)
-class Doorbell:
-    """An irqfd the machine registered.  ``label`` is the interrupt line, which the
-    board makes the SPI number, so the doorbell and the device's ``interrupts``
-    name the same interrupt (crosvm's Gunyah irqchip does the same)."""
-
-    label: int
-    level: bool = False
 
 
 @dataclass(frozen=True)
@@ -138,7 +126,8 @@ class BoardTree:
     uart_edge: bool = False
     mmio_devices: tuple[MmioNode, ...] = ()
     psci_compatible: tuple[str, ...] = PSCI_COMPATIBLE
-    hypervisor_nodes: tuple[NodeWriter, ...] = ()
+    #: Run on the tree once the board's nodes are in: the backend's own nodes.
+    backend_nodes: tuple[NodeWriter, ...] = ()
 
     @property
     def uart_path(self) -> str:
@@ -146,8 +135,9 @@ class BoardTree:
 
 
 def cpu_reg(index: int) -> int:
-    """The ``reg`` of ``cpu@N``: its MPIDR affinity as KVM sets it at reset
-    (Aff0 = index & 0xf, Aff1 = index >> 4), so PSCI CPU_ON finds the vCPU."""
+    """The ``reg`` of ``cpu@N``: its MPIDR affinity as the Linux arm64 hypervisor
+    sets it at vCPU reset (``reset_mpidr``: Aff0 = index & 0xf, Aff1 = index >> 4),
+    so PSCI CPU_ON finds the vCPU."""
     return (index >> 4 & 0xFF) << 8 | index & 0xF
 
 
@@ -217,57 +207,12 @@ def build_fdt(board: BoardTree, chosen: Chosen) -> bytes:
         tree.string(node, "compatible", device.compatible)
         tree.u64(node, "reg", device.base, device.size)
 
-    for write_nodes in board.hypervisor_nodes:
+    for write_nodes in board.backend_nodes:
         write_nodes(tree)
     blob = tree.to_dtb()
     if len(blob) > FDT_MAX_SIZE:
         raise ConfigError(f"device tree: {len(blob)} bytes; the arm64 boot protocol allows {FDT_MAX_SIZE}")
     return blob
-
-
-def gunyah_vm_config(
-    memory_base: int,
-    memory_size: int,
-    doorbells: Iterable[Doorbell],
-    *,
-    firmware_address: int | None = None,
-    image_name: str = "pyvmm-vm",
-) -> NodeWriter:
-    """``/gunyah-vm-config``: what Gunyah's resource manager reads to build the VM
-    (reference backend-interfaces.md §1.4 step 6, §1.6; crosvm
-    ``gunyah/aarch64.rs`` ``create_fdt``).  One ``bell-N`` per irqfd, which is how
-    the RM binds each irqfd's doorbell (by label) at VM start.
-
-    :raises ConfigError: more memory than the RM's ``size-max``.
-    """
-    if memory_size > GUNYAH_SIZE_MAX:
-        raise ConfigError(f"memory: {memory_size:#x} bytes; Gunyah VMs may have at most {GUNYAH_SIZE_MAX:#x}")
-    bells = tuple(doorbells)
-
-    def write(tree: DeviceTree) -> None:
-        top = "/gunyah-vm-config"
-        tree.string(top, "image-name", image_name)
-        tree.string(top, "os-type", "linux")
-        tree.u32(f"{top}/memory", "#address-cells", 2)
-        tree.u32(f"{top}/memory", "#size-cells", 2)
-        tree.u64(f"{top}/memory", "base-address", memory_base)
-        tree.u64(f"{top}/memory", "size-max", GUNYAH_SIZE_MAX)
-        if firmware_address is not None:
-            tree.u64(f"{top}/memory", "firmware-address", firmware_address)
-        tree.u32(f"{top}/interrupts", "config", PHANDLE_GIC)
-        tree.string(f"{top}/vcpus", "affinity", "proxy")
-        tree.string(f"{top}/vdevices", "generate", "/hypervisor")
-        for bell in bells:
-            node = f"{top}/vdevices/bell-{bell.label:x}"
-            tree.string(node, "vdevice-type", "doorbell")
-            tree.string(node, "generate", f"/hypervisor/bell-{bell.label:x}")
-            tree.u32(node, "label", bell.label)
-            tree.flag(node, "peer-default")
-            tree.flag(node, "source-can-clear")
-            kind = IRQ_TYPE_LEVEL_HIGH if bell.level else IRQ_TYPE_EDGE_RISING
-            tree.u32(node, "interrupts", GIC_SPI, bell.label, kind)
-
-    return write
 
 
 def read_fdt(blob: bytes) -> dict[str, dict[str, bytes]]:

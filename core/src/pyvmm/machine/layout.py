@@ -2,8 +2,9 @@
 
 RAM starts at 0.  The 768 MiB below 4 GiB (3.25 GiB .. 4 GiB) stay free for
 MMIO: the IOAPIC (0xfec00000), the local APICs (0xfee00000), the demo device,
-and the hypervisor's own pages (KVM's real-mode TSS at 0xfffbd000).  RAM that
-does not fit below the hole continues at 4 GiB, as on a PC.
+and the hypervisor's own pages (e.g. the real-mode TSS an in-kernel hypervisor
+puts at 0xfffbd000 on Intel hosts).  RAM that does not fit below the hole
+continues at 4 GiB, as on a PC.
 """
 
 from __future__ import annotations

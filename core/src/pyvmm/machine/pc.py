@@ -21,14 +21,23 @@ APIC itself; pyvmm then registers nothing there.
 
 Optional: QEMU's pc-testdev (:func:`install_testdev`, ``testdev``), and the ACPI
 PM block of the legacy firmware (:mod:`pyvmm.machine.legacy_firmware`).
+
+:class:`PcBoard` is the x86_64 :class:`~pyvmm.machine.board.Board`: RAM around
+the MMIO hole (:mod:`pyvmm.machine.layout`), these devices, the image through the
+legacy firmware where it wants a BIOS, and each vCPU's CPUID table.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import errno
+import logging
 from dataclasses import dataclass
-from typing import BinaryIO
+from typing import BinaryIO, cast
 
+from pyvmm.arch.x86_64 import CpuidEntry
+from pyvmm.boot import BootSpec
+from pyvmm.capabilities import Capability
+from pyvmm.config import Arch
 from pyvmm.devices import debug_exit, fw_cfg, i8042, pci, poweroff, rtc, sinks, testdev, uart
 from pyvmm.devices.base import IrqLine
 from pyvmm.devices.debug_exit import DebugExit
@@ -40,8 +49,22 @@ from pyvmm.devices.rtc import Rtc
 from pyvmm.devices.scratch import DEMO_DEVICE_BASE, DEMO_DEVICE_SIZE, ScratchDevice
 from pyvmm.devices.sinks import PortSink
 from pyvmm.devices.testdev import PcTestDev, SetIrqLine
-from pyvmm.devices.uart import Uart16550
+from pyvmm.devices.uart import COM1_IRQ, Uart16550
+from pyvmm.errors import ConfigError
+from pyvmm.exits import CpuidExit, HypercallExit, MsrAccessExit, VcpuExit
+from pyvmm.machine import cpuid
+from pyvmm.machine.board import Board, BoardParts, MachineEvents
 from pyvmm.machine.bus import MmioBus, PortBus
+from pyvmm.machine.config import MachineConfig
+from pyvmm.machine.images import Aarch64BootSource, BootSource, KernelFile
+from pyvmm.machine.layout import ram_ranges
+from pyvmm.machine.legacy_firmware import LegacyFirmware, is_multiboot
+from pyvmm.vm import Backend, Vcpu
+
+log = logging.getLogger("pyvmm.machine")
+
+#: -ENOSYS as a 64-bit register: the answer to a hypercall nobody handles.
+ENOSYS_U64 = (1 << 64) - errno.ENOSYS
 
 
 @dataclass(frozen=True)
@@ -56,19 +79,10 @@ class PcDevices:
     rtc: Rtc
 
 
-@dataclass(frozen=True)
-class PcEvents:
-    """What the devices ask of the machine."""
-
-    debug_exit: Callable[[int, int], None]
-    poweroff: Callable[[], None]
-    reset: Callable[[], None]
-
-
 def install_pc_devices(
     pio: PortBus,
     mmio: MmioBus,
-    events: PcEvents,
+    events: MachineEvents,
     *,
     serial: BinaryIO | None,
     serial_irq: IrqLine | None,
@@ -110,3 +124,137 @@ def install_testdev(pio: PortBus, mmio: MmioBus, set_irq_line: SetIrqLine | None
     pio.register(testdev.IRQ_PORT, testdev.IRQ_PORT_COUNT, dev.irq_ports)
     mmio.register(testdev.IOMEM_BASE, testdev.IOMEM_SIZE, dev.iomem)
     return dev
+
+
+class PcBoard(Board):
+    """The x86_64 board: the PC."""
+
+    arch = Arch.X86_64
+
+    @classmethod
+    def check(cls, config: MachineConfig, backend: Backend, irqchip: bool) -> None:
+        backend.require(Capability.PORT_IO, "the x86 PC machine")
+        if config.cpus > 1 and not irqchip:
+            why = "irqchip is off" if backend.supports(Capability.IRQCHIP) else "it has no IRQCHIP"
+            raise ConfigError(
+                f"cpus: {config.cpus} vCPUs need the hypervisor's interrupt controllers, which start the "
+                f"secondary vCPUs on the guest's INIT/SIPI; backend {backend.name!r}: {why}"
+            )
+
+    def __init__(self, parts: BoardParts) -> None:
+        super().__init__(parts)
+        self.devices: PcDevices
+        self.image: BootSource
+        #: The BIOS stand-in, when the machine boots through it.
+        self.firmware: LegacyFirmware | None = None
+        #: The backend's supported CPUID, where the machine gives each vCPU its table.
+        self._cpuid_base: list[CpuidEntry] | None = None
+        #: Each vCPU's table, for backends that forward CPUID to the VMM.
+        self._cpuid_tables: dict[int, list[CpuidEntry]] = {}
+        self._seen_msrs: set[int] = set()
+
+    # --- construction ---------------------------------------------------------
+    def build(self, image: BootSource | Aarch64BootSource | None, serial: BinaryIO | None) -> None:
+        cfg = self.config
+        for ram in ram_ranges(cfg.memory):
+            self.vm.add_memory(ram.start, ram.size)
+        if self.irqchip:
+            self.vm.create_irqchip()
+        self.devices = install_pc_devices(
+            self.pio,
+            self.mmio,
+            self.events,
+            serial=serial,
+            serial_irq=self._com1_irq(),
+            ram_size=cfg.memory,
+            cpus=cfg.cpus,
+            irqchip=self.irqchip,
+        )
+        if cfg.testdev:
+            lines = self.vm.set_irq_line if self._has_irq_lines() else None
+            install_testdev(self.pio, self.mmio, lines)
+        if image is not None and not callable(getattr(image, "load", None)):
+            raise ConfigError(f"{image.description}: not an x86_64 image")
+        source = cast(BootSource, image) if image is not None else self._default_image()
+        self.image = source
+        self.vm.set_boot(self._legacy_firmware(source.load(self.vm.memory, ram_size=cfg.memory, cpus=cfg.cpus)))
+        self._cpuid_base = self._supported_cpuid()
+
+    def _has_irq_lines(self) -> bool:
+        # Lines reach the guest only through the hypervisor's interrupt controllers.
+        return self.irqchip and self.backend.supports(Capability.IRQ_LINE)
+
+    def _com1_irq(self) -> IrqLine | None:
+        """COM1's IRQ 4, or None where the guest must poll."""
+        if not self._has_irq_lines():
+            return None
+        set_line = self.vm.set_irq_line
+
+        def irq(level: bool) -> None:
+            set_line(COM1_IRQ, level)
+
+        return irq
+
+    def _default_image(self) -> BootSource:
+        cfg = self.config
+        if cfg.kernel is not None:
+            return KernelFile(cfg.kernel, cfg.append, cfg.initrd, cfg.load_address)
+        from pyvmm.guests import demo_image
+
+        return demo_image()
+
+    def _legacy_firmware(self, boot: BootSpec) -> BootSpec:
+        """``boot`` through the legacy firmware, where the config or a Multiboot kernel wants it."""
+        wanted = self.config.legacy_bios
+        if wanted is False or (wanted is None and not is_multiboot(boot)):
+            return boot
+        events = self.events
+        self.firmware = LegacyFirmware(
+            self.devices.rtc,
+            current_vcpu=events.current_vcpu,
+            wait=events.wait,
+            poweroff=events.poweroff,
+            reset=events.reset,
+        )
+        return self.firmware.install(self.vm.memory, self.pio, boot)
+
+    def _supported_cpuid(self) -> list[CpuidEntry] | None:
+        overrides = self.config.cpuid_overrides
+        if not self.backend.supports(Capability.CPUID):
+            if overrides:
+                raise ConfigError(f"cpuid_overrides: backend {self.backend.name!r} cannot set the guest's CPUID")
+            return None
+        if self.backend.supports(Capability.EARLY_INIT_CPUID):
+            if overrides:
+                raise ConfigError(f"cpuid_overrides: backend {self.backend.name!r} fixes CPUID when the VM is created")
+            return None
+        return self.vm.supported_cpuid()
+
+    # --- running ----------------------------------------------------------------
+    def prepare_vcpu(self, vcpu: Vcpu) -> None:
+        if self._cpuid_base is not None:
+            table = cpuid.vcpu_cpuid(self._cpuid_base, vcpu.index, self.config.cpuid_overrides)
+            vcpu.set_cpuid(table)
+            self._cpuid_tables[vcpu.index] = table
+
+    def answer_exit(self, vcpu: Vcpu, exit_: VcpuExit) -> bool:
+        if isinstance(exit_, CpuidExit):
+            entry = cpuid.lookup(self._cpuid_tables.get(vcpu.index, []), exit_.function, exit_.index)
+            if entry is None:
+                exit_.eax = exit_.ebx = exit_.ecx = exit_.edx = 0
+            else:
+                exit_.eax, exit_.ebx, exit_.ecx, exit_.edx = entry.eax, entry.ebx, entry.ecx, entry.edx
+            return True
+        if isinstance(exit_, MsrAccessExit):
+            exit_.error = True  # the guest gets #GP, as for an MSR the CPU lacks
+            if exit_.index not in self._seen_msrs:
+                self._seen_msrs.add(exit_.index)
+                what = "write" if exit_.is_write else "read"
+                log.warning(
+                    "vCPU %d: unhandled MSR %s of %#x: #GP (logged once per MSR)", vcpu.index, what, exit_.index
+                )
+            return True
+        if isinstance(exit_, HypercallExit):
+            exit_.result = ENOSYS_U64
+            return True
+        return False

@@ -18,33 +18,43 @@ starts at 2 GiB as on crosvm's board: MMIO below RAM, so RAM can grow upwards.
 Inside RAM the loader puts the kernel at the bottom and the device tree in the
 last 2 MiB (:mod:`pyvmm.machine.loaders.arm64`).
 
-The interrupt controller belongs to the hypervisor (KVM's vGIC, Gunyah's own);
-pyvmm only describes it, as crosvm does for Gunyah.  The UART's interrupt reaches
-the guest through an irqfd where the backend has them (each one listed as a
-:class:`~pyvmm.machine.devicetree.Doorbell`); otherwise the guest polls.  PSCI
-(CPU_ON, SYSTEM_OFF, SYSTEM_RESET) is the hypervisor's too; the machine sees only
-the resulting system events.
+The interrupt controller belongs to the hypervisor (an in-kernel vGIC, or one
+the hypervisor emulates on its own); pyvmm only describes it.  The UART's
+interrupt reaches the guest through an edge-triggered irqfd where the backend has
+them; otherwise the guest polls.  PSCI (CPU_ON, SYSTEM_OFF, SYSTEM_RESET) is the
+hypervisor's too; the machine sees only the resulting system events.
 
-Nodes a hypervisor needs in the tree for itself are chosen by capability
-(:func:`hypervisor_nodes`), never by backend name.
+Nodes a hypervisor needs in the tree for itself are the backend's to write: a
+backend with ``Capability.DEVICE_TREE_NODES`` gets the tree once the board has
+written its nodes and registered its irqfds (:meth:`pyvmm.vm.Vm.add_device_tree_nodes`).
+The board knows no backend.
+
+:class:`VirtBoard` is the aarch64 :class:`~pyvmm.machine.board.Board`.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import BinaryIO
+from functools import partial
+from typing import BinaryIO, cast
 
 from pyvmm.capabilities import Capability
+from pyvmm.config import Arch
 from pyvmm.devices.base import IrqLine
 from pyvmm.devices.debug_exit import DebugExit
 from pyvmm.devices.pl011 import PL011_CLOCK_HZ, PL011_SIZE, Pl011
 from pyvmm.devices.scratch import DEMO_DEVICE_SIZE, ScratchDevice
 from pyvmm.errors import ConfigError
+from pyvmm.exits import HypercallExit, VcpuExit
+from pyvmm.host import Event
+from pyvmm.machine.board import Board, BoardParts
 from pyvmm.machine.bus import MmioBus
-from pyvmm.machine.devicetree import BoardTree, Doorbell, MmioNode, NodeWriter, gunyah_vm_config
+from pyvmm.machine.config import MachineConfig
+from pyvmm.machine.devicetree import BoardTree, MmioNode, NodeWriter, build_fdt
+from pyvmm.machine.images import Aarch64BootSource, BootSource, KernelFile
 from pyvmm.machine.layout import RamRange
-from pyvmm.vm import Backend
+from pyvmm.vm import Backend, Vcpu
 
 GIC_DISTRIBUTOR_BASE = 0x0800_0000
 GIC_DISTRIBUTOR_SIZE = 0x1_0000
@@ -56,7 +66,7 @@ VIRT_DEMO_DEVICE_BASE = 0x0A00_0000
 VIRT_DEBUG_EXIT_BASE = 0x0A00_1000
 VIRT_DEBUG_EXIT_SIZE = 0x1000
 RAM_BASE = 0x8000_0000
-#: KVM's default IPA size on arm64, and Gunyah's (crosvm: 40 bits).
+#: The guest-physical space every aarch64 hypervisor gives a VM by default (40 bits).
 IPA_LIMIT = 1 << 40
 #: The redistributors must end below the UART.
 MAX_CPUS = (UART_BASE - GIC_REDISTRIBUTOR_BASE) // GIC_REDISTRIBUTOR_SIZE
@@ -107,38 +117,10 @@ def install_virt_devices(
     return devices
 
 
-#: A hypervisor's own device-tree nodes: ``(backend, RAM size, doorbells)`` -> writer.
-HypervisorNodes = Callable[[Backend, int, Sequence[Doorbell]], NodeWriter]
-
-
-def _gunyah_nodes(backend: Backend, memory: int, doorbells: Sequence[Doorbell]) -> NodeWriter:
-    return gunyah_vm_config(RAM_BASE, memory, doorbells)
-
-
-#: Which capability asks for which nodes.  A hypervisor that sets the vCPUs' boot
-#: context itself (Gunyah: crosvm's ``HypervisorInitializedBootContext``) also
-#: configures the VM from ``/gunyah-vm-config``; crosvm's Gunyah ``create_fdt``
-#: is the only ``VmAArch64::create_fdt`` that writes anything.
-HYPERVISOR_NODES: dict[Capability, HypervisorNodes] = {
-    Capability.HYPERVISOR_INITIALIZED_BOOT_CONTEXT: _gunyah_nodes,
-}
-
-
-def hypervisor_nodes(backend: Backend, memory: int, doorbells: Sequence[Doorbell]) -> tuple[NodeWriter, ...]:
-    """The node writers the backend's capabilities call for.
-
-    :raises ConfigError: the hypervisor cannot take this machine (e.g. too much RAM).
-    """
-    return tuple(make(backend, memory, doorbells) for cap, make in HYPERVISOR_NODES.items() if backend.supports(cap))
-
-
-def board_tree(
-    cpus: int, memory: int, doorbells: Sequence[Doorbell] = (), nodes: tuple[NodeWriter, ...] = ()
-) -> BoardTree:
-    """The tree of a board with ``cpus`` vCPUs and ``memory`` bytes of RAM, whose
-    irqfds are ``doorbells``, plus the hypervisor's ``nodes``."""
-    # The guest must program the GIC the way the interrupt arrives.
-    uart_edge = any(bell.label == UART_SPI and not bell.level for bell in doorbells)
+def board_tree(cpus: int, memory: int, *, uart_edge: bool = False, nodes: Sequence[NodeWriter] = ()) -> BoardTree:
+    """The tree of a board with ``cpus`` vCPUs and ``memory`` bytes of RAM, plus
+    the backend's ``nodes``.  ``uart_edge``: the UART's interrupt arrives through
+    an edge-triggered irqfd, so the guest must program the GIC for an edge."""
     return BoardTree(
         memory=(RAM_BASE, memory),
         cpus=cpus,
@@ -152,5 +134,91 @@ def board_tree(
             MmioNode("demo", "pyvmm,demo-device", VIRT_DEMO_DEVICE_BASE, DEMO_DEVICE_SIZE),
             MmioNode("debug-exit", "pyvmm,debug-exit", VIRT_DEBUG_EXIT_BASE, VIRT_DEBUG_EXIT_SIZE),
         ),
-        hypervisor_nodes=nodes,
+        backend_nodes=tuple(nodes),
     )
+
+
+class VirtBoard(Board):
+    """The aarch64 board: ``virt``."""
+
+    arch = Arch.AARCH64
+
+    @classmethod
+    def check(cls, config: MachineConfig, backend: Backend, irqchip: bool) -> None:
+        # Secondary vCPUs start powered off and the hypervisor's PSCI CPU_ON
+        # starts them: unlike the PC's, they need no irqchip to come up.
+        check_config(config.cpus, config.memory)
+        x86_only = [name for name in ("cpuid_overrides", "testdev", "legacy_bios") if getattr(config, name, None)]
+        if x86_only:
+            raise ConfigError(f"{', '.join(x86_only)}: x86_64 settings; this machine is aarch64")
+
+    def __init__(self, parts: BoardParts) -> None:
+        super().__init__(parts)
+        self.devices: VirtDevices
+        self.image: Aarch64BootSource
+        #: The irqfds' events, closed only after the VM (see :meth:`close`).
+        self._events: list[Event] = []
+
+    def build(self, image: BootSource | Aarch64BootSource | None, serial: BinaryIO | None) -> None:
+        cfg = self.config
+        for ram in ram_ranges(cfg.memory):
+            self.vm.add_memory(ram.start, ram.size)
+        if self.irqchip:
+            self.vm.create_irqchip()
+        uart_irq = self._irqfd(UART_SPI)
+        self.devices = install_virt_devices(
+            self.mmio, serial=serial, serial_irq=uart_irq, debug_exit=self.events.debug_exit
+        )
+        if image is not None and not callable(getattr(image, "load_aarch64", None)):
+            raise ConfigError(f"{image.description}: not an aarch64 image")
+        source = cast(Aarch64BootSource, image) if image is not None else self._default_image()
+        self.image = source
+        # Every irqfd is registered by now, so a backend that lists them in its
+        # own nodes sees them all.
+        tree = board_tree(cfg.cpus, cfg.memory, uart_edge=uart_irq is not None, nodes=self._backend_nodes())
+        boot = source.load_aarch64(self.vm.memory, ram_size=cfg.memory, device_tree=partial(build_fdt, tree))
+        self.vm.set_boot(boot)
+
+    def _backend_nodes(self) -> tuple[NodeWriter, ...]:
+        """The backend's own nodes, where it declares it has some: only the backend
+        knows what its hypervisor reads from the tree."""
+        if self.backend.supports(Capability.DEVICE_TREE_NODES):
+            return (self.vm.add_device_tree_nodes,)
+        return ()
+
+    def _irqfd(self, line: int) -> IrqLine | None:
+        """An interrupt line as an irqfd (edge-triggered: each rise signals the
+        event), or None where the backend has none and the guest must poll."""
+        if not self.backend.supports(Capability.IRQFD):
+            return None
+        event = Event()
+        self._events.append(event)
+        self.vm.register_irqfd(event, line, level=False)
+        signal = event.signal
+
+        def irq(level: bool) -> None:
+            if level:
+                signal()
+
+        return irq
+
+    def _default_image(self) -> Aarch64BootSource:
+        cfg = self.config
+        if cfg.kernel is not None:
+            return KernelFile(cfg.kernel, cfg.append, cfg.initrd, cfg.load_address)
+        from pyvmm.guests import demo_aarch64_image
+
+        return demo_aarch64_image()
+
+    def answer_exit(self, vcpu: Vcpu, exit_: VcpuExit) -> bool:
+        if isinstance(exit_, HypercallExit):
+            exit_.result = SMCCC_NOT_SUPPORTED
+            return True
+        return False
+
+    def close(self) -> None:
+        # The machine calls this only once the VM is closed and no vCPU thread is
+        # left in the guest: until then a device may still signal them.
+        for event in self._events:
+            event.close()
+        self._events.clear()
