@@ -58,8 +58,8 @@ def test_demo_guest_says_what_it_does() -> None:
 
 @pytest.fixture
 def unicorn(registry: PluginRegistry) -> Backend:
-    hooks = pytest.importorskip("pyvmm_unicorn.hooks", reason="the unicorn example backend is not installed")
-    backend = Backend(registry.register(hooks))
+    hooks = pytest.importorskip("pyvmm_unicorn.plugin", reason="the unicorn example backend is not installed")
+    backend = Backend(registry.register(hooks.plugin))
     if not backend.availability().available:
         pytest.skip(f"unicorn cannot run here: {backend.availability().reason}")
     return backend

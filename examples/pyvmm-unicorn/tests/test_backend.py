@@ -9,11 +9,14 @@ import time
 from importlib import metadata
 
 import pytest
-from pyvmm_unicorn import __version__, hooks
+from pyvmm_unicorn import __version__
+from pyvmm_unicorn.plugin import manifest as unicorn_manifest
+from pyvmm_unicorn.plugin import plugin
 
 from pyvmm.arch.aarch64 import CoreRegs
 from pyvmm.boot import BootSpec
-from pyvmm.capabilities import HOOKS_BY_CAPABILITY, Capability
+from pyvmm.capabilities import Capability
+from pyvmm.contract import hooks_by_capability
 from pyvmm.config import Arch
 from pyvmm.errors import ConfigError, UnsupportedCapability
 from pyvmm.exits import DebugExit, ExitKind, InterruptedExit, MmioExit
@@ -38,7 +41,7 @@ def boot_x86(backend: Backend, code: bytes, **options: object) -> tuple[Vm, Vcpu
 
 
 def test_manifest() -> None:
-    manifest = hooks.pyvmm_backend_info()
+    manifest = unicorn_manifest()
     assert (manifest.name, manifest.version) == ("unicorn", __version__)
     assert set(manifest.guest_arches) == {Arch.X86_64, Arch.AARCH64}
     assert manifest.priority < 100, "a hardware backend (KVM: 100) must win auto-selection"
@@ -46,10 +49,10 @@ def test_manifest() -> None:
 
 
 def test_every_declared_capability_has_its_hooks() -> None:
-    caps = hooks.pyvmm_backend_info().capability_set
-    for cap, names in HOOKS_BY_CAPABILITY.items():
+    caps = unicorn_manifest().capability_set
+    for cap, names in hooks_by_capability().items():
         for name in names:
-            assert hasattr(hooks, name) == (cap in caps), f"{name} vs {cap.name}"
+            assert hasattr(plugin, name) == (cap in caps), f"{name} vs {cap.name}"
     for cap in (Capability.IRQCHIP, Capability.MULTI_VCPU, Capability.PVCLOCK, Capability.MSRS):
         assert cap not in caps, f"the software CPU cannot honour {cap.name}"
 
@@ -58,7 +61,7 @@ def test_installed_entry_point() -> None:
     points = [ep for ep in metadata.entry_points(group=ENTRY_POINT_GROUP) if ep.name == "unicorn"]
     if not points:
         pytest.skip("pyvmm-unicorn is not installed in this environment")
-    assert points[0].value == "pyvmm_unicorn.hooks"
+    assert points[0].value == "pyvmm_unicorn.plugin:plugin"
     assert points[0].dist is not None and points[0].dist.metadata["Name"] == "pyvmm-unicorn"
 
 

@@ -11,13 +11,13 @@ from typing import Any, Literal
 
 import pytest
 from pytest import TestReport
-from pyvmm_unicorn import hooks
+from pyvmm_unicorn.plugin import manifest
 
 from pyvmm.plugins import ENTRY_POINT_GROUP
 from pyvmm.testing import pytest_plugin
 
 SUITE = pytest_plugin.CONFORMANCE_DIR
-NAME = hooks.pyvmm_backend_info().name
+NAME = manifest().name
 
 
 def test_a_run_ends_with_one_line_per_scenario(tmp_path: Path) -> None:

@@ -1,6 +1,11 @@
-"""The backend's handles: what ``pyvmm_create_vm`` and ``pyvmm_create_vcpu`` return.
+"""The backend's VM and vCPU classes: their methods are its hooks.
 
-Core never looks inside a handle; it only passes it back to this backend's hooks.
+:func:`pyvmm.backend.backend_plugin` (in :mod:`pyvmm_unicorn.plugin`) turns each
+method named by a hook specification into that hook: ``pyvmm_map_memory(vm,
+region)`` calls :meth:`UnicornVm.map_memory`, ``pyvmm_run_vcpu(vcpu)`` calls
+:meth:`UnicornVcpu.run`, and so on; which optional hooks exist follows from which
+methods are here, and must match the manifest's capabilities.
+
 A VM holds the guest memory regions core mapped; each vCPU is one
 :class:`pyvmm.softcpu.SoftCpu` with those regions mapped into it.
 """
@@ -11,8 +16,10 @@ from typing import Any
 
 from pyvmm.arch.aarch64 import CoreRegs
 from pyvmm.arch.x86_64 import Regs, Sregs
+from pyvmm.boot import VcpuInit
 from pyvmm.config import Arch, VmConfig
 from pyvmm.errors import ConfigError
+from pyvmm.exits import VcpuExit
 from pyvmm.memory import RamRegion
 from pyvmm.softcpu import SoftCpu
 from pyvmm.vcpu_state import StateKind
@@ -42,6 +49,11 @@ def parse_options(options: dict[str, Any]) -> dict[str, Any]:
 class UnicornVm:
     """A VM: its config and the guest memory core has mapped."""
 
+    @classmethod
+    def create(cls, backend: Any, config: VmConfig) -> UnicornVm:
+        """``pyvmm_create_vm``."""
+        return cls(config)
+
     def __init__(self, config: VmConfig) -> None:
         self.config = config
         self.options = parse_options(config.backend_options)
@@ -66,7 +78,7 @@ class UnicornVm:
             vcpu.cpu.unmap_region(region)
         self.regions.remove(region)
 
-    def dirty_log(self, region: RamRegion) -> bytes:
+    def get_dirty_log(self, region: RamRegion) -> bytes:
         pages = region.size // 4096
         if not self.vcpus:
             return bytes((pages + 7) // 8)  # nothing ran, nothing was written
@@ -101,6 +113,21 @@ class UnicornVcpu:
         self.vm = vm
         self.index = index
         self.cpu = cpu
+        # The exit path: core binds the handle's ``run``, and this instance
+        # attribute makes that the software CPU's own method (no extra frame).
+        self.run = cpu.run
+
+    def run(self) -> VcpuExit:  # type: ignore[no-redef]  # (the class-level spelling the adapter reads)
+        return self.cpu.run()
+
+    def init(self, boot: VcpuInit) -> None:
+        self.cpu.init(boot)
+
+    def kick(self) -> None:
+        self.cpu.kick()
+
+    def set_guest_debug(self, single_step: bool, breakpoints: list[int]) -> None:
+        self.cpu.set_guest_debug(single_step, breakpoints)
 
     def get_state(self, kind: StateKind) -> Any:
         self._check_kind(kind)
