@@ -235,3 +235,12 @@ def test_a_protected_vm_needs_the_protected_capability() -> None:
     protected = Backend(PluginRegistry().register(test_backend.plugin()))
     with protected.create_vm({"arch": "x86_64", "protection": "protected"}) as vm:
         assert vm.config.protection.value == "protected"
+
+
+def test_nothing_shipped_imports_the_testing_package() -> None:
+    """Production code never depends on test helpers: the seam protocol, the kit
+    and the backends stand without pyvmm.testing."""
+    shipped = [p for p in CORE_SRC.rglob("*.py") if "testing" not in p.relative_to(CORE_SRC).parts]
+    shipped += list((REPO / "plugins").glob("*/src/**/*.py")) + list((REPO / "examples").glob("*/src/**/*.py"))
+    offenders = [str(p.relative_to(REPO)) for p in shipped if re.search(r"^\s*(from|import)\s+pyvmm\.testing\b", p.read_text(), re.M)]
+    assert offenders == []
