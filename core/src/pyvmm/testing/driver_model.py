@@ -49,7 +49,8 @@ How the pieces fit
 2. **Rules.**  Every constraint the interface documents is a :class:`Rule`:
    an id, the errno (or error value) the real driver gives, a one-line summary and
    the **source** it comes from (a citation into
-   ``reference/backend-interfaces.md`` and the driver file it summarises).  A
+   the backend's notes ``docs/backends/<name>.md`` and the upstream driver file
+   or documentation page they summarise).  A
    handler enforces one with ``raise RuleViolation(RULE, "detail")``.  The
    harness returns the rule's errno to the caller, logs the call with the rule
    attached and appends a :class:`Rejection` to :attr:`ModelCore.rejections`, so
@@ -97,7 +98,7 @@ How the pieces fit
 Building the next backend's model
 =================================
 
-1. Read the backend's section of ``reference/backend-interfaces.md``: ioctls,
+1. Write the backend's ``docs/backends/<name>.md`` from its upstream sources: ioctls,
    structs, lifecycle, exits, "may NOT do", and its model checklist.
 2. Build the plugin on the backend kit: its ``host.py`` is one
    :class:`~pyvmm.backend.host.HostSwitch`, and every call goes through the
