@@ -85,10 +85,10 @@ def model() -> Iterator[GunyahModel]:
 
 def make_backend() -> Backend:
     """The gunyah backend, registered in a private registry, on the current seam."""
-    from pyvmm_gunyah import hooks
+    from pyvmm_gunyah.plugin import plugin
 
     registry = PluginRegistry()
-    return Backend(registry.register(hooks))
+    return Backend(registry.register(plugin))
 
 
 @pytest.fixture

@@ -1,6 +1,6 @@
 """A driver model of ``/dev/gunyah`` (ABI B), for pyvmm-gunyah's tests.
 
-It sits behind the plugin's OS seam (``pyvmm_gunyah.host.use(model)``) and
+It sits behind the plugin's OS seam (``pyvmm_gunyah.host.HOST.use(model)``) and
 answers every call as the Android Common Kernel's Gunyah driver does, with the
 resource manager (RM) and the hypervisor folded in, simplified where noted:
 
@@ -510,9 +510,9 @@ class GunyahModel(DeviceFileModel):
     @contextmanager
     def installed(self) -> Iterator[GunyahModel]:
         """Install the model as pyvmm-gunyah's seam for the block."""
-        from pyvmm_gunyah import host
+        from pyvmm_gunyah.host import HOST
 
-        with host.use(self):
+        with HOST.use(self):
             yield self
 
 

@@ -27,7 +27,7 @@ from pyvmm.plugins import PluginRegistry
 from pyvmm.testing.conformance.programs_aarch64 import minimal_fdt
 from pyvmm.testing.contract_backend import ContractTestBackend, InitVcpuCalled
 from pyvmm.vcpu_state import StateKind
-from pyvmm.vm import Backend
+from pyvmm.vm import Backend, BackendHooks
 
 SPEC = BootSpec(
     arch=Arch.AARCH64,
@@ -54,10 +54,12 @@ GUNYAH_IOCTLS = {
 
 
 def spy_on_hooks(backend: Backend) -> list[str]:
-    """Record every hook core calls on ``backend`` (before any VM exists, as core
-    resolves the implementations at VM and vCPU creation), and plant a tripwire
-    where ``pyvmm_init_vcpu`` would be: registration gave Gunyah none, and core
-    must never look it up."""
+    """Record every hook core calls on ``backend`` (before any VM exists), and
+    plant a tripwire where ``pyvmm_init_vcpu`` would be: registration gave Gunyah
+    none, and core must never look it up.  Core resolves a backend's hooks once,
+    when the :class:`Backend` is made, so they are resolved again from the spied
+    implementations; the wrappers are no generated forwarders, so even ``run``
+    goes through them instead of the vCPU handle's own method."""
     called: list[str] = []
 
     def wrap(name: str, impl: Callable[..., Any]) -> Callable[..., Any]:
@@ -77,6 +79,7 @@ def spy_on_hooks(backend: Backend) -> list[str]:
         raise InitVcpuCalled("core called pyvmm_init_vcpu on Gunyah")
 
     impls["pyvmm_init_vcpu"] = tripwire
+    backend.hooks = BackendHooks(backend.plugin, backend.capabilities)
     return called
 
 

@@ -6,7 +6,6 @@ purpose through the raw seam."""
 from __future__ import annotations
 
 import errno
-import os
 import struct
 import threading
 from collections.abc import Callable, Iterator
@@ -22,6 +21,7 @@ from pyvmm.boot import BootSpec
 from pyvmm.config import Arch
 from pyvmm.errors import HypervisorError
 from pyvmm.exits import ExitKind, InternalErrorExit, InterruptedExit, MmioExit, SystemEvent, SystemEventExit
+from pyvmm.host import Event
 from pyvmm.testing.conformance.programs_aarch64 import Aarch64Program, minimal_fdt
 from pyvmm.testing.driver_model import ModelGap, Rule
 from pyvmm.vcpu_state import IoEventAddress
@@ -255,42 +255,41 @@ def test_fetch_from_unbacked_memory_is_a_page_fault(gunyah: Backend) -> None:
 
 
 @pytest.fixture
-def eventfd() -> Iterator[int]:
-    fd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
-    yield fd
-    os.close(fd)
+def event() -> Iterator[Event]:
+    made = Event()
+    yield made
+    made.close()
 
 
-def _ioevent(fd: int, datamatch: int) -> Callable[[Vm], object]:
-    return lambda vm: vm.register_ioevent(fd, IoEventAddress.mmio(guests.IOEVENT_ADDRESS), datamatch, length=4)
+def _ioevent(event: Event, datamatch: int) -> Callable[[Vm], object]:
+    return lambda vm: vm.register_ioevent(event, IoEventAddress.mmio(guests.IOEVENT_ADDRESS), datamatch, length=4)
 
 
-def test_ioeventfd_write_signals_without_an_exit(gunyah: Backend, eventfd: int) -> None:
-    with booted(gunyah, guests.IOEVENT, setup=_ioevent(eventfd, 0x2A)) as (_, (vcpu,)):
+def test_ioeventfd_write_signals_without_an_exit(gunyah: Backend, event: Event) -> None:
+    with booted(gunyah, guests.IOEVENT, setup=_ioevent(event, 0x2A)) as (_, (vcpu,)):
         assert written(vcpu, guests.MMIO_BASE) == 0x2A  # the first write never reached the VMM
-        assert os.eventfd_read(eventfd) == 1
+        assert event.consume() == 1
         assert system_event(vcpu).event is SystemEvent.SHUTDOWN
 
 
-def test_ioeventfd_with_other_data_lets_the_write_exit(gunyah: Backend, eventfd: int) -> None:
-    with booted(gunyah, guests.IOEVENT, setup=_ioevent(eventfd, 0x2B)) as (_, (vcpu,)):
+def test_ioeventfd_with_other_data_lets_the_write_exit(gunyah: Backend, event: Event) -> None:
+    with booted(gunyah, guests.IOEVENT, setup=_ioevent(event, 0x2B)) as (_, (vcpu,)):
         assert written(vcpu, guests.IOEVENT_ADDRESS) == 0x2A
-        with pytest.raises(BlockingIOError):
-            os.eventfd_read(eventfd)
+        assert event.consume() == 0
 
 
-def _doorbell(fd: int, ring_before_start: bool = False) -> Callable[[Vm], object]:
+def _doorbell(event: Event, ring_before_start: bool = False) -> Callable[[Vm], object]:
     def setup(vm: Vm) -> None:
-        vm.register_irqfd(fd, 1)
+        vm.register_irqfd(event, 1)
         if ring_before_start:
-            os.eventfd_write(fd, 1)  # no doorbell resource yet: dropped
+            event.signal()  # no doorbell resource yet: dropped
 
     return setup
 
 
-def test_a_doorbell_wakes_a_vcpu_in_wfi(gunyah: Backend, model: gm.GunyahModel, eventfd: int) -> None:
-    with booted(gunyah, guests.DOORBELL_WAKE, setup=_doorbell(eventfd, ring_before_start=True)) as (_, (vcpu,)):
-        ring = threading.Timer(0.2, os.eventfd_write, (eventfd, 1))
+def test_a_doorbell_wakes_a_vcpu_in_wfi(gunyah: Backend, model: gm.GunyahModel, event: Event) -> None:
+    with booted(gunyah, guests.DOORBELL_WAKE, setup=_doorbell(event, ring_before_start=True)) as (_, (vcpu,)):
+        ring = threading.Timer(0.2, event.signal)
         ring.start()
         try:
             assert written(vcpu, guests.MMIO_BASE) == guests.MMIO_BASE & 0xFFFFFFFF
@@ -300,14 +299,44 @@ def test_a_doorbell_wakes_a_vcpu_in_wfi(gunyah: Backend, model: gm.GunyahModel, 
         assert (bell.dropped, bell.rung) == (1, 1)
 
 
-def test_a_kick_from_another_thread_ends_a_wfi_sleep(gunyah: Backend, eventfd: int) -> None:
-    with booted(gunyah, guests.DOORBELL_WAKE, setup=_doorbell(eventfd)) as (_, (vcpu,)):
+def test_a_kick_from_another_thread_ends_a_wfi_sleep(gunyah: Backend, event: Event) -> None:
+    with booted(gunyah, guests.DOORBELL_WAKE, setup=_doorbell(event)) as (_, (vcpu,)):
         kicker = threading.Timer(0.2, vcpu.kick)
         kicker.start()
         assert isinstance(vcpu.run(), InterruptedExit)
         kicker.join()
-        os.eventfd_write(eventfd, 1)
+        event.signal()
         assert written(vcpu, guests.MMIO_BASE) == guests.MMIO_BASE & 0xFFFFFFFF
+
+
+def test_the_kick_follows_the_thread_that_runs_the_vcpu(gunyah: Backend, event: Event) -> None:
+    """Created here, run on a worker: the signal must reach the worker, the only
+    thing that wakes a vCPU sleeping in WFI (immediate_exit is not read there)."""
+    with booted(gunyah, guests.DOORBELL_WAKE, setup=_doorbell(event)) as (_, (vcpu,)):
+        results: list[object] = []
+        running = threading.Event()
+
+        def worker() -> None:
+            running.set()
+            try:
+                results.append(vcpu.run())
+            except BaseException as exc:  # noqa: BLE001 - reported by the main thread
+                results.append(exc)
+
+        thread = threading.Thread(target=worker)
+        thread.start()
+        assert running.wait(5)
+        threading.Event().wait(0.2)  # let it fall asleep in WFI
+        vcpu.kick()
+        thread.join(10)
+        assert not thread.is_alive()
+        (exit_,) = results
+        assert isinstance(exit_, InterruptedExit), exit_
+        assert vcpu.handle.kicker.thread == thread.ident
+        # Back on this thread, the kick follows again.
+        event.signal()
+        assert written(vcpu, guests.MMIO_BASE) == guests.MMIO_BASE & 0xFFFFFFFF
+        assert vcpu.handle.kicker.thread == threading.get_ident()
 
 
 def test_a_kick_from_another_thread_stops_a_running_guest(gunyah: Backend, model: gm.GunyahModel) -> None:

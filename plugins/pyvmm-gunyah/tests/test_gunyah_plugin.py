@@ -4,7 +4,7 @@ and the calls each hook makes (asserted on the model's call log and state)."""
 from __future__ import annotations
 
 import errno
-import os
+import struct
 import types
 from collections.abc import Iterator
 
@@ -14,13 +14,16 @@ import pytest
 from pyvmm.boot import BootSpec
 from pyvmm.capabilities import Capability
 from pyvmm.config import Arch
-from pyvmm.errors import ConfigError, HypervisorError, PluginContractError, UnsupportedCapability
+from pyvmm.errors import ConfigError, HypervisorError, PluginContractError, UnsupportedCapability, VmStateError
 from pyvmm.exits import ExitKind, FailEntryExit, InterruptedExit, SystemEvent, SystemEventExit
 from pyvmm.hookspecs import hookimpl
+from pyvmm.host import Event
+from pyvmm.machine.devicetree import DeviceTree, read_fdt
 from pyvmm.plugins import PluginRegistry
 from pyvmm.vcpu_state import IoEventAddress
 from pyvmm.vm import Backend, Vm
-from pyvmm_gunyah import hooks
+from pyvmm_gunyah.devicetree import GUNYAH_SIZE_MAX, VM_CONFIG
+from pyvmm_gunyah.plugin import plugin
 
 RAM = 0x8000_0000
 RAM_SIZE = 0x20_0000
@@ -37,6 +40,7 @@ EXPECTED_CAPABILITIES = {
     Capability.IOEVENTS,
     Capability.IRQFD,
     Capability.MULTI_VCPU,
+    Capability.DEVICE_TREE_NODES,
 }
 
 
@@ -57,6 +61,13 @@ def vm(gunyah: Backend, model: gm.GunyahModel) -> Iterator[Vm]:
     model.assert_no_rejections()
 
 
+@pytest.fixture
+def event() -> Iterator[Event]:
+    made = Event()
+    yield made
+    made.close()
+
+
 def boot_spec(**extra: object) -> BootSpec:
     return BootSpec.model_validate({"arch": "aarch64", "entry": ENTRY, "fdt_address": FDT, "fdt_size": 0x800, **extra})
 
@@ -65,7 +76,7 @@ def boot_spec(**extra: object) -> BootSpec:
 
 
 def test_manifest() -> None:
-    manifest = hooks.pyvmm_backend_info()
+    manifest = plugin.pyvmm_backend_info()
     assert manifest.name == "gunyah"
     assert manifest.host_os == ("linux",)
     assert manifest.guest_arches == (Arch.AARCH64,)
@@ -83,8 +94,8 @@ def test_manifest() -> None:
 
 
 def test_no_vcpu_init_hook_and_the_registry_refuses_one() -> None:
-    assert not hasattr(hooks, "pyvmm_init_vcpu")
-    with_init = types.SimpleNamespace(**{n: getattr(hooks, n) for n in dir(hooks) if n.startswith("pyvmm_")})
+    assert not hasattr(plugin, "pyvmm_init_vcpu")
+    with_init = types.SimpleNamespace(**{n: getattr(plugin, n) for n in dir(plugin) if n.startswith("pyvmm_")})
 
     def pyvmm_init_vcpu(vcpu: object, boot: object) -> None:
         raise AssertionError("never called")
@@ -184,19 +195,29 @@ def test_vcpu_is_a_function_with_a_mapped_run_page(vm: Vm, model: gm.GunyahModel
 
 def test_destroying_a_vcpu_removes_its_function(vm: Vm, model: gm.GunyahModel) -> None:
     vcpu = vm.create_vcpu()
+    handle = vcpu.handle
+    assert vm.handle.vcpus == [handle]
     mark = len(model.calls)
     vcpu.close()
     assert ioctls(model, mark) == ["GH_VM_REMOVE_FUNCTION"]
     assert only_vm(model).vcpus == {}
     assert [f.kind for f in model.open_fds()] == ["gunyah", "gunyah-vm"]
+    # No kick reaches it any more, the VM forgot it, and its run page is unmapped.
+    assert handle.kicker.closed
+    assert vm.handle.vcpus == []
+    assert handle.page.closed
+    done = len(model.calls)
+    handle.kick()
+    handle.close()  # idempotent
+    assert len(model.calls) == done
 
 
-def test_nothing_stays_open_after_close(gunyah: Backend, model: gm.GunyahModel) -> None:
+def test_nothing_stays_open_after_close(gunyah: Backend, model: gm.GunyahModel, event: Event) -> None:
     with gunyah.create_vm({"arch": "aarch64", "vcpus": 2}) as vm:
         vm.add_memory(RAM, RAM_SIZE)
         vm.create_vcpu()
         vm.create_vcpu()
-        vm.register_irqfd(os.eventfd(0, os.EFD_CLOEXEC), 3)
+        vm.register_irqfd(event, 3)
         vm.boot(boot_spec())
     assert [f.kind for f in model.open_fds()] == ["gunyah"]
 
@@ -238,38 +259,96 @@ def test_start_is_reported_once(vm: Vm, model: gm.GunyahModel) -> None:
 # --- doorbells and ioeventfds ------------------------------------------------------------
 
 
-def test_irqfd_binds_an_eventfd_to_a_doorbell_label(vm: Vm, model: gm.GunyahModel) -> None:
-    edge, level = os.eventfd(0, os.EFD_CLOEXEC), os.eventfd(0, os.EFD_CLOEXEC)
+def test_irqfd_binds_an_event_to_a_doorbell_label(vm: Vm, model: gm.GunyahModel) -> None:
+    edge, level = Event(), Event()
     try:
         vm.register_irqfd(edge, 3)
         vm.register_irqfd(level, 4, level=True)
         bells = only_vm(model).doorbells
-        assert (bells[3].fd, bells[3].level) == (edge, False)
-        assert (bells[4].fd, bells[4].level) == (level, True)
+        assert (bells[3].fd, bells[3].level) == (edge.fileno(), False)
+        assert (bells[4].fd, bells[4].level) == (level.fileno(), True)
+        assert vm.handle.doorbells() == [(3, False), (4, True)]
     finally:
-        os.close(edge)
-        os.close(level)
+        edge.close()
+        level.close()
 
 
-def test_ioevent_uses_datamatch_flag_one(vm: Vm, model: gm.GunyahModel) -> None:
-    fd = os.eventfd(0, os.EFD_CLOEXEC)
-    try:
-        vm.register_ioevent(fd, IoEventAddress.mmio(0x9000_0000), datamatch=0xAB, length=4)
-        vm.register_ioevent(fd, IoEventAddress.mmio(0x9000_1000), length=0)
-        handlers = only_vm(model).io_handlers
-        assert [(h.addr, h.length, h.datamatch, h.data) for h in handlers] == [
-            (0x9000_0000, 4, True, 0xAB),
-            (0x9000_1000, 0, False, 0),
-        ]
-        vm.unregister_ioevent(fd, IoEventAddress.mmio(0x9000_0000), datamatch=0xAB, length=4)
-        assert [h.addr for h in only_vm(model).io_handlers] == [0x9000_1000]
-    finally:
-        os.close(fd)
+def test_a_refused_irqfd_is_not_a_doorbell(vm: Vm, model: gm.GunyahModel, event: Event) -> None:
+    vm.register_irqfd(event, 3)
+    with pytest.raises(HypervisorError, match="GH_VM_ADD_FUNCTION"):
+        vm.register_irqfd(event, 3, level=True)  # the label is taken
+    model.rejections.clear()
+    assert vm.handle.doorbells() == [(3, False)]
 
 
-def test_port_ioevents_are_refused(vm: Vm) -> None:
+def test_ioevent_uses_datamatch_flag_one(vm: Vm, model: gm.GunyahModel, event: Event) -> None:
+    vm.register_ioevent(event, IoEventAddress.mmio(0x9000_0000), datamatch=0xAB, length=4)
+    vm.register_ioevent(event, IoEventAddress.mmio(0x9000_1000), length=0)
+    handlers = only_vm(model).io_handlers
+    assert [(h.addr, h.length, h.datamatch, h.data, h.fd) for h in handlers] == [
+        (0x9000_0000, 4, True, 0xAB, event.fileno()),
+        (0x9000_1000, 0, False, 0, event.fileno()),
+    ]
+    vm.unregister_ioevent(event, IoEventAddress.mmio(0x9000_0000), datamatch=0xAB, length=4)
+    assert [h.addr for h in only_vm(model).io_handlers] == [0x9000_1000]
+
+
+def test_port_ioevents_are_refused(vm: Vm, event: Event) -> None:
     with pytest.raises(UnsupportedCapability, match="PIO_IOEVENTS"):
-        vm.register_ioevent(0, IoEventAddress.pio(0x10), length=1)
+        vm.register_ioevent(event, IoEventAddress.pio(0x10), length=1)
+
+
+# --- the VM's own device-tree nodes ---------------------------------------------------------------
+
+
+def vm_config(vm: Vm) -> dict[str, dict[str, bytes]]:
+    tree = DeviceTree()
+    vm.add_device_tree_nodes(tree)
+    return {path: props for path, props in read_fdt(tree.to_dtb()).items() if path.startswith(VM_CONFIG)}
+
+
+def test_device_tree_nodes_describe_the_mapped_memory_and_the_doorbells(
+    vm: Vm, model: gm.GunyahModel, event: Event
+) -> None:
+    vm.add_memory(0x1_0000_0000, 0x10_0000)
+    vm.register_irqfd(event, 0x21, level=True)
+    vm.register_irqfd(event, 1)
+    nodes = vm_config(vm)
+    memory = nodes[f"{VM_CONFIG}/memory"]
+    # The lowest mapped guest address, and all mapped memory together.
+    assert memory["base-address"] == struct.pack(">Q", RAM)
+    assert memory["size-max"] == struct.pack(">Q", GUNYAH_SIZE_MAX)
+    assert "firmware-address" not in memory
+    assert (vm.handle.ram_base, vm.handle.ram_size) == (RAM, RAM_SIZE + 0x10_0000)
+    bells = {path.rsplit("/", 1)[1]: props for path, props in nodes.items() if "/bell-" in path}
+    assert sorted(bells) == ["bell-1", "bell-21"]
+    assert bells["bell-21"]["interrupts"] == struct.pack(">III", 0, 0x21, 4)  # SPI, level-high
+    assert bells["bell-1"]["interrupts"] == struct.pack(">III", 0, 1, 1)  # SPI, edge
+    assert vm.handle.doorbells() == [(0x21, True), (1, False)]
+
+
+def test_device_tree_nodes_refuse_more_memory_than_the_rm_takes(vm: Vm) -> None:
+    vm.add_memory(0x1_0000_0000, GUNYAH_SIZE_MAX)  # reserved, never touched
+    with pytest.raises(ConfigError, match="Gunyah VMs may have at most"):
+        vm_config(vm)
+
+
+def test_device_tree_nodes_of_a_pvm_name_its_firmware(gunyah: Backend, model: gm.GunyahModel) -> None:
+    firmware = 0x7FE0_0000
+    options = {"firmware": {"address": firmware, "size": 0x20_0000}}
+    with gunyah.create_vm({"arch": "aarch64", "protection": "protected", "backend_options": options}) as vm:
+        vm.add_memory(firmware, 0x20_0000)  # the firmware's own region: not guest RAM
+        vm.add_memory(RAM, RAM_SIZE)
+        memory = vm_config(vm)[f"{VM_CONFIG}/memory"]
+        assert memory["firmware-address"] == struct.pack(">Q", firmware)
+        assert memory["base-address"] == struct.pack(">Q", RAM)
+        assert vm.handle.ram_size == RAM_SIZE
+    model.assert_no_rejections()
+
+
+def test_device_tree_nodes_need_memory(gunyah: Backend) -> None:
+    with gunyah.create_vm({"arch": "aarch64"}) as vm, pytest.raises(VmStateError, match="memory"):
+        vm_config(vm)
 
 
 # --- run without guest code: status exits, kicks, errors ----------------------------------------
@@ -277,7 +356,7 @@ def test_port_ioevents_are_refused(vm: Vm) -> None:
 
 def test_run_before_start_is_an_error_naming_the_ioctl(gunyah: Backend) -> None:
     fresh = gm.GunyahModel()
-    with fresh.installed(), Backend(PluginRegistry().register(hooks)).create_vm({"arch": "aarch64"}) as vm:
+    with fresh.installed(), Backend(PluginRegistry().register(plugin)).create_vm({"arch": "aarch64"}) as vm:
         vm.add_memory(RAM, RAM_SIZE)
         vcpu = vm.create_vcpu()
         with pytest.raises(HypervisorError, match="GH_VCPU_RUN") as caught:

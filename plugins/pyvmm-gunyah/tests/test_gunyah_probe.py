@@ -1,19 +1,21 @@
 """Which Gunyah interface the driver speaks, and refusing the ones pyvmm-gunyah
-does not (``reference/backend-interfaces.md`` §1.1, §1.7)."""
+does not (``docs/backends/gunyah.md`` §2.1, §2.3)."""
 
 from __future__ import annotations
 
 import errno
 import os
+import pickle
 
 import pytest
 from conftest import make_backend
 from gunyah_model import GunyahModel
 
-from pyvmm.errors import BackendUnavailable
+from pyvmm.backend import LibcDeviceSeam
+from pyvmm.errors import BackendUnavailable, HypervisorError
 from pyvmm.vm import get_backend
-from pyvmm_gunyah import host
-from pyvmm_gunyah.system import Abi, UnsupportedAbi, system
+from pyvmm_gunyah.host import HOST
+from pyvmm_gunyah.system import Abi, GunyahSystem, UnsupportedAbi, system
 
 PROBE_IOCTLS = ["GH_CREATE_VM", "GH_VM_SET_BOOT_CONTEXT", "GH_VM_SET_USER_MEM_REGION", "GH_VM_CHECK_EXTENSION"]
 
@@ -98,7 +100,42 @@ def test_no_device_node() -> None:
 
 @pytest.mark.skipif(os.path.exists("/dev/gunyah"), reason="this host has a real /dev/gunyah")
 def test_real_seam_on_this_host_reports_no_device() -> None:
-    with host.use(host.LibcSeam()):
+    with HOST.use(LibcDeviceSeam()):
         availability = make_backend().availability()
     assert not availability.available
     assert "/dev/gunyah does not exist" in availability.reason
+
+
+def test_the_probed_device_is_shared_per_host(model: GunyahModel) -> None:
+    host = HOST.current()
+    gunyah = system()
+    assert host.state["system"] is gunyah
+    assert isinstance(gunyah, GunyahSystem)
+    assert system() is gunyah
+    assert _ioctl_names(model).count("GH_CREATE_VM") == 1  # probed once
+    with GunyahModel().installed() as other:
+        assert system() is not gunyah
+        assert system().host is HOST.current() is not host
+        assert other.calls
+    assert system() is gunyah
+
+
+@pytest.mark.parametrize("abi", [Abi.A, Abi.C])
+def test_unsupported_abi_survives_pickling(abi: Abi) -> None:
+    error = UnsupportedAbi("/dev/gunyah", abi)
+    copy = pickle.loads(pickle.dumps(error))
+    assert type(copy) is UnsupportedAbi
+    assert isinstance(copy, HypervisorError)
+    assert copy.abi is abi
+    assert copy.path == "/dev/gunyah"
+    assert str(copy) == str(error)
+    assert f"ABI {abi.value}" in str(copy)
+    assert (copy.errno, copy.operation, copy.detail) == (errno.ENOTTY, "Gunyah interface probe", error.detail)
+
+
+def test_unsupported_abi_raised_by_the_probe_survives_pickling() -> None:
+    with GunyahModel(abi="C").installed(), pytest.raises(UnsupportedAbi) as caught:
+        system()
+    copy = pickle.loads(pickle.dumps(caught.value))
+    assert copy.abi is Abi.C
+    assert str(copy) == str(caught.value)

@@ -5,6 +5,7 @@ ever touched."""
 
 from __future__ import annotations
 
+import struct
 from pathlib import Path
 
 import pytest
@@ -12,6 +13,10 @@ from gunyah_model import GunyahModel
 
 from pyvmm import plugins
 from pyvmm.cli import main
+from pyvmm.machine.devicetree import DeviceTree, read_fdt
+from pyvmm.machine.virt import RAM_BASE, UART_SPI
+from pyvmm_gunyah.devicetree import VM_CONFIG
+from pyvmm_gunyah.vm import GunyahVm
 
 GUNYAH_IOCTLS_FOR_BOOT = ["GH_VM_SET_DTB_CONFIG", "GH_VM_SET_BOOT_CONTEXT", "GH_VM_START"]
 
@@ -53,3 +58,29 @@ def test_demo_guest_through_pyvmm_run(
     assert not [c for c in model.calls if "REG" in c.name and c.name != "GH_VM_SET_USER_MEM_REGION"], (
         "Gunyah has no register access: nothing may have tried"
     )
+
+
+def test_the_board_tree_gets_gunyahs_own_nodes(
+    model: GunyahModel, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The board asks the backend for its nodes once its irqfds exist: the UART's
+    doorbell and the board's RAM end up in ``/gunyah-vm-config``."""
+    monkeypatch.setattr(plugins, "_default", None)
+    trees: list[DeviceTree] = []
+    add_nodes = GunyahVm.add_device_tree_nodes
+
+    def spy(self: GunyahVm, tree: DeviceTree) -> None:
+        trees.append(tree)
+        add_nodes(self, tree)
+
+    monkeypatch.setattr(GunyahVm, "add_device_tree_nodes", spy)
+    serial = tmp_path / "serial.log"
+    status = main(["run", "--backend", "gunyah", "--arch", "aarch64", "--serial", str(serial), "--timeout", "60"])
+    assert status == 0, serial.read_text()
+    (tree,) = trees
+    nodes = read_fdt(tree.to_dtb())
+    assert nodes[f"{VM_CONFIG}/memory"]["base-address"] == struct.pack(">Q", RAM_BASE)
+    bells = [path for path in nodes if path.startswith(f"{VM_CONFIG}/vdevices/bell-")]
+    assert bells == [f"{VM_CONFIG}/vdevices/bell-{UART_SPI:x}"]
+    assert nodes["/pl011@9000000"]["interrupts"] == nodes[bells[0]]["interrupts"]
+    assert model.rejections == []

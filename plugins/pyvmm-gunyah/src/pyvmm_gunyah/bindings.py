@@ -1,21 +1,23 @@
 """Raw Gunyah uapi for pyvmm-gunyah: cffi declarations and constants, nothing else.
 
-The interface is the one crosvm targets, "ABI B" in
-``reference/backend-interfaces.md`` §1.1: the Android Common Kernel
-(android15+) and Qualcomm driver, whose header is the ``GUNYAH_`` one with
-``GH_VM_SET_USER_MEM_REGION`` kept at 0x1, plus the Android ``'A'`` ioctls
-0x11-0x17.  The struct names keep crosvm's ``gh_`` spelling (ABI A's layout,
-binary-compatible with B: ``resume_action`` sits in A's tail padding).  The
-guest_memfd series' ("ABI C") two extra structs are declared so that a probe can
-name them, never used.
+The interface is the one crosvm targets, "ABI B" in ``docs/backends/gunyah.md``
+§2.1: the Android Common Kernel (android15+) and Qualcomm driver, whose header is
+the ``GUNYAH_`` one with ``GH_VM_SET_USER_MEM_REGION`` kept at 0x1, plus the
+Android ``'A'`` ioctls 0x11-0x17.  The struct names keep crosvm's ``gh_`` spelling
+(ABI A's layout, binary-compatible with B: ``resume_action`` sits in A's tail
+padding).  The guest_memfd series' ("ABI C") two extra structs are declared so
+that a probe can name them, never used.
 
 cffi runs in ABI mode: nothing is compiled at install or run time, so every struct
 is written out with its exact layout.  No Gunyah header exists on a build host;
 ``tests/test_gunyah_bindings_layout.py`` checks every size and offset here against
-the numbers in the reference (§1.3) and every ioctl number against §1.2.
+the numbers in ``docs/backends/gunyah.md`` §4 and every ioctl number against §3.1.
 
 ioctl numbers are computed from ``sizeof`` of the cffi structs, as the kernel's
-``_IOW`` macros do, so a layout error also shows up as a wrong ioctl number.
+``_IOW`` macros do, so a layout error also shows up as a wrong ioctl number.  The
+encoding itself (asm-generic, arm64 and x86 alike) is the backend kit's
+(:mod:`pyvmm.backend.ioctl`), and :data:`IOCTL_NAMES` is collected from the names
+the requests are assigned to below.
 """
 
 from __future__ import annotations
@@ -23,6 +25,8 @@ from __future__ import annotations
 from typing import Final
 
 import cffi
+
+from pyvmm.backend.ioctl import IoctlRequest, linux, request_names
 
 _CDEF: Final = """
 struct gh_userspace_memory_region {
@@ -148,68 +152,48 @@ struct gunyah_map_mem_args {
 };
 """
 
-# libc, for the OS seam.  ioctl is variadic in C; every argument pyvmm-gunyah
-# passes is an integer (a value or an address), which the Linux x86_64 and arm64
-# calling conventions pass identically to a fixed third parameter.
-_LIBC_CDEF: Final = """
-int ioctl(int fd, unsigned long request, unsigned long arg);
-"""
-
 ffi: Final = cffi.FFI()
-ffi.cdef(_CDEF + _LIBC_CDEF)
+ffi.cdef(_CDEF)
 
 
-# --- ioctl number encoding (asm-generic/ioctl.h, used by x86 and arm64) -----
+# --- ioctl numbers (asm-generic/ioctl.h, used by x86 and arm64) -----------
 
 GH_IOCTL_TYPE: Final = ord("G")
 GH_ANDROID_IOCTL_TYPE: Final = ord("A")
 
-_IOC_NRSHIFT: Final = 0
-_IOC_TYPESHIFT: Final = 8
-_IOC_SIZESHIFT: Final = 16
-_IOC_DIRSHIFT: Final = 30
-_IOC_NONE: Final = 0
-_IOC_WRITE: Final = 1
 
-
-def _ioc(direction: int, kind: int, nr: int, size: int) -> int:
-    return (direction << _IOC_DIRSHIFT) | (size << _IOC_SIZESHIFT) | (kind << _IOC_TYPESHIFT) | (nr << _IOC_NRSHIFT)
-
-
-def _io(kind: int, nr: int) -> int:
-    return _ioc(_IOC_NONE, kind, nr, 0)
-
-
-def _iow(kind: int, nr: int, ctype: str) -> int:
-    return _ioc(_IOC_WRITE, kind, nr, ffi.sizeof(ctype))
+# The kernel's _IOW takes a type and uses its sizeof; this takes the C type name
+# and asks cffi, so the number follows the declared layout.
+def _iow(kind: int, nr: int, ctype: str) -> IoctlRequest:
+    return linux.iow(kind, nr, ffi.sizeof(ctype))
 
 
 _G = GH_IOCTL_TYPE
 _A = GH_ANDROID_IOCTL_TYPE
 
 # --- /dev/gunyah ---
-GH_CREATE_VM: Final = _io(_G, 0x0)
+GH_CREATE_VM: Final = linux.io(_G, 0x0)
 GUNYAH_CREATE_GUEST_MEM: Final = _iow(_G, 0x8, "struct gunyah_create_mem_args")  # ABI C only
 
 # --- VM fd ---
 GH_VM_SET_USER_MEM_REGION: Final = _iow(_G, 0x1, "struct gh_userspace_memory_region")
 GH_VM_SET_DTB_CONFIG: Final = _iow(_G, 0x2, "struct gh_vm_dtb_config")
-GH_VM_START: Final = _io(_G, 0x3)
+GH_VM_START: Final = linux.io(_G, 0x3)
 GH_VM_ADD_FUNCTION: Final = _iow(_G, 0x4, "struct gh_fn_desc")
 GH_VM_REMOVE_FUNCTION: Final = _iow(_G, 0x7, "struct gh_fn_desc")
 GUNYAH_VM_MAP_MEM: Final = _iow(_G, 0x9, "struct gunyah_map_mem_args")  # ABI C only
 GH_VM_SET_BOOT_CONTEXT: Final = _iow(_G, 0xA, "struct gh_vm_boot_context")
-GH_ANDROID_TENTATIVE_UAPI: Final = _io(_A, 0x10)  # ABI A header only
+GH_ANDROID_TENTATIVE_UAPI: Final = linux.io(_A, 0x10)  # ABI A header only
 GH_VM_ANDROID_LEND_USER_MEM: Final = _iow(_A, 0x11, "struct gh_userspace_memory_region")
 GH_VM_ANDROID_SET_FW_CONFIG: Final = _iow(_A, 0x12, "struct gh_vm_firmware_config")
 GH_VM_RECLAIM_REGION: Final = _iow(_A, 0x13, "struct gunyah_address_range")
 GH_VM_ANDROID_MAP_CMA_MEM: Final = _iow(_A, 0x15, "struct gunyah_map_cma_mem_args")
 GH_VM_ANDROID_SET_AUTH_TYPE: Final = _iow(_A, 0x16, "struct gunyah_auth_desc")
-GH_VM_CHECK_EXTENSION: Final = _io(_A, 0x17)  # arg: the capability, by value
+GH_VM_CHECK_EXTENSION: Final = linux.io(_A, 0x17)  # arg: the capability, by value
 
 # --- vCPU fd ---
-GH_VCPU_RUN: Final = _io(_G, 0x5)
-GH_VCPU_MMAP_SIZE: Final = _io(_G, 0x6)
+GH_VCPU_RUN: Final = linux.io(_G, 0x5)
+GH_VCPU_MMAP_SIZE: Final = linux.io(_G, 0x6)
 
 # --- gh_userspace_memory_region.flags (A/B) ---
 GH_MEM_ALLOW_READ: Final = 1 << 0
@@ -286,24 +270,5 @@ GH_CAP_VCPU_TIMER_WAKEUP: Final = 0
 GUNYAH_ANDROID_PVM_TYPE: Final = 0
 GUNYAH_QCOM_TRUSTED_VM_TYPE: Final = 1
 
-#: Name of every ioctl request, for error messages and call logs.
-IOCTL_NAMES: Final[dict[int, str]] = {
-    GH_CREATE_VM: "GH_CREATE_VM",
-    GUNYAH_CREATE_GUEST_MEM: "GUNYAH_CREATE_GUEST_MEM",
-    GH_VM_SET_USER_MEM_REGION: "GH_VM_SET_USER_MEM_REGION",
-    GH_VM_SET_DTB_CONFIG: "GH_VM_SET_DTB_CONFIG",
-    GH_VM_START: "GH_VM_START",
-    GH_VM_ADD_FUNCTION: "GH_VM_ADD_FUNCTION",
-    GH_VM_REMOVE_FUNCTION: "GH_VM_REMOVE_FUNCTION",
-    GUNYAH_VM_MAP_MEM: "GUNYAH_VM_MAP_MEM",
-    GH_VM_SET_BOOT_CONTEXT: "GH_VM_SET_BOOT_CONTEXT",
-    GH_ANDROID_TENTATIVE_UAPI: "GH_ANDROID_TENTATIVE_UAPI",
-    GH_VM_ANDROID_LEND_USER_MEM: "GH_VM_ANDROID_LEND_USER_MEM",
-    GH_VM_ANDROID_SET_FW_CONFIG: "GH_VM_ANDROID_SET_FW_CONFIG",
-    GH_VM_RECLAIM_REGION: "GH_VM_RECLAIM_REGION",
-    GH_VM_ANDROID_MAP_CMA_MEM: "GH_VM_ANDROID_MAP_CMA_MEM",
-    GH_VM_ANDROID_SET_AUTH_TYPE: "GH_VM_ANDROID_SET_AUTH_TYPE",
-    GH_VM_CHECK_EXTENSION: "GH_VM_CHECK_EXTENSION",
-    GH_VCPU_RUN: "GH_VCPU_RUN",
-    GH_VCPU_MMAP_SIZE: "GH_VCPU_MMAP_SIZE",
-}
+#: Name of every ioctl request, from the names above (for errors and call logs).
+IOCTL_NAMES: Final = request_names(globals())

@@ -1,8 +1,8 @@
 """``/dev/gunyah`` and which of the incompatible Gunyah interfaces it speaks.
 
 Three ABIs share the device name and the ``'G'`` ioctl numbers
-(``reference/backend-interfaces.md`` §1.1); pyvmm-gunyah speaks **B**, the one
-crosvm targets, and refuses the others with a message that names what was found.
+(``docs/backends/gunyah.md`` §2.1); pyvmm-gunyah speaks **B**, the one crosvm
+targets, and refuses the others with a message that names what was found.
 
 The probe runs on a *scratch VM* that is never started and is closed at once.
 It makes only valid calls, so it breaks no rule of any interface, and every
@@ -10,7 +10,8 @@ call is one the driver answers before anything reaches the resource manager
 (RM) or the hypervisor: an unstarted VM is kernel bookkeeping only
 (``gunyah_vm_alloc``; the RM sees a VM first in ``gunyah_vm_start``), and
 closing it releases that bookkeeping (``_gunyah_vm_put`` with the status still
-NO_STATE stops and resets nothing).
+NO_STATE stops and resets nothing).  ``docs/backends/gunyah.md`` §2.3 has the
+sources of each step.
 
 1. ``GH_VM_SET_BOOT_CONTEXT{REG_SET_PC, 0}``: stored in the scratch VM's
    ``boot_context`` xarray on B and C; **ENOTTY on A**, whose VM ioctl switch has
@@ -35,12 +36,12 @@ import mmap
 import os
 from dataclasses import dataclass
 
+from pyvmm.backend import DeviceHost
 from pyvmm.errors import HypervisorError
 from pyvmm.manifest import Availability
 from pyvmm_gunyah import bindings as g
-from pyvmm_gunyah import host as host_mod
 from pyvmm_gunyah.bindings import ffi
-from pyvmm_gunyah.host import Host, address_of
+from pyvmm_gunyah.host import HOST
 
 DEVICE = os.environ.get("PYVMM_GUNYAH_DEVICE", "/dev/gunyah")
 
@@ -66,7 +67,9 @@ class AbiProbe:
 
 
 class UnsupportedAbi(HypervisorError):
-    """``/dev/gunyah`` speaks a Gunyah interface other than B."""
+    """``/dev/gunyah`` speaks a Gunyah interface other than B.  Like every pyvmm
+    error it pickles with its fields (``abi``, ``path``, the message): the base
+    class rebuilds it from its constructor arguments."""
 
     def __init__(self, path: str, abi: Abi) -> None:
         super().__init__(
@@ -75,16 +78,17 @@ class UnsupportedAbi(HypervisorError):
             f"{path} speaks {ABI_DESCRIPTIONS[abi]}; "
             f"pyvmm-gunyah needs {ABI_DESCRIPTIONS[Abi.B]}, the one crosvm targets",
         )
+        self.path = path
         self.abi = abi
 
 
-def probe_abi(host: Host, device_fd: int) -> AbiProbe:
+def probe_abi(host: DeviceHost, device_fd: int) -> AbiProbe:
     """Which interface the driver behind ``device_fd`` speaks (see the module docstring)."""
     vm = host.ioctl(device_fd, g.GH_CREATE_VM, 0, detail="scratch VM for the interface probe")
     page = mmap.mmap(-1, mmap.PAGESIZE, prot=mmap.PROT_READ | mmap.PROT_WRITE)
     try:
         boot = ffi.new("struct gh_vm_boot_context *", {"reg": g.boot_context_reg(g.REG_SET_PC, 0), "value": 0})
-        result = host.try_ioctl(vm, g.GH_VM_SET_BOOT_CONTEXT, address_of(boot))
+        result = host.try_ioctl(vm, g.GH_VM_SET_BOOT_CONTEXT, boot)
         if result == -errno.ENOTTY:
             return AbiProbe(Abi.A)
         if result < 0:
@@ -102,7 +106,7 @@ def probe_abi(host: Host, device_fd: int) -> AbiProbe:
                 "userspace_addr": page_addr,
             },
         )
-        result = host.try_ioctl(vm, g.GH_VM_SET_USER_MEM_REGION, address_of(region))
+        result = host.try_ioctl(vm, g.GH_VM_SET_USER_MEM_REGION, region)
         if result == -errno.ENOTTY:
             return AbiProbe(Abi.C)
         if result < 0:
@@ -120,10 +124,10 @@ def probe_abi(host: Host, device_fd: int) -> AbiProbe:
 
 
 class GunyahSystem:
-    """An open ``/dev/gunyah`` that speaks ABI B.  One per seam is enough:
+    """An open ``/dev/gunyah`` that speaks ABI B.  One per host is enough:
     :func:`system` shares it."""
 
-    def __init__(self, host: Host, path: str = DEVICE) -> None:
+    def __init__(self, host: DeviceHost, path: str = DEVICE) -> None:
         self.host = host
         self.path = path
         self.fd = host.open_device(path)
@@ -145,13 +149,15 @@ class GunyahSystem:
             self.fd = -1
 
 
-def system(host: Host | None = None) -> GunyahSystem:
-    """The probed ``/dev/gunyah`` of ``host`` (default: the current one), opened on first use."""
-    host = host or host_mod.current()
+def system(host: DeviceHost | None = None) -> GunyahSystem:
+    """The probed ``/dev/gunyah`` of ``host`` (default: the current one), opened
+    on first use and kept in ``host.state["system"]``."""
+    host = host or HOST.current()
     with host.lock:
-        if host.system is None:
-            host.system = GunyahSystem(host)
-        gunyah: GunyahSystem = host.system
+        gunyah = host.state.get("system")
+        if gunyah is None:
+            gunyah = host.state["system"] = GunyahSystem(host)
+        assert isinstance(gunyah, GunyahSystem)
         return gunyah
 
 

@@ -1,32 +1,36 @@
 """A Gunyah vCPU: a VM function, the shared ``gh_vcpu_run`` page, and the exits.
 
 A vCPU is ``GH_VM_ADD_FUNCTION(GH_FN_VCPU{id})``; its fd's page 0 is the run
-structure (40 bytes used).  ``GH_VCPU_RUN`` returns 0 with an exit in the page,
-or ``-errno``:
+structure (40 bytes used, ``docs/backends/gunyah.md`` §4.4).  ``GH_VCPU_RUN``
+returns 0 with an exit in the page, or ``-errno`` (§6.1):
 
 * **MMIO** -- completed by the *next* run: for a read the VMM writes
   ``data[0..len)`` in the page, and ``resume_action`` HANDLED makes the driver
-  feed it back to the hypervisor (``gunyah_vcpu.c gunyah_handle_mmio_resume``).
+  feed it back to the hypervisor (``gunyah_vcpu.c gunyah_handle_mmio_resume``, §6.2).
 * **STATUS** -- the VM cannot run any more; every later run returns it again.
   Mapped as crosvm maps it: LOAD_FAILED is a failed entry, CRASHED a crash, and
-  EXITED goes by the resource manager's exit type (§1.5).
+  EXITED goes by the resource manager's exit type (§6.4).
 * **PAGE_FAULT** -- the guest touched an address no memory binding covers and the
-  driver could not page it in.  pyvmm cannot add memory to a started Gunyah VM,
-  so it is reported as an :class:`~pyvmm.exits.InternalErrorExit`; running again
-  injects the fault (``resume_action`` stays the driver's preset FAULT).
-* ``-EINTR`` -- ``immediate_exit`` was set (a kick) or a signal arrived.
+  driver could not page it in (§6.3).  pyvmm cannot add memory to a started
+  Gunyah VM, so it is reported as an :class:`~pyvmm.exits.InternalErrorExit`;
+  running again injects the fault (``resume_action`` stays the driver's preset FAULT).
+* ``-EINTR`` -- ``immediate_exit`` was set (a kick) or a signal arrived (§6.5).
 
-There are no register ioctls: the hypervisor owns the vCPU's registers.
+There are no register ioctls: the hypervisor owns the vCPU's registers, so this
+class has no ``init`` method and core never initialises one.  The page, the kick
+and the thread rules are the backend kit's (:class:`~pyvmm.backend.RunPage`,
+:class:`~pyvmm.backend.SignalKicker`).  Its public methods are the backend's vCPU
+hooks: ``run``, ``kick`` and ``close``.
 """
 
 from __future__ import annotations
 
-import contextlib
 import errno
 import struct
 import threading
 from typing import Any
 
+from pyvmm.backend import RunPage, SignalKicker
 from pyvmm.errors import HypervisorError, UnknownExitError
 from pyvmm.exits import (
     FailEntryExit,
@@ -37,7 +41,6 @@ from pyvmm.exits import (
     SystemEventExit,
     VcpuExit,
 )
-from pyvmm.kick_signal import KICK_SIGNAL, require_kick_handler
 from pyvmm_gunyah import bindings as g
 from pyvmm_gunyah.bindings import ffi
 
@@ -52,6 +55,11 @@ _EXIT_REASON = struct.Struct("<I")
 _MMIO = struct.Struct("<Q8xIB")  # phys_addr, (data), len, is_write
 _STATUS = struct.Struct("<IHHI8s")  # status, exit_info.{type, padding, reason_size, reason}
 _PAGE_FAULT = struct.Struct("<Qi")  # phys_addr, attempt
+_RUN_REQUEST = int(g.GH_VCPU_RUN)
+_EXIT_MMIO = g.GH_VCPU_EXIT_MMIO
+_RESUME_HANDLED = g.GH_VCPU_RESUME_HANDLED
+_EINTR = -errno.EINTR
+_get_ident = threading.get_ident
 
 #: RM exit types of a STATUS/EXITED exit, as crosvm maps them (``gunyah/mod.rs``).
 RM_EXIT_EVENTS: dict[int, SystemEvent] = {
@@ -72,44 +80,51 @@ class GunyahVcpu:
     def __init__(self, vm: Any, index: int) -> None:
         self.vm = vm
         self.index = index
-        self.host = vm.host
+        self.host = host = vm.host
         self._arg = ffi.new("struct gh_fn_vcpu_arg *", {"id": index})
         self.fd = vm.add_function(g.GH_FN_VCPU, self._arg)
         try:
-            size = self.host.ioctl(self.fd, g.GH_VCPU_MMAP_SIZE)
-            self._page = self.host.map_shared(self.fd, size, f"vCPU {index} gh_vcpu_run")
+            size = host.ioctl(self.fd, g.GH_VCPU_MMAP_SIZE)
+            mapping = host.map_shared(self.fd, size, f"vCPU {index} gh_vcpu_run")
         except BaseException:
             self._unbind()
             raise
-        self._view = memoryview(self._page)
-        self.thread = threading.get_ident()
-        self._ioctl = self.host.seam.ioctl
+        self.page = RunPage(mapping, immediate_exit=_OFF_IMMEDIATE_EXIT, mmio_data=_OFF_MMIO_DATA)
+        self._view = self.page.view
+        self.kicker = SignalKicker(self.page.request_immediate_exit, host.signal_thread, "Gunyah")
+        self._ioctl = host.seam.ioctl
         # One exit object per kind, refilled on every run.
         self._mmio = MmioExit()
         self._interrupted = InterruptedExit()
-        self._mmio_views = [self._view[_OFF_MMIO_DATA : _OFF_MMIO_DATA + n] for n in range(9)]
+        self._mmio_views = self.page.mmio_views
         self._mmio_pending = False
 
     # --- run ------------------------------------------------------------------
     def run(self) -> VcpuExit:
+        kicker = self.kicker
+        if kicker.thread != _get_ident():
+            kicker.bind()  # run from another thread: the kick follows it
         view = self._view
         if self._mmio_pending:
             if view[_OFF_IMMEDIATE_EXIT]:
                 # The driver takes the completion out of the page and *then* checks
                 # immediate_exit; returning EINTR there would drop a read's data
-                # (gunyah_vcpu.c gunyah_vcpu_run).  Keep the completion for the next run.
-                view[_OFF_IMMEDIATE_EXIT] = 0
+                # (gunyah_vcpu.c gunyah_vcpu_run, docs/backends/gunyah.md §6.5).
+                # Keep the completion for the next run.
+                self.page.clear_immediate_exit()
+                kicker.acknowledge()
                 return self._interrupted
             self._mmio_pending = False
-            view[_OFF_MMIO_RESUME] = g.GH_VCPU_RESUME_HANDLED
-        result = self._ioctl(self.fd, g.GH_VCPU_RUN, 0)
+            view[_OFF_MMIO_RESUME] = _RESUME_HANDLED
+        result = self._ioctl(self.fd, _RUN_REQUEST, 0)
         if result < 0:
-            if result == -errno.EINTR:
-                view[_OFF_IMMEDIATE_EXIT] = 0
+            if result == _EINTR:
+                self.page.clear_immediate_exit()
+                kicker.acknowledge()
                 return self._interrupted
             raise HypervisorError("GH_VCPU_RUN", -result)
         reason = _EXIT_REASON.unpack_from(view, _OFF_EXIT_REASON)[0]
-        if reason == g.GH_VCPU_EXIT_MMIO:
+        if reason == _EXIT_MMIO:
             address, length, is_write = _MMIO.unpack_from(view, _OFF_UNION)
             mmio = self._mmio
             mmio.address, mmio.size, mmio.is_write = address, length, bool(is_write)
@@ -143,14 +158,9 @@ class GunyahVcpu:
         raise HypervisorError("GH_VCPU_RUN", errno.EINVAL, f"unknown VM status {status}")
 
     def kick(self) -> None:
-        """Thread-safe: make the current or next run return EINTR."""
-        self._view[_OFF_IMMEDIATE_EXIT] = 1
-        if threading.get_ident() == self.thread:
-            return
-        require_kick_handler("Gunyah")
-        # If the vCPU thread has ended, immediate_exit still covers a later run.
-        with contextlib.suppress(ProcessLookupError):
-            self.host.signal_thread(self.thread, KICK_SIGNAL)
+        """Any thread: make the current or next run return EINTR (``immediate_exit``
+        plus one signal to the thread running the vCPU)."""
+        self.kicker.kick()
 
     # --- teardown ---------------------------------------------------------------
     def _unbind(self) -> None:
@@ -164,13 +174,13 @@ class GunyahVcpu:
             self.fd = -1
 
     def close(self) -> None:
+        """``pyvmm_destroy_vcpu``: no kick reaches the vCPU after this starts."""
         if self.fd < 0:
             return
+        self.kicker.close()
+        self.vm.remove_vcpu(self)
         # Drop our own references to the run page; a view a caller still holds keeps
         # the mapping alive until it goes (never a dangling pointer).
         self._mmio.data = memoryview(b"")
-        self._mmio_views.clear()
-        self._view.release()
-        with contextlib.suppress(BufferError):
-            self._page.close()
+        self.page.release()
         self._unbind()

@@ -1,16 +1,23 @@
-"""A Gunyah VM: memory bindings, the boot context, start, doorbells, ioeventfds.
+"""A Gunyah VM: memory bindings, the boot context, start, doorbells, ioeventfds,
+and the VM's own device-tree nodes.
 
-The order is fixed by the driver (``reference/backend-interfaces.md`` §1.4):
-all memory before start (an unstarted VM is the only one a Linux guest lets grow),
-vCPU functions, irqfds and ioeventfds, then the device tree address and the boot
+The order is fixed by the driver (``docs/backends/gunyah.md`` §5.1): all memory
+before start (an unstarted VM is the only one a Linux guest lets grow), vCPU
+functions, irqfds and ioeventfds, then the device tree address and the boot
 context, then ``GH_VM_START``.  The hypervisor, not the VMM, owns the vCPU
 registers: the entry point reaches it through ``GH_VM_SET_BOOT_CONTEXT``.
+
+Its public methods are the backend's VM hooks: the backend kit's generated
+adapter forwards ``pyvmm_map_memory(vm, region)`` to :meth:`GunyahVm.map_memory`,
+and so on (the method names are the hook specifications' metadata).
 """
 
 from __future__ import annotations
 
-from typing import Any
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any
 
+from pyvmm.backend import address_of, install_kick_handler
 from pyvmm.boot import BootSpec
 from pyvmm.config import PAGE_SIZE, Arch, Protection, VmConfig
 from pyvmm.errors import ConfigError, VmStateError
@@ -18,9 +25,12 @@ from pyvmm.memory import RamRegion
 from pyvmm.vcpu_state import AddressSpace, IoEventAddress
 from pyvmm_gunyah import bindings as g
 from pyvmm_gunyah.bindings import ffi
-from pyvmm_gunyah.host import address_of
-from pyvmm_gunyah.system import GunyahSystem
+from pyvmm_gunyah.system import GunyahSystem, system
 from pyvmm_gunyah.vcpu import GunyahVcpu
+
+if TYPE_CHECKING:
+    from pyvmm.host import Event
+    from pyvmm.machine.devicetree import DeviceTree
 
 #: Gunyah's guest-physical address width (crosvm ``gunyah/mod.rs``: 40 bits, fixed).
 IPA_BITS = 40
@@ -46,6 +56,12 @@ class GunyahVm:
       firmware window (``GH_VM_ANDROID_SET_FW_CONFIG``).
     """
 
+    @classmethod
+    def create(cls, backend: Any, config: VmConfig) -> GunyahVm:
+        """``pyvmm_create_vm``: a VM on the current host's probed ``/dev/gunyah``."""
+        install_kick_handler()
+        return cls(system(), config)
+
     def __init__(self, gunyah: GunyahSystem, config: VmConfig) -> None:
         options = dict(config.backend_options)
         self.host = gunyah.host
@@ -65,7 +81,10 @@ class GunyahVm:
         #: Regions lent to the guest: the host has lost access to their pages.
         self.lent: dict[int, RamRegion] = {}
         self.vcpus: list[GunyahVcpu] = []
-        self.irqfds: dict[int, int] = {}
+        #: The irqfds bound to doorbells: label -> (event, level-triggered).
+        self.irqfds: dict[int, tuple[Event, bool]] = {}
+        #: A protected VM's firmware window (address, size), if it has one.
+        self.firmware: tuple[int, int] | None = None
         self.started = False
         self.fd = gunyah.create_vm()
         try:
@@ -81,7 +100,8 @@ class GunyahVm:
         except (KeyError, TypeError, ValueError) as exc:
             raise ConfigError("backend_options.firmware: needs integer 'address' and 'size'") from exc
         config = ffi.new("struct gh_vm_firmware_config *", {"guest_phys_addr": address, "size": size})
-        self.host.ioctl(self.fd, g.GH_VM_ANDROID_SET_FW_CONFIG, address_of(config))
+        self.host.ioctl(self.fd, g.GH_VM_ANDROID_SET_FW_CONFIG, config)
+        self.firmware = (address, size)
 
     # --- memory -----------------------------------------------------------------
     def map_memory(self, region: RamRegion) -> None:
@@ -102,7 +122,7 @@ class GunyahVm:
             },
         )
         request = g.GH_VM_ANDROID_LEND_USER_MEM if lend else g.GH_VM_SET_USER_MEM_REGION
-        self.host.ioctl(self.fd, request, address_of(raw))
+        self.host.ioctl(self.fd, request, raw)
         self.regions[region.slot] = region
         if lend:
             self.lent[region.slot] = region
@@ -132,12 +152,12 @@ class GunyahVm:
     def remove_function(self, fn_type: int, arg: Any) -> None:
         """``GH_VM_REMOVE_FUNCTION`` of the function ``arg`` (cffi struct) describes."""
         desc = ffi.new("struct gh_fn_desc *", {"type": fn_type, "arg_size": ffi.sizeof(arg[0]), "arg": address_of(arg)})
-        self.host.ioctl(self.fd, g.GH_VM_REMOVE_FUNCTION, address_of(desc))
+        self.host.ioctl(self.fd, g.GH_VM_REMOVE_FUNCTION, desc)
 
     def add_function(self, fn_type: int, arg: Any) -> int:
         """``GH_VM_ADD_FUNCTION``: the new fd (vCPU) or 0."""
         desc = ffi.new("struct gh_fn_desc *", {"type": fn_type, "arg_size": ffi.sizeof(arg[0]), "arg": address_of(arg)})
-        return self.host.ioctl(self.fd, g.GH_VM_ADD_FUNCTION, address_of(desc))
+        return self.host.ioctl(self.fd, g.GH_VM_ADD_FUNCTION, desc)
 
     # --- boot -------------------------------------------------------------------
     def set_boot_context(self, boot: BootSpec) -> None:
@@ -159,26 +179,35 @@ class GunyahVm:
                 "must lie inside one memory region"
             )
         dtb = ffi.new("struct gh_vm_dtb_config *", {"guest_phys_addr": boot.fdt_address, "size": window})
-        self.host.ioctl(self.fd, g.GH_VM_SET_DTB_CONFIG, address_of(dtb))
+        self.host.ioctl(self.fd, g.GH_VM_SET_DTB_CONFIG, dtb)
         for reg, value in boot_context_registers(boot):
             context = ffi.new("struct gh_vm_boot_context *", {"reg": reg, "value": value})
-            self.host.ioctl(self.fd, g.GH_VM_SET_BOOT_CONTEXT, address_of(context))
+            self.host.ioctl(self.fd, g.GH_VM_SET_BOOT_CONTEXT, context)
 
     def start(self) -> None:
         self.host.ioctl(self.fd, g.GH_VM_START)
         self.started = True
 
     # --- interrupts and events -------------------------------------------------------
-    def register_irqfd(self, fd: int, label: int, level: bool) -> None:
-        """Bind eventfd ``fd`` to the doorbell ``label`` (the DT node ``bell-<label>``)."""
-        arg = ffi.new("struct gh_fn_irqfd_arg *", {"fd": fd, "label": label, "flags": g.GH_IRQFD_LEVEL if level else 0})
+    def register_irqfd(self, event: Event, line: int, level: bool) -> None:
+        """Bind ``event`` to the doorbell with label ``line`` (the device-tree node
+        ``bell-<line>`` that :meth:`add_device_tree_nodes` writes;
+        ``docs/backends/gunyah.md`` §7.1)."""
+        flags = g.GH_IRQFD_LEVEL if level else 0
+        arg = ffi.new("struct gh_fn_irqfd_arg *", {"fd": event.fileno(), "label": line, "flags": flags})
         self.add_function(g.GH_FN_IRQFD, arg)
-        self.irqfds[label] = fd
+        self.irqfds[line] = (event, level)
 
-    def ioevent(self, fd: int, address: IoEventAddress, datamatch: int | None, length: int, *, remove: bool) -> None:
+    def register_ioevent(self, event: Event, address: IoEventAddress, datamatch: int | None, length: int) -> None:
+        self._ioeventfd(event.fileno(), address, datamatch, length, remove=False)
+
+    def unregister_ioevent(self, event: Event, address: IoEventAddress, datamatch: int | None, length: int) -> None:
+        self._ioeventfd(event.fileno(), address, datamatch, length, remove=True)
+
+    def _ioeventfd(self, fd: int, address: IoEventAddress, datamatch: int | None, length: int, *, remove: bool) -> None:
         """Add or remove an MMIO ioeventfd.  Without ``datamatch`` the driver matches
         any access length at the address (``gunyah_ioeventfd.c`` keeps the length
-        only for datamatch)."""
+        only for datamatch; ``docs/backends/gunyah.md`` §7.2)."""
         if address.space is not AddressSpace.MMIO:
             raise ConfigError("Gunyah ioevents sit on MMIO addresses only (the hypervisor has no port I/O)")
         arg = ffi.new(
@@ -195,6 +224,51 @@ class GunyahVm:
             self.remove_function(g.GH_FN_IOEVENTFD, arg)
         else:
             self.add_function(g.GH_FN_IOEVENTFD, arg)
+
+    # --- the device tree ------------------------------------------------------------
+    def doorbells(self) -> list[tuple[int, bool]]:
+        """``(label, level-triggered)`` of every irqfd, in registration order."""
+        return [(label, level) for label, (_, level) in self.irqfds.items()]
+
+    def guest_ram(self) -> Sequence[RamRegion]:
+        """The regions the resource manager counts as the VM's memory: every mapped
+        region except one that lies wholly inside a protected VM's firmware window
+        (crosvm ``gunyah/aarch64.rs`` ``create_fdt`` counts guest memory and
+        swiotlb regions, and names the firmware region by ``firmware-address``).
+
+        :raises VmStateError: there is none yet.
+        """
+        ram = list(self.regions.values())
+        if self.firmware is not None:
+            start, size = self.firmware
+            ram = [r for r in ram if not (start <= r.guest_phys_addr and r.end <= start + size)]
+        if not ram:
+            raise VmStateError("Gunyah's device-tree nodes describe the VM's memory: map it first")
+        return ram
+
+    @property
+    def ram_base(self) -> int:
+        """Where the VM's RAM starts: the lowest guest address of :meth:`guest_ram`."""
+        return min(r.guest_phys_addr for r in self.guest_ram())
+
+    @property
+    def ram_size(self) -> int:
+        """How much RAM the VM has: :meth:`guest_ram` together."""
+        return sum(r.size for r in self.guest_ram())
+
+    def add_device_tree_nodes(self, tree: DeviceTree) -> None:
+        """``/gunyah-vm-config`` and one doorbell per irqfd, which the resource
+        manager reads to build the VM (``docs/backends/gunyah.md`` §7.3).
+
+        :raises VmStateError: no memory is mapped yet.
+        :raises ConfigError: more memory than the resource manager accepts.
+        """
+        # Imported here: the machine layer's tree writer is not needed to discover
+        # or probe the backend.
+        from pyvmm_gunyah.devicetree import add_vm_config_nodes
+
+        firmware = None if self.firmware is None else self.firmware[0]
+        add_vm_config_nodes(tree, self.ram_base, self.ram_size, self.doorbells(), firmware_address=firmware)
 
     def close(self) -> None:
         for vcpu in list(self.vcpus):
