@@ -242,5 +242,20 @@ def test_nothing_shipped_imports_the_testing_package() -> None:
     and the backends stand without pyvmm.testing."""
     shipped = [p for p in CORE_SRC.rglob("*.py") if "testing" not in p.relative_to(CORE_SRC).parts]
     shipped += list((REPO / "plugins").glob("*/src/**/*.py")) + list((REPO / "examples").glob("*/src/**/*.py"))
-    offenders = [str(p.relative_to(REPO)) for p in shipped if re.search(r"^\s*(from|import)\s+pyvmm\.testing\b", p.read_text(), re.M)]
+    offenders = [
+        str(p.relative_to(REPO))
+        for p in shipped
+        if re.search(r"^\s*(from|import)\s+pyvmm\.testing\b", p.read_text(), re.M)
+    ]
+    assert offenders == []
+
+
+def test_sources_cite_the_repository_notes_not_the_shared_reference() -> None:
+    """Citations point at docs/backends/<name>.md or upstream, never at a file that
+    is not in the repository."""
+    files = [p for p in REPO.rglob("*") if p.suffix in (".py", ".md", ".toml") and p.is_file()]
+    files = [p for p in files if not {".git", "build", ".tox", ".venv"} & set(p.parts) and "egg-info" not in str(p)]
+    offenders = [
+        str(p.relative_to(REPO)) for p in files if "backend-" + "interfaces.md" in p.read_text(errors="replace")
+    ]
     assert offenders == []

@@ -18,10 +18,10 @@ resource manager (RM) and the hypervisor folded in, simplified where noted:
   until a doorbell or a signal.
 
 Every constraint is a module-level :class:`~pyvmm.testing.driver_model.Rule`
-citing ``reference/backend-interfaces.md`` (``§1.x``) and, where the reference
+citing ``docs/backends/gunyah.md`` (``§N.M``) and, where the notes
 does not spell it out, the driver source file.  Tests never tune the model to
 the plugin: it reads the plugin's structs with its own ``struct`` formats, taken
-from §1.3.
+from §4.
 
 Why here, under ``tests/`` and not in the package: it is test infrastructure that
 needs unicorn (a test dependency), and a fake hypervisor must never be selectable
@@ -67,7 +67,7 @@ DOORBELL_POLL = 0.002
 #: SP_EL1's one-reg id: ``struct kvm_regs.sp_el1``, word offset 2*34.
 SP_EL1_ID = core_reg_id(2 * 34)
 
-# --- the interface, from reference/backend-interfaces.md §1.2/§1.3 ------------------
+# --- the interface, from docs/backends/gunyah.md §3.1/§4 ----------------------------
 # Numbers are written out here rather than imported from the plugin's bindings, so
 # a wrong binding cannot make the model agree with it.
 GH_CREATE_VM = 0x00004700
@@ -97,7 +97,7 @@ FN_IRQFD = struct.Struct("<IIII")  # fd, label, flags, padding (16)
 FN_IOEVENTFD = struct.Struct("<QQIiII")  # datamatch, addr, len, fd, flags, padding (32)
 AUTH_DESC = struct.Struct("<IIQ")  # type, arg_size, arg (16)
 
-# gh_vcpu_run offsets (§1.3)
+# gh_vcpu_run offsets (§4.4)
 RUN_IMMEDIATE_EXIT = 0
 RUN_EXIT_REASON = 8
 RUN_MMIO_PHYS = 16
@@ -124,32 +124,32 @@ RM_WDT_BITE, RM_HYP_ERROR, RM_ASYNC_EXT_ABORT, RM_VM_FORCE_STOPPED = 4, 5, 6, 7
 CAP_VCPU_TIMER_WAKEUP = 0
 AUTH_ANDROID_PVM, AUTH_QCOM_TRUSTED_VM = 0, 1
 
-_S = "reference/backend-interfaces.md"
+_S = "docs/backends/gunyah.md"
 
 # --- rules ----------------------------------------------------------------------------
 R_CREATE_ARG = Rule(
     "GH-CREATE-VM-ARG",
     errno.EINVAL,
     "GH_CREATE_VM's argument is reserved and must be 0",
-    f"{_S} §1.2 GH_CREATE_VM, §1.9; ACK vm_mgr.c gunyah_dev_ioctl_create_vm",
+    f"{_S} §3.1 GH_CREATE_VM, §9.3; ACK vm_mgr.c gunyah_dev_ioctl_create_vm",
 )
 R_FOREIGN_MM = Rule(
     "GH-FOREIGN-MM",
     errno.EPERM,
     "SET_USER_MEM_REGION, LEND_USER_MEM, RECLAIM_REGION, MAP_CMA_MEM and VCPU_RUN only from the VM creator's mm",
-    f"{_S} §1.2 (after the table), §1.5, §1.9; vm_mgr.c gunyah_vm_ioctl, gunyah_vcpu.c gunyah_vcpu_run",
+    f"{_S} §3.2, §6.1, §9.3; vm_mgr.c gunyah_vm_ioctl, gunyah_vcpu.c gunyah_vcpu_run",
 )
 R_MEM_FLAGS = Rule(
     "GH-MEM-FLAGS",
     errno.EINVAL,
     "memory region flags other than R=1, W=2, X=4",
-    f"{_S} §1.3 gh_userspace_memory_region; vm_mgr.c GH_VM_SET_USER_MEM_REGION",
+    f"{_S} §4.1 gh_userspace_memory_region; vm_mgr.c GH_VM_SET_USER_MEM_REGION",
 )
 R_MEM_ALIGN = Rule(
     "GH-MEM-ALIGN",
     errno.EINVAL,
     "a region's size must be non-zero and its size, guest and host addresses page-aligned",
-    f"{_S} §1.3 ('all page-aligned'), §1.9; ACK vm_mgr_mem.c gunyah_vm_binding_alloc",
+    f"{_S} §4.1, §9.3; ACK vm_mgr_mem.c gunyah_vm_binding_alloc",
 )
 R_MEM_WRAP = Rule(
     "GH-MEM-WRAP",
@@ -167,19 +167,19 @@ R_MEM_LABEL = Rule(
     "GH-MEM-LABEL",
     errno.EEXIST,
     "a memory region label must be unique in its VM",
-    f"{_S} §1.3 ('label unique per VM'), §1.9",
+    f"{_S} §4.1 (the B driver itself has no duplicate-label check: this is the interface's documented rule)",
 )
 R_MEM_AFTER_START = Rule(
     "GH-MEM-AFTER-START",
     0,
     "memory given after START: the driver accepts it, the guest never learns of it",
-    f"{_S} §1.4 step 2 ('all memory before start'); vm-manager.rst",
+    f"{_S} §5.1 step 2 ('all memory before start'); vm-manager.rst",
 )
 R_DTB_WRAP = Rule(
     "GH-DTB-WRAP",
     errno.EOVERFLOW,
     "DTB guest_phys_addr + size wraps",
-    f"{_S} §1.2 GH_VM_SET_DTB_CONFIG",
+    f"{_S} §3.2 GH_VM_SET_DTB_CONFIG",
 )
 R_FW_WRAP = Rule(
     "GH-FW-WRAP",
@@ -191,25 +191,25 @@ R_BOOT_REG = Rule(
     "GH-BOOT-REG",
     errno.EINVAL,
     "boot context reg must be (set << 8 | index) with X index <= 31, PC index 0, SP index <= 2",
-    f"{_S} §1.3 gh_vm_boot_context; vm_mgr.c gunyah_vm_set_boot_context",
+    f"{_S} §4.2 gh_vm_boot_context, §3.2; vm_mgr.c gunyah_vm_set_boot_context",
 )
 R_BOOT_AFTER_START = Rule(
     "GH-BOOT-AFTER-START",
     errno.EINVAL,
     "the boot context can be set only before START",
-    f"{_S} §1.8, §1.9; vm_mgr.c gunyah_vm_set_boot_context (vm_status != NO_STATE)",
+    f"{_S} §3.2, §8.1, §9.3; vm_mgr.c gunyah_vm_set_boot_context (vm_status != NO_STATE)",
 )
 R_FN_ARG_MAX = Rule(
     "GH-FN-ARG-MAX",
     errno.EINVAL,
     "gh_fn_desc.arg_size above 256",
-    f"{_S} §1.3 gh_fn_desc; vm_mgr.c gunyah_vm_add_function_instance",
+    f"{_S} §4.3 gh_fn_desc; vm_mgr.c gunyah_vm_add_function_instance",
 )
 R_FN_ARG_SIZE = Rule(
     "GH-FN-ARG-SIZE",
     errno.EINVAL,
     "gh_fn_desc.arg_size must equal sizeof the function's argument struct",
-    f"{_S} §1.3 gh_fn_desc, §1.9; gunyah_vcpu.c/gunyah_irqfd.c/gunyah_ioeventfd.c *_bind",
+    f"{_S} §4.3 gh_fn_desc, §9.3; gunyah_vcpu.c/gunyah_irqfd.c/gunyah_ioeventfd.c *_bind",
 )
 R_FN_TYPE = Rule(
     "GH-FN-TYPE",
@@ -227,7 +227,7 @@ R_IRQFD_FLAGS = Rule(
     "GH-IRQFD-FLAGS",
     errno.EINVAL,
     "irqfd flags other than GH_IRQFD_LEVEL=1",
-    f"{_S} §1.3 gh_fn_irqfd_arg; gunyah_irqfd.c gunyah_irqfd_bind",
+    f"{_S} §4.3 gh_fn_irqfd_arg, §7.1; gunyah_irqfd.c gunyah_irqfd_bind",
 )
 R_NOT_EVENTFD = Rule(
     "GH-NOT-EVENTFD",
@@ -245,19 +245,19 @@ R_IOEVENTFD_FLAGS = Rule(
     "GH-IOEVENTFD-FLAGS",
     errno.EINVAL,
     "ioeventfd flags other than GH_IOEVENTFD_DATAMATCH=1 (crosvm's 1<<1 is refused)",
-    f"{_S} §1.3 gh_fn_ioeventfd_arg, §1.6; gunyah_ioeventfd.c gunyah_ioeventfd_bind",
+    f"{_S} §4.3 gh_fn_ioeventfd_arg, §7.2; gunyah_ioeventfd.c gunyah_ioeventfd_bind",
 )
 R_IOEVENTFD_LEN = Rule(
     "GH-IOEVENTFD-LEN",
     errno.EINVAL,
     "ioeventfd len must be 0, 1, 2, 4 or 8",
-    f"{_S} §1.3 gh_fn_ioeventfd_arg",
+    f"{_S} §7.2 gh_fn_ioeventfd_arg",
 )
 R_IOEVENTFD_DATAMATCH_LEN = Rule(
     "GH-IOEVENTFD-DATAMATCH-LEN",
     errno.EINVAL,
     "DATAMATCH needs a length",
-    f"{_S} §1.3 gh_fn_ioeventfd_arg",
+    f"{_S} §7.2 gh_fn_ioeventfd_arg",
 )
 R_IOEVENTFD_WRAP = Rule(
     "GH-IOEVENTFD-WRAP",
@@ -269,37 +269,37 @@ R_IOEVENTFD_DUP = Rule(
     "GH-IOEVENTFD-DUP",
     errno.EEXIST,
     "an ioeventfd already covers this address, length and data",
-    f"{_S} §1.6; vm_mgr.c gunyah_vm_add_io_handler",
+    f"{_S} §7.2; vm_mgr.c gunyah_vm_add_io_handler",
 )
 R_REMOVE_NONE = Rule(
     "GH-REMOVE-NONE",
     errno.ENOENT,
     "GH_VM_REMOVE_FUNCTION matched no function",
-    f"{_S} §1.2 GH_VM_REMOVE_FUNCTION; vm_mgr.c gunyah_vm_rm_function_instance",
+    f"{_S} §4.3 GH_VM_REMOVE_FUNCTION; vm_mgr.c gunyah_vm_rm_function_instance",
 )
 R_START_DTB_SIZE = Rule(
     "GH-START-DTB-SIZE",
     errno.EINVAL,
     "START needs a DTB config of at least one page (the config-image parcel)",
-    f"{_S} §1.4 step 9.2; vm_mgr.c gunyah_generic_pre_vm_configure, vm_mgr_mem.c gunyah_share_parcel",
+    f"{_S} §5.2 steps 2-3; vm_mgr.c gunyah_generic_pre_vm_configure, vm_mgr_mem.c gunyah_share_parcel",
 )
 R_START_DTB_MEMORY = Rule(
     "GH-START-DTB-MEMORY",
     errno.ENOENT,
     "START needs a memory binding at the DTB address",
-    f"{_S} §1.4 step 9.2; vm_mgr_mem.c gunyah_share_parcel (mtree_load)",
+    f"{_S} §5.2 steps 2-3; vm_mgr_mem.c gunyah_share_parcel (mtree_load)",
 )
 R_START_FAILED = Rule(
     "GH-START-NOT-RUNNING",
     errno.ENODEV,
     "START of a VM whose earlier START failed: it is not RUNNING",
-    f"{_S} §1.2 GH_VM_START ('ENODEV if not RUNNING after'); vm_mgr.c gunyah_vm_ensure_started",
+    f"{_S} §5.2 GH_VM_START; vm_mgr.c gunyah_vm_ensure_started",
 )
 R_RUN_UNBOUND = Rule(
     "GH-RUN-BEFORE-START",
     errno.ENODEV,
     "RUN before START bound the vCPU's hypervisor resource",
-    f"{_S} §1.4 step 4, §1.9; gunyah_vcpu.c gunyah_vcpu_run (!vcpu->rsc)",
+    f"{_S} §6.1, §9.3; gunyah_vcpu.c gunyah_vcpu_run (!vcpu->rsc)",
 )
 R_RUN_REMOVED = Rule(
     "GH-RUN-REMOVED",
@@ -311,19 +311,19 @@ R_RESUME_ACTION = Rule(
     "GH-RESUME-ACTION",
     errno.EINVAL,
     "after an MMIO exit, resume_action must be HANDLED (0) or FAULT (1)",
-    f"{_S} §1.5; gunyah_vcpu.c gunyah_handle_mmio_resume",
+    f"{_S} §6.2; gunyah_vcpu.c gunyah_handle_mmio_resume",
 )
 R_MMAP_OFFSET = Rule(
     "GH-MMAP-OFFSET",
     errno.EFAULT,
     "only page 0 of a vCPU fd exists (the driver maps it and SIGBUSes on access; the model refuses the mmap)",
-    f"{_S} §1.2 GH_VCPU_MMAP_SIZE; gunyah_vcpu.c gunyah_vcpu_fault",
+    f"{_S} §4.4 GH_VCPU_MMAP_SIZE; gunyah_vcpu.c gunyah_vcpu_fault",
 )
 R_RECLAIM_ALIGN = Rule(
     "GH-RECLAIM-ALIGN",
     errno.EINVAL,
     "RECLAIM_REGION range must be page-aligned",
-    f"{_S} §1.2 GH_VM_RECLAIM_REGION",
+    f"{_S} §3.2 GH_VM_RECLAIM_REGION",
 )
 R_AUTH_TYPE = Rule(
     "GH-AUTH-TYPE",
@@ -802,7 +802,7 @@ class ModelVm(FileObject):
         return 0
 
     def _start(self) -> None:
-        """``gunyah_vm_start``, reduced to what a VMM can observe (§1.4 step 9)."""
+        """``gunyah_vm_start``, reduced to what a VMM can observe (§5.2)."""
         gpa, size = self.dtb or (0, 0)
         self.status = VmStatus.LOAD
         pages = size // PAGE_SIZE
@@ -833,13 +833,13 @@ class ModelVm(FileObject):
     def _entry(self, dtb_binding: Binding) -> int:
         """Where the boot vCPU starts: the firmware for a pVM (auth set: the boot
         context is not applied), else the boot context's PC, else the start of the
-        payload region, which crosvm shares with the DTB (§1.4 step 7, §1.8)."""
+        payload region, which crosvm shares with the DTB (§5.1 steps 6-7, §8.1)."""
         if self.auth is not None and self.firmware is not None:
             return self.firmware[0]
         return self.boot_context.get(REG_SET_PC << 8, dtb_binding.gpa)
 
     def applied_boot_context(self) -> dict[int, int]:
-        """The boot context the RM applied at start (auth NONE only, §1.4 step 9.9)."""
+        """The boot context the RM applied at start (auth NONE only, §5.2 step 7)."""
         return {} if self.auth is not None else dict(self.boot_context)
 
     # --- VM exit ----------------------------------------------------------------
@@ -1154,7 +1154,7 @@ class Hypervisor:
 
     def boot_registers(self, vm: ModelVm, entry: int, dtb: int) -> dict[int, int]:
         """What the RM sets on the boot vCPU: PC, X0 = DTB, EL1h with DAIF masked,
-        then the boot context (§1.8)."""
+        then the boot context (§8.1)."""
         regs = {PC_ID: entry, PSTATE_ID: PSTATE_EL1H_DAIF, x_reg_id(0): dtb}
         for reg, value in vm.applied_boot_context().items():
             reg_set, index = reg >> 8, reg & 0xFF

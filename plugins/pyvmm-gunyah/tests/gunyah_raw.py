@@ -1,6 +1,6 @@
 """Raw calls through the seam, for tests that break the interface's rules on
 purpose.  The structs are packed here with ``struct`` from the layouts in
-``reference/backend-interfaces.md`` §1.3, not with the plugin's bindings, so a
+``docs/backends/gunyah.md`` §4, not with the plugin's bindings, so a
 negative test exercises the model and not the plugin."""
 
 from __future__ import annotations
@@ -111,7 +111,7 @@ def u32(value: int) -> bytes:
 
 @dataclass
 class RawVcpu:
-    """A vCPU fd with its run page mapped, read with the §1.3 offsets."""
+    """A vCPU fd with its run page mapped, read with the §4.4 offsets."""
 
     vm: RawVm
     fd: int

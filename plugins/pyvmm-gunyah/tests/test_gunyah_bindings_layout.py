@@ -1,9 +1,9 @@
 """Check pyvmm_gunyah.bindings against the Gunyah uapi.
 
 No Gunyah header exists on a build host, so the expected numbers are written
-out here, copied from ``reference/backend-interfaces.md``: the struct sizes and
-field offsets from §1.3 (computed there with gcc from the headers' struct text)
-and the ioctl numbers from §1.2.  A wrong field width, a missing pad or a wrong
+out here, taken from the upstream headers as ``docs/backends/gunyah.md`` records
+them: the struct sizes and field offsets of §4 (computed there with gcc from the headers' struct text)
+and the ioctl numbers of §3.1.  A wrong field width, a missing pad or a wrong
 ioctl direction/size in the bindings fails here.
 """
 
@@ -14,7 +14,7 @@ import pytest
 from pyvmm_gunyah import bindings as g
 from pyvmm_gunyah.bindings import ffi
 
-# §1.3: struct -> (size, {field path: offset})
+# gunyah.md §4: struct -> (size, {field path: offset})
 LAYOUTS: dict[str, tuple[int, dict[str, int]]] = {
     "struct gh_userspace_memory_region": (
         32,
@@ -63,7 +63,7 @@ LAYOUTS: dict[str, tuple[int, dict[str, int]]] = {
     "struct gunyah_map_mem_args": (32, {"guest_addr": 0, "flags": 8, "guest_mem_fd": 12, "offset": 16, "size": 24}),
 }
 
-# §1.3: field widths the run loop and the model depend on.
+# gunyah.md §4.4: field widths the run loop and the model depend on.
 FIELD_SIZES = {
     ("struct gh_vcpu_run", "mmio", "data"): 8,
     ("struct gh_vcpu_run", "status", "exit_info", "reason"): 8,
@@ -71,7 +71,7 @@ FIELD_SIZES = {
     ("struct gh_fn_ioeventfd_arg", "fd"): 4,
 }
 
-# §1.2
+# gunyah.md §3.1
 IOCTLS = {
     "GH_CREATE_VM": 0x00004700,
     "GH_VM_SET_USER_MEM_REGION": 0x40204701,
@@ -93,7 +93,7 @@ IOCTLS = {
     "GH_VM_CHECK_EXTENSION": 0x00004117,
 }
 
-# §1.1, §1.3, §1.6
+# gunyah.md §2.1, §4, §7
 CONSTANTS = {
     "GH_MEM_ALLOW_READ": 1,
     "GH_MEM_ALLOW_WRITE": 2,
@@ -180,12 +180,12 @@ def test_constant(name: str, value: int) -> None:
 
 
 def test_boot_context_reg_encoding() -> None:
-    # §1.3: reg = (set & 0xff) << 8 | (idx & 0xff)
+    # gunyah.md §4.2: reg = (set & 0xff) << 8 | (idx & 0xff)
     assert g.boot_context_reg(g.REG_SET_PC, 0) == 0x100
     assert g.boot_context_reg(g.REG_SET_X, 31) == 0x1F
     assert g.boot_context_reg(g.REG_SET_SP, 2) == 0x202
 
 
 def test_crosvm_ioeventfd_flag_is_not_ours() -> None:
-    # §1.6: crosvm's `1 << GH_IOEVENTFD_DATAMATCH` is 2, which the kernel refuses.
+    # gunyah.md §7.2: crosvm's `1 << GH_IOEVENTFD_DATAMATCH` is 2, which the kernel refuses.
     assert g.GH_IOEVENTFD_DATAMATCH != 1 << 1

@@ -37,7 +37,7 @@ SPEC = BootSpec(
     registers={"x1": 0x5EED},
 )
 
-#: Every request the Gunyah driver has (§1.2); anything else would be a name the
+#: Every request the Gunyah driver has (docs/backends/gunyah.md §3.1); anything else would be a name the
 #: model does not know, logged as "ioctl 0x...".
 GUNYAH_IOCTLS = {
     "GH_CREATE_VM",

@@ -196,7 +196,7 @@ def test_without_a_boot_context_pc_is_the_start_of_the_dtb_region() -> None:
 
 
 def test_a_protected_vm_with_firmware_starts_in_it(gunyah: Backend, model: gm.GunyahModel) -> None:
-    # §1.4 step 9.9: the boot context applies to unauthenticated VMs only.
+    # docs/backends/gunyah.md §5.2 step 7: the boot context applies to unauthenticated VMs only.
     firmware = {"address": guests.RAM_BASE, "size": 0x10000}
     config = {"arch": "aarch64", "protection": "protected", "backend_options": {"firmware": firmware}}
     with gunyah.create_vm(config) as vm:

@@ -231,7 +231,7 @@ def test_boot_goes_to_dtb_config_boot_context_and_start(vm: Vm, model: gm.Gunyah
     vm.boot(boot_spec(stack=RAM + 0x8000, registers={"x2": 0x1234}))
     assert ioctls(model, mark) == ["GH_VM_SET_DTB_CONFIG"] + ["GH_VM_SET_BOOT_CONTEXT"] * 3 + ["GH_VM_START"]
     state = only_vm(model)
-    # The DTB window is rounded up to whole pages (the RM shares pages, §1.4 step 9.2).
+    # The DTB window is rounded up to whole pages (the RM shares pages, docs/backends/gunyah.md §5.2 step 2).
     assert state.dtb == (FDT, 0x1000)
     assert state.boot_context == {gm.REG_SET_PC << 8: ENTRY, gm.REG_SET_SP << 8 | 1: RAM + 0x8000, 2: 0x1234}
     assert state.status == gm.VmStatus.RUNNING

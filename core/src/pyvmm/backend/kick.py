@@ -64,7 +64,7 @@ def kick_handler_installed() -> bool:
 
 # --- which threads are alive ------------------------------------------------------
 
-_alive_lock = threading.Lock()
+_alive_lock: threading.Lock | None = threading.Lock()
 _alive: set[int] = set()
 _local = threading.local()
 
@@ -79,21 +79,29 @@ class _ThreadSentinel:
         self.ident = ident
 
     def __del__(self) -> None:
-        with _alive_lock:
+        lock = _alive_lock
+        if lock is None:  # interpreter shutdown has already cleared this module
+            return
+        with lock:
             _alive.discard(self.ident)
 
 
 def _register_current_thread() -> int:
     ident = threading.get_ident()
     if getattr(_local, "sentinel", None) is None:
-        with _alive_lock:
+        with _require_lock():
             _alive.add(ident)
         _local.sentinel = _ThreadSentinel(ident)
     return ident
 
 
+def _require_lock() -> threading.Lock:
+    assert _alive_lock is not None
+    return _alive_lock
+
+
 def thread_alive(ident: int) -> bool:
-    with _alive_lock:
+    with _require_lock():
         return ident in _alive
 
 
@@ -144,7 +152,7 @@ class SignalKicker:
                     "installed (create the VM from the main thread, or call "
                     "pyvmm.backend.install_kick_handler() there)"
                 )
-            with _alive_lock:
+            with _require_lock():
                 # Holding the lock keeps a finishing target from completing its exit
                 # (its sentinel waits for it) until the signal is sent.
                 if target in _alive:

@@ -17,7 +17,7 @@ How the pieces fit
     plugin code (vm.py, vcpu.py, ...)        <- ships, under test
         |  host.ioctl(fd, request, arg)
     plugin host.py: HOST = HostSwitch(...)    <- the kit's one switch
-        |  real: LibcSeam (libc ioctl/mmap)      tests: the model
+        |  real: LibcDeviceSeam (libc ioctl/mmap)      tests: the model
     DeviceFileModel subclass (tests only)     <- this module's base classes
         |  FileObject per fd kind, @handles(request) methods, Rules
     GuestCpu (pyvmm.softcpu engine)           <- runs the guest for RUN
