@@ -151,7 +151,8 @@ def _mmap_offset(raw: RawVm, efd: int) -> int:
 
 
 def _set_one_reg(raw: RawVm, efd: int) -> int:
-    # KVM_SET_ONE_REG (docs/backends/kvm.md §2.3; Gunyah has none: gunyah.md §8.1): Gunyah vCPUs have no register ioctl at all.
+    # KVM_SET_ONE_REG (docs/backends/kvm.md §2.3): Gunyah vCPUs have no register
+    # ioctl at all (docs/backends/gunyah.md §8.1).
     vcpu = raw.add_vcpu(0)
     return raw.ioctl(0x4010AEAC, bytes(16), fd=vcpu)
 
