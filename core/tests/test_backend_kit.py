@@ -409,3 +409,98 @@ def test_dll_host_optional_export_absent_is_a_typed_error() -> None:
     assert not host.has("WHvQueryGpaRangeDirtyBitmap")
     with pytest.raises(VmStateError, match="WHvQueryGpaRangeDirtyBitmap"):
         host.call_hresult("WHvQueryGpaRangeDirtyBitmap")
+
+
+# --- the run guard and close --------------------------------------------------------
+
+
+class Interrupted:
+    """Stands in for a backend's one InterruptedExit."""
+
+
+def test_a_guarded_run_refuses_once_closed(handler: None) -> None:
+    signals = Signals()
+    kicker = SignalKicker(signals.request_exit, signals.send, "acme")
+    interrupted = Interrupted()
+    run = kicker.guard_run(lambda: "exit", interrupted)
+    assert run() == "exit" and not kicker.running
+    kicker.close()
+    with pytest.raises(VmStateError, match="acme vCPU is closed"):
+        run()
+    assert not kicker.running
+
+
+def test_close_kicks_a_running_vcpu_out_and_waits_for_it(handler: None) -> None:
+    left = threading.Event()
+    entered = threading.Event()
+    interrupted = Interrupted()
+
+    def blocked_run() -> object:
+        entered.set()
+        left.wait(5)  # "inside the hypervisor" until kicked
+        return interrupted
+
+    def send(thread: int, signum: int) -> None:
+        left.set()  # the signal is what gets the vCPU out
+
+    kicker = SignalKicker(lambda: None, send, "acme")
+    run = kicker.guard_run(blocked_run, interrupted)
+    worker = threading.Thread(target=run)
+    worker.start()
+    assert entered.wait(5)
+    kicker.close()
+    assert not kicker.running, "close returned only after the run left"
+    worker.join(5)
+
+
+def test_close_gives_a_typed_error_when_a_run_never_leaves(handler: None) -> None:
+    release = threading.Event()
+    entered = threading.Event()
+    interrupted = Interrupted()
+
+    def stuck_run() -> object:
+        entered.set()
+        release.wait(10)
+        return interrupted
+
+    kicker = SignalKicker(lambda: None, lambda t, s: None, "acme")
+    worker = threading.Thread(target=kicker.guard_run(stuck_run, interrupted))
+    worker.start()
+    assert entered.wait(5)
+    try:
+        with pytest.raises(VmStateError, match="did not leave the hypervisor"):
+            kicker.close(timeout=0.05)
+    finally:
+        release.set()
+        worker.join(5)
+
+
+def test_an_interruption_rearms_the_kick_signal(handler: None) -> None:
+    signals = Signals()
+    kicker = SignalKicker(signals.request_exit, signals.send, "t")
+    interrupted = Interrupted()
+    ready, go, done, finish = threading.Event(), threading.Event(), threading.Event(), threading.Event()
+    results: list[object] = []
+
+    def runner() -> None:
+        run = kicker.guard_run(lambda: interrupted, interrupted)
+        kicker.bind()
+        ready.set()
+        go.wait(5)
+        results.append(run())
+        done.set()
+        finish.wait(5)
+
+    worker = threading.Thread(target=runner)
+    worker.start()
+    ready.wait(5)
+    kicker.kick()
+    kicker.kick()
+    assert len(signals.sent) == 1, "coalesced while the first is in flight"
+    go.set()
+    done.wait(5)
+    assert results == [interrupted]
+    kicker.kick()
+    finish.set()
+    worker.join(5)
+    assert len(signals.sent) == 2, "the interruption re-armed the signal"

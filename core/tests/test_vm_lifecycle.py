@@ -49,6 +49,10 @@ def test_close_destroys_vcpus_then_vm(full: tuple[RecordingBackend, Backend]) ->
     mark = len(test_backend.calls)
     vm.close()
     assert test_backend.calls[mark:] == [
+        # Every vCPU is kicked out first, so all leave the hypervisor together.
+        ("pyvmm_kick_vcpu", 0),
+        ("pyvmm_kick_vcpu", 1),
+        ("pyvmm_kick_vcpu", 2),
         ("pyvmm_destroy_vcpu", 2),
         ("pyvmm_destroy_vcpu", 1),
         ("pyvmm_destroy_vcpu", 0),
@@ -58,7 +62,7 @@ def test_close_destroys_vcpus_then_vm(full: tuple[RecordingBackend, Backend]) ->
     assert len(vm.memory) == 0
     assert "closed" in repr(vm)
     vm.close()  # idempotent: nothing more is destroyed
-    assert len(test_backend.calls) == mark + 4
+    assert len(test_backend.calls) == mark + 7
 
 
 def test_context_manager(full: tuple[RecordingBackend, Backend]) -> None:

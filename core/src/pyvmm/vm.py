@@ -10,8 +10,10 @@ backend's declared capability first and raises
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import threading
+import warnings
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, NoReturn
 
@@ -23,7 +25,7 @@ from pyvmm.boot import Aarch64VcpuInit, BootSpec, VcpuInit, X86VcpuInit
 from pyvmm.capabilities import Capability, CapabilitySet
 from pyvmm.config import PAGE_SIZE, Arch, MemoryRegionSpec, Protection, VmConfig, validation_message
 from pyvmm.contract import HookSpecInfo, specs
-from pyvmm.errors import ConfigError, GuestMemoryError, UnsupportedCapability, VmStateError
+from pyvmm.errors import ConfigError, GuestMemoryError, PyvmmError, UnsupportedCapability, VmStateError
 from pyvmm.exits import VcpuExit
 from pyvmm.manifest import Availability, BackendManifest
 from pyvmm.memory import GuestMemory, RamRegion
@@ -426,18 +428,61 @@ class Vm:
 
     # --- teardown -------------------------------------------------------------
     def close(self) -> None:
-        """Destroy the vCPUs, the VM and the guest memory.  Idempotent."""
+        """Stop the vCPUs, destroy them and the VM, then free the guest memory.
+
+        Running vCPUs are kicked and each vCPU's destruction waits until it has
+        left the hypervisor (the backend kit's rule), so no hypervisor can touch
+        host memory after it is unmapped.  A vCPU that cannot leave in time raises
+        :class:`~pyvmm.errors.VmStateError`, and then the VM and its guest memory
+        are deliberately kept (leaked) rather than freed under a running guest.
+
+        Idempotent, and it completes even when Ctrl-C arrives meanwhile (the
+        interrupt is raised once teardown is done).
+        """
         if self._closed:
             return
         self._closed = True
-        try:
-            for vcpu in reversed(self.vcpus):
-                vcpu.close()
-        finally:
+        raised: list[BaseException] = []  # re-raised, the first, once teardown is done
+        stuck: list[str] = []
+
+        def step(action: Callable[[], object]) -> None:
             try:
-                self._hooks.destroy_vm(self.handle)
-            finally:
-                self.memory.close()
+                action()
+            except VmStateError as exc:
+                stuck.append(str(exc))
+            except (Exception, KeyboardInterrupt) as exc:  # noqa: BLE001 - finish teardown, then re-raise
+                raised.append(exc)
+
+        if self.backend.supports(Capability.IMMEDIATE_EXIT):
+            for vcpu in self.vcpus:  # all at once, so they leave together
+                # A kick refused (no signal handler) is not a stuck vCPU: the
+                # destruction below finds out whether it leaves.
+                with contextlib.suppress(PyvmmError):
+                    vcpu.kick()
+        for vcpu in reversed(self.vcpus):
+            step(vcpu.close)
+        if stuck:
+            _ABANDONED.append(self)
+            raise VmStateError("the VM could not be closed safely, so its guest memory is kept: " + "; ".join(stuck))
+        step(lambda: self._hooks.destroy_vm(self.handle))
+        step(self.memory.close)
+        if raised:
+            raise raised[0]
+
+    def __del__(self) -> None:
+        # A VM dropped without close() would keep its descriptors, and its
+        # memslots would point at host memory freed under them: close it, and
+        # say so, as files do.
+        if getattr(self, "_closed", True):
+            return
+        warnings.warn(f"{self!r} was not closed", ResourceWarning, stacklevel=2)
+        with contextlib.suppress(Exception):  # a finaliser must not raise
+            self.close()
+
+
+#: VMs whose vCPUs would not leave the hypervisor on close: kept alive for the
+#: life of the process so their guest memory is never unmapped under them.
+_ABANDONED: list[Vm] = []
 
 
 class Vcpu:

@@ -16,8 +16,16 @@ does both, under the thread rules every device-file backend shares:
 * **Coalesced.**  At most one signal is in flight per vCPU: a kick flood sets
   ``immediate_exit`` over and over but signals once, until the vCPU reports the
   interruption (:meth:`SignalKicker.acknowledge`).
-* **Safe against close.**  After :meth:`SignalKicker.close` a kick does nothing,
-  so it can never touch a released run page.
+* **Safe against close.**  :meth:`SignalKicker.close` stops the vCPU for good:
+  no run starts afterwards (it raises :class:`~pyvmm.errors.VmStateError`), a run
+  under way is kicked until it has left the hypervisor, and only then does close
+  return -- so the backend can release the run page and descriptor, and core can
+  unmap guest RAM, knowing no vCPU is inside the guest.  After close a kick does
+  nothing, so it can never touch a released run page.
+
+A backend applies these rules by running every exit through
+:meth:`SignalKicker.guard_run` (one closure around its own single run: the
+thread check, the running flag, the closed check and the acknowledgement).
 
 The signal needs a handler (the default action of a real-time signal kills the
 process) and Python installs handlers only from the main thread: backends call
@@ -29,9 +37,16 @@ from __future__ import annotations
 
 import signal
 import threading
+import time
 from collections.abc import Callable
+from typing import TypeVar
 
 from pyvmm.errors import VmStateError
+
+E = TypeVar("E")
+
+#: How long :meth:`SignalKicker.close` waits for a running vCPU to leave.
+CLOSE_TIMEOUT = 5.0
 
 _installed = False
 
@@ -118,7 +133,7 @@ class SignalKicker:
     :param backend: the backend's name, for errors.
     """
 
-    __slots__ = ("_backend", "_lock", "_request_exit", "_send_signal", "_signalled", "closed", "thread")
+    __slots__ = ("_backend", "_lock", "_request_exit", "_send_signal", "_signalled", "closed", "running", "thread")
 
     def __init__(self, request_exit: Callable[[], None], send_signal: Callable[[int, int], None], backend: str) -> None:
         self._request_exit = request_exit
@@ -127,6 +142,8 @@ class SignalKicker:
         self._lock = threading.Lock()
         self._signalled = False
         self.closed = False
+        #: True while a run is under way (set and cleared by :meth:`guard_run`).
+        self.running = False
         #: The thread the vCPU runs on (the creator until another thread runs it).
         self.thread = _register_current_thread()
 
@@ -163,7 +180,57 @@ class SignalKicker:
         """The vCPU returned an interruption: the next kick may signal again."""
         self._signalled = False
 
-    def close(self) -> None:
-        """No kick touches the vCPU after this returns."""
+    def guard_run(self, run: Callable[[], E], interrupted: E) -> Callable[[], E]:
+        """``run`` (one entry into the hypervisor) under the thread rules.
+
+        The returned function is what the backend's vCPU exposes as ``run``:
+        the kick follows the calling thread, ``running`` is set for the time
+        the run takes (``close`` waits on it), a closed vCPU refuses to run,
+        and an interruption (``interrupted``, the backend's one
+        ``InterruptedExit``) re-arms the kick signal.
+        """
+        kicker = self
+        get_ident = threading.get_ident
+
+        def run_vcpu() -> E:
+            if kicker.thread != get_ident():
+                kicker.bind()
+            kicker.running = True
+            try:
+                # After setting ``running``: close sets ``closed`` before reading
+                # ``running``, so one of the two always sees the other.
+                if kicker.closed:
+                    raise VmStateError(f"this {kicker._backend} vCPU is closed")
+                exit = run()
+                if exit is interrupted:
+                    kicker._signalled = False
+                return exit
+            finally:
+                kicker.running = False
+
+        return run_vcpu
+
+    def close(self, timeout: float = CLOSE_TIMEOUT) -> None:
+        """Stop the vCPU for good; return once no run is under way.
+
+        :raises VmStateError: a run did not leave the hypervisor within
+            ``timeout`` seconds; the caller must then keep every resource the
+            vCPU could still touch (the run page, guest RAM).
+        """
         with self._lock:
             self.closed = True
+        if not self.running or self.thread == threading.get_ident():
+            return
+        deadline = time.monotonic() + timeout
+        while self.running:
+            # Kick it out, signalling again each round: a signal that arrived
+            # between two runs is spent.
+            with self._lock:
+                self._request_exit()
+                if _installed:
+                    with _require_lock():
+                        if self.thread in _alive:
+                            self._send_signal(self.thread, kick_signal())
+            if time.monotonic() > deadline:
+                raise VmStateError(f"a {self._backend} vCPU did not leave the hypervisor within {timeout:g} s of close")
+            time.sleep(0.0005)

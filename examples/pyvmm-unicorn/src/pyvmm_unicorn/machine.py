@@ -115,9 +115,10 @@ class UnicornVcpu:
         self.cpu = cpu
         # The exit path: core binds the handle's ``run``, and this instance
         # attribute makes that the software CPU's own method (no extra frame).
-        self.run = cpu.run
+        self.run = cpu.run  # type: ignore[method-assign]
 
-    def run(self) -> VcpuExit:  # type: ignore[no-redef]  # (the class-level spelling the adapter reads)
+    def run(self) -> VcpuExit:
+        """``pyvmm_run_vcpu`` (each instance replaces this with ``cpu.run`` itself)."""
         return self.cpu.run()
 
     def init(self, boot: VcpuInit) -> None:

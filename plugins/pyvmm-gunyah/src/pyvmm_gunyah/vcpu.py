@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import errno
 import struct
-import threading
 from typing import Any
 
 from pyvmm.backend import RunPage, SignalKicker
@@ -59,7 +58,6 @@ _RUN_REQUEST = int(g.GH_VCPU_RUN)
 _EXIT_MMIO = g.GH_VCPU_EXIT_MMIO
 _RESUME_HANDLED = g.GH_VCPU_RESUME_HANDLED
 _EINTR = -errno.EINTR
-_get_ident = threading.get_ident
 
 #: RM exit types of a STATUS/EXITED exit, as crosvm maps them (``gunyah/mod.rs``).
 RM_EXIT_EVENTS: dict[int, SystemEvent] = {
@@ -98,12 +96,17 @@ class GunyahVcpu:
         self._interrupted = InterruptedExit()
         self._mmio_views = self.page.mmio_views
         self._mmio_pending = False
+        # The exit path: one GH_VCPU_RUN under the kit's thread rules (the kick follows
+        # the running thread; close waits for the run to leave the driver).
+        self.run = self.kicker.guard_run(self._run_once, self._interrupted)  # type: ignore[method-assign]
 
     # --- run ------------------------------------------------------------------
     def run(self) -> VcpuExit:
-        kicker = self.kicker
-        if kicker.thread != _get_ident():
-            kicker.bind()  # run from another thread: the kick follows it
+        """``pyvmm_run_vcpu``: run until the next exit.  (Each instance replaces
+        this with its guarded :meth:`_run_once` in ``__init__``.)"""
+        return self.run()
+
+    def _run_once(self) -> VcpuExit:
         view = self._view
         if self._mmio_pending:
             if view[_OFF_IMMEDIATE_EXIT]:
@@ -112,7 +115,6 @@ class GunyahVcpu:
                 # (gunyah_vcpu.c gunyah_vcpu_run, docs/backends/gunyah.md §6.5).
                 # Keep the completion for the next run.
                 self.page.clear_immediate_exit()
-                kicker.acknowledge()
                 return self._interrupted
             self._mmio_pending = False
             view[_OFF_MMIO_RESUME] = _RESUME_HANDLED
@@ -120,7 +122,6 @@ class GunyahVcpu:
         if result < 0:
             if result == _EINTR:
                 self.page.clear_immediate_exit()
-                kicker.acknowledge()
                 return self._interrupted
             raise HypervisorError("GH_VCPU_RUN", -result)
         reason = _EXIT_REASON.unpack_from(view, _OFF_EXIT_REASON)[0]

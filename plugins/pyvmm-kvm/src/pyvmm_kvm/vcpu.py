@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import errno
 import struct
-import threading
 from typing import Any
 
 from pyvmm.arch.x86_64 import CpuidEntry, Lapic, MpState, MsrEntry, Xcr
@@ -64,7 +63,6 @@ _IO_OUT = k.KVM_EXIT_IO_OUT
 _HW_REASON = struct.Struct("<Q")
 _RUN_REQUEST = int(k.KVM_RUN)
 _EINTR, _EAGAIN = -errno.EINTR, -errno.EAGAIN
-_get_ident = threading.get_ident
 
 _SYSTEM_EVENTS = {
     k.KVM_SYSTEM_EVENT_SHUTDOWN: SystemEvent.SHUTDOWN,
@@ -103,12 +101,17 @@ class KvmVcpu:
         self._io_views: dict[int, memoryview] = {}
         self._mmio_views = self.page.mmio_views
         self._pending: VcpuExit | None = None
+        # The exit path: one KVM_RUN under the kit's thread rules (the kick follows
+        # the running thread; close waits for the run to leave the kernel).
+        self.run = self.kicker.guard_run(self._run_once, self._interrupted)  # type: ignore[method-assign]
 
     # --- run ------------------------------------------------------------------
     def run(self) -> VcpuExit:
-        kicker = self.kicker
-        if kicker.thread != _get_ident():
-            kicker.bind()  # run from another thread: the kick follows it
+        """``pyvmm_run_vcpu``: run until the next exit.  (Each instance replaces
+        this with its guarded :meth:`_run_once` in ``__init__``.)"""
+        return self.run()
+
+    def _run_once(self) -> VcpuExit:
         pending = self._pending
         if pending is not None:
             self._complete(pending)
@@ -116,7 +119,6 @@ class KvmVcpu:
         if result < 0:
             if result in (_EINTR, _EAGAIN):
                 self.page.clear_immediate_exit()
-                kicker.acknowledge()
                 return self._interrupted
             raise HypervisorError("KVM_RUN", -result)
         view = self._view
@@ -145,7 +147,6 @@ class KvmVcpu:
         if reason == k.KVM_EXIT_HLT:
             return self._hlt
         if reason == k.KVM_EXIT_INTR:
-            self.kicker.acknowledge()
             return self._interrupted
         if reason == k.KVM_EXIT_SHUTDOWN:
             return ShutdownExit()
@@ -357,7 +358,12 @@ class KvmVcpu:
         self.host.ioctl(self.fd, k.KVM_SET_GUEST_DEBUG, raw)
 
     def close(self) -> None:
-        """``pyvmm_destroy_vcpu``: no kick reaches the vCPU after this starts."""
+        """``pyvmm_destroy_vcpu``: returns once no run is under way (a running vCPU
+        is kicked out first); no kick or run reaches the vCPU afterwards.
+
+        :raises VmStateError: the vCPU did not leave KVM_RUN in time; nothing is
+            released then.
+        """
         if self.fd < 0:
             return
         self.kicker.close()
