@@ -18,12 +18,13 @@ import mmap
 import os
 import threading
 from collections.abc import Callable, Iterator, Mapping
-from typing import Any
+from typing import Any, TypeVar
 
 from pyvmm.backend.seam import DeviceSeam
 from pyvmm.errors import HypervisorError
 
 _ffi: Any = None
+T = TypeVar("T")
 
 
 def address_of(cdata: Any) -> int:
@@ -47,6 +48,17 @@ class DeviceHost:
         #: Per-host state a backend shares between its VMs (an opened device).
         self.state: dict[str, Any] = {}
         self.lock = threading.Lock()
+
+    def shared(self, key: str, make: Callable[[DeviceHost], T], kind: type[T]) -> T:
+        """The one ``kind`` object of this host under ``key`` (an opened device
+        that every VM shares), made by ``make(host)`` on first use."""
+        with self.lock:
+            value = self.state.get(key)
+            if value is None:
+                value = self.state[key] = make(self)
+            if not isinstance(value, kind):
+                raise TypeError(f"host state {key!r} holds a {type(value).__name__}, not a {kind.__name__}")
+            return value
 
     def ioctl_name(self, request: int) -> str:
         return self.names.get(request, f"ioctl {request:#x}")

@@ -152,13 +152,7 @@ class GunyahSystem:
 def system(host: DeviceHost | None = None) -> GunyahSystem:
     """The probed ``/dev/gunyah`` of ``host`` (default: the current one), opened
     on first use and kept in ``host.state["system"]``."""
-    host = host or HOST.current()
-    with host.lock:
-        gunyah = host.state.get("system")
-        if gunyah is None:
-            gunyah = host.state["system"] = GunyahSystem(host)
-        assert isinstance(gunyah, GunyahSystem)
-        return gunyah
+    return (host or HOST.current()).shared("system", GunyahSystem, GunyahSystem)
 
 
 def probe() -> Availability:

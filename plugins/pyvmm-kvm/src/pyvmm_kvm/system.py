@@ -112,13 +112,7 @@ def cpuid_entries(buf: Any) -> list[CpuidEntry]:
 def system(host: DeviceHost | None = None) -> KvmSystem:
     """The shared ``/dev/kvm`` handle of ``host`` (default: the current one),
     opened on first use."""
-    host = host or HOST.current()
-    with host.lock:
-        kvm = host.state.get("system")
-        if kvm is None:
-            kvm = host.state["system"] = KvmSystem(host)
-        assert isinstance(kvm, KvmSystem)
-        return kvm
+    return (host or HOST.current()).shared("system", KvmSystem, KvmSystem)
 
 
 def probe() -> Availability:
