@@ -12,6 +12,7 @@ from coretests_support import ALL_CAPS, MakeBackend, ProbeBackend, RecordingBack
 from pyvmm.arch.x86_64 import CpuidEntry, MsrEntry, Regs, Sregs
 from pyvmm.capabilities import CAPABILITY_BY_HOOK, Capability
 from pyvmm.errors import UnsupportedCapability
+from pyvmm.host import Event
 from pyvmm.manifest import Availability
 from pyvmm.memory import RamRegion
 from pyvmm.plugins import PluginRegistry
@@ -51,6 +52,10 @@ class Gate:
     declared_too: frozenset[Capability] = field(default=frozenset())
 
 
+#: The gated event calls only pass it through; one event serves every case.
+EVENT = Event()
+
+
 GATES = [
     Gate("remove_memory", Capability.MEMORY_REMOVAL, "pyvmm_unmap_memory", lambda c: c.vm.remove_memory(c.region)),
     Gate("dirty_log", Capability.DIRTY_LOG, "pyvmm_get_dirty_log", lambda c: c.vm.dirty_log(c.dirty_region)),
@@ -77,33 +82,35 @@ GATES = [
         "register_ioevent_mmio",
         Capability.IOEVENTS,
         "pyvmm_register_ioevent",
-        lambda c: c.vm.register_ioevent(7, IoEventAddress.mmio(0xD000_0000), 1, 4),
+        lambda c: c.vm.register_ioevent(EVENT, IoEventAddress.mmio(0xD000_0000), 1, 4),
     ),
     Gate(
         "unregister_ioevent_mmio",
         Capability.IOEVENTS,
         "pyvmm_unregister_ioevent",
-        lambda c: c.vm.unregister_ioevent(7, IoEventAddress.mmio(0xD000_0000), 1, 4),
+        lambda c: c.vm.unregister_ioevent(EVENT, IoEventAddress.mmio(0xD000_0000), 1, 4),
     ),
     Gate(
         "register_ioevent_pio_without_ioevents",
         Capability.IOEVENTS,
         "pyvmm_register_ioevent",
-        lambda c: c.vm.register_ioevent(7, IoEventAddress.pio(0x3F8)),
+        lambda c: c.vm.register_ioevent(EVENT, IoEventAddress.pio(0x3F8)),
     ),
     Gate(
         "register_ioevent_pio",
         Capability.PIO_IOEVENTS,
         "pyvmm_register_ioevent",
-        lambda c: c.vm.register_ioevent(7, IoEventAddress.pio(0x3F8), 0x41, 1),
+        lambda c: c.vm.register_ioevent(EVENT, IoEventAddress.pio(0x3F8), 0x41, 1),
     ),
     Gate(
         "unregister_ioevent_pio",
         Capability.PIO_IOEVENTS,
         "pyvmm_unregister_ioevent",
-        lambda c: c.vm.unregister_ioevent(7, IoEventAddress.pio(0x3F8), 0x41, 1),
+        lambda c: c.vm.unregister_ioevent(EVENT, IoEventAddress.pio(0x3F8), 0x41, 1),
     ),
-    Gate("register_irqfd", Capability.IRQFD, "pyvmm_register_irqfd", lambda c: c.vm.register_irqfd(9, 4, level=True)),
+    Gate(
+        "register_irqfd", Capability.IRQFD, "pyvmm_register_irqfd", lambda c: c.vm.register_irqfd(EVENT, 4, level=True)
+    ),
     Gate("set_irq_line", Capability.IRQ_LINE, "pyvmm_set_irq_line", lambda c: c.vm.set_irq_line(4, True)),
     Gate("create_irqchip", Capability.IRQCHIP, "pyvmm_create_irqchip", lambda c: c.vm.create_irqchip()),
     Gate(
@@ -177,12 +184,12 @@ def test_gated_calls_pass_the_arguments_through(make_backend: MakeBackend) -> No
     ctx = _context(make_backend, ALL_CAPS)
     vcpu = ctx.vcpu()
     ctx.vm.set_clock(123)
-    ctx.vm.register_ioevent(5, IoEventAddress.pio(0x60), 7, 2)
-    ctx.vm.register_irqfd(6, 33)
+    ctx.vm.register_ioevent(EVENT, IoEventAddress.pio(0x60), 7, 2)
+    ctx.vm.register_irqfd(EVENT, 33)
     vcpu.set_guest_debug(breakpoints=[0x10, 0x20])
     assert ("pyvmm_set_clock", 123) in ctx.test_backend.calls
-    assert ("pyvmm_register_ioevent", 5, IoEventAddress.pio(0x60), 7, 2) in ctx.test_backend.calls
-    assert ("pyvmm_register_irqfd", 6, 33, False) in ctx.test_backend.calls
+    assert ("pyvmm_register_ioevent", EVENT, IoEventAddress.pio(0x60), 7, 2) in ctx.test_backend.calls
+    assert ("pyvmm_register_irqfd", EVENT, 33, False) in ctx.test_backend.calls
     assert ("pyvmm_set_guest_debug", False, [0x10, 0x20]) in ctx.test_backend.calls
     assert vcpu.get_msrs([0x174, 0x175]) == [MsrEntry(0x174, 0), MsrEntry(0x175, 0)]
     assert ctx.vm.supported_cpuid() == [CpuidEntry(0, eax=1)]
@@ -214,11 +221,13 @@ def test_irqchip_after_a_vcpu_is_refused(make_backend: MakeBackend) -> None:
 @pytest.mark.parametrize(
     ("call", "message"),
     [
-        (lambda vm: vm.register_ioevent(1, IoEventAddress.mmio(0x1000), length=3), "length must be"),
-        (lambda vm: vm.register_ioevent(1, IoEventAddress.mmio(0x1000), datamatch=1), "needs a length"),
+        (lambda vm: vm.register_ioevent(EVENT, IoEventAddress.mmio(0x1000), length=3), "length must be"),
+        (lambda vm: vm.register_ioevent(7, IoEventAddress.mmio(0x1000), length=4), "Event is needed, not int"),  # type: ignore[arg-type]
+        (lambda vm: vm.register_irqfd(7, 4), "Event is needed, not int"),  # type: ignore[arg-type]
+        (lambda vm: vm.register_ioevent(EVENT, IoEventAddress.mmio(0x1000), datamatch=1), "needs a length"),
         (lambda vm: vm.vcpus[0].set_guest_debug(breakpoints=[1, 2, 3, 4, 5]), "at most 4"),
     ],
-    ids=["bad_length", "datamatch_without_length", "five_breakpoints"],
+    ids=["bad_length", "ioevent_not_an_event", "irqfd_not_an_event", "datamatch_without_length", "five_breakpoints"],
 )
 def test_bad_arguments_to_gated_calls_are_config_errors(
     make_backend: MakeBackend, call: Callable[[Vm], None], message: str

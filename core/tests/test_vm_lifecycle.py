@@ -15,6 +15,7 @@ from pyvmm.capabilities import Capability
 from pyvmm.config import Arch
 from pyvmm.errors import HypervisorError, VmStateError
 from pyvmm.exits import ExitKind, IoExit
+from pyvmm.host import Event
 from pyvmm.memory import RamRegion
 from pyvmm.vcpu_state import IoEventAddress, StateKind
 from pyvmm.vm import Backend, Vcpu, Vm
@@ -108,9 +109,9 @@ VM_OPS: list[tuple[str, Callable[[Vm, RamRegion], Any]]] = [
     ("start", lambda vm, _: vm.start()),
     ("create_irqchip", lambda vm, _: vm.create_irqchip()),
     ("set_irq_line", lambda vm, _: vm.set_irq_line(4, True)),
-    ("register_irqfd", lambda vm, _: vm.register_irqfd(5, 4)),
-    ("register_ioevent", lambda vm, _: vm.register_ioevent(5, IoEventAddress.mmio(0xD000_0000))),
-    ("unregister_ioevent", lambda vm, _: vm.unregister_ioevent(5, IoEventAddress.mmio(0xD000_0000))),
+    ("register_irqfd", lambda vm, _: vm.register_irqfd(Event(), 4)),
+    ("register_ioevent", lambda vm, _: vm.register_ioevent(Event(), IoEventAddress.mmio(0xD000_0000))),
+    ("unregister_ioevent", lambda vm, _: vm.unregister_ioevent(Event(), IoEventAddress.mmio(0xD000_0000))),
     ("get_clock", lambda vm, _: vm.get_clock()),
     ("set_clock", lambda vm, _: vm.set_clock(1)),
     ("supported_cpuid", lambda vm, _: vm.supported_cpuid()),

@@ -173,6 +173,13 @@ def _argnames(fn: Callable[..., Any]) -> tuple[str, ...]:
     return varnames(fn)[0]
 
 
+def _check_event(event: object) -> None:
+    from pyvmm.host import Event
+
+    if not isinstance(event, Event):
+        raise ConfigError(f"event: a pyvmm.host.Event is needed, not {type(event).__name__}")
+
+
 def get_backend(name: str | None = None, registry: PluginRegistry | None = None) -> Backend:
     """Select a backend: ``name``, else ``$PYVMM_BACKEND``, else the best available."""
     return Backend((registry or default_registry()).select(name))
@@ -260,14 +267,22 @@ class Vm:
         except BaseException:
             self.memory.release_slot(region)
             raise
-        self.memory.insert(region)
+        try:
+            self.memory.insert(region)
+        except BaseException:
+            # The VM's memory was closed meanwhile: the backend has the region
+            # mapped, so take it back before the host memory goes.
+            if self.backend.supports(Capability.MEMORY_REMOVAL):
+                with contextlib.suppress(PyvmmError):
+                    self._hooks.unmap_memory(self.handle, region)
+            raise
         return region
 
     def remove_memory(self, region: RamRegion) -> None:
         """Unmap ``region`` from the guest and free its host memory (``MEMORY_REMOVAL``)."""
         self._check_open()
         self.backend.require(Capability.MEMORY_REMOVAL, "remove memory")
-        if region not in list(self.memory):
+        if region not in self.memory:
             raise ConfigError(f"{region!r} is not mapped in this VM")
         self._hooks.unmap_memory(self.handle, region)
         self.memory.remove(region)
@@ -276,7 +291,7 @@ class Vm:
         """Bitmap of the pages of ``region`` written since the last call (``DIRTY_LOG``)."""
         self._check_open()
         self.backend.require(Capability.DIRTY_LOG, "read a dirty log")
-        if region not in list(self.memory):
+        if region not in self.memory:
             raise ConfigError(f"{region!r} is not mapped in this VM")
         if not region.log_dirty:
             raise ConfigError(f"{region!r} was not mapped with log_dirty=True")
@@ -383,19 +398,21 @@ class Vm:
     def register_irqfd(self, event: Event, line: int, level: bool = False) -> None:
         """Make a signal of ``event`` raise interrupt ``line`` (``IRQFD``)."""
         self._check_open()
+        self.backend.require(Capability.IRQFD, "irqfds")
+        _check_event(event)
         self._hooks.register_irqfd(self.handle, event, line, level)
 
     def register_ioevent(
         self, event: Event, address: IoEventAddress, datamatch: int | None = None, length: int = 0
     ) -> None:
         """Signal ``event`` instead of exiting on a guest write at ``address`` (``IOEVENTS``)."""
-        self._check_ioevent(address, datamatch, length)
+        self._check_ioevent(event, address, datamatch, length)
         self._hooks.register_ioevent(self.handle, event, address, datamatch, length)
 
     def unregister_ioevent(
         self, event: Event, address: IoEventAddress, datamatch: int | None = None, length: int = 0
     ) -> None:
-        self._check_ioevent(address, datamatch, length)
+        self._check_ioevent(event, address, datamatch, length)
         self._hooks.unregister_ioevent(self.handle, event, address, datamatch, length)
 
     def add_device_tree_nodes(self, tree: DeviceTree) -> None:
@@ -404,9 +421,10 @@ class Vm:
         self._check_open()
         self._hooks.add_device_tree_nodes(self.handle, tree)
 
-    def _check_ioevent(self, address: IoEventAddress, datamatch: int | None, length: int) -> None:
+    def _check_ioevent(self, event: Event, address: IoEventAddress, datamatch: int | None, length: int) -> None:
         self._check_open()
         self.backend.require(Capability.IOEVENTS, "ioevents")
+        _check_event(event)
         if address.space.value == "pio":
             self.backend.require(Capability.PIO_IOEVENTS, "an ioevent on an I/O port")
         if length not in (0, 1, 2, 4, 8):
