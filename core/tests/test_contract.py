@@ -259,3 +259,10 @@ def test_sources_cite_the_repository_notes_not_the_shared_reference() -> None:
         str(p.relative_to(REPO)) for p in files if "backend-" + "interfaces.md" in p.read_text(errors="replace")
     ]
     assert offenders == []
+
+
+def test_core_has_one_typed_call_site_per_specification() -> None:
+    from pyvmm.vm import BackendHooks
+
+    declared = set(BackendHooks.__annotations__)
+    assert declared == {name.removeprefix("pyvmm_") for name in specs()}

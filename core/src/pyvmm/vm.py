@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import inspect
 import threading
 import warnings
 from collections.abc import Callable
@@ -168,9 +169,8 @@ def _adapted(impl: Callable[..., Any], info: HookSpecInfo, version: int) -> Call
 
 
 def _argnames(fn: Callable[..., Any]) -> tuple[str, ...]:
-    from pluggy._hooks import varnames
-
-    return varnames(fn)[0]
+    # inspect follows __wrapped__ (the generated forwarders) and drops a bound self.
+    return tuple(inspect.signature(fn).parameters)
 
 
 def _check_event(event: object) -> None:
