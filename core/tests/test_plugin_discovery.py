@@ -84,14 +84,16 @@ def test_broken_plugins_are_recorded_and_skipped(write_module: WriteModule) -> N
         [
             _ep("d-duplicate", f"{twin}:plugin"),
             _ep("c-broken-import", broken),
-            _ep("a-good", f"{good}:plugin"),
+            # Named after its backend, so it owns "good" although "d-duplicate"
+            # sorts (and loads) before it.
+            _ep("good", f"{good}:plugin"),
             _ep("b-bad-manifest", f"{bad_manifest}:plugin"),
             _ep("e-missing-module", "pyvmm_no_such_module_anywhere:plugin"),
             _ep("f-missing-attribute", f"{good}:no_such_attribute"),
         ]
     )
     assert list(registry.backends) == ["good"]
-    assert registry.backends["good"].source.entry_point == "a-good"
+    assert registry.backends["good"].source.entry_point == "good"
     assert registry.backends["good"].availability().available
     failures = {f.source.entry_point: f.error for f in registry.failures}
     assert sorted(failures) == [
@@ -105,7 +107,7 @@ def test_broken_plugins_are_recorded_and_skipped(write_module: WriteModule) -> N
     assert "name" in failures["b-bad-manifest"]
     assert failures["c-broken-import"] == "import failed: RuntimeError: this plugin is broken on purpose"
     assert "'good' is provided twice" in failures["d-duplicate"]
-    assert "'a-good'" in failures["d-duplicate"]
+    assert "'good'" in failures["d-duplicate"]
     assert "'d-duplicate'" in failures["d-duplicate"]
     assert failures["e-missing-module"].startswith("import failed: ModuleNotFoundError")
     assert failures["f-missing-attribute"].startswith("import failed: AttributeError")

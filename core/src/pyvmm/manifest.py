@@ -3,6 +3,14 @@
 A backend returns a :class:`BackendManifest` from ``pyvmm_backend_info()``.  Core
 validates it, checks it against the hooks the plugin implements, and refuses the
 plugin (reported, not fatal) when the two disagree.
+
+Core validates every manifest and availability result it receives *again*, from
+the values it holds (:func:`validated_manifest`, :func:`validated_availability`):
+pydantic's ``model_copy(update=...)`` and ``model_construct()`` build instances
+without validation, and a subclass may override validators or properties, so
+``isinstance(x, BackendManifest)`` proves nothing about its contents.  What core
+keeps is always an exact :class:`BackendManifest` (its ``probe`` callable, which
+dumps exclude, carried over).
 """
 
 from __future__ import annotations
@@ -11,16 +19,16 @@ import sys
 from collections.abc import Callable
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from pyvmm.capabilities import Capability, CapabilitySet, parse_capabilities
-from pyvmm.config import Arch
+from pyvmm.config import Arch, validation_message
 
 # The contract version lives with the specifications' metadata; plugins have
 # always imported it from here.
 from pyvmm.contract import CONTRACT_VERSION
 
-__all__ = ["CONTRACT_VERSION", "Availability", "BackendManifest"]
+__all__ = ["CONTRACT_VERSION", "Availability", "BackendManifest", "validated_availability", "validated_manifest"]
 
 
 class Availability(BaseModel):
@@ -96,13 +104,58 @@ class BackendManifest(BaseModel):
         return any(platform.startswith(prefix) for prefix in self.host_os)
 
     def check_availability(self) -> Availability:
-        """Run the probe; a probe that raises counts as "unavailable", never as a crash."""
+        """Run the probe on the calling thread; a probe that raises (``SystemExit``
+        and other ``BaseException`` included) or returns something other than a
+        valid :class:`Availability` counts as "unavailable", never as a crash.
+
+        This does not bound the probe's time: core calls it through
+        :meth:`pyvmm.plugins.BackendPlugin.availability`, which runs it on a
+        watchdog thread and caches the answer.
+
+        :raises KeyboardInterrupt: passed on, so that a Ctrl-C still stops the program.
+        """
         if not self.runs_on_host():
             return Availability.no(f"runs on {', '.join(self.host_os)}, this host is {sys.platform}")
         try:
             result: object = self.probe()  # plugins are untrusted: check the type at run time
-        except Exception as exc:  # noqa: BLE001 - a probe must never take discovery down
+        except KeyboardInterrupt:
+            raise
+        except BaseException as exc:  # noqa: BLE001 - a probe must never take discovery down, nor exit
             return Availability.no(f"availability probe raised {type(exc).__name__}: {exc}")
         if not isinstance(result, Availability):
             return Availability.no(f"availability probe returned {type(result).__name__}, not Availability")
-        return result
+        try:
+            return validated_availability(result)
+        except ValidationError as exc:
+            return Availability.no(f"availability probe returned an invalid Availability: {validation_message(exc)}")
+
+
+def _stored_fields(model: BaseModel) -> dict[str, Any]:
+    """The values an instance holds, however it was built.  Unknown keys that
+    ``model_copy(update=...)`` slipped in are kept, so that ``extra="forbid"``
+    rejects them instead of their being dropped silently."""
+    data = dict(model.__dict__)
+    data.update(model.__pydantic_extra__ or {})
+    return data
+
+
+def validated_manifest(raw: object) -> BackendManifest:
+    """``raw`` (a manifest or a mapping) validated into an exact
+    :class:`BackendManifest`, even when it already is one: ``model_copy`` and
+    ``model_construct`` skip validation, and a subclass could override it.
+
+    :raises ValidationError: the values break the manifest's rules.
+    """
+    if isinstance(raw, BackendManifest):
+        raw = _stored_fields(raw)
+    # Any other model class goes to pydantic as is, which refuses it.
+    return BackendManifest.model_validate(raw)
+
+
+def validated_availability(raw: Availability) -> Availability:
+    """An :class:`Availability` validated again from the values it holds, as an
+    exact :class:`Availability` (see :func:`validated_manifest` for why).
+
+    :raises ValidationError: the values break the model's rules.
+    """
+    return Availability.model_validate(_stored_fields(raw))

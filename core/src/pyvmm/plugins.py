@@ -8,22 +8,66 @@ contract when it is registered:
 * it implements every required hook;
 * ``pyvmm_backend_info()`` returns a valid manifest for this contract version;
 * it implements exactly the optional hooks of the capabilities it declares;
-* no other plugin already uses its backend name.
+* its backend name is its own (below).
 
 A plugin that fails any of this, or fails to import, is recorded in
 :attr:`PluginRegistry.failures` and skipped; the others keep working.  A plugin
 the policy (:mod:`pyvmm.policy`) denies is recorded in
-:attr:`PluginRegistry.denied` and never imported.
+:attr:`PluginRegistry.denied`: never imported when its entry-point name is
+denied, refused right after its manifest when its backend name is.
+
+Who owns a backend name
+-----------------------
+The owner of a backend name is the plugin whose entry-point name equals it
+(``kvm = "pyvmm_kvm.plugin:plugin"`` owns ``kvm``).  Discovery reads every
+manifest before it registers any, then settles each name:
+
+* one owner among the plugins claiming the name: the owner keeps it, whatever
+  the order the entry points load in, and every other claimant is refused, the
+  message naming both distributions;
+* no owner and one claimant: it keeps the name, unless an entry point of that
+  name is installed at all (one that failed, hung, was denied or claims another
+  name): then the claimant is refused -- the real backend being broken is no
+  reason to hand its name to another;
+* otherwise (several claimants and no owner, or several owners): ambiguous,
+  every claimant is refused.  Never silently the wrong one.
+
+So a plugin whose entry point is ``aaa`` but whose manifest says ``kvm`` can
+never displace pyvmm-kvm.  :meth:`PluginRegistry.register` without entry points
+(tests, embedders) keeps first come, first served: a second plugin with a name
+already registered is refused.
+
+Isolation, and its limits
+-------------------------
+A plugin's import, its ``pyvmm_backend_info()`` and its availability probe run
+on a daemon thread, watched for :attr:`PluginRegistry.timeout` seconds
+(``$PYVMM_PLUGIN_TIMEOUT``, default :data:`DEFAULT_PLUGIN_TIMEOUT`).  One that
+does not finish in time is recorded as broken (import, manifest) or unavailable
+(probe), naming what hung, and discovery and selection carry on; its thread is
+left blocked, as Python cannot stop a thread.  One that raises any
+``BaseException`` -- ``SystemExit`` and ``GeneratorExit`` included -- is
+recorded the same way.  ``KeyboardInterrupt`` is passed on: a Ctrl-C must still
+stop the program (and is delivered to the main thread, which only waits).  The
+availability answer is cached per plugin, so a hung probe costs one timeout,
+not one per call.
+
+What a thread cannot contain: ``os._exit()`` (or a crash in C code) ends the
+whole process at once, and code that holds the GIL without releasing it (a
+long C call) stalls every thread.  Only a separate process could isolate those;
+pyvmm does not load plugins in one.
 """
 
 from __future__ import annotations
 
 import contextlib
+import contextvars
+import math
 import os
-from collections.abc import Callable, Iterable
+import threading
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from importlib import metadata
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar, cast
 
 import pluggy
 from pydantic import ValidationError
@@ -40,17 +84,109 @@ from pyvmm.contract import (
     required_hooks,
     specs,
 )
-from pyvmm.errors import BackendNotFound, BackendUnavailable, PluginContractError
-from pyvmm.manifest import Availability, BackendManifest
+from pyvmm.errors import BackendNotFound, BackendUnavailable, ConfigError, PluginContractError
+from pyvmm.manifest import Availability, BackendManifest, validated_manifest
 
 if TYPE_CHECKING:
     from pyvmm.policy import PluginPolicy
 
 ENTRY_POINT_GROUP = "pyvmm"
 ENV_BACKEND = "PYVMM_BACKEND"
+ENV_PLUGIN_TIMEOUT = "PYVMM_PLUGIN_TIMEOUT"
+
+#: Seconds a plugin's import, manifest or availability probe may take.  Long
+#: enough for a cold import of a cffi-heavy backend on a loaded CI machine,
+#: short enough that a hung plugin is noticed.
+DEFAULT_PLUGIN_TIMEOUT = 5.0
+#: The largest timeout accepted: above it, a hang would pass for a wait.
+MAX_PLUGIN_TIMEOUT = 3600.0
 
 #: The hooks every backend implements (from the specifications' metadata).
 REQUIRED_HOOKS = required_hooks()
+
+_T = TypeVar("_T")
+
+
+def plugin_timeout(environ: Mapping[str, str] | None = None) -> float:
+    """The plugin timeout in force: ``$PYVMM_PLUGIN_TIMEOUT`` seconds, else
+    :data:`DEFAULT_PLUGIN_TIMEOUT`.
+
+    :raises ConfigError: the variable is not a number of seconds in (0, 3600].
+    """
+    env = os.environ if environ is None else environ
+    text = env.get(ENV_PLUGIN_TIMEOUT, "").strip()
+    if not text:
+        return DEFAULT_PLUGIN_TIMEOUT
+    try:
+        return _checked_timeout(float(text), ENV_PLUGIN_TIMEOUT)
+    except ValueError:
+        raise ConfigError(
+            f"{ENV_PLUGIN_TIMEOUT}: {text!r} is not a number of seconds (0 < seconds <= {MAX_PLUGIN_TIMEOUT:g})"
+        ) from None
+
+
+def _checked_timeout(value: float, what: str) -> float:
+    # A NaN or infinite timeout would make every bound meaningless.
+    if not (math.isfinite(value) and 0 < value <= MAX_PLUGIN_TIMEOUT):
+        raise ConfigError(f"{what}: {value!r} is not a number of seconds (0 < seconds <= {MAX_PLUGIN_TIMEOUT:g})")
+    return value
+
+
+class _Hung(Exception):
+    """A plugin call did not finish in time; its thread is still blocked in it."""
+
+    def __init__(self, what: str, timeout: float, thread: threading.Thread) -> None:
+        super().__init__(f"{what} did not finish within {timeout:g} s")
+        self.thread = thread
+
+
+class _Raised(Exception):
+    """A plugin call raised; ``error`` is what it raised (any BaseException)."""
+
+    def __init__(self, error: BaseException) -> None:
+        super().__init__(_describe(error))
+        self.error = error
+
+
+def _describe(error: BaseException) -> str:
+    text = f"{type(error).__name__}: {error}"
+    if isinstance(error, SystemExit):
+        text += " (a plugin may not end the process; it is skipped)"
+    return text
+
+
+def _call_bounded(call: Callable[[], _T], what: str, timeout: float) -> _T:
+    """``call()`` run on a daemon thread and waited for at most ``timeout`` seconds.
+
+    The thread runs in a copy of the caller's context, so context variables (a
+    driver model installed by a test, say) are seen as on the caller's thread.
+
+    :raises _Hung: it did not finish in time (the thread is left running).
+    :raises _Raised: it raised anything but ``KeyboardInterrupt``.
+    :raises KeyboardInterrupt: it raised one, or Ctrl-C arrived while waiting.
+    """
+    outcome: list[tuple[bool, Any]] = []
+    done = threading.Event()
+    context = contextvars.copy_context()
+
+    def run() -> None:
+        try:
+            outcome.append((True, context.run(call)))
+        except BaseException as exc:  # noqa: BLE001 - carried to the waiting thread, which decides
+            outcome.append((False, exc))
+        finally:
+            done.set()
+
+    thread = threading.Thread(target=run, name=f"pyvmm plugin: {what}", daemon=True)
+    thread.start()
+    if not done.wait(timeout):
+        raise _Hung(what, timeout, thread)
+    finished, value = outcome[0]
+    if finished:
+        return cast(_T, value)
+    if isinstance(value, KeyboardInterrupt):
+        raise value
+    raise _Raised(value)
 
 
 @dataclass(frozen=True)
@@ -73,6 +209,8 @@ class PluginFailure:
 
     source: PluginSource
     error: str
+    #: The backend name its manifest claimed, when it got that far.
+    backend: str | None = None
 
 
 @dataclass(frozen=True)
@@ -81,6 +219,9 @@ class PluginDenied:
 
     source: PluginSource
     reason: str
+    #: The backend name its manifest declared, when it was denied by that name
+    #: (it was imported); None when denied by its entry-point name (it was not).
+    backend: str | None = None
 
 
 @dataclass
@@ -91,67 +232,132 @@ class BackendPlugin:
     source: PluginSource
     impls: dict[str, Callable[..., Any]]
     plugin: object = field(repr=False)
+    #: Seconds the availability probe may take (the registry's timeout).
+    timeout: float = field(default=DEFAULT_PLUGIN_TIMEOUT, repr=False, compare=False)
+    _availability: Availability | None = field(default=None, init=False, repr=False, compare=False)
+    _stuck_probe: threading.Thread | None = field(default=None, init=False, repr=False, compare=False)
+    _probe_lock: threading.Lock = field(default_factory=threading.Lock, init=False, repr=False, compare=False)
 
     @property
     def name(self) -> str:
         return self.manifest.name
 
     def availability(self) -> Availability:
-        return self.manifest.check_availability()
+        """Whether the backend can run here, asked of its probe each time.
+
+        The probe runs on a watchdog thread (see the module notes): one that
+        hangs reads as unavailable after :attr:`timeout` seconds, one that
+        raises reads as unavailable.  While a hung probe is still blocked, its
+        answer stands and the probe is not started again (that would only hang
+        another thread); once it has ended, the next call probes afresh.  Every
+        other answer is fresh: a device node may appear, a test may put a
+        driver model behind the backend.
+
+        :raises KeyboardInterrupt: Ctrl-C while waiting, or the probe raised one.
+        """
+        with self._probe_lock:
+            if self._stuck_probe is not None and self._stuck_probe.is_alive() and self._availability is not None:
+                return self._availability
+            try:
+                result = _call_bounded(
+                    self.manifest.check_availability, f"availability probe of backend {self.name!r}", self.timeout
+                )
+            except _Hung as hung:
+                self._stuck_probe = hung.thread
+                result = Availability.no(f"{hung}; the backend is treated as unavailable")
+            except _Raised as raised:  # check_availability catches the probe's own errors
+                result = Availability.no(f"availability probe raised {raised}")
+            self._availability = result
+            return result
+
+
+@dataclass(frozen=True)
+class _Claim:
+    """A discovered plugin that passed every check but the ownership of its
+    backend name; registered with pluggy (as ``internal_name``) until settled."""
+
+    backend: BackendPlugin
+    internal_name: str
 
 
 class PluginRegistry:
-    """Holds the registered backends of one process (or one test)."""
+    """Holds the registered backends of one process (or one test).
 
-    def __init__(self, policy: PluginPolicy | None = None) -> None:
+    :param policy: the allow/deny policy; read from the environment and config
+        file when entry points are first loaded unless one is given.
+    :param timeout: seconds a plugin's import, manifest or availability probe
+        may take; ``$PYVMM_PLUGIN_TIMEOUT``, else :data:`DEFAULT_PLUGIN_TIMEOUT`,
+        unless given.
+    :raises ConfigError: the timeout (argument or variable) is not in (0, 3600].
+    """
+
+    def __init__(self, policy: PluginPolicy | None = None, *, timeout: float | None = None) -> None:
         self._pm = pluggy.PluginManager(hookspecs.PROJECT)
         self._pm.add_hookspecs(hookspecs)
         self._specs = specs()
         self.backends: dict[str, BackendPlugin] = {}
         self.failures: list[PluginFailure] = []
-        #: The allow/deny policy; read from the environment and config file when
-        #: entry points are first loaded unless one is given.
         self.policy = policy
         self.denied: list[PluginDenied] = []
+        self.timeout: float = plugin_timeout() if timeout is None else _checked_timeout(timeout, "timeout")
         self._entry_points_loaded = False
 
     # --- registration -------------------------------------------------------
     def register(self, plugin: object, source: PluginSource | None = None) -> BackendPlugin:
         """Register one backend plugin (a module or object with hook functions).
 
-        :raises PluginContractError: the plugin breaks the contract; it is not kept.
+        Without entry points there is no name to prove ownership by, so the
+        first plugin to register a backend name keeps it and a later one is
+        refused (see the module notes for discovery's rule).
+
+        :raises PluginContractError: the plugin breaks the contract, its manifest
+            hung, or its backend name is taken; it is not kept.
         """
         source = source or PluginSource(entry_point=getattr(plugin, "__name__", type(plugin).__name__))
+        internal_name = self._add_to_manager(plugin, source)
         try:
-            internal_name = self._pm.register(plugin, name=f"{source.entry_point}@{id(plugin):x}")
-        except (pluggy.PluginValidationError, ValueError) as exc:
-            hint = "".join(f" ({hook}: {why})" for hook, why in CHANGED_HOOKS.items() if hook in str(exc))
-            raise PluginContractError(f"{source.describe()}: {exc}{hint}") from exc
-        try:
-            backend = self._check(plugin, source)
+            backend = self._checked(plugin, source, self._manifest_of(plugin, source))
+            self._refuse_taken_name(backend)
         except BaseException:
             self._pm.unregister(name=internal_name)
             raise
         self.backends[backend.name] = backend
         return backend
 
-    def _check(self, plugin: object, source: PluginSource) -> BackendPlugin:
+    def _add_to_manager(self, plugin: object, source: PluginSource) -> str:
+        """Register with pluggy (which checks the hook names); the internal name."""
+        try:
+            internal_name = self._pm.register(plugin, name=f"{source.entry_point}@{id(plugin):x}")
+        except (pluggy.PluginValidationError, ValueError) as exc:
+            hint = "".join(f" ({hook}: {why})" for hook, why in CHANGED_HOOKS.items() if hook in str(exc))
+            raise PluginContractError(f"{source.describe()}: {exc}{hint}") from exc
+        assert internal_name is not None  # pluggy returns None only for a blocked name, which we never block
+        return internal_name
+
+    def _manifest_of(self, plugin: object, source: PluginSource) -> BackendManifest:
         where = source.describe()
         info = self._implementation(plugin, "pyvmm_backend_info")
         if info is None:
             raise PluginContractError(f"{where}: required hook(s) not implemented: pyvmm_backend_info")
-        manifest = self._manifest(info, where)
+        return self._manifest(info, where)
+
+    def _checked(self, plugin: object, source: PluginSource, manifest: BackendManifest) -> BackendPlugin:
+        """The contract checks that need no plugin code to run."""
+        where = source.describe()
         impls = self._implementations(plugin, where, manifest.contract_version)
         missing = [hook for hook in REQUIRED_HOOKS if hook not in impls]
         if missing:
             raise PluginContractError(f"{where}: required hook(s) not implemented: {', '.join(missing)}")
         self._check_capabilities(manifest, impls, where)
-        clash = self.backends.get(manifest.name)
+        return BackendPlugin(manifest=manifest, source=source, impls=impls, plugin=plugin, timeout=self.timeout)
+
+    def _refuse_taken_name(self, backend: BackendPlugin) -> None:
+        clash = self.backends.get(backend.name)
         if clash is not None:
             raise PluginContractError(
-                f"backend name {manifest.name!r} is provided twice: by {clash.source.describe()} and by {where}"
+                f"backend name {backend.name!r} is provided twice: by {clash.source.describe()} "
+                f"and by {backend.source.describe()}"
             )
-        return BackendPlugin(manifest=manifest, source=source, impls=impls, plugin=plugin)
 
     def _implementation(self, plugin: object, hook_name: str) -> Any:
         for impl in getattr(self._pm.hook, hook_name).get_hookimpls():
@@ -187,14 +393,17 @@ class PluginRegistry:
                 impls[hook_name] = impl.function
         return impls
 
-    @staticmethod
-    def _manifest(info: Callable[..., Any], where: str) -> BackendManifest:
+    def _manifest(self, info: Callable[[], object], where: str) -> BackendManifest:
         try:
-            raw = info()
-        except Exception as exc:
-            raise PluginContractError(f"{where}: pyvmm_backend_info raised {type(exc).__name__}: {exc}") from exc
+            raw = _call_bounded(info, "pyvmm_backend_info", self.timeout)
+        except _Hung as hung:
+            raise PluginContractError(f"{where}: {hung}; the plugin is skipped") from None
+        except _Raised as raised:
+            raise PluginContractError(f"{where}: pyvmm_backend_info raised {raised}") from raised.error
         try:
-            manifest = raw if isinstance(raw, BackendManifest) else BackendManifest.model_validate(raw)
+            # Validated even when it is a BackendManifest: model_copy() and
+            # model_construct() build one without validation.
+            manifest = validated_manifest(raw)
         except ValidationError as exc:
             raise PluginContractError(f"{where}: invalid manifest: {validation_message(exc)}") from exc
         if not MIN_CONTRACT_VERSION <= manifest.contract_version <= CONTRACT_VERSION:
@@ -233,9 +442,11 @@ class PluginRegistry:
     # --- discovery ----------------------------------------------------------
     def load_entry_points(self, entry_points: Iterable[metadata.EntryPoint] | None = None) -> None:
         """Import and register every backend in the ``pyvmm`` entry-point group
-        the policy allows.  Failures are recorded, never raised.  Runs once.
+        the policy allows, settling who owns each backend name (module notes).
+        Failures, hangs and refusals are recorded, never raised.  Runs once.
 
         :raises ConfigError: the policy's config file or variables are malformed.
+        :raises KeyboardInterrupt: Ctrl-C (or a plugin raising one).
         """
         if self._entry_points_loaded and entry_points is None:
             return
@@ -246,21 +457,110 @@ class PluginRegistry:
         self._entry_points_loaded = True
         if entry_points is None:
             entry_points = metadata.entry_points(group=ENTRY_POINT_GROUP)
-        for ep in sorted(entry_points, key=lambda e: e.name):
+        ordered = sorted(entry_points, key=lambda e: e.name)
+        # Every installed entry point, loaded or not: an entry point named after a
+        # backend owns that name even when it is broken, hung or denied.
+        installed: dict[str, list[PluginSource]] = {}
+        claims: list[_Claim] = []
+        for ep in ordered:
             source = _source_of(ep)
-            denial = self.policy.denial(ep.name)
+            installed.setdefault(ep.name, []).append(source)
+            claim = self._claim(ep, source, self.policy)
+            if claim is not None:
+                claims.append(claim)
+        self._settle(claims, installed)
+
+    def _claim(self, ep: metadata.EntryPoint, source: PluginSource, policy: PluginPolicy) -> _Claim | None:
+        """Import one entry point and read and check its manifest; None (with the
+        reason recorded) when it is denied, broken or hung."""
+        denial = policy.denial(ep.name)
+        if denial is not None:
+            self.denied.append(PluginDenied(source, denial))
+            return None
+        try:
+            plugin = _call_bounded(ep.load, f"import of entry point {ep.name!r}", self.timeout)
+        except _Hung as hung:
+            self.failures.append(PluginFailure(source, f"{hung}; the plugin is skipped"))
+            return None
+        except _Raised as raised:
+            self.failures.append(PluginFailure(source, f"import failed: {raised}"))
+            return None
+        try:
+            internal_name = self._add_to_manager(plugin, source)
+        except PluginContractError as exc:
+            self.failures.append(PluginFailure(source, str(exc)))
+            return None
+        backend_name: str | None = None
+        try:
+            manifest = self._manifest_of(plugin, source)
+            backend_name = manifest.name
+            # The entry-point name passed above; the backend name must pass too,
+            # before anything but the manifest of the plugin has run.
+            denial = policy.denial(manifest.name) if manifest.name != ep.name else None
             if denial is not None:
-                self.denied.append(PluginDenied(source, denial))
-                continue
-            try:
-                plugin = ep.load()
-            except (Exception, SystemExit) as exc:  # noqa: BLE001 - isolate broken plugins, even one that exits
-                self.failures.append(PluginFailure(source, f"import failed: {type(exc).__name__}: {exc}"))
-                continue
-            try:
-                self.register(plugin, source)
-            except PluginContractError as exc:
-                self.failures.append(PluginFailure(source, str(exc)))
+                self._pm.unregister(name=internal_name)
+                reason = f"its manifest names backend {manifest.name!r}, which is {denial}"
+                self.denied.append(PluginDenied(source, reason, backend=manifest.name))
+                return None
+            return _Claim(self._checked(plugin, source, manifest), internal_name)
+        except PluginContractError as exc:
+            self._pm.unregister(name=internal_name)
+            self.failures.append(PluginFailure(source, str(exc), backend=backend_name))
+            return None
+        except BaseException:
+            self._pm.unregister(name=internal_name)
+            raise
+
+    def _settle(self, claims: list[_Claim], installed: dict[str, list[PluginSource]]) -> None:
+        """Give each claimed backend name to its owner, or to nobody (module notes)."""
+        by_name: dict[str, list[_Claim]] = {}
+        for claim in claims:
+            by_name.setdefault(claim.backend.name, []).append(claim)
+        for name, group in by_name.items():
+            owners = [c for c in group if c.backend.source.entry_point == name]
+            winner: _Claim | None = None
+            why = ""
+            if len(owners) == 1:
+                winner = owners[0]
+                why = (
+                    f"the name belongs to the plugin whose entry point is named {name!r}, "
+                    f"{winner.backend.source.describe()}"
+                )
+            elif len(group) == 1 and name not in installed:
+                winner = group[0]
+            elif len(group) == 1:
+                holders = ", ".join(source.describe() for source in installed[name])
+                why = (
+                    f"the name belongs to the entry point named {name!r}, {holders}, "
+                    "which did not load as that backend (see its own entry)"
+                )
+            else:
+                qualified = "more than one" if owners else "none"
+                why = (
+                    f"{qualified} of them has the entry point named {name!r} that would own it, "
+                    "so the name is ambiguous and every claimant is refused"
+                )
+            claimants = " and by ".join(c.backend.source.describe() for c in group)
+            for claim in group:
+                if claim is winner:
+                    try:
+                        self._refuse_taken_name(claim.backend)  # registered directly, or by an earlier call
+                    except PluginContractError as exc:
+                        self._refuse(claim, str(exc))
+                        continue
+                    self.backends[name] = claim.backend
+                    continue
+                this = claim.backend.source.describe()
+                if len(group) > 1:
+                    self._refuse(
+                        claim, f"backend name {name!r} is provided twice: by {claimants}; {why}; {this} is refused"
+                    )
+                else:
+                    self._refuse(claim, f"{this} claims backend name {name!r}, but {why}; it is refused")
+
+    def _refuse(self, claim: _Claim, error: str) -> None:
+        self._pm.unregister(name=claim.internal_name)
+        self.failures.append(PluginFailure(claim.backend.source, error, backend=claim.backend.name))
 
     # --- selection ----------------------------------------------------------
     def get(self, name: str) -> BackendPlugin:
@@ -272,10 +572,10 @@ class PluginRegistry:
     def _not_found_message(self, name: str) -> str:
         installed = ", ".join(sorted(self.backends)) or "none"
         text = f"no backend named {name!r} (installed: {installed})"
-        broken = [f.source.describe() for f in self.failures if name in f.source.entry_point]
+        broken = [f.source.describe() for f in self.failures if name in f.source.entry_point or f.backend == name]
         if broken:
             text += f"; a plugin that may be it failed to load: {', '.join(broken)} (see 'pyvmm backends')"
-        denied = [d for d in self.denied if d.source.entry_point == name]
+        denied = [d for d in self.denied if name in (d.source.entry_point, d.backend)]
         if denied:
             text += f"; {denied[0].source.describe()} is installed but {denied[0].reason}"
         return text
@@ -340,11 +640,14 @@ def reset_default_registry() -> None:
 
 
 __all__ = [
+    "DEFAULT_PLUGIN_TIMEOUT",
+    "ENV_PLUGIN_TIMEOUT",
     "BackendPlugin",
     "PluginDenied",
     "PluginFailure",
     "PluginRegistry",
     "PluginSource",
     "default_registry",
+    "plugin_timeout",
     "reset_default_registry",
 ]

@@ -19,9 +19,17 @@ Rules:
 * An environment variable replaces the file's list of the same kind (so
   ``PYVMM_BACKENDS_ALLOW=`` set to empty lifts the file's allow list); the two
   kinds combine.
-* Names are entry-point names (the name in ``[project.entry-points.pyvmm]``),
-  which by convention are the backend's name: the decision is taken *before*
-  the plugin is imported, so a denied plugin's code never runs.
+* A name matches a plugin by its entry-point name (the name in
+  ``[project.entry-points.pyvmm]``) *and* by the backend name its manifest
+  declares; a plugin loads only if both names pass (:meth:`PluginPolicy.denial`
+  is asked for each).  The entry-point name is decided *before* the plugin is
+  imported, so a plugin denied by it never runs any code.  The backend name is
+  known only from the manifest: a plugin whose entry point is ``aaa`` but whose
+  manifest says ``kvm`` is imported and asked for its manifest, then refused as
+  denied before anything else of it runs (its availability probe and its other
+  hooks never do) -- so ``PYVMM_BACKENDS_DENY=kvm`` stops every plugin that
+  calls itself ``kvm``, and an allow list of ``kvm`` admits only a plugin that
+  is ``kvm`` under both names.
 
 A denied plugin is not a failure: ``pyvmm backends`` lists it as denied, with
 the rule and where it came from.  A config file that is not valid TOML, or
@@ -93,7 +101,8 @@ class PluginPolicy:
         return self.allow is not None or bool(self.deny)
 
     def denial(self, name: str) -> str | None:
-        """Why ``name`` may not load, or None if it may."""
+        """Why the plugin of entry-point or backend name ``name`` may not load,
+        or None if it may.  Discovery asks once per name a plugin has."""
         if name in self.deny:
             return f"denied by {self.deny_source}"
         if self.allow is not None and name not in self.allow:

@@ -70,7 +70,7 @@ class Backend:
             raise UnsupportedCapability(self.name, capability, what)
 
     def availability(self) -> Availability:
-        return self.manifest.check_availability()
+        return self.plugin.availability()
 
     def create_vm(self, config: VmConfig | dict[str, Any] | None = None) -> Vm:
         """Create a VM on this backend.  Nothing is left open if this raises."""
