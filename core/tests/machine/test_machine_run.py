@@ -350,3 +350,23 @@ def test_a_failing_vcpu_setup_propagates(pc: tuple[RecordingBackend, Backend]) -
     test_backend.fail("pyvmm_create_vcpu", OSError("no vCPU for you"))
     with build(backend) as machine, pytest.raises(OSError, match="no vCPU for you"):
         machine.run()
+
+
+class Exiting(Device):
+    name = "exiting"
+
+    def write(self, offset: int, size: int, value: int) -> None:
+        raise SystemExit(0)
+
+
+def test_systemexit_from_a_device_is_an_error_not_a_guest_result(pc: tuple[RecordingBackend, Backend]) -> None:
+    """Issue 10: SystemExit inside the run made `pyvmm run` exit 0 as if the guest had finished."""
+    from pyvmm.machine.runner import RunAborted
+
+    test_backend, backend = pc
+    test_backend.script_exits(io_exit(0x10, 1, write=True, value=1))
+    with build(backend) as machine:
+        machine.pio.register(0x10, 1, Exiting())
+        with pytest.raises(RunAborted, match="SystemExit") as info:
+            machine.run()
+    assert isinstance(info.value.__cause__, SystemExit)

@@ -51,6 +51,12 @@ log = logging.getLogger("pyvmm.machine")
 JOIN_GRACE_SECONDS = 10.0
 
 
+
+class RunAborted(PyvmmError):
+    """Code running for the guest (a backend hook or a device) raised something
+    that is not an error, such as ``SystemExit``; ``__cause__`` is what it raised.
+    The run ends as an error, never with a guest result it did not get."""
+
 class Runner:
     """The vCPU threads of one machine's single run, and its stop state.
 
@@ -213,6 +219,13 @@ class Runner:
             self._cond.notify_all()
 
     def _fail(self, exc: BaseException) -> None:
+        if not isinstance(exc, (Exception, KeyboardInterrupt)):
+            # SystemExit (or any other non-error) from a hook or a device would
+            # otherwise reach the caller as "the program is exiting normally",
+            # and `pyvmm run` would report a guest result it never got.
+            wrapped = RunAborted(f"the run was aborted by {type(exc).__name__}({exc}) raised while the guest ran")
+            wrapped.__cause__ = exc
+            exc = wrapped
         with self._cond:
             # Even after a clean stop: an error is never swallowed.
             if self._error is None:
