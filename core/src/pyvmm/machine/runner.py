@@ -51,11 +51,11 @@ log = logging.getLogger("pyvmm.machine")
 JOIN_GRACE_SECONDS = 10.0
 
 
-
 class RunAborted(PyvmmError):
     """Code running for the guest (a backend hook or a device) raised something
     that is not an error, such as ``SystemExit``; ``__cause__`` is what it raised.
     The run ends as an error, never with a guest result it did not get."""
+
 
 class Runner:
     """The vCPU threads of one machine's single run, and its stop state.
