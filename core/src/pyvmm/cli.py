@@ -119,6 +119,11 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+#: 128 + SIGINT, as a shell reports it (pyvmm.machine.outcome.STATUS_INTERRUPTED;
+#: not imported from there: ``pyvmm --help`` loads none of the machine).
+STATUS_INTERRUPTED = 130
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -132,3 +137,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     except PyvmmError as exc:
         print(f"pyvmm: error: {exc}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        # Ctrl-C outside a guest run (listing backends, reading files): the
+        # documented status, no traceback.
+        print("pyvmm: interrupted: interrupted (Ctrl-C)", file=sys.stderr)
+        return STATUS_INTERRUPTED

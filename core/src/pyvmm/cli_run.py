@@ -8,10 +8,24 @@ Kept apart from the machine so that ``pyvmm --help`` imports none of it.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
+import os
+import signal
+import stat
 import sys
+import threading
+import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from types import FrameType
+from typing import TYPE_CHECKING, Any, BinaryIO, NoReturn, cast
+
+from pyvmm.errors import ConfigError, PyvmmError
+
+if TYPE_CHECKING:
+    from pyvmm.machine.config import MachineConfig
+    from pyvmm.machine.machine import Machine
 
 EPILOG = """\
 Without --kernel, pyvmm runs its bundled demo guest for the architecture, which
@@ -31,8 +45,15 @@ Exit status: the guest's.
   2                 pyvmm: error: bad configuration or image, or a device failed
   4                 the guest could not go on: triple fault, crash, an instruction
                     the hypervisor cannot emulate (its bytes are shown)
-  124               --timeout ran out
-  130               interrupted (Ctrl-C)
+  124               --timeout ran out (the time counts from before the kernel
+                    is loaded: a load that takes too long ends with 124 too)
+  130               interrupted (Ctrl-C), also while loading
+
+Files: --kernel and --initrd must be regular files no larger than the guest RAM,
+--config a regular file of at most 1 MiB; a FIFO, a device or a directory is
+refused without being read.  --serial may also be a terminal, /dev/null or a FIFO
+that has a reader; a write error there (a full disk, /dev/full) ends the run with
+status 2.  --timeout takes seconds, above 0 and at most 1e9.
 
 Unhandled port and MMIO accesses read as all ones and are logged once per address.
 """
@@ -53,6 +74,7 @@ OPTION_NAMES = {
     "testdev": "--testdev",
     "legacy_bios": "--legacy-bios",
 }
+CONFIG_OPTION = "--config"
 
 
 def add_run_parser(sub: Any) -> None:
@@ -114,17 +136,239 @@ def _address(text: str) -> int:
         raise argparse.ArgumentTypeError(f"not an address: {text!r} (e.g. 0x100000)") from None
 
 
+class SerialOutputError(PyvmmError):
+    """The console's output cannot be written (a full disk, ``/dev/full``, a
+    closed pipe).  Raised from the UART's write, so it ends the run as a device
+    error would: ``pyvmm: error:``, status 2."""
+
+
+class ConsoleOutput:
+    """The console's stream, guarded: the first write error raises
+    :class:`SerialOutputError` naming the option and the file; after it, writes
+    and flushes do nothing, so tearing the machine down (which flushes) cannot
+    raise the same error again or print a traceback."""
+
+    def __init__(self, stream: BinaryIO, where: str, name: str, *, owned: bool) -> None:
+        self._stream = stream
+        self._where = where
+        self._name = name
+        self._owned = owned
+        self.error: SerialOutputError | None = None
+
+    def _fail(self, exc: BaseException) -> NoReturn:
+        detail = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
+        self.error = SerialOutputError(f"{self._where}: cannot write the console output to {self._name}: {detail}")
+        raise self.error from exc
+
+    def write(self, data: bytes) -> int:
+        if self.error is not None:
+            return len(data)
+        try:
+            return self._stream.write(data)
+        except (OSError, ValueError) as exc:  # ValueError: the stream was closed under us
+            self._fail(exc)
+
+    def flush(self) -> None:
+        if self.error is not None:
+            return
+        try:
+            self._stream.flush()
+        except (OSError, ValueError) as exc:
+            self._fail(exc)
+
+    def close(self) -> None:
+        """Flush; close the file if it was opened for this run (never stdout).
+        An error here is reported once, like a write's."""
+        try:
+            if self.error is None:
+                self.flush()
+        finally:
+            if self._owned:
+                with contextlib.suppress(OSError, ValueError):
+                    self._stream.close()
+
+
+def open_serial(serial: str, where: str, inputs: dict[str, Path]) -> ConsoleOutput | None:
+    """The console output ``serial`` names ("stdio", "none" or a file), opened
+    without blocking: a FIFO without a reader is an error, never a wait.
+
+    :param where: the option or machine-file field, for messages.
+    :param inputs: files the run reads (kernel, initrd, machine file), by their
+        option: the console must not overwrite one of them.
+    :raises ConfigError: naming ``where``.
+    """
+    if serial == "none":
+        return None
+    if serial == "stdio":
+        return ConsoleOutput(sys.stdout.buffer, where, "stdout", owned=False)
+    try:
+        info: os.stat_result | None = os.stat(serial)
+    except FileNotFoundError:
+        info = None
+    except OSError as exc:
+        raise ConfigError(f"{where}: {serial}: cannot look it up: {exc.strerror or exc}") from None
+    if info is not None:
+        if stat.S_ISDIR(info.st_mode) or stat.S_ISBLK(info.st_mode) or stat.S_ISSOCK(info.st_mode):
+            from pyvmm.config import file_kind
+
+            raise ConfigError(
+                f"{where}: {serial} is {file_kind(info.st_mode)}; the console goes to a regular file, "
+                "a terminal, a FIFO or a device such as /dev/null"
+            )
+        for option, path in inputs.items():
+            with contextlib.suppress(OSError):
+                if os.path.samefile(serial, path):
+                    raise ConfigError(
+                        f"{where}: {serial} is the {option} file; writing the console there would overwrite it"
+                    )
+    flags = os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NONBLOCK | getattr(os, "O_NOCTTY", 0)
+    try:
+        fd = os.open(serial, flags | getattr(os, "O_CLOEXEC", 0), 0o666)
+    except OSError as exc:
+        if info is not None and stat.S_ISFIFO(info.st_mode) and exc.errno == 6:  # ENXIO
+            raise ConfigError(f"{where}: {serial} is a FIFO with no reader (start the reader first)") from None
+        raise ConfigError(f"{where}: cannot open {serial} for writing: {exc.strerror or exc}") from None
+    # Opened without blocking (a FIFO's open waits for a reader otherwise); writes
+    # block as they would to a pipe or terminal on stdout.
+    os.set_blocking(fd, True)
+    return ConsoleOutput(os.fdopen(fd, "wb"), where, serial, owned=True)
+
+
+class _LoadTimeout(BaseException):
+    """--timeout ran out before the guest started.  A BaseException, as
+    KeyboardInterrupt is: no ``except Exception`` on the way may swallow it."""
+
+
+class _Signals:
+    """SIGALRM for the --timeout deadline, SIGINT for Ctrl-C, while the machine is
+    built and the kernel loaded (the machine handles Ctrl-C itself while it runs).
+
+    The deadline starts before the machine is built, so --timeout bounds loading
+    too.  Before the machine exists, the alarm raises :class:`_LoadTimeout`;
+    once it exists, it stops the machine with status 124.  The first Ctrl-C
+    raises KeyboardInterrupt; another one while pyvmm cleans up is ignored, so
+    the clean-up finishes.  Signals can only be handled on the main thread:
+    elsewhere, the machine's own timeout (which starts when the guest does) is
+    all there is.
+    """
+
+    def __init__(self, timeout: float | None) -> None:
+        self.timeout = timeout
+        self.machine: Machine | None = None
+        self.interrupted = False
+        self.active = threading.current_thread() is threading.main_thread()
+        self._restore: list[Callable[[], object]] = []
+
+    def __enter__(self) -> _Signals:
+        if not self.active:
+            return self
+        previous_int = signal.signal(signal.SIGINT, self._on_sigint)
+        self._restore.append(lambda: signal.signal(signal.SIGINT, previous_int))
+        if self.timeout is not None:
+            previous_alarm = signal.signal(signal.SIGALRM, self._on_alarm)
+            self._restore.append(lambda: signal.signal(signal.SIGALRM, previous_alarm))
+            signal.setitimer(signal.ITIMER_REAL, self.timeout)
+            self._restore.append(lambda: signal.setitimer(signal.ITIMER_REAL, 0))
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.disarm()
+        while self._restore:
+            self._restore.pop()()
+
+    def disarm(self) -> None:
+        """Stop the deadline (the run is over: a late alarm must not be taken for
+        a timeout while loading)."""
+        self.machine = None
+        if self.active and self.timeout is not None:
+            signal.setitimer(signal.ITIMER_REAL, 0)
+
+    def _on_sigint(self, signum: int, frame: FrameType | None) -> None:
+        if self.interrupted:
+            return
+        self.interrupted = True
+        raise KeyboardInterrupt
+
+    def _on_alarm(self, signum: int, frame: FrameType | None) -> None:
+        if self.machine is None:
+            raise _LoadTimeout
+        from pyvmm.machine.outcome import STATUS_TIMEOUT, StopReason
+
+        self.machine.request_stop(StopReason.TIMEOUT, STATUS_TIMEOUT, f"timeout after {self.timeout:g} s")
+
+
+def _named(exc: ConfigError, config: MachineConfig, file: Path | None, given: dict[str, Any]) -> ConfigError:
+    """An image or file error from the loader, prefixed with the option (or
+    machine-file field) that named the file."""
+    from pyvmm.machine.config import where_from
+
+    path = getattr(exc, "path", None)
+    for field in ("kernel", "initrd"):
+        value = getattr(config, field)
+        if path is not None and value is not None and str(value) == path:
+            return ConfigError(f"{where_from(field, file, given, OPTION_NAMES)}: {exc}")
+    return exc
+
+
 def cmd_run(args: argparse.Namespace) -> int:
-    from pyvmm.machine.config import build_config
+    from pyvmm.machine.outcome import STATUS_INTERRUPTED, STATUS_TIMEOUT
+
+    _log_to_stderr()
+    started = time.monotonic()
+    try:
+        return _run(args)
+    except KeyboardInterrupt:
+        # The machine turns Ctrl-C into a result while the guest runs: this one
+        # came while the machine was built or torn down.
+        print("pyvmm: interrupted: interrupted (Ctrl-C)", file=sys.stderr)
+        return STATUS_INTERRUPTED
+    except _LoadTimeout:
+        print(
+            f"pyvmm: timeout: timeout after {time.monotonic() - started:.3g} s, before the guest started "
+            "(building the machine and loading the kernel)",
+            file=sys.stderr,
+        )
+        return STATUS_TIMEOUT
+
+
+def _run(args: argparse.Namespace) -> int:
+    from pyvmm.machine.config import build_config, check_input_files
+    from pyvmm.machine.loaders import ImageError
     from pyvmm.machine.machine import Machine
     from pyvmm.machine.outcome import StopReason
 
-    _log_to_stderr()
     overrides = {field: getattr(args, field) for field in OPTION_NAMES}
-    config = build_config(args.config, overrides, option_names=OPTION_NAMES)
-    sys.stdout.flush()
-    with Machine(config) as machine:
-        result = machine.run()
+    given = {key: value for key, value in overrides.items() if value is not None}
+    try:
+        config = build_config(args.config, overrides, option_names=OPTION_NAMES)
+    except ConfigError as exc:
+        if args.config is not None and str(exc).startswith(f"{args.config}: cannot read"):
+            raise ConfigError(f"{CONFIG_OPTION}: {exc}") from None
+        raise
+    check_input_files(config, args.config, given, option_names=OPTION_NAMES)
+    inputs = {OPTION_NAMES[field]: getattr(config, field) for field in ("kernel", "initrd") if getattr(config, field)}
+    if args.config is not None:
+        inputs[CONFIG_OPTION] = args.config
+    with _Signals(config.timeout) as signals:
+        # The option names it, unless the machine file does (the default, stdio, is the option's).
+        from_file = "serial" not in given and args.config is not None and config.serial != "stdio"
+        serial_where = f"{args.config}: serial" if from_file else OPTION_NAMES["serial"]
+        console = open_serial(config.serial, serial_where, inputs)
+        try:
+            sys.stdout.flush()
+            try:
+                machine = Machine(config, serial_output=cast(BinaryIO, console) if console is not None else None)
+            except ImageError as exc:
+                raise _named(exc, config, args.config, given) from None
+            with machine:
+                signals.machine = machine
+                try:
+                    result = machine.run()
+                finally:
+                    signals.disarm()
+        finally:
+            if console is not None:
+                console.close()
     if result.reason not in (StopReason.DEBUG_EXIT, StopReason.POWEROFF):
         print(f"pyvmm: {result.reason.value}: {result.detail}", file=sys.stderr)
     if result.stats is not None:

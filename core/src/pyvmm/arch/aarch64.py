@@ -9,6 +9,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from pyvmm.errors import ConfigError
+
 REG_ARM64 = 0x6000000000000000
 REG_SIZE_U64 = 0x0030000000000000
 REG_SIZE_U128 = 0x0040000000000000
@@ -28,8 +30,9 @@ def core_reg_id(word_offset: int, size: int = REG_SIZE_U64) -> int:
 
 def x_reg_id(n: int) -> int:
     """Id of general register Xn (0..30)."""
-    if not 0 <= n <= 30:
-        raise ValueError(f"X{n} does not exist (X0..X30)")
+    if isinstance(n, bool) or not isinstance(n, int) or not 0 <= n <= 30:
+        # ConfigError is a ValueError: callers that caught ValueError still do.
+        raise ConfigError(f"X{n} does not exist (X0..X30)")
     return core_reg_id(2 * n)
 
 
@@ -59,3 +62,19 @@ class CoreRegs:
     sp: int = 0
     pc: int = 0
     pstate: int = PSTATE_EL1H_DAIF
+
+    def __post_init__(self) -> None:
+        self.check()
+
+    def check(self) -> None:
+        """:class:`ConfigError` unless there are 31 X registers and every value fits
+        in 64 bits (fields are mutable: backends call this before setting them)."""
+        if not isinstance(self.x, (list, tuple)) or len(self.x) != 31:
+            raise ConfigError("CoreRegs.x: must be a list of 31 registers (X0..X30)")
+        values = [(f"x[{n}]", value) for n, value in enumerate(self.x)]
+        values += [("sp", self.sp), ("pc", self.pc), ("pstate", self.pstate)]
+        for name, value in values:
+            if not isinstance(value, int) or not 0 <= value < 1 << 64:
+                raise ConfigError(
+                    f"CoreRegs.{name}: {value!r} is out of range: must be an integer from 0 to {(1 << 64) - 1:#x}"
+                )

@@ -3,6 +3,12 @@
 Slotted dataclasses, not pydantic: they are built and read on the vCPU path.
 Field names follow the KVM uapi (``struct kvm_regs`` etc.), which is what the
 other x86 hypervisors' register sets map onto as well.
+
+Every integer field has the width of its uapi field.  A record checks its fields
+when it is built, and :meth:`check` checks them again (fields are mutable): a
+value that does not fit (``Regs(rip=-1)``, a 2**64 base) raises
+:class:`~pyvmm.errors.ConfigError` naming the field and its range, instead of an
+``OverflowError`` from a backend's struct or a silent wrap.
 """
 
 from __future__ import annotations
@@ -10,11 +16,37 @@ from __future__ import annotations
 import enum
 from dataclasses import dataclass, field
 
+from pyvmm.errors import ConfigError
+
 GPR_NAMES = (
     "rax", "rbx", "rcx", "rdx", "rsi", "rdi", "rsp", "rbp",
     "r8", "r9", "r10", "r11", "r12", "r13", "r14", "r15",
     "rip", "rflags",
 )  # fmt: skip
+
+
+def _fail(record: object, name: str, value: object, bits: int) -> ConfigError:
+    return ConfigError(
+        f"{type(record).__name__}.{name}: {value!r} is out of range: must be an integer from 0 to {(1 << bits) - 1:#x}"
+    )
+
+
+def check_fields(record: object, widths: tuple[tuple[str, int], ...]) -> None:
+    """Raise :class:`ConfigError` unless each ``(name, bits)`` field of ``record`` is
+    an integer that fits in ``bits`` unsigned bits (a bool counts as 0 or 1)."""
+    for name, bits in widths:
+        value = getattr(record, name)
+        if value.__class__ is not int and not isinstance(value, int):
+            raise _fail(record, name, value, bits)
+        if not 0 <= value < 1 << bits:
+            raise _fail(record, name, value, bits)
+
+
+def check_bytes(record: object, name: str, value: object, size: int) -> None:
+    """``value`` is ``size`` bytes (a register image)."""
+    if not isinstance(value, (bytes, bytearray, memoryview)) or len(value) != size:
+        shown = f"{len(value)} bytes" if isinstance(value, (bytes, bytearray, memoryview)) else repr(value)
+        raise ConfigError(f"{type(record).__name__}.{name}: must be {size} bytes, not {shown}")
 
 
 @dataclass(slots=True)
@@ -40,6 +72,13 @@ class Regs:
     rip: int = 0xFFF0
     rflags: int = 0x2
 
+    def __post_init__(self) -> None:
+        check_fields(self, _GPR_WIDTHS)
+
+    def check(self) -> None:
+        """:class:`ConfigError` unless every register fits in 64 bits."""
+        check_fields(self, _GPR_WIDTHS)
+
 
 @dataclass(slots=True)
 class Segment:
@@ -56,11 +95,23 @@ class Segment:
     avl: int = 0
     unusable: int = 0
 
+    def __post_init__(self) -> None:
+        check_fields(self, _SEGMENT_WIDTHS)
+
+    def check(self) -> None:
+        check_fields(self, _SEGMENT_WIDTHS)
+
 
 @dataclass(slots=True)
 class DescriptorTable:
     base: int = 0
     limit: int = 0xFFFF
+
+    def __post_init__(self) -> None:
+        check_fields(self, _DTABLE_WIDTHS)
+
+    def check(self) -> None:
+        check_fields(self, _DTABLE_WIDTHS)
 
 
 def _code_reset() -> Segment:
@@ -93,6 +144,23 @@ class Sregs:
     efer: int = 0
     apic_base: int = 0xFEE00900
 
+    def __post_init__(self) -> None:
+        self.check()
+
+    def check(self) -> None:
+        """Every segment, descriptor table and control register (64 bits each)."""
+        for name in _SEGMENT_NAMES:
+            segment = getattr(self, name)
+            if not isinstance(segment, Segment):
+                raise ConfigError(f"Sregs.{name}: must be a Segment, not {type(segment).__name__}")
+            segment.check()
+        for name in ("gdt", "idt"):
+            table = getattr(self, name)
+            if not isinstance(table, DescriptorTable):
+                raise ConfigError(f"Sregs.{name}: must be a DescriptorTable, not {type(table).__name__}")
+            table.check()
+        check_fields(self, _CONTROL_WIDTHS)
+
 
 @dataclass(slots=True)
 class Fpu:
@@ -108,6 +176,18 @@ class Fpu:
     xmm: list[bytes] = field(default_factory=lambda: [bytes(16)] * 16)
     mxcsr: int = 0x1F80
 
+    def __post_init__(self) -> None:
+        self.check()
+
+    def check(self) -> None:
+        check_fields(self, _FPU_WIDTHS)
+        for name, count in (("fpr", 8), ("xmm", 16)):
+            registers = getattr(self, name)
+            if not isinstance(registers, (list, tuple)) or len(registers) != count:
+                raise ConfigError(f"Fpu.{name}: must be a list of {count} 16-byte registers")
+            for index, value in enumerate(registers):
+                check_bytes(self, f"{name}[{index}]", value, 16)
+
 
 @dataclass(slots=True)
 class DebugRegs:
@@ -115,11 +195,28 @@ class DebugRegs:
     dr6: int = 0xFFFF0FF0
     dr7: int = 0x400
 
+    def __post_init__(self) -> None:
+        self.check()
+
+    def check(self) -> None:
+        if not isinstance(self.db, (tuple, list)) or len(self.db) != 4:
+            raise ConfigError("DebugRegs.db: must be 4 breakpoint addresses (DR0..DR3)")
+        for index, value in enumerate(self.db):
+            if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value < 1 << 64:
+                raise _fail(self, f"db[{index}]", value, 64)
+        check_fields(self, (("dr6", 64), ("dr7", 64)))
+
 
 @dataclass(slots=True)
 class MsrEntry:
     index: int
     data: int = 0
+
+    def __post_init__(self) -> None:
+        check_fields(self, _MSR_WIDTHS)
+
+    def check(self) -> None:
+        check_fields(self, _MSR_WIDTHS)
 
 
 @dataclass(slots=True)
@@ -134,11 +231,23 @@ class CpuidEntry:
     ecx: int = 0
     edx: int = 0
 
+    def __post_init__(self) -> None:
+        check_fields(self, _CPUID_WIDTHS)
+
+    def check(self) -> None:
+        check_fields(self, _CPUID_WIDTHS)
+
 
 @dataclass(slots=True)
 class Xcr:
     index: int
     value: int
+
+    def __post_init__(self) -> None:
+        check_fields(self, _XCR_WIDTHS)
+
+    def check(self) -> None:
+        check_fields(self, _XCR_WIDTHS)
 
 
 class MpState(enum.IntEnum):
@@ -157,6 +266,34 @@ class Lapic:
 
     regs: bytes = bytes(1024)
 
+    def __post_init__(self) -> None:
+        self.check()
+
+    def check(self) -> None:
+        check_bytes(self, "regs", self.regs, 1024)
+
+
+# Field widths, from the KVM uapi structs (arch/x86/include/uapi/asm/kvm.h).
+_GPR_WIDTHS = tuple((name, 64) for name in GPR_NAMES)
+_SEGMENT_WIDTHS = (
+    ("base", 64), ("limit", 32), ("selector", 16), ("type", 8), ("present", 8), ("dpl", 8),
+    ("db", 8), ("s", 8), ("l", 8), ("g", 8), ("avl", 8), ("unusable", 8),
+)  # fmt: skip
+_DTABLE_WIDTHS = (("base", 64), ("limit", 16))
+_SEGMENT_NAMES = ("cs", "ds", "es", "fs", "gs", "ss", "tr", "ldt")
+_CONTROL_WIDTHS = tuple((name, 64) for name in ("cr0", "cr2", "cr3", "cr4", "cr8", "efer", "apic_base"))
+_FPU_WIDTHS = (
+    ("fcw", 16),
+    ("fsw", 16),
+    ("ftwx", 8),
+    ("last_opcode", 16),
+    ("last_ip", 64),
+    ("last_dp", 64),
+    ("mxcsr", 32),
+)
+_MSR_WIDTHS = (("index", 32), ("data", 64))
+_CPUID_WIDTHS = tuple((name, 32) for name in ("function", "index", "flags", "eax", "ebx", "ecx", "edx"))
+_XCR_WIDTHS = (("index", 32), ("value", 64))
 
 # Control-register and EFER bits used by the boot-state builders.
 CR0_PE = 1 << 0

@@ -18,17 +18,39 @@ level, plus CPUID overrides::
 
 A command-line option overrides the file's value.  Every error names the field
 and where the value came from (the file, or the option).
+
+Values are strict: ``cpus = true`` or ``timeout = "5"`` is an error, not 1 or 5.
+Files are checked before anything reads them (:func:`check_input_files`): the
+machine file, kernel and initrd must be regular files, the machine file at most
+:data:`~pyvmm.config.MAX_MACHINE_FILE_SIZE` bytes, a kernel or initrd no larger
+than the guest RAM.  A FIFO or device is refused, never opened for reading.
 """
 
 from __future__ import annotations
 
+import os
 import sys
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from pyvmm.config import PAGE_SIZE, Arch, ByteSize
+from pyvmm.config import (
+    MAX_GUEST_PHYS,
+    MAX_MACHINE_FILE_SIZE,
+    MAX_PROBLEMS,
+    PAGE_SIZE,
+    U32_MAX,
+    Arch,
+    ByteSize,
+    InputFileError,
+    StrictBool,
+    check_input_file,
+    error_text,
+    float_range,
+    int_range,
+    read_input_file,
+)
 from pyvmm.errors import ConfigError
 from pyvmm.machine.layout import MIN_RAM
 
@@ -41,6 +63,41 @@ DEFAULT_MEMORY = 128 << 20
 #: xAPIC ids are 8 bits and 0xff is the broadcast id.
 MAX_CPUS = 254
 MAX_MEMORY = 1 << 40
+#: The longest --timeout: about 31 years (the run's timers take no more than
+#: threading.TIMEOUT_MAX, and a longer wait is "no timeout": leave it out).
+MAX_TIMEOUT = 1e9
+
+
+def _no_nul(value: Any) -> Any:
+    # A NUL cannot be in a file name or a C string: open() would raise ValueError.
+    if isinstance(value, str) and "\0" in value:
+        raise ValueError("must not contain a NUL character")
+    return value
+
+
+def _kernel_text(value: Any) -> Any:
+    """The command line goes to the guest as UTF-8 bytes: a non-UTF-8 argument
+    (which Python hands over as lone surrogates) cannot be encoded."""
+    if isinstance(value, str):
+        if "\0" in value:
+            raise ValueError("must not contain a NUL character")
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError as exc:
+            bad = value[exc.start].encode("utf-8", "surrogateescape")
+            raise ValueError(
+                f"is not valid UTF-8 (byte {bad[0]:#04x} at character {exc.start}); the command line must be UTF-8"
+            ) from None
+    return value
+
+
+NoNul = BeforeValidator(_no_nul)
+
+
+def _optional_bool(value: Any) -> Any:
+    if value is None or isinstance(value, bool):
+        return value
+    raise ValueError(f"must be true or false, not {value!r}"[:80])
 
 
 class CpuidOverride(BaseModel):
@@ -54,11 +111,11 @@ class CpuidOverride(BaseModel):
     # "register" would shadow BaseModel.register (from ABCMeta): keep it as the alias.
     model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
 
-    function: int = Field(ge=0, le=0xFFFF_FFFF)
-    index: int = Field(default=0, ge=0, le=0xFFFF_FFFF)
+    function: Annotated[int, int_range(0, U32_MAX)]
+    index: Annotated[int, int_range(0, U32_MAX)] = 0
     reg: Literal["eax", "ebx", "ecx", "edx"] = Field(alias="register")
-    value: int | None = Field(default=None, ge=0, le=0xFFFF_FFFF)
-    mask: int | None = Field(default=None, ge=0, le=0xFFFF_FFFF)
+    value: Annotated[int | None, int_range(0, U32_MAX, optional=True)] = None
+    mask: Annotated[int | None, int_range(0, U32_MAX, optional=True)] = None
 
     @model_validator(mode="after")
     def _value_or_mask(self) -> CpuidOverride:
@@ -80,21 +137,33 @@ class MachineConfig(BaseModel):
     arch: Arch | None = Field(
         default=None, description="guest architecture; default: the backend's only one if it has one, else x86_64"
     )
-    kernel: Path | None = Field(default=None, description="guest kernel; none runs the bundled demo guest")
-    initrd: Path | None = None
-    load_address: int | None = Field(
-        default=None, ge=0, description="load a flat binary kernel here and enter it there (x86_64: in long mode)"
+    kernel: Annotated[Path | None, NoNul] = Field(
+        default=None, description="guest kernel; none runs the bundled demo guest"
     )
-    append: str = Field(default="", description="kernel command line")
+    initrd: Annotated[Path | None, NoNul] = None
+    load_address: Annotated[int | None, int_range(0, MAX_GUEST_PHYS - 1, optional=True)] = Field(
+        default=None, description="load a flat binary kernel here and enter it there (x86_64: in long mode)"
+    )
+    append: Annotated[str, BeforeValidator(_kernel_text)] = Field(default="", description="kernel command line")
     memory: ByteSize = Field(default=DEFAULT_MEMORY, description="guest RAM in bytes, or '128M'-style")
-    cpus: int = Field(default=1, ge=1, le=MAX_CPUS)
-    backend: str | None = Field(default=None, description="backend name; default: $PYVMM_BACKEND, else the best")
-    timeout: float | None = Field(default=None, gt=0, description="seconds before the run is stopped (status 124)")
-    serial: str = Field(default="stdio", min_length=1, description="'stdio', 'none', or a file for COM1's output")
-    stats: bool = False
-    irqchip: bool = Field(default=True, description="use the hypervisor's interrupt controllers and PIT if it has them")
-    testdev: bool = Field(default=False, description="x86_64: add QEMU's pc-testdev (kvm-unit-tests use it)")
-    legacy_bios: bool | None = Field(
+    cpus: Annotated[int, int_range(1, MAX_CPUS)] = 1
+    backend: Annotated[str | None, NoNul] = Field(
+        default=None, description="backend name; default: $PYVMM_BACKEND, else the best"
+    )
+    timeout: Annotated[float | None, float_range(0, MAX_TIMEOUT, optional=True)] = Field(
+        default=None, description="seconds before the run is stopped (status 124); covers loading the kernel too"
+    )
+    serial: Annotated[str, NoNul] = Field(
+        default="stdio", min_length=1, description="'stdio', 'none', or a file for COM1's output"
+    )
+    stats: Annotated[bool, StrictBool] = False
+    irqchip: Annotated[bool, StrictBool] = Field(
+        default=True, description="use the hypervisor's interrupt controllers and PIT if it has them"
+    )
+    testdev: Annotated[bool, StrictBool] = Field(
+        default=False, description="x86_64: add QEMU's pc-testdev (kvm-unit-tests use it)"
+    )
+    legacy_bios: Annotated[bool | None, BeforeValidator(_optional_bool)] = Field(
         default=None,
         description="x86_64: leave the PC as a BIOS would (8259s, PIT, vector table, ACPI, S3 resume); "
         "default: for Multiboot kernels only",
@@ -122,15 +191,25 @@ class MachineConfig(BaseModel):
 
 
 def read_machine_file(path: Path) -> dict[str, Any]:
-    """The settings of a TOML machine file, with relative paths made relative to it."""
+    """The settings of a TOML machine file, with relative paths made relative to it.
+
+    :raises ConfigError: the file is missing, not a regular file (a FIFO is not
+        waited on), over :data:`~pyvmm.config.MAX_MACHINE_FILE_SIZE`, not UTF-8
+        or not TOML.
+    """
     try:
-        raw = path.read_bytes()
-    except OSError as exc:
-        raise ConfigError(f"{path}: cannot read the machine file: {exc.strerror or exc}") from exc
+        raw = read_input_file(
+            path, what="machine file", limit=MAX_MACHINE_FILE_SIZE, why="a machine file may have at most {limit}"
+        )
+    except InputFileError as exc:
+        raise ConfigError(f"{path}: cannot read the machine file: it {exc.reason.removeprefix('file ')}") from None
     try:
         data: dict[str, Any] = tomllib.loads(raw.decode("utf-8"))
     except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
         raise ConfigError(f"{path}: not a valid TOML machine file: {exc}") from exc
+    except RecursionError:
+        # tomllib parses nested arrays and inline tables recursively.
+        raise ConfigError(f"{path}: not a valid TOML machine file: nested too deeply") from None
     for key in ("kernel", "initrd"):
         value = data.get(key)
         if isinstance(value, str) and value and not Path(value).is_absolute():
@@ -157,14 +236,50 @@ def build_config(
         return MachineConfig.model_validate(settings)
     except ValidationError as exc:
         raise ConfigError(_describe(exc, file, given, option_names or {})) from exc
+    except RecursionError:
+        # A machine file nested deeper than pydantic recurses (the TOML parser took it).
+        where = f"{file}: " if file is not None else ""
+        raise ConfigError(f"invalid machine configuration: {where}values nested too deeply") from None
+
+
+def where_from(field: str, file: Path | None, given: dict[str, Any], option_names: dict[str, str]) -> str:
+    """Where ``field``'s value came from, as messages name it: ``--kernel`` (an
+    option), ``machine.toml: kernel`` (the file) or ``kernel`` (neither)."""
+    if field in given:
+        return option_names.get(field, field)
+    return f"{file}: {field}" if file is not None else field
+
+
+def check_input_files(
+    config: MachineConfig,
+    file: Path | None = None,
+    given: dict[str, Any] | None = None,
+    *,
+    option_names: dict[str, str] | None = None,
+) -> None:
+    """Check the kernel and initrd files before anything reads them: each must be
+    a regular file (not a FIFO, device or directory) no larger than the guest RAM.
+    A file that does not exist (yet) is left to the loader, which reports it.
+
+    :raises ConfigError: naming the option or machine-file field and the file.
+    """
+    for field in ("kernel", "initrd"):
+        path = getattr(config, field)
+        if path is None or not os.path.lexists(path):
+            continue
+        try:
+            check_input_file(path, what=field, limit=config.memory, why="it does not fit in guest RAM ({limit})")
+        except InputFileError as exc:
+            raise ConfigError(f"{where_from(field, file, given or {}, option_names or {})}: {exc}") from None
 
 
 def _describe(error: ValidationError, file: Path | None, given: dict[str, Any], option_names: dict[str, str]) -> str:
     problems = []
     in_file = f"{file}: " if file is not None else ""
-    for item in error.errors():
+    items = error.errors()
+    for item in items[:MAX_PROBLEMS]:
         loc = [str(part) for part in item["loc"]]
-        message = item["msg"].removeprefix("Value error, ")
+        message = error_text(item)
         if not loc:
             # Checks across fields name their fields in the message.
             problems.append(f"{in_file}{message}")
@@ -172,4 +287,6 @@ def _describe(error: ValidationError, file: Path | None, given: dict[str, Any], 
             problems.append(f"{option_names.get(loc[0], loc[0])}: {message}")
         else:
             problems.append(f"{in_file}{'.'.join(loc)}: {message}")
+    if len(items) > MAX_PROBLEMS:
+        problems.append(f"and {len(items) - MAX_PROBLEMS} more")
     return "invalid machine configuration: " + "; ".join(problems)

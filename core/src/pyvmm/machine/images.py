@@ -14,9 +14,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Protocol
 
+from pydantic import ValidationError
+
 from pyvmm.arch.x86_64_boot import BOOT_TABLE_PAGES
 from pyvmm.boot import BootSpec, X86Mode
-from pyvmm.config import PAGE_SIZE, Arch
+from pyvmm.config import PAGE_SIZE, Arch, validation_message
 from pyvmm.errors import ConfigError
 from pyvmm.memory import GuestMemory
 
@@ -63,6 +65,18 @@ class GuestImage:
 
     def load(self, memory: GuestMemory, *, ram_size: int, cpus: int) -> BootSpec:
         tables = range(BOOT_TABLES, BOOT_TABLES + BOOT_TABLE_PAGES * PAGE_SIZE)
+        try:
+            # Built first: a bad entry, stack or register is refused before a byte is written.
+            boot = BootSpec(
+                arch=Arch.X86_64,
+                entry=self.entry,
+                x86_mode=self.mode,
+                stack=self.stack,
+                registers=dict(self.registers),
+                boot_tables=BOOT_TABLES,
+            )
+        except ValidationError as exc:
+            raise ConfigError(f"{self.name}: cannot start it: {validation_message(exc)}") from None
         for address, data in self.segments:
             end = address + len(data)
             if not memory.contains(address, len(data)):
@@ -74,15 +88,10 @@ class GuestImage:
                     f"{self.name}: bytes at {address:#x}..{end:#x} overlap the boot tables at "
                     f"{tables.start:#x}..{tables.stop:#x}"
                 )
+        # Every segment is checked before the first is written.
+        for address, data in self.segments:
             memory.write(address, data)
-        return BootSpec(
-            arch=Arch.X86_64,
-            entry=self.entry,
-            x86_mode=self.mode,
-            stack=self.stack,
-            registers=dict(self.registers),
-            boot_tables=BOOT_TABLES,
-        )
+        return boot
 
 
 @dataclass(frozen=True)

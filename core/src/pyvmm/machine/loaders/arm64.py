@@ -15,10 +15,11 @@ Placement in RAM (one range, starting 2 MiB-aligned):
   its bss and early page tables);
 * the device tree: at the start of the last 2 MiB-aligned 2 MiB window of RAM,
   the window reserved whole.  The blob may not exceed 2 MiB, may not share a
-  2 MiB block with memory mapped otherwise, and Gunyah needs it in the region of
-  the payload (crosvm's ``init_arch`` checks the same), which one RAM range gives.
-  The boot spec's ``fdt_size`` is the window: room the hypervisor may extend the
-  tree into (Gunyah's resource manager adds an overlay).
+  2 MiB block with memory mapped otherwise, and a hypervisor that owns the boot
+  context may need it in the region of the payload (crosvm's ``init_arch``
+  checks the same), which one RAM range gives.  The boot spec's ``fdt_size`` is
+  the window: room the hypervisor may extend the tree into (a resource manager
+  may add an overlay).
 
 As with the x86 loaders, everything is checked before a byte is written; a
 problem raises :class:`ImageError` naming the file.
@@ -46,6 +47,7 @@ from pyvmm.machine.loaders.common import (
     finish,
     read_file,
     read_initrd,
+    utf8_cmdline,
 )
 from pyvmm.memory import GuestMemory
 
@@ -130,7 +132,7 @@ def load_arm64_kernel(
     """Load an arm64 ``Image`` (or, with ``load_address``, a flat binary) at
     ``path``, its initrd and the device tree ``device_tree`` builds."""
     path = Path(path)
-    data = read_file(path)
+    data = read_file(path, limit=max(ram_size, 0))
     if not data:
         raise ImageError(path, "kernel file is empty")
     return load_arm64_bytes(
@@ -159,6 +161,9 @@ def load_arm64_bytes(
     """:func:`load_arm64_kernel` for an image already in memory (``path`` names it
     in errors): the bundled demo guest, test programs."""
     path = Path(path)
+    if not data:
+        # Nothing to write means nothing checks that the entry lies in RAM.
+        raise ImageError(path, "the image is empty")
     ram = RamMap(memory, ram_size, 1, path)
     if len(ram.ranges) != 1:
         raise ImageError(path, f"the aarch64 loader needs guest RAM in one range, not {ram.describe()}")
@@ -168,7 +173,7 @@ def load_arm64_bytes(
     if header is None and load_address is None:
         what = "an ELF file" if data[:4] == b"\x7fELF" else "not an arm64 Image (no ARM\\x64 magic at 0x38)"
         raise ImageError(path, f"{what}; give load_address to load it as a flat binary")
-    raw_cmdline = cmdline.encode()
+    raw_cmdline = utf8_cmdline(path, cmdline)
     if b"\0" in raw_cmdline:
         raise ImageError(path, "the command line contains a NUL character")
     if len(raw_cmdline) > CMDLINE_MAX:
@@ -200,7 +205,7 @@ def load_arm64_bytes(
 
     initrd_range: tuple[int, int] | None = None
     if initrd is not None:
-        initrd_data = read_initrd(path, Path(initrd))
+        initrd_data = read_initrd(path, Path(initrd), limit=ram.ram_size)
         # After the kernel, as bootloaders do; anywhere else in RAM if it does not fit there.
         start = layout.find(len(initrd_data), lo=align_up(kernel_end, PAGE_SIZE), hi=ram_end)
         if start is None:

@@ -185,7 +185,7 @@ def load_bzimage(request: Request) -> LoadedKernel:
     header = parse_setup_header(request)
     ram.require_low_memory("Linux")
     cmdline = encode_cmdline(path, request.cmdline, header.cmdline_size, f"Linux {header.describe_version()}")
-    initrd = read_initrd(path, request.initrd) if request.initrd is not None else None
+    initrd = read_initrd(path, request.initrd, limit=ram.ram_size) if request.initrd is not None else None
 
     kernel = memoryview(data)[header.kernel_offset :]
     footprint = max(kernel.nbytes, header.init_size)

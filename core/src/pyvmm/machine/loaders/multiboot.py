@@ -37,6 +37,7 @@ from pyvmm.machine.loaders.common import (
     align_up,
     boot_spec,
     encode_cmdline,
+    file_name_bytes,
     finish,
     read_initrd,
 )
@@ -95,7 +96,10 @@ def find_header(data: bytes) -> MultibootHeader | None:
 
 def program_name(request: Request) -> str:
     # argv is split on blanks, so a blank in the file name would shift every argument.
-    return re.sub(r"\s", "_", request.path.name) or "kernel"
+    # A file name that is not UTF-8 (lone surrogates here) would make the command
+    # line unencodable: its undecodable bytes become U+FFFD.
+    name = file_name_bytes(request.path).decode("utf-8", "replace")
+    return re.sub(r"\s", "_", name) or "kernel"
 
 
 def load_multiboot(request: Request, header: MultibootHeader) -> LoadedKernel:
@@ -120,8 +124,8 @@ def load_multiboot(request: Request, header: MultibootHeader) -> LoadedKernel:
 
     argv0 = program_name(request)
     cmdline = encode_cmdline(path, f"{argv0} {request.cmdline}" if request.cmdline else argv0, CMDLINE_MAX, "Multiboot")
-    initrd = read_initrd(path, request.initrd) if request.initrd is not None else None
-    module_name = (request.initrd.name.encode() + b"\0") if request.initrd is not None else b""
+    initrd = read_initrd(path, request.initrd, limit=ram.ram_size) if request.initrd is not None else None
+    module_name = (file_name_bytes(request.initrd) + b"\0") if request.initrd is not None else b""
     memory_map = ram.e820()
 
     mmap_offset = MBI_SIZE

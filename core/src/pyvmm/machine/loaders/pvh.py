@@ -27,6 +27,7 @@ from pyvmm.machine.loaders.common import (
     align_up,
     boot_spec,
     encode_cmdline,
+    file_name_bytes,
     finish,
     read_initrd,
 )
@@ -61,8 +62,8 @@ def load_pvh(request: Request, image: ElfImage, entry: int) -> LoadedKernel:
         raise ImageError(path, f"PVH entry point {entry:#x} is not inside any loadable segment")
     ram.require_low_memory("PVH")
     cmdline = encode_cmdline(path, request.cmdline, CMDLINE_MAX, "PVH")
-    initrd = read_initrd(path, request.initrd) if request.initrd is not None else None
-    module_name = (request.initrd.name.encode() + b"\0") if request.initrd is not None else b""
+    initrd = read_initrd(path, request.initrd, limit=ram.ram_size) if request.initrd is not None else None
+    module_name = (file_name_bytes(request.initrd) + b"\0") if request.initrd is not None else b""
     memory_map = ram.e820()
 
     layout = Layout(path, ram)
