@@ -233,3 +233,25 @@ def test_an_in_memory_image_with_a_bad_entry_writes_nothing() -> None:
         assert memory.read(0x10_0000, 1) == b"\0"  # the first segment was not written either
     finally:
         memory.close()
+
+
+def test_out_of_range_registers_are_refused_before_the_backend_sees_them(make_backend: MakeBackend) -> None:
+    """Issue 10: a mutated ``regs.rip = -1`` reached KVM and raised OverflowError."""
+    from pyvmm.arch.x86_64 import MsrEntry, Regs
+    from pyvmm.capabilities import Capability
+    from pyvmm.errors import ConfigError
+
+    test_backend, backend = make_backend([Capability.VCPU_REGISTERS, Capability.MSRS, Capability.GUEST_DEBUG])
+    with backend.create_vm() as vm:
+        vcpu = vm.create_vcpu()
+        regs = Regs()
+        regs.rip = -1
+        with pytest.raises(ConfigError, match="rip"):
+            vcpu.set_regs(regs)
+        entry = MsrEntry(0x10, 0)
+        entry.data = 1 << 64
+        with pytest.raises(ConfigError):
+            vcpu.set_msrs([entry])
+        with pytest.raises(ConfigError, match="breakpoints"):
+            vcpu.set_guest_debug(breakpoints=[-1])
+        assert not {"pyvmm_set_vcpu_state", "pyvmm_set_msrs", "pyvmm_set_guest_debug"} & test_backend.hook_names()

@@ -173,6 +173,17 @@ def _argnames(fn: Callable[..., Any]) -> tuple[str, ...]:
     return tuple(inspect.signature(fn).parameters)
 
 
+def _check_records(value: object) -> None:
+    """Run a register record's own range checks (``check()``), or each item's, so
+    an out-of-range value is a ConfigError naming the field before the backend
+    sees it (not an OverflowError from deep inside a struct conversion)."""
+    items = value if isinstance(value, (list, tuple)) else (value,)
+    for item in items:
+        check = getattr(item, "check", None)
+        if callable(check):
+            check()
+
+
 def _check_event(event: object) -> None:
     from pyvmm.host import Event
 
@@ -556,6 +567,7 @@ class Vcpu:
                 "set vCPU boot registers",
                 because="the hypervisor initialises the boot context",
             )
+        _check_records(boot)
         self._hooks.init_vcpu(self.handle, boot)
 
     def kick(self) -> None:
@@ -572,6 +584,7 @@ class Vcpu:
 
     def set_state(self, kind: StateKind, value: Any) -> None:
         self._on_thread("set_state")
+        _check_records(value)
         self._hooks.set_vcpu_state(self.handle, kind, value)
 
     def get_regs(self) -> Regs:
@@ -598,7 +611,9 @@ class Vcpu:
 
     def set_msrs(self, entries: list[MsrEntry]) -> None:
         self._on_thread("set_msrs")
-        self._hooks.set_msrs(self.handle, list(entries))
+        entries = list(entries)
+        _check_records(entries)
+        self._hooks.set_msrs(self.handle, entries)
 
     def set_cpuid(self, entries: list[CpuidEntry]) -> None:
         self._on_thread("set_cpuid")
@@ -609,13 +624,18 @@ class Vcpu:
                 "set a vCPU's CPUID",
                 because="CPUID is fixed at VM creation",
             )
-        self._hooks.set_cpuid(self.handle, list(entries))
+        entries = list(entries)
+        _check_records(entries)
+        self._hooks.set_cpuid(self.handle, entries)
 
     def set_guest_debug(self, single_step: bool = False, breakpoints: list[int] | None = None) -> None:
         self._on_thread("set_guest_debug")
         points = list(breakpoints or [])
         if len(points) > 4:
             raise ConfigError(f"at most 4 hardware breakpoints, {len(points)} given")
+        for point in points:
+            if isinstance(point, bool) or not isinstance(point, int) or not 0 <= point < 1 << 64:
+                raise ConfigError(f"breakpoints: {point!r} is not a guest address (an integer from 0 to 2**64-1)")
         self._hooks.set_guest_debug(self.handle, single_step, points)
 
     def close(self) -> None:

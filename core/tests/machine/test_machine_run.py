@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import io
 import logging
+import os
 import threading
+from pathlib import Path
 
 import pytest
 from coretests_support import MakeBackend, RecordingBackend, register
@@ -370,3 +372,15 @@ def test_systemexit_from_a_device_is_an_error_not_a_guest_result(pc: tuple[Recor
         with pytest.raises(RunAborted, match="SystemExit") as info:
             machine.run()
     assert isinstance(info.value.__cause__, SystemExit)
+
+
+def test_a_machine_never_waits_for_a_reader_of_its_console_fifo(
+    pc: tuple[RecordingBackend, Backend], tmp_path: Path
+) -> None:
+    """Issue 10: the API's Machine opened its serial file with a blocking open(),
+    which waits for ever on a FIFO nobody reads."""
+    fifo = tmp_path / "console"
+    os.mkfifo(fifo)
+    _, backend = pc
+    with pytest.raises(ConfigError, match="FIFO with no reader"):
+        build(backend, serial=str(fifo))

@@ -2,13 +2,18 @@
 
 from __future__ import annotations
 
+import errno
 import gc
 import os
 
 import pytest
 
+from pyvmm.backend import LibcDeviceSeam
 from pyvmm.errors import ConfigError, HypervisorError
 from pyvmm.vm import Backend
+from pyvmm_kvm import bindings as k
+from pyvmm_kvm.host import HOST
+from pyvmm_kvm.system import system
 
 
 def _fds() -> int:
@@ -38,14 +43,28 @@ def test_500_vms_leave_fds_and_mappings_unchanged(kvm: Backend) -> None:
     assert _mappings() == mappings
 
 
+class _RefusingTss(LibcDeviceSeam):
+    """The real calls, except that KVM_SET_TSS_ADDR fails as the kernel would."""
+
+    def ioctl(self, fd: int, request: int, arg: int) -> int:
+        if request == k.KVM_SET_TSS_ADDR:
+            return -errno.EINVAL
+        return super().ioctl(fd, request, arg)
+
+
 def test_vm_failing_half_way_leaves_nothing_open(kvm: Backend) -> None:
-    """KVM_CREATE_VM succeeds, KVM_SET_TSS_ADDR then refuses an address in the last
-    three pages below 4 GiB: the VM descriptor must be closed before the error."""
-    fds = _fds()
-    with pytest.raises(HypervisorError, match="KVM_SET_TSS_ADDR") as info:
-        kvm.create_vm({"arch": "x86_64", "backend_options": {"tss_address": 0xFFFFF000}})
-    assert info.value.errno == 22
-    assert _fds() == fds
+    """KVM_CREATE_VM succeeds, KVM_SET_TSS_ADDR then fails: the VM descriptor
+    must be closed before the error."""
+    with HOST.use(_RefusingTss()) as host:
+        kvm_system = system(host)
+        try:
+            fds = _fds()
+            with pytest.raises(HypervisorError, match="KVM_SET_TSS_ADDR") as info:
+                kvm.create_vm({"arch": "x86_64"})
+            assert info.value.errno == errno.EINVAL
+            assert _fds() == fds
+        finally:
+            kvm_system.close()
 
 
 def test_unknown_backend_option_refused_before_anything_opens(kvm: Backend) -> None:
@@ -85,3 +104,23 @@ def test_ioctl_errors_name_the_ioctl(kvm: Backend) -> None:
         with pytest.raises(HypervisorError, match="KVM_GET_MSRS") as info:
             vcpu.get_msrs([0xDEADBEEF])
         assert isinstance(info.value, OSError)
+
+
+@pytest.mark.parametrize(
+    ("options", "message"),
+    [
+        ({"tss_address": 1 << 64}, "tss_address"),
+        ({"tss_address": 0xFFFFE000}, "below 4 GiB"),  # its 3 pages would cross 4 GiB
+        ({"tss_address": 0x1234}, "page-aligned"),
+        ({"tss_address": True}, "integer address"),
+        ({"identity_map_address": "0x1000"}, "integer address"),
+    ],
+)
+def test_bad_tss_and_identity_addresses_are_config_errors(
+    kvm: Backend, options: dict[str, object], message: str
+) -> None:
+    """Issue 10: tss_address=1<<64 wrapped silently."""
+    before = _fds()
+    with pytest.raises(ConfigError, match=message):
+        kvm.create_vm({"arch": "x86_64", "backend_options": options})
+    assert _fds() == before

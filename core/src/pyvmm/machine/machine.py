@@ -19,8 +19,7 @@ the guest once.
 
 from __future__ import annotations
 
-import sys
-from typing import TYPE_CHECKING, BinaryIO
+from typing import TYPE_CHECKING, BinaryIO, cast
 
 from pyvmm.capabilities import Capability
 from pyvmm.config import Arch, VmConfig
@@ -28,6 +27,7 @@ from pyvmm.errors import ConfigError, VmStateError
 from pyvmm.machine.board import BoardParts
 from pyvmm.machine.bus import MmioBus, PortBus
 from pyvmm.machine.config import MachineConfig
+from pyvmm.machine.console import ConsoleOutput, open_serial
 from pyvmm.machine.images import Aarch64BootSource, BootSource
 from pyvmm.machine.legacy_firmware import LegacyFirmware
 from pyvmm.machine.outcome import RunResult, StopReason
@@ -94,7 +94,7 @@ class Machine:
         self.mmio = MmioBus()
         self._ran = False
         self._closed = False
-        self._serial_file: BinaryIO | None = None
+        self._serial_file: ConsoleOutput | None = None
         self.vm = self.backend.create_vm(VmConfig(arch=self.arch, vcpus=cfg.cpus))
         self._runner = Runner(self.vm, cfg, self.pio, self.mmio, irqchip=self.irqchip)
         parts = BoardParts(cfg, self.backend, self.vm, self.pio, self.mmio, self.irqchip, self._runner.events)
@@ -122,15 +122,12 @@ class Machine:
         return self._board.firmware if isinstance(self._board, PcBoard) else None
 
     def _open_serial(self, serial: str) -> BinaryIO | None:
-        if serial == "none":
-            return None
-        if serial == "stdio":
-            return sys.stdout.buffer
-        try:
-            self._serial_file = open(serial, "wb")  # noqa: SIM115 - closed in close()
-        except OSError as exc:
-            raise ConfigError(f"serial: cannot write {serial}: {exc.strerror or exc}") from exc
-        return self._serial_file
+        """The console output: opened without blocking, write errors reported once."""
+        console = open_serial(serial, "serial", {})
+        if console is not None and serial != "stdio":
+            self._serial_file = console
+        # A write-only stream as far as the UARTs are concerned.
+        return cast(BinaryIO, console)
 
     def run(self) -> RunResult:
         """Run the guest until it stops; return why and with which status.

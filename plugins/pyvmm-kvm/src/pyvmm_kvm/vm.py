@@ -48,8 +48,12 @@ class KvmVm:
         self.regions: dict[int, RamRegion] = {}
         self.vcpus: list[KvmVcpu] = []
         self.cpuid_mode = str(options.pop("cpuid", "host"))
-        tss = int(options.pop("tss_address", DEFAULT_TSS_ADDRESS))
-        identity = int(options.pop("identity_map_address", DEFAULT_IDENTITY_MAP_ADDRESS))
+        # KVM_SET_TSS_ADDR takes 3 pages and the identity map 1, both below 4 GiB
+        # (api.rst); anything else is refused here, not by the kernel.
+        tss = _address_option(options.pop("tss_address", DEFAULT_TSS_ADDRESS), "tss_address", 3 * PAGE_SIZE)
+        identity = _address_option(
+            options.pop("identity_map_address", DEFAULT_IDENTITY_MAP_ADDRESS), "identity_map_address", PAGE_SIZE
+        )
         if options:
             raise ConfigError(f"backend_options: unknown KVM option(s) {', '.join(sorted(options))}")
         if self.cpuid_mode not in ("host", "none"):
@@ -192,3 +196,13 @@ class KvmVm:
         if self.fd >= 0:
             self.host.close(self.fd)
             self.fd = -1
+
+
+def _address_option(value: object, name: str, size: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ConfigError(f"backend_options.{name}: must be an integer address, not {value!r}")
+    if value % PAGE_SIZE or not 0 <= value <= (1 << 32) - size:
+        raise ConfigError(
+            f"backend_options.{name}: {value:#x} must be page-aligned with its {size // PAGE_SIZE} page(s) below 4 GiB"
+        )
+    return value
