@@ -3,8 +3,6 @@ hook-contract version check, as discovery and ``pyvmm backends`` apply them."""
 
 from __future__ import annotations
 
-from pyvmm.contract import MIN_CONTRACT_VERSION
-
 import json
 import sys
 import uuid
@@ -16,6 +14,7 @@ import pytest
 
 import pyvmm
 from pyvmm import cli, plugins
+from pyvmm.contract import MIN_CONTRACT_VERSION
 from pyvmm.errors import BackendNotFound, ConfigError, PluginContractError
 from pyvmm.manifest import CONTRACT_VERSION
 from pyvmm.plugins import ENTRY_POINT_GROUP, PluginRegistry

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from pyvmm.contract import MIN_CONTRACT_VERSION
-
 import types
 from collections.abc import Callable, Iterator
 from typing import Any
@@ -13,6 +11,7 @@ from coretests_support import RecordingBackend, hookimpl_plugins, namespace_plug
 
 from pyvmm.capabilities import HOOKS_BY_CAPABILITY, Capability
 from pyvmm.config import Arch
+from pyvmm.contract import MIN_CONTRACT_VERSION
 from pyvmm.errors import PluginContractError
 from pyvmm.hookspecs import hookimpl
 from pyvmm.manifest import CONTRACT_VERSION, BackendManifest
