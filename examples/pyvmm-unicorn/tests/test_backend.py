@@ -16,8 +16,8 @@ from pyvmm_unicorn.plugin import plugin
 from pyvmm.arch.aarch64 import CoreRegs
 from pyvmm.boot import BootSpec
 from pyvmm.capabilities import Capability
-from pyvmm.contract import hooks_by_capability
 from pyvmm.config import Arch
+from pyvmm.contract import hooks_by_capability
 from pyvmm.errors import ConfigError, UnsupportedCapability
 from pyvmm.exits import DebugExit, ExitKind, InterruptedExit, MmioExit
 from pyvmm.plugins import ENTRY_POINT_GROUP

@@ -22,8 +22,8 @@ from typing import TYPE_CHECKING, Any
 from pyvmm.arch.x86_64 import CpuidEntry, MsrEntry, Regs, Sregs
 from pyvmm.boot import BootSpec, VcpuInit
 from pyvmm.capabilities import Capability
-from pyvmm.contract import INIT_VCPU_HOOK, hooks_by_capability
 from pyvmm.config import Arch, VmConfig
+from pyvmm.contract import INIT_VCPU_HOOK, hooks_by_capability
 from pyvmm.exits import HltExit, VcpuExit
 from pyvmm.hookspecs import hookimpl
 from pyvmm.manifest import CONTRACT_VERSION, Availability, BackendManifest
