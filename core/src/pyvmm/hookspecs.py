@@ -31,11 +31,13 @@ Conventions that apply to every hook:
   A backend implements exactly the optional hooks of the capabilities it
   declares; core calls none of them without the capability and raises
   :class:`pyvmm.errors.UnsupportedCapability` instead.
-* **Threads.** vCPU hooks are called on the thread that runs the vCPU (its
-  creator, unless another thread has taken it over by calling ``run``), except
-  ``pyvmm_kick_vcpu``, which may come from any thread, and
-  ``pyvmm_destroy_vcpu``, which comes from the thread that closes the VM after
-  the vCPU has left the hypervisor.
+* **Threads.** vCPU hooks are called on the thread that created the vCPU,
+  except three: ``pyvmm_run_vcpu`` may be called from another thread (one at a
+  time; the kick then follows the thread that runs it), ``pyvmm_kick_vcpu``
+  comes from any thread, and ``pyvmm_destroy_vcpu`` comes from the thread that
+  closes the VM, once the vCPU has left the hypervisor.  The backend kit's
+  :meth:`pyvmm.backend.SignalKicker.guard_run` implements the run and kick
+  rules; core enforces the creating-thread rule for the others.
 """
 
 # mypy: disable-error-code="empty-body"
