@@ -504,3 +504,15 @@ def test_an_interruption_rearms_the_kick_signal(handler: None) -> None:
     finish.set()
     worker.join(5)
     assert len(signals.sent) == 2, "the interruption re-armed the signal"
+
+
+def test_fast_ioctl_reports_the_errno_on_both_kinds_of_seam() -> None:
+    r, w = os.pipe()
+    os.close(r)
+    os.close(w)
+    call, errno_of = DeviceHost(LibcDeviceSeam(), NAMES).fast_ioctl()
+    result = call(w, 0xAE80, 0)
+    assert result < 0 and errno_of(result) == errno.EBADF
+    call, errno_of = DeviceHost(RecordingSeam(result=-errno.EINTR), NAMES).fast_ioctl()
+    result = call(3, 0xAE80, 0)
+    assert result < 0 and errno_of(result) == errno.EINTR

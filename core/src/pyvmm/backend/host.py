@@ -15,6 +15,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import mmap
+import operator
 import os
 import threading
 from collections.abc import Callable, Iterator, Mapping
@@ -75,6 +76,18 @@ class DeviceHost:
         if result < 0:
             raise HypervisorError(self.ioctl_name(request), -result, detail)
         return result
+
+    def fast_ioctl(self) -> tuple[Callable[[int, int, int], int], Callable[[int], int]]:
+        """``(ioctl, errno_of)`` for the per-exit path: ``ioctl(fd, request, arg)``
+        returns a negative value on failure, and ``errno_of(result)`` is then the
+        error number.  On the libc seam this is libc's own function, called with
+        no Python frame in between; on any other seam (a driver model) it is the
+        seam's ``ioctl``, whose negative result is ``-errno``."""
+        raw = getattr(self.seam, "raw_ioctl", None)
+        if callable(raw):
+            call, errno_of = raw()
+            return call, errno_of
+        return self.seam.ioctl, operator.neg
 
     def open_device(self, path: str) -> int:
         fd = self.seam.open(path, os.O_RDWR | os.O_CLOEXEC)

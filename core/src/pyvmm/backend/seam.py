@@ -31,6 +31,7 @@ import errno
 import mmap
 import os
 import signal
+from collections.abc import Callable
 from typing import Any, Protocol
 
 
@@ -102,6 +103,19 @@ class LibcDeviceSeam:
         libc = self._libc or self._load()
         result: int = libc.ioctl(fd, request, arg)
         return result if result >= 0 else -self._ffi.errno
+
+    def raw_ioctl(self) -> tuple[Callable[[int, int, int], int], Callable[[int], int]]:
+        """libc's ``ioctl`` itself (-1 on failure) and how to get the errno after a
+        failure: for the per-exit path, where this method's own Python frame
+        would cost a few percent of an exit.  cffi keeps the errno of the calling
+        thread's last call, so reading it after the failed call is exact."""
+        libc = self._libc or self._load()
+        ffi = self._ffi
+
+        def errno_after(result: int) -> int:
+            return int(ffi.errno)
+
+        return libc.ioctl, errno_after
 
     def mmap(self, fd: int, length: int, offset: int) -> mmap.mmap:
         return mmap.mmap(fd, length, flags=mmap.MAP_SHARED, prot=mmap.PROT_READ | mmap.PROT_WRITE, offset=offset)

@@ -62,7 +62,6 @@ _EXIT_MMIO = k.KVM_EXIT_MMIO
 _IO_OUT = k.KVM_EXIT_IO_OUT
 _HW_REASON = struct.Struct("<Q")
 _RUN_REQUEST = int(k.KVM_RUN)
-_EINTR, _EAGAIN = -errno.EINTR, -errno.EAGAIN
 
 _SYSTEM_EVENTS = {
     k.KVM_SYSTEM_EVENT_SHUTDOWN: SystemEvent.SHUTDOWN,
@@ -88,7 +87,7 @@ class KvmVcpu:
         self._view = self.page.view
         self._run = ffi.from_buffer(f"{_RUN} *", self._view)
         self.kicker = SignalKicker(self.page.request_immediate_exit, host.signal_thread, "KVM")
-        self._ioctl = host.seam.ioctl
+        self._ioctl, self._errno_of = host.fast_ioctl()
         # One exit object per kind, refilled on every run.
         self._io = IoExit()
         self._mmio = MmioExit()
@@ -117,10 +116,11 @@ class KvmVcpu:
             self._complete(pending)
         result = self._ioctl(self.fd, _RUN_REQUEST, 0)
         if result < 0:
-            if result in (_EINTR, _EAGAIN):
+            err = self._errno_of(result)
+            if err in (errno.EINTR, errno.EAGAIN):
                 self.page.clear_immediate_exit()
                 return self._interrupted
-            raise HypervisorError("KVM_RUN", -result)
+            raise HypervisorError("KVM_RUN", err)
         view = self._view
         reason, direction, size, port, count, data_offset = _HEAD_IO.unpack_from(view, _OFF_EXIT_REASON)
         if reason == _EXIT_IO:
