@@ -91,9 +91,10 @@ class RamRegion:
         self.guest_phys_addr: int = spec.guest_phys_addr
         self.size: int = spec.size
         self.end: int = spec.guest_phys_addr + spec.size
-        #: False once the backend has lent the pages to the guest (a protected VM):
-        #: the host then loses access, so every access through pyvmm is refused
-        #: instead of faulting.  Set by ``pyvmm_map_memory``.
+        #: False once the hypervisor has taken the pages from the host (memory lent
+        #: to a protected VM): every access through pyvmm is then refused instead of
+        #: faulting.  Set by the backend when that happens: in ``pyvmm_map_memory``,
+        #: or later (Gunyah takes lent pages from ``pyvmm_start_vm`` on).
         self.host_accessible = True
         #: Visible to its GuestMemory's lookups (set by GuestMemory.insert/remove).
         self._inserted = False

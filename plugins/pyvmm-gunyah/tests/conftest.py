@@ -1,10 +1,11 @@
 """The Gunyah driver model, installed for the whole test session.
 
 Gunyah cannot run here, so every test of pyvmm-gunyah -- and the conformance
-suite under ``pytest --pyvmm-backend gunyah`` -- talks to
-:class:`gunyah_model.GunyahModel` through the plugin's OS seam.  The model is
-installed at configure time rather than by a fixture, because the conformance
-suite lives outside this directory and a conftest's fixtures do not reach it.
+suite under ``pytest --pyvmm-backend gunyah`` -- talks to the driver model the
+plugin ships, :class:`pyvmm_gunyah.model.GunyahModel`, through the plugin's OS
+seam.  The model is installed at configure time rather than by a fixture,
+because the conformance suite lives outside this directory and a conftest's
+fixtures do not reach it.
 
 A guard plugin (registered globally, so it also covers the conformance suite)
 checks after every test that the plugin broke no rule of the session model;
@@ -19,7 +20,6 @@ from contextlib import ExitStack
 from typing import Any
 
 import pytest
-from gunyah_model import GunyahModel
 
 from pyvmm.plugins import PluginRegistry
 from pyvmm.vm import Backend
@@ -27,10 +27,12 @@ from pyvmm.vm import Backend
 #: An environment without the distribution (tox's envs for other backends that
 #: collect every plugin's tests) cannot run these: say so instead of erroring.
 INSTALLED = importlib.util.find_spec("pyvmm_gunyah") is not None
-if not INSTALLED:
+if INSTALLED:
+    from pyvmm_gunyah.model import GunyahModel
+else:
     collect_ignore_glob = ["test_*.py"]
 
-_SESSION_KEY = pytest.StashKey[GunyahModel]()
+_SESSION_KEY = pytest.StashKey["GunyahModel"]()
 _STACK_KEY = pytest.StashKey[ExitStack]()
 
 

@@ -12,7 +12,12 @@ PSCI SYSTEM_OFF through ``hvc #0`` unless they are about something else.
 
 from __future__ import annotations
 
-from pyvmm.testing.conformance.programs_aarch64 import SYSTEM_OFF_SOURCE, aarch64_program
+from typing import TYPE_CHECKING
+
+from pyvmm.testing.conformance.programs_aarch64 import SYSTEM_OFF_SOURCE, aarch64_program, backend_device_tree
+
+if TYPE_CHECKING:
+    from pyvmm.vm import Vm
 
 #: Guest RAM and where the tests put the program and the device tree in it.
 RAM_BASE = 0x8000_0000
@@ -30,6 +35,15 @@ UNBACKED = 0x1000_0000
 RESET2_TYPE = 0x8000_0001
 #: The context id SMP hands the secondary vCPU.
 CONTEXT_ID = 0x77
+#: Where LENT_TOUCH writes: a page of its RAM (RAM_BASE + 4 pages in the raw tests).
+TOUCHED = 0x8000_4000
+
+
+def write_device_tree(vm: Vm, address: int = FDT_ADDRESS) -> None:
+    """Write the tree Gunyah's resource manager builds the VM from -- the VM's
+    vCPUs and the plugin's own nodes (memory, doorbells) -- at ``address``, once
+    the memory, vCPUs' count and irqfds are known."""
+    vm.memory.write(address, backend_device_tree(vm))
 
 
 REPORT_REGISTERS = aarch64_program(
@@ -66,6 +80,63 @@ IOEVENT = aarch64_program(
 """
     + SYSTEM_OFF_SOURCE,
     "0520a1d246058052a60001b9a60000b9000180d20080b0f2020000d4",
+)
+
+# A one-byte write where IOEVENT's ioeventfd (four bytes, no DATAMATCH) sits.
+IOEVENT_BYTE = aarch64_program(
+    "ioevent_byte",
+    """
+    movz x5, #0x0900, lsl #16
+    movz w6, #0x2a
+    strb w6, [x5, #0x100]
+    str w6, [x5]
+"""
+    + SYSTEM_OFF_SOURCE,
+    "0520a1d246058052a6000439a60000b9000180d20080b0f2020000d4",
+)
+
+# A write, then a read the VMM may complete without writing data: what the
+# guest gets is whatever the run page's data held.
+WRITE_THEN_READ = aarch64_program(
+    "write_then_read",
+    """
+    movz x5, #0x0900, lsl #16
+    movz w6, #0x2a
+    str w6, [x5]
+    ldr w2, [x5, #8]
+    str w2, [x5, #16]
+"""
+    + SYSTEM_OFF_SOURCE,
+    "0520a1d246058052a60000b9a20840b9a21000b9000180d20080b0f2020000d4",
+)
+
+# A read, then a write an ioeventfd absorbs (the hypervisor runs on without an
+# exit), then the value read, written out.
+READ_IOEVENT_WRITE = aarch64_program(
+    "read_ioevent_write",
+    """
+    movz x5, #0x0900, lsl #16
+    ldr w2, [x5]
+    str w2, [x5, #0x100]
+    str w2, [x5, #8]
+"""
+    + SYSTEM_OFF_SOURCE,
+    "0520a1d2a20040b9a20001b9a20800b9000180d20080b0f2020000d4",
+)
+
+# Touches one page of its RAM (TOUCHED), then reports through MMIO.
+LENT_TOUCH = aarch64_program(
+    "lent_touch",
+    """
+    movz x1, #0x8000, lsl #16
+    movk x1, #0x4000
+    movz w6, #0x2a
+    str w6, [x1]
+    movz x5, #0x0900, lsl #16
+    str w6, [x5]
+"""
+    + SYSTEM_OFF_SOURCE,
+    "0100b0d2010088f246058052260000b90520a1d2a60000b9000180d20080b0f2020000d4",
 )
 
 # vCPU 0 asks PSCI CPU_ON for itself (already on), then for vCPU 1, reporting
@@ -172,4 +243,8 @@ GUESTS = (
     LOOP,
     READ_THEN_WRITE,
     PSCI_QUERIES,
+    IOEVENT_BYTE,
+    WRITE_THEN_READ,
+    LENT_TOUCH,
+    READ_IOEVENT_WRITE,
 )

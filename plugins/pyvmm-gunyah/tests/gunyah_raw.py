@@ -8,9 +8,11 @@ from __future__ import annotations
 import ctypes
 import mmap
 import struct
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 
-import gunyah_model as gm
+from pyvmm.machine.devicetree import DeviceTree
+from pyvmm_gunyah import model as gm
 
 PAGE = 4096
 
@@ -32,6 +34,8 @@ class RawVm:
     dev: int
     fd: int
     keep: list[object] = field(default_factory=list)
+    #: The host memory of the region :meth:`startable` made.
+    host_ram: int = 0
 
     @classmethod
     def create(cls, model: gm.GunyahModel) -> RawVm:
@@ -78,12 +82,18 @@ class RawVm:
     def boot(self, reg: int, value: int) -> int:
         return self.ioctl(gm.GH_VM_SET_BOOT_CONTEXT, gm.BOOT_CONTEXT.pack(reg, 0, value))
 
-    def startable(self, gpa: int = 0x8000_0000, code: bytes = b"") -> int:
-        """Memory (holding ``code`` at its start), a DTB config and vCPU 0: enough
-        for START.  Returns the vCPU fd."""
+    def startable(
+        self, gpa: int = 0x8000_0000, code: bytes = b"", *, tree: bytes | None = None, lend: bool = False
+    ) -> int:
+        """Memory (holding ``code`` at its start, ``tree`` -- by default one vCPU
+        and no doorbell -- at 8 pages in), a DTB config and vCPU 0: enough for
+        START.  Returns the vCPU fd."""
         host = self.ram(16 * PAGE)
         write_guest(host, 0, code)
-        assert self.region(0, gpa, host=host) == 0
+        write_guest(host, 8 * PAGE, raw_fdt() if tree is None else tree)
+        request = gm.GH_VM_ANDROID_LEND_USER_MEM if lend else gm.GH_VM_SET_USER_MEM_REGION
+        assert self.ioctl(request, gm.MEM_REGION.pack(0, 7, gpa, 16 * PAGE, host)) == 0
+        self.host_ram = host
         assert self.dtb(gpa + 8 * PAGE) == 0
         vcpu = self.add_vcpu(0)
         assert vcpu >= 0
@@ -151,3 +161,24 @@ class RawVcpu:
 def write_guest(host_addr: int, offset: int, code: bytes) -> None:
     """Put ``code`` into guest memory through its host mapping (the region is shared)."""
     ctypes.memmove(host_addr + offset, code, len(code))
+
+
+def raw_fdt(vcpus: int = 1, doorbells: Iterable[int] = (), *, vm_config: bool = True) -> bytes:
+    """A device tree as the resource manager reads it (docs/backends/gunyah.md
+    §7.3), written by hand rather than by the plugin: ``vcpus`` CPU nodes and a
+    doorbell vdevice per label."""
+    tree = DeviceTree()
+    tree.u32("/cpus", "#address-cells", 1)
+    tree.u32("/cpus", "#size-cells", 0)
+    for index in range(vcpus):
+        tree.string(f"/cpus/cpu@{index:x}", "device_type", "cpu")
+        tree.string(f"/cpus/cpu@{index:x}", "enable-method", "psci")
+        tree.u32(f"/cpus/cpu@{index:x}", "reg", index)
+    if vm_config:
+        tree.string("/gunyah-vm-config/vcpus", "affinity", "proxy")
+        tree.string("/gunyah-vm-config/vdevices", "generate", "/hypervisor")
+        for label in doorbells:
+            node = f"/gunyah-vm-config/vdevices/bell-{label:x}"
+            tree.string(node, "vdevice-type", "doorbell")
+            tree.u32(node, "label", label)
+    return tree.to_dtb()

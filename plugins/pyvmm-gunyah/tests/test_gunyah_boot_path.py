@@ -13,7 +13,6 @@ from collections.abc import Callable
 from typing import Any
 
 import gunyah_guests as guests
-import gunyah_model as gm
 import pytest
 from conftest import make_backend
 
@@ -24,10 +23,10 @@ from pyvmm.config import Arch
 from pyvmm.errors import UnsupportedCapability
 from pyvmm.exits import MmioExit, SystemEvent, SystemEventExit
 from pyvmm.plugins import PluginRegistry
-from pyvmm.testing.conformance.programs_aarch64 import minimal_fdt
 from pyvmm.testing.contract_backend import ContractTestBackend, InitVcpuCalled
 from pyvmm.vcpu_state import StateKind
 from pyvmm.vm import Backend, BackendHooks
+from pyvmm_gunyah import model as gm
 
 SPEC = BootSpec(
     arch=Arch.AARCH64,
@@ -90,7 +89,7 @@ def test_gunyah_boots_without_touching_a_register(model: gm.GunyahModel) -> None
     with backend.create_vm({"arch": "aarch64", "vcpus": 2}) as vm:
         vm.add_memory(guests.RAM_BASE, guests.RAM_SIZE)
         vm.memory.write(guests.CODE_ADDRESS, guests.REPORT_REGISTERS.code)
-        vm.memory.write(guests.FDT_ADDRESS, minimal_fdt())
+        guests.write_device_tree(vm)
         boot_vcpu, second = vm.create_vcpu(), vm.create_vcpu()
         vm.boot(SPEC)
         values = []

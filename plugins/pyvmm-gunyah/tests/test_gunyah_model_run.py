@@ -1,20 +1,22 @@
 """Guest code on the Gunyah model, through pyvmm-gunyah: the run loop, MMIO
 completion on the next run, what the hypervisor handles itself (PSCI, WFI,
-doorbells, ioeventfds), status exits, kicks.  Plus the run-loop rules, broken on
-purpose through the raw seam."""
+doorbells, ioeventfds), status exits, kicks, signals (an exit that comes back
+with EINTR), the run lock.  Plus the run-loop rules, broken on purpose through
+the raw seam."""
 
 from __future__ import annotations
 
 import errno
+import os
 import struct
 import threading
+import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 
 import gunyah_guests as guests
-import gunyah_model as gm
 import pytest
-from gunyah_raw import PAGE, RawVcpu, RawVm
+from gunyah_raw import PAGE, RawVcpu, RawVm, raw_fdt
 
 from pyvmm.arch.aarch64 import PC_ID
 from pyvmm.boot import BootSpec
@@ -22,10 +24,11 @@ from pyvmm.config import Arch
 from pyvmm.errors import HypervisorError
 from pyvmm.exits import ExitKind, InternalErrorExit, InterruptedExit, MmioExit, SystemEvent, SystemEventExit
 from pyvmm.host import Event
-from pyvmm.testing.conformance.programs_aarch64 import Aarch64Program, minimal_fdt
+from pyvmm.testing.conformance.programs_aarch64 import Aarch64Program
 from pyvmm.testing.driver_model import ModelGap, Rule
 from pyvmm.vcpu_state import IoEventAddress
 from pyvmm.vm import Backend, Vcpu, Vm
+from pyvmm_gunyah import model as gm
 
 #: Run-loop rules; test_gunyah_model_rules checks every rule has a negative test.
 RUN_RULES: tuple[Rule, ...] = (gm.R_RESUME_ACTION,)
@@ -48,9 +51,9 @@ def booted(
     with backend.create_vm({"arch": "aarch64", "vcpus": vcpus}) as vm:
         vm.add_memory(guests.RAM_BASE, guests.RAM_SIZE)
         vm.memory.write(guests.CODE_ADDRESS, guest.code)
-        vm.memory.write(guests.FDT_ADDRESS, minimal_fdt())
         if setup is not None:
             setup(vm)
+        guests.write_device_tree(vm)  # the RM makes the vCPUs and doorbells it names
         cpus = [vm.create_vcpu() for _ in range(vcpus)]
         vm.boot(SPEC.model_copy(update=boot))
         yield vm, cpus
@@ -202,11 +205,13 @@ def test_a_protected_vm_with_firmware_starts_in_it(gunyah: Backend, model: gm.Gu
     with gunyah.create_vm(config) as vm:
         vm.add_memory(guests.RAM_BASE, guests.RAM_SIZE)
         vm.create_vcpu()
+        guests.write_device_tree(vm)
         vm.boot(SPEC)
         (state,) = model.vms
         assert state.applied_boot_context() == {}
-        assert state.vcpus[0].boot_registers is not None
-        assert state.vcpus[0].boot_registers[PC_ID] == guests.RAM_BASE
+        boot = state.hv_vcpus[0].boot_registers
+        assert boot is not None
+        assert boot[PC_ID] == guests.RAM_BASE
 
 
 # --- what the hypervisor handles itself --------------------------------------------------
@@ -237,11 +242,12 @@ def test_power_off_is_sticky(gunyah: Backend, model: gm.GunyahModel) -> None:
         assert model.vms[0].status == gm.VmStatus.EXITED
 
 
-def test_an_exception_the_guest_cannot_take_crashes_the_vm(gunyah: Backend, model: gm.GunyahModel) -> None:
+def test_an_exception_the_software_cpu_cannot_deliver_is_a_model_gap(gunyah: Backend, model: gm.GunyahModel) -> None:
+    # The guest would take it at its own vectors; the model does not invent a crash.
     with booted(gunyah, guests.UNDEFINED) as (_, (vcpu,)):
-        assert system_event(vcpu).event is SystemEvent.CRASH
-        assert system_event(vcpu).event is SystemEvent.CRASH
-        assert model.vms[0].status == gm.VmStatus.CRASHED
+        with pytest.raises(ModelGap, match="guest exception"):
+            vcpu.run()
+        assert model.vms[0].status == gm.VmStatus.RUNNING
 
 
 def test_fetch_from_unbacked_memory_is_a_page_fault(gunyah: Backend) -> None:
@@ -250,8 +256,26 @@ def test_fetch_from_unbacked_memory_is_a_page_fault(gunyah: Backend) -> None:
         assert isinstance(exit_, InternalErrorExit)
         assert exit_.suberror == gm.EXIT_PAGE_FAULT
         assert exit_.data == (guests.UNBACKED, -errno.ENOENT)
-        with pytest.raises(ModelGap, match="page fault"):
+        with pytest.raises(ModelGap, match="page-fault exit"):
             vcpu.run()
+
+
+def test_the_driver_never_reads_page_fault_resume_action() -> None:
+    """gunyah_handle_page_fault presets the action and keeps no state: the next
+    RUN is an ordinary one, whatever the page's page_fault.resume_action holds."""
+    raw = RawVm.create(gm.GunyahModel())
+    try:
+        vcpu = RawVcpu.of(raw, raw.startable(code=guests.FETCH_FAULT.code))
+        assert raw.start() == 0
+        assert vcpu.run() == 0
+        assert vcpu.exit_reason == gm.EXIT_PAGE_FAULT
+        assert vcpu.page[gm.RUN_PF_RESUME] == gm.RESUME_FAULT
+        vcpu.page[gm.RUN_PF_RESUME] = 0x7F  # no valid action at all
+        vcpu.page[gm.RUN_IMMEDIATE_EXIT] = 1
+        assert vcpu.run() == -errno.EINTR  # straight to the run loop
+        raw.model.assert_no_rejections()
+    finally:
+        raw.close()
 
 
 @pytest.fixture
@@ -261,7 +285,7 @@ def event() -> Iterator[Event]:
     made.close()
 
 
-def _ioevent(event: Event, datamatch: int) -> Callable[[Vm], object]:
+def _ioevent(event: Event, datamatch: int | None) -> Callable[[Vm], object]:
     return lambda vm: vm.register_ioevent(event, IoEventAddress.mmio(guests.IOEVENT_ADDRESS), datamatch, length=4)
 
 
@@ -270,6 +294,17 @@ def test_ioeventfd_write_signals_without_an_exit(gunyah: Backend, event: Event) 
         assert written(vcpu, guests.MMIO_BASE) == 0x2A  # the first write never reached the VMM
         assert event.consume() == 1
         assert system_event(vcpu).event is SystemEvent.SHUTDOWN
+
+
+def test_a_completion_reaches_the_guest_once(gunyah: Backend, event: Event) -> None:
+    """The read's data goes to the first hypercall only; the driver zeroes the
+    resume data after each one (gunyah_vcpu_run), so the ioeventfd write the
+    hypervisor then hands back to the driver does not carry it again."""
+    with booted(gunyah, guests.READ_IOEVENT_WRITE, setup=_ioevent(event, None)) as (_, (vcpu,)):
+        read = mmio(vcpu)
+        read.data[:4] = struct.pack("<I", 0x1234)
+        assert written(vcpu, guests.MMIO_BASE + 8) == 0x1234
+        assert event.consume() == 1
 
 
 def test_ioeventfd_with_other_data_lets_the_write_exit(gunyah: Backend, event: Event) -> None:
@@ -374,6 +409,7 @@ def test_psci_cpu_on_starts_the_secondary_vcpu(gunyah: Backend, model: gm.Gunyah
         worker = threading.Thread(target=second_thread)
         worker.start()
         assert created.wait(5)
+        guests.write_device_tree(vm)
         # Boot at VM level: no per-vCPU call, so each vCPU stays on its own thread.
         vm.set_boot(SPEC)
         vm.start()
@@ -405,14 +441,19 @@ def test_run_from_another_process_is_refused() -> None:
 def test_raw_run_before_start_and_sticky_status_via_the_page() -> None:
     raw = RawVm.create(gm.GunyahModel())
     try:
-        vcpu = RawVcpu.of(raw, raw.startable(code=guests.UNDEFINED.code))
+        vcpu = RawVcpu.of(raw, raw.startable(code=guests.LOOP.code))
         assert vcpu.run() == -errno.ENODEV
         raw.model.rejections.clear()
         assert raw.start() == 0
+        raw.model.rm_status(raw.model.vms[0], gm.VmStatus.CRASHED)
         for _ in range(2):
             assert vcpu.run() == 0
             assert vcpu.exit_reason == gm.EXIT_STATUS
             assert vcpu.status() == (gm.STATUS_CRASHED, 0)
+        # Sticky even with immediate_exit set: the completion step returns first.
+        vcpu.page[gm.RUN_IMMEDIATE_EXIT] = 1
+        assert vcpu.run() == 0
+        assert vcpu.exit_reason == gm.EXIT_STATUS
         assert raw.model.rejections == []
     finally:
         raw.close()
@@ -425,3 +466,178 @@ def test_page_is_page_sized() -> None:
         assert raw.ioctl(gm.GH_VCPU_MMAP_SIZE, fd=vcpu) == PAGE
     finally:
         raw.close()
+
+
+# --- signals: an exit that comes back with EINTR, the run lock, WFI -----------------------
+
+
+def test_raw_a_signal_as_the_exit_is_made_gives_eintr_with_the_exit_kept() -> None:
+    """gunyah_vcpu_run, ``out:``: a pending signal turns the result into
+    ERESTARTSYS with the exit already in the page; the state stays MMIO_READ and
+    the next RUN consumes the completion the page holds (§6.5)."""
+    raw = RawVm.create(gm.GunyahModel())
+    try:
+        vcpu = RawVcpu.of(raw, raw.startable(code=guests.READ_THEN_WRITE.code))
+        assert raw.start() == 0
+        raw.model.signal_at(gm.HYPERCALL_RETURNED)
+        assert vcpu.run() == -errno.EINTR
+        assert vcpu.exit_reason == gm.EXIT_MMIO
+        assert vcpu.mmio()[:3] == (guests.MMIO_BASE, 4, False)
+        (state,) = raw.model.vms[0].vcpus.values()
+        assert state.state == state.MMIO_READ
+        vcpu.page[gm.RUN_MMIO_DATA : gm.RUN_MMIO_DATA + 4] = struct.pack("<I", 0x55AA)
+        assert vcpu.run() == 0
+        assert vcpu.mmio() == (guests.MMIO_BASE + 8, 4, True, struct.pack("<I", 0x55AA))
+        raw.model.assert_no_rejections()
+    finally:
+        raw.close()
+
+
+def test_raw_with_sa_restart_the_exit_is_completed_unseen() -> None:
+    """With SA_RESTART the interrupted RUN restarts at once and consumes the
+    completion the driver preset: the guest's read gets whatever the page held.
+    Python's handlers have no SA_RESTART, so the plugin sees the EINTR."""
+    raw = RawVm.create(gm.GunyahModel())
+    raw.model.sa_restart = True
+    try:
+        vcpu = RawVcpu.of(raw, raw.startable(code=guests.WRITE_THEN_READ.code))
+        assert raw.start() == 0
+        assert vcpu.run() == 0
+        assert vcpu.mmio()[:3] == (guests.MMIO_BASE, 4, True)
+        raw.model.signal_at(gm.HYPERCALL_RETURNED)
+        assert vcpu.run() == 0  # the read exit was made, then the call restarted
+        assert vcpu.mmio() == (guests.MMIO_BASE + 16, 4, True, struct.pack("<I", 0x2A))
+    finally:
+        raw.close()
+
+
+def test_raw_mmio_read_data_is_left_stale() -> None:
+    """gunyah_handle_mmio fills ``data`` for a write only, and only ``len`` bytes:
+    a read exit shows what the page held before."""
+    raw = RawVm.create(gm.GunyahModel())
+    try:
+        vcpu = RawVcpu.of(raw, raw.startable(code=guests.WRITE_THEN_READ.code))
+        assert raw.start() == 0
+        assert vcpu.run() == 0
+        assert vcpu.mmio() == (guests.MMIO_BASE, 4, True, struct.pack("<I", 0x2A))
+        vcpu.page[gm.RUN_MMIO_DATA + 4 : gm.RUN_MMIO_DATA + 8] = b"\x11\x22\x33\x44"
+        assert vcpu.run() == 0
+        assert vcpu.mmio() == (guests.MMIO_BASE + 8, 4, False, struct.pack("<I", 0x2A))
+        assert bytes(vcpu.page[gm.RUN_MMIO_DATA + 4 : gm.RUN_MMIO_DATA + 8]) == b"\x11\x22\x33\x44"
+        assert vcpu.run() == 0  # completed without new data: the guest reads the stale bytes
+        assert vcpu.mmio() == (guests.MMIO_BASE + 16, 4, True, struct.pack("<I", 0x2A))
+    finally:
+        raw.close()
+
+
+def test_the_plugin_returns_an_exit_that_came_back_with_eintr(gunyah: Backend, model: gm.GunyahModel) -> None:
+    with booted(gunyah, guests.READ_THEN_WRITE) as (_, (vcpu,)):
+        model.signal_at(gm.HYPERCALL_RETURNED)
+        read = mmio(vcpu)  # not an interrupted run: the read would be lost
+        assert (read.address, read.size, read.is_write) == (guests.MMIO_BASE, 4, False)
+        assert model.calls_named("GH_VCPU_RUN")[-1].errno == errno.EINTR
+        read.data[:4] = struct.pack("<I", 0xBEEF)
+        model.signal_at(gm.HYPERCALL_RETURNED)
+        assert written(vcpu, guests.MMIO_BASE + 8) == 0xBEEF  # and the write is seen too
+        assert model.calls_named("GH_VCPU_RUN")[-1].errno == errno.EINTR
+        assert system_event(vcpu).event is SystemEvent.SHUTDOWN
+
+
+def test_a_kick_racing_an_exit_is_acknowledged(gunyah: Backend, model: gm.GunyahModel) -> None:
+    """A kick whose signal lands as the exit is made: the exit is returned, the
+    kick counts as done (immediate_exit cleared, the next kick signals again)."""
+    with booted(gunyah, guests.READ_THEN_WRITE) as (_, (vcpu,)):
+
+        def kick_from_another_thread() -> None:
+            kicker = threading.Thread(target=vcpu.kick)
+            kicker.start()
+            kicker.join()
+
+        model.at(gm.HYPERCALL_RETURNED, kick_from_another_thread)
+        read = mmio(vcpu)
+        assert [c.op for c in model.calls].count("signal") == 1
+        handle = vcpu.handle
+        assert not handle.page.immediate_exit_requested
+        assert handle.kicker._signalled is False
+        read.data[:4] = struct.pack("<I", 9)
+        assert written(vcpu, guests.MMIO_BASE + 8) == 9
+
+
+def test_raw_a_second_threads_run_waits_for_the_first() -> None:
+    """``run_lock``: one RUN per vCPU at a time; a second thread's RUN waits,
+    interruptibly (mutex_lock_interruptible -> ERESTARTSYS)."""
+    raw = RawVm.create(gm.GunyahModel())
+    try:
+        vcpu = RawVcpu.of(raw, raw.startable(code=guests.DOORBELL_WAKE.code))
+        assert raw.start() == 0
+        (state,) = raw.model.vms[0].vcpus.values()
+        results: dict[str, int] = {}
+        idents: dict[str, int] = {}
+
+        def run(name: str) -> None:
+            idents[name] = threading.get_ident()
+            results[name] = vcpu.run()
+
+        first = threading.Thread(target=run, args=("first",))
+        first.start()
+        deadline = time.monotonic() + 5
+        while not (state.hv is not None and state.hv.waiting) and time.monotonic() < deadline:
+            time.sleep(0.01)  # until it sleeps in WFI, holding the lock
+        hypercalls = raw.model.stats.hypercalls
+        second = threading.Thread(target=run, args=("second",))
+        second.start()
+        second.join(0.3)
+        assert second.is_alive(), "the second RUN must wait for the first"
+        assert state.running_on == idents["first"]
+        assert raw.model.stats.hypercalls == hypercalls  # it never reached the hypervisor
+        raw.model.post_signal(idents["second"])
+        second.join(5)
+        assert results["second"] == -errno.EINTR
+        assert first.is_alive()
+        raw.model.post_signal(idents["first"])
+        first.join(5)
+        assert results["first"] == -errno.EINTR
+        raw.model.assert_no_rejections()
+    finally:
+        raw.close()
+
+
+def test_raw_a_signal_alone_ends_a_wfi_sleep_and_the_vcpu_stays_in_wfi() -> None:
+    raw = RawVm.create(gm.GunyahModel())
+    bell = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
+    try:
+        assert raw.irqfd(bell, 1) == 0
+        vcpu = RawVcpu.of(raw, raw.startable(code=guests.DOORBELL_WAKE.code, tree=raw_fdt(doorbells=[1])))
+        assert raw.start() == 0
+        signal = threading.Timer(0.2, raw.model.post_signal, (threading.get_ident(),))
+        signal.start()
+        assert vcpu.run() == -errno.EINTR  # no immediate_exit, no doorbell: the signal alone
+        signal.join()
+        # Still in WFI: the next RUN sleeps until the doorbell rings.
+        ring = threading.Timer(0.2, os.eventfd_write, (bell, 1))
+        started = time.monotonic()
+        ring.start()
+        assert vcpu.run() == 0
+        assert time.monotonic() - started >= 0.15
+        assert vcpu.mmio()[:3] == (guests.MMIO_BASE, 4, True)
+        assert raw.model.vms[0].doorbells[1].rung == 1
+        raw.model.assert_no_rejections()
+    finally:
+        raw.close()
+        os.close(bell)
+
+
+def test_a_one_byte_write_hits_a_four_byte_ioeventfd_without_datamatch(gunyah: Backend, event: Event) -> None:
+    # Without DATAMATCH the driver keeps no length: any write at the address matches.
+    with booted(gunyah, guests.IOEVENT_BYTE, setup=_ioevent(event, None)) as (_, (vcpu,)):
+        assert written(vcpu, guests.MMIO_BASE) == 0x2A  # the byte write never reached the VMM
+        assert event.consume() == 1
+
+
+def test_a_kick_after_the_vm_went_down_gets_the_status_again(gunyah: Backend) -> None:
+    with booted(gunyah, guests.REPORT_REGISTERS) as (_, (vcpu,)):
+        for _ in range(3):
+            mmio(vcpu)
+        assert system_event(vcpu).event is SystemEvent.SHUTDOWN
+        vcpu.kick()
+        assert system_event(vcpu).event is SystemEvent.SHUTDOWN

@@ -8,13 +8,20 @@ import struct
 import types
 from collections.abc import Iterator
 
-import gunyah_model as gm
 import pytest
+from gunyah_guests import write_device_tree
 
 from pyvmm.boot import BootSpec
 from pyvmm.capabilities import Capability
 from pyvmm.config import Arch
-from pyvmm.errors import ConfigError, HypervisorError, PluginContractError, UnsupportedCapability, VmStateError
+from pyvmm.errors import (
+    ConfigError,
+    GuestMemoryError,
+    HypervisorError,
+    PluginContractError,
+    UnsupportedCapability,
+    VmStateError,
+)
 from pyvmm.exits import ExitKind, FailEntryExit, InterruptedExit, SystemEvent, SystemEventExit
 from pyvmm.hookspecs import hookimpl
 from pyvmm.host import Event
@@ -22,6 +29,7 @@ from pyvmm.machine.devicetree import DeviceTree, read_fdt
 from pyvmm.plugins import PluginRegistry
 from pyvmm.vcpu_state import IoEventAddress
 from pyvmm.vm import Backend, Vm
+from pyvmm_gunyah import model as gm
 from pyvmm_gunyah.devicetree import GUNYAH_SIZE_MAX, VM_CONFIG
 from pyvmm_gunyah.plugin import plugin
 
@@ -70,6 +78,12 @@ def event() -> Iterator[Event]:
 
 def boot_spec(**extra: object) -> BootSpec:
     return BootSpec.model_validate({"arch": "aarch64", "entry": ENTRY, "fdt_address": FDT, "fdt_size": 0x800, **extra})
+
+
+def boot(vm: Vm, **extra: object) -> None:
+    """Write the device tree the resource manager reads, then boot."""
+    write_device_tree(vm, FDT)
+    vm.boot(boot_spec(**extra))
 
 
 # --- manifest --------------------------------------------------------------------
@@ -146,7 +160,7 @@ def test_gunyah_memory_cannot_be_removed_or_added_late(vm: Vm) -> None:
     with pytest.raises(UnsupportedCapability, match="READ_ONLY_MEMORY"):
         vm.add_memory(0x1_0000_0000, 0x1000, read_only=True)
     vm.create_vcpu()
-    vm.boot(boot_spec())
+    boot(vm)
     with pytest.raises(UnsupportedCapability, match="LATE_MEMORY"):
         vm.add_memory(0x1_0000_0000, 0x1000)
 
@@ -154,17 +168,29 @@ def test_gunyah_memory_cannot_be_removed_or_added_late(vm: Vm) -> None:
 def test_protected_vm_lends_all_but_swiotlb(gunyah: Backend, model: gm.GunyahModel) -> None:
     config = {"arch": "aarch64", "protection": "protected", "backend_options": {"swiotlb": [0x9000_0000]}}
     with gunyah.create_vm(config) as vm:
-        vm.add_memory(RAM, RAM_SIZE)
+        ram = vm.add_memory(RAM, RAM_SIZE)
         swiotlb = vm.add_memory(0x9000_0000, 0x10000)
         names = ioctls(model)
         assert names.count("GH_VM_ANDROID_LEND_USER_MEM") == 1
         assert names.count("GH_VM_SET_USER_MEM_REGION") == 2  # the probe's scratch region + swiotlb
         lent = {b.gpa: b.lent for b in only_vm(model).bindings}
         assert lent == {RAM: True, 0x9000_0000: False}
-        region = next(r for r in vm.memory if r.guest_phys_addr == RAM)
-        assert not model.host_may_access(region.host_addr, 1)
-        assert model.host_may_access(swiotlb.host_addr, 1)
+        # Lending is only a binding: the host still loads the payload, as crosvm does.
+        assert model.host_may_access(ram.host_addr, RAM_SIZE)
+        assert ram.host_accessible
+        assert vm.handle.host_accessible(RAM + 0x100)
+        vm.memory.write(ENTRY, b"code")
+        vm.create_vcpu()
+        boot(vm)
+        # START lent the device tree's page, and from now on the guest takes any
+        # lent page on first touch: the host gives the whole region up.
+        assert not model.host_may_access(ram.host_addr + (FDT - RAM))
+        assert ram.host_accessible is False
+        with pytest.raises(GuestMemoryError, match="lent"):
+            vm.memory.read(ENTRY, 4)
         assert not vm.handle.host_accessible(RAM + 0x100)
+        assert swiotlb.host_accessible
+        assert model.host_may_access(swiotlb.host_addr, 0x10000)
         assert vm.handle.host_accessible(0x9000_0000)
     model.assert_no_rejections()
 
@@ -174,7 +200,7 @@ def test_protected_vm_firmware_window(gunyah: Backend, model: gm.GunyahModel) ->
     with gunyah.create_vm({"arch": "aarch64", "protection": "protected", "backend_options": options}):
         vm = only_vm(model)
         assert vm.firmware == (RAM, 0x10000)
-        assert vm.auth == gm.AUTH_ANDROID_PVM
+        assert vm.auth == gm.RM_AUTH_ANDROID_PVM
     with pytest.raises(ConfigError, match="protected"):
         gunyah.create_vm({"arch": "aarch64", "backend_options": options})
     with pytest.raises(ConfigError, match="unknown Gunyah option"):
@@ -218,7 +244,7 @@ def test_nothing_stays_open_after_close(gunyah: Backend, model: gm.GunyahModel, 
         vm.create_vcpu()
         vm.create_vcpu()
         vm.register_irqfd(event, 3)
-        vm.boot(boot_spec())
+        boot(vm)
     assert [f.kind for f in model.open_fds()] == ["gunyah"]
 
 
@@ -228,7 +254,7 @@ def test_nothing_stays_open_after_close(gunyah: Backend, model: gm.GunyahModel, 
 def test_boot_goes_to_dtb_config_boot_context_and_start(vm: Vm, model: gm.GunyahModel) -> None:
     vm.create_vcpu()
     mark = len(model.calls)
-    vm.boot(boot_spec(stack=RAM + 0x8000, registers={"x2": 0x1234}))
+    boot(vm, stack=RAM + 0x8000, registers={"x2": 0x1234})
     assert ioctls(model, mark) == ["GH_VM_SET_DTB_CONFIG"] + ["GH_VM_SET_BOOT_CONTEXT"] * 3 + ["GH_VM_START"]
     state = only_vm(model)
     # The DTB window is rounded up to whole pages (the RM shares pages, docs/backends/gunyah.md §5.2 step 2).
@@ -251,7 +277,7 @@ def test_boot_register_names_are_checked(vm: Vm) -> None:
 
 def test_start_is_reported_once(vm: Vm, model: gm.GunyahModel) -> None:
     vm.create_vcpu()
-    vm.boot(boot_spec())
+    boot(vm)
     vm.start()
     assert ioctls(model).count("GH_VM_START") == 1
 
@@ -383,7 +409,7 @@ def test_rm_exit_types_map_to_system_events_and_stick(
     vm: Vm, model: gm.GunyahModel, exit_type: int, event: SystemEvent
 ) -> None:
     vcpu = vm.create_vcpu()
-    vm.boot(boot_spec())
+    boot(vm)
     model.rm_exit(only_vm(model), exit_type, b"\x2a\0\0\0")
     for _ in range(3):  # sticky: every later run reports it again
         exit_ = vcpu.run()
@@ -393,7 +419,7 @@ def test_rm_exit_types_map_to_system_events_and_stick(
 
 def test_unknown_rm_exit_type_is_an_error(vm: Vm, model: gm.GunyahModel) -> None:
     vcpu = vm.create_vcpu()
-    vm.boot(boot_spec())
+    boot(vm)
     model.rm_exit(only_vm(model), 99)
     with pytest.raises(HypervisorError, match="exit type 99"):
         vcpu.run()
@@ -401,7 +427,7 @@ def test_unknown_rm_exit_type_is_an_error(vm: Vm, model: gm.GunyahModel) -> None
 
 def test_load_failed_is_a_failed_entry_and_crashed_a_crash(vm: Vm, model: gm.GunyahModel) -> None:
     first, second = vm.create_vcpu(), vm.create_vcpu()
-    vm.boot(boot_spec())
+    boot(vm)
     model.rm_status(only_vm(model), gm.VmStatus.INIT_FAILED)
     exit_ = first.run()
     assert isinstance(exit_, FailEntryExit)
@@ -413,7 +439,7 @@ def test_load_failed_is_a_failed_entry_and_crashed_a_crash(vm: Vm, model: gm.Gun
 
 def test_kick_on_the_vcpu_thread_interrupts_the_next_run(vm: Vm, model: gm.GunyahModel) -> None:
     vcpu = vm.create_vcpu()
-    vm.boot(boot_spec())
+    boot(vm)
     vcpu.kick()
     exit_ = vcpu.run()
     assert isinstance(exit_, InterruptedExit)

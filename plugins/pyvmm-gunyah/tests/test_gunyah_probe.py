@@ -9,12 +9,12 @@ import pickle
 
 import pytest
 from conftest import make_backend
-from gunyah_model import GunyahModel
 
 from pyvmm.backend import LibcDeviceSeam
 from pyvmm.errors import BackendUnavailable, HypervisorError
 from pyvmm.vm import get_backend
 from pyvmm_gunyah.host import HOST
+from pyvmm_gunyah.model import GunyahModel
 from pyvmm_gunyah.system import Abi, GunyahSystem, UnsupportedAbi, system
 
 PROBE_IOCTLS = ["GH_CREATE_VM", "GH_VM_SET_BOOT_CONTEXT", "GH_VM_SET_USER_MEM_REGION", "GH_VM_CHECK_EXTENSION"]

@@ -9,13 +9,13 @@ import struct
 from pathlib import Path
 
 import pytest
-from gunyah_model import GunyahModel
 
 from pyvmm import plugins
 from pyvmm.cli import main
 from pyvmm.machine.devicetree import DeviceTree, read_fdt
 from pyvmm.machine.virt import RAM_BASE, UART_SPI
 from pyvmm_gunyah.devicetree import VM_CONFIG
+from pyvmm_gunyah.model import GunyahModel
 from pyvmm_gunyah.vm import GunyahVm
 
 GUNYAH_IOCTLS_FOR_BOOT = ["GH_VM_SET_DTB_CONFIG", "GH_VM_SET_BOOT_CONTEXT", "GH_VM_START"]

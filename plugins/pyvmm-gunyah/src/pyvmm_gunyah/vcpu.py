@@ -10,11 +10,20 @@ returns 0 with an exit in the page, or ``-errno`` (§6.1):
 * **STATUS** -- the VM cannot run any more; every later run returns it again.
   Mapped as crosvm maps it: LOAD_FAILED is a failed entry, CRASHED a crash, and
   EXITED goes by the resource manager's exit type (§6.4).
-* **PAGE_FAULT** -- the guest touched an address no memory binding covers and the
-  driver could not page it in (§6.3).  pyvmm cannot add memory to a started
-  Gunyah VM, so it is reported as an :class:`~pyvmm.exits.InternalErrorExit`;
-  running again injects the fault (``resume_action`` stays the driver's preset FAULT).
+* **PAGE_FAULT** -- the guest fetched an instruction where no memory binding is
+  and the driver could not page it in (§6.3).  pyvmm cannot add memory to a
+  started Gunyah VM, so it is reported as an :class:`~pyvmm.exits.InternalErrorExit`.
+  The driver keeps no state for this exit and never reads
+  ``page_fault.resume_action`` (its preset FAULT is only informative): running
+  again calls the hypervisor with zeroed resume data, as after a successful
+  demand page, and what the hypervisor then does is not visible in the driver.
 * ``-EINTR`` -- ``immediate_exit`` was set (a kick) or a signal arrived (§6.5).
+  A signal that arrives as the hypervisor makes an exit still gives ``-EINTR``,
+  with the exit already in the page and the driver waiting for its completion.
+  So the run writes a sentinel ``exit_reason`` (0, which the driver never
+  writes) before each ``GH_VCPU_RUN`` and, after ``-EINTR``, returns the exit
+  if the field changed -- instead of dropping a write or feeding a read stale
+  data on the next run.
 
 There are no register ioctls: the hypervisor owns the vCPU's registers, so this
 class has no ``init`` method and core never initialises one.  The page, the kick
@@ -58,6 +67,9 @@ _RUN_REQUEST = int(g.GH_VCPU_RUN)
 _EXIT_MMIO = g.GH_VCPU_EXIT_MMIO
 _RESUME_HANDLED = g.GH_VCPU_RESUME_HANDLED
 _EINTR = -errno.EINTR
+#: What the run writes into ``exit_reason`` before each run (GH_VCPU_EXIT_UNKNOWN:
+#: "not used" by the driver).  One byte does: the driver's values fit in it.
+_NO_EXIT = g.GH_VCPU_EXIT_UNKNOWN
 
 #: RM exit types of a STATUS/EXITED exit, as crosvm maps them (``gunyah/mod.rs``).
 RM_EXIT_EVENTS: dict[int, SystemEvent] = {
@@ -96,6 +108,8 @@ class GunyahVcpu:
         self._interrupted = InterruptedExit()
         self._mmio_views = self.page.mmio_views
         self._mmio_pending = False
+        #: A STATUS exit was seen: every later run returns it with the page untouched.
+        self._down = False
         # The exit path: one GH_VCPU_RUN under the kit's thread rules (the kick follows
         # the running thread; close waits for the run to leave the driver).
         self.run = self.kicker.guard_run(self._run_once, self._interrupted)  # type: ignore[method-assign]
@@ -118,12 +132,21 @@ class GunyahVcpu:
                 return self._interrupted
             self._mmio_pending = False
             view[_OFF_MMIO_RESUME] = _RESUME_HANDLED
+        if not self._down:
+            # The sentinel: the driver writes exit_reason (1..3) only with an exit.
+            view[_OFF_EXIT_REASON] = _NO_EXIT
         result = self._ioctl(self.fd, _RUN_REQUEST, 0)
         if result < 0:
-            if result == _EINTR:
-                self.page.clear_immediate_exit()
+            if result != _EINTR:
+                raise HypervisorError("GH_VCPU_RUN", -result)
+            self.page.clear_immediate_exit()
+            if self._down or view[_OFF_EXIT_REASON] == _NO_EXIT:
                 return self._interrupted
-            raise HypervisorError("GH_VCPU_RUN", -result)
+            # EINTR with an exit in the page: the signal came as the hypervisor made
+            # it (docs/backends/gunyah.md §6.5; gunyah_vcpu.c gunyah_vcpu_run).  The
+            # driver waits for its completion on the next run: return the exit.
+            # The signal was delivered, so the kick may signal again.
+            self.kicker.acknowledge()
         reason = _EXIT_REASON.unpack_from(view, _OFF_EXIT_REASON)[0]
         if reason == _EXIT_MMIO:
             address, length, is_write = _MMIO.unpack_from(view, _OFF_UNION)
@@ -133,6 +156,7 @@ class GunyahVcpu:
             self._mmio_pending = True
             return mmio
         if reason == g.GH_VCPU_EXIT_STATUS:
+            self._down = True
             return self._status_exit()
         if reason == g.GH_VCPU_EXIT_PAGE_FAULT:
             address, attempt = _PAGE_FAULT.unpack_from(view, _OFF_UNION)

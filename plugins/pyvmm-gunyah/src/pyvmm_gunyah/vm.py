@@ -78,8 +78,11 @@ class GunyahVm:
         if firmware is not None and not self.protected:
             raise ConfigError("backend_options.firmware: only a protected VM loads firmware")
         self.regions: dict[int, RamRegion] = {}
-        #: Regions lent to the guest: the host has lost access to their pages.
+        #: Regions lent to the guest.  The host keeps access until START, which
+        #: donates the device tree's pages; from then on the guest takes any page
+        #: on first touch, so the host gives up the whole region (§8.2).
         self.lent: dict[int, RamRegion] = {}
+        self._lent_taken = False
         self.vcpus: list[GunyahVcpu] = []
         #: The irqfds bound to doorbells: label -> (event, level-triggered).
         self.irqfds: dict[int, tuple[Event, bool]] = {}
@@ -122,15 +125,19 @@ class GunyahVm:
             },
         )
         request = g.GH_VM_ANDROID_LEND_USER_MEM if lend else g.GH_VM_SET_USER_MEM_REGION
+        # Lending only records a binding: the driver takes no page before START
+        # (docs/backends/gunyah.md §8.2; vm_mgr_mem.c gunyah_vm_binding_alloc), so
+        # the host may still load the kernel and device tree, as crosvm does.
         self.host.ioctl(self.fd, request, raw)
         self.regions[region.slot] = region
         if lend:
             self.lent[region.slot] = region
-            region.host_accessible = False
 
     def host_accessible(self, gpa: int, size: int = 1) -> bool:
         """Whether the host may still touch ``size`` bytes at ``gpa``: False inside
-        a lent region (the access would fault)."""
+        a lent region once the VM starts (the access would fault)."""
+        if not self._lent_taken:
+            return True
         return not any(gpa < r.end and r.guest_phys_addr < gpa + size for r in self.lent.values())
 
     def region_holding(self, gpa: int, size: int) -> RamRegion | None:
@@ -185,6 +192,15 @@ class GunyahVm:
             self.host.ioctl(self.fd, g.GH_VM_SET_BOOT_CONTEXT, context)
 
     def start(self) -> None:
+        """``GH_VM_START``.  From here the driver may take any lent page: the
+        config-image parcel (the device tree's pages) at START, every other page on
+        the guest's first touch (vm_mgr_mem.c gunyah_gup_share_parcel,
+        gunyah_gup_demand_page).  Which pages the guest touched is not visible, so
+        the host gives up every lent region now -- before the call, since a START
+        that fails half-way may already have lent the parcel."""
+        self._lent_taken = True
+        for region in self.lent.values():
+            region.host_accessible = False
         self.host.ioctl(self.fd, g.GH_VM_START)
         self.started = True
 

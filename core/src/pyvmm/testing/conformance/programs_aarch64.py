@@ -22,8 +22,12 @@ import subprocess
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from pyvmm.config import Arch
+
+if TYPE_CHECKING:
+    from pyvmm.vm import Vm
 
 #: Guest RAM, where the ``virt`` machines of QEMU and crosvm put it.
 RAM_BASE = 0x4000_0000
@@ -94,6 +98,28 @@ def minimal_fdt() -> bytes:
     total = off_strings
     header = struct.pack(">10I", 0xD00DFEED, total, off_struct, off_strings, off_rsvmap, 17, 16, 0, 0, len(structure))
     return header + reserve_map + structure
+
+
+def backend_device_tree(vm: Vm) -> bytes:
+    """The device tree for a backend with nodes of its own (``DEVICE_TREE_NODES``:
+    its hypervisor builds the VM from the tree, as Gunyah's resource manager
+    does): the VM's vCPUs under ``/cpus`` and the backend's nodes.  Those describe
+    the memory mapped so far: write the tree after mapping."""
+    from pyvmm.machine.devicetree import DeviceTree, cpu_reg
+
+    tree = DeviceTree()
+    tree.u32("/cpus", "#address-cells", 1)
+    tree.u32("/cpus", "#size-cells", 0)
+    for index in range(vm.config.vcpus):
+        cpu = f"/cpus/cpu@{cpu_reg(index):x}"
+        tree.string(cpu, "device_type", "cpu")
+        tree.string(cpu, "enable-method", "psci")
+        tree.u32(cpu, "reg", cpu_reg(index))
+    vm.add_device_tree_nodes(tree)
+    blob = tree.to_dtb()
+    if len(blob) > FDT_SIZE:
+        raise ValueError(f"the device tree is {len(blob)} bytes, more than FDT_SIZE ({FDT_SIZE})")
+    return blob
 
 
 def aarch64_program(name: str, source: str, code_hex: str) -> Aarch64Program:

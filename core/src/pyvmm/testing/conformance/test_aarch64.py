@@ -47,11 +47,17 @@ def booted(
     more page at READ_ONLY_ADDRESS (``read_only`` or not) before the VM starts,
     so that backends without ``LATE_MEMORY`` run the scenario too."""
     with backend.create_vm({"arch": "aarch64"}) as vm:
-        # Loaded before mapping: a backend that lends RAM to the guest takes the
+        # Loaded before mapping: a backend that lends RAM to the guest may take the
         # host's access away when it maps it.
-        vm.add_memory(p.RAM_BASE, p.RAM_SIZE, contents={p.CODE_ADDRESS: program.code, p.FDT_ADDRESS: p.minimal_fdt()})
+        own_nodes = backend.supports(Capability.DEVICE_TREE_NODES)
+        contents = {p.CODE_ADDRESS: program.code}
+        if not own_nodes:
+            contents[p.FDT_ADDRESS] = p.minimal_fdt()
+        vm.add_memory(p.RAM_BASE, p.RAM_SIZE, contents=contents)
         if extra_page:
             vm.add_memory(p.READ_ONLY_ADDRESS, PAGE_SIZE, read_only=read_only)
+        if own_nodes:
+            vm.memory.write(p.FDT_ADDRESS, p.backend_device_tree(vm))
         vcpu = vm.create_vcpu()
         vm.boot(BootSpec(arch=Arch.AARCH64, entry=p.CODE_ADDRESS, fdt_address=p.FDT_ADDRESS, fdt_size=p.FDT_SIZE))
         yield vm, vcpu
