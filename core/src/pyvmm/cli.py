@@ -6,7 +6,7 @@ import argparse
 import json
 import sys
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, NoReturn
 
 from pyvmm import __version__
 
@@ -106,16 +106,85 @@ def _cmd_backends(args: argparse.Namespace) -> int:
     return 0
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse, with "did you mean" for a mistyped option."""
+
+    def error(self, message: str) -> NoReturn:
+        prefix = "unrecognized arguments: "
+        if message.startswith(prefix):
+            hints = []
+            for word in message[len(prefix) :].split():
+                if word.startswith("-"):
+                    close = _close_option(word.split("=", 1)[0], _option_strings(self))
+                    if close:
+                        hints.append(f"{word} (did you mean {close}?)")
+                        continue
+                hints.append(word)
+            message = prefix + " ".join(hints)
+        super().error(message)
+
+
+def _option_strings(parser: argparse.ArgumentParser) -> list[str]:
+    options: list[str] = []
+    for action in parser._actions:
+        options += [o for o in action.option_strings if o.startswith("--")]
+        if isinstance(action, argparse._SubParsersAction):
+            for sub in action.choices.values():
+                options += _option_strings(sub)
+    return options
+
+
+def _close_option(word: str, options: list[str]) -> str | None:
+    import difflib
+
+    normal = word.replace("_", "-").lower()
+    if normal in options:
+        return normal
+    close = difflib.get_close_matches(normal, options, n=1, cutoff=0.75)
+    return close[0] if close else None
+
+
+def common_options() -> _Parser:
+    """-v, -q and --log-level, taken before or after the command."""
+    common = _Parser(add_help=False)
+    group = common.add_argument_group("messages")
+    group.add_argument(
+        "-v",
+        "--verbose",
+        action="count",
+        default=argparse.SUPPRESS,
+        help="more messages on stderr (-v: info, -vv: debug)",
+    )
+    group.add_argument(
+        "-q",
+        "--quiet",
+        action="store_true",
+        default=argparse.SUPPRESS,
+        help="only warnings and errors on stderr (no backend line, no status line)",
+    )
+    group.add_argument(
+        "--log-level",
+        metavar="LEVEL",
+        default=argparse.SUPPRESS,
+        help="error, warning, notice (default), info or debug; LOGGER=LEVEL items may follow, "
+        "comma-separated (default: $PYVMM_LOG)",
+    )
+    return common
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="pyvmm", description="Build and run VMs on hardware hypervisors.")
+    common = common_options()
+    parser = _Parser(prog="pyvmm", description="Build and run VMs on hardware hypervisors.", parents=[common])
     parser.add_argument("--version", action="version", version=f"pyvmm {__version__}")
-    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
-    backends = sub.add_parser("backends", help="list installed backends, their capabilities and availability")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
+    backends = sub.add_parser(
+        "backends", help="list installed backends, their capabilities and availability", parents=[common]
+    )
     backends.add_argument("--json", action="store_true", help="machine-readable output")
     backends.set_defaults(func=_cmd_backends)
     from pyvmm.cli_run import add_run_parser
 
-    add_run_parser(sub)
+    add_run_parser(sub, common)
     return parser
 
 
@@ -130,6 +199,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     if not hasattr(args, "func"):
         parser.print_help()
         return 2
+    from pyvmm import cli_log
+
+    try:
+        cli_log.configure(
+            verbose=getattr(args, "verbose", 0) or 0,
+            quiet=bool(getattr(args, "quiet", False)),
+            level=getattr(args, "log_level", None),
+        )
+    except cli_log.LogSettingError as exc:
+        parser.error(str(exc))
     from pyvmm.errors import PyvmmError
 
     try:

@@ -74,7 +74,7 @@ from pydantic import ValidationError
 
 from pyvmm import hookspecs
 from pyvmm.capabilities import Capability
-from pyvmm.config import validation_message
+from pyvmm.config import Arch, validation_message
 from pyvmm.contract import (
     CHANGED_HOOKS,
     CONTRACT_VERSION,
@@ -580,9 +580,11 @@ class PluginRegistry:
             text += f"; {denied[0].source.describe()} is installed but {denied[0].reason}"
         return text
 
-    def select(self, name: str | None = None) -> BackendPlugin:
+    def select(self, name: str | None = None, *, arch: Arch | None = None) -> BackendPlugin:
         """The backend to use: ``name`` if given, else ``$PYVMM_BACKEND``, else the
-        highest-priority auto-selectable backend available on this host.
+        highest-priority auto-selectable backend available on this host that runs
+        ``arch`` guests (any arch when None; a named backend is not filtered: the
+        caller reports a mismatch).
 
         :raises BackendNotFound: no such backend, or none available.
         :raises BackendUnavailable: the named backend cannot run here.
@@ -600,12 +602,20 @@ class PluginRegistry:
         )
         reasons = []
         for backend in candidates:
+            if arch is not None and arch not in backend.manifest.guest_arches:
+                reasons.append(f"{backend.name}: runs no {arch.value} guests")
+                continue
             availability = backend.availability()
             if availability.available:
                 return backend
             reasons.append(f"{backend.name}: {availability.reason}")
         detail = "; ".join(reasons) if reasons else "no backend is installed (pip install pyvmm-kvm, ...)"
-        raise BackendNotFound(f"no backend is available on this host ({detail})")
+        what = (
+            f"no backend available on this host runs {arch.value} guests"
+            if arch
+            else "no backend is available on this host"
+        )
+        raise BackendNotFound(f"{what} ({detail})")
 
 
 def _source_of(ep: metadata.EntryPoint) -> PluginSource:

@@ -87,7 +87,7 @@ def test_garbage_without_load_address(make_memory, write_image) -> None:
 )
 def test_load_address_is_for_flat_binaries_only(make_memory, write_image, image, kind) -> None:
     memory = make_memory((0, RAM))
-    with pytest.raises(ImageError, match=f"load_address applies to flat binaries only; this is a {kind} image"):
+    with pytest.raises(ImageError, match=f"load_address applies to flat binaries only; this is an? {kind} kernel"):
         load(write_image(image), memory, load_address=0x100000)
 
 

@@ -63,7 +63,7 @@ def run(argv: list[str], capsys: pytest.CaptureFixture[str]) -> tuple[int, str]:
     guard = threading.Thread(target=watchdog, daemon=True)
     guard.start()
     try:
-        status = cli.main(["run", "--backend", "scripted", *argv])
+        status = cli.main(["run", "-q", "--backend", "scripted", *argv])  # -q: the backend line has its own tests
     finally:
         done.set()
     elapsed = time.monotonic() - started

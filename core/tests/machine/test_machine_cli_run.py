@@ -27,8 +27,8 @@ def test_run_on_a_backend_by_name_returns_the_guest_status(
 ) -> None:
     test_backend, _ = make_backend(MACHINE_CAPS, name="scripted")
     test_backend.script_exits(io_exit(0xF4, 4, write=True, value=1))
-    assert cli.main(["run", "--backend", "scripted", "--serial", "none"]) == 3
-    assert capsys.readouterr().err == ""  # a debug-exit is reported by the status alone
+    assert cli.main(["run", "-q", "--backend", "scripted", "--serial", "none"]) == 3
+    assert capsys.readouterr().err == ""  # a debug-exit is reported by the status alone (-q: no backend line)
 
 
 def test_other_stops_are_reported_on_stderr(make_backend: MakeBackend, capsys: pytest.CaptureFixture[str]) -> None:
@@ -97,7 +97,7 @@ def test_bad_images_are_refused_before_any_vcpu_runs(
         (tmp_path / name).write_bytes(data)
     kernel = tmp_path / (next(iter(files)) if files else "missing.bin")
     extra = [str(tmp_path / a) if a.endswith(".img") else a for a in extra]
-    status = cli.main(["run", "--backend", "scripted", "--memory", "128M", "--kernel", str(kernel), *extra])
+    status = cli.main(["run", "-q", "--backend", "scripted", "--memory", "128M", "--kernel", str(kernel), *extra])
     assert status == 2
     err = capsys.readouterr().err
     assert err.startswith("pyvmm: error: ")

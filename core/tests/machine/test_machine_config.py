@@ -50,7 +50,7 @@ def test_a_bad_file_value_names_the_file_and_the_field(tmp_path: Path) -> None:
 
 
 def test_a_bad_option_names_the_option(tmp_path: Path) -> None:
-    with pytest.raises(ConfigError, match=r"--memory: .*not a multiple of 4096"):
+    with pytest.raises(ConfigError, match=r"--memory: 5000 bytes is not a whole number of 4K pages"):
         build_config(None, {"memory": "5000"}, option_names=OPTIONS)
 
 
@@ -64,7 +64,7 @@ def test_nested_errors_name_the_path(tmp_path: Path) -> None:
 def test_unknown_keys_are_refused(tmp_path: Path) -> None:
     file = tmp_path / "m.toml"
     file.write_text("memroy = 5\n")
-    with pytest.raises(ConfigError, match=r"m\.toml: memroy: Extra inputs are not permitted"):
+    with pytest.raises(ConfigError, match=r"m\.toml: memroy: unknown setting \(did you mean memory\?\)"):
         build_config(file)
 
 
@@ -78,9 +78,9 @@ def test_invalid_toml_and_missing_file(tmp_path: Path) -> None:
 
 
 def test_initrd_and_append_need_a_kernel() -> None:
-    with pytest.raises(ConfigError, match="initrd: needs a kernel"):
+    with pytest.raises(ConfigError, match="initrd needs kernel"):
         build_config(None, {"initrd": "x.img"})
-    with pytest.raises(ConfigError, match="append: needs a kernel"):
+    with pytest.raises(ConfigError, match="append needs kernel"):
         build_config(None, {"append": "console=ttyS0"})
 
 

@@ -240,7 +240,7 @@ def test_demo_through_cli_main(kvm: Backend, tmp_path: Path, capsys: pytest.Capt
     assert b'fw_cfg signature "QEMU" ok, 1 vCPU(s)' in output
     assert b'mmio: demo device id "PVMM" ok, 64-bit scratch round trip ok' in output
     assert b"FAILED" not in output
-    assert capsys.readouterr().err == ""
+    assert capsys.readouterr().err == "pyvmm: backend kvm (--backend), x86_64 guest\n"  # the one line on stderr
 
 
 def test_demo_as_a_subprocess(kvm: Backend) -> None:
@@ -254,7 +254,7 @@ def test_demo_as_a_subprocess(kvm: Backend) -> None:
     assert result.returncode == 0, result.stderr.decode()
     assert result.stdout.startswith(GREETING)
     assert b"powering off through port 0x8900" in result.stdout
-    assert result.stderr == b""
+    assert result.stderr == b"pyvmm: backend kvm ($PYVMM_BACKEND), x86_64 guest\n"
 
 
 def test_demo_on_two_vcpus(kvm: Backend, tmp_path: Path) -> None:

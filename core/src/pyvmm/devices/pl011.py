@@ -1,33 +1,46 @@
-"""An Arm PL011 UART (PrimeCell r1p5), transmit side: the serial console of the
-aarch64 machine.
+"""An Arm PL011 UART (PrimeCell r1p5): the serial console of the aarch64 machine.
 
 Like :class:`~pyvmm.devices.uart.Uart16550`, transmission is instantaneous: the
-transmit FIFO is always empty, so FR reads TXFE | RXFE with TXFF and BUSY clear
-and a guest polling FR never waits.  There is no receive path.  The baud-rate,
-line-control, control, FIFO-level, interrupt-mask and DMA registers are latches:
-they read back what was written and change nothing else.
+transmit FIFO is always empty, so FR reads TXFE with TXFF and BUSY clear and a
+guest polling FR never waits.  The baud-rate, line-control, control, FIFO-level,
+interrupt-mask and DMA registers are latches: they read back what was written
+and change nothing else.
 
 The PrimeCell identification registers at 0xfe0..0xffc hold the values of an
 Arm PL011 r1p5 (QEMU's), which is what Linux's AMBA bus reads to match the
 ``arm,primecell`` node to the pl011 driver: without them the device is never
 probed.
 
-Interrupts: only the transmit interrupt exists.  Writing DR clears TXRIS and the
-(instant) transmission sets it again, so the line -- the masked status, MIS -- is
-lowered and raised once per byte while TXIM is enabled: an edge-triggered
-controller (a Gunyah doorbell) sees a new edge for every byte, as Linux's
-interrupt-driven transmit path needs.  ICR clears TXRIS.
+Receiving: the console hands bytes to :meth:`Pl011.receive` from its own
+thread; FR.RXFE clears while data waits (RXFF is set when the receive buffer is
+full) and each read of DR takes one byte.  The receive interrupts follow the
+data: RXRIS while at least the IFLS receive trigger level (or, with the FIFO
+off, one byte) waits, RTRIS (receive timeout) while fewer do; reading the data
+clears them, as draining the FIFO does on the real part.  The buffer is bounded
+(:data:`~pyvmm.devices.uart.RX_BUFFER`): the console waits for room instead of
+overrunning.
 
-With CR.LBE (loopback) set, written bytes go to the receiver, which does not
-exist here, not to the output: Linux's driver writes a byte in loopback mode at
-start-up to make the transmit interrupt assert.
+Interrupts: writing DR clears TXRIS and the (instant) transmission sets it
+again, so the line -- the masked status, MIS -- is lowered and raised once per
+byte while TXIM is enabled: an edge-triggered controller (a Gunyah doorbell)
+sees a new edge for every byte, as Linux's interrupt-driven transmit path needs.
+ICR clears TXRIS.
+
+With CR.LBE (loopback) set, written bytes go to the receiver, not to the
+output: Linux's driver writes a byte in loopback mode at start-up to make the
+transmit interrupt assert.
+
+The device is called from vCPU threads and from the console's thread: a lock
+keeps its state and its interrupt line consistent.
 """
 
 from __future__ import annotations
 
+import threading
 from typing import BinaryIO
 
 from pyvmm.devices.base import Device, IrqLine
+from pyvmm.devices.uart import RxBuffer
 
 #: One 4 KiB page of registers.
 PL011_SIZE = 0x1000
@@ -60,7 +73,10 @@ CR_UARTEN = 1 << 0
 CR_LBE = 1 << 7
 CR_TXE = 1 << 8
 CR_RXE = 1 << 9
+LCR_H_FEN = 1 << 4
+INT_RX = 1 << 4
 INT_TX = 1 << 5
+INT_RT = 1 << 6
 INT_ALL = 0x7FF
 
 #: PeriphID0..3 then PCellID0..3, one byte per 32-bit register at 0xfe0..0xffc:
@@ -70,6 +86,8 @@ IDENTIFICATION = (0x11, 0x10, 0x14, 0x00, 0x0D, 0xF0, 0x05, 0xB1)
 CR_RESET = CR_TXE | CR_RXE
 #: IFLS after reset: both FIFO triggers at half full.
 IFLS_RESET = 0x12
+#: Receive FIFO trigger levels by IFLS bits 5:3 (1/8 .. 7/8 of 16 entries).
+RX_TRIGGER = (2, 4, 8, 12, 14, 14, 14, 14)
 
 # Latched registers and the bits each keeps.
 _LATCHES = {ILPR: 0xFF, IBRD: 0xFFFF, FBRD: 0x3F, LCR_H: 0xFF, CR: 0xFFFF, IFLS: 0x3F, DMACR: 0x7}
@@ -82,45 +100,92 @@ class Pl011(Device):
         self._output = output
         self._irq = irq
         self._flush_lines = flush_lines
+        self._lock = threading.Lock()
         self.registers = {ILPR: 0, IBRD: 0, FBRD: 0, LCR_H: 0, CR: CR_RESET, IFLS: IFLS_RESET, DMACR: 0}
         self.imsc = 0
+        #: The latched raw interrupt status (TX); the receive bits follow the data.
         self.ris = 0
         self._irq_level = False
+        self.rx = RxBuffer()
         self.transmitted = 0
+        self.received = 0
 
+    # --- the host side ------------------------------------------------------------
+    def receive(self, data: bytes) -> int:
+        """Bytes arriving on the line (from any thread); returns how many fit.
+        Wait with ``rx.wait_for_room()`` before handing over the rest."""
+        with self._lock:
+            taken = self.rx.put(data)
+            if taken:
+                self.received += taken
+                self._update_irq()
+            return taken
+
+    # --- registers --------------------------------------------------------------
     def read(self, offset: int, size: int) -> int:
-        if offset == FR:
-            return FR_TXFE | FR_RXFE
-        latch = self.registers.get(offset)
-        if latch is not None:
-            return latch
-        if offset == IMSC:
-            return self.imsc
-        if offset == RIS:
-            return self.ris
-        if offset == MIS:
-            return self.ris & self.imsc
-        if PERIPH_ID0 <= offset < PL011_SIZE and offset % 4 == 0:
-            return IDENTIFICATION[(offset - PERIPH_ID0) // 4]
-        # DR with an empty receive FIFO, RSR without errors, write-only ICR, reserved space.
-        return 0
+        with self._lock:
+            if offset == FR:
+                count = len(self.rx)
+                flags = FR_TXFE
+                if not count:
+                    flags |= FR_RXFE
+                elif count >= self.rx.capacity:
+                    flags |= FR_RXFF
+                return flags
+            if offset == DR:
+                byte = self.rx.take()
+                if byte is None:
+                    return 0
+                self._update_irq()
+                return byte
+            latch = self.registers.get(offset)
+            if latch is not None:
+                return latch
+            if offset == IMSC:
+                return self.imsc
+            if offset == RIS:
+                return self._raw_status()
+            if offset == MIS:
+                return self._raw_status() & self.imsc
+            if PERIPH_ID0 <= offset < PL011_SIZE and offset % 4 == 0:
+                return IDENTIFICATION[(offset - PERIPH_ID0) // 4]
+            # RSR without errors, write-only ICR, reserved space.
+            return 0
 
     def write(self, offset: int, size: int, value: int) -> None:
-        if offset == DR:
-            self._transmit(value & 0xFF)
-            return
-        mask = _LATCHES.get(offset)
-        if mask is not None:
-            self.registers[offset] = value & mask
-        elif offset == IMSC:
-            self.imsc = value & INT_ALL
-            self._update_irq()
-        elif offset == ICR:
-            self.ris &= ~value
-            self._update_irq()
+        with self._lock:
+            if offset == DR:
+                self._transmit(value & 0xFF)
+                return
+            mask = _LATCHES.get(offset)
+            if mask is not None:
+                self.registers[offset] = value & mask
+                self._update_irq()  # the FIFO enable and trigger level decide RXRIS vs RTRIS
+            elif offset == IMSC:
+                self.imsc = value & INT_ALL
+                self._update_irq()
+            elif offset == ICR:
+                self.ris &= ~value
+                self._update_irq()
+
+    def _rx_status(self) -> int:
+        count = len(self.rx)
+        if not count:
+            return 0
+        if not self.registers[LCR_H] & LCR_H_FEN:
+            return INT_RX
+        trigger = RX_TRIGGER[(self.registers[IFLS] >> 3) & 0x7]
+        return INT_RX if count >= trigger else INT_RT
+
+    def _raw_status(self) -> int:
+        return self.ris | self._rx_status()
 
     def _transmit(self, byte: int) -> None:
-        if not self.registers[CR] & CR_LBE:
+        if self.registers[CR] & CR_LBE:
+            # Loopback: the byte goes to the receiver, not the line.
+            if self.rx.put(bytes((byte,))):
+                self.received += 1
+        else:
             self.transmitted += 1
             output = self._output
             if output is not None:
@@ -135,7 +200,7 @@ class Pl011(Device):
     def _update_irq(self) -> None:
         if self._irq is None:
             return
-        level = bool(self.ris & self.imsc)
+        level = bool(self._raw_status() & self.imsc)
         if level != self._irq_level:
             self._irq_level = level
             self._irq(level)

@@ -1,18 +1,35 @@
-"""A 16550A UART, transmit side: the serial console on COM1 (0x3f8, IRQ 4).
+"""A 16550A UART: the serial console on COM1 (0x3f8, IRQ 4).
 
 Transmission is instantaneous: the transmitter holding register is always
-empty, so LSR reads 0x60 (THRE | TEMT) and a guest polling THRE never waits.
-There is no receive path (the x86 guests pyvmm targets only print).  When the
+empty, so LSR has THRE | TEMT set and a guest polling THRE never waits.  When the
 guest enables the THR-empty interrupt in IER the device raises its interrupt
 line, if the machine gave it one; otherwise the guest has to poll.
+
+Receiving: the host side (the console, :mod:`pyvmm.machine.console`) hands bytes
+to :meth:`Uart16550.receive` from its own thread.  They wait in the receive
+buffer, LSR.DR says so, and each read of RBR takes one.  With ERBFI set in IER
+the device raises its interrupt while data waits: IIR reads "received data
+available" (0x04) once the FIFO trigger level (FCR bits 7:6) is reached, or
+with the FIFO off, and "character timeout" (0x0c) for fewer bytes, as a real
+16550 does once the line has been idle.  The received-data interrupt outranks
+THR-empty in IIR.  The buffer holds :data:`RX_BUFFER` bytes: ``receive`` takes
+what fits and the console waits for room (flow control) instead of overrunning.
+
+In loopback mode (MCR.LOOP) written bytes go to the receiver, not the output,
+as on the real part.
 
 Output goes to a binary stream.  A stream that is a terminal or pipe is flushed
 at each newline so the console stays interactive; everything is flushed at
 :meth:`close`.
+
+The device is called from vCPU threads and from the console's thread: a lock
+keeps its state and its interrupt line consistent.
 """
 
 from __future__ import annotations
 
+import threading
+from collections import deque
 from typing import BinaryIO
 
 from pyvmm.devices.base import Device, IrqLine
@@ -32,16 +49,67 @@ MSR = 6
 SCR = 7
 
 LCR_DLAB = 0x80
+IER_RDA = 0x01
 IER_THRE = 0x02
 IIR_NONE = 0x01
 IIR_THRE = 0x02
+IIR_RDA = 0x04
+IIR_TIMEOUT = 0x0C
 IIR_FIFO_ENABLED = 0xC0
 FCR_ENABLE = 0x01
+FCR_CLEAR_RX = 0x02
+LSR_DR = 0x01
 LSR_THRE = 0x20
 LSR_TEMT = 0x40
 MCR_LOOP = 0x10
 #: MSR with the modem "present": DCD, DSR and CTS asserted.
 MSR_CONNECTED = 0xB0
+#: Receive FIFO trigger levels, by FCR bits 7:6.
+RX_TRIGGER = (1, 4, 8, 14)
+#: Bytes the receive side holds: the FIFO plus the line's backlog.
+RX_BUFFER = 4096
+
+
+class RxBuffer:
+    """The bytes a UART has received and the guest has not read yet, bounded.
+
+    :meth:`put` takes what fits and returns how many; a writer that got less
+    waits on :meth:`wait_for_room`.  The owner calls :meth:`take` under its own
+    lock; room is signalled to a waiting writer.
+    """
+
+    def __init__(self, capacity: int = RX_BUFFER) -> None:
+        self.capacity = capacity
+        self._bytes: deque[int] = deque()
+        self._room = threading.Event()
+        self._room.set()
+
+    def __len__(self) -> int:
+        return len(self._bytes)
+
+    def put(self, data: bytes) -> int:
+        room = self.capacity - len(self._bytes)
+        taken = data[:room]
+        self._bytes.extend(taken)
+        if len(self._bytes) >= self.capacity:
+            self._room.clear()
+        return len(taken)
+
+    def take(self) -> int | None:
+        if not self._bytes:
+            return None
+        byte = self._bytes.popleft()
+        if not self._room.is_set():
+            self._room.set()
+        return byte
+
+    def clear(self) -> None:
+        self._bytes.clear()
+        self._room.set()
+
+    def wait_for_room(self, timeout: float | None = None) -> bool:
+        """Block until the buffer has room (True) or ``timeout`` passed (False)."""
+        return self._room.wait(timeout)
 
 
 class Uart16550(Device):
@@ -51,6 +119,7 @@ class Uart16550(Device):
         self._output = output
         self._irq = irq
         self._flush_lines = flush_lines
+        self._lock = threading.Lock()
         self.ier = 0
         self.lcr = 0x03
         self.mcr = 0
@@ -61,62 +130,94 @@ class Uart16550(Device):
         #: enabling it, cleared by reading IIR or writing THR).
         self._thre_pending = False
         self._irq_level = False
+        self.rx = RxBuffer()
         self.transmitted = 0
+        self.received = 0
+
+    # --- the host side ------------------------------------------------------------
+    def receive(self, data: bytes) -> int:
+        """Bytes arriving on the line (from any thread); returns how many fit.
+        Wait with ``rx.wait_for_room()`` before handing over the rest."""
+        with self._lock:
+            taken = self.rx.put(data)
+            if taken:
+                self.received += taken
+                self._update_irq()
+            return taken
 
     # --- registers --------------------------------------------------------------
     def read(self, offset: int, size: int) -> int:
-        dlab = self.lcr & LCR_DLAB
-        if offset == LSR:
-            return LSR_THRE | LSR_TEMT
-        if offset == RBR_THR:
-            return self.divisor & 0xFF if dlab else 0
-        if offset == IER:
-            return self.divisor >> 8 if dlab else self.ier
-        if offset == IIR_FCR:
-            return self._read_iir()
-        if offset == LCR:
-            return self.lcr
-        if offset == MCR:
-            return self.mcr
-        if offset == MSR:
-            return self._modem_status()
-        if offset == SCR:
-            return self.scratch
-        return 0xFF
+        with self._lock:
+            dlab = self.lcr & LCR_DLAB
+            if offset == LSR:
+                return LSR_THRE | LSR_TEMT | (LSR_DR if len(self.rx) else 0)
+            if offset == RBR_THR:
+                if dlab:
+                    return self.divisor & 0xFF
+                return self._take()
+            if offset == IER:
+                return self.divisor >> 8 if dlab else self.ier
+            if offset == IIR_FCR:
+                return self._read_iir()
+            if offset == LCR:
+                return self.lcr
+            if offset == MCR:
+                return self.mcr
+            if offset == MSR:
+                return self._modem_status()
+            if offset == SCR:
+                return self.scratch
+            return 0xFF
 
     def write(self, offset: int, size: int, value: int) -> None:
         value &= 0xFF
-        dlab = self.lcr & LCR_DLAB
-        if offset == RBR_THR:
-            if dlab:
-                self.divisor = (self.divisor & 0xFF00) | value
-            else:
-                self._transmit(value)
-        elif offset == IER:
-            if dlab:
-                self.divisor = (self.divisor & 0x00FF) | value << 8
-            else:
-                enabling = value & IER_THRE and not self.ier & IER_THRE
-                self.ier = value & 0x0F
-                if enabling:
-                    self._thre_pending = True  # THR is empty: the 16550 interrupts at once
+        with self._lock:
+            dlab = self.lcr & LCR_DLAB
+            if offset == RBR_THR:
+                if dlab:
+                    self.divisor = (self.divisor & 0xFF00) | value
+                else:
+                    self._transmit(value)
+            elif offset == IER:
+                if dlab:
+                    self.divisor = (self.divisor & 0x00FF) | value << 8
+                else:
+                    enabling = value & IER_THRE and not self.ier & IER_THRE
+                    self.ier = value & 0x0F
+                    if enabling:
+                        self._thre_pending = True  # THR is empty: the 16550 interrupts at once
+                    self._update_irq()
+            elif offset == IIR_FCR:
+                if value & FCR_CLEAR_RX:
+                    self.rx.clear()
+                self.fcr = value & ~0x06  # the clear bits are self-clearing
                 self._update_irq()
-        elif offset == IIR_FCR:
-            self.fcr = value
-        elif offset == LCR:
-            self.lcr = value
-        elif offset == MCR:
-            self.mcr = value & 0x1F
-        elif offset == SCR:
-            self.scratch = value
+            elif offset == LCR:
+                self.lcr = value
+            elif offset == MCR:
+                self.mcr = value & 0x1F
+            elif offset == SCR:
+                self.scratch = value
+
+    def _take(self) -> int:
+        byte = self.rx.take()
+        if byte is None:
+            return 0
+        self._update_irq()
+        return byte
 
     def _transmit(self, byte: int) -> None:
-        self.transmitted += 1
-        output = self._output
-        if output is not None:
-            output.write(bytes((byte,)))
-            if byte == 0x0A and self._flush_lines:
-                output.flush()
+        if self.mcr & MCR_LOOP:
+            # Loopback: the byte goes to the receiver, not the line.
+            if self.rx.put(bytes((byte,))):
+                self.received += 1
+        else:
+            self.transmitted += 1
+            output = self._output
+            if output is not None:
+                output.write(bytes((byte,)))
+                if byte == 0x0A and self._flush_lines:
+                    output.flush()
         # Writing THR clears the THRE interrupt and the (instant) transmission sets
         # it again: lower the line first so an edge-triggered controller sees a
         # new edge for every byte.
@@ -125,8 +226,20 @@ class Uart16550(Device):
         self._thre_pending = True
         self._update_irq()
 
+    def _rx_interrupt(self) -> int:
+        """The receive interrupt IIR reports now, or 0."""
+        count = len(self.rx)
+        if not count or not self.ier & IER_RDA:
+            return 0
+        if not self.fcr & FCR_ENABLE or count >= RX_TRIGGER[self.fcr >> 6]:
+            return IIR_RDA
+        return IIR_TIMEOUT
+
     def _read_iir(self) -> int:
         fifo = IIR_FIFO_ENABLED if self.fcr & FCR_ENABLE else 0
+        rx = self._rx_interrupt()
+        if rx:
+            return rx | fifo  # cleared by reading RBR, not by reading IIR
         if self._thre_pending and self.ier & IER_THRE:
             self._thre_pending = False  # reading IIR acknowledges a THRE interrupt
             self._update_irq()
@@ -143,7 +256,7 @@ class Uart16550(Device):
     def _update_irq(self) -> None:
         if self._irq is None:
             return
-        level = bool(self._thre_pending and self.ier & IER_THRE)
+        level = bool(self._thre_pending and self.ier & IER_THRE) or bool(len(self.rx) and self.ier & IER_RDA)
         if level != self._irq_level:
             self._irq_level = level
             self._irq(level)

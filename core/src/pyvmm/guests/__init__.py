@@ -3,6 +3,10 @@
 ``demo/`` holds the demo guest ``pyvmm run`` boots when given no kernel: its
 source ``demo.S`` and the assembled ``demo.bin`` (checked against each other by
 the test suite).  ``demo_aarch64/`` is the same for the aarch64 machine.
+``echo/`` is a tiny interactive shell for the serial console (input through the
+16550's receive interrupt): :func:`echo_image`; ``echo_aarch64/`` echoes lines
+on the PL011 (polling, so it needs no interrupt controller):
+:func:`echo_aarch64_image`.
 """
 
 from __future__ import annotations
@@ -50,3 +54,50 @@ def demo_aarch64_binary() -> bytes:
 def demo_aarch64_image() -> Aarch64Image:
     """The aarch64 demo guest, ready for :class:`pyvmm.machine.Machine` with ``arch="aarch64"``."""
     return Aarch64Image(name="pyvmm aarch64 demo guest", code=demo_aarch64_binary(), address=DEMO_AARCH64_LOAD_ADDRESS)
+
+
+#: Where the echo guest is loaded and entered (``--load-address 0x100000``).
+ECHO_LOAD_ADDRESS = 0x10_0000
+
+
+def echo_source() -> str:
+    return (resources.files(__package__) / "echo" / "echo.S").read_text(encoding="utf-8")
+
+
+def echo_binary() -> bytes:
+    return (resources.files(__package__) / "echo" / "echo.bin").read_bytes()
+
+
+def echo_path() -> str:
+    """The echo guest's file, for ``pyvmm run --kernel PATH --load-address 0x100000``."""
+    return str(resources.files(__package__) / "echo" / "echo.bin")
+
+
+def echo_image() -> GuestImage:
+    """The echo guest (needs the hypervisor's interrupt controllers), ready for
+    :class:`pyvmm.machine.Machine`."""
+    return GuestImage(
+        name="pyvmm echo guest",
+        segments=((ECHO_LOAD_ADDRESS, echo_binary()),),
+        entry=ECHO_LOAD_ADDRESS,
+        mode=X86Mode.LONG,
+        stack=DEMO_STACK_TOP,
+    )
+
+
+def echo_aarch64_source() -> str:
+    return (resources.files(__package__) / "echo_aarch64" / "echo.S").read_text(encoding="utf-8")
+
+
+def echo_aarch64_binary() -> bytes:
+    return (resources.files(__package__) / "echo_aarch64" / "echo.bin").read_bytes()
+
+
+def echo_aarch64_path() -> str:
+    """For ``pyvmm run --arch aarch64 --kernel PATH --load-address 0x80000000``."""
+    return str(resources.files(__package__) / "echo_aarch64" / "echo.bin")
+
+
+def echo_aarch64_image() -> Aarch64Image:
+    """The aarch64 echo guest, ready for :class:`pyvmm.machine.Machine` with ``arch="aarch64"``."""
+    return Aarch64Image(name="pyvmm aarch64 echo guest", code=echo_aarch64_binary(), address=DEMO_AARCH64_LOAD_ADDRESS)

@@ -65,7 +65,8 @@ def load_kernel(
     header = find_header(data)
     kind = "Multiboot" if header is not None else "bzImage" if is_bzimage(data) else "ELF" if is_elf(data) else None
     if kind is not None and load_address is not None:
-        raise ImageError(path, f"load_address applies to flat binaries only; this is a {kind} image")
+        article = "an" if kind == "ELF" else "a"
+        raise ImageError(path, f"load_address applies to flat binaries only; this is {article} {kind} kernel")
     if header is not None:
         return load_multiboot(request, header)
     if kind == "bzImage":
