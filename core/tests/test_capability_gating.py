@@ -9,10 +9,11 @@ from typing import Any
 import pytest
 from coretests_support import ALL_CAPS, MakeBackend, ProbeBackend, RecordingBackend, register
 
-from pyvmm.arch.x86_64 import CpuidEntry, MsrEntry, Regs, Sregs
+from pyvmm.arch.x86_64 import CpuidEntry, MsrEntry, Regs, Sregs, VcpuEvents
 from pyvmm.capabilities import CAPABILITY_BY_HOOK, Capability
 from pyvmm.errors import UnsupportedCapability
 from pyvmm.host import Event
+from pyvmm.interrupts import IrqChip, IrqchipRoute, MsiRoute
 from pyvmm.manifest import Availability
 from pyvmm.memory import RamRegion
 from pyvmm.plugins import PluginRegistry
@@ -54,6 +55,7 @@ class Gate:
 
 #: The gated event calls only pass it through; one event serves every case.
 EVENT = Event()
+RESAMPLE = Event()
 
 
 GATES = [
@@ -139,6 +141,66 @@ GATES = [
     ),
     Gate("add_memory_after_start", Capability.LATE_MEMORY, "pyvmm_map_memory", _add_late),
     Gate("two_vcpus", Capability.MULTI_VCPU, "pyvmm_create_vm", lambda c: c.backend.create_vm({"vcpus": 2})),
+    # --- contract version 2: interrupts from userspace and the rest of the API ---
+    Gate(
+        "ready_for_interrupt",
+        Capability.INTERRUPT_INJECTION,
+        "pyvmm_ready_for_interrupt",
+        lambda c: c.vcpu().ready_for_interrupt(),
+    ),
+    Gate("interrupt", Capability.INTERRUPT_INJECTION, "pyvmm_inject_interrupt", lambda c: c.vcpu().interrupt(0x20)),
+    Gate(
+        "request_interrupt_window",
+        Capability.INTERRUPT_INJECTION,
+        "pyvmm_request_interrupt_window",
+        lambda c: c.vcpu().request_interrupt_window(True),
+    ),
+    Gate("inject_nmi", Capability.NMI, "pyvmm_inject_nmi", lambda c: c.vcpu().inject_nmi()),
+    Gate("get_events", Capability.VCPU_EVENTS, "pyvmm_get_vcpu_events", lambda c: c.vcpu().get_events()),
+    Gate("set_events", Capability.VCPU_EVENTS, "pyvmm_set_vcpu_events", lambda c: c.vcpu().set_events(VcpuEvents())),
+    Gate(
+        "unregister_irqfd",
+        Capability.IRQFD_REMOVAL,
+        "pyvmm_unregister_irqfd",
+        lambda c: c.vm.unregister_irqfd(EVENT, 4),
+    ),
+    Gate(
+        "register_resample_irqfd",
+        Capability.IRQFD_RESAMPLE,
+        "pyvmm_register_resample_irqfd",
+        lambda c: c.vm.register_irqfd(EVENT, 4, level=True, resample=RESAMPLE),
+    ),
+    Gate(
+        "set_gsi_routing",
+        Capability.GSI_ROUTING,
+        "pyvmm_set_gsi_routing",
+        lambda c: c.vm.set_gsi_routing([IrqchipRoute(4, IrqChip.IOAPIC, 4), MsiRoute(30, 0xFEE00000, 0x41)]),
+    ),
+    Gate("signal_msi", Capability.MSI, "pyvmm_signal_msi", lambda c: c.vm.signal_msi(0xFEE00000, 0x41)),
+    Gate("msr_index_list", Capability.MSR_INDEX_LIST, "pyvmm_get_msr_index_list", lambda c: c.vm.msr_index_list()),
+    Gate("feature_msrs", Capability.FEATURE_MSRS, "pyvmm_get_feature_msrs", lambda c: c.vm.feature_msrs()),
+    Gate("get_tsc_khz", Capability.TSC_FREQUENCY, "pyvmm_get_tsc_khz", lambda c: c.vcpu().get_tsc_khz()),
+    Gate("set_tsc_khz", Capability.TSC_SCALING, "pyvmm_set_tsc_khz", lambda c: c.vcpu().set_tsc_khz(1_000_000)),
+    Gate("get_tsc_offset", Capability.TSC_OFFSET, "pyvmm_get_tsc_offset", lambda c: c.vcpu().get_tsc_offset()),
+    Gate("set_tsc_offset", Capability.TSC_OFFSET, "pyvmm_set_tsc_offset", lambda c: c.vcpu().set_tsc_offset(-5)),
+    Gate(
+        "check_raw_capability",
+        Capability.RAW_CAPABILITIES,
+        "pyvmm_check_raw_capability",
+        lambda c: c.vm.check_raw_capability(0),
+    ),
+    Gate(
+        "enable_raw_capability",
+        Capability.RAW_CAPABILITIES,
+        "pyvmm_enable_raw_capability",
+        lambda c: c.vm.enable_raw_capability(188, 0, (2,)),
+    ),
+    Gate(
+        "enable_vcpu_raw_capability",
+        Capability.RAW_CAPABILITIES,
+        "pyvmm_enable_vcpu_raw_capability",
+        lambda c: c.vcpu().enable_raw_capability(123),
+    ),
 ]
 
 

@@ -73,6 +73,7 @@ SAMPLES: dict[str, tuple[tuple[Any, ...], dict[str, Any]]] = {
         ("kvm", Capability.DIRTY_LOG, "a dirty-logged region"),
         {"because": "a reason"},
     ),
+    "pyvmm.errors.MsrAccessError": (("KVM_SET_MSRS", 0xDEAD0000, 1, ((0x10, 5),)), {"write": True}),
 }
 
 

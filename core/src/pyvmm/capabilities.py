@@ -97,6 +97,65 @@ class Capability(str, enum.Enum):
     (:meth:`pyvmm.vm.Vm.add_device_tree_nodes`), after the board wrote its nodes and
     registered its irqfds, as crosvm's Gunyah backend does in ``create_fdt``."""
 
+    # --- interrupts from userspace (x86) ----------------------------------------
+    INTERRUPT_INJECTION = "interrupt_injection"
+    """The VMM delivers x86 external interrupts itself (crosvm's ``VcpuX86_64``
+    interrupt methods): whether the vCPU can take one now, inject a vector, and an
+    :class:`~pyvmm.exits.IrqWindowOpenExit` when a requested interrupt window opens
+    (hooks ``pyvmm_ready_for_interrupt``/``pyvmm_inject_interrupt``/
+    ``pyvmm_request_interrupt_window``).  What a VMM without the hypervisor's
+    interrupt controllers needs: HAXM has none, WHPX VMMs inject from userspace."""
+    NMI = "nmi"
+    """A non-maskable interrupt can be injected (hook ``pyvmm_inject_nmi``)."""
+    VCPU_EVENTS = "vcpu_events"
+    """The pending-event state (exception, interrupt, NMI, SMI being delivered, the
+    interrupt shadow, NMI blocking) can be read and written as a
+    :class:`pyvmm.arch.x86_64.VcpuEvents` (hooks ``pyvmm_get_vcpu_events``/
+    ``pyvmm_set_vcpu_events``)."""
+    INTERRUPT_SHADOW = "interrupt_shadow"
+    """The hypervisor models the one-instruction interrupt shadow after STI and
+    MOV SS: an interrupt window opens after the instruction that follows ``sti``.
+    (This machine's software KVM does not, and says so: it reports no
+    ``KVM_CAP_INTR_SHADOW``.)"""
+
+    # --- more of the interrupt API --------------------------------------------
+    IRQFD_REMOVAL = "irqfd_removal"
+    """An irqfd can be unregistered again (hook ``pyvmm_unregister_irqfd``)."""
+    IRQFD_RESAMPLE = "irqfd_resample"
+    """A level-triggered irqfd with a resample event: the hypervisor lowers the line
+    when the guest acknowledges the interrupt and signals the resample event, so the
+    device can raise it again if it still needs service (hook
+    ``pyvmm_register_resample_irqfd``)."""
+    GSI_ROUTING = "gsi_routing"
+    """The GSI routing table can be replaced: irqchip pins and MSI routes (hook
+    ``pyvmm_set_gsi_routing``)."""
+    MSI = "msi"
+    """A message signalled interrupt can be sent directly (hook ``pyvmm_signal_msi``)."""
+
+    # --- MSR lists, TSC -------------------------------------------------------
+    MSR_INDEX_LIST = "msr_index_list"
+    """The MSRs the hypervisor saves and restores can be listed (hook
+    ``pyvmm_get_msr_index_list``; crosvm ``get_msr_index_list``)."""
+    FEATURE_MSRS = "feature_msrs"
+    """The feature MSRs (what the host lets a guest see, such as
+    ``IA32_ARCH_CAPABILITIES``) can be read (hook ``pyvmm_get_feature_msrs``)."""
+    TSC_FREQUENCY = "tsc_frequency"
+    """A vCPU's TSC frequency can be read (hook ``pyvmm_get_tsc_khz``)."""
+    TSC_SCALING = "tsc_scaling"
+    """A vCPU's TSC frequency can be set (hook ``pyvmm_set_tsc_khz``)."""
+    TSC_OFFSET = "tsc_offset"
+    """A vCPU's TSC offset (guest TSC minus host TSC) can be read and set
+    (hooks ``pyvmm_get_tsc_offset``/``pyvmm_set_tsc_offset``)."""
+
+    # --- the per-backend escape hatch -------------------------------------------
+    RAW_CAPABILITIES = "raw_capabilities"
+    """The hypervisor's own capabilities can be queried and enabled by their own
+    numbers (KVM: ``KVM_CHECK_EXTENSION``, ``KVM_ENABLE_CAP``), so a VMM never
+    reaches into a backend's private attributes (hooks
+    ``pyvmm_check_raw_capability``/``pyvmm_enable_raw_capability``/
+    ``pyvmm_enable_vcpu_raw_capability``).  The numbers and what enabling one does
+    are the backend's: see its ``docs/backends/<name>.md``."""
+
 
 #: Capabilities core reads itself (beyond gating a hook), and where.  Every
 #: other capability either gates hooks (:func:`pyvmm.contract.hooks_by_capability`)
@@ -113,7 +172,9 @@ CORE_READS: dict[Capability, str] = {
 }
 
 #: Capabilities core never reads: they mirror crosvm's ``HypervisorCap``/``VmCap``
-#: so a VMM (and ``pyvmm backends``) can see them, and change nothing in core.
+#: so a VMM (and ``pyvmm backends``) can see them, or say how the hypervisor
+#: behaves for a VMM and the conformance suite to know (``INTERRUPT_SHADOW``),
+#: and change nothing in core.
 INFORMATIONAL: frozenset[Capability] = frozenset(
     {
         Capability.USER_MEMORY,
@@ -126,6 +187,7 @@ INFORMATIONAL: frozenset[Capability] = frozenset(
         Capability.MTE,
         Capability.SVE,
         Capability.NESTED_VIRT,
+        Capability.INTERRUPT_SHADOW,
     }
 )
 

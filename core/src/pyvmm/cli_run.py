@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import signal
 import sys
 import threading
@@ -16,14 +17,18 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 from types import FrameType
-from typing import TYPE_CHECKING, Any, BinaryIO, cast
+from typing import TYPE_CHECKING, Any, BinaryIO, TypeVar, cast
 
 from pyvmm.errors import ConfigError
 from pyvmm.machine.console import open_serial
 
 if TYPE_CHECKING:
+    from pyvmm.config import Arch
+    from pyvmm.gdbstub import GdbServer
     from pyvmm.machine.config import MachineConfig
+    from pyvmm.machine.console import ConsoleOutput, StatusLine
     from pyvmm.machine.machine import Machine
+    from pyvmm.vm import Backend
 
 EPILOG = """\
 Without --kernel, pyvmm runs its bundled demo guest for the architecture, which
@@ -45,7 +50,9 @@ Exit status: the guest's.
                     the hypervisor cannot emulate (its bytes are shown)
   124               --timeout ran out (the time counts from before the kernel
                     is loaded: a load that takes too long ends with 124 too)
-  130               interrupted (Ctrl-C), also while loading
+  130               interrupted (Ctrl-C; on an interactive console Ctrl-C goes to
+                    the guest and Ctrl-A x quits with 0), also while loading
+  128 + N           terminated by signal N (SIGTERM 143, SIGHUP 129)
 
 Files: --kernel and --initrd must be regular files no larger than the guest RAM,
 --config a regular file of at most 1 MiB; a FIFO, a device or a directory is
@@ -54,6 +61,24 @@ that has a reader; a write error there (a full disk, /dev/full) ends the run wit
 status 2.  --timeout takes seconds, above 0 and at most 1e9.
 
 Unhandled port and MMIO accesses read as all ones and are logged once per address.
+
+Console (--serial): stdio (the default; interactive when stdin is a terminal:
+raw mode while the guest runs, so every key, Ctrl-C too, goes to the guest;
+Ctrl-A x quits (status 0), Ctrl-A Ctrl-A sends Ctrl-A, Ctrl-A h lists the
+keys), none, pty (the pty's path is printed), unix:PATH (a socket server:
+socat -,raw,echo=0 unix-connect:PATH), or file:PATH / PATH.
+
+Debugging (--gdb tcp:HOST:PORT, HOST defaults to localhost, port 0 picks one):
+the guest waits before its first instruction until gdb connects and continues
+(gdb -ex 'target remote localhost:PORT').  Needs a backend with guest_debug.
+Breakpoints are hardware breakpoints (at most 4); memory addresses are
+translated through the guest's page tables on x86_64.
+
+Messages: one line names the backend, why it was chosen and the guest arch;
+on a terminal a status line shows exits/s while the console is quiet.  -q drops
+both, -v/-vv add info/debug messages, --log-level or $PYVMM_LOG sets the level.
+
+Machine files: examples/machine.toml shows every key, with what it does.
 """
 
 #: Machine fields and the options that set them, for error messages.
@@ -71,19 +96,61 @@ OPTION_NAMES = {
     "stats": "--stats",
     "testdev": "--testdev",
     "legacy_bios": "--legacy-bios",
+    "irqchip": "--irqchip",
+    "gdb": "--gdb",
 }
 CONFIG_OPTION = "--config"
 
 
-def add_run_parser(sub: Any) -> None:
-    """Add the ``run`` command to ``pyvmm``'s subparsers."""
+class _TypedStore(argparse._StoreAction):
+    """Stores the value and remembers how the option was spelled (``--smp`` or
+    ``--cpus``, ``-m`` or ``--memory``), so messages name it as typed."""
+
+    def __call__(self, parser: Any, namespace: Any, values: Any, option_string: str | None = None) -> None:
+        super().__call__(parser, namespace, values, option_string)
+        _remember(namespace, self.dest, option_string)
+
+
+class _TypedStoreTrue(argparse._StoreTrueAction):
+    def __call__(self, parser: Any, namespace: Any, values: Any, option_string: str | None = None) -> None:
+        super().__call__(parser, namespace, values, option_string)
+        _remember(namespace, self.dest, option_string)
+
+
+class _TypedBoolean(argparse.BooleanOptionalAction):
+    def __call__(self, parser: Any, namespace: Any, values: Any, option_string: str | None = None) -> None:
+        super().__call__(parser, namespace, values, option_string)
+        _remember(namespace, self.dest, option_string)
+
+
+def _remember(namespace: Any, dest: str, option_string: str | None) -> None:
+    if option_string:
+        typed = getattr(namespace, "_typed_options", None)
+        if typed is None:
+            typed = {}
+            namespace._typed_options = typed
+        typed[dest] = option_string
+
+
+def option_names(args: argparse.Namespace) -> dict[str, str]:
+    """Each field's option, as the user spelled it where they gave it."""
+    return {**OPTION_NAMES, **getattr(args, "_typed_options", {})}
+
+
+def add_run_parser(sub: Any, common: argparse.ArgumentParser | None = None) -> None:
+    """Add the ``run`` command to ``pyvmm``'s subparsers (``common``: options
+    every command takes)."""
     run = sub.add_parser(
         "run",
         help="run a guest on the x86_64 or aarch64 machine (the bundled demo guest without --kernel)",
         description="Run a guest on pyvmm's x86_64 PC or aarch64 virt machine.",
         epilog=EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
+        parents=[common] if common is not None else [],
     )
+    run.register("action", None, _TypedStore)
+    run.register("action", "store", _TypedStore)
+    run.register("action", "store_true", _TypedStoreTrue)
     run.add_argument("--config", type=Path, metavar="FILE", help="TOML machine file (options override its values)")
     run.add_argument(
         "--arch",
@@ -109,7 +176,15 @@ def add_run_parser(sub: Any) -> None:
     run.add_argument("--backend", metavar="NAME", help="backend (default: $PYVMM_BACKEND, else the best available)")
     run.add_argument("--timeout", type=float, metavar="S", help="stop after S seconds, exit status 124")
     run.add_argument(
-        "--serial", metavar="stdio|none|FILE", help="where the console's (COM1, PL011) output goes (default stdio)"
+        "--serial",
+        metavar="stdio|none|pty|unix:PATH|FILE",
+        help="the console (COM1, PL011): stdio (default; interactive on a terminal, Ctrl-A x quits), none, "
+        "pty, unix:PATH (socket server) or a file",
+    )
+    run.add_argument(
+        "--gdb",
+        metavar="tcp:HOST:PORT",
+        help="wait for gdb on HOST:PORT (HOST defaults to localhost) before the first instruction",
     )
     run.add_argument(
         "--stats", action="store_true", default=None, help="print exits per kind and time in guest vs Python"
@@ -119,10 +194,17 @@ def add_run_parser(sub: Any) -> None:
     )
     run.add_argument(
         "--legacy-bios",
-        action=argparse.BooleanOptionalAction,
+        action=_TypedBoolean,
         default=None,
         help="x86_64: set up the PC as a BIOS would: 8259s, PIT, vector table, ACPI tables, S3 resume "
         "(default: for Multiboot kernels only)",
+    )
+    run.add_argument(
+        "--irqchip",
+        choices=("auto", "kernel", "userspace", "none"),
+        help="the interrupt controllers and timer: the hypervisor's (kernel), pyvmm's 8259s and 8254 "
+        "(userspace: x86_64, one vCPU), none, or auto (default: the hypervisor's if it has them, else pyvmm's "
+        "where the backend can inject interrupts)",
     )
     run.set_defaults(func=cmd_run)
 
@@ -132,6 +214,19 @@ def _address(text: str) -> int:
         return int(text, 0)
     except ValueError:
         raise argparse.ArgumentTypeError(f"not an address: {text!r} (e.g. 0x100000)") from None
+
+
+def _restorer(number: int, previous: Any) -> Callable[[], object]:
+    return lambda: signal.signal(number, previous)
+
+
+class _Terminated(BaseException):
+    """SIGTERM or SIGHUP before the guest started (a BaseException, as
+    KeyboardInterrupt is)."""
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(signum)
+        self.signum = signum
 
 
 class _LoadTimeout(BaseException):
@@ -164,6 +259,12 @@ class _Signals:
             return self
         previous_int = signal.signal(signal.SIGINT, self._on_sigint)
         self._restore.append(lambda: signal.signal(signal.SIGINT, previous_int))
+        # SIGTERM and SIGHUP end the run as Ctrl-C does, so that the terminal
+        # is restored and the VM closed on the way out.
+        for name in ("SIGTERM", "SIGHUP"):
+            number = getattr(signal, name, None)
+            if number is not None:
+                self._restore.append(_restorer(number, signal.signal(number, self._on_terminate)))
         if self.timeout is not None:
             previous_alarm = signal.signal(signal.SIGALRM, self._on_alarm)
             self._restore.append(lambda: signal.signal(signal.SIGALRM, previous_alarm))
@@ -189,6 +290,14 @@ class _Signals:
         self.interrupted = True
         raise KeyboardInterrupt
 
+    def _on_terminate(self, signum: int, frame: FrameType | None) -> None:
+        name = signal.Signals(signum).name
+        if self.machine is None:
+            raise _Terminated(signum)
+        from pyvmm.machine.outcome import StopReason
+
+        self.machine.request_stop(StopReason.INTERRUPTED, 128 + signum, f"terminated by {name}")
+
     def _on_alarm(self, signum: int, frame: FrameType | None) -> None:
         if self.machine is None:
             raise _LoadTimeout
@@ -197,17 +306,25 @@ class _Signals:
         self.machine.request_stop(StopReason.TIMEOUT, STATUS_TIMEOUT, f"timeout after {self.timeout:g} s")
 
 
-def _named(exc: ConfigError, config: MachineConfig, file: Path | None, given: dict[str, Any]) -> ConfigError:
+def _named(
+    exc: ConfigError, config: MachineConfig, file: Path | None, given: dict[str, Any], names: dict[str, str]
+) -> ConfigError:
     """An image or file error from the loader, prefixed with the option (or
-    machine-file field) that named the file."""
+    machine-file field) that named the file; the load address is named as the
+    user gives it."""
     from pyvmm.machine.config import where_from
 
     path = getattr(exc, "path", None)
+    text = str(exc)
+    problem = getattr(exc, "problem", None)
+    if isinstance(problem, str) and "load_address" in problem:
+        spelled = names["load_address"] if "load_address" in given or file is None else "load_address"
+        text = f"{path}: {problem.replace('load_address', spelled)}"
     for field in ("kernel", "initrd"):
         value = getattr(config, field)
         if path is not None and value is not None and str(value) == path:
-            return ConfigError(f"{where_from(field, file, given, OPTION_NAMES)}: {exc}")
-    return exc
+            return ConfigError(f"{where_from(field, file, given, names)}: {text}")
+    return ConfigError(text) if text != str(exc) else exc
 
 
 def cmd_run(args: argparse.Namespace) -> int:
@@ -222,6 +339,10 @@ def cmd_run(args: argparse.Namespace) -> int:
         # came while the machine was built or torn down.
         print("pyvmm: interrupted: interrupted (Ctrl-C)", file=sys.stderr)
         return STATUS_INTERRUPTED
+    except _Terminated as exc:
+        name = signal.Signals(exc.signum).name
+        print(f"pyvmm: interrupted: terminated by {name}", file=sys.stderr)
+        return 128 + exc.signum
     except _LoadTimeout:
         print(
             f"pyvmm: timeout: timeout after {time.monotonic() - started:.3g} s, before the guest started "
@@ -237,38 +358,66 @@ def _run(args: argparse.Namespace) -> int:
     from pyvmm.machine.machine import Machine
     from pyvmm.machine.outcome import StopReason
 
+    names = option_names(args)
     overrides = {field: getattr(args, field) for field in OPTION_NAMES}
     given = {key: value for key, value in overrides.items() if value is not None}
     try:
-        config = build_config(args.config, overrides, option_names=OPTION_NAMES)
+        config = build_config(args.config, overrides, option_names=names)
     except ConfigError as exc:
         if args.config is not None and str(exc).startswith(f"{args.config}: cannot read"):
             raise ConfigError(f"{CONFIG_OPTION}: {exc}") from None
         raise
-    check_input_files(config, args.config, given, option_names=OPTION_NAMES)
-    inputs = {OPTION_NAMES[field]: getattr(config, field) for field in ("kernel", "initrd") if getattr(config, field)}
+    check_input_files(config, args.config, given, option_names=names)
+    inputs = {names[field]: getattr(config, field) for field in ("kernel", "initrd") if getattr(config, field)}
     if args.config is not None:
         inputs[CONFIG_OPTION] = args.config
+    words = _UserWords(args.config, given, names)
     with _Signals(config.timeout) as signals:
-        # The option names it, unless the machine file does (the default, stdio, is the option's).
-        from_file = "serial" not in given and args.config is not None and config.serial != "stdio"
-        serial_where = f"{args.config}: serial" if from_file else OPTION_NAMES["serial"]
-        console = open_serial(config.serial, serial_where, inputs)
+        backend, _ = words.call(lambda: _select_backend(config, words))
+        gdb = words.call(lambda: _gdb_server(config, backend, words)) if config.gdb is not None else None
+        console = None
         try:
+            # The option names it, unless the machine file does (the default, stdio, is the option's).
+            from_file = "serial" not in given and args.config is not None and config.serial != "stdio"
+            serial_where = f"{args.config}: serial" if from_file else names["serial"]
+            console = open_serial(config.serial, serial_where, inputs)
+            if console is not None and console.has_input and not console.interactive:
+                _say(f"serial console on {console.name}")
             sys.stdout.flush()
             try:
-                machine = Machine(config, serial_output=cast(BinaryIO, console) if console is not None else None)
+                machine = words.call(
+                    lambda: Machine(
+                        config, backend=backend, serial_output=cast(BinaryIO, console) if console is not None else None
+                    )
+                )
             except ImageError as exc:
-                raise _named(exc, config, args.config, given) from None
+                raise _named(exc, config, args.config, given, names) from None
             with machine:
+                stub = None
+                if gdb is not None:
+                    stub = gdb.attach(machine)
+                    _say(f"waiting for gdb on {gdb.host}:{gdb.port} (gdb -ex 'target remote {gdb.host}:{gdb.port}')")
+                status = _status_line(machine, console) if gdb is None else None
                 signals.machine = machine
                 try:
+                    if console is not None:
+                        console.connect(machine.devices.uart, machine.console_quit)
+                    if status is not None:
+                        status.start()
                     result = machine.run()
                 finally:
                     signals.disarm()
+                    if status is not None:
+                        status.stop()
+                    if stub is not None:
+                        stub.close()
         finally:
-            if console is not None:
-                console.close()
+            try:
+                if console is not None:
+                    console.close()
+            finally:
+                if gdb is not None:
+                    gdb.close()
     if result.reason not in (StopReason.DEBUG_EXIT, StopReason.POWEROFF):
         print(f"pyvmm: {result.reason.value}: {result.detail}", file=sys.stderr)
     if result.stats is not None:
@@ -278,30 +427,130 @@ def _run(args: argparse.Namespace) -> int:
     return result.status
 
 
-class _Formatter(logging.Formatter):
-    """``pyvmm: warning: ...``: kvm-unit-tests' runner accepts stderr lines that
-    say "warning"."""
+def _say(text: str) -> None:
+    """A line the user needs whatever the log level (a pty's path, the gdb port)."""
+    from pyvmm.machine.console import clear_status
 
-    def format(self, record: logging.LogRecord) -> str:
-        return f"pyvmm: {record.levelname.lower()}: {record.getMessage()}"
+    clear_status()
+    print(f"pyvmm: {text}", file=sys.stderr, flush=True)
 
 
-class _StderrHandler(logging.Handler):
-    """Writes to whatever ``sys.stderr`` is when a record comes (tests swap it)."""
+class _UserWords:
+    """Rewrites a configuration error from the machine layer so that it names
+    settings as the user gave them: ``cpus: ...`` becomes ``--smp: ...`` when
+    the value came from ``--smp``, or ``machine.toml: cpus: ...`` from the file."""
 
-    def emit(self, record: logging.LogRecord) -> None:
+    def __init__(self, file: Path | None, given: dict[str, Any], names: dict[str, str]) -> None:
+        self.file = file
+        self.given = given
+        self.names = names
+
+    def call(self, action: Callable[[], _T]) -> _T:
         try:
-            sys.stderr.write(self.format(record) + "\n")
-        except Exception:  # noqa: BLE001 - logging must never take the VMM down
-            self.handleError(record)
+            return action()
+        except ConfigError as exc:
+            if type(exc) is not ConfigError:
+                raise
+            raise ConfigError(self.rewrite(str(exc))) from None
+
+    def rewrite(self, message: str) -> str:
+        from pyvmm.machine.config import where_from
+
+        head, sep, rest = message.partition(": ")
+        fields = [part.strip() for part in head.split(",")]
+        if not sep or not fields or not all(field in OPTION_NAMES for field in fields):
+            return message
+        named = ", ".join(where_from(field, self.file, self.given, self.names) for field in fields)
+        return f"{named}: {rest}"
+
+
+_T = TypeVar("_T")
+
+
+def _select_backend(config: MachineConfig, words: _UserWords) -> tuple[Backend, Arch]:
+    """The backend (``--backend``, the machine file, ``$PYVMM_BACKEND``, else the
+    best available one that runs the guest's arch) and the guest arch; one line
+    on stderr says which and why."""
+    from pyvmm.cli_log import NOTICE
+    from pyvmm.machine.machine import machine_arch
+    from pyvmm.plugins import ENV_BACKEND, default_registry
+    from pyvmm.vm import Backend
+
+    registry = default_registry()
+    env = os.environ.get(ENV_BACKEND) or None
+    if config.backend is not None:
+        plugin = registry.select(config.backend)
+        why = words.names["backend"] if "backend" in words.given else f"{words.file}: backend"
+    elif env is not None:
+        plugin = registry.select(env)
+        why = f"${ENV_BACKEND}"
+    else:
+        plugin = registry.select(None, arch=config.arch)
+        why = _why_best(registry, plugin, config.arch)
+    backend = Backend(plugin)
+    arch = machine_arch(config.arch, backend)
+    logging.getLogger("pyvmm.cli").log(NOTICE, "backend %s (%s), %s guest", backend.name, why, arch.value)
+    return backend, arch
+
+
+def _why_best(registry: Any, chosen: Any, arch: Arch | None) -> str:
+    """ "best available" and what was passed over: backends ranked above the one
+    chosen, and those the policy kept out."""
+    passed = []
+    ranked = sorted(
+        (b for b in registry.backends.values() if b.manifest.auto_select), key=lambda b: (-b.manifest.priority, b.name)
+    )
+    for plugin in ranked:
+        if plugin is chosen:
+            break
+        if arch is not None and arch not in plugin.manifest.guest_arches:
+            passed.append(f"{plugin.name} runs no {arch.value} guests")
+        else:
+            passed.append(f"{plugin.name} unavailable: {plugin.availability().reason}")
+    for denied in registry.denied:
+        passed.append(f"{denied.backend or denied.source.entry_point} {denied.reason}")
+    what = f"best available for {arch.value}" if arch is not None else "best available"
+    return what + (f"; {'; '.join(passed)}" if passed else "")
+
+
+def _gdb_server(config: MachineConfig, backend: Backend, words: _UserWords) -> GdbServer:
+    """The gdb stub's listening socket, where the backend can be debugged.
+
+    :raises UnsupportedCapability: the backend has no GUEST_DEBUG or register access.
+    """
+    from pyvmm.capabilities import Capability
+    from pyvmm.gdbstub import GdbServer
+    from pyvmm.gdbstub.address import parse_gdb_address
+    from pyvmm.machine.config import where_from
+
+    where = where_from("gdb", words.file, words.given, words.names)
+    backend.require(Capability.GUEST_DEBUG, f"{where}: the gdb stub (single-step and breakpoints)")
+    backend.require(Capability.VCPU_REGISTERS, f"{where}: the gdb stub (registers)")
+    assert config.gdb is not None
+    host, port = parse_gdb_address(config.gdb)
+    return GdbServer(host, port, where=where)
+
+
+def _status_line(machine: Machine, console: ConsoleOutput | None) -> StatusLine | None:
+    """The status line, when stderr is a terminal and notices are shown."""
+    from pyvmm.cli_log import NOTICE, enabled
+    from pyvmm.machine.console import StatusLine
+
+    try:
+        terminal = sys.stderr.isatty()
+    except (AttributeError, ValueError):
+        terminal = False
+    if not terminal or not enabled(NOTICE):
+        return None
+    on_terminal = console if console is not None and console.name == "stdout" else None
+    return StatusLine(sys.stderr, machine.count_exits(), on_terminal)
 
 
 def _log_to_stderr() -> None:
+    """pyvmm's records on stderr, for callers of :func:`cmd_run` that did not go
+    through :func:`pyvmm.cli.main` (which sets the level from -v/-q/$PYVMM_LOG)."""
+    from pyvmm import cli_log
+
     logger = logging.getLogger("pyvmm")
-    if any(isinstance(handler, _StderrHandler) for handler in logger.handlers):
-        return
-    handler = _StderrHandler()
-    handler.setFormatter(_Formatter())
-    logger.addHandler(handler)
-    if logger.level == logging.NOTSET:
-        logger.setLevel(logging.WARNING)
+    if not any(isinstance(handler, cli_log.StderrHandler) for handler in logger.handlers):
+        cli_log.configure()

@@ -135,6 +135,62 @@ class VmStateError(PyvmmError, RuntimeError):
     (closed, already started, wrong thread, ...)."""
 
 
+class InterruptNotReady(VmStateError):
+    """An external interrupt was injected into a vCPU that cannot take one now:
+    interrupts are disabled (IF=0), an interrupt shadow (STI, MOV SS) blocks them,
+    or another event is being delivered.  Core raises it *instead of* calling the
+    backend, so nothing was queued.  Request an interrupt window
+    (:meth:`pyvmm.vm.Vcpu.request_interrupt_window`) and inject at its
+    :class:`~pyvmm.exits.IrqWindowOpenExit`."""
+
+    def __init__(self, vcpu: int, vector: int) -> None:
+        super().__init__(
+            f"vCPU {vcpu} cannot take interrupt vector {vector:#04x} now (interrupts disabled, an interrupt "
+            "shadow, or an event being delivered): request an interrupt window and inject at its exit"
+        )
+        self.vcpu = vcpu
+        self.vector = vector
+
+
+class MsrAccessError(PyvmmError):
+    """The hypervisor processed fewer MSRs than it was given: ``index`` is the first
+    one it refused (at ``position`` in the request), and ``completed`` holds the
+    ``(index, value)`` pairs it did process before it (the values read, for a
+    read; :attr:`entries` as records).
+
+    This is what the hypervisor reported, not an error code: KVM's
+    ``KVM_GET_MSRS``/``KVM_SET_MSRS`` return how many MSRs they processed and stop
+    at the first failure, without an errno (``docs/backends/kvm.md`` §2.3), so
+    none is invented here.  (crosvm turns the same short count into ``ENOENT``
+    for a read and ``EPERM`` for a write.)
+    """
+
+    def __init__(
+        self,
+        operation: str,
+        index: int,
+        position: int,
+        completed: tuple[tuple[int, int], ...] = (),
+        *,
+        write: bool = False,
+    ) -> None:
+        done = f" (the {position} MSR(s) before it were processed)" if position else ""
+        verb = "written" if write else "read"
+        super().__init__(f"{operation}: MSR {index:#x} cannot be {verb}{done}")
+        self.operation = operation
+        self.index = index
+        self.position = position
+        self.completed = tuple((int(i), int(v)) for i, v in completed)
+        self.write = write
+
+    @property
+    def entries(self) -> list[Any]:
+        """:attr:`completed` as :class:`pyvmm.arch.x86_64.MsrEntry` records."""
+        from pyvmm.arch.x86_64 import MsrEntry
+
+        return [MsrEntry(index, value) for index, value in self.completed]
+
+
 # --- error codes and their spaces ---------------------------------------------------
 
 

@@ -49,12 +49,13 @@ from typing import TYPE_CHECKING, Any
 
 import pluggy
 
-from pyvmm.arch.x86_64 import CpuidEntry, MsrEntry
+from pyvmm.arch.x86_64 import CpuidEntry, MsrEntry, VcpuEvents
 from pyvmm.boot import BootSpec, VcpuInit
 from pyvmm.capabilities import Capability as Cap
 from pyvmm.config import VmConfig
 from pyvmm.contract import hook_info
 from pyvmm.exits import VcpuExit
+from pyvmm.interrupts import IrqRoute
 from pyvmm.manifest import BackendManifest
 from pyvmm.memory import RamRegion
 from pyvmm.vcpu_state import IoEventAddress, StateKind
@@ -141,9 +142,10 @@ def pyvmm_map_memory(vm: Any, region: RamRegion) -> None:
     chose (lowest free), ``region.read_only`` / ``region.log_dirty`` are only ever
     set when the backend declares ``READ_ONLY_MEMORY`` / ``DIRTY_LOG``.  Core has
     checked alignment and overlap.  On error nothing may remain mapped.
-    A backend that lends the pages to the guest (the host loses access, as for
-    Gunyah's protected VMs) sets ``region.host_accessible = False``; core then
-    refuses every host access to the region.
+    A backend whose hypervisor takes the pages from the host (memory lent to a
+    protected VM) sets ``region.host_accessible = False`` when that happens --
+    here, or in :func:`pyvmm_start_vm` where the hypervisor takes them only then
+    (Gunyah); core then refuses every host access to the region.
 
     Example::
 
@@ -251,7 +253,9 @@ def pyvmm_set_boot_context(vm: Any, boot: BootSpec) -> None:
 def pyvmm_start_vm(vm: Any) -> None:
     """``VM_START``: start the VM.
 
-    Called once, after the boot context is set and before any vCPU runs.
+    Called once, after the boot context is set and before any vCPU runs.  A
+    hypervisor that takes lent memory from the host at start: set
+    ``region.host_accessible = False`` on those regions here.
 
     Example::
 
@@ -367,7 +371,9 @@ def pyvmm_set_vcpu_state(vcpu: Any, kind: StateKind, value: Any) -> None:
 def pyvmm_get_msrs(vcpu: Any, indices: list[int]) -> list[MsrEntry]:
     """``MSRS``: read the MSRs ``indices``.
 
-    An MSR the hypervisor refuses raises :class:`pyvmm.errors.HypervisorError`.
+    An MSR the hypervisor refuses raises :class:`pyvmm.errors.MsrAccessError`
+    naming it and carrying the entries read before it; a failing host call raises
+    :class:`pyvmm.errors.HypervisorError`.
 
     Example::
 
@@ -379,7 +385,8 @@ def pyvmm_get_msrs(vcpu: Any, indices: list[int]) -> list[MsrEntry]:
 @hookspec
 @hook_info(on="vcpu", capability=Cap.MSRS)
 def pyvmm_set_msrs(vcpu: Any, entries: list[MsrEntry]) -> None:
-    """``MSRS``: write MSRs; all or an error naming the first refused.
+    """``MSRS``: write MSRs; all, or :class:`pyvmm.errors.MsrAccessError` naming the
+    first one refused (those before it were written).
 
     Example::
 
@@ -449,7 +456,9 @@ def pyvmm_register_irqfd(vm: Any, event: Event, line: int, level: bool) -> None:
     """``IRQFD``: signalling ``event`` raises interrupt ``line``.
 
     ``line`` is a GSI on KVM, a doorbell label on Gunyah; ``level`` asks for a
-    level-triggered interrupt.  (Contract version 1 passed the descriptor as ``fd``.)
+    level-triggered interrupt without a resample event (with one:
+    :func:`pyvmm_register_resample_irqfd`).  (Contract version 1 passed the
+    descriptor as ``fd``.)
 
     Example::
 
@@ -513,4 +522,308 @@ def pyvmm_add_device_tree_nodes(vm: Any, tree: DeviceTree) -> None:
 
         def add_device_tree_nodes(self, tree: DeviceTree) -> None:   # GunyahVm
             add_vm_config_nodes(tree, self.ram_base, self.ram_size, self.doorbells())
+    """
+
+
+# --- x86 interrupts from userspace (contract version 2) -------------------------
+
+
+@hookspec
+@hook_info(on="vcpu", method="ready_for_interrupt", capability=Cap.INTERRUPT_INJECTION, since=2)
+def pyvmm_ready_for_interrupt(vcpu: Any) -> bool:
+    """``INTERRUPT_INJECTION``: whether the vCPU can take an external interrupt now.
+
+    True only when the guest has interrupts enabled (RFLAGS.IF), no interrupt
+    shadow blocks them and no other event is being delivered, as the hypervisor
+    reported at the last exit (before the first run: False).  Core calls it before
+    every :func:`pyvmm_inject_interrupt` and refuses the injection with
+    :class:`pyvmm.errors.InterruptNotReady` when it is False.
+
+    Example::
+
+        def ready_for_interrupt(self) -> bool:              # KvmVcpu
+            run = self._view      # kvm_run: ready_for_interrupt_injection, if_flag
+            return bool(run[12] and run[13])
+    """
+
+
+@hookspec
+@hook_info(on="vcpu", method="interrupt", capability=Cap.INTERRUPT_INJECTION, since=2)
+def pyvmm_inject_interrupt(vcpu: Any, vector: int) -> None:
+    """``INTERRUPT_INJECTION``: deliver external interrupt ``vector`` (0-255) on the
+    next run.
+
+    Core calls it only right after :func:`pyvmm_ready_for_interrupt` said True.
+    A VMM injects at most one vector per exit: some hypervisors keep only the last
+    one asked for (KVM, WHPX), others queue them all (HAXM); for the next one it
+    requests an interrupt window.  The guest takes it through its IDT (or the
+    real-mode vector table) before executing anything else.
+
+    Example::
+
+        def interrupt(self, vector: int) -> None:           # KvmVcpu
+            self.host.ioctl(self.fd, KVM_INTERRUPT, ffi.new("struct kvm_interrupt *", {"irq": vector}))
+    """
+
+
+@hookspec
+@hook_info(on="vcpu", method="request_interrupt_window", capability=Cap.INTERRUPT_INJECTION, since=2)
+def pyvmm_request_interrupt_window(vcpu: Any, requested: bool) -> None:
+    """``INTERRUPT_INJECTION``: ask for (or stop asking for) an interrupt-window exit.
+
+    While requested, ``run`` returns a :class:`pyvmm.exits.IrqWindowOpenExit` as
+    soon as the guest can take an interrupt (after ``sti`` and the instruction it
+    shadows, or at once if it already can); the VMM then injects and withdraws the
+    request.  The request stays until withdrawn.
+
+    Example::
+
+        def request_interrupt_window(self, requested: bool) -> None:   # KvmVcpu
+            self._view[0] = int(requested)    # kvm_run.request_interrupt_window
+    """
+
+
+@hookspec
+@hook_info(on="vcpu", method="inject_nmi", capability=Cap.NMI, since=2)
+def pyvmm_inject_nmi(vcpu: Any) -> None:
+    """``NMI``: make a non-maskable interrupt pending on the vCPU.
+
+    It is delivered on a later run even with interrupts disabled, unless NMIs are
+    blocked (an NMI handler has not yet returned with IRET); then it waits.
+
+    Example::
+
+        def inject_nmi(self) -> None:                       # KvmVcpu
+            self.host.ioctl(self.fd, KVM_NMI)
+    """
+
+
+@hookspec
+@hook_info(on="vcpu", method="get_events", capability=Cap.VCPU_EVENTS, since=2)
+def pyvmm_get_vcpu_events(vcpu: Any) -> VcpuEvents:
+    """``VCPU_EVENTS``: the vCPU's pending-event state.
+
+    :returns: a :class:`pyvmm.arch.x86_64.VcpuEvents`; a field the hypervisor does
+        not report is None.
+
+    Example::
+
+        def get_events(self) -> VcpuEvents:                 # KvmVcpu
+            return events_from_kvm(self._get("struct kvm_vcpu_events *", KVM_GET_VCPU_EVENTS))
+    """
+
+
+@hookspec
+@hook_info(on="vcpu", method="set_events", capability=Cap.VCPU_EVENTS, since=2)
+def pyvmm_set_vcpu_events(vcpu: Any, events: VcpuEvents) -> None:
+    """``VCPU_EVENTS``: replace the vCPU's pending-event state; a field that is None
+    keeps the hypervisor's value.  Core has checked every field's range.
+
+    Example::
+
+        def set_events(self, events: VcpuEvents) -> None:   # KvmVcpu
+            self.host.ioctl(self.fd, KVM_SET_VCPU_EVENTS, events_to_kvm(events))
+    """
+
+
+# --- irqfds, routing, MSIs (contract version 2) ----------------------------------
+
+
+@hookspec
+@hook_info(on="vm", capability=Cap.IRQFD_REMOVAL, since=2)
+def pyvmm_unregister_irqfd(vm: Any, event: Event, line: int) -> None:
+    """``IRQFD_REMOVAL``: undo :func:`pyvmm_register_irqfd` (or
+    :func:`pyvmm_register_resample_irqfd`) of ``event`` on ``line``; a signal of
+    ``event`` then raises nothing.
+
+    Example::
+
+        def unregister_irqfd(self, event, line: int) -> None:             # KvmVm
+            self.host.ioctl(self.fd, KVM_IRQFD, irqfd(event.fileno(), line, flags=KVM_IRQFD_FLAG_DEASSIGN))
+    """
+
+
+@hookspec
+@hook_info(on="vm", capability=Cap.IRQFD_RESAMPLE, since=2)
+def pyvmm_register_resample_irqfd(vm: Any, event: Event, line: int, resample: Event) -> None:
+    """``IRQFD_RESAMPLE``: a level-triggered irqfd: signalling ``event`` raises
+    ``line`` and keeps it raised; when the guest acknowledges the interrupt (its
+    EOI), the hypervisor lowers the line and signals ``resample``, and the device
+    signals ``event`` again if it still needs service.
+
+    Example::
+
+        def register_resample_irqfd(self, event, line: int, resample) -> None:   # KvmVm
+            self.host.ioctl(self.fd, KVM_IRQFD, irqfd(event.fileno(), line, KVM_IRQFD_FLAG_RESAMPLE, resample.fileno()))
+    """
+
+
+@hookspec
+@hook_info(on="vm", capability=Cap.GSI_ROUTING, since=2)
+def pyvmm_set_gsi_routing(vm: Any, routes: list[IrqRoute]) -> None:
+    """``GSI_ROUTING``: replace the whole GSI routing table with ``routes``
+    (:class:`pyvmm.interrupts.IrqchipRoute` and :class:`pyvmm.interrupts.MsiRoute`
+    records; a GSI may appear more than once).  Routes left out are gone, the
+    hypervisor's defaults included.
+
+    Example::
+
+        def set_gsi_routing(self, routes: list[IrqRoute]) -> None:        # KvmVm
+            self.host.ioctl(self.fd, KVM_SET_GSI_ROUTING, routing_to_kvm(routes))
+    """
+
+
+@hookspec
+@hook_info(on="vm", capability=Cap.MSI, since=2)
+def pyvmm_signal_msi(vm: Any, address: int, data: int) -> bool:
+    """``MSI``: send the message signalled interrupt ``data`` to ``address``.
+
+    :returns: True if it was delivered, False if it was not delivered anew (as the
+        hypervisor reports: KVM returns 0 when the guest blocked it or one is still
+        pending).
+    :raises HypervisorError: the hypervisor refused it (KVM: no interrupt
+        controller in the kernel, or no vCPU took it).
+
+    Example::
+
+        def signal_msi(self, address: int, data: int) -> bool:            # KvmVm
+            msi = ffi.new("struct kvm_msi *", {"address_lo": address & 0xFFFFFFFF,
+                                               "address_hi": address >> 32, "data": data})
+            return self.host.ioctl(self.fd, KVM_SIGNAL_MSI, msi) > 0
+    """
+
+
+# --- MSR lists and the TSC (contract version 2) ---------------------------------
+
+
+@hookspec
+@hook_info(on="vm", capability=Cap.MSR_INDEX_LIST, since=2)
+def pyvmm_get_msr_index_list(vm: Any) -> list[int]:
+    """``MSR_INDEX_LIST``: the indices of the MSRs the hypervisor saves and restores
+    for a vCPU (what a VMM snapshots).
+
+    Example::
+
+        def get_msr_index_list(self) -> list[int]:          # KvmVm
+            return self.kvm.msr_index_list()     # KVM_GET_MSR_INDEX_LIST on /dev/kvm
+    """
+
+
+@hookspec
+@hook_info(on="vm", capability=Cap.FEATURE_MSRS, since=2)
+def pyvmm_get_feature_msrs(vm: Any) -> list[MsrEntry]:
+    """``FEATURE_MSRS``: the feature MSRs and the values the hypervisor can give a
+    guest (what a VMM may put in a vCPU's MSRs, as it does with CPUID).
+
+    :raises MsrAccessError: the hypervisor listed a feature MSR it then did not read.
+
+    Example::
+
+        def get_feature_msrs(self) -> list[MsrEntry]:       # KvmVm
+            return self.kvm.feature_msrs()   # KVM_GET_MSR_FEATURE_INDEX_LIST, then KVM_GET_MSRS on /dev/kvm
+    """
+
+
+@hookspec
+@hook_info(on="vcpu", method="get_tsc_khz", capability=Cap.TSC_FREQUENCY, since=2)
+def pyvmm_get_tsc_khz(vcpu: Any) -> int:
+    """``TSC_FREQUENCY``: the vCPU's TSC frequency in kHz.
+
+    Example::
+
+        def get_tsc_khz(self) -> int:                       # KvmVcpu
+            return self.host.ioctl(self.fd, KVM_GET_TSC_KHZ)
+    """
+
+
+@hookspec
+@hook_info(on="vcpu", method="set_tsc_khz", capability=Cap.TSC_SCALING, since=2)
+def pyvmm_set_tsc_khz(vcpu: Any, khz: int) -> None:
+    """``TSC_SCALING``: set the vCPU's TSC frequency (kHz, above 0).
+
+    Example::
+
+        def set_tsc_khz(self, khz: int) -> None:            # KvmVcpu
+            self.host.ioctl(self.fd, KVM_SET_TSC_KHZ, khz)
+    """
+
+
+@hookspec
+@hook_info(on="vcpu", method="get_tsc_offset", capability=Cap.TSC_OFFSET, since=2)
+def pyvmm_get_tsc_offset(vcpu: Any) -> int:
+    """``TSC_OFFSET``: what the hypervisor adds to the host TSC for this vCPU, as an
+    unsigned 64-bit value (guest TSC = host TSC + offset, modulo 2**64, at equal
+    frequencies).
+
+    Example::
+
+        def get_tsc_offset(self) -> int:                    # KvmVcpu
+            return self._tsc_attribute(KVM_GET_DEVICE_ATTR)
+    """
+
+
+@hookspec
+@hook_info(on="vcpu", method="set_tsc_offset", capability=Cap.TSC_OFFSET, since=2)
+def pyvmm_set_tsc_offset(vcpu: Any, offset: int) -> None:
+    """``TSC_OFFSET``: set the vCPU's TSC offset (unsigned 64-bit; a negative offset
+    is its two's complement).
+
+    Example::
+
+        def set_tsc_offset(self, offset: int) -> None:      # KvmVcpu
+            self._tsc_attribute(KVM_SET_DEVICE_ATTR, offset)
+    """
+
+
+# --- the per-backend escape hatch (contract version 2) ---------------------------
+
+
+@hookspec
+@hook_info(on="vm", capability=Cap.RAW_CAPABILITIES, since=2)
+def pyvmm_check_raw_capability(vm: Any, capability: int) -> int:
+    """``RAW_CAPABILITIES``: ask the hypervisor about one of its own capabilities,
+    by its own number, for this VM.
+
+    The numbers are the backend's (KVM: ``KVM_CAP_*``), listed in its
+    ``docs/backends/<name>.md``; pyvmm passes them through unchanged.
+
+    :returns: what the hypervisor answered (KVM: 0 for absent, a positive value,
+        sometimes a count, for present).
+
+    Example::
+
+        def check_raw_capability(self, capability: int) -> int:          # KvmVm
+            return self.host.ioctl(self.fd, KVM_CHECK_EXTENSION, capability)
+    """
+
+
+@hookspec
+@hook_info(on="vm", capability=Cap.RAW_CAPABILITIES, since=2)
+def pyvmm_enable_raw_capability(vm: Any, capability: int, flags: int, args: tuple[int, ...]) -> int:
+    """``RAW_CAPABILITIES``: enable one of the hypervisor's own capabilities on the
+    VM, by its own number, with its flags and arguments (KVM: ``KVM_ENABLE_CAP``
+    on the VM fd, four 64-bit arguments; core pads ``args`` with zeros).
+
+    What an enabled capability changes (new exits, different behaviour) is the
+    VMM's to handle; the backend does not track it.
+
+    :returns: what the hypervisor returned (KVM: 0, or a capability's own value).
+
+    Example::
+
+        def enable_raw_capability(self, capability: int, flags: int, args) -> int:   # KvmVm
+            return self.host.ioctl(self.fd, KVM_ENABLE_CAP, enable_cap(capability, flags, args))
+    """
+
+
+@hookspec
+@hook_info(on="vcpu", method="enable_raw_capability", capability=Cap.RAW_CAPABILITIES, since=2)
+def pyvmm_enable_vcpu_raw_capability(vcpu: Any, capability: int, flags: int, args: tuple[int, ...]) -> int:
+    """``RAW_CAPABILITIES``: as :func:`pyvmm_enable_raw_capability`, for one vCPU
+    (KVM: ``KVM_ENABLE_CAP`` on the vCPU fd; crosvm's ``enable_raw_capability``).
+
+    Example::
+
+        def enable_raw_capability(self, capability: int, flags: int, args) -> int:   # KvmVcpu
+            return self.host.ioctl(self.fd, KVM_ENABLE_CAP, enable_cap(capability, flags, args))
     """

@@ -20,14 +20,22 @@ from typing import TYPE_CHECKING, Any, NoReturn
 
 from pydantic import ValidationError
 
-from pyvmm.arch.x86_64 import CpuidEntry, DebugRegs, Fpu, MsrEntry, Regs, Sregs
+from pyvmm.arch.x86_64 import CpuidEntry, DebugRegs, Fpu, MsrEntry, Regs, Sregs, VcpuEvents
 from pyvmm.backend.plugin import FORWARD_ATTRIBUTE
 from pyvmm.boot import Aarch64VcpuInit, BootSpec, VcpuInit, X86VcpuInit
 from pyvmm.capabilities import Capability, CapabilitySet
 from pyvmm.config import PAGE_SIZE, Arch, MemoryRegionSpec, Protection, VmConfig, validation_message
 from pyvmm.contract import HookSpecInfo, specs
-from pyvmm.errors import ConfigError, GuestMemoryError, PyvmmError, UnsupportedCapability, VmStateError
+from pyvmm.errors import (
+    ConfigError,
+    GuestMemoryError,
+    InterruptNotReady,
+    PyvmmError,
+    UnsupportedCapability,
+    VmStateError,
+)
 from pyvmm.exits import VcpuExit
+from pyvmm.interrupts import IrqchipRoute, IrqRoute, MsiRoute
 from pyvmm.manifest import Availability, BackendManifest
 from pyvmm.memory import GuestMemory, RamRegion
 from pyvmm.plugins import BackendPlugin, PluginRegistry, default_registry
@@ -44,7 +52,7 @@ def _validated(model: Any, value: Any, what: str) -> Any:
     try:
         return model.model_validate(value)
     except ValidationError as exc:
-        raise ConfigError(f"invalid {what}: {validation_message(exc)}") from exc
+        raise ConfigError(f"invalid {what}: {validation_message(exc, model)}") from exc
 
 
 class Backend:
@@ -128,6 +136,25 @@ class BackendHooks:
     create_irqchip: Callable[[Any], None]
     set_guest_debug: Callable[[Any, bool, list[int]], None]
     add_device_tree_nodes: Callable[[Any, DeviceTree], None]
+    ready_for_interrupt: Callable[[Any], bool]
+    inject_interrupt: Callable[[Any, int], None]
+    request_interrupt_window: Callable[[Any, bool], None]
+    inject_nmi: Callable[[Any], None]
+    get_vcpu_events: Callable[[Any], VcpuEvents]
+    set_vcpu_events: Callable[[Any, VcpuEvents], None]
+    unregister_irqfd: Callable[[Any, Event, int], None]
+    register_resample_irqfd: Callable[[Any, Event, int, Event], None]
+    set_gsi_routing: Callable[[Any, list[IrqRoute]], None]
+    signal_msi: Callable[[Any, int, int], bool]
+    get_msr_index_list: Callable[[Any], list[int]]
+    get_feature_msrs: Callable[[Any], list[MsrEntry]]
+    get_tsc_khz: Callable[[Any], int]
+    set_tsc_khz: Callable[[Any, int], None]
+    get_tsc_offset: Callable[[Any], int]
+    set_tsc_offset: Callable[[Any, int], None]
+    check_raw_capability: Callable[[Any, int], int]
+    enable_raw_capability: Callable[[Any, int, int, tuple[int, ...]], int]
+    enable_vcpu_raw_capability: Callable[[Any, int, int, tuple[int, ...]], int]
 
     def __init__(self, plugin: BackendPlugin, capabilities: CapabilitySet) -> None:
         version = plugin.manifest.contract_version
@@ -184,16 +211,43 @@ def _check_records(value: object) -> None:
             check()
 
 
-def _check_event(event: object) -> None:
+def _check_event(event: object, name: str = "event") -> None:
     from pyvmm.host import Event
 
     if not isinstance(event, Event):
-        raise ConfigError(f"event: a pyvmm.host.Event is needed, not {type(event).__name__}")
+        raise ConfigError(f"{name}: a pyvmm.host.Event is needed, not {type(event).__name__}")
 
 
-def get_backend(name: str | None = None, registry: PluginRegistry | None = None) -> Backend:
-    """Select a backend: ``name``, else ``$PYVMM_BACKEND``, else the best available."""
-    return Backend((registry or default_registry()).select(name))
+def _check_uint(name: str, value: object, bits: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value < 1 << bits:
+        raise ConfigError(f"{name}: {value!r} is out of range: must be an integer from 0 to {(1 << bits) - 1:#x}")
+
+
+def _check_line(line: object) -> None:
+    _check_uint("line", line, 32)
+
+
+#: How many arguments a raw capability takes (KVM's ``kvm_enable_cap.args``).
+RAW_CAPABILITY_ARGS = 4
+
+
+def _raw_capability_args(capability: object, flags: object, args: object) -> tuple[int, ...]:
+    """``args`` padded with zeros to :data:`RAW_CAPABILITY_ARGS` 64-bit values."""
+    _check_uint("capability", capability, 32)
+    _check_uint("flags", flags, 32)
+    if not isinstance(args, (tuple, list)) or len(args) > RAW_CAPABILITY_ARGS:
+        raise ConfigError(f"args: at most {RAW_CAPABILITY_ARGS} integers, not {args!r}")
+    for index, value in enumerate(args):
+        _check_uint(f"args[{index}]", value, 64)
+    return tuple(args) + (0,) * (RAW_CAPABILITY_ARGS - len(args))
+
+
+def get_backend(
+    name: str | None = None, registry: PluginRegistry | None = None, *, arch: Arch | None = None
+) -> Backend:
+    """Select a backend: ``name``, else ``$PYVMM_BACKEND``, else the best available
+    (for guests of ``arch``, when given)."""
+    return Backend((registry or default_registry()).select(name, arch=arch))
 
 
 class Vm:
@@ -247,8 +301,9 @@ class Vm:
         ``read_only=True`` needs ``READ_ONLY_MEMORY``; ``log_dirty=True`` needs
         ``DIRTY_LOG``; after :meth:`start` it needs ``LATE_MEMORY``.
         ``contents`` (guest address -> bytes) is written into the region *before*
-        the backend maps it: the only way to load a protected VM's payload, whose
-        memory the host loses once it is lent to the guest.
+        the backend maps it: the way to load a protected VM's payload on a backend
+        whose hypervisor takes lent memory from the host as soon as it is mapped
+        (others, such as Gunyah, take it only when the VM starts).
         """
         self._check_open()
         if isinstance(guest_phys_addr, MemoryRegionSpec):
@@ -406,12 +461,88 @@ class Vm:
         self._check_open()
         self._hooks.set_irq_line(self.handle, line, level)
 
-    def register_irqfd(self, event: Event, line: int, level: bool = False) -> None:
-        """Make a signal of ``event`` raise interrupt ``line`` (``IRQFD``)."""
+    def register_irqfd(self, event: Event, line: int, level: bool = False, resample: Event | None = None) -> None:
+        """Make a signal of ``event`` raise interrupt ``line`` (``IRQFD``).
+
+        ``level=True`` makes it level-triggered.  With a ``resample`` event
+        (``IRQFD_RESAMPLE``, ``level=True`` only) the line stays raised until the
+        guest acknowledges the interrupt; the hypervisor then lowers it and signals
+        ``resample``, and the device signals ``event`` again while it still needs
+        service.
+        """
         self._check_open()
         self.backend.require(Capability.IRQFD, "irqfds")
         _check_event(event)
-        self._hooks.register_irqfd(self.handle, event, line, level)
+        _check_line(line)
+        if resample is None:
+            self._hooks.register_irqfd(self.handle, event, line, level)
+            return
+        if not level:
+            raise ConfigError("resample: a resample event is for a level-triggered irqfd (level=True)")
+        self.backend.require(Capability.IRQFD_RESAMPLE, "a level-triggered irqfd with a resample event")
+        _check_event(resample, "resample")
+        if resample is event:
+            raise ConfigError("resample: must be another Event than the irqfd's own")
+        self._hooks.register_resample_irqfd(self.handle, event, line, resample)
+
+    def unregister_irqfd(self, event: Event, line: int) -> None:
+        """Undo :meth:`register_irqfd` of ``event`` on ``line`` (``IRQFD_REMOVAL``)."""
+        self._check_open()
+        self.backend.require(Capability.IRQFD_REMOVAL, "unregister an irqfd")
+        _check_event(event)
+        _check_line(line)
+        self._hooks.unregister_irqfd(self.handle, event, line)
+
+    def set_gsi_routing(self, routes: list[IrqRoute]) -> None:
+        """Replace the whole GSI routing table (``GSI_ROUTING``): each route is an
+        :class:`~pyvmm.interrupts.IrqchipRoute` or an :class:`~pyvmm.interrupts.MsiRoute`.
+        Routes left out are gone, the hypervisor's default ones included."""
+        self._check_open()
+        self.backend.require(Capability.GSI_ROUTING, "GSI routing")
+        table = list(routes)
+        for route in table:
+            if not isinstance(route, (IrqchipRoute, MsiRoute)):
+                raise ConfigError(f"routes: an IrqchipRoute or MsiRoute is needed, not {type(route).__name__}")
+        self._hooks.set_gsi_routing(self.handle, table)
+
+    def signal_msi(self, address: int, data: int) -> bool:
+        """Send a message signalled interrupt (``MSI``): ``data`` to ``address``.
+        True if it was delivered, False if it was not delivered anew (blocked by
+        the guest, or one still pending), as the hypervisor reports."""
+        self._check_open()
+        self.backend.require(Capability.MSI, "signal an MSI")
+        _check_uint("address", address, 64)
+        _check_uint("data", data, 32)
+        return bool(self._hooks.signal_msi(self.handle, address, data))
+
+    # --- MSR lists and raw capabilities --------------------------------------
+    def msr_index_list(self) -> list[int]:
+        """The MSRs the hypervisor saves and restores for a vCPU (``MSR_INDEX_LIST``)."""
+        self._check_open()
+        return [int(i) for i in self._hooks.get_msr_index_list(self.handle)]
+
+    def feature_msrs(self) -> list[MsrEntry]:
+        """The feature MSRs and the values the hypervisor can give a guest (``FEATURE_MSRS``)."""
+        self._check_open()
+        return list(self._hooks.get_feature_msrs(self.handle))
+
+    def check_raw_capability(self, capability: int) -> int:
+        """The escape hatch (``RAW_CAPABILITIES``): ask the hypervisor about one of its
+        own capabilities for this VM, by its own number (KVM: a ``KVM_CAP_*``,
+        ``docs/backends/kvm.md``).  Returns what the hypervisor answered."""
+        self._check_open()
+        self.backend.require(Capability.RAW_CAPABILITIES, "query a raw capability")
+        _check_uint("capability", capability, 32)
+        return int(self._hooks.check_raw_capability(self.handle, capability))
+
+    def enable_raw_capability(self, capability: int, flags: int = 0, args: tuple[int, ...] = ()) -> int:
+        """The escape hatch (``RAW_CAPABILITIES``): enable one of the hypervisor's own
+        capabilities on the VM, by its own number (KVM: ``KVM_ENABLE_CAP``).  What
+        it changes is the caller's to handle.  Returns what the hypervisor returned."""
+        self._check_open()
+        self.backend.require(Capability.RAW_CAPABILITIES, "enable a raw capability")
+        checked = _raw_capability_args(capability, flags, args)
+        return int(self._hooks.enable_raw_capability(self.handle, capability, flags, checked))
 
     def register_ioevent(
         self, event: Event, address: IoEventAddress, datamatch: int | None = None, length: int = 0
@@ -627,6 +758,90 @@ class Vcpu:
         entries = list(entries)
         _check_records(entries)
         self._hooks.set_cpuid(self.handle, entries)
+
+    # --- interrupts from userspace (x86) ---------------------------------------
+    def ready_for_interrupt(self) -> bool:
+        """Whether the vCPU can take an external interrupt now
+        (``INTERRUPT_INJECTION``): as the hypervisor reported at the last exit."""
+        self._on_thread("ready_for_interrupt")
+        return bool(self._hooks.ready_for_interrupt(self.handle))
+
+    def interrupt(self, vector: int) -> None:
+        """Deliver external interrupt ``vector`` (0-255) on the next :meth:`run`
+        (``INTERRUPT_INJECTION``).  Inject at most one per exit.
+
+        :raises InterruptNotReady: the vCPU cannot take one now (see
+            :meth:`ready_for_interrupt`); nothing was queued.  Request an
+            interrupt window and inject at its exit instead.
+        """
+        self._on_thread("interrupt")
+        _check_uint("vector", vector, 8)
+        hooks = self._hooks
+        if not hooks.ready_for_interrupt(self.handle):
+            raise InterruptNotReady(self.index, vector)
+        hooks.inject_interrupt(self.handle, vector)
+
+    def request_interrupt_window(self, requested: bool = True) -> None:
+        """Ask for an :class:`~pyvmm.exits.IrqWindowOpenExit` as soon as the guest
+        can take an interrupt, or stop asking (``INTERRUPT_INJECTION``)."""
+        self._on_thread("request_interrupt_window")
+        self._hooks.request_interrupt_window(self.handle, bool(requested))
+
+    def inject_nmi(self) -> None:
+        """Make a non-maskable interrupt pending (``NMI``)."""
+        self._on_thread("inject_nmi")
+        self._hooks.inject_nmi(self.handle)
+
+    def get_events(self) -> VcpuEvents:
+        """The pending-event state: exception, interrupt, NMI and SMI being
+        delivered, the interrupt shadow, NMI blocking (``VCPU_EVENTS``)."""
+        self._on_thread("get_events")
+        return self._hooks.get_vcpu_events(self.handle)
+
+    def set_events(self, events: VcpuEvents) -> None:
+        """Replace the pending-event state (``VCPU_EVENTS``); None fields keep the
+        hypervisor's values."""
+        self._on_thread("set_events")
+        if not isinstance(events, VcpuEvents):
+            raise ConfigError(f"events: a pyvmm.arch.x86_64.VcpuEvents is needed, not {type(events).__name__}")
+        events.check()
+        self._hooks.set_vcpu_events(self.handle, events)
+
+    # --- TSC and raw capabilities -----------------------------------------------
+    def get_tsc_khz(self) -> int:
+        """The vCPU's TSC frequency in kHz (``TSC_FREQUENCY``)."""
+        self._on_thread("get_tsc_khz")
+        return int(self._hooks.get_tsc_khz(self.handle))
+
+    def set_tsc_khz(self, khz: int) -> None:
+        """Set the vCPU's TSC frequency in kHz (``TSC_SCALING``)."""
+        self._on_thread("set_tsc_khz")
+        _check_uint("khz", khz, 32)
+        if khz == 0:
+            raise ConfigError("khz: a TSC frequency must be above 0")
+        self._hooks.set_tsc_khz(self.handle, khz)
+
+    def get_tsc_offset(self) -> int:
+        """The vCPU's TSC offset, unsigned 64-bit (``TSC_OFFSET``)."""
+        self._on_thread("get_tsc_offset")
+        return int(self._hooks.get_tsc_offset(self.handle))
+
+    def set_tsc_offset(self, offset: int) -> None:
+        """Set the vCPU's TSC offset (``TSC_OFFSET``); a negative ``offset`` is
+        taken modulo 2**64."""
+        self._on_thread("set_tsc_offset")
+        if isinstance(offset, bool) or not isinstance(offset, int) or not -(1 << 63) <= offset < 1 << 64:
+            raise ConfigError(f"offset: {offset!r} is not a 64-bit TSC offset")
+        self._hooks.set_tsc_offset(self.handle, offset & ((1 << 64) - 1))
+
+    def enable_raw_capability(self, capability: int, flags: int = 0, args: tuple[int, ...] = ()) -> int:
+        """The escape hatch (``RAW_CAPABILITIES``): enable one of the hypervisor's own
+        capabilities on this vCPU, by its own number (KVM: ``KVM_ENABLE_CAP`` on the
+        vCPU).  Returns what the hypervisor returned."""
+        self._on_thread("enable_raw_capability")
+        self._backend.require(Capability.RAW_CAPABILITIES, "enable a raw capability")
+        checked = _raw_capability_args(capability, flags, args)
+        return int(self._hooks.enable_vcpu_raw_capability(self.handle, capability, flags, checked))
 
     def set_guest_debug(self, single_step: bool = False, breakpoints: list[int] | None = None) -> None:
         self._on_thread("set_guest_debug")

@@ -21,7 +21,7 @@ from hypothesis import strategies as st
 
 from pyvmm.config import PAGE_SIZE, U32_MAX
 from pyvmm.errors import ConfigError
-from pyvmm.machine.config import MAX_CPUS, MAX_MEMORY, MAX_TIMEOUT, MachineConfig, build_config
+from pyvmm.machine.config import IRQCHIP_MODES, MAX_CPUS, MAX_MEMORY, MAX_TIMEOUT, MachineConfig, build_config
 from pyvmm.machine.layout import MIN_RAM
 
 KEYS = [
@@ -30,7 +30,9 @@ KEYS = [
 ]  # fmt: skip
 CPUID_KEYS = ["function", "index", "register", "value", "mask", "colour"]
 NUMBERS = [0, 1, -1, 2, 254, 255, 4096, 0xFFFF_FFFF, 1 << 32, 1 << 40, (1 << 63) - 1, -(1 << 63)]
-STRINGS = ["", "x86_64", "aarch64", "stdio", "none", "128M", "1G", "4097", "1.5G", "a\0b", "k.bin", "é", "\\"]
+STRINGS = [
+    "", "x86_64", "aarch64", "stdio", "none", "userspace", "128M", "1G", "4097", "1.5G", "a\0b", "k.bin", "é", "\\",
+]  # fmt: skip
 
 scalars = (
     st.sampled_from(NUMBERS)
@@ -99,8 +101,9 @@ def check_config(config: MachineConfig) -> None:
     assert type(config.memory) is int and MIN_RAM <= config.memory <= MAX_MEMORY and config.memory % PAGE_SIZE == 0
     assert config.timeout is None or (type(config.timeout) is float and 0 < config.timeout <= MAX_TIMEOUT)
     assert config.load_address is None or (type(config.load_address) is int and config.load_address >= 0)
-    for flag in (config.stats, config.irqchip, config.testdev):
+    for flag in (config.stats, config.testdev):
         assert type(flag) is bool
+    assert config.irqchip in IRQCHIP_MODES
     assert config.legacy_bios is None or type(config.legacy_bios) is bool
     config.append.encode("utf-8")  # encodable: the loaders will not meet a UnicodeEncodeError
     for text in (config.append, config.serial, str(config.kernel or ""), str(config.initrd or "")):

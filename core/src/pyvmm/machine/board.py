@@ -20,10 +20,13 @@ from __future__ import annotations
 from abc import ABC, abstractmethod
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, BinaryIO, ClassVar
+from typing import TYPE_CHECKING, BinaryIO, ClassVar, Protocol
+
+from pyvmm.capabilities import Capability
+from pyvmm.config import Arch
+from pyvmm.errors import ConfigError
 
 if TYPE_CHECKING:
-    from pyvmm.config import Arch
     from pyvmm.exits import VcpuExit
     from pyvmm.machine.bus import MmioBus, PortBus
     from pyvmm.machine.config import MachineConfig
@@ -46,6 +49,12 @@ class MachineEvents:
     current_vcpu: Callable[[], Vcpu]
     #: Block for ``seconds`` (None: until the run stops); False once the run is stopping.
     wait: Callable[[float | None], bool]
+    #: ``wait_for(predicate, seconds)``: block until ``predicate()`` is true, the
+    #: run stops or ``seconds`` pass (None: no limit); returns ``predicate()``.
+    #: Whoever makes the predicate true calls :attr:`wake`.
+    wait_for: Callable[[Callable[[], bool], float | None], bool]
+    #: Wake the threads blocked in :attr:`wait_for`, to look at their predicates again.
+    wake: Callable[[], None]
 
 
 @dataclass(frozen=True)
@@ -61,6 +70,50 @@ class BoardParts:
     #: Whether the hypervisor emulates the interrupt controllers (configured and supported).
     irqchip: bool
     events: MachineEvents
+    #: Whether the board emulates the interrupt controllers and timer itself and
+    #: injects their interrupts (``--irqchip userspace``; never with ``irqchip``).
+    userspace_irqchip: bool = False
+
+
+class InterruptDelivery(Protocol):
+    """How a board that emulates the interrupt controllers itself gets their
+    interrupts into a vCPU (:class:`~pyvmm.machine.userspace_irqchip.UserspaceIrqchip`).
+    The runner calls both on the vCPU's thread."""
+
+    def run_function(self, vcpu: Vcpu, run: Callable[[], VcpuExit]) -> Callable[[], VcpuExit]:
+        """``run`` with the interrupt delivery before each entry into the guest."""
+        ...
+
+    def wait_for_interrupt(self, vcpu: Vcpu) -> bool:
+        """The vCPU halted: block until an interrupt can wake it (True, and the next
+        run delivers it) or the run stops (True too: the loop sees the stop).
+        False: nothing can wake it (interrupts disabled, no timer running)."""
+        ...
+
+
+def interrupt_controllers(mode: str, backend: Backend, arch: Arch) -> tuple[bool, bool]:
+    """``(in the hypervisor, in userspace)`` for the machine setting ``irqchip``:
+    ``kernel`` the hypervisor's (``IRQCHIP``), ``userspace`` the board's own 8259s
+    and 8254 (x86_64, ``INTERRUPT_INJECTION``), ``none`` neither, ``auto`` the
+    hypervisor's where it has them, else the board's where the backend can inject.
+
+    :raises UnsupportedCapability: ``kernel`` or ``userspace`` on a backend that lacks it.
+    :raises ConfigError: ``userspace`` for a guest other than x86_64.
+    """
+    if mode == "none":
+        return False, False
+    if mode == "kernel":
+        backend.require(Capability.IRQCHIP, "irqchip = kernel (the hypervisor's interrupt controllers)")
+        return True, False
+    userspace_possible = arch is Arch.X86_64 and backend.supports(Capability.INTERRUPT_INJECTION)
+    if mode == "userspace":
+        if arch is not Arch.X86_64:
+            raise ConfigError(f"irqchip: the userspace interrupt controller is the PC's (x86_64), not {arch.value}")
+        backend.require(Capability.INTERRUPT_INJECTION, "irqchip = userspace (pyvmm's 8259s and 8254)")
+        return False, True
+    if backend.supports(Capability.IRQCHIP):
+        return True, False
+    return False, userspace_possible
 
 
 class Board(ABC):
@@ -91,7 +144,11 @@ class Board(ABC):
         self.pio = parts.pio
         self.mmio = parts.mmio
         self.irqchip = parts.irqchip
+        self.userspace_irqchip = parts.userspace_irqchip
         self.events = parts.events
+        #: The board's own interrupt delivery, where it emulates the interrupt
+        #: controllers (``userspace_irqchip``); set by :meth:`build`.
+        self.interrupts: InterruptDelivery | None = None
 
     @abstractmethod
     def build(self, image: BootSource | Aarch64BootSource | None, serial: BinaryIO | None) -> None:

@@ -2,14 +2,16 @@
 the command line.
 
 A machine file holds the same settings as ``pyvmm run``'s options, at top
-level, plus CPUID overrides::
+level, plus CPUID overrides (``examples/machine.toml`` shows and explains every
+key)::
 
     kernel = "x86/msr.flat"        # relative paths are relative to this file
     arch = "x86_64"                # or "aarch64"; default: the backend's only arch, else x86_64
     memory = "256M"
     cpus = 2
     timeout = 90
-    serial = "stdio"               # "stdio", "none" or a file to write
+    serial = "stdio"               # "stdio", "none", "pty", "unix:PATH" or a file to write
+    gdb = "tcp::1234"              # wait for gdb here before the first instruction
 
     [[cpuid_overrides]]            # clear x2APIC (CPUID.1:ECX bit 21)
     function = 1
@@ -34,6 +36,7 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic_core import PydanticCustomError
 
 from pyvmm.config import (
     MAX_GUEST_PHYS,
@@ -49,7 +52,9 @@ from pyvmm.config import (
     error_text,
     float_range,
     int_range,
+    known_keys,
     read_input_file,
+    size_text,
 )
 from pyvmm.errors import ConfigError
 from pyvmm.machine.layout import MIN_RAM
@@ -92,6 +97,43 @@ def _kernel_text(value: Any) -> Any:
 
 
 NoNul = BeforeValidator(_no_nul)
+
+
+def _serial(value: Any) -> Any:
+    if isinstance(value, str):
+        _no_nul(value)
+        for prefix, example in (("unix:", "unix:/tmp/console.sock"), ("file:", "file:console.log")):
+            if value == prefix:
+                raise ValueError(f"{prefix} needs a path ({example})")
+    return value
+
+
+def _gdb_address(value: Any) -> Any:
+    if isinstance(value, str):
+        from pyvmm.gdbstub.address import parse_gdb_address
+
+        host, port = parse_gdb_address(value)
+        return f"tcp:{host}:{port}"
+    return value
+
+
+def _needs(field: str, other: str, why: str) -> PydanticCustomError:
+    """A setting that needs another: messages name both as the user gave them."""
+    return PydanticCustomError("needs", "{field} needs {other} ({why})", {"field": field, "other": other, "why": why})
+
+
+#: The ``irqchip`` setting (:func:`pyvmm.machine.board.interrupt_controllers`).
+IrqchipMode = Literal["auto", "kernel", "userspace", "none"]
+IRQCHIP_MODES: tuple[str, ...] = ("auto", "kernel", "userspace", "none")
+
+
+def _irqchip_mode(value: Any) -> Any:
+    # Before the modes there was a switch: true (the hypervisor's if it has them) and false.
+    if value is True:
+        return "auto"
+    if value is False:
+        return "none"
+    return value
 
 
 def _optional_bool(value: Any) -> Any:
@@ -153,12 +195,23 @@ class MachineConfig(BaseModel):
     timeout: Annotated[float | None, float_range(0, MAX_TIMEOUT, optional=True)] = Field(
         default=None, description="seconds before the run is stopped (status 124); covers loading the kernel too"
     )
-    serial: Annotated[str, NoNul] = Field(
-        default="stdio", min_length=1, description="'stdio', 'none', or a file for COM1's output"
+    serial: Annotated[str, BeforeValidator(_serial)] = Field(
+        default="stdio",
+        min_length=1,
+        description="the console (COM1, the PL011): 'stdio' (interactive when stdin is a terminal), 'none', "
+        "'pty', 'unix:PATH' (a socket server), or a file ('file:PATH' or a plain path)",
+    )
+    gdb: Annotated[str | None, BeforeValidator(_gdb_address)] = Field(
+        default=None,
+        description="'tcp:HOST:PORT' (HOST defaults to localhost): a gdb stub there; the guest waits for the "
+        "debugger before its first instruction",
     )
     stats: Annotated[bool, StrictBool] = False
-    irqchip: Annotated[bool, StrictBool] = Field(
-        default=True, description="use the hypervisor's interrupt controllers and PIT if it has them"
+    irqchip: Annotated[IrqchipMode, BeforeValidator(_irqchip_mode)] = Field(
+        default="auto",
+        description="the interrupt controllers and timer: 'kernel' the hypervisor's, 'userspace' pyvmm's 8259s "
+        "and 8254 (x86_64, one vCPU), 'none', or 'auto': the hypervisor's if it has them, else pyvmm's where "
+        "the backend can inject interrupts (true means auto, false none)",
     )
     testdev: Annotated[bool, StrictBool] = Field(
         default=False, description="x86_64: add QEMU's pc-testdev (kvm-unit-tests use it)"
@@ -174,19 +227,19 @@ class MachineConfig(BaseModel):
     @classmethod
     def _check_memory(cls, memory: int) -> int:
         if memory % PAGE_SIZE:
-            raise ValueError(f"{memory} bytes is not a multiple of {PAGE_SIZE}")
+            raise ValueError(f"{size_text(memory)} is not a whole number of {PAGE_SIZE // 1024}K pages")
         if not MIN_RAM <= memory <= MAX_MEMORY:
-            raise ValueError(f"{memory:#x} bytes is outside {MIN_RAM:#x}..{MAX_MEMORY:#x}")
+            raise ValueError(f"{size_text(memory)} is outside {size_text(MIN_RAM)}..{size_text(MAX_MEMORY)}")
         return memory
 
     @model_validator(mode="after")
     def _check(self) -> MachineConfig:
         if self.initrd is not None and self.kernel is None:
-            raise ValueError("initrd: needs a kernel (the demo guest takes no initrd)")
+            raise _needs("initrd", "kernel", "the demo guest takes no initrd")
         if self.load_address is not None and self.kernel is None:
-            raise ValueError("load_address: needs a kernel")
+            raise _needs("load_address", "kernel", "it says where a flat binary kernel goes")
         if self.append and self.kernel is None:
-            raise ValueError("append: needs a kernel (the demo guest takes no command line)")
+            raise _needs("append", "kernel", "the demo guest takes no command line")
         return self
 
 
@@ -279,7 +332,17 @@ def _describe(error: ValidationError, file: Path | None, given: dict[str, Any], 
     items = error.errors()
     for item in items[:MAX_PROBLEMS]:
         loc = [str(part) for part in item["loc"]]
-        message = error_text(item)
+        if item["type"] == "needs":
+            ctx = item.get("ctx") or {}
+            field, other = str(ctx.get("field")), str(ctx.get("other"))
+            if field in given:
+                problems.append(
+                    f"{option_names.get(field, field)} needs {option_names.get(other, other)} ({ctx.get('why')})"
+                )
+            else:
+                problems.append(f"{in_file}{field} needs {other} ({ctx.get('why')})")
+            continue
+        message = error_text(item, known_keys(MachineConfig, tuple(item["loc"])) if item["loc"] else None)
         if not loc:
             # Checks across fields name their fields in the message.
             problems.append(f"{in_file}{message}")

@@ -19,12 +19,12 @@ the guest once.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import TYPE_CHECKING, BinaryIO, cast
 
-from pyvmm.capabilities import Capability
 from pyvmm.config import Arch, VmConfig
 from pyvmm.errors import ConfigError, VmStateError
-from pyvmm.machine.board import BoardParts
+from pyvmm.machine.board import BoardParts, interrupt_controllers
 from pyvmm.machine.bus import MmioBus, PortBus
 from pyvmm.machine.config import MachineConfig
 from pyvmm.machine.console import ConsoleOutput, open_serial
@@ -32,7 +32,7 @@ from pyvmm.machine.images import Aarch64BootSource, BootSource
 from pyvmm.machine.legacy_firmware import LegacyFirmware
 from pyvmm.machine.outcome import RunResult, StopReason
 from pyvmm.machine.pc import PcBoard, PcDevices
-from pyvmm.machine.runner import Runner
+from pyvmm.machine.runner import Debugger, Runner
 from pyvmm.vm import Backend, get_backend
 
 if TYPE_CHECKING:
@@ -85,9 +85,10 @@ class Machine:
     ) -> None:
         self.config = config if config is not None else MachineConfig()
         cfg = self.config
-        self.backend = backend if backend is not None else get_backend(cfg.backend)
+        self.backend = backend if backend is not None else get_backend(cfg.backend, arch=cfg.arch)
         self.arch = machine_arch(cfg.arch, self.backend)
-        self.irqchip = cfg.irqchip and self.backend.supports(Capability.IRQCHIP)
+        #: The hypervisor's interrupt controllers, or the board's own (``irqchip`` setting).
+        self.irqchip, self.userspace_irqchip = interrupt_controllers(cfg.irqchip, self.backend, self.arch)
         board = board_class(self.arch)
         board.check(cfg, self.backend, self.irqchip)
         self.pio = PortBus()
@@ -97,11 +98,14 @@ class Machine:
         self._serial_file: ConsoleOutput | None = None
         self.vm = self.backend.create_vm(VmConfig(arch=self.arch, vcpus=cfg.cpus))
         self._runner = Runner(self.vm, cfg, self.pio, self.mmio, irqchip=self.irqchip)
-        parts = BoardParts(cfg, self.backend, self.vm, self.pio, self.mmio, self.irqchip, self._runner.events)
+        parts = BoardParts(
+            cfg, self.backend, self.vm, self.pio, self.mmio, self.irqchip, self._runner.events, self.userspace_irqchip
+        )
         self._board: PcBoard | VirtBoard = board(parts)
         try:
             serial = serial_output if serial_output is not None else self._open_serial(cfg.serial)
             self._board.build(image, serial)
+            self._connect_console()
         except BaseException:
             self.close()
             raise
@@ -121,9 +125,14 @@ class Machine:
         """The BIOS stand-in (x86_64), when the machine boots through it."""
         return self._board.firmware if isinstance(self._board, PcBoard) else None
 
+    def _connect_console(self) -> None:
+        """A pty or socket console from ``config.serial``: its input goes to the UART."""
+        if self._serial_file is not None:
+            self._serial_file.connect(self._board.devices.uart, self.console_quit)
+
     def _open_serial(self, serial: str) -> BinaryIO | None:
         """The console output: opened without blocking, write errors reported once."""
-        console = open_serial(serial, "serial", {})
+        console = open_serial(serial, "serial", {}, interactive=False)
         if console is not None and serial != "stdio":
             self._serial_file = console
         # A write-only stream as far as the UARTs are concerned.
@@ -141,6 +150,20 @@ class Machine:
             raise VmStateError("a machine runs once: build a new one")
         self._ran = True
         return self._runner.run(self._board)
+
+    def attach_debugger(self, debugger: Debugger) -> None:
+        """Let ``debugger`` (the gdb stub) hold and release the vCPUs: before
+        :meth:`run`."""
+        self._runner.debugger = debugger
+
+    def count_exits(self) -> Callable[[], tuple[int, int]]:
+        """Count exits and guest time during :meth:`run`; the function returned
+        reads (exits, guest nanoseconds) so far, from any thread."""
+        return self._runner.count_exits()
+
+    def console_quit(self) -> None:
+        """End the run as the console's Ctrl-A x does (status 0)."""
+        self.request_stop(StopReason.INTERRUPTED, 0, "quit from the console (Ctrl-A x)")
 
     def request_stop(self, reason: StopReason, status: int, detail: str = "", code: int | None = None) -> None:
         """End the run (the first request wins) and kick every vCPU out of the guest.

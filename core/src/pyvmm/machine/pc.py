@@ -11,13 +11,18 @@ port 0x60, 0x64    i8042               0xfe to 0x64 resets
 port 0x8900        Bochs power-off     "Shutdown" powers off (status 0)
 port 0x80          POST code sink
 port 0x70-0x71     MC146818 RTC/CMOS   read when polled; no IRQ 8
-port 0x20, 0xa0    8259 sinks          only without the in-kernel irqchip
-port 0x40-0x43     8254 PIT sink       only without the in-kernel irqchip
+port 0x20, 0xa0    8259 sinks          only without any interrupt controller
+port 0x40-0x43     8254 PIT sink       only without any interrupt controller
 MMIO 0xfeb00000    demo device         ID + scratch register (one page)
 =================  ==================  ========================================
 
 With an in-kernel irqchip the hypervisor answers the PIC, PIT, IOAPIC and local
-APIC itself; pyvmm then registers nothing there.
+APIC itself; pyvmm then registers nothing there.  With the userspace interrupt
+controller (``irqchip = "userspace"``, or ``auto`` on a backend that injects
+interrupts but has no irqchip) the board puts its own 8259 pair (0x20, 0xa0,
+ELCR 0x4d0), 8254 (0x40-0x43) and port B (0x61) there
+(:mod:`pyvmm.machine.userspace_irqchip`): COM1 interrupts on IRQ 4 and the PIT
+on IRQ 0, delivered to the one vCPU through the interrupt-window protocol.
 
 Optional: QEMU's pc-testdev (:func:`install_testdev`, ``testdev``), and the ACPI
 PM block of the legacy firmware (:mod:`pyvmm.machine.legacy_firmware`).
@@ -38,11 +43,13 @@ from pyvmm.arch.x86_64 import CpuidEntry
 from pyvmm.boot import BootSpec
 from pyvmm.capabilities import Capability
 from pyvmm.config import Arch
-from pyvmm.devices import debug_exit, fw_cfg, i8042, pci, poweroff, rtc, sinks, testdev, uart
+from pyvmm.devices import debug_exit, fw_cfg, i8042, i8254, i8259, pci, poweroff, rtc, sinks, testdev, uart
 from pyvmm.devices.base import IrqLine
 from pyvmm.devices.debug_exit import DebugExit
 from pyvmm.devices.fw_cfg import FwCfg
 from pyvmm.devices.i8042 import I8042
+from pyvmm.devices.i8254 import Pit8254
+from pyvmm.devices.i8259 import PicPair
 from pyvmm.devices.pci import PciHost
 from pyvmm.devices.poweroff import BochsPoweroff
 from pyvmm.devices.rtc import Rtc
@@ -59,10 +66,13 @@ from pyvmm.machine.config import MachineConfig
 from pyvmm.machine.images import Aarch64BootSource, BootSource, KernelFile
 from pyvmm.machine.layout import ram_ranges
 from pyvmm.machine.legacy_firmware import LegacyFirmware, is_multiboot
+from pyvmm.machine.userspace_irqchip import UserspaceIrqchip
 from pyvmm.vm import Backend, Vcpu
 
 log = logging.getLogger("pyvmm.machine")
 
+#: COM1's IER bit 0: interrupt while received data waits.
+UART_RX_INTERRUPT = 0x01
 #: -ENOSYS as a 64-bit register: the answer to a hypercall nobody handles.
 ENOSYS_U64 = (1 << 64) - errno.ENOSYS
 
@@ -135,10 +145,11 @@ class PcBoard(Board):
     def check(cls, config: MachineConfig, backend: Backend, irqchip: bool) -> None:
         backend.require(Capability.PORT_IO, "the x86 PC machine")
         if config.cpus > 1 and not irqchip:
-            why = "irqchip is off" if backend.supports(Capability.IRQCHIP) else "it has no IRQCHIP"
+            why = f"irqchip is {config.irqchip}" if backend.supports(Capability.IRQCHIP) else "it has no IRQCHIP"
             raise ConfigError(
                 f"cpus: {config.cpus} vCPUs need the hypervisor's interrupt controllers, which start the "
-                f"secondary vCPUs on the guest's INIT/SIPI; backend {backend.name!r}: {why}"
+                f"secondary vCPUs on the guest's INIT/SIPI; backend {backend.name!r}: {why} (pyvmm's userspace "
+                "interrupt controller, irqchip = userspace, drives one vCPU only: it has no local APICs or IOAPIC)"
             )
 
     def __init__(self, parts: BoardParts) -> None:
@@ -152,6 +163,11 @@ class PcBoard(Board):
         #: Each vCPU's table, for backends that forward CPUID to the VMM.
         self._cpuid_tables: dict[int, list[CpuidEntry]] = {}
         self._seen_msrs: set[int] = set()
+        #: The board's own 8259s and 8254 and their delivery, with ``irqchip = "userspace"``.
+        self.pic: PicPair | None = None
+        self.pit: Pit8254 | None = None
+        self.userspace: UserspaceIrqchip | None = None
+        self._ignored_lines: set[int] = set()
 
     # --- construction ---------------------------------------------------------
     def build(self, image: BootSource | Aarch64BootSource | None, serial: BinaryIO | None) -> None:
@@ -160,6 +176,8 @@ class PcBoard(Board):
             self.vm.add_memory(ram.start, ram.size)
         if self.irqchip:
             self.vm.create_irqchip()
+        if self.userspace_irqchip:
+            self._install_userspace_irqchip()
         self.devices = install_pc_devices(
             self.pio,
             self.mmio,
@@ -168,11 +186,10 @@ class PcBoard(Board):
             serial_irq=self._com1_irq(),
             ram_size=cfg.memory,
             cpus=cfg.cpus,
-            irqchip=self.irqchip,
+            irqchip=self.irqchip or self.userspace is not None,
         )
         if cfg.testdev:
-            lines = self.vm.set_irq_line if self._has_irq_lines() else None
-            install_testdev(self.pio, self.mmio, lines)
+            install_testdev(self.pio, self.mmio, self._irq_lines())
         if image is not None and not callable(getattr(image, "load", None)):
             raise ConfigError(f"{image.description}: not an x86_64 image")
         source = cast(BootSource, image) if image is not None else self._default_image()
@@ -180,15 +197,62 @@ class PcBoard(Board):
         self.vm.set_boot(self._legacy_firmware(source.load(self.vm.memory, ram_size=cfg.memory, cpus=cfg.cpus)))
         self._cpuid_base = self._supported_cpuid()
 
-    def _has_irq_lines(self) -> bool:
-        # Lines reach the guest only through the hypervisor's interrupt controllers.
-        return self.irqchip and self.backend.supports(Capability.IRQ_LINE)
+    def _install_userspace_irqchip(self) -> None:
+        """The board's own 8259 pair, 8254 and port B, their interrupts delivered to
+        vCPU 0 by :class:`UserspaceIrqchip`."""
+        pic = PicPair()
+        pit = Pit8254(irq0=lambda level: pic.set_irq(0, level))
+        chip = UserspaceIrqchip(self.backend, self.events, pic, can_wake=self._interrupt_may_come)
+        pic.on_change = chip.output_changed
+        pit.on_reprogram = chip.timer_changed
+        chip.add_timer(pit.next_irq_deadline, pit.expire)
+        master, slave, elcr = pic.devices()
+        pit_ports, port_b = pit.devices()
+        pit_ports.on_close = chip.close  # the machine closes its devices when the run ends: the timer stops
+        self.pio.register(i8259.MASTER_PORT, i8259.PORT_COUNT, master)
+        self.pio.register(i8259.SLAVE_PORT, i8259.PORT_COUNT, slave)
+        self.pio.register(i8259.ELCR_PORT, i8259.ELCR_PORT_COUNT, elcr)
+        self.pio.register(i8254.COUNTER_PORT, i8254.PORT_COUNT, pit_ports)
+        self.pio.register(i8254.PORT_B, 1, port_b)
+        self.pic, self.pit = pic, pit
+        self.interrupts = self.userspace = chip
+
+    def _interrupt_may_come(self) -> bool:
+        """With the board's own 8259s, whether a halted vCPU (interrupts on) can
+        still be interrupted by something it does not do itself: the PIT running
+        on an open IRQ 0, or COM1's received-data interrupt enabled on an open IRQ 4
+        (input comes from the console's thread)."""
+        pic, pit = self.pic, self.pit
+        assert pic is not None and pit is not None
+        if pit.counting() and not pic.line_masked(0):
+            return True
+        devices: PcDevices | None = getattr(self, "devices", None)  # set by build, after the 8259s
+        return bool(devices is not None and devices.uart.ier & UART_RX_INTERRUPT and not pic.line_masked(COM1_IRQ))
+
+    def _irq_lines(self) -> SetIrqLine | None:
+        """What drives the machine's interrupt lines: the hypervisor's interrupt
+        controllers, the board's own, or nothing (None: the guest must poll)."""
+        if self.pic is not None:
+            return self._pic_line
+        if self.irqchip and self.backend.supports(Capability.IRQ_LINE):
+            return self.vm.set_irq_line
+        return None
+
+    def _pic_line(self, line: int, level: bool) -> None:
+        """Drive a line of the board's 8259 pair.  Lines above 15 are IOAPIC inputs,
+        which this machine does not have: ignored, and logged once."""
+        assert self.pic is not None
+        if 0 <= line < i8259.LINES:
+            self.pic.set_irq(line, level)
+        elif line not in self._ignored_lines:
+            self._ignored_lines.add(line)
+            log.warning("interrupt line %d needs an IOAPIC, which irqchip = userspace has not: ignored", line)
 
     def _com1_irq(self) -> IrqLine | None:
         """COM1's IRQ 4, or None where the guest must poll."""
-        if not self._has_irq_lines():
+        set_line = self._irq_lines()
+        if set_line is None:
             return None
-        set_line = self.vm.set_irq_line
 
         def irq(level: bool) -> None:
             set_line(COM1_IRQ, level)
@@ -232,6 +296,8 @@ class PcBoard(Board):
 
     # --- running ----------------------------------------------------------------
     def prepare_vcpu(self, vcpu: Vcpu) -> None:
+        if self.userspace is not None:
+            self.userspace.attach(vcpu)
         if self._cpuid_base is not None:
             table = cpuid.vcpu_cpuid(self._cpuid_base, vcpu.index, self.config.cpuid_overrides)
             vcpu.set_cpuid(table)
@@ -258,3 +324,7 @@ class PcBoard(Board):
             exit_.result = ENOSYS_U64
             return True
         return False
+
+    def close(self) -> None:
+        if self.userspace is not None:
+            self.userspace.close()

@@ -25,6 +25,7 @@ import time
 from collections.abc import Callable
 from dataclasses import replace
 from types import FrameType
+from typing import Protocol
 
 from pyvmm.capabilities import Capability
 from pyvmm.errors import PyvmmError, VmStateError
@@ -49,6 +50,21 @@ log = logging.getLogger("pyvmm.machine")
 
 #: How long to wait for a kicked vCPU thread to leave the hypervisor.
 JOIN_GRACE_SECONDS = 10.0
+
+
+class Debugger(Protocol):
+    """What the runner asks of a debugger (:mod:`pyvmm.gdbstub`); each call comes
+    from the thread named."""
+
+    def vcpu_started(self, vcpu: Vcpu) -> None:
+        """On the vCPU's thread, before its first instruction: may block."""
+
+    def vcpu_exit(self, vcpu: Vcpu, exit_: VcpuExit) -> bool:
+        """On the vCPU's thread, for a debug exit or a kick: may block; True ends the vCPU's loop."""
+
+    def machine_stopping(self, status: int) -> None:
+        """From any thread (a signal handler too): the run is ending with
+        ``status``; let every vCPU go."""
 
 
 class RunAborted(PyvmmError):
@@ -82,6 +98,9 @@ class Runner:
         self._halted = 0
         self._can_kick = vm.backend.supports(Capability.IMMEDIATE_EXIT)
         self._stats = [VcpuStats(i) for i in range(config.cpus)] if config.stats else None
+        self._report_stats = config.stats
+        #: A debugger (the gdb stub) that stops vCPUs: set before :meth:`run`.
+        self.debugger: Debugger | None = None
         self._board: Board | None = None
         #: A vCPU thread did not leave the hypervisor: the VM must stay open.
         self.stuck_threads = False
@@ -91,6 +110,8 @@ class Runner:
             reset=self._on_reset,
             current_vcpu=self._current_vcpu,
             wait=self._wait,
+            wait_for=self._wait_for,
+            wake=self._wake,
         )
 
     # --- running ----------------------------------------------------------------
@@ -134,9 +155,18 @@ class Runner:
         if self._error is not None:
             raise self._error
         assert self._result is not None
-        if self._stats is not None:
+        if self._stats is not None and self._report_stats:
             return replace(self._result, stats=MachineStats(self._stats))
         return self._result
+
+    def count_exits(self) -> Callable[[], tuple[int, int]]:
+        """From the next :meth:`run` on, count exits and time in the guest (as
+        ``stats`` does); returns a function that reads (exits, guest ns) so far,
+        from any thread."""
+        if self._stats is None:
+            self._stats = [VcpuStats(i) for i in range(self.cpus)]
+        stats = self._stats
+        return lambda: (sum(v.exits for v in stats), sum(v.guest_ns for v in stats))
 
     def _vcpu_thread(self, index: int) -> None:
         assert self._board is not None
@@ -152,6 +182,8 @@ class Runner:
                     return
                 self._running[index] = vcpu
             try:
+                if self.debugger is not None:
+                    self.debugger.vcpu_started(vcpu)  # waits while the debugger holds the guest
                 self._loop(vcpu)
             finally:
                 with self._cond:
@@ -160,13 +192,18 @@ class Runner:
             self._fail(exc)
 
     def _loop(self, vcpu: Vcpu) -> None:
+        assert self._board is not None
+        interrupts = self._board.interrupts  # the board's own interrupt controllers, if any
         if self._stats is None:
-            run_loop(vcpu, vcpu.run, flag=self._flag, pio=self.pio, mmio=self.mmio, other_exit=self._other_exit)
+            run = vcpu.run if interrupts is None else interrupts.run_function(vcpu, vcpu.run)
+            run_loop(vcpu, run, flag=self._flag, pio=self.pio, mmio=self.mmio, other_exit=self._other_exit)
             return
         stats = self._stats[vcpu.index]
         start = time.perf_counter_ns()
         try:
             run = stats.timed(vcpu.run)
+            if interrupts is not None:
+                run = interrupts.run_function(vcpu, run)
             run_loop(vcpu, run, flag=self._flag, pio=self.pio, mmio=self.mmio, other_exit=self._other_exit)
         finally:
             stats.wall_ns = time.perf_counter_ns() - start
@@ -184,6 +221,16 @@ class Runner:
         """Block for ``seconds`` (None: until the run stops); False once the run is stopping."""
         with self._cond:
             return not self._cond.wait_for(lambda: self._flag.stopping, seconds)
+
+    def _wait_for(self, predicate: Callable[[], bool], seconds: float | None) -> bool:
+        """Block until ``predicate()``, the run stops or ``seconds`` pass; returns ``predicate()``."""
+        with self._cond:
+            self._cond.wait_for(lambda: predicate() or self._flag.stopping, seconds)
+            return predicate()
+
+    def _wake(self) -> None:
+        with self._cond:
+            self._cond.notify_all()
 
     def _join(self, threads: list[threading.Thread]) -> None:
         deadline = time.monotonic() + JOIN_GRACE_SECONDS
@@ -217,6 +264,8 @@ class Runner:
                     except PyvmmError as exc:  # a vCPU closing under us needs no kick
                         log.debug("kick of vCPU %d failed: %s", vcpu.index, exc)
             self._cond.notify_all()
+        if self.debugger is not None:
+            self.debugger.machine_stopping(status)
 
     def _fail(self, exc: BaseException) -> None:
         if not isinstance(exc, (Exception, KeyboardInterrupt)):
@@ -259,12 +308,18 @@ class Runner:
     def _other_exit(self, vcpu: Vcpu, exit_: VcpuExit) -> bool:
         """Which exit ends the run: True stops this vCPU's loop."""
         kind = exit_.kind
+        if self.debugger is not None and (kind is ExitKind.DEBUG or kind is ExitKind.INTERRUPTED):
+            return self.debugger.vcpu_exit(vcpu, exit_)
         if kind is ExitKind.INTERRUPTED or kind in (ExitKind.IRQ_WINDOW_OPEN, ExitKind.IOAPIC_EOI, ExitKind.OTHER):
             return False
         where = f"vCPU {vcpu.index}"
         if kind is ExitKind.HLT:
             if self.irqchip:
                 return False  # the hypervisor wakes it; an exit here is spurious
+            assert self._board is not None
+            interrupts = self._board.interrupts
+            if interrupts is not None and interrupts.wait_for_interrupt(vcpu):
+                return False  # woken by an interrupt of the board's own controllers (or the stop)
             with self._cond:
                 self._halted += 1
                 if self._halted == self.cpus:

@@ -19,13 +19,14 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from pyvmm.arch.x86_64 import CpuidEntry, MsrEntry, Regs, Sregs
+from pyvmm.arch.x86_64 import CpuidEntry, MsrEntry, Regs, Sregs, VcpuEvents
 from pyvmm.boot import BootSpec, VcpuInit
 from pyvmm.capabilities import Capability
 from pyvmm.config import Arch, VmConfig
 from pyvmm.contract import INIT_VCPU_HOOK, hooks_by_capability
 from pyvmm.exits import HltExit, VcpuExit
 from pyvmm.hookspecs import hookimpl
+from pyvmm.interrupts import IrqRoute
 from pyvmm.manifest import CONTRACT_VERSION, Availability, BackendManifest
 from pyvmm.memory import RamRegion
 from pyvmm.plugins import REQUIRED_HOOKS
@@ -60,6 +61,14 @@ class TestVcpu:
     init: VcpuInit | None = None
     kicked: bool = False
     destroyed: bool = False
+    #: What ``pyvmm_ready_for_interrupt`` answers; a test sets it.
+    ready: bool = True
+    injected: list[int] = field(default_factory=list)
+    window_requested: bool = False
+    nmis: int = 0
+    events: VcpuEvents = field(default_factory=VcpuEvents)
+    tsc_khz: int = 1_000_000
+    tsc_offset: int = 0
 
 
 class ContractTestBackend:
@@ -273,6 +282,101 @@ class ContractTestBackend:
     @hookimpl
     def pyvmm_set_guest_debug(self, vcpu: TestVcpu, single_step: bool, breakpoints: list[int]) -> None:
         self._record("pyvmm_set_guest_debug", single_step, breakpoints)
+
+    # --- contract version 2: interrupts, routing, MSR lists, TSC, raw caps -----
+    @hookimpl
+    def pyvmm_ready_for_interrupt(self, vcpu: TestVcpu) -> bool:
+        self._record("pyvmm_ready_for_interrupt", vcpu.index)
+        return vcpu.ready
+
+    @hookimpl
+    def pyvmm_inject_interrupt(self, vcpu: TestVcpu, vector: int) -> None:
+        self._record("pyvmm_inject_interrupt", vector)
+        vcpu.injected.append(vector)
+
+    @hookimpl
+    def pyvmm_request_interrupt_window(self, vcpu: TestVcpu, requested: bool) -> None:
+        self._record("pyvmm_request_interrupt_window", requested)
+        vcpu.window_requested = requested
+
+    @hookimpl
+    def pyvmm_inject_nmi(self, vcpu: TestVcpu) -> None:
+        self._record("pyvmm_inject_nmi")
+        vcpu.nmis += 1
+
+    @hookimpl
+    def pyvmm_get_vcpu_events(self, vcpu: TestVcpu) -> VcpuEvents:
+        self._record("pyvmm_get_vcpu_events")
+        return vcpu.events
+
+    @hookimpl
+    def pyvmm_set_vcpu_events(self, vcpu: TestVcpu, events: VcpuEvents) -> None:
+        self._record("pyvmm_set_vcpu_events", events)
+        vcpu.events = events
+
+    @hookimpl
+    def pyvmm_unregister_irqfd(self, vm: TestVm, event: Event, line: int) -> None:
+        self._record("pyvmm_unregister_irqfd", event, line)
+
+    @hookimpl
+    def pyvmm_register_resample_irqfd(self, vm: TestVm, event: Event, line: int, resample: Event) -> None:
+        self._record("pyvmm_register_resample_irqfd", event, line, resample)
+
+    @hookimpl
+    def pyvmm_set_gsi_routing(self, vm: TestVm, routes: list[IrqRoute]) -> None:
+        self._record("pyvmm_set_gsi_routing", routes)
+
+    @hookimpl
+    def pyvmm_signal_msi(self, vm: TestVm, address: int, data: int) -> bool:
+        self._record("pyvmm_signal_msi", address, data)
+        return True
+
+    @hookimpl
+    def pyvmm_get_msr_index_list(self, vm: TestVm) -> list[int]:
+        self._record("pyvmm_get_msr_index_list")
+        return [0x10, 0x174]
+
+    @hookimpl
+    def pyvmm_get_feature_msrs(self, vm: TestVm) -> list[MsrEntry]:
+        self._record("pyvmm_get_feature_msrs")
+        return [MsrEntry(0x10A, 0)]
+
+    @hookimpl
+    def pyvmm_get_tsc_khz(self, vcpu: TestVcpu) -> int:
+        self._record("pyvmm_get_tsc_khz")
+        return vcpu.tsc_khz
+
+    @hookimpl
+    def pyvmm_set_tsc_khz(self, vcpu: TestVcpu, khz: int) -> None:
+        self._record("pyvmm_set_tsc_khz", khz)
+        vcpu.tsc_khz = khz
+
+    @hookimpl
+    def pyvmm_get_tsc_offset(self, vcpu: TestVcpu) -> int:
+        self._record("pyvmm_get_tsc_offset")
+        return vcpu.tsc_offset
+
+    @hookimpl
+    def pyvmm_set_tsc_offset(self, vcpu: TestVcpu, offset: int) -> None:
+        self._record("pyvmm_set_tsc_offset", offset)
+        vcpu.tsc_offset = offset
+
+    @hookimpl
+    def pyvmm_check_raw_capability(self, vm: TestVm, capability: int) -> int:
+        self._record("pyvmm_check_raw_capability", capability)
+        return 1
+
+    @hookimpl
+    def pyvmm_enable_raw_capability(self, vm: TestVm, capability: int, flags: int, args: tuple[int, ...]) -> int:
+        self._record("pyvmm_enable_raw_capability", capability, flags, args)
+        return 0
+
+    @hookimpl
+    def pyvmm_enable_vcpu_raw_capability(
+        self, vcpu: TestVcpu, capability: int, flags: int, args: tuple[int, ...]
+    ) -> int:
+        self._record("pyvmm_enable_vcpu_raw_capability", capability, flags, args)
+        return 0
 
 
 def _known(cap: Capability | str) -> bool:

@@ -723,6 +723,8 @@ KVM_SET_XCRS: Final = _iow(0xA7, "struct kvm_xcrs")
 KVM_GET_ONE_REG: Final = _iow(0xAB, "struct kvm_one_reg")  # sic: GET is _IOW too (the struct is only read)
 KVM_SET_ONE_REG: Final = _iow(0xAC, "struct kvm_one_reg")
 KVM_KVMCLOCK_CTRL: Final = _io(0xAD)
+KVM_SET_TSC_KHZ: Final = _io(0xA2)  # value: kHz
+KVM_GET_TSC_KHZ: Final = _io(0xA3)  # returns kHz
 KVM_ARM_VCPU_INIT: Final = _iow(0xAE, "struct kvm_vcpu_init", ffi_aarch64)
 KVM_ARM_PREFERRED_TARGET: Final = _ior(0xAF, "struct kvm_vcpu_init", ffi_aarch64)
 KVM_GET_REG_LIST: Final = _iowr(0xB0, "struct kvm_reg_list")
@@ -945,6 +947,15 @@ KVM_VCPUEVENT_VALID_SHADOW: Final = 0x00000004
 KVM_VCPUEVENT_VALID_SMM: Final = 0x00000008
 KVM_VCPUEVENT_VALID_PAYLOAD: Final = 0x00000010
 KVM_VCPUEVENT_VALID_TRIPLE_FAULT: Final = 0x00000020
+
+KVM_X86_SHADOW_INT_MOV_SS: Final = 0x01
+KVM_X86_SHADOW_INT_STI: Final = 0x02
+
+KVM_NR_INTERRUPTS: Final = 256
+
+# vCPU device attributes (KVM_{GET,SET,HAS}_DEVICE_ATTR on the vCPU fd).
+KVM_VCPU_TSC_CTRL: Final = 0
+KVM_VCPU_TSC_OFFSET: Final = 0
 
 # --- ONE_REG ids (linux/kvm.h) ---
 KVM_REG_ARCH_MASK: Final = 0xFF00000000000000

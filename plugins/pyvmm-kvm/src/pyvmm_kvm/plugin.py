@@ -36,6 +36,21 @@ CAPABILITIES = (
     Capability.GUEST_DEBUG,
     Capability.PVCLOCK,
     Capability.MULTI_VCPU,
+    # Interrupts from userspace and the rest of the API (docs/backends/kvm.md §6.4-§8.1).
+    Capability.INTERRUPT_INJECTION,
+    Capability.NMI,
+    Capability.VCPU_EVENTS,
+    Capability.INTERRUPT_SHADOW,
+    Capability.IRQFD_REMOVAL,
+    Capability.IRQFD_RESAMPLE,
+    Capability.GSI_ROUTING,
+    Capability.MSI,
+    Capability.MSR_INDEX_LIST,
+    Capability.FEATURE_MSRS,
+    Capability.TSC_FREQUENCY,
+    Capability.TSC_SCALING,
+    Capability.TSC_OFFSET,
+    Capability.RAW_CAPABILITIES,
 )
 
 

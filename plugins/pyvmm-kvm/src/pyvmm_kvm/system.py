@@ -7,10 +7,10 @@ import errno
 import os
 from typing import Any
 
-from pyvmm.arch.x86_64 import CpuidEntry
+from pyvmm.arch.x86_64 import CpuidEntry, MsrEntry
 from pyvmm.backend import DeviceHost
 from pyvmm.capabilities import Capability
-from pyvmm.errors import HypervisorError
+from pyvmm.errors import HypervisorError, MsrAccessError
 from pyvmm.manifest import Availability
 from pyvmm_kvm import bindings as k
 from pyvmm_kvm.bindings import ffi
@@ -31,6 +31,18 @@ CAPABILITY_EXTENSIONS: dict[Capability, int] = {
     Capability.GUEST_DEBUG: k.KVM_CAP_SET_GUEST_DEBUG,
     Capability.PVCLOCK: k.KVM_CAP_ADJUST_CLOCK,
     Capability.XCRS: k.KVM_CAP_XCRS,
+    Capability.NMI: k.KVM_CAP_USER_NMI,
+    Capability.VCPU_EVENTS: k.KVM_CAP_VCPU_EVENTS,
+    Capability.INTERRUPT_SHADOW: k.KVM_CAP_INTR_SHADOW,
+    Capability.IRQFD_REMOVAL: k.KVM_CAP_IRQFD,
+    Capability.IRQFD_RESAMPLE: k.KVM_CAP_IRQFD_RESAMPLE,
+    Capability.GSI_ROUTING: k.KVM_CAP_IRQ_ROUTING,
+    Capability.MSI: k.KVM_CAP_SIGNAL_MSI,
+    Capability.FEATURE_MSRS: k.KVM_CAP_GET_MSR_FEATURES,
+    Capability.TSC_FREQUENCY: k.KVM_CAP_GET_TSC_KHZ,
+    Capability.TSC_SCALING: k.KVM_CAP_TSC_CONTROL,
+    Capability.TSC_OFFSET: k.KVM_CAP_VCPU_ATTRIBUTES,
+    Capability.RAW_CAPABILITIES: k.KVM_CAP_ENABLE_CAP_VM,
 }
 
 
@@ -94,6 +106,30 @@ class KvmSystem:
                 count = max(count * 2, buf.nmsrs)
                 continue
             return [int(buf.indices[i]) for i in range(buf.nmsrs)]
+
+    def feature_msrs(self) -> list[MsrEntry]:
+        """``KVM_GET_MSR_FEATURE_INDEX_LIST``, then ``KVM_GET_MSRS`` on ``/dev/kvm``:
+        the feature MSRs and what KVM can give a guest (docs/backends/kvm.md §2.1)."""
+        count = 64
+        while True:
+            buf = ffi.new("struct kvm_msr_list *", {"nmsrs": count, "indices": count})
+            try:
+                self.host.ioctl(self.fd, k.KVM_GET_MSR_FEATURE_INDEX_LIST, buf)
+            except HypervisorError as exc:
+                if exc.errno != errno.E2BIG or count > 65536:
+                    raise
+                count = max(count * 2, buf.nmsrs)
+                continue
+            break
+        indices = [int(buf.indices[i]) for i in range(buf.nmsrs)]
+        raw = ffi.new("struct kvm_msrs *", {"nmsrs": len(indices), "entries": len(indices)})
+        for i, index in enumerate(indices):
+            raw.entries[i].index = index
+        done = self.host.ioctl(self.fd, k.KVM_GET_MSRS, raw)
+        read = [MsrEntry(raw.entries[i].index, raw.entries[i].data) for i in range(min(done, len(indices)))]
+        if done < len(indices):
+            raise MsrAccessError("KVM_GET_MSRS", indices[done], done, tuple((e.index, e.data) for e in read))
+        return read
 
     def close(self) -> None:
         if self.fd >= 0:

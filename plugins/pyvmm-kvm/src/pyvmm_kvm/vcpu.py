@@ -17,10 +17,10 @@ import errno
 import struct
 from typing import Any
 
-from pyvmm.arch.x86_64 import CpuidEntry, Lapic, MpState, MsrEntry, Xcr
+from pyvmm.arch.x86_64 import CpuidEntry, Lapic, MpState, MsrEntry, VcpuEvents, Xcr
 from pyvmm.backend import RunPage, SignalKicker
 from pyvmm.boot import VcpuInit, X86VcpuInit
-from pyvmm.errors import ConfigError, HypervisorError, UnknownExitError
+from pyvmm.errors import ConfigError, HypervisorError, MsrAccessError, UnknownExitError
 from pyvmm.exits import (
     DebugExit,
     ExceptionExit,
@@ -51,6 +51,9 @@ _OFF_IMMEDIATE_EXIT = ffi.offsetof(_RUN, "immediate_exit")
 _OFF_EXIT_REASON = ffi.offsetof(_RUN, "exit_reason")
 _OFF_UNION = ffi.offsetof(_RUN, "io")
 _OFF_MMIO_DATA = ffi.offsetof(_RUN, "mmio", "data")
+_OFF_REQUEST_INTERRUPT_WINDOW = ffi.offsetof(_RUN, "request_interrupt_window")
+_OFF_READY_FOR_INTERRUPT = ffi.offsetof(_RUN, "ready_for_interrupt_injection")
+_OFF_IF_FLAG = ffi.offsetof(_RUN, "if_flag")
 
 # exit_reason and the exit's union member in one unpack: the hot path's
 # single biggest cost after the ioctl itself is the number of Python calls.
@@ -314,31 +317,85 @@ class KvmVcpu:
             raise ConfigError(f"KVM x86 vCPUs have no {kind.value} state")
 
     def get_msrs(self, indices: list[int]) -> list[MsrEntry]:
+        """``KVM_GET_MSRS``.  KVM returns how many it read and stops at the first it
+        cannot: a short count is :class:`MsrAccessError` naming that MSR, with the
+        ones read before it (``docs/backends/kvm.md`` §2.3); no errno is involved."""
         raw = ffi.new("struct kvm_msrs *", {"nmsrs": len(indices), "entries": len(indices)})
         for i, index in enumerate(indices):
             raw.entries[i].index = index
         done = self.host.ioctl(self.fd, k.KVM_GET_MSRS, raw)
-        if done != len(indices):
-            raise HypervisorError("KVM_GET_MSRS", errno.EINVAL, f"MSR {indices[done]:#x} cannot be read")
-        return [MsrEntry(raw.entries[i].index, raw.entries[i].data) for i in range(done)]
+        read = [MsrEntry(raw.entries[i].index, raw.entries[i].data) for i in range(min(done, len(indices)))]
+        if done < len(indices):
+            raise MsrAccessError("KVM_GET_MSRS", indices[done], done, tuple((e.index, e.data) for e in read))
+        return read
 
     def set_msrs(self, entries: list[MsrEntry]) -> None:
+        """``KVM_SET_MSRS``; a short count is :class:`MsrAccessError` naming the first
+        MSR KVM refused (those before it were written)."""
         raw = ffi.new("struct kvm_msrs *", {"nmsrs": len(entries), "entries": len(entries)})
         for i, entry in enumerate(entries):
             raw.entries[i].index, raw.entries[i].data = entry.index, entry.data
         done = self.host.ioctl(self.fd, k.KVM_SET_MSRS, raw)
-        if done != len(entries):
-            raise HypervisorError("KVM_SET_MSRS", errno.EINVAL, f"MSR {entries[done].index:#x} was refused")
+        if done < len(entries):
+            done_entries = tuple((e.index, e.data) for e in entries[:done])
+            raise MsrAccessError("KVM_SET_MSRS", entries[done].index, done, done_entries, write=True)
 
     def set_cpuid(self, entries: list[CpuidEntry]) -> None:
         self.host.ioctl(self.fd, k.KVM_SET_CPUID2, regs.cpuid_to_kvm(entries))
 
-    def get_vcpu_events(self) -> Any:
-        """``KVM_GET_VCPU_EVENTS`` as the raw struct (pending exceptions, NMI, SMI)."""
-        return self._get("struct kvm_vcpu_events *", k.KVM_GET_VCPU_EVENTS)
+    # --- interrupts from userspace (docs/backends/kvm.md §6.4) ----------------------
+    def ready_for_interrupt(self) -> bool:
+        """``kvm_run.ready_for_interrupt_injection`` and ``if_flag``, as KVM left them
+        at the last exit (crosvm reads the same two)."""
+        view = self._view
+        return bool(view[_OFF_READY_FOR_INTERRUPT] and view[_OFF_IF_FLAG])
 
-    def set_vcpu_events(self, events: Any) -> None:
-        self.host.ioctl(self.fd, k.KVM_SET_VCPU_EVENTS, events)
+    def interrupt(self, vector: int) -> None:
+        """``KVM_INTERRUPT``: without an in-kernel irqchip KVM queues the vector for
+        the next entry, replacing one queued before (x86 ``kvm_vcpu_ioctl_interrupt()``)."""
+        self.host.ioctl(self.fd, k.KVM_INTERRUPT, ffi.new("struct kvm_interrupt *", {"irq": vector}))
+
+    def request_interrupt_window(self, requested: bool) -> None:
+        """``kvm_run.request_interrupt_window``, read by KVM at every entry."""
+        self._view[_OFF_REQUEST_INTERRUPT_WINDOW] = int(requested)
+
+    def inject_nmi(self) -> None:
+        self.host.ioctl(self.fd, k.KVM_NMI)
+
+    def get_events(self) -> VcpuEvents:
+        return regs.events_from_kvm(self._get("struct kvm_vcpu_events *", k.KVM_GET_VCPU_EVENTS))
+
+    def set_events(self, events: VcpuEvents) -> None:
+        self.host.ioctl(self.fd, k.KVM_SET_VCPU_EVENTS, regs.events_to_kvm(events))
+
+    # --- TSC (docs/backends/kvm.md §7.1) ------------------------------------------------
+    def get_tsc_khz(self) -> int:
+        return int(self.host.ioctl(self.fd, k.KVM_GET_TSC_KHZ))
+
+    def set_tsc_khz(self, khz: int) -> None:
+        self.host.ioctl(self.fd, k.KVM_SET_TSC_KHZ, khz)
+
+    def _tsc_offset_attribute(self, request: int, value: int = 0) -> int:
+        data = ffi.new("uint64_t *", value)
+        attr = ffi.new(
+            "struct kvm_device_attr *",
+            {"group": k.KVM_VCPU_TSC_CTRL, "attr": k.KVM_VCPU_TSC_OFFSET, "addr": int(ffi.cast("uintptr_t", data))},
+        )
+        self.host.ioctl(self.fd, request, attr)
+        return int(data[0])
+
+    def get_tsc_offset(self) -> int:
+        """The ``KVM_VCPU_TSC_OFFSET`` attribute of the vCPU (``KVM_GET_DEVICE_ATTR``)."""
+        return self._tsc_offset_attribute(k.KVM_GET_DEVICE_ATTR)
+
+    def set_tsc_offset(self, offset: int) -> None:
+        self._tsc_offset_attribute(k.KVM_SET_DEVICE_ATTR, offset)
+
+    # --- the escape hatch (docs/backends/kvm.md §8.1) ------------------------------------
+    def enable_raw_capability(self, capability: int, flags: int, args: tuple[int, ...]) -> int:
+        """``KVM_ENABLE_CAP`` on the vCPU fd."""
+        cap = ffi.new("struct kvm_enable_cap *", {"cap": capability, "flags": flags, "args": list(args)})
+        return int(self.host.ioctl(self.fd, k.KVM_ENABLE_CAP, cap))
 
     def set_guest_debug(self, single_step: bool, breakpoints: list[int]) -> None:
         raw = ffi.new("struct kvm_guest_debug *")

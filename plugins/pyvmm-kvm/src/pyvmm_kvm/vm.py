@@ -10,19 +10,21 @@ from __future__ import annotations
 import errno
 from typing import TYPE_CHECKING, Any
 
-from pyvmm.arch.x86_64 import CpuidEntry
+from pyvmm.arch.x86_64 import CpuidEntry, MsrEntry
 from pyvmm.backend import install_kick_handler
 from pyvmm.config import PAGE_SIZE, VmConfig
 from pyvmm.errors import ConfigError, HypervisorError
 from pyvmm.memory import RamRegion
 from pyvmm.vcpu_state import AddressSpace, IoEventAddress
 from pyvmm_kvm import bindings as k
+from pyvmm_kvm import regs
 from pyvmm_kvm.bindings import ffi
 from pyvmm_kvm.system import KvmSystem, system
 from pyvmm_kvm.vcpu import KvmVcpu
 
 if TYPE_CHECKING:
     from pyvmm.host import Event
+    from pyvmm.interrupts import IrqRoute
 
 #: Where QEMU and crosvm put the real-mode TSS (3 pages) and the EPT identity map
 #: page on Intel hosts without unrestricted guest: just below the 4 GiB BIOS area.
@@ -152,11 +154,58 @@ class KvmVm:
         self.host.ioctl(self.fd, k.KVM_IRQ_LINE, ffi.new("struct kvm_irq_level *", {"irq": line, "level": int(level)}))
 
     def register_irqfd(self, event: Event, line: int, level: bool) -> None:
-        # A level-triggered irqfd needs a resample fd, which this interface does not
-        # take: KVM's edge semantics are what every pyvmm device uses.
+        # A KVM irqfd is an edge; a level-triggered one needs its resample eventfd
+        # (docs/backends/kvm.md §6.2): register_resample_irqfd.
         if level:
-            raise ConfigError("KVM level-triggered irqfds need a resample eventfd; use an edge irqfd or set_irq_line")
-        self.host.ioctl(self.fd, k.KVM_IRQFD, ffi.new("struct kvm_irqfd *", {"fd": event.fileno(), "gsi": line}))
+            raise ConfigError(
+                "KVM level-triggered irqfds need a resample event: register_irqfd(event, line, level=True, "
+                "resample=Event())"
+            )
+        self._irqfd(event.fileno(), line, 0)
+
+    def register_resample_irqfd(self, event: Event, line: int, resample: Event) -> None:
+        self._irqfd(event.fileno(), line, k.KVM_IRQFD_FLAG_RESAMPLE, resample.fileno())
+
+    def unregister_irqfd(self, event: Event, line: int) -> None:
+        # KVM shuts down every irqfd of this eventfd and GSI, and says 0 when there
+        # was none (docs/backends/kvm.md §6.2).
+        self._irqfd(event.fileno(), line, k.KVM_IRQFD_FLAG_DEASSIGN)
+
+    def _irqfd(self, fd: int, gsi: int, flags: int, resamplefd: int = 0) -> None:
+        raw = ffi.new("struct kvm_irqfd *", {"fd": fd, "gsi": gsi, "flags": flags, "resamplefd": resamplefd})
+        self.host.ioctl(self.fd, k.KVM_IRQFD, raw)
+
+    def set_gsi_routing(self, routes: list[IrqRoute]) -> None:
+        self.host.ioctl(self.fd, k.KVM_SET_GSI_ROUTING, regs.routing_to_kvm(routes))
+
+    def signal_msi(self, address: int, data: int) -> bool:
+        """``KVM_SIGNAL_MSI``: > 0 delivered, 0 blocked by the guest; KVM's -1 for "no
+        vCPU took it" arrives as EPERM (docs/backends/kvm.md §6.6)."""
+        msi = ffi.new(
+            "struct kvm_msi *", {"address_lo": address & 0xFFFF_FFFF, "address_hi": address >> 32, "data": data}
+        )
+        try:
+            return self.host.ioctl(self.fd, k.KVM_SIGNAL_MSI, msi) > 0
+        except HypervisorError as exc:
+            if exc.errno != errno.EPERM:
+                raise
+            raise HypervisorError(exc.operation, exc.code, "KVM's -1: no vCPU accepted the MSI") from exc
+
+    # --- MSR lists and the escape hatch ------------------------------------------------
+    def get_msr_index_list(self) -> list[int]:
+        return self.kvm.msr_index_list()
+
+    def get_feature_msrs(self) -> list[MsrEntry]:
+        return self.kvm.feature_msrs()
+
+    def check_raw_capability(self, capability: int) -> int:
+        """``KVM_CHECK_EXTENSION`` on the VM fd: the answer for this VM."""
+        return int(self.host.ioctl(self.fd, k.KVM_CHECK_EXTENSION, capability))
+
+    def enable_raw_capability(self, capability: int, flags: int, args: tuple[int, ...]) -> int:
+        """``KVM_ENABLE_CAP`` on the VM fd."""
+        cap = ffi.new("struct kvm_enable_cap *", {"cap": capability, "flags": flags, "args": list(args)})
+        return int(self.host.ioctl(self.fd, k.KVM_ENABLE_CAP, cap))
 
     def register_ioevent(self, event: Event, address: IoEventAddress, datamatch: int | None, length: int) -> None:
         self._ioeventfd(event.fileno(), address, datamatch, length, remove=False)

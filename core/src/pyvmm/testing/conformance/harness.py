@@ -32,15 +32,52 @@ def require_arch(backend: Backend, arch: Arch) -> None:
 
 
 @contextmanager
-def booted(backend: Backend, program: GuestProgram) -> Iterator[tuple[Vm, Vcpu]]:
-    """A VM with RAM at 0..RAM_SIZE, ``program`` at CODE_ADDRESS, vCPU 0 in long mode."""
+def booted(backend: Backend, program: GuestProgram, *, irqchip: bool = False) -> Iterator[tuple[Vm, Vcpu]]:
+    """A VM with RAM at 0..RAM_SIZE, ``program`` at CODE_ADDRESS, vCPU 0 in long
+    mode; with ``irqchip``, the hypervisor's interrupt controllers first."""
     require_arch(backend, program.arch)
     with backend.create_vm({"arch": program.arch}) as vm:
+        if irqchip:
+            vm.create_irqchip()
         vm.add_memory(0, RAM_SIZE)
         vm.memory.write(CODE_ADDRESS, program.code)
         vcpu = vm.create_vcpu()
         vm.boot(BootSpec(arch=program.arch, entry=CODE_ADDRESS, stack=STACK_TOP, x86_mode=X86Mode.LONG))
         yield vm, vcpu
+
+
+def install_idt(vm: Vm, handlers: dict[int, bytes] | None = None) -> None:
+    """The interrupt scenarios' IDT (``programs.IDTR_ADDRESS``): every vector's gate
+    points at its own copy of ``REPORT_VECTOR``; ``handlers`` maps a vector to
+    other code instead (one handler, at ``programs.HANDLER_ADDRESS``)."""
+    from pyvmm.testing.conformance import programs as p
+
+    idt = bytearray()
+    for vector in range(256):
+        stub = bytearray(p.REPORT_VECTOR.code)
+        stub[p.REPORT_VECTOR_OFFSET] = vector
+        vm.memory.write(p.VECTOR_STUBS + 16 * vector, bytes(stub))
+        idt += interrupt_gate(p.VECTOR_STUBS + 16 * vector)
+    for vector, code in (handlers or {}).items():
+        vm.memory.write(p.HANDLER_ADDRESS, code)
+        idt[16 * vector : 16 * vector + 16] = interrupt_gate(p.HANDLER_ADDRESS)
+    vm.memory.write(p.IDT_ADDRESS, bytes(idt))
+    vm.memory.write(p.IDTR_ADDRESS, struct.pack("<HQ", len(idt) - 1, p.IDT_ADDRESS))
+
+
+def interrupt_gate(handler: int, selector: int = 0x08) -> bytes:
+    """A 64-bit interrupt gate (type 0xE, present, DPL 0) to ``handler`` in the
+    boot GDT's 64-bit code segment."""
+    return struct.pack("<HHBBHII", handler & 0xFFFF, selector, 0, 0x8E, (handler >> 16) & 0xFFFF, handler >> 32, 0)
+
+
+def expect_port_write(vcpu: Vcpu, port: int, value: int | None = None) -> IoExit:
+    """The next exit is a one-byte write to ``port`` (of ``value``, if given)."""
+    io = expect_io(vcpu)
+    assert io.port == port and io.is_write, f"expected a write to port {port:#x}, got {io!r}"
+    if value is not None:
+        assert io.data[0] == value, f"port {port:#x}: expected {value:#x}, got {io.data[0]:#x}"
+    return io
 
 
 def run_to(vcpu: Vcpu, kind: ExitKind) -> VcpuExit:

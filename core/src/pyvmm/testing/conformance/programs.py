@@ -204,6 +204,182 @@ ADD_REGS = _x86(
 )
 
 
+# --- interrupts ----------------------------------------------------------------
+#
+# The interrupt scenarios load an IDT: IDTR at IDTR_ADDRESS, 256 gates at
+# IDT_ADDRESS, each pointing at a copy of REPORT_VECTOR (patched with the gate's
+# vector) at VECTOR_STUBS + 16 * vector, so whichever vector arrives says its
+# number on port 0x11.  ``harness.install_idt`` writes them.
+
+IDTR_ADDRESS = 0x103000
+IDT_ADDRESS = 0x104000
+VECTOR_STUBS = 0x105000
+#: Where a handler of more than 16 bytes goes (LAPIC_HANDLER).
+HANDLER_ADDRESS = 0x106000
+#: The port the interrupt handlers report on.
+REPORT_PORT = 0x11
+
+#: The vector's handler: says the vector on port 0x11, returns.  The byte at
+#: REPORT_VECTOR_OFFSET (0x20 here) is patched with each gate's vector.
+REPORT_VECTOR = _x86(
+    "report_vector",
+    """
+    push rax
+    mov al, 0x20
+    out 0x11, al
+    pop rax
+    iretq
+""",
+    "50b020e6115848cf",
+)
+REPORT_VECTOR_OFFSET = 2
+
+#: Interrupts on: four writes to port 0x10 (4, 3, 2, 1), each a point where the
+#: vCPU can take an interrupt, then hlt.
+INTERRUPTS_ON = _x86(
+    "interrupts_on",
+    """
+    lidt [0x103000]
+    sti
+    mov ecx, 4
+1:  mov al, cl
+    out 0x10, al
+    loop 1b
+    hlt
+""",
+    "0f011c2500301000fbb90400000088c8e610e2faf4",
+)
+
+#: Interrupts off for two writes (1, 2), then on (after sti and a nop, past its
+#: shadow) for a third (3), then hlt.
+INTERRUPTS_OFF_THEN_ON = _x86(
+    "interrupts_off_then_on",
+    """
+    lidt [0x103000]
+    cli
+    mov al, 1
+    out 0x10, al
+    mov al, 2
+    out 0x10, al
+    sti
+    nop
+    mov al, 3
+    out 0x10, al
+    hlt
+""",
+    "0f011c2500301000fab001e610b002e610fb90b003e610f4",
+)
+
+#: Interrupts off for two writes (1, 2); then sti, one instruction in its shadow,
+#: and the third write (3) at WINDOW_OFFSET: where an interrupt window requested
+#: while interrupts were off opens.
+WINDOW_AFTER_STI = _x86(
+    "window_after_sti",
+    """
+    lidt [0x103000]
+    cli
+    mov al, 1
+    out 0x10, al
+    mov al, 2
+    out 0x10, al
+    sti
+    mov al, 3
+    out 0x10, al
+    hlt
+""",
+    "0f011c2500301000fab001e610b002e610fbb003e610f4",
+)
+#: Offset in WINDOW_AFTER_STI of the ``out`` after the instruction sti shadows.
+WINDOW_OFFSET = 20
+
+#: Interrupts off: two writes (1, 2) and hlt; an NMI arrives anyway.
+NMI_WITH_INTERRUPTS_OFF = _x86(
+    "nmi_with_interrupts_off",
+    """
+    lidt [0x103000]
+    cli
+    mov al, 1
+    out 0x10, al
+    mov al, 2
+    out 0x10, al
+    hlt
+""",
+    "0f011c2500301000fab001e610b002e610f4",
+)
+
+#: A handler for the hypervisor's local APIC: says its vector (patched at
+#: LAPIC_HANDLER_VECTOR_OFFSET) on port 0x11, writes the local APIC's EOI
+#: register, then says it again on port 0x12 (after the EOI), returns.
+LAPIC_HANDLER = _x86(
+    "lapic_handler",
+    """
+    push rax
+    push rbx
+    mov al, 0x31
+    out 0x11, al
+    mov rbx, 0xfee00000
+    mov dword ptr [rbx + 0xb0], 0
+    out 0x12, al
+    pop rbx
+    pop rax
+    iretq
+""",
+    "5053b031e61148bb0000e0fe00000000c783b000000000000000e6125b5848cf",
+)
+LAPIC_HANDLER_VECTOR_OFFSET = 3
+#: The vector the in-hypervisor interrupt scenarios use.
+LAPIC_VECTOR = 0x31
+
+#: With the hypervisor's interrupt controllers: 8259s masked, the local APIC
+#: enabled, one write to port 0x10 (1), then interrupts on and hlt forever.
+LAPIC_WAIT = _x86(
+    "lapic_wait",
+    """
+    mov al, 0xff
+    out 0x21, al
+    out 0xa1, al
+    lidt [0x103000]
+    mov rbx, 0xfee00000
+    mov dword ptr [rbx + 0xf0], 0x1ff
+    mov al, 1
+    out 0x10, al
+    sti
+1:  hlt
+    jmp 1b
+""",
+    "b0ffe621e6a10f011c250030100048bb0000e0fe00000000c783f0000000ff010000b001e610fbf4ebfd",
+)
+
+#: As LAPIC_WAIT, and IOAPIC pin IOAPIC_PIN routed to vector 0x31,
+#: level-triggered, to APIC 0.
+IOAPIC_LEVEL_WAIT = _x86(
+    "ioapic_level_wait",
+    """
+    mov al, 0xff
+    out 0x21, al
+    out 0xa1, al
+    lidt [0x103000]
+    mov rbx, 0xfee00000
+    mov dword ptr [rbx + 0xf0], 0x1ff
+    mov rbx, 0xfec00000
+    mov dword ptr [rbx], 0x24
+    mov dword ptr [rbx + 0x10], 0x8031
+    mov dword ptr [rbx], 0x25
+    mov dword ptr [rbx + 0x10], 0
+    mov al, 1
+    out 0x10, al
+    sti
+1:  hlt
+    jmp 1b
+""",
+    "b0ffe621e6a10f011c250030100048bb0000e0fe00000000c783f0000000ff01000048bb0000c0fe00000000c70324000000c7431031"
+    "800000c70325000000c7431000000000b001e610fbf4ebfd",
+)
+#: The IOAPIC input IOAPIC_LEVEL_WAIT programs (redirection registers 0x24/0x25),
+#: which the PC's GSI of the same number drives.
+IOAPIC_PIN = 10
+
+
 X86_64_PROGRAMS = (
     PIO_OUT,
     PIO_ROUND_TRIP,
@@ -218,4 +394,12 @@ X86_64_PROGRAMS = (
     SPIN,
     SET_RAX,
     ADD_REGS,
+    REPORT_VECTOR,
+    INTERRUPTS_ON,
+    INTERRUPTS_OFF_THEN_ON,
+    WINDOW_AFTER_STI,
+    NMI_WITH_INTERRUPTS_OFF,
+    LAPIC_HANDLER,
+    LAPIC_WAIT,
+    IOAPIC_LEVEL_WAIT,
 )

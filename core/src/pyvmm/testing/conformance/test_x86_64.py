@@ -9,22 +9,32 @@ import time
 
 import pytest
 
+from pyvmm.arch.x86_64 import VcpuEvents
 from pyvmm.capabilities import Capability
 from pyvmm.config import PAGE_SIZE, Arch
-from pyvmm.errors import ConfigError, GuestMemoryError, UnsupportedCapability
+from pyvmm.errors import ConfigError, GuestMemoryError, InterruptNotReady, UnsupportedCapability
 from pyvmm.exits import ExitKind, InterruptedExit, ShutdownExit
+from pyvmm.host import Event
+from pyvmm.interrupts import MsiRoute
 from pyvmm.testing.conformance import programs as p
 from pyvmm.testing.conformance.harness import (
     booted,
     expect_io,
     expect_mmio,
     expect_mmio_round_trip,
+    expect_port_write,
+    install_idt,
     port_output_until_halt,
     require,
     require_arch,
     run_to,
 )
-from pyvmm.vm import Backend
+from pyvmm.vm import Backend, Vcpu
+
+#: vCPU 0's local APIC in the MSI address window.
+MSI_ADDRESS = 0xFEE00000
+#: A GSI past the IOAPIC's 24 inputs, for an MSI route.
+MSI_GSI = 24
 
 
 @pytest.fixture
@@ -215,3 +225,178 @@ def test_undeclared_capabilities_refused(backend: Backend) -> None:
 def test_vcpu_index_out_of_range(backend: Backend) -> None:
     with backend.create_vm({"arch": "x86_64", "vcpus": 1}) as vm, pytest.raises(ConfigError, match="out of range"):
         vm.create_vcpu(1)
+
+
+# --- interrupts from userspace: INTERRUPT_INJECTION, NMI, VCPU_EVENTS --------------
+
+
+def test_interrupt_injection_when_ready(backend: Backend) -> None:
+    """Four vectors injected in a row, each at an exit where the vCPU can take one:
+    each handler runs before the guest's next instruction."""
+    require(backend, Capability.INTERRUPT_INJECTION, Capability.PORT_IO)
+    with booted(backend, p.INTERRUPTS_ON) as (vm, vcpu):
+        install_idt(vm)
+        assert not vcpu.ready_for_interrupt(), "nothing can be injected before the first run"
+        for count, vector in zip((4, 3, 2, 1), (0x20, 0x21, 0x40, 0xFE), strict=True):
+            expect_port_write(vcpu, p.TEST_PORT, count)
+            assert vcpu.ready_for_interrupt()
+            vcpu.interrupt(vector)
+            expect_port_write(vcpu, p.REPORT_PORT, vector)
+        run_to(vcpu, ExitKind.HLT)
+
+
+def test_interrupt_refused_when_not_ready(backend: Backend) -> None:
+    """With interrupts off an injection is refused, typed, and nothing is queued:
+    the guest runs on without the handler, and takes the next injection once
+    interrupts are on."""
+    require(backend, Capability.INTERRUPT_INJECTION, Capability.PORT_IO)
+    with booted(backend, p.INTERRUPTS_OFF_THEN_ON) as (vm, vcpu):
+        install_idt(vm)
+        expect_port_write(vcpu, p.TEST_PORT, 1)
+        assert not vcpu.ready_for_interrupt()
+        with pytest.raises(InterruptNotReady) as info:
+            vcpu.interrupt(0x21)
+        assert (info.value.vcpu, info.value.vector) == (0, 0x21)
+        expect_port_write(vcpu, p.TEST_PORT, 2)  # no handler ran in between
+        expect_port_write(vcpu, p.TEST_PORT, 3)
+        assert vcpu.ready_for_interrupt()
+        vcpu.interrupt(0x22)
+        expect_port_write(vcpu, p.REPORT_PORT, 0x22)
+        run_to(vcpu, ExitKind.HLT)
+
+
+def test_interrupt_window_exit_after_sti(backend: Backend) -> None:
+    """A window requested while interrupts are off opens after ``sti`` and the
+    instruction it shadows: an IrqWindowOpenExit there, and the vector injected
+    then is taken before the guest's next instruction."""
+    require(backend, Capability.INTERRUPT_INJECTION, Capability.PORT_IO)
+    if not backend.supports(Capability.INTERRUPT_SHADOW):
+        pytest.skip(
+            f"backend {backend.name!r} does not declare INTERRUPT_SHADOW: its hypervisor does not model the "
+            "STI shadow, so where the window opens after sti is not defined there"
+        )
+    with booted(backend, p.WINDOW_AFTER_STI) as (vm, vcpu):
+        install_idt(vm)
+        expect_port_write(vcpu, p.TEST_PORT, 1)
+        assert not vcpu.ready_for_interrupt()
+        vcpu.request_interrupt_window()
+        expect_port_write(vcpu, p.TEST_PORT, 2)  # interrupts still off: no window yet
+        run_to(vcpu, ExitKind.IRQ_WINDOW_OPEN)
+        if backend.supports(Capability.VCPU_REGISTERS):
+            assert vcpu.get_regs().rip == p.CODE_ADDRESS + p.WINDOW_OFFSET, "the window opens after sti's shadow"
+        assert vcpu.ready_for_interrupt()
+        vcpu.interrupt(0x23)
+        vcpu.request_interrupt_window(False)
+        expect_port_write(vcpu, p.REPORT_PORT, 0x23)
+        expect_port_write(vcpu, p.TEST_PORT, 3)
+        run_to(vcpu, ExitKind.HLT)
+
+
+def test_nmi_with_interrupts_off(backend: Backend) -> None:
+    """An NMI is taken with interrupts off (vector 2), and blocks further NMIs
+    until its handler's iretq."""
+    require(backend, Capability.NMI, Capability.PORT_IO)
+    events = backend.supports(Capability.VCPU_EVENTS)
+    with booted(backend, p.NMI_WITH_INTERRUPTS_OFF) as (vm, vcpu):
+        install_idt(vm)
+        expect_port_write(vcpu, p.TEST_PORT, 1)
+        vcpu.inject_nmi()
+        expect_port_write(vcpu, p.REPORT_PORT, 2)
+        if events:
+            assert vcpu.get_events().nmi.masked, "NMIs are blocked inside the NMI handler"
+        expect_port_write(vcpu, p.TEST_PORT, 2)
+        if events:
+            assert not vcpu.get_events().nmi.masked, "the handler's iretq unblocks NMIs"
+        run_to(vcpu, ExitKind.HLT)
+
+
+def test_vcpu_events_are_read_and_written(backend: Backend) -> None:
+    """The pending-event state reads back as the typed record, writes back
+    unchanged without effect, and an NMI made pending through it is taken."""
+    require(backend, Capability.VCPU_EVENTS, Capability.PORT_IO)
+    with booted(backend, p.NMI_WITH_INTERRUPTS_OFF) as (vm, vcpu):
+        install_idt(vm)
+        expect_port_write(vcpu, p.TEST_PORT, 1)
+        events = vcpu.get_events()
+        assert isinstance(events, VcpuEvents)
+        assert not (events.exception.injected or events.interrupt.injected or events.nmi.injected)
+        assert not events.nmi.masked and not events.nmi.pending
+        vcpu.set_events(events)
+        assert vcpu.get_events() == events
+        events.nmi.pending = True
+        vcpu.set_events(events)
+        expect_port_write(vcpu, p.REPORT_PORT, 2)
+        expect_port_write(vcpu, p.TEST_PORT, 2)
+        run_to(vcpu, ExitKind.HLT)
+
+
+# --- the hypervisor's interrupt controllers: MSIs, GSI routing, resampled irqfds -----
+
+
+def _lapic_handler() -> dict[int, bytes]:
+    code = bytearray(p.LAPIC_HANDLER.code)
+    code[p.LAPIC_HANDLER_VECTOR_OFFSET] = p.LAPIC_VECTOR
+    return {p.LAPIC_VECTOR: bytes(code)}
+
+
+def _expect_lapic_handler(vcpu: Vcpu) -> None:
+    expect_port_write(vcpu, p.REPORT_PORT, p.LAPIC_VECTOR)
+    expect_port_write(vcpu, p.REPORT_PORT + 1, p.LAPIC_VECTOR)  # after its EOI
+
+
+def _expect_nothing_more(vcpu: Vcpu) -> None:
+    """The guest sleeps in hlt and nothing wakes it: a kick is the next exit."""
+    kicker = threading.Timer(0.3, vcpu.kick)
+    kicker.start()
+    try:
+        exit_ = vcpu.run()
+    finally:
+        kicker.cancel()
+    assert isinstance(exit_, InterruptedExit), f"expected no interrupt, got {exit_!r}"
+
+
+def test_msi_reaches_the_local_apic(backend: Backend) -> None:
+    require(backend, Capability.IRQCHIP, Capability.MSI, Capability.PORT_IO)
+    with booted(backend, p.LAPIC_WAIT, irqchip=True) as (vm, vcpu):
+        install_idt(vm, _lapic_handler())
+        expect_port_write(vcpu, p.TEST_PORT, 1)
+        assert vm.signal_msi(MSI_ADDRESS, p.LAPIC_VECTOR) is True
+        _expect_lapic_handler(vcpu)
+
+
+def test_gsi_routed_to_an_msi(backend: Backend) -> None:
+    """The routing table replaced by one MSI route; an irqfd on its GSI delivers it."""
+    require(backend, Capability.IRQCHIP, Capability.GSI_ROUTING, Capability.IRQFD, Capability.PORT_IO)
+    with booted(backend, p.LAPIC_WAIT, irqchip=True) as (vm, vcpu), Event() as event:
+        install_idt(vm, _lapic_handler())
+        vm.set_gsi_routing([MsiRoute(MSI_GSI, MSI_ADDRESS, p.LAPIC_VECTOR)])
+        vm.register_irqfd(event, MSI_GSI)
+        expect_port_write(vcpu, p.TEST_PORT, 1)
+        event.signal()
+        _expect_lapic_handler(vcpu)
+
+
+def test_resampled_level_irqfd(backend: Backend) -> None:
+    """A level-triggered irqfd: the line stays raised until the guest acknowledges
+    the interrupt, then the hypervisor lowers it and signals the resample event;
+    raised again, it interrupts again; not raised, nothing comes.  Unregistered
+    (where the backend can), a signal raises nothing."""
+    require(backend, Capability.IRQCHIP, Capability.IRQFD, Capability.IRQFD_RESAMPLE, Capability.PORT_IO)
+    require(backend, Capability.IMMEDIATE_EXIT)
+    with booted(backend, p.IOAPIC_LEVEL_WAIT, irqchip=True) as (vm, vcpu), Event() as irq, Event() as resample:
+        install_idt(vm, _lapic_handler())
+        vm.register_irqfd(irq, p.IOAPIC_PIN, level=True, resample=resample)
+        expect_port_write(vcpu, p.TEST_PORT, 1)
+        for _ in range(2):
+            irq.signal()  # the device raises its line
+            expect_port_write(vcpu, p.REPORT_PORT, p.LAPIC_VECTOR)
+            expect_port_write(vcpu, p.REPORT_PORT + 1, p.LAPIC_VECTOR)  # the handler wrote EOI
+            # (Not before the EOI, on hardware KVM; this machine's software KVM
+            # signals it when the interrupt is delivered: test_kvm_interrupts.py.)
+            assert resample.wait(5), "the interrupt was acknowledged, yet the resample event never came"
+            resample.consume()
+        _expect_nothing_more(vcpu)  # lowered at the EOI, and not raised again
+        if backend.supports(Capability.IRQFD_REMOVAL):
+            vm.unregister_irqfd(irq, p.IOAPIC_PIN)
+            irq.signal()
+            _expect_nothing_more(vcpu)
