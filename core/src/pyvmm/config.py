@@ -348,9 +348,6 @@ class InputFileError(ConfigError):
         self.problem = f"{what} {reason}"
         super().__init__(f"{self.path}: {self.problem}")
 
-    def __reduce__(self) -> tuple[object, ...]:
-        return (type(self), (self.path, self.what, self.reason))
-
 
 def file_kind(mode: int) -> str:
     """What a ``st_mode`` describes, for "is X, not a regular file"."""

@@ -56,9 +56,6 @@ class ImageError(ConfigError):
         self.path = str(path)
         self.problem = problem
 
-    def __reduce__(self) -> tuple[object, ...]:
-        return (type(self), (self.path, self.problem))
-
 
 @dataclass
 class LoadedKernel:
