@@ -8,13 +8,14 @@ Kept apart from the machine so that ``pyvmm --help`` imports none of it.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
 import os
 import signal
 import sys
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from types import FrameType
 from typing import TYPE_CHECKING, Any, BinaryIO, TypeVar, cast
@@ -185,6 +186,12 @@ def add_run_parser(sub: Any, common: argparse.ArgumentParser | None = None) -> N
         "--gdb",
         metavar="tcp:HOST:PORT",
         help="wait for gdb on HOST:PORT (HOST defaults to localhost) before the first instruction",
+    )
+    run.add_argument(
+        "--model",
+        action="store_true",
+        help="run on the backend's driver model instead of its hypervisor (needs --backend); "
+        "at the end, list every interface rule the run broke",
     )
     run.add_argument(
         "--stats", action="store_true", default=None, help="print exits per kind and time in guest vs Python"
@@ -372,59 +379,106 @@ def _run(args: argparse.Namespace) -> int:
     if args.config is not None:
         inputs[CONFIG_OPTION] = args.config
     words = _UserWords(args.config, given, names)
-    with _Signals(config.timeout) as signals:
-        backend, _ = words.call(lambda: _select_backend(config, words))
-        gdb = words.call(lambda: _gdb_server(config, backend, words)) if config.gdb is not None else None
-        console = None
-        try:
-            # The option names it, unless the machine file does (the default, stdio, is the option's).
-            from_file = "serial" not in given and args.config is not None and config.serial != "stdio"
-            serial_where = f"{args.config}: serial" if from_file else names["serial"]
-            console = open_serial(config.serial, serial_where, inputs)
-            if console is not None and console.has_input and not console.interactive:
-                _say(f"serial console on {console.name}")
-            sys.stdout.flush()
+    with contextlib.ExitStack() as models:
+        model = models.enter_context(_driver_model(config, words)) if args.model else None
+        with _Signals(config.timeout) as signals:
+            backend, _ = words.call(lambda: _select_backend(config, words))
+            gdb = words.call(lambda: _gdb_server(config, backend, words)) if config.gdb is not None else None
+            console = None
             try:
-                machine = words.call(
-                    lambda: Machine(
-                        config, backend=backend, serial_output=cast(BinaryIO, console) if console is not None else None
+                # The option names it, unless the machine file does (the default, stdio, is the option's).
+                from_file = "serial" not in given and args.config is not None and config.serial != "stdio"
+                serial_where = f"{args.config}: serial" if from_file else names["serial"]
+                console = open_serial(config.serial, serial_where, inputs)
+                if console is not None and console.has_input and not console.interactive:
+                    _say(f"serial console on {console.name}")
+                sys.stdout.flush()
+                try:
+                    machine = words.call(
+                        lambda: Machine(
+                            config,
+                            backend=backend,
+                            serial_output=cast(BinaryIO, console) if console is not None else None,
+                        )
                     )
-                )
-            except ImageError as exc:
-                raise _named(exc, config, args.config, given, names) from None
-            with machine:
-                stub = None
-                if gdb is not None:
-                    stub = gdb.attach(machine)
-                    _say(f"waiting for gdb on {gdb.host}:{gdb.port} (gdb -ex 'target remote {gdb.host}:{gdb.port}')")
-                status = _status_line(machine, console) if gdb is None else None
-                signals.machine = machine
+                except ImageError as exc:
+                    raise _named(exc, config, args.config, given, names) from None
+                with machine:
+                    stub = None
+                    if gdb is not None:
+                        stub = gdb.attach(machine)
+                        _say(
+                            f"waiting for gdb on {gdb.host}:{gdb.port} (gdb -ex 'target remote {gdb.host}:{gdb.port}')"
+                        )
+                    status = _status_line(machine, console) if gdb is None else None
+                    signals.machine = machine
+                    try:
+                        if console is not None:
+                            console.connect(machine.devices.uart, machine.console_quit)
+                        if status is not None:
+                            status.start()
+                        result = machine.run()
+                    finally:
+                        signals.disarm()
+                        if status is not None:
+                            status.stop()
+                        if stub is not None:
+                            stub.close()
+            finally:
                 try:
                     if console is not None:
-                        console.connect(machine.devices.uart, machine.console_quit)
-                    if status is not None:
-                        status.start()
-                    result = machine.run()
+                        console.close()
                 finally:
-                    signals.disarm()
-                    if status is not None:
-                        status.stop()
-                    if stub is not None:
-                        stub.close()
-        finally:
-            try:
-                if console is not None:
-                    console.close()
-            finally:
-                if gdb is not None:
-                    gdb.close()
+                    if gdb is not None:
+                        gdb.close()
     if result.reason not in (StopReason.DEBUG_EXIT, StopReason.POWEROFF):
         print(f"pyvmm: {result.reason.value}: {result.detail}", file=sys.stderr)
     if result.stats is not None:
         print(f"pyvmm: stats: backend {machine.backend.name}, {result.stats.exits} exits", file=sys.stderr)
         for line in result.stats.format().splitlines():
             print(f"pyvmm: stats: {line}", file=sys.stderr)
+    if model is not None and _report_model(model):
+        return max(result.status, STATUS_RULE_BROKEN)
     return result.status
+
+
+#: ``pyvmm run --model``: the run broke a rule of the modelled interface (the
+#: plugin did something the real driver refuses), whatever the guest did.
+STATUS_RULE_BROKEN = 5
+
+
+@contextlib.contextmanager
+def _driver_model(config: MachineConfig, words: _UserWords) -> Iterator[Any]:
+    """The backend's driver model (entry point group ``pyvmm.models``), installed
+    behind the backend for the block."""
+    from importlib import metadata
+
+    from pyvmm.plugins import ENV_BACKEND
+
+    name = config.backend or os.environ.get(ENV_BACKEND) or None
+    if name is None:
+        raise ConfigError("--model: name the backend whose driver model to run (--backend NAME)")
+    points = [ep for ep in metadata.entry_points(group="pyvmm.models") if ep.name == name]
+    if not points:
+        raise ConfigError(f"--model: backend {name!r} ships no driver model (entry point group 'pyvmm.models')")
+    model = points[0].load()()
+    cls = type(model)
+    _say(f"running on a driver model of {name} ({cls.__module__}.{cls.__qualname__}), not on its hypervisor")
+    with model.installed():
+        yield model
+
+
+def _report_model(model: Any) -> bool:
+    """Print every rule the run broke; True if there was one."""
+    rejections = list(model.rejections)
+    if not rejections:
+        _say("driver model: no interface rule was broken")
+        return False
+    _say(f"driver model: {len(rejections)} interface rule(s) broken:")
+    for rejection in rejections:
+        rule = rejection.rule
+        _say(f"  {rule.id}: {rule.summary} ({rejection.detail}) [{rule.source}]")
+    return True
 
 
 def _say(text: str) -> None:

@@ -84,3 +84,34 @@ def test_the_board_tree_gets_gunyahs_own_nodes(
     assert bells == [f"{VM_CONFIG}/vdevices/bell-{UART_SPI:x}"]
     assert nodes["/pl011@9000000"]["interrupts"] == nodes[bells[0]]["interrupts"]
     assert model.rejections == []
+
+
+def test_pyvmm_run_on_the_shipped_model(tmp_path: Path) -> None:
+    """Issue 11: a VMM developer without the hardware runs the demo on the model,
+    is told it is a model, and hears at the end whether a rule was broken."""
+    import subprocess
+    import sys
+
+    run = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pyvmm",
+            "run",
+            "--backend",
+            "gunyah",
+            "--arch",
+            "aarch64",
+            "--model",
+            "--timeout",
+            "60",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=tmp_path,
+    )
+    assert run.returncode == 0, run.stderr
+    assert "powering off through PSCI SYSTEM_OFF" in run.stdout
+    assert "running on a driver model of gunyah (pyvmm_gunyah.model.GunyahModel)" in run.stderr
+    assert "driver model: no interface rule was broken" in run.stderr
