@@ -55,6 +55,10 @@ class Gate:
 
 #: The gated event calls only pass it through; one event serves every case.
 EVENT = Event()
+
+
+def teardown_module() -> None:
+    EVENT.close()
 RESAMPLE = Event()
 
 
