@@ -59,6 +59,8 @@ EVENT = Event()
 
 def teardown_module() -> None:
     EVENT.close()
+
+
 RESAMPLE = Event()
 
 

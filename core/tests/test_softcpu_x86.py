@@ -202,17 +202,19 @@ def test_exception_without_a_handler_is_a_triple_fault(machines: list[Machine]) 
     assert (exit_.reason, exit_.raw_error_code) == (ShutdownReason.TRIPLE_FAULT, 3)
 
 
-def test_exception_with_a_handler_is_reported_as_not_deliverable(machines: list[Machine]) -> None:
-    m = boot(machines, "cc")
-    idt = 0x8000
-    m.memory.write(idt + 3 * 16, bytes([0, 0, 0x08, 0, 0, 0x8E, 0, 0]))  # present interrupt gate
+def test_exception_with_a_handler_is_delivered(machines: list[Machine]) -> None:
+    m = boot(machines, "ccf4")  # int3; hlt
+    idt, handler = 0x8000, 0x9000
+    m.memory.write(handler, bytes.fromhex("b033e61048cf"))  # mov al, 0x33; out 0x10, al; iretq
+    gate = struct.pack("<HHBBHII", handler, 0x08, 0, 0x8E, 0, 0, 0)
+    m.memory.write(idt + 3 * 16, gate)
     sregs = m.cpu.get_sregs()
     sregs.idt.base, sregs.idt.limit = idt, 0xFFF
     m.cpu.set_sregs(sregs)
-    exit_ = run_to(m.cpu, ExitKind.INTERNAL_ERROR)
-    assert isinstance(exit_, InternalErrorExit)
-    assert exit_.data == (3,)
-    assert "#BP" in exit_.description
+    exit_ = run_to(m.cpu, ExitKind.IO)
+    assert isinstance(exit_, IoExit) and exit_.data[0] == 0x33
+    run_to(m.cpu, ExitKind.HLT)
+    assert m.cpu.get_regs().rip == CODE + 2, "the handler returned after int3"
 
 
 # --- code coherence ----------------------------------------------------------------------------
@@ -275,12 +277,20 @@ def test_flat_protected_mode(machines: list[Machine]) -> None:
     assert not sregs.efer & (1 << 10), "not in long mode"
 
 
-def test_real_mode_is_refused_not_faked(machines: list[Machine]) -> None:
+def test_real_mode_runs_16_bit_code(machines: list[Machine]) -> None:
+    # mov ax, 0x1234; mov bx, cs; out 0x10, ax; hlt -- at 0x1000:0x0100 (linear 0x10100)
     m = boot(machines, "f4")
+    m.memory.write(0x10100, bytes.fromhex("b834128ccbe710f4"))
     sregs = Sregs()
     assert not sregs.cr0 & CR0_PE
-    with pytest.raises(ConfigError, match="real mode"):
-        m.cpu.set_sregs(sregs)
+    sregs.cs.selector, sregs.cs.base = 0x1000, 0x10000
+    m.cpu.set_sregs(sregs)
+    m.cpu.set_regs(Regs(rip=0x100, rflags=2))
+    exit_ = run_to(m.cpu, ExitKind.IO)
+    assert isinstance(exit_, IoExit) and exit_.size == 2 and bytes(exit_.data) == b"\x34\x12"
+    run_to(m.cpu, ExitKind.HLT)
+    assert m.cpu.get_regs().rbx == 0x1000
+    assert m.cpu.get_sregs().cs.base == 0x10000
 
 
 def test_non_flat_segments_outside_64_bit_mode_are_refused(machines: list[Machine]) -> None:

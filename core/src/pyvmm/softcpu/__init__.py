@@ -48,8 +48,7 @@ What it models
 * **x86 exceptions** (a fault, ``UD2``, ``INT n``): when the guest's IDT has no
   present gate for the vector -- what ends in a triple fault on hardware -- the
   exit is a :class:`~pyvmm.exits.ShutdownExit` (``TRIPLE_FAULT``,
-  ``raw_error_code`` = the vector).  When it has one, the exit is an
-  :class:`~pyvmm.exits.InternalErrorExit` saying so: delivery is not modelled.
+  ``raw_error_code`` = the vector); otherwise the gate's handler runs.
 * **aarch64 HVC/SMC** go to :attr:`SoftCpu.hypercall_handler` first (see
   :data:`HypercallHandler`); by default PSCI ``SYSTEM_OFF``/``SYSTEM_RESET``
   are a :class:`~pyvmm.exits.SystemEventExit` (``SHUTDOWN``/``RESET``),
@@ -73,13 +72,22 @@ What it models
 What unicorn cannot model (and the engine does not pretend to)
 ================================================================
 
-* **x86 real mode and 16-bit code.**  The x86_64 engine's register interface
-  sets a segment's selector but not its hidden descriptor cache (only FS/GS
-  load a descriptor), so a mode can only be reached from unicorn's fresh
-  64-bit state with control-register writes.  Real mode, 16-bit protected mode
-  and segments whose base is not 0 outside 64-bit mode are refused with
+* **x86 16-bit protected mode and non-flat segments set by the VMM.**  The
+  engine's register interface sets a selector but not the descriptor cache.
+  Real mode (the reset state included: CS F000, base FFFF0000) is set by
+  writing the caches and QEMU's mode flags into unicorn's saved context (their
+  places are probed, not assumed); protected and long mode from unicorn's
+  fresh state with control-register writes, so 16-bit protected mode and
+  segments whose base is not 0 there are refused with
   :class:`~pyvmm.errors.ConfigError`.  A guest that switches modes itself (far
-  jumps, ``lgdt``) is executed faithfully by QEMU, though.
+  jumps, ``lgdt``) is executed faithfully by QEMU.
+* **x86 events** (:meth:`SoftCpu.inject_interrupt`, ``inject_nmi``,
+  ``request_interrupt_window``) are delivered through the guest's IVT/IDT at
+  the same privilege level, without IST or stack switch (else an internal
+  error); exceptions with a present gate are delivered too, except those
+  pushing an error code (unicorn does not report it).  While an event waits
+  for IF or the STI/MOV SS shadow (QEMU's, read back), the guest is stepped.
+  CPUID and RDMSR/WRMSR become exits with ``intercept``.
 * **Segment descriptor caches** cannot be read back.  ``get_sregs`` reports the
   state last set for a segment while its selector is unchanged, and otherwise
   decodes the descriptor the selector names in the guest's GDT/LDT -- right
@@ -87,11 +95,11 @@ What unicorn cannot model (and the engine does not pretend to)
   is stored, not modelled.  ``set_sregs`` restarts the CPU from its fresh
   state: general registers, SSE registers, MXCSR and the syscall MSRs are kept,
   the x87 state and debug registers are not.
-* **No interrupt delivery** at all: no local APIC/GIC, no timer, no exception or
-  interrupt entry through the IDT or VBAR (see above), no ``SYSCALL`` entry.
-  Hence no ``IRQCHIP``, ``IRQ_LINE``, ``IRQFD`` or ``PVCLOCK``.
-* **CPUID and MSRs** are unicorn's own CPU model's; there is no way to give the
-  guest a CPUID table, and ``RDMSR`` of an unknown MSR does not fault.
+* **No interrupt controller**: no local APIC/GIC, no timer, no aarch64
+  exception entry through VBAR.  Hence no ``IRQCHIP``, ``IRQ_LINE``, ``IRQFD``
+  or ``PVCLOCK``.
+* **CPUID and MSRs** without ``intercept`` are unicorn's own CPU model's, and
+  ``RDMSR`` of an unknown MSR does not fault.  RDTSC is not an exit.
 * **One vCPU per engine**, and guest memory shared between engines is coherent
   for data only: translated code is per engine.  Code written by the *host*
   into guest memory is only seen after :meth:`SoftCpu.invalidate_code` (done at

@@ -15,8 +15,7 @@ from pyvmm.arch.aarch64 import ELR_EL1_ID, PC_ID, PSTATE_ID, SP_EL1_ID, SP_ID, C
 from pyvmm.boot import Aarch64VcpuInit
 from pyvmm.errors import ConfigError
 from pyvmm.exits import HypercallExit, SystemEvent, SystemEventExit, VcpuExit
-from pyvmm.softcpu._isa import Isa
-from pyvmm.softcpu.engine import Conduit, Hypercall, SoftCpu
+from pyvmm.softcpu._isa import Conduit, Engine, Hypercall, Isa
 
 WFI = 0xD503207F
 _HVC_MASK, _HVC, _SMC = 0xFFE0001F, 0xD4000002, 0xD4000003
@@ -54,8 +53,9 @@ def is_psci(function: int) -> bool:
 class Aarch64Isa(Isa):
     max_instruction = 4
 
-    def __init__(self, cpu: SoftCpu) -> None:
-        super().__init__(cpu)
+    def __init__(self, engine: Engine, u: Any, uc: Any) -> None:
+        super().__init__(engine, u, uc)
+        self.hypercall_exit = HypercallExit()
         c = self.u.arm64_const
         self.c: Any = c
         x_ids = [getattr(c, f"UC_ARM64_REG_X{n}") for n in range(31)]
@@ -70,7 +70,7 @@ class Aarch64Isa(Isa):
         return self.regs.read(self.pc_id)
 
     def _word(self, address: int) -> int | None:
-        raw = self.cpu.read_virtual(address, 4)
+        raw = self.engine.read_virtual(address, 4)
         return None if raw is None else int.from_bytes(raw, "little")
 
     def halted(self, step_start: int | None) -> bool:
@@ -117,7 +117,7 @@ class Aarch64Isa(Isa):
 
     def set_one_reg(self, reg_id: int, value: int) -> None:
         if reg_id == PC_ID and value != self.pc():
-            self.cpu._forget_pending()
+            self.engine.forget_pending()
         self.regs.write(self._unicorn_id(reg_id), value)
 
     def get_core_regs(self) -> CoreRegs:
@@ -128,7 +128,7 @@ class Aarch64Isa(Isa):
         if len(regs.x) != 31:
             raise ConfigError(f"softcpu: CoreRegs.x has {len(regs.x)} registers, not 31")
         if regs.pc != self.pc():
-            self.cpu._forget_pending()
+            self.engine.forget_pending()
         self.regs.write(self.pstate_id, regs.pstate)
         pairs = [*zip(self.x_ids, regs.x, strict=True), (self.sp_id, regs.sp), (self.pc_id, regs.pc)]
         for reg, value in pairs:
@@ -156,7 +156,7 @@ class Aarch64Isa(Isa):
         # Calls leave the PC after the instruction (their preferred return address).
         at = pc - 4 if intno in (EXCP_SWI, EXCP_HVC, EXCP_SMC) else pc
         name = _EXCEPTION_NAMES.get(intno, f"exception {intno}")
-        return self.internal_error(
+        return self.engine.internal_error(
             f"{name} at {at:#x}: the software CPU does not deliver aarch64 exceptions to the guest's vectors",
             at,
             (intno,),
@@ -165,17 +165,15 @@ class Aarch64Isa(Isa):
     def _hypercall(self, conduit: Conduit, imm: int, pc: int) -> VcpuExit | None:
         regs = [self.regs.read(reg) for reg in self.x_ids[:8]]
         call = Hypercall(conduit, imm, regs[0], tuple(regs[1:8]), pc)
-        handler = self.cpu.hypercall_handler
-        if handler is not None:
-            answer = handler(self.cpu, call)
-            if isinstance(answer, VcpuExit):
-                return answer
-            if answer is True:
-                return None
+        answer = self.engine.hypercall(call)
+        if isinstance(answer, VcpuExit):
+            return answer
+        if answer is True:
+            return None
         function = call.function & 0xFFFFFFFF
         if is_psci(function):
             return self._psci(function, call)
-        exit_ = self.cpu._hypercall
+        exit_ = self.hypercall_exit
         exit_.number = call.function
         exit_.args = call.args
         exit_.result = PSCI_NOT_SUPPORTED  # SMCCC's answer if the VMM does not set one
@@ -201,10 +199,11 @@ class Aarch64Isa(Isa):
         self.system_event.data = ()
         return self.system_event
 
-    def complete(self, last: VcpuExit) -> None:
-        if isinstance(last, HypercallExit) and self.pending_hypercall:
+    def complete(self, last: VcpuExit) -> bool:
+        if last is self.hypercall_exit and self.pending_hypercall:
             self.pending_hypercall = False
             self.regs.write(self.x_ids[0], last.result)
+        return last is self.hypercall_exit
 
     def forget_pending(self) -> None:
         self.pending_hypercall = False

@@ -13,9 +13,11 @@ mode reachable -- and real mode, 16-bit code and non-flat segments not.
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import dataclasses
+import struct
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from pyvmm.arch.x86_64 import (
     CR0_PE,
@@ -31,12 +33,18 @@ from pyvmm.arch.x86_64 import (
 )
 from pyvmm.boot import X86VcpuInit
 from pyvmm.errors import ConfigError
-from pyvmm.exits import InternalErrorExit, IoExit, ShutdownExit, ShutdownReason, VcpuExit
-from pyvmm.softcpu._isa import Isa
-from pyvmm.softcpu.engine import INTERNAL_ERROR_EMULATION, _Stop
-
-if TYPE_CHECKING:
-    from pyvmm.softcpu.engine import SoftCpu
+from pyvmm.exits import (
+    CpuidExit,
+    InternalErrorExit,
+    IoExit,
+    IrqWindowOpenExit,
+    MsrAccessExit,
+    ShutdownExit,
+    ShutdownReason,
+    VcpuExit,
+)
+from pyvmm.softcpu import _uc
+from pyvmm.softcpu._isa import INTERNAL_ERROR_EMULATION, Engine, Isa, Stop
 
 MSR_EFER = 0xC0000080
 #: MSRs a mode change must not lose (set_sregs restarts from the fresh CPU state).
@@ -63,6 +71,79 @@ _VECTOR_NAMES = {
 }
 _UD = 6
 _DB = 1
+_NMI = 2
+
+RFLAGS_TF = 1 << 8
+RFLAGS_IF = 1 << 9
+RFLAGS_NT = 1 << 14
+RFLAGS_RF = 1 << 16
+RFLAGS_VM = 1 << 17
+RFLAGS_AC = 1 << 18
+
+# QEMU's hidden CPU flags (``hflags``) the software CPU reads or sets in the
+# engine's saved context: the current privilege level, the interrupt shadow,
+# and the mode bits that decide how code is decoded.
+_HF_CPL = 3
+_HF_INHIBIT_IRQ = 1 << 3
+_HF_CS32 = 1 << 4
+_HF_SS32 = 1 << 5
+_HF_ADDSEG = 1 << 6
+_HF_PE = 1 << 7
+_HF_LMA = 1 << 14
+_HF_CS64 = 1 << 15
+# QEMU's segment registers in its CPU state, in this order.
+_SEG_INDEX = {"es": 0, "cs": 1, "ss": 2, "ds": 3, "fs": 4, "gs": 5}
+_SEG_SIZE = 24  # SegmentCache: u32 selector, (pad), u64 base, u32 limit, u32 flags
+#: MSRs the CPU keeps itself even when MSR accesses are exits (as a hypervisor
+#: does: mode, syscall and segment-base MSRs, the TSC, PAT).
+_CPU_MSRS = frozenset((0x10, 0x174, 0x175, 0x176, 0x277, MSR_EFER, 0xC0000081, 0xC0000082, 0xC0000083))
+_CPU_MSRS |= {0xC0000084, 0xC0000100, 0xC0000101, 0xC0000102}
+#: Vectors whose exceptions push an error code.
+_ERROR_CODE_VECTORS = frozenset((8, 10, 11, 12, 13, 14, 17, 21, 29, 30))
+
+
+class _Layout:
+    """Where the hidden state sits in unicorn's saved x86 context, found by
+    probing a fresh engine (so no struct layout is assumed): ``hflags`` moves
+    with CR0.TS, the segment caches hold the FS/GS base written through the
+    register interface.  ``ok`` is False when the probe failed; real mode and
+    the interrupt shadow are then refused rather than guessed."""
+
+    def __init__(self, u: Any, uc: Any) -> None:
+        c = u.x86_const
+        self.hflags = -1
+        self.segs = -1
+        saved = uc.context_save()
+        try:
+            fs_mark, gs_mark = 0x1122334455667788, 0x0123456789ABCDEF
+            uc.reg_write(c.UC_X86_REG_FS_BASE, fs_mark)
+            uc.reg_write(c.UC_X86_REG_GS_BASE, gs_mark)
+            blob = bytes(uc.context_save())
+            fs = blob.find(fs_mark.to_bytes(8, "little"))
+            gs = blob.find(gs_mark.to_bytes(8, "little"))
+            if fs > 0 and gs == fs + _SEG_SIZE:
+                self.segs = fs - 8 - _SEG_INDEX["fs"] * _SEG_SIZE
+            cr0 = int(uc.reg_read(c.UC_X86_REG_CR0))
+            uc.reg_write(c.UC_X86_REG_CR0, cr0 & ~8)
+            before = bytes(uc.context_save())
+            uc.reg_write(c.UC_X86_REG_CR0, cr0 | 8)  # CR0.TS: QEMU's HF_TS, bit 11
+            after = bytes(uc.context_save())
+            uc.reg_write(c.UC_X86_REG_CR0, cr0)
+            hits = [
+                offset
+                for offset in range(0, min(len(before), self.segs if self.segs > 0 else 512), 4)
+                if int.from_bytes(before[offset : offset + 4], "little")
+                ^ int.from_bytes(after[offset : offset + 4], "little")
+                == 1 << 11
+            ]
+            if len(hits) == 1:
+                self.hflags = hits[0]
+        finally:
+            uc.context_restore(saved)
+
+    @property
+    def ok(self) -> bool:
+        return self.hflags >= 0 and self.segs >= 0
 
 
 @dataclass(slots=True)
@@ -139,9 +220,12 @@ class X86Isa(Isa):
     debug_exception = _DB
     max_instruction = 15
 
-    def __init__(self, cpu: SoftCpu) -> None:
-        super().__init__(cpu)
+    def __init__(self, engine: Engine, u: Any, uc: Any) -> None:
+        super().__init__(engine, u, uc)
         c = self.u.x86_const
+        self._io = IoExit()
+        self._buffer = bytearray(8)
+        self._views = {n: memoryview(self._buffer)[:n] for n in (1, 2, 4, 8)}
         self.c: Any = c
         self.gpr_ids: tuple[int, ...] = tuple(getattr(c, f"UC_X86_REG_{name.upper()}") for name in GPR_NAMES)
         self.rip_id: int = c.UC_X86_REG_RIP
@@ -161,10 +245,32 @@ class X86Isa(Isa):
         self._apic_base = Sregs().apic_base
         # The fresh state set_sregs starts every mode change from.
         self._fresh: Any = self.uc.context_save()
+        self._layout = _Layout(self.u, self.uc)
+        # Events from the VMM (INTERRUPT_INJECTION, NMI): an external interrupt
+        # to deliver, NMI pending/blocked, the interrupt-window request.
+        self._ran = False
+        self._irq: int | None = None
+        self._nmi_pending = False
+        self._nmi_masked = False
+        self._iret_hook: Any = None
+        self._window = False
+        self._window_exit = IrqWindowOpenExit()
+        # CPUID / MSR exits (see SoftCpu's ``intercept``).
+        self.intercept: frozenset[str] = frozenset()
+        self._cpuid = CpuidExit()
+        self._msr = MsrAccessExit()
+        self._isa_exit: VcpuExit | None = None
+        self._awaiting: VcpuExit | None = None
 
     def install(self) -> None:
         self.uc.hook_add(self.u.UC_HOOK_INSN, self._on_in, None, 1, 0, self.c.UC_X86_INS_IN)
         self.uc.hook_add(self.u.UC_HOOK_INSN, self._on_out, None, 1, 0, self.c.UC_X86_INS_OUT)
+        self.uc.hook_add(self.u.UC_HOOK_INSN, self._on_cpuid, None, 1, 0, self.c.UC_X86_INS_CPUID)
+        if "msr" in self.intercept:
+            # unicorn 2.1 cannot hook RDMSR/WRMSR (UC_HOOK_INSN takes IN, OUT,
+            # SYSCALL, SYSENTER, CPUID, RDTSC(P)): every instruction is looked at
+            # instead, which is why MSR exits are an option.
+            self.uc.hook_add(self.u.UC_HOOK_CODE, self._on_code_msr)
 
     # --- run-loop interface -------------------------------------------------------
     def pc(self) -> int:
@@ -173,17 +279,14 @@ class X86Isa(Isa):
     def _read(self, reg: int) -> int:
         return self.regs.read(reg)
 
-    def before_slice(self) -> None:
-        # An access recorded by a slice that then faulted never became an exit.
-        self._current = None
-
     def halted(self, step_start: int | None) -> bool:
         rip = self.pc()
+        base = self._linear_pc() - rip
         if step_start is not None:
-            return rip == step_start + 1 and self.cpu.read_virtual(step_start, 1) == b"\xf4"
+            return rip == step_start + 1 and self.engine.read_virtual(base + step_start, 1) == b"\xf4"
         # HLT is the only way a slice ends with no hook having fired: unicorn
         # stops after it, with RIP past the one-byte instruction.
-        return self.cpu.read_virtual(rip - 1, 1) == b"\xf4"
+        return self.engine.read_virtual(base + rip - 1, 1) == b"\xf4"
 
     # IN/OUT: the hook stops emulation right after the instruction (the engine
     # always runs with an instruction budget, which makes unicorn honour a stop
@@ -231,8 +334,7 @@ class X86Isa(Isa):
             self._read(c.UC_X86_REG_RDI),
         )
         self._current = _PortAccess(port, size, is_write, value, rip, before)
-        self.cpu._stop = _Stop.PORT
-        uc.emu_stop()
+        self.engine.stop_slice(Stop.PORT)
 
     def port_exit(self) -> VcpuExit:
         access, self._current = self._current, None
@@ -244,49 +346,335 @@ class X86Isa(Isa):
             self.regs.write(reg, value)
         access.ready = access.is_write
         self._pending = access
-        exit_ = self.cpu._io
+        exit_ = self._io
         exit_.port = access.port
         exit_.size = access.size
         exit_.count = 1
         exit_.is_write = access.is_write
-        data = self.cpu._views[access.size]
+        data = self._views[access.size]
         data[:] = access.value.to_bytes(access.size, "little") if access.is_write else bytes(access.size)
         exit_.data = data
         return exit_
 
-    def complete(self, last: VcpuExit) -> None:
+    def complete(self, last: VcpuExit) -> bool:
+        if self._complete_isa(last):
+            return True
         pending = self._pending
-        if isinstance(last, IoExit) and pending is not None and not pending.is_write:
+        if last is self._io and pending is not None and not pending.is_write:
             pending.value = int.from_bytes(last.data[: pending.size], "little")
             pending.ready = True
+        return last is self._io
 
     def forget_pending(self) -> None:
         self._pending = None
         self._current = None
+        self._awaiting = None
+
+    # --- hidden state in unicorn's saved context -----------------------------------
+    def _need_layout(self, what: str) -> None:
+        if not self._layout.ok:
+            raise ConfigError(f"softcpu: {what} needs unicorn's hidden CPU state, which this unicorn does not expose")
+
+    def _blob(self) -> tuple[Any, bytearray]:
+        ctx = self.uc.context_save()
+        return ctx, bytearray(bytes(ctx))
+
+    def _commit(self, ctx: Any, blob: bytearray) -> None:
+        ctypes.memmove(ctx.context, bytes(blob), len(blob))
+        self.uc.context_restore(ctx)
+        self.engine.flush_code()
+
+    def _hflags(self) -> int:
+        if not self._layout.ok:
+            return 0
+        blob = bytes(self.uc.context_save())
+        return int.from_bytes(blob[self._layout.hflags : self._layout.hflags + 4], "little")
+
+    def _seg_cache(self, blob: bytes | bytearray, name: str) -> tuple[int, int, int, int]:
+        """(selector, base, limit, flags) of a segment register's hidden cache."""
+        offset = self._layout.segs + _SEG_INDEX[name] * _SEG_SIZE
+        selector, base, limit, flags = struct.unpack_from("<I4xQII", blob, offset)
+        return selector & 0xFFFF, base, limit, flags
+
+    def _put_seg_cache(self, blob: bytearray, name: str, cache: tuple[int, int, int, int]) -> None:
+        """Write (selector, base, limit, flags) as a segment register's hidden cache."""
+        struct.pack_into("<I4xQII", blob, self._layout.segs + _SEG_INDEX[name] * _SEG_SIZE, *cache)
+
+    def _linear_pc(self) -> int:
+        """CS base + RIP (they differ in real mode only, where CS is not flat)."""
+        rip = self.pc()
+        if self._layout.ok and not self._read(self.c.UC_X86_REG_CR0) & CR0_PE:
+            return self._seg_cache(bytes(self.uc.context_save()), "cs")[1] + rip
+        return rip
+
+    def write_virtual(self, address: int, data: bytes) -> bool:
+        for i, byte in enumerate(data):  # a frame is a few bytes: page crossings handled per byte
+            gpa = _uc.vmem_translate(self.uc, address + i, self.u.UC_PROT_WRITE)
+            if gpa is None:
+                return False
+            try:
+                self.uc.mem_write(gpa, bytes((byte,)))
+            except self.u.UcError:
+                return False
+        return True
+
+    # --- events: external interrupts, NMIs, the interrupt window ---------------------
+    def _interruptible(self) -> bool:
+        """IF set and no interrupt shadow (STI, MOV SS) at the current instruction."""
+        if not self._read(self.c.UC_X86_REG_RFLAGS) & RFLAGS_IF:
+            return False
+        return not self._hflags() & _HF_INHIBIT_IRQ
+
+    def ready_for_interrupt(self) -> bool:
+        return self._ran and self._irq is None and self._interruptible()
+
+    def inject_interrupt(self, vector: int) -> None:
+        if not 0 <= vector <= 255:
+            raise ConfigError(f"softcpu: interrupt vector {vector} is not 0-255")
+        self._irq = vector
+
+    def inject_nmi(self) -> None:
+        self._nmi_pending = True
+
+    def request_interrupt_window(self, requested: bool) -> None:
+        self._window = bool(requested)
+
+    @property
+    def nmi_masked(self) -> bool:
+        return self._nmi_masked
+
+    def _watching(self) -> bool:
+        """An event waits for the guest to become interruptible."""
+        return self._window or self._irq is not None or (self._nmi_pending and not self._nmi_masked)
+
+    def before_run(self) -> VcpuExit | None:
+        self._ran = True
+        if self._isa_exit is not None:  # completing the last exit raised one (#GP without a gate)
+            raised, self._isa_exit = self._isa_exit, None
+            return raised
+        exit_: VcpuExit | None
+        if self._pending is not None:
+            return None  # the port instruction completes first (slice_budget: one instruction)
+        if self._nmi_pending and not self._nmi_masked:
+            self._nmi_pending = False
+            exit_ = self._deliver(_NMI, nmi=True)
+            if exit_ is not None:
+                return exit_
+            self._nmi_masked = True
+            if self._iret_hook is None:
+                self._iret_hook = self.uc.hook_add(self.u.UC_HOOK_CODE, self._on_code_nmi)
+                self.engine.flush_code()
+        if self._irq is not None and self._interruptible():
+            vector, self._irq = self._irq, None
+            exit_ = self._deliver(vector)
+            if exit_ is not None:
+                return exit_
+            return None
+        if self._window and self._irq is None and self._interruptible():
+            return self._window_exit
+        return None
+
+    def slice_budget(self, count: int) -> int:
+        if self._watching() and (self._pending is not None or not self._interruptible()):
+            return 1  # step until the guest can take it (sti, the shadow, a port access to finish)
+        return count
+
+    def after_quiet_slice(self, start_pc: int) -> VcpuExit | None:
+        if self._window and self._irq is None and self._interruptible():
+            return self._window_exit
+        return None
+
+    def _on_code_nmi(self, uc: Any, address: int, size: int, _data: Any) -> None:
+        # NMIs stay blocked until the handler's IRET (CF, with an operand-size
+        # or REX.W prefix).
+        if not self._nmi_masked:
+            return
+        code = bytes(uc.mem_read(address, min(size, 3))) if size else b""
+        if code[-1:] == b"\xcf" and all(b in (0x48, 0x66) for b in code[:-1]):
+            self._nmi_masked = False
+
+    def before_slice(self) -> None:
+        # An access recorded by a slice that then faulted never became an exit.
+        self._current = None
+        if self._iret_hook is not None and not self._nmi_masked:
+            self.uc.hook_del(self._iret_hook)
+            self._iret_hook = None
+
+    def _deliver(self, vector: int, *, nmi: bool = False, error_code: int | None = None) -> VcpuExit | None:
+        """Enter the guest's handler for ``vector`` as the CPU does: through the
+        real-mode vector table, or an interrupt/trap gate of the IDT (32-bit
+        protected or long mode, same privilege level).  None when delivered,
+        else the exit (a shutdown without a usable gate)."""
+        c = self.c
+        cr0 = self._read(c.UC_X86_REG_CR0)
+        rflags = self._read(c.UC_X86_REG_RFLAGS)
+        rip = self.pc()
+        rsp = self._read(c.UC_X86_REG_RSP)
+        _, idt_base, idt_limit, _ = self.uc.reg_read(c.UC_X86_REG_IDTR)
+        if not cr0 & CR0_PE:
+            self._need_layout("real-mode interrupt delivery")
+            raw = self.engine.read_virtual(idt_base + 4 * vector, 4) if 4 * vector + 3 <= idt_limit else None
+            if raw is None:
+                return ShutdownExit(ShutdownReason.TRIPLE_FAULT, raw_error_code=vector)
+            ip, cs = struct.unpack("<HH", raw)
+            ctx, blob = self._blob()
+            old_cs = self._seg_cache(blob, "cs")
+            ss_base = self._seg_cache(blob, "ss")[1]
+            sp = (rsp - 6) & 0xFFFF
+            frame = struct.pack("<HHH", rip & 0xFFFF, old_cs[0], rflags & 0xFFFF)
+            if not self.write_virtual(ss_base + sp, frame):
+                return ShutdownExit(ShutdownReason.TRIPLE_FAULT, raw_error_code=vector)
+            self._put_seg_cache(blob, "cs", (cs, cs << 4, old_cs[2], old_cs[3]))
+            self._commit(ctx, blob)
+            self.regs.write(c.UC_X86_REG_RSP, (rsp & ~0xFFFF) | sp)
+            self.regs.write(c.UC_X86_REG_RFLAGS, rflags & ~(RFLAGS_IF | RFLAGS_TF | RFLAGS_AC | RFLAGS_RF))
+            self.regs.write(self.rip_id, ip)
+            return None
+        long_mode = bool(self._efer() & EFER_LMA)
+        entry = 16 if long_mode else 8
+        in_idt = vector * entry + entry - 1 <= idt_limit
+        raw = self.engine.read_virtual(idt_base + vector * entry, entry) if in_idt else None
+        if raw is None or not raw[5] & 0x80 or raw[5] & 0xF not in (0xE, 0xF):
+            return ShutdownExit(ShutdownReason.TRIPLE_FAULT, raw_error_code=vector)
+        low, selector, ist, kind, mid = struct.unpack_from("<HHBBH", raw)
+        offset = low | mid << 16
+        if long_mode:
+            offset |= struct.unpack_from("<I", raw, 8)[0] << 32
+        cs = self._read(c.UC_X86_REG_CS) & 0xFFFF
+        if selector & ~3 != cs & ~3 or cs & 3 or ist & 7:
+            pc = self._linear_pc()
+            return self.engine.internal_error(
+                f"vector {vector} at {pc:#x}: its gate needs a stack or privilege switch "
+                f"(selector {selector:#x}, IST {ist & 7}), which the software CPU does not model",
+                pc,
+                (vector,),
+            )
+        flags_out = rflags
+        if long_mode:
+            ss = self._read(c.UC_X86_REG_SS) & 0xFFFF
+            words = [ss, rsp, flags_out, cs, rip] + ([error_code] if error_code is not None else [])
+            new_rsp = (rsp & ~0xF) - 8 * len(words)
+            frame = b"".join(struct.pack("<Q", w & ((1 << 64) - 1)) for w in reversed(words))
+        else:
+            words = [flags_out, cs, rip] + ([error_code] if error_code is not None else [])
+            new_rsp = (rsp - 4 * len(words)) & 0xFFFFFFFF
+            frame = b"".join(struct.pack("<I", w & 0xFFFFFFFF) for w in reversed(words))
+        if not self.write_virtual(new_rsp, frame):
+            return ShutdownExit(ShutdownReason.TRIPLE_FAULT, raw_error_code=vector)
+        self.regs.write(c.UC_X86_REG_RSP, new_rsp)
+        cleared = RFLAGS_TF | RFLAGS_NT | RFLAGS_RF | RFLAGS_VM
+        if kind & 0xF == 0xE:  # an interrupt gate; a trap gate leaves IF
+            cleared |= RFLAGS_IF
+        self.regs.write(c.UC_X86_REG_RFLAGS, rflags & ~cleared)
+        self.regs.write(self.rip_id, offset)
+        return None
+
+    def get_events(self) -> tuple[int | None, bool, bool, bool]:
+        """(injected vector not yet taken, NMI pending, NMI blocked, interrupt shadow)."""
+        return self._irq, self._nmi_pending, self._nmi_masked, bool(self._hflags() & _HF_INHIBIT_IRQ)
+
+    def set_nmi(self, *, pending: bool | None = None, masked: bool | None = None) -> None:
+        if pending is not None:
+            self._nmi_pending = pending
+        if masked is not None:
+            self._nmi_masked = masked
+            if masked and self._iret_hook is None:
+                self._iret_hook = self.uc.hook_add(self.u.UC_HOOK_CODE, self._on_code_nmi)
+                self.engine.flush_code()
+
+    # --- CPUID, RDMSR, WRMSR as exits ---------------------------------------------------
+    def _isa_stop(self, exit_: VcpuExit) -> None:
+        self._isa_exit = exit_
+        self.engine.stop_slice(Stop.ISA)
+
+    def _on_cpuid(self, uc: Any, _data: Any) -> int:
+        if "cpuid" not in self.intercept:
+            return 0  # unicorn's own CPU model answers
+        exit_ = self._cpuid
+        exit_.function = self._read(self.c.UC_X86_REG_RAX) & 0xFFFFFFFF
+        exit_.index = self._read(self.c.UC_X86_REG_RCX) & 0xFFFFFFFF
+        exit_.eax = exit_.ebx = exit_.ecx = exit_.edx = 0
+        self._isa_stop(exit_)
+        return 1  # skipped: the VMM's answer goes in on the next run
+
+    def _on_code_msr(self, uc: Any, address: int, size: int, _data: Any) -> None:
+        if size != 2:
+            return
+        code = self.engine.read_virtual(address, 2)
+        if code not in (b"\x0f\x32", b"\x0f\x30"):
+            return
+        c = self.c
+        index = self._read(c.UC_X86_REG_RCX) & 0xFFFFFFFF
+        if index in _CPU_MSRS:
+            return
+        exit_ = self._msr
+        exit_.index = index
+        exit_.is_write = code == b"\x0f\x30"
+        high, low = self._read(c.UC_X86_REG_RDX) & 0xFFFFFFFF, self._read(c.UC_X86_REG_RAX) & 0xFFFFFFFF
+        exit_.value = high << 32 | low if exit_.is_write else 0
+        exit_.error = False
+        # Skip the instruction (a PC written in a hook restarts there): the
+        # access is complete, as the VMM answers it, on the next run.
+        self.regs.write(self.rip_id, self.pc() + 2)
+        self._isa_stop(exit_)
+
+    def isa_exit(self) -> VcpuExit | None:
+        exit_, self._isa_exit = self._isa_exit, None
+        self._awaiting = exit_
+        return exit_
+
+    def _complete_isa(self, last: VcpuExit) -> bool:
+        if last is not self._awaiting:
+            return False
+        self._awaiting = None
+        c = self.c
+        if last is self._cpuid:
+            for reg, value in (
+                (c.UC_X86_REG_RAX, last.eax),
+                (c.UC_X86_REG_RBX, last.ebx),
+                (c.UC_X86_REG_RCX, last.ecx),
+                (c.UC_X86_REG_RDX, last.edx),
+            ):
+                self.regs.write(reg, value & 0xFFFFFFFF)
+        elif last is self._msr and last.error:
+            exit_ = self._deliver(13, error_code=0)  # #GP(0) for an MSR the VMM refused
+            if exit_ is not None:
+                self._isa_exit = exit_
+        elif last is self._msr and not last.is_write:
+            self.regs.write(c.UC_X86_REG_RAX, last.value & 0xFFFFFFFF)
+            self.regs.write(c.UC_X86_REG_RDX, (last.value >> 32) & 0xFFFFFFFF)
+        return True
 
     # --- exceptions ---------------------------------------------------------------------
     def interrupt_exit(self, intno: int) -> VcpuExit | None:
         return self.exception_exit(intno, self.pc())
 
-    def invalid_instruction_exit(self, pc: int) -> VcpuExit:
+    def invalid_instruction_exit(self, pc: int) -> VcpuExit | None:
         return self.exception_exit(_UD, pc)
 
-    def exception_exit(self, vector: int, pc: int) -> VcpuExit:
+    def exception_exit(self, vector: int, pc: int) -> VcpuExit | None:
         """unicorn raises x86 exceptions to its caller instead of delivering them
         through the guest's IDT.  Without a present gate for the vector the CPU
         would escalate to a triple fault, so that is a shutdown; with one, the
         guest expected its handler to run, which the software CPU cannot do."""
         _, base, limit, _ = self.uc.reg_read(self.c.UC_X86_REG_IDTR)
+        if not self._read(self.c.UC_X86_REG_CR0) & CR0_PE:
+            return self._deliver(vector)
         entry = 16 if self._efer() & EFER_LMA else 8
-        gate = self.cpu.read_virtual(base + vector * entry, 8) if limit >= vector * entry + entry - 1 else None
+        gate = self.engine.read_virtual(base + vector * entry, 8) if limit >= vector * entry + entry - 1 else None
         name = _VECTOR_NAMES.get(vector, f"vector {vector}")
         if gate is None or not gate[5] & 0x80:
             return ShutdownExit(ShutdownReason.TRIPLE_FAULT, raw_error_code=vector)
+        if vector not in _ERROR_CODE_VECTORS:
+            # Delivered through the guest's gate: a fault returns to the
+            # instruction (RIP is still on it), INT n and INT3 after it.
+            return self._deliver(vector)
         return InternalErrorExit(
             INTERNAL_ERROR_EMULATION,
-            self.cpu.read_virtual(pc, self.max_instruction) or b"",
+            self.engine.read_virtual(pc, self.max_instruction) or b"",
             (vector,),
-            f"{name} at {pc:#x}: the guest has a handler, but the software CPU does not deliver exceptions",
+            f"{name} at {pc:#x}: the guest has a handler, but unicorn does not report the error code "
+            "this exception pushes, so the software CPU does not deliver it",
         )
 
     # --- registers -------------------------------------------------------------------------
@@ -295,7 +683,7 @@ class X86Isa(Isa):
 
     def set_regs(self, regs: Regs) -> None:
         if regs.rip != self.pc():
-            self.cpu._forget_pending()
+            self.engine.forget_pending()
         for reg, value in zip(self.gpr_ids, dataclasses.astuple(regs), strict=True):
             self.regs.write(reg, value)
 
@@ -310,7 +698,7 @@ class X86Isa(Isa):
         offset = selector & ~7
         if offset + 7 > limit:
             return None
-        raw = self.cpu.read_virtual(base + offset, 8)
+        raw = self.engine.read_virtual(base + offset, 8)
         return None if raw is None else int.from_bytes(raw, "little")
 
     def _segment(self, name: str, cr0: int) -> Segment:
@@ -318,6 +706,9 @@ class X86Isa(Isa):
         shadow = self._shadow.get(name)
         if shadow is not None and shadow.selector == selector:
             seg = dataclasses.replace(shadow)
+        elif self._layout.ok and self._seg_cache(bytes(self.uc.context_save()), name)[0] == selector:
+            _, base, limit, flags = self._seg_cache(bytes(self.uc.context_save()), name)
+            seg = _segment_from_cache(selector, base, limit, flags)
         elif not cr0 & CR0_PE:
             seg = Segment(base=selector << 4, limit=0xFFFF, selector=selector, type=0xB if name == "cs" else 0x3)
         elif selector & ~3 == 0:
@@ -360,11 +751,6 @@ class X86Isa(Isa):
 
     @staticmethod
     def _check_modelled(s: Sregs) -> tuple[bool, bool]:
-        if not s.cr0 & CR0_PE:
-            raise ConfigError(
-                "softcpu: real mode is not modelled (unicorn's x86_64 engine cannot load a 16-bit code "
-                "segment through its register interface); boot in protected or long mode"
-            )
         long_mode = bool(s.efer & EFER_LME) and bool(s.cr0 & CR0_PG)
         if long_mode and not s.cr4 & CR4_PAE:
             raise ConfigError("softcpu: long mode needs CR4.PAE")
@@ -377,7 +763,49 @@ class X86Isa(Isa):
                     raise ConfigError(f"softcpu: {name}.base must be 0 outside 64-bit mode (only flat segments)")
         return long_mode, code64
 
+    def _set_real_mode(self, s: Sregs) -> None:
+        """Real mode (CR0.PE clear): unicorn's register interface cannot load
+        a 16-bit segment, so the descriptor caches and QEMU's mode flags are
+        written into the engine's saved context and restored from there --
+        which also gives the reset state (CS F000, base FFFF0000)."""
+        self._need_layout("real mode")
+        if s.cr0 & CR0_PG or s.efer & EFER_LMA:
+            raise ConfigError("softcpu: real mode with CR0.PG or EFER.LMA set is not a CPU state")
+        c = self.c
+        regs = self.get_regs()
+        self.uc.context_restore(self._fresh)
+        self.uc.reg_write(c.UC_X86_REG_MSR, (MSR_EFER, s.efer))
+        self.uc.reg_write(c.UC_X86_REG_CR0, s.cr0)
+        self.uc.reg_write(c.UC_X86_REG_CR4, s.cr4)
+        self.uc.reg_write(c.UC_X86_REG_CR3, s.cr3)
+        self.uc.reg_write(c.UC_X86_REG_CR2, s.cr2)
+        self.uc.reg_write(c.UC_X86_REG_GDTR, (0, s.gdt.base, s.gdt.limit, 0))
+        self.uc.reg_write(c.UC_X86_REG_IDTR, (0, s.idt.base, s.idt.limit, 0))
+        self.uc.reg_write(c.UC_X86_REG_TR, (s.tr.selector, s.tr.base, s.tr.limit, _cache_flags(s.tr)))
+        self.uc.reg_write(c.UC_X86_REG_LDTR, (s.ldt.selector, s.ldt.base, s.ldt.limit, _cache_flags(s.ldt)))
+        for reg, value in zip(self.gpr_ids, dataclasses.astuple(regs), strict=True):
+            self.regs.write(reg, value)
+        ctx, blob = self._blob()
+        offset = self._layout.hflags
+        hflags = int.from_bytes(blob[offset : offset + 4], "little")
+        hflags &= ~(_HF_CPL | _HF_CS32 | _HF_SS32 | _HF_PE | _HF_LMA | _HF_CS64 | _HF_INHIBIT_IRQ)
+        hflags |= _HF_ADDSEG
+        if s.cs.db:
+            hflags |= _HF_CS32
+        if s.ss.db:
+            hflags |= _HF_SS32
+        blob[offset : offset + 4] = hflags.to_bytes(4, "little")
+        for name in _SEG_INDEX:
+            seg: Segment = getattr(s, name)
+            self._put_seg_cache(blob, name, (seg.selector, seg.base, seg.limit, _cache_flags(seg)))
+        self._commit(ctx, blob)
+        self._shadow = {name: dataclasses.replace(getattr(s, name)) for name in self._segment_ids}
+        self._apic_base = s.apic_base
+
     def set_sregs(self, s: Sregs) -> None:
+        if not s.cr0 & CR0_PE:
+            self._set_real_mode(s)
+            return
         long_mode, code64 = self._check_modelled(s)
         c = self.c
         regs = self.get_regs()

@@ -4,12 +4,11 @@ hypervisor would exit.  See :mod:`pyvmm.softcpu` for the model and its limits.""
 from __future__ import annotations
 
 import ctypes
-import enum
 import errno
 import threading
 import time
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -21,20 +20,18 @@ from pyvmm.errors import ConfigError, HypervisorError, VmStateError
 from pyvmm.exits import (
     DebugExit,
     HltExit,
-    HypercallExit,
     InternalErrorExit,
     InterruptedExit,
-    IoExit,
     MmioExit,
     VcpuExit,
 )
 from pyvmm.softcpu import _uc
+from pyvmm.softcpu._isa import INTERNAL_ERROR_EMULATION, Conduit, Hypercall, HypercallHandler, Isa, Stop
 from pyvmm.softcpu._uc import RUN_BUDGET, UNREACHABLE
 
 if TYPE_CHECKING:
     from pyvmm.memory import RamRegion
     from pyvmm.softcpu._aarch64 import Aarch64Isa
-    from pyvmm.softcpu._isa import Isa
     from pyvmm.softcpu._x86 import X86Isa
 
 _PAGE_MASK = PAGE_SIZE - 1
@@ -46,49 +43,41 @@ _WATCHDOG_PERIOD = 0.0005
 #: Slices in a row that may end with nothing done before run() gives up.
 _MAX_IDLE_SLICES = 4
 
-#: KVM's suberror for "instruction emulation failed", reused for what the
-#: software CPU cannot do.
-INTERNAL_ERROR_EMULATION = 1
+#: What ``SoftCpu(intercept=...)`` can turn into exits (x86_64): CPUID as a
+#: :class:`~pyvmm.exits.CpuidExit`, RDMSR/WRMSR as a
+#: :class:`~pyvmm.exits.MsrAccessExit`, both completed on the next run.
+INTERCEPTS = frozenset({"cpuid", "msr"})
 
 
-class Conduit(str, enum.Enum):
-    """How an aarch64 guest called the hypervisor (or firmware)."""
+class _Link:
+    """The engine as its ISA half sees it (:class:`pyvmm.softcpu._isa.Engine`):
+    the few things the half may ask for, and nothing of the engine's state."""
 
-    HVC = "hvc"
-    SMC = "smc"
+    __slots__ = ("_cpu",)
 
+    def __init__(self, cpu: SoftCpu) -> None:
+        self._cpu = cpu
 
-@dataclass(frozen=True, slots=True)
-class Hypercall:
-    """An aarch64 ``HVC``/``SMC`` the guest made.  ``function`` is X0 (the SMCCC
-    function id), ``args`` X1..X7, ``imm`` the instruction's 16-bit immediate."""
+    def read_virtual(self, address: int, size: int) -> bytes | None:
+        return self._cpu.read_virtual(address, size)
 
-    conduit: Conduit
-    imm: int
-    function: int
-    args: tuple[int, ...]
-    pc: int
+    def stop_slice(self, reason: Stop) -> None:
+        cpu = self._cpu
+        cpu._stop = reason
+        cpu._uc.emu_stop()
 
+    def forget_pending(self) -> None:
+        self._cpu._forget_pending()
 
-#: ``handler(cpu, call)`` sees every HVC/SMC first.  Return an exit to end
-#: ``run()`` with it, True when the call is handled (the handler has set X0 and
-#: whatever else it answers with), or None to leave it to the default: PSCI
-#: SYSTEM_OFF/SYSTEM_RESET become a :class:`~pyvmm.exits.SystemEventExit`,
-#: PSCI_VERSION/FEATURES are answered, other PSCI calls get NOT_SUPPORTED, and
-#: anything else is a :class:`~pyvmm.exits.HypercallExit` for the VMM.
-HypercallHandler = Callable[["SoftCpu", Hypercall], "VcpuExit | bool | None"]
+    def internal_error(self, description: str, pc: int, data: tuple[int, ...] = ()) -> InternalErrorExit:
+        return self._cpu._internal_error(description, pc, data)
 
+    def hypercall(self, call: Hypercall) -> VcpuExit | bool | None:
+        handler = self._cpu.hypercall_handler
+        return None if handler is None else handler(self._cpu, call)
 
-class _Stop(enum.Enum):
-    """Why the last emulation slice ended, as the hooks saw it."""
-
-    NONE = 0
-    MEMORY = 1  # an access no RAM backs, or a write to read-only RAM
-    FETCH = 2  # an instruction fetch from unbacked memory
-    PORT = 3  # x86 IN/OUT
-    INTERRUPT = 4  # a CPU exception or software interrupt
-    INVALID = 5  # an undefined instruction (x86 #UD)
-    BREAKPOINT = 6
+    def flush_code(self) -> None:
+        self._cpu._uc.ctl_flush_tb()
 
 
 class _Access:
@@ -136,11 +125,22 @@ class SoftCpu:
         :meth:`run`, so code the VMM rewrites in guest memory between runs is
         seen (what hardware does; costs ~35 µs per run).  With False the owner
         calls :meth:`invalidate_code` after writing code itself.
+    :param intercept: x86_64: what of :data:`INTERCEPTS` becomes an exit
+        (``"cpuid"``, ``"msr"``) instead of being answered by unicorn's CPU
+        model -- the exit is taken after the instruction and the VMM's answer
+        (``CpuidExit.eax``.., ``MsrAccessExit.value``/``error``) goes in on the
+        next run.  ``"msr"`` looks at every instruction (unicorn cannot hook
+        RDMSR/WRMSR), so it is slow.
     :raises SoftCpuUnavailable: unicorn is not installed.
     """
 
-    def __init__(self, arch: Arch | str, *, coherent_code: bool = True) -> None:
+    def __init__(self, arch: Arch | str, *, coherent_code: bool = True, intercept: Iterable[str] = ()) -> None:
         self.arch = Arch(arch)
+        wanted = frozenset(intercept)
+        if not wanted <= INTERCEPTS or (wanted and self.arch is not Arch.X86_64):
+            raise ConfigError(
+                f"softcpu: intercept {sorted(wanted)}: x86_64 guests can intercept {sorted(INTERCEPTS)} only"
+            )
         uc = _uc.unicorn()
         self._u = uc
         self._closed = False
@@ -149,14 +149,12 @@ class SoftCpu:
         self.hypercall_handler: HypercallHandler | None = None
         self._mappings: list[_Mapping] = []
         # One exit object per kind, refilled on every run (pyvmm.exits' rule).
-        self._io = IoExit()
         self._mmio = MmioExit()
         self._buffer = bytearray(8)
         self._views = {n: memoryview(self._buffer)[:n] for n in (1, 2, 4, 8)}
         self._hlt = HltExit()
         self._interrupted = InterruptedExit()
         self._debug = DebugExit()
-        self._hypercall = HypercallExit()
         self._last: VcpuExit | None = None
         self._last_access: _Access | None = None
         # Run-state shared with other threads (kick, memory changes).
@@ -174,7 +172,7 @@ class SoftCpu:
         self._replay_used: dict[int, bool] = {}
         self._replay_pages: dict[int, _Mapping | None] = {}
         # What the hooks saw during the current slice.
-        self._stop = _Stop.NONE
+        self._stop = Stop.NONE
         self._stop_access: _Access | None = None
         self._stop_value = 0
         # Debugging.
@@ -187,12 +185,14 @@ class SoftCpu:
             from pyvmm.softcpu._x86 import X86Isa
 
             self._uc: Any = uc.Uc(uc.UC_ARCH_X86, uc.UC_MODE_64)
-            self._isa: Isa = X86Isa(self)
+            x86 = X86Isa(_Link(self), uc, self._uc)
+            x86.intercept = wanted
+            self._isa: Isa = x86
         else:
             from pyvmm.softcpu._aarch64 import Aarch64Isa
 
             self._uc = uc.Uc(uc.UC_ARCH_ARM64, uc.UC_MODE_ARM)
-            self._isa = Aarch64Isa(self)
+            self._isa = Aarch64Isa(_Link(self), uc, self._uc)
         memory_events = (
             uc.UC_HOOK_MEM_READ_UNMAPPED
             | uc.UC_HOOK_MEM_WRITE_UNMAPPED
@@ -380,6 +380,38 @@ class SoftCpu:
         """
         self._x86("set_sregs").set_sregs(sregs)
 
+    # --- x86 events: interrupts from the VMM ------------------------------------------
+    def ready_for_interrupt(self) -> bool:
+        """Whether an external interrupt injected now is taken before the next
+        instruction: the vCPU has run, RFLAGS.IF is set, no STI/MOV SS shadow, and
+        no injected vector waits."""
+        return self._x86("ready_for_interrupt").ready_for_interrupt()
+
+    def inject_interrupt(self, vector: int) -> None:
+        """Deliver external interrupt ``vector`` through the guest's IVT (real
+        mode) or IDT on the next run, as soon as the guest is interruptible."""
+        self._x86("inject_interrupt").inject_interrupt(vector)
+
+    def inject_nmi(self) -> None:
+        """Make an NMI pending: taken (vector 2) regardless of IF unless an NMI
+        handler is still running (NMIs stay blocked until its IRET)."""
+        self._x86("inject_nmi").inject_nmi()
+
+    def request_interrupt_window(self, requested: bool) -> None:
+        """While requested, :meth:`run` returns an
+        :class:`~pyvmm.exits.IrqWindowOpenExit` as soon as the guest is
+        interruptible (past STI's shadow).  Until the window opens the guest is
+        single-stepped."""
+        self._x86("request_interrupt_window").request_interrupt_window(requested)
+
+    def x86_events(self) -> tuple[int | None, bool, bool, bool]:
+        """(injected vector not yet taken, NMI pending, NMI blocked, interrupt shadow)."""
+        return self._x86("x86_events").get_events()
+
+    def set_x86_nmi(self, *, pending: bool | None = None, masked: bool | None = None) -> None:
+        """Set the NMI pending / blocked state (None keeps it)."""
+        self._x86("set_x86_nmi").set_nmi(pending=pending, masked=masked)
+
     def _x86(self, what: str) -> X86Isa:
         self._check_open()
         from pyvmm.softcpu._x86 import X86Isa
@@ -546,7 +578,7 @@ class SoftCpu:
                 return exit_
 
     def _clear_stop(self) -> None:
-        self._stop = _Stop.NONE
+        self._stop = Stop.NONE
         self._stop_access = None
         self._stop_value = 0
 
@@ -555,8 +587,12 @@ class SoftCpu:
         if self._resume_breakpoint is not None and self._resume_breakpoint != pc:
             self._resume_breakpoint = None
         self._clear_stop()
+        early = self._isa.before_run()
+        if early is not None:
+            return early
+        pc = self._isa.pc()
         self._isa.before_slice()
-        count = 1 if self._single_step else RUN_BUDGET
+        count = 1 if self._single_step else self._isa.slice_budget(RUN_BUDGET)
         try:
             self._uc.emu_start(pc, UNREACHABLE, 0, count)
         except self._u.UcError as exc:
@@ -564,28 +600,33 @@ class SoftCpu:
         return self._after_slice(pc)
 
     def _after_error(self, exc: Exception, pc: int) -> VcpuExit | None:
-        if self._stop is _Stop.MEMORY and self._stop_access is not None:
+        if self._stop is Stop.MEMORY and self._stop_access is not None:
             self._log.append(self._stop_access)
             return self._report(self._stop_access)
-        if self._stop is _Stop.FETCH:
+        if self._stop is Stop.FETCH:
             return self._internal_error(
                 f"instruction fetch from {self._stop_value:#x}, which no RAM backs", self._isa.pc()
             )
-        if self._stop is _Stop.INVALID:
+        if self._stop is Stop.INVALID:
             return self._isa.invalid_instruction_exit(self._isa.pc())
         return self._internal_error(f"unicorn stopped the guest: {exc}", self._isa.pc())
 
     def _after_slice(self, start_pc: int) -> VcpuExit | None:
         stop = self._stop
-        if stop is _Stop.PORT:
+        if stop is Stop.PORT:
             return self._isa.port_exit()
-        if stop is _Stop.INTERRUPT:
+        if stop is Stop.INTERRUPT:
             return self._isa.interrupt_exit(self._stop_value)
-        if stop is _Stop.BREAKPOINT:
+        if stop is Stop.ISA:
+            return self._isa.isa_exit()
+        if stop is Stop.BREAKPOINT:
             self._resume_breakpoint = self._stop_value
             return self._debug_exit(self._stop_value)
         if self._isa.halted(start_pc if self._single_step else None):
             return self._hlt
+        quiet = self._isa.after_quiet_slice(start_pc)
+        if quiet is not None:
+            return quiet
         if self._single_step:
             return self._debug_exit(self._isa.pc())
         if self._take_kick():
@@ -723,7 +764,7 @@ class SoftCpu:
         used = self._replay_used
         new = self._replay_new
         if aborted:
-            if self._stop is not _Stop.MEMORY or self._stop_access is None:
+            if self._stop is not Stop.MEMORY or self._stop_access is None:
                 self._uc.context_restore(context)
                 self._log.clear()
                 return self._after_error(RuntimeError("the re-executed MMIO instruction faulted"), self._isa.pc())
@@ -747,10 +788,12 @@ class SoftCpu:
             return self._report(report[0])
         self._log.clear()
         self._queue.extend(new)  # the instruction retired: its other writes, in order
-        if self._stop is _Stop.PORT:
+        if self._stop is Stop.PORT:
             return self._isa.port_exit()
-        if self._stop is _Stop.INTERRUPT:
+        if self._stop is Stop.INTERRUPT:
             return self._isa.interrupt_exit(self._stop_value)
+        if self._stop is Stop.ISA:
+            return self._isa.isa_exit()
         return None
 
     def _on_replay_access(self, _uc_: Any, kind: int, address: int, size: int, value: int, _data: Any) -> None:
@@ -781,21 +824,21 @@ class SoftCpu:
     def _on_memory_fault(self, _uc_: Any, access: int, address: int, size: int, value: int, _data: Any) -> bool:
         u = self._u
         if access == u.UC_MEM_FETCH_UNMAPPED:
-            self._stop = _Stop.FETCH
+            self._stop = Stop.FETCH
             self._stop_value = address
             return False
         is_write = access in (u.UC_MEM_WRITE_UNMAPPED, u.UC_MEM_WRITE_PROT)
-        self._stop = _Stop.MEMORY
+        self._stop = Stop.MEMORY
         self._stop_access = _Access(address, size, is_write, value if is_write else 0)
         return False
 
     def _on_interrupt(self, uc: Any, intno: int, _data: Any) -> None:
-        self._stop = _Stop.INTERRUPT
+        self._stop = Stop.INTERRUPT
         self._stop_value = intno
         uc.emu_stop()
 
     def _on_invalid(self, _uc_: Any, _data: Any) -> bool:
-        self._stop = _Stop.INVALID
+        self._stop = Stop.INVALID
         return False
 
     def _on_breakpoint(self, uc: Any, address: int, _size: int, _data: Any) -> None:
@@ -803,7 +846,7 @@ class SoftCpu:
             # Resuming from this breakpoint: execute it once.
             self._resume_breakpoint = None
             return
-        self._stop = _Stop.BREAKPOINT
+        self._stop = Stop.BREAKPOINT
         self._stop_value = address
         uc.emu_stop()
 
@@ -818,4 +861,4 @@ class SoftCpu:
             bitmap[page >> 3] |= 1 << (page & 7)
 
 
-__all__ = ["Conduit", "Hypercall", "HypercallHandler", "SoftCpu"]
+__all__ = ["INTERCEPTS", "Conduit", "Hypercall", "HypercallHandler", "SoftCpu"]

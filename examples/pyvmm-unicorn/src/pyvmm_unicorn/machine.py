@@ -22,10 +22,12 @@ from pyvmm.errors import ConfigError
 from pyvmm.exits import VcpuExit
 from pyvmm.memory import RamRegion
 from pyvmm.softcpu import SoftCpu
+from pyvmm.softcpu.engine import INTERCEPTS
 from pyvmm.vcpu_state import StateKind
 
 #: ``VmConfig.backend_options`` this backend understands, with their defaults.
-OPTIONS: dict[str, object] = {"coherent_code": True}
+#: ``intercept``: x86 instructions that become exits (:data:`pyvmm.softcpu.engine.INTERCEPTS`).
+OPTIONS: dict[str, object] = {"coherent_code": True, "intercept": ()}
 
 _STATE_KINDS = {
     Arch.X86_64: (StateKind.REGS, StateKind.SREGS),
@@ -43,6 +45,10 @@ def parse_options(options: dict[str, Any]) -> dict[str, Any]:
     merged = {**OPTIONS, **options}
     if not isinstance(merged["coherent_code"], bool):
         raise ConfigError("backend_options.coherent_code: must be true or false")
+    intercept = merged["intercept"]
+    if isinstance(intercept, str) or not all(isinstance(i, str) and i in INTERCEPTS for i in intercept):
+        raise ConfigError(f"backend_options.intercept: a list of {', '.join(sorted(INTERCEPTS))}")
+    merged["intercept"] = tuple(intercept)
     return merged
 
 
@@ -89,7 +95,8 @@ class UnicornVm:
         return bytes(bitmap)
 
     def create_vcpu(self, index: int) -> UnicornVcpu:
-        cpu = SoftCpu(self.config.arch, coherent_code=bool(self.options["coherent_code"]))
+        intercept = self.options["intercept"] if self.config.arch is Arch.X86_64 else ()
+        cpu = SoftCpu(self.config.arch, coherent_code=bool(self.options["coherent_code"]), intercept=intercept)
         try:
             for region in self.regions:
                 cpu.map_region(region)
@@ -129,6 +136,27 @@ class UnicornVcpu:
 
     def set_guest_debug(self, single_step: bool, breakpoints: list[int]) -> None:
         self.cpu.set_guest_debug(single_step, breakpoints)
+
+    # x86 interrupts from userspace: the software CPU delivers them through the
+    # guest's IVT/IDT (INTERRUPT_INJECTION, NMI).
+    def ready_for_interrupt(self) -> bool:
+        return self.vm.config.arch is Arch.X86_64 and self.cpu.ready_for_interrupt()
+
+    def interrupt(self, vector: int) -> None:
+        self._x86_only("interrupt injection")
+        self.cpu.inject_interrupt(vector)
+
+    def request_interrupt_window(self, requested: bool) -> None:
+        self._x86_only("an interrupt window")
+        self.cpu.request_interrupt_window(requested)
+
+    def inject_nmi(self) -> None:
+        self._x86_only("an NMI")
+        self.cpu.inject_nmi()
+
+    def _x86_only(self, what: str) -> None:
+        if self.vm.config.arch is not Arch.X86_64:
+            raise ConfigError(f"the unicorn backend has {what} for x86_64 guests only")
 
     def get_state(self, kind: StateKind) -> Any:
         self._check_kind(kind)

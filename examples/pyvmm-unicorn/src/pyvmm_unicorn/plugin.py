@@ -25,6 +25,9 @@ CAPABILITIES = (
     Capability.VCPU_REGISTERS,  # UnicornVcpu.get_state / set_state
     Capability.IMMEDIATE_EXIT,  # UnicornVcpu.kick
     Capability.GUEST_DEBUG,  # UnicornVcpu.set_guest_debug
+    Capability.INTERRUPT_INJECTION,  # ready_for_interrupt / interrupt / request_interrupt_window
+    Capability.NMI,  # UnicornVcpu.inject_nmi
+    Capability.INTERRUPT_SHADOW,  # the STI/MOV SS shadow is QEMU's, read back from the engine
 )
 
 
