@@ -40,7 +40,7 @@ def test_repr_shows_values_readably() -> None:
     io = exits.IoExit()
     io.port, io.size, io.count, io.is_write = 0x3F8, 1, 1, True
     io.data[:1] = b"A"
-    assert repr(io) == "IoExit(count=0x1, data=4100000000000000, is_write=True, port=0x3f8, size=0x1)"
+    assert repr(io) == "IoExit(count=0x1, data=4100000000000000, instruction=b'', is_write=True, port=0x3f8, size=0x1)"
     shutdown = exits.ShutdownExit()
     assert repr(shutdown) == "ShutdownExit(raw_error_code=0x0, reason=<ShutdownReason.TRIPLE_FAULT: 1>)"
     internal = exits.InternalErrorExit(suberror=1, instruction=b"\x0f\x01\xca", description="clac")

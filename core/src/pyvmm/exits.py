@@ -93,9 +93,14 @@ def _show(value: object) -> str:
 
 
 class IoExit(VcpuExit):
-    """Port I/O (x86).  ``data`` has ``size * count`` bytes."""
+    """Port I/O (x86).  ``data`` has ``size * count`` bytes.
 
-    __slots__ = ("count", "data", "is_write", "port", "size")
+    ``instruction`` is empty when the access is completed by the next ``run()``
+    (KVM, HAXM).  Hypervisors that exit *before* the instruction (WHPX) give its
+    bytes there; the VMM then completes it itself -- writes the destination
+    register of a read and advances RIP by ``len(instruction)``."""
+
+    __slots__ = ("count", "data", "instruction", "is_write", "port", "size")
     kind = ExitKind.IO
 
     def __init__(self) -> None:
@@ -104,13 +109,20 @@ class IoExit(VcpuExit):
         self.count = 0
         self.is_write = False
         self.data: memoryview = memoryview(bytearray(8))
+        self.instruction = b""
 
 
 class MmioExit(VcpuExit):
     """An access to guest-physical memory that no RAM backs (or a write to a
-    read-only region).  ``data`` has ``size`` bytes, little-endian."""
+    read-only region).  ``data`` has ``size`` bytes, little-endian.
 
-    __slots__ = ("address", "data", "is_write", "size")
+    Exit timing as for :class:`IoExit`: with ``instruction`` empty the next
+    ``run()`` completes the access; otherwise the exit came *before* the
+    instruction (WHPX), ``instruction`` holds its bytes (its length is
+    ``len(instruction)``), ``gva`` the guest-virtual address of the access
+    (None where the hypervisor does not say), and the VMM completes it."""
+
+    __slots__ = ("address", "data", "gva", "instruction", "is_write", "size")
     kind = ExitKind.MMIO
 
     def __init__(self) -> None:
@@ -118,6 +130,8 @@ class MmioExit(VcpuExit):
         self.size = 0
         self.is_write = False
         self.data: memoryview = memoryview(bytearray(8))
+        self.instruction = b""
+        self.gva: int | None = None
 
 
 class HltExit(VcpuExit):

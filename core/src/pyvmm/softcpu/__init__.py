@@ -43,8 +43,17 @@ What it models
   one item (``count == 1``); string forms give one exit per item.  Between the
   exit and the next run, RIP points at the I/O instruction, which the next run
   re-executes to hand the guest the VMM's data.
-* **HLT / WFI** are a :class:`~pyvmm.exits.HltExit` (there is no interrupt
-  controller that could wake the vCPU).  aarch64 ``WFE`` is a no-op.
+* **HLT / WFI** are a :class:`~pyvmm.exits.HltExit`, unless an interrupt is
+  waiting (an injected x86 event, or a GIC interrupt signalled to an attached
+  aarch64 vCPU), which wakes the vCPU instead.  aarch64 ``WFE`` is a no-op.
+* **Exit timing (x86).**  By default an access is completed by the next run,
+  as KVM and HAXM do.  ``exit_timing="before"`` stops *before* the instruction
+  (WHPX's timing): the exit carries the instruction bytes, the GVA and the
+  GPA, and the VMM finishes the access itself -- :mod:`pyvmm.softcpu.x86_emulate`
+  computes the registers after it -- and advances RIP.
+* **aarch64 GICv3** (:mod:`pyvmm.softcpu.gic`): a distributor, a redistributor
+  per vCPU, the CPU interface through the ICC system registers and the virtual
+  timer on PPI 27; IRQs enter the guest through VBAR_EL1.
 * **x86 exceptions** (a fault, ``UD2``, ``INT n``): when the guest's IDT has no
   present gate for the vector -- what ends in a triple fault on hardware -- the
   exit is a :class:`~pyvmm.exits.ShutdownExit` (``TRIPLE_FAULT``,
@@ -95,9 +104,11 @@ What unicorn cannot model (and the engine does not pretend to)
   is stored, not modelled.  ``set_sregs`` restarts the CPU from its fresh
   state: general registers, SSE registers, MXCSR and the syscall MSRs are kept,
   the x87 state and debug registers are not.
-* **No interrupt controller**: no local APIC/GIC, no timer, no aarch64
-  exception entry through VBAR.  Hence no ``IRQCHIP``, ``IRQ_LINE``, ``IRQFD``
-  or ``PVCLOCK``.
+* **No x86 interrupt controller** (no local APIC or IOAPIC: the machine
+  layer's userspace 8259/8254 drive x86 injection), and the GIC models no SGIs,
+  group 0, binary-point preemption, LPIs/ITS or EOImode 1; an IRQ taken at EL1
+  on SP_EL0 does not switch stacks.  Hence no ``IRQCHIP``, ``IRQ_LINE``,
+  ``IRQFD`` or ``PVCLOCK``.
 * **CPUID and MSRs** without ``intercept`` are unicorn's own CPU model's, and
   ``RDMSR`` of an unknown MSR does not fault.  RDTSC is not an exit.
 * **One vCPU per engine**, and guest memory shared between engines is coherent

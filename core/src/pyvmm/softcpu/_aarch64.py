@@ -9,7 +9,7 @@ read from whichever of the two places holds it in the current mode.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from pyvmm.arch.aarch64 import ELR_EL1_ID, PC_ID, PSTATE_ID, SP_EL1_ID, SP_ID, CoreRegs, x_reg_id
 from pyvmm.boot import Aarch64VcpuInit
@@ -17,7 +17,16 @@ from pyvmm.errors import ConfigError
 from pyvmm.exits import HypercallExit, SystemEvent, SystemEventExit, VcpuExit
 from pyvmm.softcpu._isa import Conduit, Engine, Hypercall, Isa
 
+if TYPE_CHECKING:
+    from pyvmm.softcpu.gic import GicCpu
+
 WFI = 0xD503207F
+#: SPSR_EL1 as unicorn's coprocessor-register interface names it (crn, crm, op0, op1, op2).
+_SPSR_EL1 = (4, 0, 3, 0, 0)
+_PSTATE_I = 1 << 7
+_PSTATE_EL1H_DAIF = 0x3C5
+#: Instructions a slice runs while the virtual timer is armed, between looks at it.
+_TIMER_SLICE = 20_000
 _HVC_MASK, _HVC, _SMC = 0xFFE0001F, 0xD4000002, 0xD4000003
 
 # QEMU's aarch64 exception numbers, as unicorn hands them to its interrupt hook.
@@ -65,6 +74,68 @@ class Aarch64Isa(Isa):
         self.sp_id: int = c.UC_ARM64_REG_SP
         self.pending_hypercall = False
         self.system_event = SystemEventExit()
+        self.gic: GicCpu | None = None
+
+    # --- the GIC's CPU interface and the virtual timer --------------------------------
+    def attach_gic(self, cpu: GicCpu) -> None:
+        from pyvmm.softcpu.gic import SYSTEM_REGISTERS
+
+        if self.gic is not None:
+            raise ConfigError("softcpu: this vCPU has a GIC already")
+        self.gic = cpu
+        self._sysregs = SYSTEM_REGISTERS
+        u, c = self.u, self.c
+        self.uc.hook_add(u.UC_HOOK_INSN, self._on_mrs, None, 1, 0, c.UC_ARM64_INS_MRS)
+        self.uc.hook_add(u.UC_HOOK_INSN, self._on_msr, None, 1, 0, c.UC_ARM64_INS_MSR)
+        self.engine.flush_code()
+
+    @staticmethod
+    def _encoding(cp: Any) -> tuple[int, int, int, int, int]:
+        return (int(cp.op0), int(cp.op1), int(cp.crn), int(cp.crm), int(cp.op2))
+
+    def _on_mrs(self, uc: Any, reg: int, cp: Any, _data: Any) -> bool:
+        enc = self._encoding(cp)
+        if self.gic is None or enc not in self._sysregs:
+            return False
+        self.regs.write(reg, self.gic.read_sysreg(enc))
+        self.regs.write(self.pc_id, self.pc() + 4)  # skipped: the PC is the hook's to move
+        return True
+
+    def _on_msr(self, uc: Any, _reg: int, cp: Any, _data: Any) -> bool:
+        enc = self._encoding(cp)
+        if self.gic is None or enc not in self._sysregs:
+            return False
+        self.gic.write_sysreg(enc, int(cp.val))
+        self.regs.write(self.pc_id, self.pc() + 4)
+        return True
+
+    def irq_signalled(self) -> bool:
+        return self.gic is not None and self.gic.irq_signalled()
+
+    def _take_irq(self) -> None:
+        """Enter the guest's IRQ vector when the GIC signals one and PSTATE.I is clear."""
+        if self.gic is None:
+            return
+        pstate = self.regs.read(self.pstate_id)
+        if pstate & _PSTATE_I or not self.gic.irq_signalled():
+            return
+        el, spsel = (pstate >> 2) & 3, pstate & 1
+        if el > 1:
+            return
+        offset = 0x480 if el == 0 else 0x280 if spsel else 0x080
+        vbar = self.regs.read(self.c.UC_ARM64_REG_VBAR_EL1)
+        self.uc.reg_write(self.c.UC_ARM64_REG_CP_REG, (*_SPSR_EL1, pstate))
+        self.regs.write(self.c.UC_ARM64_REG_ELR_EL1, self.pc())
+        self.regs.write(self.pstate_id, _PSTATE_EL1H_DAIF)
+        self.regs.write(self.pc_id, vbar + offset)
+
+    def before_run(self) -> VcpuExit | None:
+        self._take_irq()
+        return None
+
+    def slice_budget(self, count: int) -> int:
+        self.budget_limited = self.gic is not None and self.gic.timer_deadline() is not None
+        return min(count, _TIMER_SLICE) if self.budget_limited else count
 
     def pc(self) -> int:
         return self.regs.read(self.pc_id)
@@ -79,8 +150,11 @@ class Aarch64Isa(Isa):
         # hint unicorn executes as a no-op.
         pc = self.pc()
         if step_start is not None:
-            return pc == step_start + 4 and self._word(step_start) == WFI
-        return self._word(pc - 4) == WFI
+            wfi = pc == step_start + 4 and self._word(step_start) == WFI
+        else:
+            wfi = self._word(pc - 4) == WFI
+        # An interrupt the GIC signals wakes WFI at once (taken if PSTATE.I allows).
+        return wfi and not self.irq_signalled()
 
     # --- registers --------------------------------------------------------------------
     def _el_and_spsel(self) -> tuple[int, int]:

@@ -87,6 +87,10 @@ class Engine(Protocol):
     def flush_code(self) -> None:
         """Drop translated code (after a change translations depend on)."""
 
+    def instruction_length(self, pc: int) -> int:
+        """The length of the instruction at ``pc`` as the engine decodes it (0
+        where it cannot say); the guest's state is left as it was."""
+
 
 class Isa:
     """Base of the per-architecture halves of :class:`~pyvmm.softcpu.SoftCpu`."""
@@ -95,6 +99,9 @@ class Isa:
     debug_exception = 0
     #: Longest instruction, for the bytes an internal error carries.
     max_instruction = 4
+    #: The last :meth:`slice_budget` cut the slice short on purpose (to look at
+    #: an event): a slice ending where it began is no sign of a stuck engine.
+    budget_limited = False
 
     def __init__(self, engine: Engine, u: Any, uc: Any) -> None:
         self.engine = engine
@@ -153,3 +160,9 @@ class Isa:
 
     def forget_pending(self) -> None:
         """Drop any access waiting to be completed by re-execution."""
+
+    def describe_access(self, gpa: int) -> tuple[bytes, int | None]:
+        """For an exit before the instruction at the PC, which accesses ``gpa``:
+        the instruction's bytes and the access's guest-virtual address (None
+        where it cannot be worked out)."""
+        raise NotImplementedError("exits before the instruction are x86 only")

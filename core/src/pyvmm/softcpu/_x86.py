@@ -43,7 +43,7 @@ from pyvmm.exits import (
     ShutdownReason,
     VcpuExit,
 )
-from pyvmm.softcpu import _uc
+from pyvmm.softcpu import _uc, x86_emulate
 from pyvmm.softcpu._isa import INTERNAL_ERROR_EMULATION, Engine, Isa, Stop
 
 MSR_EFER = 0xC0000080
@@ -261,6 +261,8 @@ class X86Isa(Isa):
         self._msr = MsrAccessExit()
         self._isa_exit: VcpuExit | None = None
         self._awaiting: VcpuExit | None = None
+        #: Port and MMIO exits before the instruction (SoftCpu's ``exit_timing``).
+        self.exits_before = False
 
     def install(self) -> None:
         self.uc.hook_add(self.u.UC_HOOK_INSN, self._on_in, None, 1, 0, self.c.UC_X86_INS_IN)
@@ -344,9 +346,13 @@ class X86Isa(Isa):
         ids = (c.UC_X86_REG_RIP, c.UC_X86_REG_RAX, c.UC_X86_REG_RCX, c.UC_X86_REG_RSI, c.UC_X86_REG_RDI)
         for reg, value in zip(ids, access.before, strict=True):
             self.regs.write(reg, value)
-        access.ready = access.is_write
-        self._pending = access
         exit_ = self._io
+        if self.exits_before:
+            # Nothing is re-executed: the VMM completes the instruction.
+            exit_.instruction = self._port_instruction()
+        else:
+            access.ready = access.is_write
+            self._pending = access
         exit_.port = access.port
         exit_.size = access.size
         exit_.count = 1
@@ -355,6 +361,53 @@ class X86Isa(Isa):
         data[:] = access.value.to_bytes(access.size, "little") if access.is_write else bytes(access.size)
         exit_.data = data
         return exit_
+
+    def _port_instruction(self) -> bytes:
+        """The bytes of the IN/OUT/INS/OUTS at RIP: prefixes, opcode, imm8."""
+        code = self.engine.read_virtual(self._linear_pc(), self.max_instruction) or b""
+        at = 0
+        while at < len(code) and (code[at] in (0x26, 0x2E, 0x36, 0x3E, 0x64, 0x65, 0x66, 0x67, 0xF2, 0xF3)):
+            at += 1
+        if at < len(code) and 0x40 <= code[at] <= 0x4F and self._efer() & EFER_LMA:
+            at += 1
+        if at >= len(code):
+            return code
+        length = at + (2 if 0xE4 <= code[at] <= 0xE7 else 1)
+        return code[:length]
+
+    def _bits(self) -> int:
+        """The code size the CPU decodes now: 64, 32 or 16."""
+        cr0 = self._read(self.c.UC_X86_REG_CR0)
+        if not cr0 & CR0_PE:
+            return 16
+        cs = self._segment("cs", cr0)
+        if self._efer() & EFER_LMA and cs.l:
+            return 64
+        return 32 if cs.db else 16
+
+    def describe_access(self, gpa: int) -> tuple[bytes, int | None]:
+        pc = self._linear_pc()
+        length = self.engine.instruction_length(self.pc())
+        code = self.engine.read_virtual(pc, length or self.max_instruction) or b""
+        bits = self._bits()
+        try:
+            insn = x86_emulate.decode(code, bits=bits)
+        except x86_emulate.NotEmulated:
+            return code, None
+        if not length:
+            code = code[: insn.length]
+        bases = {
+            "fs": self._read(self.c.UC_X86_REG_FS_BASE),
+            "gs": self._read(self.c.UC_X86_REG_GS_BASE),
+        }
+        if bits != 64:
+            bases.update({name: self._segment(name, self._read(self.c.UC_X86_REG_CR0)).base for name in _SEG_INDEX})
+        gva = x86_emulate.effective_address(insn, self.get_regs(), bases)
+        # Trust the decoded address only where the MMU agrees with the exit.
+        translated = _uc.vmem_translate(self.uc, gva, self.u.UC_PROT_READ)
+        if translated is not None and translated != gpa:
+            return code, None
+        return code, gva
 
     def complete(self, last: VcpuExit) -> bool:
         if self._complete_isa(last):

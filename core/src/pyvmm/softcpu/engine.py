@@ -33,6 +33,7 @@ if TYPE_CHECKING:
     from pyvmm.memory import RamRegion
     from pyvmm.softcpu._aarch64 import Aarch64Isa
     from pyvmm.softcpu._x86 import X86Isa
+    from pyvmm.softcpu.gic import GicCpu
 
 _PAGE_MASK = PAGE_SIZE - 1
 #: How often a kick (or a memory change from another thread) repeats its stop
@@ -47,6 +48,13 @@ _MAX_IDLE_SLICES = 4
 #: :class:`~pyvmm.exits.CpuidExit`, RDMSR/WRMSR as a
 #: :class:`~pyvmm.exits.MsrAccessExit`, both completed on the next run.
 INTERCEPTS = frozenset({"cpuid", "msr"})
+
+#: ``SoftCpu(exit_timing=...)``: when an MMIO or port access exits.  ``"after"``
+#: the access (KVM, HAXM): the next run completes it.  ``"before"`` the
+#: instruction (WHPX): the exit carries the instruction's bytes (and an MMIO
+#: exit the GVA), RIP stays on it, and the VMM completes it itself -- see
+#: :mod:`pyvmm.softcpu.x86_emulate`.  x86_64 only.
+EXIT_TIMINGS = frozenset({"after", "before"})
 
 
 class _Link:
@@ -78,6 +86,9 @@ class _Link:
 
     def flush_code(self) -> None:
         self._cpu._uc.ctl_flush_tb()
+
+    def instruction_length(self, pc: int) -> int:
+        return self._cpu._instruction_length(pc)
 
 
 class _Access:
@@ -131,16 +142,31 @@ class SoftCpu:
         (``CpuidExit.eax``.., ``MsrAccessExit.value``/``error``) goes in on the
         next run.  ``"msr"`` looks at every instruction (unicorn cannot hook
         RDMSR/WRMSR), so it is slow.
+    :param exit_timing: x86_64: ``"after"`` (default) or ``"before"``, see
+        :data:`EXIT_TIMINGS`.
     :raises SoftCpuUnavailable: unicorn is not installed.
     """
 
-    def __init__(self, arch: Arch | str, *, coherent_code: bool = True, intercept: Iterable[str] = ()) -> None:
+    def __init__(
+        self,
+        arch: Arch | str,
+        *,
+        coherent_code: bool = True,
+        intercept: Iterable[str] = (),
+        exit_timing: str = "after",
+    ) -> None:
         self.arch = Arch(arch)
         wanted = frozenset(intercept)
         if not wanted <= INTERCEPTS or (wanted and self.arch is not Arch.X86_64):
             raise ConfigError(
                 f"softcpu: intercept {sorted(wanted)}: x86_64 guests can intercept {sorted(INTERCEPTS)} only"
             )
+        if exit_timing not in EXIT_TIMINGS or (exit_timing == "before" and self.arch is not Arch.X86_64):
+            raise ConfigError(
+                f"softcpu: exit_timing {exit_timing!r}: one of {sorted(EXIT_TIMINGS)}, and 'before' for x86_64 only"
+            )
+        #: True: MMIO and port exits come before the instruction (WHPX).
+        self.exits_before = exit_timing == "before"
         uc = _uc.unicorn()
         self._u = uc
         self._closed = False
@@ -187,6 +213,7 @@ class SoftCpu:
             self._uc: Any = uc.Uc(uc.UC_ARCH_X86, uc.UC_MODE_64)
             x86 = X86Isa(_Link(self), uc, self._uc)
             x86.intercept = wanted
+            x86.exits_before = self.exits_before
             self._isa: Isa = x86
         else:
             from pyvmm.softcpu._aarch64 import Aarch64Isa
@@ -435,6 +462,21 @@ class SoftCpu:
     def set_core_regs(self, regs: CoreRegs) -> None:
         self._aarch64("set_core_regs").set_core_regs(regs)
 
+    def attach_gic(self, cpu: GicCpu) -> None:
+        """aarch64: connect this vCPU to its GICv3 CPU interface and virtual
+        timer (:mod:`pyvmm.softcpu.gic`).  From then on the ICC_* and CNTV_*
+        system registers are the GIC's, an IRQ it signals is taken through the
+        guest's VBAR_EL1 vectors when PSTATE.I allows, and WFI returns a
+        :class:`~pyvmm.exits.HltExit` only while no interrupt is signalled.
+        The owner routes guest MMIO to the distributor/redistributors
+        (:meth:`pyvmm.softcpu.gic.Gic.mmio_read`) and kicks a running vCPU
+        after raising an interrupt from another thread."""
+        self._aarch64("a GIC").attach_gic(cpu)
+
+    def irq_signalled(self) -> bool:
+        """aarch64 with a GIC: an interrupt waits for this vCPU (WFI would wake)."""
+        return self._aarch64("irq_signalled").irq_signalled()
+
     def _aarch64(self, what: str) -> Aarch64Isa:
         self._check_open()
         from pyvmm.softcpu._aarch64 import Aarch64Isa
@@ -600,6 +642,8 @@ class SoftCpu:
         return self._after_slice(pc)
 
     def _after_error(self, exc: Exception, pc: int) -> VcpuExit | None:
+        if self._stop is Stop.MEMORY and self._stop_access is not None and self.exits_before:
+            return self._report_before(self._stop_access)
         if self._stop is Stop.MEMORY and self._stop_access is not None:
             self._log.append(self._stop_access)
             return self._report(self._stop_access)
@@ -635,7 +679,7 @@ class SoftCpu:
         # slice goes on.  unicorn 2.1 can also return at once, forever, without
         # executing anything (seen: #UD after the host rewrote code and it was
         # re-translated); that must become an exit, not a hang.
-        if self._isa.pc() != start_pc:
+        if self._isa.pc() != start_pc or self._isa.budget_limited:
             self._idle_slices = 0
             return None
         self._idle_slices += 1
@@ -665,9 +709,44 @@ class SoftCpu:
         data = self._views[access.size]
         data[:] = access.value.to_bytes(access.size, "little") if access.is_write else bytes(access.size)
         exit_.data = data
+        exit_.instruction = b""
+        exit_.gva = None
         self._last = exit_
         self._last_access = access
         return exit_
+
+    def _report_before(self, access: _Access) -> MmioExit:
+        """An MMIO exit before the instruction: nothing waits for re-execution;
+        the VMM completes the instruction and moves RIP past it."""
+        exit_ = self._report(access)
+        exit_.instruction, exit_.gva = self._isa.describe_access(access.address)
+        self._last_access = None
+        return exit_
+
+    def _instruction_length(self, pc: int) -> int:
+        """Run the instruction at ``pc`` once more with a code hook that sees
+        its length, then put every register back (it faults again or is undone)."""
+        u = self._u
+        sizes: list[int] = []
+
+        def on_code(uc: Any, _address: int, size: int, _data: Any) -> None:
+            sizes.append(size)
+            uc.emu_stop()
+
+        saved = (self._stop, self._stop_access, self._stop_value)
+        context = self._uc.context_save()
+        hook = self._uc.hook_add(u.UC_HOOK_CODE, on_code)
+        self._uc.ctl_remove_cache(pc, pc + 1)
+        try:
+            self._uc.emu_start(pc, UNREACHABLE, 0, 1)
+        except u.UcError:
+            pass
+        finally:
+            self._uc.hook_del(hook)
+            self._uc.context_restore(context)
+            self._uc.ctl_remove_cache(pc, pc + 1)
+            self._stop, self._stop_access, self._stop_value = saved
+        return sizes[0] if sizes else 0
 
     def _complete_last(self) -> None:
         last, self._last = self._last, None
@@ -861,4 +940,4 @@ class SoftCpu:
             bitmap[page >> 3] |= 1 << (page & 7)
 
 
-__all__ = ["INTERCEPTS", "Conduit", "Hypercall", "HypercallHandler", "SoftCpu"]
+__all__ = ["EXIT_TIMINGS", "INTERCEPTS", "Conduit", "Hypercall", "HypercallHandler", "SoftCpu"]

@@ -22,12 +22,15 @@ from pyvmm.errors import ConfigError
 from pyvmm.exits import VcpuExit
 from pyvmm.memory import RamRegion
 from pyvmm.softcpu import SoftCpu
-from pyvmm.softcpu.engine import INTERCEPTS
+from pyvmm.softcpu.engine import EXIT_TIMINGS, INTERCEPTS
 from pyvmm.vcpu_state import StateKind
 
 #: ``VmConfig.backend_options`` this backend understands, with their defaults.
 #: ``intercept``: x86 instructions that become exits (:data:`pyvmm.softcpu.engine.INTERCEPTS`).
-OPTIONS: dict[str, object] = {"coherent_code": True, "intercept": ()}
+#: ``exit_timing``: x86 MMIO/port exits ``"after"`` the access (KVM's) or
+#: ``"before"`` the instruction (WHPX's, completed with
+#: :mod:`pyvmm.softcpu.x86_emulate`), see :data:`pyvmm.softcpu.engine.EXIT_TIMINGS`.
+OPTIONS: dict[str, object] = {"coherent_code": True, "intercept": (), "exit_timing": "after"}
 
 _STATE_KINDS = {
     Arch.X86_64: (StateKind.REGS, StateKind.SREGS),
@@ -49,6 +52,8 @@ def parse_options(options: dict[str, Any]) -> dict[str, Any]:
     if isinstance(intercept, str) or not all(isinstance(i, str) and i in INTERCEPTS for i in intercept):
         raise ConfigError(f"backend_options.intercept: a list of {', '.join(sorted(INTERCEPTS))}")
     merged["intercept"] = tuple(intercept)
+    if merged["exit_timing"] not in EXIT_TIMINGS:
+        raise ConfigError(f"backend_options.exit_timing: one of {', '.join(sorted(EXIT_TIMINGS))}")
     return merged
 
 
@@ -95,8 +100,15 @@ class UnicornVm:
         return bytes(bitmap)
 
     def create_vcpu(self, index: int) -> UnicornVcpu:
-        intercept = self.options["intercept"] if self.config.arch is Arch.X86_64 else ()
-        cpu = SoftCpu(self.config.arch, coherent_code=bool(self.options["coherent_code"]), intercept=intercept)
+        x86 = self.config.arch is Arch.X86_64
+        if not x86 and self.options["exit_timing"] != "after":
+            raise ConfigError("backend_options.exit_timing 'before' is for x86_64 guests")
+        cpu = SoftCpu(
+            self.config.arch,
+            coherent_code=bool(self.options["coherent_code"]),
+            intercept=self.options["intercept"] if x86 else (),
+            exit_timing=str(self.options["exit_timing"]),
+        )
         try:
             for region in self.regions:
                 cpu.map_region(region)
