@@ -7,6 +7,11 @@ With the option, the suite is added to the collected tests (pass
 excuse are reported as skipped, with the capability named, and the terminal
 summary ends with one line per scenario: PASS, FAIL, ERROR or SKIP (with the
 reason), so a vendor sees at a glance what their backend does and does not do.
+
+A NAME that no installed plugin provides (or one that is broken or denied by
+the plugin policy) is a usage error before anything is collected; a backend
+that is installed but cannot run on this host skips every test that needs it,
+with the reason.
 """
 
 from __future__ import annotations
@@ -77,6 +82,31 @@ def pytest_ignore_collect(collection_path: Path, config: pytest.Config) -> bool 
     return True
 
 
+def pytest_sessionstart(session: pytest.Session) -> None:
+    """One usage error, not a traceback per test, for a backend that is not there."""
+    name = session.config.getoption("pyvmm_backend")
+    if not name:
+        return
+    from pyvmm.errors import BackendNotFound
+    from pyvmm.plugins import default_registry
+
+    try:
+        default_registry().get(name)
+    except BackendNotFound as exc:
+        raise pytest.UsageError(f"--pyvmm-backend {name}: {exc}") from None
+
+
+#: Stash key: node id -> file of each collected conformance scenario.
+_SCENARIOS = pytest.StashKey[dict[str, Path]]()
+
+
+def pytest_itemcollected(item: pytest.Item) -> None:
+    if item.config.getoption("pyvmm_backend"):
+        path = Path(item.path)
+        if path.parent.resolve() == CONFORMANCE_DIR.resolve():
+            item.config.stash.setdefault(_SCENARIOS, {})[item.nodeid] = path
+
+
 @pytest.fixture(scope="session")
 def pyvmm_backend(request: pytest.FixtureRequest) -> object:
     """The backend under test, from ``--pyvmm-backend`` (skips the test without it)."""
@@ -94,13 +124,16 @@ def pyvmm_backend(request: pytest.FixtureRequest) -> object:
 
 def _scenario(report: TestReport, config: pytest.Config) -> str | None:
     """``module::test`` for a report of a conformance scenario, else None."""
-    try:
-        # location[0] is relative to where pytest was started; fspath to the rootdir.
-        path = (config.invocation_params.dir / report.location[0]).resolve()
-    except (OSError, ValueError):
-        return None
-    if path.parent != CONFORMANCE_DIR.resolve():
-        return None
+    path = config.stash.get(_SCENARIOS, {}).get(report.nodeid)
+    if path is None:
+        # Not collected in this process (pytest-xdist's controller): a report's
+        # location is relative to the rootdir, wherever pytest was started.
+        try:
+            path = (config.rootpath / report.location[0]).resolve()
+        except (OSError, ValueError):
+            return None
+        if path.parent != CONFORMANCE_DIR.resolve():
+            return None
     test = report.nodeid.split("::", 1)[1] if "::" in report.nodeid else report.nodeid
     return f"{path.name}::{test}"
 
