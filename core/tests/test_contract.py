@@ -32,7 +32,7 @@ from pyvmm.testing.contract_backend import ContractTestBackend
 from pyvmm.vm import Backend, _adapted
 
 CORE_SRC = pathlib.Path(pyvmm.__file__).parent
-REPO = CORE_SRC.parents[2]
+REPO = pathlib.Path(__file__).resolve().parents[2]
 
 
 def test_every_specification_carries_its_metadata() -> None:
