@@ -33,6 +33,10 @@ PROBE = r"""
 import importlib, json, mmap, os, signal, sys, sysconfig, traceback
 
 sysconfig.get_config_vars()  # stdlib state, cached under the real platform
+# Standard-library modules that pick their Windows half at import when
+# sys.platform says "win32" (Python 3.13's shutil imports _winapi, which real
+# Windows has): loaded under the real platform, as they would be there.
+import importlib.metadata, shutil, subprocess, tempfile, zipfile  # noqa: E401
 for name in [n for n in dir(os) if n.startswith(("eventfd", "EFD_", "sched_"))]:
     delattr(os, name)
 for module, names in ((mmap, ("MAP_NORESERVE",)), (signal, ("SIGRTMIN", "SIGRTMAX", "pthread_kill"))):
