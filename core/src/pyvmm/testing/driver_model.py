@@ -186,6 +186,7 @@ from pyvmm.exits import InternalErrorExit, MmioExit, VcpuExit
 
 if TYPE_CHECKING:
     from pyvmm.softcpu import Hypercall, SoftCpu
+    from pyvmm.softcpu.gic import GicCpu
 
 PAGE_SIZE = 4096
 
@@ -1444,6 +1445,17 @@ class GuestCpu:
             return None
         pc = self.engine.pc
         return pc if self.engine.read_physical(pc, 4) is None else None
+
+    def attach_gic(self, cpu: GicCpu) -> None:
+        """aarch64: connect the vCPU to its GICv3 redistributor, CPU interface and
+        virtual timer (:meth:`pyvmm.softcpu.SoftCpu.attach_gic`); the model routes
+        the GIC's MMIO itself."""
+        self.engine.attach_gic(cpu)
+
+    def irq_signalled(self) -> bool:
+        """aarch64: whether the attached GIC signals an interrupt to this vCPU
+        (what wakes WFI); False without a GIC."""
+        return self.engine.irq_signalled()
 
     def kick(self) -> None:
         """From any thread: end the current or next :meth:`run` with an interrupted exit."""

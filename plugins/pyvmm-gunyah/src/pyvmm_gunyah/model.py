@@ -21,8 +21,11 @@ the resource manager (RM) and the hypervisor folded in:
 * the **hypervisor**: the guest runs on pyvmm's software CPU; it sets the boot
   registers itself (PC from the boot context, else the start of the region
   holding the DTB; X0 = the DTB address; EL1h with DAIF masked), handles PSCI
-  (SYSTEM_OFF, SYSTEM_RESET(2), CPU_ON/OFF, VERSION, FEATURES) and sleeps a vCPU
-  in WFI until a doorbell or a signal.
+  (SYSTEM_OFF, SYSTEM_RESET(2), CPU_ON/OFF, VERSION, FEATURES), owns the GIC --
+  a GICv3 (:mod:`pyvmm.softcpu.gic`) at the addresses of the node the device
+  tree's ``/gunyah-vm-config/interrupts`` ``config`` phandle names, its MMIO
+  handled without an exit, doorbells raising their SPIs, the virtual timer its
+  PPI -- and sleeps a vCPU in WFI until an interrupt for it or a signal.
 
 Every constraint is a module-level :class:`~pyvmm.testing.driver_model.Rule`
 citing ``docs/backends/gunyah.md`` (``§N.M``) and the driver file and function
@@ -60,6 +63,7 @@ from pyvmm.arch.aarch64 import PC_ID, PSTATE_EL1H_DAIF, PSTATE_ID, SP_ID, core_r
 from pyvmm.boot import Aarch64VcpuInit
 from pyvmm.exits import ExitKind, HltExit, InternalErrorExit, MmioExit, SystemEvent, SystemEventExit, VcpuExit
 from pyvmm.softcpu import Hypercall
+from pyvmm.softcpu.gic import Gic
 from pyvmm.testing.driver_model import (
     ERESTARTSYS,
     NO_SUCH_IOCTL,
@@ -81,6 +85,8 @@ __all__ = ["GunyahModel"]
 
 #: How often a sleeping vCPU looks at its doorbells' eventfds (seconds).
 DOORBELL_POLL = 0.002
+#: The most SPIs the GICv3 model has (INTIDs 32..1019).
+GIC_MAX_SPIS = 988
 
 #: SP_EL1's one-reg id: ``struct kvm_regs.sp_el1``, word offset 2*34.
 SP_EL1_ID = core_reg_id(2 * 34)
@@ -450,6 +456,11 @@ class RmConfig:
     vcpus: tuple[int, ...]
     boot_vcpu: int
     doorbells: frozenset[int]
+    #: Each doorbell's INTID, from its node's ``interrupts`` (``<0 spi type>``).
+    doorbell_intids: tuple[tuple[int, int], ...] = ()
+    #: The GIC the ``interrupts`` node's ``config`` phandle names: distributor
+    #: and redistributor base addresses; None when the tree names none.
+    gic: tuple[int, int] | None = None
 
 
 class Outcome(enum.Enum):
@@ -479,7 +490,8 @@ class HvVcpu:
     power_request: tuple[int, int] | None = None
     boot_registers: dict[int, int] | None = None
     cpu: GuestCpu | None = None
-    #: An interrupt is pending for it (a doorbell rang, PSCI CPU_ON).
+    #: A wake-up without an interrupt: PSCI CPU_ON, or a doorbell in a VM
+    #: without a GIC (the GIC's own interrupts wake it through ``cpu``).
     wake_pending: bool = False
     #: It executed WFI and waits for an interrupt.
     waiting: bool = False
@@ -603,6 +615,8 @@ class ModelVm(FileObject):
         self.hv_vcpus: dict[int, HvVcpu] = {}
         #: Guest pages of lent bindings the guest owns (donated by the driver).
         self.provided: set[int] = set()
+        #: The hypervisor's GIC (made at START when the device tree names one).
+        self.gic: Gic | None = None
         self.refs = 1
 
     def dispatch(self, request: int, arg: int) -> int:
@@ -897,6 +911,16 @@ class ModelVm(FileObject):
         # type and label (gunyah_vm_add_resource): only what the tree named.
         self.config = config
         self.hv_vcpus = {label: HvVcpu(label) for label in config.vcpus}
+        if config.gic is not None:
+            # The hypervisor's vGIC, where the tree the RM read puts it; the
+            # redistributors follow the vCPUs' labels (MPIDR affinity 0).
+            spis = max([32, *(intid - 32 + 1 for _, intid in config.doorbell_intids)])
+            self.gic = Gic(
+                len(config.vcpus),
+                spis=(spis + 31) // 32 * 32,
+                distributor_base=config.gic[0],
+                redistributor_base=config.gic[1],
+            )
         for vcpu in self.vcpus.values():
             vcpu.hv = self.hv_vcpus.get(vcpu.id)  # behaviour: vcpu-bound-at-start
         for bell in self.doorbells.values():
@@ -940,21 +964,40 @@ class ModelVm(FileObject):
     # --- doorbells and ioeventfds -------------------------------------------------
     def poll_doorbells(self) -> bool:
         """Deliver doorbell writes since the last poll; True if any rang."""
-        rang = False
+        rang: list[int] = []
         for bell in list(self.doorbells.values()):
             count = self.model.drain_eventfd(bell.fd)
             if not count:
                 continue
             if bell.bound:  # behaviour: doorbell-needs-resource
                 bell.rung += count
-                rang = True
+                rang.append(bell.label)
             else:
                 bell.dropped += count
         if rang:  # behaviour: doorbell-wakes-vcpus
-            # The model routes a doorbell's interrupt to every vCPU (no GIC model).
+            self._raise_doorbells(rang)
+        return bool(rang)
+
+    def _raise_doorbells(self, labels: list[int]) -> None:
+        """A rung doorbell asserts its interrupt: the SPI its device-tree node
+        names (``interrupts = <0 spi type>``, §7.3; the bell's masks set for
+        LEVEL at bind, §7.1) at the GIC, routed as the guest programmed
+        ``GICD_IROUTER``; the vCPU it targets is kicked to take it.  Without a
+        GIC in the tree, a model choice: every vCPU is woken (no interrupt
+        reaches the guest's vectors)."""
+        gic, config = self.gic, self.config
+        if gic is None or config is None:
             for hv in self.hv_vcpus.values():
                 hv.wake_pending = True
-        return rang
+            self.model.notify()
+            return
+        intids = dict(config.doorbell_intids)
+        targets = {gic.set_spi(intids[label]) for label in labels}
+        for vcpu in list(self.vcpus.values()):
+            bound = vcpu.hv
+            if bound is not None and bound.label in targets and vcpu.running_on not in (None, threading.get_ident()):
+                vcpu.interrupt()
+        self.model.notify()
 
     def mmio_write_handled(self, addr: int, length: int, value: int) -> bool:
         """``gunyah_vm_mmio_write``: the ioeventfd lookup for a guest MMIO write."""
@@ -1032,14 +1075,47 @@ def rm_config(model: GunyahModel, tree: DeviceTreeBlob) -> RmConfig:
         labels.append(len(labels))
     if len(boot) != 1:
         raise model.not_modelled(f"a VM with {len(boot)} vCPUs enabled at boot")
+    gic = _gic_frames(model, tree, root)
     doorbells = set()
+    intids: list[tuple[int, int]] = []
     for path in tree.nodes:
         if tree.string(path, "vdevice-type") == "doorbell":
             label = tree.u32(path, "label")
             if label is None:
                 raise model.not_modelled(f"the RM's answer to doorbell {path} without a label")
             doorbells.add(label)
-    return RmConfig(tuple(labels), boot[0], frozenset(doorbells))
+            if gic is not None:
+                intids.append((label, _doorbell_intid(model, tree, path)))
+    return RmConfig(tuple(labels), boot[0], frozenset(doorbells), tuple(intids), gic)
+
+
+def _gic_frames(model: GunyahModel, tree: DeviceTreeBlob, root: str) -> tuple[int, int] | None:
+    """The GIC the VM config's ``interrupts { config = <phandle> }`` names (§7.3):
+    the distributor and redistributor bases from its ``reg`` (two cells of
+    address and size each, as the virt board writes it).  None when the tree
+    names no GIC node: the model then has no GIC (doorbells only wake vCPUs)."""
+    phandle = tree.u32(f"{root}/interrupts", "config")
+    node = next((p for p in tree.nodes if phandle is not None and tree.u32(p, "phandle") == phandle), None)
+    if node is None:
+        return None
+    if "arm,gic-v3" not in tree.strings(node, "compatible"):
+        raise model.not_modelled(f"a VM whose interrupt controller {node} is not a GICv3")
+    reg = tree.prop(node, "reg") or b""
+    if len(reg) < 32:
+        raise model.not_modelled(f"GIC node {node} without distributor and redistributor frames in reg")
+    distributor, _, redistributors, _ = struct.unpack(">QQQQ", reg[:32])
+    return distributor, redistributors
+
+
+def _doorbell_intid(model: GunyahModel, tree: DeviceTreeBlob, path: str) -> int:
+    """The INTID a doorbell node's ``interrupts = <0 spi type>`` names."""
+    cells = tree.prop(path, "interrupts") or b""
+    if len(cells) < 12 or struct.unpack(">I", cells[:4])[0] != 0:
+        raise model.not_modelled(f"doorbell {path} whose interrupts is not one SPI specifier")
+    spi = int(struct.unpack(">I", cells[4:8])[0])
+    if spi >= GIC_MAX_SPIS:
+        raise model.not_modelled(f"doorbell {path} on SPI {spi}, beyond the GIC model's {GIC_MAX_SPIS}")
+    return 32 + spi
 
 
 def _fd_open(fd: int) -> bool:
@@ -1179,7 +1255,7 @@ class ModelVcpu(FileObject):
                 return 0
             if outcome is Outcome.SLEEP:
                 woke = self.model.sleep_until(
-                    lambda: self._wakeup_pending(hv), f"an interrupt for vCPU {self.id}", poll=DOORBELL_POLL
+                    lambda: self._wakeup_pending(hv), f"an interrupt for vCPU {self.id}", poll=self._poll(hv)
                 )
                 if not woke:  # behaviour: sleep-interrupted
                     return -ERESTARTSYS
@@ -1192,9 +1268,18 @@ class ModelVcpu(FileObject):
         return 0  # a signal ended the loop; run() turns this into ERESTARTSYS
 
     def _wakeup_pending(self, hv: HvVcpu) -> bool:
-        """A sleeping vCPU wakes on a doorbell, a power-on, or the VM going down."""
+        """A sleeping vCPU wakes on its wake-up interrupt (the hypervisor raises it
+        for a GIC interrupt signalled to the vCPU -- a doorbell's SPI, the virtual
+        timer's PPI -- or a power-on), or the VM going down (§6.1 item 4)."""
         self.vm.poll_doorbells()
-        return hv.wake_pending or self.vm.status != VmStatus.RUNNING or self._interrupted_flag()
+        return self.model.hypervisor.wakeup(hv) or self.vm.status != VmStatus.RUNNING or self._interrupted_flag()
+
+    def _poll(self, hv: HvVcpu) -> float:
+        """How long the sleep may go without a look: the doorbells' poll, or less
+        when the vCPU's virtual timer fires sooner."""
+        gic = self.vm.gic
+        deadline = gic.cpus[hv.label].timer_deadline() if gic is not None else None
+        return DOORBELL_POLL if deadline is None else max(0.0001, min(DOORBELL_POLL, deadline))
 
     def _interrupted_flag(self) -> bool:
         if self._interrupt.is_set():
@@ -1267,7 +1352,7 @@ class Hypervisor:
         # A vCPU in WFI stays there until an interrupt: a vcpu_run meanwhile (after
         # a signal ended the driver's wait) finds it still waiting.  Inferred from
         # the driver sleeping until the vCPU's wake-up interrupt (§6.1 item 4).
-        if hv.waiting and not hv.wake_pending:  # behaviour: wfi-waits-for-interrupt
+        if hv.waiting and not self.wakeup(hv):  # behaviour: wfi-waits-for-interrupt
             return Outcome.SLEEP
         hv.waiting = False
         if hv.faulted_at is not None:
@@ -1293,6 +1378,8 @@ class Hypervisor:
             return Outcome.AGAIN
         hv.wake_pending = False
         exit_ = cpu.run()
+        while isinstance(exit_, MmioExit) and self._vgic_access(vm, cpu, exit_):
+            exit_ = cpu.run()  # the hypervisor emulated it: the guest runs on
         if isinstance(exit_, MmioExit):
             if self._demand_page(vm, cpu, exit_.address, exit_.is_write):
                 return Outcome.AGAIN  # the page is the guest's now: retry
@@ -1327,6 +1414,30 @@ class Hypervisor:
             hv.crash_reason = exit_.description
             raise self.model.not_modelled(f"delivering a guest exception ({exit_.description})")
         raise self.model.not_modelled(f"a software-CPU exit of kind {exit_.kind.name} under Gunyah")
+
+    def wakeup(self, hv: HvVcpu) -> bool:
+        """Whether ``hv`` has something to leave WFI or power-off for: a wake-up
+        (PSCI CPU_ON, a doorbell without a GIC) or an interrupt its GIC CPU
+        interface signals -- enabled, pending, above the priority mask; the
+        virtual timer's PPI once its deadline passed (the hypervisor keeps the
+        timer running while the vCPU sleeps: pyvmm writes no
+        ``no-timer-wakeups``, §7.3, §2.2)."""
+        return hv.wake_pending or (hv.cpu is not None and hv.powered_on and hv.cpu.irq_signalled())
+
+    @staticmethod
+    def _vgic_access(vm: ModelVm, cpu: GuestCpu, exit_: MmioExit) -> bool:
+        """An access to the GIC's distributor or redistributors: the hypervisor's
+        vGIC emulates it and no exit reaches the driver ("PSCI and the GIC are
+        handled by the hypervisor", §6.1).  False for any other address."""
+        gic = vm.gic
+        if gic is None or not gic.contains(exit_.address):  # behaviour: vgic-owns-gic-frames
+            return False
+        if exit_.is_write:
+            gic.mmio_write(exit_.address, exit_.size, int.from_bytes(bytes(exit_.data[: exit_.size]), "little"))
+        else:
+            value = gic.mmio_read(exit_.address, exit_.size) & ((1 << 8 * exit_.size) - 1)
+            cpu.complete_read(value.to_bytes(exit_.size, "little"))
+        return True
 
     def _demand_page(self, vm: ModelVm, cpu: GuestCpu, gpa: int, write: bool) -> bool:
         """``gunyah_gup_demand_page``: a fault inside a memory binding pages it in
@@ -1366,6 +1477,8 @@ class Hypervisor:
                 if lent is not None and lent.lent:
                     self._map_binding(cpu, lent, page)
             hv.cpu = cpu
+            if vm.gic is not None:
+                cpu.attach_gic(vm.gic.cpus[hv.label])
             if hv.boot_registers is not None:
                 cpu.init(Aarch64VcpuInit(regs=hv.boot_registers))
         return hv.cpu
