@@ -213,6 +213,13 @@ NEEDS = (
         _which_all("dtc"),
     ),
     Need(
+        "the gdb stub driven by a real gdb (x86_64) and gdb-multiarch (aarch64)",
+        TEST_FACTORS,
+        "gdb gdb-multiarch",
+        "",
+        _which_all("gdb", "gdb-multiarch"),
+    ),
+    Need(
         "KVM's bindings checked against <linux/kvm.h>", frozenset({"kvm", "all"}), "gcc linux-libc-dev", "", _kvm_header
     ),
     Need(
