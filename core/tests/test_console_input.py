@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from pyvmm.devices.uart import RxBuffer
+from pyvmm.devices.serial_line import RxBuffer
 from pyvmm.errors import ConfigError
 from pyvmm.machine import console as console_module
 from pyvmm.machine.console import ConsoleOutput, StatusLine, open_serial, restore_terminals

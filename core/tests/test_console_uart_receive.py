@@ -6,7 +6,8 @@ import threading
 
 from pyvmm.devices import pl011, uart
 from pyvmm.devices.pl011 import Pl011
-from pyvmm.devices.uart import RX_BUFFER, RxBuffer, Uart16550
+from pyvmm.devices.serial_line import RX_BUFFER, RxBuffer
+from pyvmm.devices.uart import Uart16550
 
 
 class Line:

@@ -17,7 +17,7 @@ full) and each read of DR takes one byte.  The receive interrupts follow the
 data: RXRIS while at least the IFLS receive trigger level (or, with the FIFO
 off, one byte) waits, RTRIS (receive timeout) while fewer do; reading the data
 clears them, as draining the FIFO does on the real part.  The buffer is bounded
-(:data:`~pyvmm.devices.uart.RX_BUFFER`): the console waits for room instead of
+(:data:`~pyvmm.devices.serial_line.RX_BUFFER`): the console waits for room instead of
 overrunning.
 
 Interrupts: writing DR clears TXRIS and the (instant) transmission sets it
@@ -36,11 +36,10 @@ keeps its state and its interrupt line consistent.
 
 from __future__ import annotations
 
-import threading
 from typing import BinaryIO
 
-from pyvmm.devices.base import Device, IrqLine
-from pyvmm.devices.uart import RxBuffer
+from pyvmm.devices.base import IrqLine
+from pyvmm.devices.serial_line import SerialLine
 
 #: One 4 KiB page of registers.
 PL011_SIZE = 0x1000
@@ -93,33 +92,15 @@ RX_TRIGGER = (2, 4, 8, 12, 14, 14, 14, 14)
 _LATCHES = {ILPR: 0xFF, IBRD: 0xFFFF, FBRD: 0x3F, LCR_H: 0xFF, CR: 0xFFFF, IFLS: 0x3F, DMACR: 0x7}
 
 
-class Pl011(Device):
+class Pl011(SerialLine):
     name = "pl011"
 
     def __init__(self, output: BinaryIO | None, *, irq: IrqLine | None = None, flush_lines: bool = True) -> None:
-        self._output = output
-        self._irq = irq
-        self._flush_lines = flush_lines
-        self._lock = threading.Lock()
+        super().__init__(output, irq=irq, flush_lines=flush_lines)
         self.registers = {ILPR: 0, IBRD: 0, FBRD: 0, LCR_H: 0, CR: CR_RESET, IFLS: IFLS_RESET, DMACR: 0}
         self.imsc = 0
         #: The latched raw interrupt status (TX); the receive bits follow the data.
         self.ris = 0
-        self._irq_level = False
-        self.rx = RxBuffer()
-        self.transmitted = 0
-        self.received = 0
-
-    # --- the host side ------------------------------------------------------------
-    def receive(self, data: bytes) -> int:
-        """Bytes arriving on the line (from any thread); returns how many fit.
-        Wait with ``rx.wait_for_room()`` before handing over the rest."""
-        with self._lock:
-            taken = self.rx.put(data)
-            if taken:
-                self.received += taken
-                self._update_irq()
-            return taken
 
     # --- registers --------------------------------------------------------------
     def read(self, offset: int, size: int) -> int:
@@ -181,17 +162,7 @@ class Pl011(Device):
         return self.ris | self._rx_status()
 
     def _transmit(self, byte: int) -> None:
-        if self.registers[CR] & CR_LBE:
-            # Loopback: the byte goes to the receiver, not the line.
-            if self.rx.put(bytes((byte,))):
-                self.received += 1
-        else:
-            self.transmitted += 1
-            output = self._output
-            if output is not None:
-                output.write(bytes((byte,)))
-                if byte == 0x0A and self._flush_lines:
-                    output.flush()
+        self._send(byte, loopback=bool(self.registers[CR] & CR_LBE))
         self.ris &= ~INT_TX
         self._update_irq()
         self.ris |= INT_TX

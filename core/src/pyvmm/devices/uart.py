@@ -12,7 +12,7 @@ the device raises its interrupt while data waits: IIR reads "received data
 available" (0x04) once the FIFO trigger level (FCR bits 7:6) is reached, or
 with the FIFO off, and "character timeout" (0x0c) for fewer bytes, as a real
 16550 does once the line has been idle.  The received-data interrupt outranks
-THR-empty in IIR.  The buffer holds :data:`RX_BUFFER` bytes: ``receive`` takes
+THR-empty in IIR.  The buffer holds :data:`~pyvmm.devices.serial_line.RX_BUFFER` bytes: ``receive`` takes
 what fits and the console waits for room (flow control) instead of overrunning.
 
 In loopback mode (MCR.LOOP) written bytes go to the receiver, not the output,
@@ -28,11 +28,10 @@ keeps its state and its interrupt line consistent.
 
 from __future__ import annotations
 
-import threading
-from collections import deque
 from typing import BinaryIO
 
-from pyvmm.devices.base import Device, IrqLine
+from pyvmm.devices.base import IrqLine
+from pyvmm.devices.serial_line import SerialLine
 
 COM1_BASE = 0x3F8
 COM1_IRQ = 4
@@ -66,60 +65,13 @@ MCR_LOOP = 0x10
 MSR_CONNECTED = 0xB0
 #: Receive FIFO trigger levels, by FCR bits 7:6.
 RX_TRIGGER = (1, 4, 8, 14)
-#: Bytes the receive side holds: the FIFO plus the line's backlog.
-RX_BUFFER = 4096
 
 
-class RxBuffer:
-    """The bytes a UART has received and the guest has not read yet, bounded.
-
-    :meth:`put` takes what fits and returns how many; a writer that got less
-    waits on :meth:`wait_for_room`.  The owner calls :meth:`take` under its own
-    lock; room is signalled to a waiting writer.
-    """
-
-    def __init__(self, capacity: int = RX_BUFFER) -> None:
-        self.capacity = capacity
-        self._bytes: deque[int] = deque()
-        self._room = threading.Event()
-        self._room.set()
-
-    def __len__(self) -> int:
-        return len(self._bytes)
-
-    def put(self, data: bytes) -> int:
-        room = self.capacity - len(self._bytes)
-        taken = data[:room]
-        self._bytes.extend(taken)
-        if len(self._bytes) >= self.capacity:
-            self._room.clear()
-        return len(taken)
-
-    def take(self) -> int | None:
-        if not self._bytes:
-            return None
-        byte = self._bytes.popleft()
-        if not self._room.is_set():
-            self._room.set()
-        return byte
-
-    def clear(self) -> None:
-        self._bytes.clear()
-        self._room.set()
-
-    def wait_for_room(self, timeout: float | None = None) -> bool:
-        """Block until the buffer has room (True) or ``timeout`` passed (False)."""
-        return self._room.wait(timeout)
-
-
-class Uart16550(Device):
+class Uart16550(SerialLine):
     name = "uart"
 
     def __init__(self, output: BinaryIO | None, *, irq: IrqLine | None = None, flush_lines: bool = True) -> None:
-        self._output = output
-        self._irq = irq
-        self._flush_lines = flush_lines
-        self._lock = threading.Lock()
+        super().__init__(output, irq=irq, flush_lines=flush_lines)
         self.ier = 0
         self.lcr = 0x03
         self.mcr = 0
@@ -129,21 +81,6 @@ class Uart16550(Device):
         #: Whether a THR-empty interrupt is pending (set by a transmit or by
         #: enabling it, cleared by reading IIR or writing THR).
         self._thre_pending = False
-        self._irq_level = False
-        self.rx = RxBuffer()
-        self.transmitted = 0
-        self.received = 0
-
-    # --- the host side ------------------------------------------------------------
-    def receive(self, data: bytes) -> int:
-        """Bytes arriving on the line (from any thread); returns how many fit.
-        Wait with ``rx.wait_for_room()`` before handing over the rest."""
-        with self._lock:
-            taken = self.rx.put(data)
-            if taken:
-                self.received += taken
-                self._update_irq()
-            return taken
 
     # --- registers --------------------------------------------------------------
     def read(self, offset: int, size: int) -> int:
@@ -207,17 +144,7 @@ class Uart16550(Device):
         return byte
 
     def _transmit(self, byte: int) -> None:
-        if self.mcr & MCR_LOOP:
-            # Loopback: the byte goes to the receiver, not the line.
-            if self.rx.put(bytes((byte,))):
-                self.received += 1
-        else:
-            self.transmitted += 1
-            output = self._output
-            if output is not None:
-                output.write(bytes((byte,)))
-                if byte == 0x0A and self._flush_lines:
-                    output.flush()
+        self._send(byte, loopback=bool(self.mcr & MCR_LOOP))
         # Writing THR clears the THRE interrupt and the (instant) transmission sets
         # it again: lower the line first so an edge-triggered controller sees a
         # new edge for every byte.
