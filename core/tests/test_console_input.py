@@ -254,3 +254,22 @@ def test_status_line_without_a_console_on_the_terminal() -> None:
         assert not status.shown
     finally:
         status.stop()
+
+
+def test_a_prompt_without_a_newline_reaches_a_terminal_at_once() -> None:
+    """Console output to a terminal is written through: a guest's prompt with no
+    newline must not wait in a buffer (it did whenever PYTHONUNBUFFERED was unset)."""
+    import select
+
+    from pyvmm.machine.console import ConsoleOutput
+
+    master, slave = os.openpty()
+    stream = os.fdopen(slave, "wb")  # buffered, as sys.stdout.buffer is
+    console = ConsoleOutput(stream, "--serial", "the terminal", owned=True)
+    try:
+        console.write(b"pyvmm> ")
+        readable, _, _ = select.select([master], [], [], 5)
+        assert readable and os.read(master, 100) == b"pyvmm> "
+    finally:
+        console.close()
+        os.close(master)

@@ -23,7 +23,7 @@ from pyvmm.guests import echo_path
 from pyvmm.vm import Backend
 
 PROMPT = b"pyvmm> "
-WAIT = 90.0  # generous: a loaded machine slows the interpreted guest a lot
+WAIT = 60.0  # generous: a loaded machine slows the interpreted guest a lot
 
 
 class Terminal:

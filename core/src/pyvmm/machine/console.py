@@ -85,6 +85,13 @@ class SerialPort(Protocol):
     def rx(self) -> Any: ...
 
 
+def _isatty(stream: BinaryIO) -> bool:
+    try:
+        return stream.isatty()
+    except (OSError, ValueError, AttributeError):
+        return False
+
+
 class ConsoleOutput:
     """The console's stream, guarded: the first write error raises
     :class:`SerialOutputError` naming the option and the file; after it, writes
@@ -111,6 +118,10 @@ class ConsoleOutput:
         self.at_line_start = True
         #: The status line to wipe before the console speaks, if one is shown.
         self.status: StatusLine | None = None
+        # Someone is watching (a terminal, a pty, a socket): every write goes out
+        # at once, or a prompt without a newline would sit in the buffer -- and
+        # the guest would wait for an answer to a question nobody saw.
+        self._write_through = source is not None or _isatty(stream)
 
     @property
     def name(self) -> str:
@@ -140,7 +151,10 @@ class ConsoleOutput:
             self.written += len(data)
             self.at_line_start = data[-1] == 0x0A
         try:
-            return self._stream.write(data)
+            written = self._stream.write(data)
+            if self._write_through:
+                self._stream.flush()
+            return written
         except (OSError, ValueError) as exc:  # ValueError: the stream was closed under us
             self._fail(exc)
 
