@@ -163,6 +163,10 @@ def test_protocol_basics_and_memory(demo: Pyvmm) -> None:
     for n in range(4):
         assert gdb.ask(b"z0,%x,1" % (DEMO_LOAD_ADDRESS + 0x100 + n)) == b"OK"
     assert gdb.ask(b"Z2,1000,4") == b""  # watchpoints: not supported
+    # Malformed packets are the debugger's error: answered as one, the session goes on.
+    for bad in (b"m1000", b"pzz", b"M1000,2:0", b"qXfer:features:read:target.xml:0"):
+        assert gdb.ask(bad) == b"E01", bad
+    assert gdb.ask(b"?") == b"T05thread:1;"
     assert gdb.ask(b"vCont?") == b"vCont;c;C;s;S"
     assert gdb.ask(b"vCont;s:1") == b"T05thread:1;"
     assert gdb.ask(b"p10") == (DEMO_LOAD_ADDRESS + 7).to_bytes(8, "little").hex().encode()

@@ -149,9 +149,12 @@ def test_kick_racing_close_is_never_an_untyped_error(kvm: Backend) -> None:
         vm = kvm.create_vm({"arch": "x86_64"})
         vcpu = vm.create_vcpu()
         raised: list[BaseException] = []
+        kicking = threading.Event()
 
-        def kicker(vcpu: Any = vcpu, raised: list[BaseException] = raised) -> None:
-            for _ in range(200):
+        def kicker(vcpu: Any = vcpu, raised: list[BaseException] = raised, kicking: Any = kicking) -> None:
+            for n in range(200):
+                if n == 1:
+                    kicking.set()  # one kick has landed: now close races the rest
                 try:
                     vcpu.kick()
                 except VmStateError:
@@ -162,6 +165,7 @@ def test_kick_racing_close_is_never_an_untyped_error(kvm: Backend) -> None:
 
         thread = threading.Thread(target=kicker)
         thread.start()
+        assert kicking.wait(10), "the kicker never got going"
         vm.close()
         thread.join()
         assert raised == []

@@ -33,6 +33,7 @@ import logging
 import os
 import select
 import socket
+import struct
 import threading
 from collections import deque
 from collections.abc import Callable
@@ -436,6 +437,11 @@ class GdbStub:
         except _Kill:
             self.machine.request_stop(_interrupted(), 0, "stopped by the debugger (kill)")
             return False
+        except (ValueError, IndexError, struct.error) as exc:
+            # A malformed packet (missing field, bad hex) is the debugger's error,
+            # answered as one; it must not end the stub for the rest of the run.
+            log.debug("gdb: malformed packet %r: %s", packet[:80], exc)
+            reply = b"E01"
         if reply is not None:
             self._send(reply)
         return True

@@ -38,6 +38,7 @@ soon as the console (or a log message) speaks.
 from __future__ import annotations
 
 import contextlib
+import errno
 import logging
 import os
 import select
@@ -604,7 +605,12 @@ def _open_pty(where: str) -> ConsoleOutput:
         master, slave = os.openpty()
     except OSError as exc:
         raise ConfigError(f"{where}: cannot make a pty: {exc.strerror or exc}") from None
-    path = os.ttyname(slave)
+    try:
+        path = os.ttyname(slave)
+    except OSError as exc:
+        os.close(master)
+        os.close(slave)
+        raise ConfigError(f"{where}: cannot name the new pty: {exc.strerror or exc}") from None
     with contextlib.suppress(termios.error):
         tty.setraw(slave)  # a client sees the guest's bytes as they are
     os.set_blocking(master, False)
@@ -675,7 +681,7 @@ def _open_file(serial: str, where: str, inputs: dict[str, Path]) -> ConsoleOutpu
     try:
         fd = os.open(serial, flags | getattr(os, "O_CLOEXEC", 0), 0o666)
     except OSError as exc:
-        if info is not None and stat.S_ISFIFO(info.st_mode) and exc.errno == 6:  # ENXIO
+        if info is not None and stat.S_ISFIFO(info.st_mode) and exc.errno == errno.ENXIO:
             raise ConfigError(f"{where}: {serial} is a FIFO with no reader (start the reader first)") from None
         raise ConfigError(f"{where}: cannot open {serial} for writing: {exc.strerror or exc}") from None
     # Opened without blocking (a FIFO's open waits for a reader otherwise); writes

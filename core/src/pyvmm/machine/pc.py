@@ -56,7 +56,7 @@ from pyvmm.devices.rtc import Rtc
 from pyvmm.devices.scratch import DEMO_DEVICE_BASE, DEMO_DEVICE_SIZE, ScratchDevice
 from pyvmm.devices.sinks import PortSink
 from pyvmm.devices.testdev import PcTestDev, SetIrqLine
-from pyvmm.devices.uart import COM1_IRQ, Uart16550
+from pyvmm.devices.uart import COM1_IRQ, IER_RDA, Uart16550
 from pyvmm.errors import ConfigError
 from pyvmm.exits import CpuidExit, HypercallExit, MsrAccessExit, VcpuExit
 from pyvmm.machine import cpuid
@@ -71,8 +71,6 @@ from pyvmm.vm import Backend, Vcpu
 
 log = logging.getLogger("pyvmm.machine")
 
-#: COM1's IER bit 0: interrupt while received data waits.
-UART_RX_INTERRUPT = 0x01
 #: -ENOSYS as a 64-bit register: the answer to a hypercall nobody handles.
 ENOSYS_U64 = (1 << 64) - errno.ENOSYS
 
@@ -227,7 +225,7 @@ class PcBoard(Board):
         if pit.counting() and not pic.line_masked(0):
             return True
         devices: PcDevices | None = getattr(self, "devices", None)  # set by build, after the 8259s
-        return bool(devices is not None and devices.uart.ier & UART_RX_INTERRUPT and not pic.line_masked(COM1_IRQ))
+        return bool(devices is not None and devices.uart.ier & IER_RDA and not pic.line_masked(COM1_IRQ))
 
     def _irq_lines(self) -> SetIrqLine | None:
         """What drives the machine's interrupt lines: the hypervisor's interrupt

@@ -244,9 +244,14 @@ class Runner:
             log.warning("a vCPU %s the hypervisor; its VM is left open", how)
 
     def _close_devices(self) -> None:
+        if self.stuck_threads:
+            return  # a vCPU still in the guest may yet call into a device: leave them open
         for bus in (self.pio, self.mmio):
             for device in bus.devices():
-                device.close()
+                try:
+                    device.close()
+                except Exception:
+                    log.exception("closing device %r failed", device)
 
     # --- stopping ---------------------------------------------------------------
     def request_stop(self, reason: StopReason, status: int, detail: str = "", code: int | None = None) -> None:

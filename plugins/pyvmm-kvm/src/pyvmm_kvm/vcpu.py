@@ -13,6 +13,7 @@ Its public methods are the backend's vCPU hooks (``docs/backends/kvm.md`` §4).
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import struct
 from typing import Any
@@ -81,16 +82,23 @@ class KvmVcpu:
         self.index = index
         self.host = host = vm.host
         self.fd = host.ioctl(vm.fd, k.KVM_CREATE_VCPU, index)
+        page: RunPage | None = None
         try:
             mapping = host.map_shared(self.fd, mmap_size, f"vCPU {index} kvm_run")
+            page = RunPage(mapping, immediate_exit=_OFF_IMMEDIATE_EXIT, mmio_data=_OFF_MMIO_DATA)
+            self._run = ffi.from_buffer(f"{_RUN} *", page.view)
+            self.kicker = SignalKicker(page.request_immediate_exit, host.signal_thread, "KVM")
+            self._ioctl, self._errno_of = host.fast_ioctl()
         except BaseException:
+            # Nothing half-made: the run page and the descriptor go with the error.
+            if page is not None:
+                with contextlib.suppress(Exception):
+                    ffi.release(self._run)
+                page.release()
             host.close(self.fd)
             raise
-        self.page = RunPage(mapping, immediate_exit=_OFF_IMMEDIATE_EXIT, mmio_data=_OFF_MMIO_DATA)
-        self._view = self.page.view
-        self._run = ffi.from_buffer(f"{_RUN} *", self._view)
-        self.kicker = SignalKicker(self.page.request_immediate_exit, host.signal_thread, "KVM")
-        self._ioctl, self._errno_of = host.fast_ioctl()
+        self.page = page
+        self._view = page.view
         # One exit object per kind, refilled on every run.
         self._io = IoExit()
         self._mmio = MmioExit()
