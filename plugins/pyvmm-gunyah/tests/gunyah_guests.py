@@ -319,6 +319,72 @@ GIC_READS = aarch64_program(
     "0100a1d2220440b94301a1d2640440f90520a1d2a20000b9a40400f9000180d20080b0f2020000d4",
 )
 
+# SMCCC_VERSION, PSCI_FEATURES(SYSTEM_OFF as SMC64), PSCI_FEATURES(AFFINITY_INFO),
+# SMCCC_ARCH_FEATURES(SMCCC_VERSION) and PSCI_VERSION as an SMC64 id, each answer
+# written out in turn.
+SMCCC_QUERIES = aarch64_program(
+    "smccc_queries",
+    """
+    movz x5, #0x0900, lsl #16
+    movz x0, #0x0000
+    movk x0, #0x8000, lsl #16
+    hvc #0
+    str x0, [x5]
+    movz x0, #0x000a
+    movk x0, #0x8400, lsl #16
+    movz x1, #0x0008
+    movk x1, #0xc400, lsl #16
+    hvc #0
+    str x0, [x5, #8]
+    movz x0, #0x000a
+    movk x0, #0x8400, lsl #16
+    movz x1, #0x0004
+    movk x1, #0x8400, lsl #16
+    hvc #0
+    str x0, [x5, #16]
+    movz x0, #0x0001
+    movk x0, #0x8000, lsl #16
+    movz x1, #0x0000
+    movk x1, #0x8000, lsl #16
+    hvc #0
+    str x0, [x5, #24]
+    movz x0, #0x0000
+    movk x0, #0xc400, lsl #16
+    hvc #0
+    str x0, [x5, #32]
+"""
+    + SYSTEM_OFF_SOURCE,
+    "0520a1d2000080d20000b0f2020000d4a00000f9400180d20080b0f2010180d20180b8f2020000d4a00400f9400180d20080b0f2"
+    "810080d20180b0f2020000d4a00800f9200080d20000b0f2010080d20100b0f2020000d4a00c00f9000080d20080b8f2020000d4"
+    "a01000f9000180d20080b0f2020000d4",
+)
+
+# PSCI AFFINITY_INFO (SMC64), which Gunyah implements and the model does not.
+AFFINITY_INFO = aarch64_program(
+    "affinity_info",
+    """
+    movz x0, #0x0004
+    movk x0, #0xc400, lsl #16
+    movz x1, #0x0000
+    hvc #0
+"""
+    + SYSTEM_OFF_SOURCE,
+    "800080d20080b8f2010080d2020000d4000180d20080b0f2020000d4",
+)
+
+# The first of Gunyah's own vendor-hypervisor calls (owner 6, SMC64).
+VENDOR_HYPERCALL = aarch64_program(
+    "vendor_hypercall",
+    """
+    movz x0, #0x0000
+    movk x0, #0xc600, lsl #16
+    movz x1, #0x0000
+    hvc #0
+"""
+    + SYSTEM_OFF_SOURCE,
+    "000080d200c0b8f2010080d2020000d4000180d20080b0f2020000d4",
+)
+
 GUESTS = (
     REPORT_REGISTERS,
     DOORBELL_WAKE,
@@ -336,4 +402,7 @@ GUESTS = (
     READ_IOEVENT_WRITE,
     TIMER_AND_DOORBELL,
     GIC_READS,
+    SMCCC_QUERIES,
+    AFFINITY_INFO,
+    VENDOR_HYPERCALL,
 )

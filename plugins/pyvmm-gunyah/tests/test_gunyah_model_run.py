@@ -225,6 +225,31 @@ def test_psci_queries_are_answered_by_the_hypervisor(gunyah: Backend) -> None:
         assert system_event(vcpu).event is SystemEvent.SHUTDOWN
 
 
+def test_smccc_queries_get_gunyahs_answers(gunyah: Backend) -> None:
+    # hyp/vm/smccc (SMCCC 1.3), psci_features: SYSTEM_OFF has no SMC64 entry in
+    # psci.ev, AFFINITY_INFO reads its table constant 0, ARCH_FEATURES(VERSION) 0.
+    minus_one = (1 << 64) - 1
+    with booted(gunyah, guests.SMCCC_QUERIES) as (_, (vcpu,)):
+        assert written(vcpu, guests.MMIO_BASE) == gm.SMCCC_VERSION_1_3
+        assert written(vcpu, guests.MMIO_BASE + 8) == minus_one
+        assert written(vcpu, guests.MMIO_BASE + 16) == gm.PSCI_SUCCESS
+        assert written(vcpu, guests.MMIO_BASE + 24) == gm.PSCI_SUCCESS
+        assert written(vcpu, guests.MMIO_BASE + 32) == minus_one  # PSCI_VERSION is SMC32-only
+        assert system_event(vcpu).event is SystemEvent.SHUTDOWN
+
+
+@pytest.mark.parametrize(
+    ("guest", "gap"),
+    [(guests.AFFINITY_INFO, "PSCI AFFINITY_INFO"), (guests.VENDOR_HYPERCALL, "hypervisor service call")],
+    ids=["psci-affinity-info", "vendor-hypercall"],
+)
+def test_calls_gunyah_answers_but_the_model_does_not_are_model_gaps(
+    gunyah: Backend, guest: Aarch64Program, gap: str
+) -> None:
+    with booted(gunyah, guest) as (_, (vcpu,)), pytest.raises(ModelGap, match=gap):
+        vcpu.run()
+
+
 def test_system_reset2_is_a_reset_carrying_its_type(gunyah: Backend) -> None:
     with booted(gunyah, guests.RESET2) as (_, (vcpu,)):
         for _ in range(2):

@@ -336,7 +336,11 @@ R_AUTH_TYPE = Rule(
     f"{_S} §3.2; vm_mgr.c gunyah_get_auth_vm_mgr, gunyah_vm_set_auth_type",
 )
 
-# PSCI function ids (Arm DEN0022) the hypervisor handles for the guest.
+# SMCCC/PSCI calls the hypervisor answers for the guest (function ids: Arm DEN0022,
+# DEN0028).  What Gunyah implements is in quic/gunyah-hypervisor @ its mirror HEAD:
+# ``hyp/vm/psci/psci.ev`` (the PSCI table; PSCI_FUNCTION32 entries exist only as
+# SMC32 ids), ``hyp/vm/smccc/smccc.ev`` (SMCCC_VERSION) and
+# ``hyp/vm/smccc/aarch64/src/smccc_64.c`` (anything no module handles reads -1).
 PSCI_VERSION = 0x84000000
 PSCI_CPU_OFF = 0x84000002
 PSCI_CPU_ON_32, PSCI_CPU_ON_64 = 0x84000003, 0xC4000003
@@ -344,9 +348,37 @@ PSCI_SYSTEM_OFF = 0x84000008
 PSCI_SYSTEM_RESET = 0x84000009
 PSCI_SYSTEM_RESET2_32, PSCI_SYSTEM_RESET2_64 = 0x84000012, 0xC4000012
 PSCI_FEATURES = 0x8400000A
-PSCI_SUCCESS, PSCI_NOT_SUPPORTED, PSCI_INVALID_PARAMETERS, PSCI_ALREADY_ON = 0, -1, -2, -4
-#: PSCI 1.1, reported to the guest (a model choice: the version Gunyah reports is not in the reference).
+SMCCC_VERSION_CALL, SMCCC_ARCH_FEATURES_CALL = 0x80000000, 0x80000001
+PSCI_SUCCESS, PSCI_INVALID_PARAMETERS, PSCI_ALREADY_ON = 0, -2, -4
+#: SMCCC_UNKNOWN_FUNCTION (``hyp/interfaces/smccc/smccc.tc``): the answer to a call
+#: no module handles (``smccc_handle_vcpu_trap_default``) and PSCI_FEATURES' answer
+#: for a function without an entry (``psci_features`` in ``psci_common.c``).
+SMCCC_UNKNOWN_FUNCTION = -1
+#: PSCI 1.1: ``PSCI_VER`` in ``hyp/vm/psci/psci.tc``, returned by ``psci_version``.
 PSCI_VERSION_1_1 = 0x00010001
+#: SMCCC 1.3: ``SMCCC_VERSION`` in ``hyp/interfaces/smccc/smccc.tc`` (``smccc_version``).
+SMCCC_VERSION_1_3 = 0x00010003
+#: PSCI functions (the low 16 bits of the id) Gunyah implements, from psci.ev:
+#: SMC32-only ones, ones in both conventions, and the subset this model answers.
+_PSCI_SMC32_ONLY = {0x0: "PSCI_VERSION", 0x2: "CPU_OFF", 0x8: "SYSTEM_OFF", 0x9: "SYSTEM_RESET", 0xA: "PSCI_FEATURES"}
+_PSCI_BOTH = {
+    0x1: "CPU_SUSPEND",
+    0x3: "CPU_ON",
+    0x4: "AFFINITY_INFO",
+    0xC: "CPU_DEFAULT_SUSPEND",
+    0x12: "SYSTEM_RESET2",
+}
+_PSCI_MODELLED = {0x0, 0x2, 0x3, 0x8, 0x9, 0xA, 0x12}
+_SMCCC_FAST = 1 << 31
+_SMCCC_64 = 1 << 30
+_SMCCC_RES0 = 0xFF << 16
+
+
+def _smccc_owner(function: int) -> int:
+    return (function >> 24) & 0x3F
+
+
+_OWNER_ARCH, _OWNER_STANDARD, _OWNER_STANDARD_HYP, _OWNER_VENDOR_HYP = 0, 4, 5, 6
 
 
 class VmStatus:
@@ -1529,17 +1561,69 @@ class Hypervisor:
         if function in (PSCI_CPU_ON_32, PSCI_CPU_ON_64):
             result = self._cpu_on(vm, call.args[0], call.args[1], call.args[2])
         elif function == PSCI_VERSION:
-            result = PSCI_VERSION_1_1
+            result = PSCI_VERSION_1_1  # behaviour: psci-version
+        elif function == SMCCC_VERSION_CALL:
+            result = SMCCC_VERSION_1_3  # behaviour: smccc-version
         elif function == PSCI_FEATURES:
-            known = (PSCI_VERSION, PSCI_CPU_OFF, PSCI_CPU_ON_32, PSCI_CPU_ON_64, PSCI_SYSTEM_OFF, PSCI_SYSTEM_RESET,
-                     PSCI_SYSTEM_RESET2_32, PSCI_SYSTEM_RESET2_64, PSCI_FEATURES)  # fmt: skip
-            result = PSCI_SUCCESS if call.args[0] & 0xFFFFFFFF in known else PSCI_NOT_SUPPORTED
+            result = self._psci_features(call.args[0] & 0xFFFFFFFF)
+        elif function == SMCCC_ARCH_FEATURES_CALL:
+            result = self._arch_features(call.args[0] & 0xFFFFFFFF)
         else:
-            # Gunyah answers what it does not implement itself; nothing reaches the VMM.
-            result = PSCI_NOT_SUPPORTED
+            result = self._unanswered_call(function)
         assert hv.cpu is not None
         hv.cpu.engine.set_one_reg(x_reg_id(0), result & _U64)
         return True
+
+    def _psci_features(self, queried: int) -> int:
+        """PSCI_FEATURES as ``psci_features`` (psci_common.c) answers it: 0 (the
+        table's ``feat`` constant) for a fast standard-owner function psci.ev lists in
+        the queried convention, SUCCESS for SMCCC_VERSION, -1 for anything else."""
+        if queried == SMCCC_VERSION_CALL:
+            return PSCI_SUCCESS
+        number = queried & 0xFFFF
+        standard_fast = _smccc_owner(queried) == _OWNER_STANDARD and queried & _SMCCC_FAST
+        if not standard_fast or queried & _SMCCC_RES0:
+            return SMCCC_UNKNOWN_FUNCTION
+        if number == 0x1:
+            # CPU_SUSPEND's features come from a per-VM handler (the power-state format).
+            raise self.model.not_modelled("PSCI_FEATURES(CPU_SUSPEND): the per-VM power-state format")
+        table = _PSCI_BOTH if queried & _SMCCC_64 else {**_PSCI_SMC32_ONLY, **_PSCI_BOTH}
+        return PSCI_SUCCESS if number in table else SMCCC_UNKNOWN_FUNCTION
+
+    def _arch_features(self, queried: int) -> int:
+        """SMCCC_ARCH_FEATURES as ``smccc_arch_features`` (smccc.c) answers it: the
+        arch functions smccc.ev registers (VERSION, ARCH_FEATURES; SMC32 only) read
+        0, the standard-hypervisor services are another module's answer, the rest -1."""
+        owner = _smccc_owner(queried)
+        if not queried & _SMCCC_FAST or queried & _SMCCC_RES0:
+            return SMCCC_UNKNOWN_FUNCTION
+        if owner == _OWNER_ARCH:
+            registered = queried & 0xFFFF in (0x0, 0x1) and not queried & _SMCCC_64
+            return PSCI_SUCCESS if registered else SMCCC_UNKNOWN_FUNCTION
+        if owner == _OWNER_STANDARD_HYP:
+            raise self.model.not_modelled(f"SMCCC_ARCH_FEATURES({queried:#x}): a standard-hypervisor service")
+        return SMCCC_UNKNOWN_FUNCTION
+
+    def _unanswered_call(self, function: int) -> int:
+        """A call this model does not answer above: -1 where Gunyah answers -1 too,
+        ``ModelGap`` where Gunyah implements it."""
+        if function & _SMCCC_RES0 or not function & _SMCCC_FAST:
+            # Reserved bits set (smccc_handle_call), or a yielding call: no module of
+            # the open-source hypervisor takes one for a VM.
+            return SMCCC_UNKNOWN_FUNCTION
+        owner, number = _smccc_owner(function), function & 0xFFFF
+        if owner == _OWNER_STANDARD:
+            table = _PSCI_BOTH if function & _SMCCC_64 else {**_PSCI_SMC32_ONLY, **_PSCI_BOTH}
+            if number in table and number not in _PSCI_MODELLED:
+                raise self.model.not_modelled(f"PSCI {table[number]} ({function:#x})")
+        elif owner in (_OWNER_STANDARD_HYP, _OWNER_VENDOR_HYP):
+            # Call UID/revision (smccc.c) and Gunyah's own hypercalls (smccc_hypercalls.c).
+            raise self.model.not_modelled(f"hypervisor service call {function:#x}")
+        # No psci.ev entry, or an owner (CPU, SIP, OEM, trusted OS) no module of the
+        # open-source tree subscribes to (hyp/vm/smccc/smccc.ev dispatch): the
+        # default answer of smccc_handle_vcpu_trap_default.  A vendor's build may
+        # handle SIP/OEM calls itself.
+        return SMCCC_UNKNOWN_FUNCTION
 
     def _cpu_on(self, vm: ModelVm, target: int, entry: int, context_id: int) -> int:
         # The model's vCPUs have MPIDR affinity 0 = the vCPU's label and the rest 0.
