@@ -1399,8 +1399,9 @@ class Hypervisor:
             if resume.data:
                 cpu.complete_read(resume.data)
         elif cpu.pending_read is not None:
-            # The completion was lost (§6.5): zeroed resume data, action EMULATE
-            # with value 0 -- the guest reading 0 is expected, not verified.
+            # The completion was lost (§6.5): the driver resumes with zeroed data,
+            # action EMULATE, and the hypervisor takes resume_data_0 as the value
+            # read (HYP vmmio.c addrspace_handle_vcpu_run_resume_read): 0.
             cpu.complete_read(bytes(8))
         # A host interrupt reaches only a guest that is running: drop a kick from a
         # signal the driver already delivered, then look again at what a new one
