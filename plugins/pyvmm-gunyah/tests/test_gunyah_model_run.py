@@ -161,6 +161,24 @@ def test_resume_action_must_be_handled_or_fault() -> None:
         raw.close()
 
 
+def test_a_broken_rule_with_a_signal_pending_leaves_through_out_as_eintr() -> None:
+    """gunyah_vcpu_run's ``out:`` returns ERESTARTSYS whenever a signal is pending,
+    whatever error the checks set: the caller sees EINTR, the rule still counts."""
+    raw = RawVm.create(gm.GunyahModel())
+    try:
+        vcpu = RawVcpu.of(raw, raw.startable(code=guests.READ_THEN_WRITE.code))
+        assert raw.start() == 0
+        assert vcpu.run() == 0
+        vcpu.complete_read(bytes(4), resume_action=gm.RESUME_RETRY)
+        raw.model.signal_at(gm.RUN_LOCK_TAKEN)
+        assert vcpu.run() == -errno.EINTR
+        (rejection,) = raw.model.rejections
+        assert rejection.rule is gm.R_RESUME_ACTION
+        assert vcpu.run() == -errno.EINVAL  # no signal now: the rule's own errno
+    finally:
+        raw.close()
+
+
 def test_fault_injection_is_not_modelled() -> None:
     raw = RawVm.create(gm.GunyahModel())
     try:

@@ -94,6 +94,9 @@ SP_EL1_ID = core_reg_id(2 * 34)
 #: The checkpoint a vCPU's run loop passes each time the ``vcpu_run`` hypercall
 #: returns (for :meth:`GunyahModel.signal_at`: a signal arriving just then).
 HYPERCALL_RETURNED = "gunyah:vcpu_run returned"
+#: The checkpoint GH_VCPU_RUN passes once it holds the vCPU's run_lock, before its
+#: checks (a signal arriving then meets the driver's ``out:`` path).
+RUN_LOCK_TAKEN = "gunyah:run_lock taken"
 
 _U64 = (1 << 64) - 1
 
@@ -1221,16 +1224,22 @@ class ModelVcpu(FileObject):
     def run(self, arg: int) -> int:
         """``gunyah_vcpu_run``: the checks and state machine of the driver, then the
         hypervisor's ``vcpu_run`` hypercall in a loop until something is for the VMM.
-
-        Simplification: a rule broken while a signal is pending returns the rule's
-        errno; the driver would turn it into ERESTARTSYS (``out:``), and a VMM
-        would then meet the same error on its next RUN."""
+        Every check after the run_lock is taken leaves through ``out:``, where a
+        pending signal turns the errno into ERESTARTSYS (the rule still counts as
+        broken: the VMM meets it again on its next RUN)."""
         if not self.has_function:
             raise RuleViolation(R_RUN_REMOVED, f"vCPU {self.id}")
         if not self.run_lock.acquire():  # behaviour: run-lock-interruptible
             return -ERESTARTSYS
         try:
+            self.model.checkpoint(RUN_LOCK_TAKEN)
             result = self._run_locked()
+        except RuleViolation as broken:
+            call = self.model.current_call
+            if call is None or not self.model.signal_pending():  # behaviour: rule-errno-under-signal
+                raise
+            self.model.reject(call, broken)
+            result = -ERESTARTSYS
         finally:
             self.run_lock.release()
         # out: a pending signal turns any result into ERESTARTSYS -- even with an
