@@ -293,12 +293,43 @@ def test_real_mode_runs_16_bit_code(machines: list[Machine]) -> None:
     assert m.cpu.get_sregs().cs.base == 0x10000
 
 
-def test_non_flat_segments_outside_64_bit_mode_are_refused(machines: list[Machine]) -> None:
-    m = boot(machines, "f4", mode=X86Mode.PROTECTED)
+def test_protected_mode_has_the_32_bit_stack_and_gdt_the_boot_state_describes(machines: list[Machine]) -> None:
+    """The flat protected mode of pyvmm.boot (a Multiboot entry): push/pop use all
+    of ESP (SS.B set in SS's hidden cache, not just its selector), and a far
+    return reloads CS from the boot GDT -- what the Multiboot PIC kernel's
+    interrupt handlers do."""
+    # push 0x18 / push 0x100010 / retf / (pad) / 0x100010: mov eax, esp / out 0x10, eax / hlt
+    m = boot(machines, "6a186810001000cbcccccccccccccccc89e0e710f4", mode=X86Mode.PROTECTED)
+    sregs = m.cpu.get_sregs()
+    assert (sregs.ss.db, sregs.cs.db, sregs.cs.selector) == (1, 1, 0x18)
+    exit_ = io(m.cpu)
+    assert struct.unpack("<I", exit_.data[:4])[0] == 0x80000, "both pushes popped from the 32-bit stack"
+    assert m.memory.read(0x80000 - 8, 8) == struct.pack("<II", 0x100010, 0x18)
+    run_to(m.cpu, ExitKind.HLT)
+    assert m.cpu.get_regs().rip == CODE + 0x15
+
+
+def test_non_flat_data_segments_in_protected_mode(machines: list[Machine]) -> None:
+    # mov eax, [0x100] / out 0x10, eax / hlt -- with DS based at 0x10000
+    m = boot(machines, "a100010000e710f4", mode=X86Mode.PROTECTED)
+    m.memory.write(0x100, struct.pack("<I", 0xBAD))
+    m.memory.write(0x10100, struct.pack("<I", 0x12345678))
     sregs = m.cpu.get_sregs()
     sregs.ds.base = 0x10000
-    with pytest.raises(ConfigError, match=r"ds\.base"):
-        m.cpu.set_sregs(sregs)
+    m.cpu.set_sregs(sregs)
+    assert m.cpu.get_sregs().ds == sregs.ds
+    assert struct.unpack("<I", io(m.cpu).data[:4])[0] == 0x12345678
+
+
+def test_16_bit_protected_mode_code(machines: list[Machine]) -> None:
+    # mov ax, 0x1234 / out 0x10, ax / hlt -- in a 16-bit code segment
+    m = boot(machines, "b83412e710f4", mode=X86Mode.PROTECTED)
+    sregs = m.cpu.get_sregs()
+    sregs.cs.db = 0
+    m.cpu.set_sregs(sregs)
+    exit_ = io(m.cpu)
+    assert exit_.size == 2 and bytes(exit_.data) == b"\x34\x12"
+    assert m.cpu.get_sregs().cs.db == 0
 
 
 def test_long_mode_state_round_trips(machines: list[Machine]) -> None:

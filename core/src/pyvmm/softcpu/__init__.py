@@ -81,15 +81,19 @@ What it models
 What unicorn cannot model (and the engine does not pretend to)
 ================================================================
 
-* **x86 16-bit protected mode and non-flat segments set by the VMM.**  The
-  engine's register interface sets a selector but not the descriptor cache.
-  Real mode (the reset state included: CS F000, base FFFF0000) is set by
-  writing the caches and QEMU's mode flags into unicorn's saved context (their
-  places are probed, not assumed); protected and long mode from unicorn's
-  fresh state with control-register writes, so 16-bit protected mode and
-  segments whose base is not 0 there are refused with
-  :class:`~pyvmm.errors.ConfigError`.  A guest that switches modes itself (far
-  jumps, ``lgdt``) is executed faithfully by QEMU.
+* **x86 segment registers** are more than unicorn's register interface can
+  set: it writes a selector but not the hidden descriptor cache behind it
+  (only FS and GS load a descriptor), and its fresh state is a pseudo long
+  mode.  ``set_sregs`` therefore moves the CPU into the requested mode with
+  control-register writes from that fresh state, then writes every segment's
+  descriptor cache and QEMU's mode flags (CPL, code and stack size, LMA,
+  64-bit code) into the engine's saved context -- their places are probed,
+  not assumed.  Real mode (the reset state included: CS F000, base FFFF0000),
+  16-bit protected mode and segments with any base and limit are set as
+  given.  A guest that switches modes itself (far jumps, ``lgdt``) is executed
+  faithfully by QEMU.  Only if the probe fails (another unicorn build) are
+  real mode, 16-bit code and non-flat segments refused with
+  :class:`~pyvmm.errors.ConfigError`.
 * **x86 events** (:meth:`SoftCpu.inject_interrupt`, ``inject_nmi``,
   ``request_interrupt_window``) are delivered through the guest's IVT/IDT at
   the same privilege level, without IST or stack switch (else an internal
@@ -97,13 +101,13 @@ What unicorn cannot model (and the engine does not pretend to)
   pushing an error code (unicorn does not report it).  While an event waits
   for IF or the STI/MOV SS shadow (QEMU's, read back), the guest is stepped.
   CPUID and RDMSR/WRMSR become exits with ``intercept``.
-* **Segment descriptor caches** cannot be read back.  ``get_sregs`` reports the
-  state last set for a segment while its selector is unchanged, and otherwise
-  decodes the descriptor the selector names in the guest's GDT/LDT -- right
-  unless the guest changed the table after loading the segment.  ``apic_base``
-  is stored, not modelled.  ``set_sregs`` restarts the CPU from its fresh
-  state: general registers, SSE registers, MXCSR and the syscall MSRs are kept,
-  the x87 state and debug registers are not.
+* **Segment descriptor caches** are read back from the engine's saved
+  context, so ``get_sregs`` reports what the CPU holds however the segment was
+  loaded (QEMU keeps no "unusable" flag: a segment that is not present reads
+  as unusable).  ``apic_base`` is stored, not modelled.  ``set_sregs``
+  restarts the CPU from its fresh state: general registers, SSE registers,
+  MXCSR and the syscall MSRs are kept, the x87 state and debug registers are
+  not.
 * **No x86 interrupt controller** (no local APIC or IOAPIC: the machine
   layer's userspace 8259/8254 drive x86 injection), and the GIC models no SGIs,
   group 0, binary-point preemption, LPIs/ITS or EOImode 1; an IRQ taken at EL1

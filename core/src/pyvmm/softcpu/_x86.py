@@ -5,9 +5,9 @@ unicorn runs x86 guests in a ``UC_MODE_64`` engine whose register interface can
 set a segment *selector* but not the hidden descriptor cache behind it (only FS
 and GS load a descriptor), and whose fresh state is a pseudo long mode (LMA and
 64-bit code, no paging).  :meth:`X86Isa.set_sregs` therefore starts from that
-fresh state and moves the CPU into the requested mode with control-register
-writes, which is what makes 64-bit, compatibility and flat 32-bit protected
-mode reachable -- and real mode, 16-bit code and non-flat segments not.
+fresh state, moves the CPU into the requested mode with control-register
+writes, and then writes the descriptor caches and QEMU's mode flags into the
+engine's saved context (:class:`_Layout` finds where they are).
 """
 
 from __future__ import annotations
@@ -204,16 +204,22 @@ def _segment_from_cache(selector: int, base: int, limit: int, flags: int) -> Seg
 
 
 def _cache_flags(seg: Segment) -> int:
+    present = seg.present & 1 and not seg.unusable  # QEMU has no "unusable": a segment not present
     return (
         (seg.type & 0xF) << 8
         | (seg.s & 1) << 12
         | (seg.dpl & 3) << 13
-        | (seg.present & 1) << 15
+        | present << 15
         | (seg.avl & 1) << 20
         | (seg.l & 1) << 21
         | (seg.db & 1) << 22
         | (seg.g & 1) << 23
     )
+
+
+def _cache_of(seg: Segment) -> tuple[int, int, int, int]:
+    """``seg`` as QEMU's segment cache holds it: (selector, base, limit, flags)."""
+    return seg.selector, seg.base, seg.limit, _cache_flags(seg)
 
 
 class X86Isa(Isa):
@@ -440,7 +446,9 @@ class X86Isa(Isa):
     def _hflags(self) -> int:
         if not self._layout.ok:
             return 0
-        blob = bytes(self.uc.context_save())
+        return self._hflags_of(bytes(self.uc.context_save()))
+
+    def _hflags_of(self, blob: bytes | bytearray) -> int:
         return int.from_bytes(blob[self._layout.hflags : self._layout.hflags + 4], "little")
 
     def _seg_cache(self, blob: bytes | bytearray, name: str) -> tuple[int, int, int, int]:
@@ -454,11 +462,15 @@ class X86Isa(Isa):
         struct.pack_into("<I4xQII", blob, self._layout.segs + _SEG_INDEX[name] * _SEG_SIZE, *cache)
 
     def _linear_pc(self) -> int:
-        """CS base + RIP (they differ in real mode only, where CS is not flat)."""
+        """CS base + RIP (the base is 0 in 64-bit code, and in the flat segments
+        most protected-mode guests use)."""
         rip = self.pc()
-        if self._layout.ok and not self._read(self.c.UC_X86_REG_CR0) & CR0_PE:
-            return self._seg_cache(bytes(self.uc.context_save()), "cs")[1] + rip
-        return rip
+        if not self._layout.ok:
+            return rip
+        blob = bytes(self.uc.context_save())
+        if self._hflags_of(blob) & _HF_CS64:
+            return rip
+        return (self._seg_cache(blob, "cs")[1] + rip) & 0xFFFFFFFF
 
     def write_virtual(self, address: int, data: bytes) -> bool:
         for i, byte in enumerate(data):  # a frame is a few bytes: page crossings handled per byte
@@ -754,14 +766,17 @@ class X86Isa(Isa):
         raw = self.engine.read_virtual(base + offset, 8)
         return None if raw is None else int.from_bytes(raw, "little")
 
-    def _segment(self, name: str, cr0: int) -> Segment:
+    def _segment(self, name: str, cr0: int, blob: bytes | None = None) -> Segment:
         selector = self._read(self._segment_ids[name]) & 0xFFFF
         shadow = self._shadow.get(name)
+        if self._layout.ok:
+            # The hidden cache itself: what the CPU holds, however it was loaded.
+            cache = self._seg_cache(bytes(self.uc.context_save()) if blob is None else blob, name)
+            if shadow is not None and _cache_of(shadow) == cache:
+                return dataclasses.replace(shadow)  # as set, with what QEMU does not keep (unusable)
+            return _segment_from_cache(*cache)
         if shadow is not None and shadow.selector == selector:
             seg = dataclasses.replace(shadow)
-        elif self._layout.ok and self._seg_cache(bytes(self.uc.context_save()), name)[0] == selector:
-            _, base, limit, flags = self._seg_cache(bytes(self.uc.context_save()), name)
-            seg = _segment_from_cache(selector, base, limit, flags)
         elif not cr0 & CR0_PE:
             seg = Segment(base=selector << 4, limit=0xFFFF, selector=selector, type=0xB if name == "cs" else 0x3)
         elif selector & ~3 == 0:
@@ -782,13 +797,14 @@ class X86Isa(Isa):
         ldt = self.uc.reg_read(c.UC_X86_REG_LDTR)
         gdt = self.uc.reg_read(c.UC_X86_REG_GDTR)
         idt = self.uc.reg_read(c.UC_X86_REG_IDTR)
+        blob = bytes(self.uc.context_save()) if self._layout.ok else None
         return Sregs(
-            cs=self._segment("cs", cr0),
-            ds=self._segment("ds", cr0),
-            es=self._segment("es", cr0),
-            fs=self._segment("fs", cr0),
-            gs=self._segment("gs", cr0),
-            ss=self._segment("ss", cr0),
+            cs=self._segment("cs", cr0, blob),
+            ds=self._segment("ds", cr0, blob),
+            es=self._segment("es", cr0, blob),
+            fs=self._segment("fs", cr0, blob),
+            gs=self._segment("gs", cr0, blob),
+            ss=self._segment("ss", cr0, blob),
             tr=_segment_from_cache(*tr),
             ldt=_segment_from_cache(*ldt),
             gdt=DescriptorTable(base=int(gdt[1]), limit=int(gdt[2])),
@@ -802,11 +818,20 @@ class X86Isa(Isa):
             apic_base=self._apic_base,
         )
 
-    @staticmethod
-    def _check_modelled(s: Sregs) -> tuple[bool, bool]:
+    def _check_modelled(self, s: Sregs) -> bool:
+        """Refuse states the CPU cannot be put in; True for long mode."""
+        if not s.cr0 & CR0_PE:
+            self._need_layout("real mode")
+            if s.cr0 & CR0_PG or s.efer & EFER_LMA:
+                raise ConfigError("softcpu: real mode with CR0.PG or EFER.LMA set is not a CPU state")
+            return False
         long_mode = bool(s.efer & EFER_LME) and bool(s.cr0 & CR0_PG)
         if long_mode and not s.cr4 & CR4_PAE:
             raise ConfigError("softcpu: long mode needs CR4.PAE")
+        if self._layout.ok:
+            return long_mode  # every segment's hidden state is written as given
+        # Without the hidden state only selectors can be set, over the flat
+        # 32-bit (or 64-bit) caches of unicorn's fresh CPU.
         code64 = long_mode and bool(s.cs.l)
         if not code64 and not s.cs.db:
             raise ConfigError("softcpu: 16-bit protected-mode code segments are not modelled (set cs.db=1)")
@@ -814,81 +839,71 @@ class X86Isa(Isa):
             for name in ("cs", "ds", "es", "ss"):
                 if getattr(s, name).base:
                     raise ConfigError(f"softcpu: {name}.base must be 0 outside 64-bit mode (only flat segments)")
-        return long_mode, code64
+        return long_mode
 
-    def _set_real_mode(self, s: Sregs) -> None:
-        """Real mode (CR0.PE clear): unicorn's register interface cannot load
-        a 16-bit segment, so the descriptor caches and QEMU's mode flags are
-        written into the engine's saved context and restored from there --
-        which also gives the reset state (CS F000, base FFFF0000)."""
-        self._need_layout("real mode")
-        if s.cr0 & CR0_PG or s.efer & EFER_LMA:
-            raise ConfigError("softcpu: real mode with CR0.PG or EFER.LMA set is not a CPU state")
-        c = self.c
-        regs = self.get_regs()
-        self.uc.context_restore(self._fresh)
-        self.uc.reg_write(c.UC_X86_REG_MSR, (MSR_EFER, s.efer))
-        self.uc.reg_write(c.UC_X86_REG_CR0, s.cr0)
-        self.uc.reg_write(c.UC_X86_REG_CR4, s.cr4)
-        self.uc.reg_write(c.UC_X86_REG_CR3, s.cr3)
-        self.uc.reg_write(c.UC_X86_REG_CR2, s.cr2)
-        self.uc.reg_write(c.UC_X86_REG_GDTR, (0, s.gdt.base, s.gdt.limit, 0))
-        self.uc.reg_write(c.UC_X86_REG_IDTR, (0, s.idt.base, s.idt.limit, 0))
-        self.uc.reg_write(c.UC_X86_REG_TR, (s.tr.selector, s.tr.base, s.tr.limit, _cache_flags(s.tr)))
-        self.uc.reg_write(c.UC_X86_REG_LDTR, (s.ldt.selector, s.ldt.base, s.ldt.limit, _cache_flags(s.ldt)))
-        for reg, value in zip(self.gpr_ids, dataclasses.astuple(regs), strict=True):
-            self.regs.write(reg, value)
-        ctx, blob = self._blob()
-        offset = self._layout.hflags
-        hflags = int.from_bytes(blob[offset : offset + 4], "little")
-        hflags &= ~(_HF_CPL | _HF_CS32 | _HF_SS32 | _HF_PE | _HF_LMA | _HF_CS64 | _HF_INHIBIT_IRQ)
-        hflags |= _HF_ADDSEG
+    def _mode_hflags(self, s: Sregs, hflags: int) -> int:
+        """QEMU's mode flags for the state ``s`` (its control registers already
+        written): what decides how code is decoded and how the stack is
+        addressed.  The rules are the architecture's: CPL is SS.DPL, 64-bit code
+        needs LMA and CS.L, operand and stack size follow CS.D and SS.B, and
+        segment bases are added unless every base that matters is 0."""
+        hflags &= ~(_HF_CPL | _HF_CS32 | _HF_SS32 | _HF_ADDSEG | _HF_PE | _HF_LMA | _HF_CS64 | _HF_INHIBIT_IRQ)
+        protected = bool(s.cr0 & CR0_PE)
+        long_mode = bool(self._efer() & EFER_LMA)
+        if protected:
+            hflags |= _HF_PE | (s.ss.dpl & _HF_CPL)
+        if long_mode:
+            hflags |= _HF_LMA
+        if long_mode and s.cs.l:
+            return hflags | _HF_CS32 | _HF_SS32 | _HF_CS64
         if s.cs.db:
             hflags |= _HF_CS32
         if s.ss.db:
             hflags |= _HF_SS32
-        blob[offset : offset + 4] = hflags.to_bytes(4, "little")
-        for name in _SEG_INDEX:
-            seg: Segment = getattr(s, name)
-            self._put_seg_cache(blob, name, (seg.selector, seg.base, seg.limit, _cache_flags(seg)))
-        self._commit(ctx, blob)
-        self._shadow = {name: dataclasses.replace(getattr(s, name)) for name in self._segment_ids}
-        self._apic_base = s.apic_base
+        vm86 = bool(self._read(self.c.UC_X86_REG_RFLAGS) & RFLAGS_VM)
+        if not protected or vm86 or not s.cs.db or s.ds.base or s.es.base or s.ss.base:
+            hflags |= _HF_ADDSEG
+        return hflags
 
     def set_sregs(self, s: Sregs) -> None:
-        if not s.cr0 & CR0_PE:
-            self._set_real_mode(s)
-            return
-        long_mode, code64 = self._check_modelled(s)
+        """Move the CPU into the state ``s``: control registers written from
+        unicorn's fresh state, then -- where the engine's saved context can be
+        edited -- every segment's hidden descriptor cache and QEMU's mode flags
+        as ``s`` gives them.  The register interface alone sets only selectors
+        (unicorn's x86_64 engine does not load a descriptor behind CS, DS, ES or
+        SS), which left the caches of the fresh CPU -- a 16-bit stack segment
+        among them -- under a protected-mode guest."""
+        long_mode = self._check_modelled(s)
         c = self.c
         regs = self.get_regs()
         kept_msrs = [(msr, int(self.uc.reg_read(c.UC_X86_REG_MSR, msr))) for msr in _KEPT_MSRS]
         xmm = [(reg, self.uc.reg_read(reg)) for reg in range(c.UC_X86_REG_XMM0, c.UC_X86_REG_XMM0 + 16)]
         mxcsr = self._read(c.UC_X86_REG_MXCSR)
-        # From the fresh state (LMA set, 64-bit code): entering and leaving paging
-        # is the only register-level way to clear "64-bit code" and LMA, which
-        # compatibility and protected mode need.
         self.uc.context_restore(self._fresh)
-        if not code64:
+        # From the fresh state (LMA set, 64-bit code): entering and leaving
+        # paging is the only register-level way to clear LMA, which real,
+        # protected and compatibility mode need.
+        if not (long_mode and s.cs.l):
             self.uc.reg_write(c.UC_X86_REG_CR4, CR4_PAE)
             self.uc.reg_write(c.UC_X86_REG_CR0, CR0_PE | CR0_PG)
             self.uc.reg_write(c.UC_X86_REG_CR0, CR0_PE)
-        self.uc.reg_write(c.UC_X86_REG_GDTR, (0, s.gdt.base, s.gdt.limit, 0))
-        self.uc.reg_write(c.UC_X86_REG_IDTR, (0, s.idt.base, s.idt.limit, 0))
         self.uc.reg_write(c.UC_X86_REG_CR3, s.cr3)
         self.uc.reg_write(c.UC_X86_REG_CR4, s.cr4)
         self.uc.reg_write(c.UC_X86_REG_MSR, (MSR_EFER, s.efer & ~EFER_LMA))
         self.uc.reg_write(c.UC_X86_REG_CR0, s.cr0)  # enters long mode when PG and LME are set
         self.uc.reg_write(c.UC_X86_REG_CR2, s.cr2)
         self.uc.reg_write(c.UC_X86_REG_CR8, s.cr8)
-        for name in ("cs", "ds", "es", "ss"):
-            self.uc.reg_write(self._segment_ids[name], getattr(s, name).selector)
-        for name, base_id in (("fs", c.UC_X86_REG_FS_BASE), ("gs", c.UC_X86_REG_GS_BASE)):
-            seg: Segment = getattr(s, name)
-            # Without a loadable descriptor behind the selector the base is what counts.
-            with contextlib.suppress(self.u.UcError):
-                self.uc.reg_write(self._segment_ids[name], seg.selector)
-            self.uc.reg_write(base_id, seg.base)
+        self.uc.reg_write(c.UC_X86_REG_GDTR, (0, s.gdt.base, s.gdt.limit, 0))
+        self.uc.reg_write(c.UC_X86_REG_IDTR, (0, s.idt.base, s.idt.limit, 0))
+        if not self._layout.ok:
+            for name in ("cs", "ds", "es", "ss"):
+                self.uc.reg_write(self._segment_ids[name], getattr(s, name).selector)
+            for name, base_id in (("fs", c.UC_X86_REG_FS_BASE), ("gs", c.UC_X86_REG_GS_BASE)):
+                seg: Segment = getattr(s, name)
+                # Without a loadable descriptor behind the selector the base is what counts.
+                with contextlib.suppress(self.u.UcError):
+                    self.uc.reg_write(self._segment_ids[name], seg.selector)
+                self.uc.reg_write(base_id, seg.base)
         self.uc.reg_write(c.UC_X86_REG_TR, (s.tr.selector, s.tr.base, s.tr.limit, _cache_flags(s.tr)))
         self.uc.reg_write(c.UC_X86_REG_LDTR, (s.ldt.selector, s.ldt.base, s.ldt.limit, _cache_flags(s.ldt)))
         for msr, value in kept_msrs:
@@ -898,6 +913,14 @@ class X86Isa(Isa):
         self.uc.reg_write(c.UC_X86_REG_MXCSR, mxcsr)
         for reg, value in zip(self.gpr_ids, dataclasses.astuple(regs), strict=True):
             self.regs.write(reg, value)
+        if self._layout.ok:
+            ctx, blob = self._blob()
+            offset = self._layout.hflags
+            hflags = self._mode_hflags(s, int.from_bytes(blob[offset : offset + 4], "little"))
+            blob[offset : offset + 4] = hflags.to_bytes(4, "little")
+            for name in _SEG_INDEX:
+                self._put_seg_cache(blob, name, _cache_of(getattr(s, name)))
+            self._commit(ctx, blob)
         if bool(self._efer() & EFER_LMA) != long_mode:
             raise ConfigError(f"softcpu: the CPU did not reach the requested mode (EFER {self._efer():#x})")
         self._shadow = {name: dataclasses.replace(getattr(s, name)) for name in self._segment_ids}

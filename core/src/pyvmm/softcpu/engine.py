@@ -401,9 +401,13 @@ class SoftCpu:
     def set_sregs(self, sregs: Sregs) -> None:
         """Set the x86 CPU mode, control and segment registers.
 
-        :raises ConfigError: a state the software CPU cannot model (real mode,
-            16-bit protected mode, segments with a non-zero base outside 64-bit
-            mode).
+        Every segment's hidden descriptor cache is set as ``sregs`` gives it
+        (real mode, 16-bit and non-flat protected mode included).
+
+        :raises ConfigError: a state the CPU cannot be in (long mode without
+            CR4.PAE, real mode with paging); with a unicorn whose hidden state
+            could not be found, also real mode, 16-bit protected mode and
+            segments with a non-zero base outside 64-bit mode.
         """
         self._x86("set_sregs").set_sregs(sregs)
 
