@@ -10,6 +10,7 @@ import struct
 import threading
 import time
 from collections.abc import Iterator
+from typing import Any
 
 import pytest
 
@@ -33,6 +34,7 @@ from pyvmm.exits import (
 )
 from pyvmm.memory import GuestMemory, RamRegion
 from pyvmm.softcpu import SoftCpu
+from pyvmm.softcpu.exits import RdtscExit
 from pyvmm.testing.conformance import programs as conformance
 
 CODE = 0x100000
@@ -43,11 +45,11 @@ MMIO = 0xD0000000
 class Machine:
     """Guest RAM at 0, a program at CODE, a SoftCpu booted into it."""
 
-    def __init__(self, code: bytes, mode: X86Mode, coherent_code: bool) -> None:
+    def __init__(self, code: bytes, mode: X86Mode, coherent_code: bool, **options: Any) -> None:
         self.memory = GuestMemory()
         self.ram = self.add(0, RAM_SIZE)
         self.memory.write(CODE, code)
-        self.cpu = SoftCpu("x86_64", coherent_code=coherent_code)
+        self.cpu = SoftCpu("x86_64", coherent_code=coherent_code, **options)
         self.cpu.map_region(self.ram)
         spec = BootSpec(arch=Arch.X86_64, entry=CODE, stack=0x80000, x86_mode=mode)
         self.cpu.init(build_x86_boot_state(spec, self.memory))
@@ -70,8 +72,14 @@ def machines() -> Iterator[list[Machine]]:
         machine.close()
 
 
-def boot(machines: list[Machine], code_hex: str, mode: X86Mode = X86Mode.LONG, coherent_code: bool = True) -> Machine:
-    machine = Machine(bytes.fromhex(code_hex), mode, coherent_code)
+def boot(
+    machines: list[Machine],
+    code_hex: str,
+    mode: X86Mode = X86Mode.LONG,
+    coherent_code: bool = True,
+    **options: Any,
+) -> Machine:
+    machine = Machine(bytes.fromhex(code_hex), mode, coherent_code, **options)
     machines.append(machine)
     return machine
 
@@ -443,3 +451,41 @@ def test_memory_changes_while_the_vcpu_runs(machines: list[Machine]) -> None:
     m.cpu.kick()
     thread.join(10)
     assert isinstance(result[0], InterruptedExit)
+
+
+# --- RDTSC as an exit ------------------------------------------------------------------
+
+#: mov ecx, 0xc0000103 / mov eax, 7 / xor edx, edx / wrmsr (IA32_TSC_AUX = 7) /
+#: rdtsc / out 0x10, eax / mov eax, edx / out 0x10, eax /
+#: rdtscp / mov eax, ecx / out 0x10, eax / hlt
+RDTSC_GUEST = "b9030100c0b80700000031d20f300f31e71089d0e7100f01f989c8e710f4"
+
+
+def test_rdtsc_and_rdtscp_are_exits_the_vmm_answers(machines: list[Machine]) -> None:
+    m = boot(machines, RDTSC_GUEST, intercept=["rdtsc"])
+    exit_ = m.cpu.run()
+    assert isinstance(exit_, RdtscExit) and exit_.kind is ExitKind.OTHER and not exit_.rdtscp
+    assert m.cpu.get_regs().rip == CODE + 16, "taken after the instruction"
+    exit_.tsc = 0x1122334455667788
+    assert struct.unpack("<I", io(m.cpu).data[:4])[0] == 0x55667788
+    assert struct.unpack("<I", io(m.cpu).data[:4])[0] == 0x11223344
+    exit_ = m.cpu.run()
+    assert isinstance(exit_, RdtscExit) and exit_.rdtscp and exit_.aux == 7, "TSC_AUX prefilled"
+    exit_.aux = 9
+    assert struct.unpack("<I", io(m.cpu).data[:4])[0] == 9
+    run_to(m.cpu, ExitKind.HLT)
+
+
+def test_rdtsc_without_the_intercept_is_the_cpus_own(machines: list[Machine]) -> None:
+    m = boot(machines, RDTSC_GUEST)
+    low = struct.unpack("<I", io(m.cpu).data[:4])[0]
+    high = struct.unpack("<I", io(m.cpu).data[:4])[0]
+    assert high << 32 | low, "unicorn's TSC runs"
+    assert struct.unpack("<I", io(m.cpu).data[:4])[0] == 7, "RDTSCP's ECX is IA32_TSC_AUX"
+
+
+def test_unknown_intercepts_are_refused() -> None:
+    with pytest.raises(ConfigError, match="rdtsc"):
+        SoftCpu("x86_64", intercept=["rdtsx"])
+    with pytest.raises(ConfigError, match="x86_64 guests"):
+        SoftCpu("aarch64", intercept=["rdtsc"])

@@ -100,7 +100,9 @@ What unicorn cannot model (and the engine does not pretend to)
   error); exceptions with a present gate are delivered too, except those
   pushing an error code (unicorn does not report it).  While an event waits
   for IF or the STI/MOV SS shadow (QEMU's, read back), the guest is stepped.
-  CPUID and RDMSR/WRMSR become exits with ``intercept``.
+  CPUID, RDMSR/WRMSR and RDTSC/RDTSCP become exits with ``intercept``
+  (:class:`~pyvmm.softcpu.exits.RdtscExit` for the TSC: set ``tsc``, and
+  ``aux`` for RDTSCP, before the next run).
 * **Segment descriptor caches** are read back from the engine's saved
   context, so ``get_sregs`` reports what the CPU holds however the segment was
   loaded (QEMU keeps no "unusable" flag: a segment that is not present reads
@@ -113,8 +115,8 @@ What unicorn cannot model (and the engine does not pretend to)
   group 0, binary-point preemption, LPIs/ITS or EOImode 1; an IRQ taken at EL1
   on SP_EL0 does not switch stacks.  Hence no ``IRQCHIP``, ``IRQ_LINE``,
   ``IRQFD`` or ``PVCLOCK``.
-* **CPUID and MSRs** without ``intercept`` are unicorn's own CPU model's, and
-  ``RDMSR`` of an unknown MSR does not fault.  RDTSC is not an exit.
+* **CPUID, MSRs and the TSC** without ``intercept`` are unicorn's own CPU
+  model's, and ``RDMSR`` of an unknown MSR does not fault.
 * **One vCPU per engine**, and guest memory shared between engines is coherent
   for data only: translated code is per engine.  Code written by the *host*
   into guest memory is only seen after :meth:`SoftCpu.invalidate_code` (done at
@@ -136,5 +138,15 @@ from __future__ import annotations
 
 from pyvmm.softcpu._uc import SoftCpuUnavailable, available
 from pyvmm.softcpu.engine import Conduit, Hypercall, HypercallHandler, SoftCpu
+from pyvmm.softcpu.exits import RdtscExit, StringIoExit
 
-__all__ = ["Conduit", "Hypercall", "HypercallHandler", "SoftCpu", "SoftCpuUnavailable", "available"]
+__all__ = [
+    "Conduit",
+    "Hypercall",
+    "HypercallHandler",
+    "RdtscExit",
+    "SoftCpu",
+    "SoftCpuUnavailable",
+    "StringIoExit",
+    "available",
+]

@@ -45,8 +45,10 @@ from pyvmm.exits import (
 )
 from pyvmm.softcpu import _uc, x86_emulate
 from pyvmm.softcpu._isa import INTERNAL_ERROR_EMULATION, Engine, Isa, Stop
+from pyvmm.softcpu.exits import RdtscExit
 
 MSR_EFER = 0xC0000080
+_MSR_TSC_AUX = 0xC0000103
 #: MSRs a mode change must not lose (set_sregs restarts from the fresh CPU state).
 _KEPT_MSRS = (0x174, 0x175, 0x176, 0xC0000081, 0xC0000082, 0xC0000083, 0xC0000084, 0xC0000102)
 _VECTOR_NAMES = {
@@ -265,6 +267,8 @@ class X86Isa(Isa):
         self.intercept: frozenset[str] = frozenset()
         self._cpuid = CpuidExit()
         self._msr = MsrAccessExit()
+        self._rdtsc = RdtscExit()
+        self._rdtsc_hooks: tuple[_uc.InstructionHook, ...] = ()
         self._isa_exit: VcpuExit | None = None
         self._awaiting: VcpuExit | None = None
         #: Port and MMIO exits before the instruction (SoftCpu's ``exit_timing``).
@@ -274,6 +278,11 @@ class X86Isa(Isa):
         self.uc.hook_add(self.u.UC_HOOK_INSN, self._on_in, None, 1, 0, self.c.UC_X86_INS_IN)
         self.uc.hook_add(self.u.UC_HOOK_INSN, self._on_out, None, 1, 0, self.c.UC_X86_INS_OUT)
         self.uc.hook_add(self.u.UC_HOOK_INSN, self._on_cpuid, None, 1, 0, self.c.UC_X86_INS_CPUID)
+        if "rdtsc" in self.intercept:
+            self._rdtsc_hooks = (
+                _uc.InstructionHook(self.uc, self.c.UC_X86_INS_RDTSC, lambda: self._on_rdtsc(rdtscp=False)),
+                _uc.InstructionHook(self.uc, self.c.UC_X86_INS_RDTSCP, lambda: self._on_rdtsc(rdtscp=True)),
+            )
         if "msr" in self.intercept:
             # unicorn 2.1 cannot hook RDMSR/WRMSR (UC_HOOK_INSN takes IN, OUT,
             # SYSCALL, SYSENTER, CPUID, RDTSC(P)): every instruction is looked at
@@ -662,6 +671,14 @@ class X86Isa(Isa):
         self._isa_stop(exit_)
         return 1  # skipped: the VMM's answer goes in on the next run
 
+    def _on_rdtsc(self, *, rdtscp: bool) -> bool:
+        exit_ = self._rdtsc
+        exit_.rdtscp = rdtscp
+        exit_.tsc = 0
+        exit_.aux = int(self.uc.reg_read(self.c.UC_X86_REG_MSR, _MSR_TSC_AUX)) & 0xFFFFFFFF if rdtscp else 0
+        self._isa_stop(exit_)
+        return True  # skipped: the VMM's answer goes in on the next run
+
     def _on_code_msr(self, uc: Any, address: int, size: int, _data: Any) -> None:
         if size != 2:
             return
@@ -701,6 +718,11 @@ class X86Isa(Isa):
                 (c.UC_X86_REG_RDX, last.edx),
             ):
                 self.regs.write(reg, value & 0xFFFFFFFF)
+        elif last is self._rdtsc:
+            self.regs.write(c.UC_X86_REG_RAX, last.tsc & 0xFFFFFFFF)
+            self.regs.write(c.UC_X86_REG_RDX, (last.tsc >> 32) & 0xFFFFFFFF)
+            if last.rdtscp:
+                self.regs.write(c.UC_X86_REG_RCX, last.aux & 0xFFFFFFFF)
         elif last is self._msr and last.error:
             exit_ = self._deliver(13, error_code=0)  # #GP(0) for an MSR the VMM refused
             if exit_ is not None:

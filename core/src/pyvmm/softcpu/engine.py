@@ -46,8 +46,9 @@ _MAX_IDLE_SLICES = 4
 
 #: What ``SoftCpu(intercept=...)`` can turn into exits (x86_64): CPUID as a
 #: :class:`~pyvmm.exits.CpuidExit`, RDMSR/WRMSR as a
-#: :class:`~pyvmm.exits.MsrAccessExit`, both completed on the next run.
-INTERCEPTS = frozenset({"cpuid", "msr"})
+#: :class:`~pyvmm.exits.MsrAccessExit`, RDTSC/RDTSCP as a
+#: :class:`~pyvmm.softcpu.exits.RdtscExit`, all completed on the next run.
+INTERCEPTS = frozenset({"cpuid", "msr", "rdtsc"})
 
 #: ``SoftCpu(exit_timing=...)``: when an MMIO or port access exits.  ``"after"``
 #: the access (KVM, HAXM): the next run completes it.  ``"before"`` the
@@ -137,10 +138,10 @@ class SoftCpu:
         seen (what hardware does; costs ~35 µs per run).  With False the owner
         calls :meth:`invalidate_code` after writing code itself.
     :param intercept: x86_64: what of :data:`INTERCEPTS` becomes an exit
-        (``"cpuid"``, ``"msr"``) instead of being answered by unicorn's CPU
-        model -- the exit is taken after the instruction and the VMM's answer
-        (``CpuidExit.eax``.., ``MsrAccessExit.value``/``error``) goes in on the
-        next run.  ``"msr"`` looks at every instruction (unicorn cannot hook
+        (``"cpuid"``, ``"msr"``, ``"rdtsc"``) instead of being answered by
+        unicorn's CPU model -- the exit is taken after the instruction and the
+        VMM's answer (``CpuidExit.eax``.., ``MsrAccessExit.value``/``error``,
+        ``RdtscExit.tsc``/``aux``) goes in on the next run.  ``"msr"`` looks at every instruction (unicorn cannot hook
         RDMSR/WRMSR), so it is slow.
     :param exit_timing: x86_64: ``"after"`` (default) or ``"before"``, see
         :data:`EXIT_TIMINGS`.
