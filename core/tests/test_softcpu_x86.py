@@ -34,7 +34,7 @@ from pyvmm.exits import (
 )
 from pyvmm.memory import GuestMemory, RamRegion
 from pyvmm.softcpu import SoftCpu
-from pyvmm.softcpu.exits import RdtscExit
+from pyvmm.softcpu.exits import RdtscExit, StringIoExit
 from pyvmm.testing.conformance import programs as conformance
 
 CODE = 0x100000
@@ -489,3 +489,93 @@ def test_unknown_intercepts_are_refused() -> None:
         SoftCpu("x86_64", intercept=["rdtsx"])
     with pytest.raises(ConfigError, match="x86_64 guests"):
         SoftCpu("aarch64", intercept=["rdtsc"])
+
+
+# --- string I/O in batches -------------------------------------------------------------
+
+#: mov dx, 0x10 / mov rsi, 0x90000 / mov ecx, 6 / rep outsw /
+#: std / mov rsi, 0x9000a / mov ecx, 6 / rep outsw / cld /
+#: mov rdi, 0x91000 / mov ecx, 5 / rep insb /
+#: std / mov rdi, 0x91104 / mov ecx, 5 / rep insb / cld / hlt
+STRING_IO = (
+    "66ba100048c7c600000900b90600000066f36ffd48c7c60a000900b90600000066f36ffc48c7c700100900b905000000f36c"
+    "fd48c7c704110900b905000000f36cfcf4"
+)
+WORDS = bytes(range(0x41, 0x41 + 12))  # six words at 0x90000: "AB" "CD" ... "KL"
+
+
+def string_io(cpu: SoftCpu) -> StringIoExit:
+    exit_ = run_to(cpu, ExitKind.IO)
+    assert isinstance(exit_, StringIoExit), f"expected a batch, got {exit_!r}"
+    return exit_
+
+
+def test_rep_outs_and_ins_in_batches_both_directions(machines: list[Machine]) -> None:
+    m = boot(machines, STRING_IO, string_batch=4096)
+    m.memory.write(0x90000, WORDS)
+    up = string_io(m.cpu)
+    assert (up.port, up.size, up.count, up.is_write, up.df) == (0x10, 2, 6, True, False)
+    assert (up.gva, up.gpa, bytes(up.data)) == (0x90000, 0x90000, WORDS)
+    down = string_io(m.cpu)
+    assert (down.count, down.df, down.gva, down.gpa) == (6, True, 0x9000A, 0x9000A)
+    assert bytes(down.data) == b"KLIJGHEFCDAB", "items in the order the instruction takes them"
+    regs = m.cpu.get_regs()
+    assert (regs.rsi, regs.rcx) == (0x9000A, 6), "nothing is done before the next run"
+    into = string_io(m.cpu)
+    assert (into.size, into.count, into.is_write, into.df, into.gva) == (1, 5, False, False, 0x91000)
+    assert m.cpu.get_regs().rsi == 0x90000 - 2, "the descending batch moved RSI down by 12"
+    into.data[:5] = b"abcde"
+    back = string_io(m.cpu)
+    assert m.memory.read(0x91000, 5) == b"abcde"
+    assert (back.count, back.is_write, back.df, back.gva) == (5, False, True, 0x91104)
+    back.data[:5] = b"vwxyz"
+    run_to(m.cpu, ExitKind.HLT)
+    assert m.memory.read(0x91100, 5) == b"zyxwv", "the first item at the highest address"
+    regs = m.cpu.get_regs()
+    assert (regs.rdi, regs.rcx, regs.rflags & 0x400) == (0x91104 - 5, 0, 0)
+
+
+def test_a_batch_stops_at_the_byte_limit_and_the_page_end(machines: list[Machine]) -> None:
+    # mov dx, 0x10 / mov rsi, 0x90ffc / mov ecx, 6 / rep outsw / outsb / hlt
+    m = boot(machines, "66ba100048c7c6fc0f0900b90600000066f36f6ef4", string_batch=4096)
+    m.memory.write(0x90FFC, WORDS + b"!")
+    first = string_io(m.cpu)
+    assert (first.count, bytes(first.data)) == (2, WORDS[:4]), "two words to the end of the page"
+    rest = string_io(m.cpu)
+    assert (rest.count, rest.gva, bytes(rest.data)) == (4, 0x91000, WORDS[4:])
+    single = string_io(m.cpu)
+    assert (single.count, single.size, bytes(single.data)) == (1, 1, b"!"), "OUTS without REP: one item"
+    run_to(m.cpu, ExitKind.HLT)
+    assert m.cpu.get_regs().rsi == 0x90FFC + 13
+
+    small = boot(machines, "66ba100048c7c6fc0f0900b90600000066f36f6ef4", string_batch=4)
+    small.memory.write(0x90FFC, WORDS + b"!")
+    counts = []
+    for _ in range(3):
+        exit_ = string_io(small.cpu)
+        counts.append(exit_.count)
+        regs = small.cpu.get_regs()
+        assert regs.rip == CODE + 16, "RIP stays on the REP instruction while items are left"
+    assert counts == [2, 2, 2]
+    assert small.cpu.get_regs().rcx == 2, "three batches of two words: two words left before the third completes"
+    assert string_io(small.cpu).count == 1
+
+
+def test_without_batches_string_io_is_one_plain_exit_per_item(machines: list[Machine]) -> None:
+    m = boot(machines, STRING_IO)
+    m.memory.write(0x90000, WORDS)
+    items = []
+    for _ in range(12):
+        exit_ = io(m.cpu)
+        assert not isinstance(exit_, StringIoExit) and exit_.count == 1
+        items.append(bytes(exit_.data))
+    assert b"".join(items) == WORDS + b"KLIJGHEFCDAB"
+
+
+def test_string_batch_is_refused_where_it_cannot_apply() -> None:
+    with pytest.raises(ConfigError, match="string_batch"):
+        SoftCpu("x86_64", string_batch=-1)
+    with pytest.raises(ConfigError, match="exit_timing 'after'"):
+        SoftCpu("x86_64", string_batch=64, exit_timing="before")
+    with pytest.raises(ConfigError, match="x86_64"):
+        SoftCpu("aarch64", string_batch=64)

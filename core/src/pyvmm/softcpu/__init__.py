@@ -43,6 +43,31 @@ What it models
   one item (``count == 1``); string forms give one exit per item.  Between the
   exit and the next run, RIP points at the I/O instruction, which the next run
   re-executes to hand the guest the VMM's data.
+* **String I/O batches (x86)**, ``SoftCpu(string_batch=N)`` with exits after
+  the access: an ``INS``/``OUTS`` (with or without REP) is one
+  :class:`~pyvmm.softcpu.exits.StringIoExit` (an ``IoExit``, ``kind`` IO)
+  carrying up to ``N`` bytes of items -- at least one, never past the guest
+  buffer's page, the REP count or the index register's wrap::
+
+      exit_.port, exit_.size, exit_.count  # count items of size bytes
+      exit_.is_write                       # OUTS: data holds the items
+      exit_.df                             # RFLAGS.DF: the buffer descends
+      exit_.gva, exit_.gpa                 # the first item's linear / physical address
+      exit_.data                           # count * size bytes, in transfer order
+
+  Item ``k`` lives at ``gva + k * size`` (``gva - k * size`` with ``df``).
+  The VMM fills ``data`` for ``INS``; the next run completes the whole batch
+  as KVM and HAXM do: the items go to guest memory (dirty-logged), RSI/RDI
+  move by ``count * size``, RCX drops by ``count`` under REP, and RIP moves
+  past the instruction once RCX reaches 0 -- until then RIP stays on it and
+  the next run makes the next batch.  KVM's ``io.count`` and data page are
+  ``count`` and ``data``.  The batch's memory is ``[gva, gva + count * size)``,
+  or with ``df`` ``[gva - (count - 1) * size, gva + size)``, item by item in
+  reverse of ``data`` -- what a model needs whose hypervisor copies its I/O
+  buffer to or from guest memory as one block (HAXM's ``handle_io_post``).
+  A buffer that is not RAM (MMIO, read-only for ``INS``, or not mapped in
+  the guest's page tables) goes item by item as plain ``IoExit`` s, so the
+  CPU raises the page fault where there is one.
 * **HLT / WFI** are a :class:`~pyvmm.exits.HltExit`, unless an interrupt is
   waiting (an injected x86 event, or a GIC interrupt signalled to an attached
   aarch64 vCPU), which wakes the vCPU instead.  aarch64 ``WFE`` is a no-op.

@@ -44,10 +44,12 @@ from pyvmm.exits import (
     VcpuExit,
 )
 from pyvmm.softcpu import _uc, x86_emulate
+from pyvmm.softcpu import _x86_string_io as _string_io
 from pyvmm.softcpu._isa import INTERNAL_ERROR_EMULATION, Engine, Isa, Stop
-from pyvmm.softcpu.exits import RdtscExit
+from pyvmm.softcpu.exits import RdtscExit, StringIoExit
 
 MSR_EFER = 0xC0000080
+_PAGE_SIZE = 4096
 _MSR_TSC_AUX = 0xC0000103
 #: MSRs a mode change must not lose (set_sregs restarts from the fresh CPU state).
 _KEPT_MSRS = (0x174, 0x175, 0x176, 0xC0000081, 0xC0000082, 0xC0000083, 0xC0000084, 0xC0000102)
@@ -77,6 +79,7 @@ _NMI = 2
 
 RFLAGS_TF = 1 << 8
 RFLAGS_IF = 1 << 9
+RFLAGS_DF = 1 << 10
 RFLAGS_NT = 1 << 14
 RFLAGS_RF = 1 << 16
 RFLAGS_VM = 1 << 17
@@ -159,6 +162,31 @@ class _PortAccess:
     before: tuple[int, int, int, int, int]
     #: A write is ready to be consumed at once; a read once the VMM supplied data.
     ready: bool = False
+
+
+@dataclass(slots=True)
+class _Batch:
+    """A string I/O batch: ``count`` items from the one at ``gva``/``gpa``;
+    ``low_gpa`` is the lowest address of the block (the last item's, for DF=1)."""
+
+    op: _string_io.StringOp
+    port: int
+    size: int
+    count: int
+    df: bool
+    gva: int
+    gpa: int
+    low_gpa: int
+    rip: int
+
+
+def _transfer_order(block: bytes, batch: _Batch) -> bytes:
+    """The items of ``block`` (memory order) in the order the instruction moves
+    them -- the reverse for DF=1 -- and back (the reversal is its own inverse)."""
+    if not batch.df:
+        return block
+    size = batch.size
+    return b"".join(block[i : i + size] for i in range(len(block) - size, -1, -size))
 
 
 def _decode_descriptor(raw: int, selector: int) -> Segment:
@@ -273,6 +301,12 @@ class X86Isa(Isa):
         self._awaiting: VcpuExit | None = None
         #: Port and MMIO exits before the instruction (SoftCpu's ``exit_timing``).
         self.exits_before = False
+        #: Most bytes of one INS/OUTS exit; 0: an item per exit (SoftCpu's ``string_batch``).
+        self.string_batch = 0
+        self._string_io = StringIoExit()
+        self._batch_buffer = bytearray(_PAGE_SIZE)
+        self._planned: _Batch | None = None  # found by the port hook, not yet an exit
+        self._batch: _Batch | None = None  # reported, completed by the next run
 
     def install(self) -> None:
         self.uc.hook_add(self.u.UC_HOOK_INSN, self._on_in, None, 1, 0, self.c.UC_X86_INS_IN)
@@ -351,7 +385,84 @@ class X86Isa(Isa):
             self._read(c.UC_X86_REG_RDI),
         )
         self._current = _PortAccess(port, size, is_write, value, rip, before)
+        self._planned = self._plan_batch(self._current) if self.string_batch else None
         self.engine.stop_slice(Stop.PORT)
+
+    # String I/O in batches (``string_batch``): the hook sees the first item of
+    # an INS/OUTS; the exit carries as many items as fit, read from guest memory
+    # for OUTS, and the next run completes them all in Python -- memory for
+    # INS, RSI/RDI, RCX and RIP -- rather than by re-execution.
+    def _plan_batch(self, access: _PortAccess) -> _Batch | None:
+        bits = self._bits()
+        code = self.engine.read_virtual(self._linear_pc(), self.max_instruction) or b""
+        op = _string_io.decode(code, bits)
+        if op is None:
+            return None
+        _, _, rcx, rsi, rdi = access.before
+        df = bool(self._read(self.c.UC_X86_REG_RFLAGS) & RFLAGS_DF)
+        offset = (rsi if op.is_write else rdi) & op.address_mask
+        linear = self._segment_base(op.segment, bits) + offset
+        if bits != 64:
+            linear &= 0xFFFFFFFF
+        count = _string_io.batch_count(
+            op, rcx=rcx, offset=offset, linear=linear, size=access.size, df=df, limit=self.string_batch
+        )
+        if count < 1:
+            return None
+        prot = self.u.UC_PROT_READ if op.is_write else self.u.UC_PROT_WRITE
+        gpa = _uc.vmem_translate(self.uc, linear, prot)
+        if gpa is None:
+            return None  # the item by item path lets the CPU raise the page fault
+        low = gpa - (count - 1) * access.size if df else gpa
+        if not self.engine.is_ram(low, count * access.size, write=not op.is_write):
+            return None
+        return _Batch(op, access.port, access.size, count, df, linear, gpa, low, access.rip)
+
+    def _segment_base(self, name: str, bits: int) -> int:
+        if bits == 64:  # only FS and GS have a base in 64-bit mode
+            if name == "fs":
+                return self._read(self.c.UC_X86_REG_FS_BASE)
+            if name == "gs":
+                return self._read(self.c.UC_X86_REG_GS_BASE)
+            return 0
+        return self._segment(name, self._read(self.c.UC_X86_REG_CR0)).base
+
+    def _batch_exit(self, batch: _Batch) -> StringIoExit:
+        exit_ = self._string_io
+        exit_.port = batch.port
+        exit_.size = batch.size
+        exit_.count = batch.count
+        exit_.is_write = batch.op.is_write
+        exit_.df = batch.df
+        exit_.gva = batch.gva
+        exit_.gpa = batch.gpa
+        exit_.instruction = b""
+        length = batch.count * batch.size
+        data = memoryview(self._batch_buffer)[:length]
+        if batch.op.is_write:
+            data[:] = _transfer_order(self.engine.read_physical(batch.low_gpa, length) or bytes(length), batch)
+        else:
+            data[:] = bytes(length)
+        exit_.data = data
+        self._batch = batch
+        return exit_
+
+    def _complete_batch(self, exit_: StringIoExit, batch: _Batch) -> None:
+        c = self.c
+        op = batch.op
+        length = batch.count * batch.size
+        if not op.is_write:
+            # Memory order from transfer order (the same reversal, for DF=1).
+            self.engine.write_ram(batch.low_gpa, _transfer_order(bytes(exit_.data[:length]), batch))
+        index = c.UC_X86_REG_RSI if op.is_write else c.UC_X86_REG_RDI
+        self.regs.write(index, _string_io.advance(op, self._read(index), -length if batch.df else length))
+        done = True
+        if op.rep:
+            rcx = _string_io.advance(op, self._read(c.UC_X86_REG_RCX), -batch.count)
+            self.regs.write(c.UC_X86_REG_RCX, rcx)
+            done = rcx & op.address_mask == 0
+        if done:
+            self.regs.write(self.rip_id, batch.rip + op.length)
 
     def port_exit(self) -> VcpuExit:
         access, self._current = self._current, None
@@ -361,6 +472,9 @@ class X86Isa(Isa):
         ids = (c.UC_X86_REG_RIP, c.UC_X86_REG_RAX, c.UC_X86_REG_RCX, c.UC_X86_REG_RSI, c.UC_X86_REG_RDI)
         for reg, value in zip(ids, access.before, strict=True):
             self.regs.write(reg, value)
+        batch, self._planned = self._planned, None
+        if batch is not None:
+            return self._batch_exit(batch)
         exit_ = self._io
         if self.exits_before:
             # Nothing is re-executed: the VMM completes the instruction.
@@ -427,6 +541,11 @@ class X86Isa(Isa):
     def complete(self, last: VcpuExit) -> bool:
         if self._complete_isa(last):
             return True
+        if last is self._string_io:
+            batch, self._batch = self._batch, None
+            if batch is not None:
+                self._complete_batch(self._string_io, batch)
+            return True
         pending = self._pending
         if last is self._io and pending is not None and not pending.is_write:
             pending.value = int.from_bytes(last.data[: pending.size], "little")
@@ -436,6 +555,8 @@ class X86Isa(Isa):
     def forget_pending(self) -> None:
         self._pending = None
         self._current = None
+        self._planned = None
+        self._batch = None
         self._awaiting = None
 
     # --- hidden state in unicorn's saved context -----------------------------------

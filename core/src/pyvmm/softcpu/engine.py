@@ -70,6 +70,15 @@ class _Link:
     def read_virtual(self, address: int, size: int) -> bytes | None:
         return self._cpu.read_virtual(address, size)
 
+    def read_physical(self, gpa: int, size: int) -> bytes | None:
+        return self._cpu.read_physical(gpa, size)
+
+    def is_ram(self, gpa: int, size: int, *, write: bool) -> bool:
+        return self._cpu._ram_mapping(gpa, size, write) is not None
+
+    def write_ram(self, gpa: int, data: bytes) -> bool:
+        return self._cpu._write_ram(gpa, data)
+
     def stop_slice(self, reason: Stop) -> None:
         cpu = self._cpu
         cpu._stop = reason
@@ -145,6 +154,13 @@ class SoftCpu:
         RDMSR/WRMSR), so it is slow.
     :param exit_timing: x86_64: ``"after"`` (default) or ``"before"``, see
         :data:`EXIT_TIMINGS`.
+    :param string_batch: x86_64 with exits after the access: the most bytes
+        one ``INS``/``OUTS`` exit carries.  0 (default): one item per exit, a
+        plain :class:`~pyvmm.exits.IoExit`.  Above 0: a
+        :class:`~pyvmm.softcpu.exits.StringIoExit` with up to that many bytes
+        of items (at least one item; never beyond the buffer's page), which the
+        next run completes as a whole.  A string instruction whose buffer is
+        not RAM goes item by item, as with 0.
     :raises SoftCpuUnavailable: unicorn is not installed.
     """
 
@@ -155,6 +171,7 @@ class SoftCpu:
         coherent_code: bool = True,
         intercept: Iterable[str] = (),
         exit_timing: str = "after",
+        string_batch: int = 0,
     ) -> None:
         self.arch = Arch(arch)
         wanted = frozenset(intercept)
@@ -165,6 +182,13 @@ class SoftCpu:
         if exit_timing not in EXIT_TIMINGS or (exit_timing == "before" and self.arch is not Arch.X86_64):
             raise ConfigError(
                 f"softcpu: exit_timing {exit_timing!r}: one of {sorted(EXIT_TIMINGS)}, and 'before' for x86_64 only"
+            )
+        if isinstance(string_batch, bool) or not isinstance(string_batch, int) or string_batch < 0:
+            raise ConfigError(f"softcpu: string_batch {string_batch!r}: a byte count, 0 or more")
+        if string_batch and (self.arch is not Arch.X86_64 or exit_timing != "after"):
+            raise ConfigError(
+                "softcpu: string_batch is for x86_64 guests with exit_timing 'after' "
+                "(before the instruction, the VMM emulates the whole string instruction)"
             )
         #: True: MMIO and port exits come before the instruction (WHPX).
         self.exits_before = exit_timing == "before"
@@ -215,6 +239,7 @@ class SoftCpu:
             x86 = X86Isa(_Link(self), uc, self._uc)
             x86.intercept = wanted
             x86.exits_before = self.exits_before
+            x86.string_batch = string_batch
             self._isa: Isa = x86
         else:
             from pyvmm.softcpu._aarch64 import Aarch64Isa
@@ -357,6 +382,23 @@ class SoftCpu:
             if mapping.guest_phys_addr <= gpa < mapping.end:
                 return mapping
         return None
+
+    def _ram_mapping(self, gpa: int, size: int, write: bool) -> _Mapping | None:
+        mapping = self._mapping_at(gpa)
+        if mapping is None or gpa + size > mapping.end or (write and mapping.read_only):
+            return None
+        return mapping
+
+    def _write_ram(self, gpa: int, data: bytes) -> bool:
+        """Write guest RAM on the guest's behalf (host pages, zero-copy), logging
+        the pages as the guest's own writes would be."""
+        mapping = self._ram_mapping(gpa, len(data), True)
+        if mapping is None:
+            return False
+        ctypes.memmove(mapping.host_addr + (gpa - mapping.guest_phys_addr), data, len(data))
+        if mapping.dirty is not None and data:
+            self._on_dirty_write(self._uc, 0, gpa, len(data), 0, mapping)
+        return True
 
     def invalidate_code(self) -> None:
         """Forget translated code (after the owner rewrote guest code in place)."""

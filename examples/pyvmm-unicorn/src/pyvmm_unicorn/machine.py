@@ -30,7 +30,9 @@ from pyvmm.vcpu_state import StateKind
 #: ``exit_timing``: x86 MMIO/port exits ``"after"`` the access (KVM's) or
 #: ``"before"`` the instruction (WHPX's, completed with
 #: :mod:`pyvmm.softcpu.x86_emulate`), see :data:`pyvmm.softcpu.engine.EXIT_TIMINGS`.
-OPTIONS: dict[str, object] = {"coherent_code": True, "intercept": (), "exit_timing": "after"}
+#: ``string_batch``: x86 ``INS``/``OUTS`` bytes per exit; 0 is one item per exit
+#: (see ``SoftCpu(string_batch=...)``).
+OPTIONS: dict[str, object] = {"coherent_code": True, "intercept": (), "exit_timing": "after", "string_batch": 0}
 
 _STATE_KINDS = {
     Arch.X86_64: (StateKind.REGS, StateKind.SREGS),
@@ -54,6 +56,11 @@ def parse_options(options: dict[str, Any]) -> dict[str, Any]:
     merged["intercept"] = tuple(intercept)
     if merged["exit_timing"] not in EXIT_TIMINGS:
         raise ConfigError(f"backend_options.exit_timing: one of {', '.join(sorted(EXIT_TIMINGS))}")
+    batch = merged["string_batch"]
+    if isinstance(batch, bool) or not isinstance(batch, int) or batch < 0:
+        raise ConfigError("backend_options.string_batch: a byte count, 0 or more")
+    if batch and merged["exit_timing"] != "after":
+        raise ConfigError("backend_options.string_batch: needs exit_timing 'after'")
     return merged
 
 
@@ -103,11 +110,14 @@ class UnicornVm:
         x86 = self.config.arch is Arch.X86_64
         if not x86 and self.options["exit_timing"] != "after":
             raise ConfigError("backend_options.exit_timing 'before' is for x86_64 guests")
+        if not x86 and self.options["string_batch"]:
+            raise ConfigError("backend_options.string_batch is for x86_64 guests")
         cpu = SoftCpu(
             self.config.arch,
             coherent_code=bool(self.options["coherent_code"]),
             intercept=self.options["intercept"] if x86 else (),
             exit_timing=str(self.options["exit_timing"]),
+            string_batch=int(self.options["string_batch"]),
         )
         try:
             for region in self.regions:
