@@ -16,7 +16,7 @@ import pytest
 
 pytest.importorskip("unicorn", reason="the software CPU needs unicorn (pip install 'pyvmm-core[softcpu]')")
 
-from pyvmm.arch.x86_64 import CR0_PE, Regs, Sregs
+from pyvmm.arch.x86_64 import CR0_PE, ExceptionEvent, InterruptShadow, Regs, Sregs
 from pyvmm.arch.x86_64_boot import build_x86_boot_state
 from pyvmm.boot import BootSpec, X86Mode
 from pyvmm.config import Arch, MemoryRegionSpec
@@ -579,3 +579,129 @@ def test_string_batch_is_refused_where_it_cannot_apply() -> None:
         SoftCpu("x86_64", string_batch=64, exit_timing="before")
     with pytest.raises(ConfigError, match="x86_64"):
         SoftCpu("aarch64", string_batch=64)
+
+
+# --- exceptions with an error code -----------------------------------------------------
+
+IDT = 0x150000
+HANDLER = 0x160000
+#: pop rax / out 0x10, eax / mov rax, cr2 / out 0x10, eax / mov rax, rsp / out 0x10, eax / hlt
+REPORT_ERROR_64 = "58e7100f20d0e7104889e0e710f4"
+#: pop eax / out 0x10, eax / mov eax, esp / out 0x10, eax / hlt
+REPORT_ERROR_32 = "58e71089e0e710f4"
+#: mov al, 1 / out 0x10, al / mov ax, 0x1234 / mov ds, ax (#GP(0x1234): no such GDT entry) /
+#: movabs rax, [0x100000000] (#PF: the boot page tables map 4 GiB) / int 0x0d / hlt
+FAULTS = "b001e61066b834128ed848a10000000001000000cd0df4"
+
+
+def dword(cpu: SoftCpu) -> int:
+    value: int = struct.unpack("<I", io(cpu).data[:4])[0]
+    return value
+
+
+def with_idt(m: Machine, gates: bytes, limit: int) -> None:
+    m.memory.write(IDT, gates)
+    sregs = m.cpu.get_sregs()
+    sregs.idt.base, sregs.idt.limit = IDT, limit
+    m.cpu.set_sregs(sregs)
+
+
+def long_mode_handler(m: Machine, *vectors: int) -> None:
+    m.memory.write(HANDLER, bytes.fromhex(REPORT_ERROR_64))
+    gates = bytearray(16 * 32)
+    for vector in vectors:
+        gates[16 * vector : 16 * vector + 16] = struct.pack(
+            "<HHBBHII", HANDLER & 0xFFFF, 0x08, 0, 0x8E, HANDLER >> 16, 0, 0
+        )
+    with_idt(m, bytes(gates), len(gates) - 1)
+
+
+def report(m: Machine) -> tuple[int, int, int]:
+    """(error code, CR2, RSP after popping the error code) from REPORT_ERROR_64."""
+    error, cr2, rsp = dword(m.cpu), dword(m.cpu), dword(m.cpu)
+    run_to(m.cpu, ExitKind.HLT)
+    return error, cr2, rsp
+
+
+def frame(m: Machine, rsp: int) -> tuple[int, ...]:
+    """RIP, CS, RFLAGS, RSP, SS of a long-mode interrupt frame."""
+    return struct.unpack("<5Q", m.memory.read(rsp, 40))
+
+
+def resume(m: Machine, rip: int) -> None:
+    m.cpu.set_regs(Regs(rip=rip, rsp=0x80000, rflags=2))
+
+
+def test_an_injected_exception_pushes_its_error_code(machines: list[Machine]) -> None:
+    m = boot(machines, FAULTS)
+    long_mode_handler(m, 13, 14)
+    assert io(m.cpu).data[0] == 1
+    m.cpu.inject_exception(13, 0xBEE0)
+    assert m.cpu.get_vcpu_events().exception.error_code == 0xBEE0
+    error, _, rsp = report(m)
+    assert (error, rsp) == (0xBEE0, 0x80000 - 40), "five frame words below the error code"
+    assert frame(m, rsp)[:2] == (CODE + 4, 0x08), "returns to RIP as it was at the injection"
+    assert not m.cpu.get_vcpu_events().exception.injected
+    resume(m, CODE)
+    assert io(m.cpu).data[0] == 1
+    m.cpu.inject_exception(14, 2, cr2=0xDEAD000)
+    assert report(m)[:2] == (2, 0xDEAD000), "a #PF's address is in CR2 when its handler runs"
+
+
+def test_cpu_faults_with_an_error_code_reach_the_guests_handler(machines: list[Machine]) -> None:
+    m = boot(machines, FAULTS)
+    long_mode_handler(m, 13, 14)
+    resume(m, CODE + 4)
+    error, _, rsp = report(m)
+    assert error == 0x1234, "#GP(selector) for a selector past the GDT"
+    assert frame(m, rsp)[0] == CODE + 8, "a fault returns to the faulting instruction"
+    resume(m, CODE + 10)
+    error, cr2, rsp = report(m)
+    assert (error, cr2) == (0, 0), "#PF: a read of a page that is not present; CR2's low half"
+    assert m.cpu.get_sregs().cr2 == 0x100000000
+    assert frame(m, rsp)[0] == CODE + 10
+    resume(m, CODE + 20)
+    assert dword(m.cpu) == CODE + 22, "INT 0x0d pushes no error code: the handler popped the return RIP"
+
+
+def test_an_injected_exception_in_32_bit_protected_mode(machines: list[Machine]) -> None:
+    # mov al, 1 / out 0x10, al / hlt -- flat 32-bit protected mode, gates to selector 0x18
+    m = boot(machines, "b001e610f4", mode=X86Mode.PROTECTED)
+    m.memory.write(HANDLER, bytes.fromhex(REPORT_ERROR_32))
+    gates = bytearray(8 * 32)
+    gates[8 * 13 : 8 * 14] = struct.pack("<HHBBH", HANDLER & 0xFFFF, 0x18, 0, 0x8E, HANDLER >> 16)
+    with_idt(m, bytes(gates), len(gates) - 1)
+    assert io(m.cpu).data[0] == 1
+    m.cpu.inject_exception(13, 0x18)
+    assert (dword(m.cpu), dword(m.cpu)) == (0x18, 0x80000 - 12), "EIP, CS, EFLAGS left after the error code"
+    assert struct.unpack("<II", m.memory.read(0x80000 - 12, 8)) == (CODE + 4, 0x18)
+
+
+def test_injected_exceptions_are_checked(machines: list[Machine]) -> None:
+    m = boot(machines, "f4")
+    for vector, code, cr2, message in (
+        (32, None, None, "not 0-31"),
+        (2, None, None, "inject_nmi"),
+        (13, 1 << 32, None, "32-bit"),
+        (13, 0, 0x1000, "#PF"),
+    ):
+        with pytest.raises(ConfigError, match=message):
+            m.cpu.inject_exception(vector, code, cr2=cr2)
+    assert not m.cpu.get_vcpu_events().exception.injected, "nothing was queued"
+
+
+def test_vcpu_events_round_trip_and_refuse_what_is_not_modelled(machines: list[Machine]) -> None:
+    m = boot(machines, FAULTS)
+    long_mode_handler(m, 13)
+    io(m.cpu)
+    events = m.cpu.get_vcpu_events()
+    assert events.interrupt.shadow is InterruptShadow.NONE and not events.nmi.pending
+    events.exception = ExceptionEvent(injected=True, vector=13, has_error_code=True, error_code=0x42)
+    m.cpu.set_vcpu_events(events)
+    assert m.cpu.get_vcpu_events() == events
+    assert report(m)[0] == 0x42
+    for field, value in (("triple_fault_pending", True), ("sipi_vector", 3)):
+        refused = m.cpu.get_vcpu_events()
+        setattr(refused, field, value)
+        with pytest.raises(ConfigError, match=field):
+            m.cpu.set_vcpu_events(refused)

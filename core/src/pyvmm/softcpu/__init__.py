@@ -120,11 +120,18 @@ What unicorn cannot model (and the engine does not pretend to)
   real mode, 16-bit code and non-flat segments refused with
   :class:`~pyvmm.errors.ConfigError`.
 * **x86 events** (:meth:`SoftCpu.inject_interrupt`, ``inject_nmi``,
-  ``request_interrupt_window``) are delivered through the guest's IVT/IDT at
-  the same privilege level, without IST or stack switch (else an internal
-  error); exceptions with a present gate are delivered too, except those
-  pushing an error code (unicorn does not report it).  While an event waits
-  for IF or the STI/MOV SS shadow (QEMU's, read back), the guest is stepped.
+  ``inject_exception``, ``request_interrupt_window``) are delivered through
+  the guest's IVT/IDT at the same privilege level, without IST or stack
+  switch (else an internal error).  An injected exception goes first,
+  whatever IF says, and pushes the error code it was given (protected and
+  long mode).  Exceptions the guest raises are delivered through its gates
+  too, with the error code QEMU recorded (read from the engine's context,
+  where it is probed, not assumed; INT n pushes none).  unicorn skips QEMU's
+  own delivery, which would end the exception "in flight": the software CPU
+  ends it, so a later fault is not taken for a double fault.  While an event
+  waits for IF or the STI/MOV SS shadow (QEMU's, read back), the guest is
+  stepped.  :meth:`SoftCpu.get_vcpu_events` / ``set_vcpu_events`` read and
+  write all of it as a :class:`~pyvmm.arch.x86_64.VcpuEvents`.
   CPUID, RDMSR/WRMSR and RDTSC/RDTSCP become exits with ``intercept``
   (:class:`~pyvmm.softcpu.exits.RdtscExit` for the TSC: set ``tsc``, and
   ``aux`` for RDTSCP, before the next run).

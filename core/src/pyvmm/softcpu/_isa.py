@@ -151,6 +151,10 @@ class Isa:
         """The exit for a :attr:`Stop.ISA` the ISA half recorded."""
         raise NotImplementedError
 
+    def at_interrupt(self, intno: int) -> None:
+        """Inside unicorn's interrupt hook, before the slice ends: look at what
+        the engine forgets once it returns (x86: the error code)."""
+
     def interrupt_exit(self, intno: int) -> VcpuExit | None:
         """The exit for a CPU exception unicorn raised (``intno`` is its number),
         or None when it was handled and the guest goes on."""

@@ -19,7 +19,8 @@ from pyvmm.errors import PyvmmError
 INSTALL_HINT = "pip install 'pyvmm-core[softcpu]'"
 
 #: A PC no guest can reach: non-canonical on x86_64 and outside every aarch64
-#: VA range.  unicorn insists on an end address; this one never stops it.
+#: VA range.  unicorn insists on an end address; the engine enables an empty
+#: exit list, so it is ignored (and never translated).
 UNREACHABLE = 1 << 63
 #: Instruction budget of a normal run.  Any count at all makes unicorn check for
 #: a stop request before every instruction (its own counting hook), which is what

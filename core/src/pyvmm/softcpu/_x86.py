@@ -15,6 +15,7 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import dataclasses
+import functools
 import struct
 from dataclasses import dataclass
 from typing import Any
@@ -27,9 +28,15 @@ from pyvmm.arch.x86_64 import (
     EFER_LME,
     GPR_NAMES,
     DescriptorTable,
+    ExceptionEvent,
+    InterruptEvent,
+    InterruptShadow,
+    NmiEvent,
     Regs,
     Segment,
+    SmiEvent,
     Sregs,
+    VcpuEvents,
 )
 from pyvmm.boot import X86VcpuInit
 from pyvmm.errors import ConfigError
@@ -74,6 +81,7 @@ _VECTOR_NAMES = {
     19: "#XM",
 }
 _UD = 6
+_PF = 14
 _DB = 1
 _NMI = 2
 
@@ -105,6 +113,78 @@ _CPU_MSRS = frozenset((0x10, 0x174, 0x175, 0x176, 0x277, MSR_EFER, 0xC0000081, 0
 _CPU_MSRS |= {0xC0000084, 0xC0000100, 0xC0000101, 0xC0000102}
 #: Vectors whose exceptions push an error code.
 _ERROR_CODE_VECTORS = frozenset((8, 10, 11, 12, 13, 14, 17, 21, 29, 30))
+
+
+#: mov ds, word ptr [0x2000]: a selector past the empty GDT of a fresh engine,
+#: so #GP(selector), with the selector in no register.
+_PROBE_GP = bytes.fromhex("8e1c2500200000")
+_PROBE_INT = bytes.fromhex("cd0d")  # int 0x0d: vector 13 without an error code
+
+
+def _context_words(blob: bytes) -> dict[int, int]:
+    return {offset: int.from_bytes(blob[offset : offset + 4], "little") for offset in range(0, len(blob) - 3, 4)}
+
+
+def _context_words_at_exception(code: bytes, selector: int) -> tuple[dict[int, int], dict[int, int]] | None:
+    """Run ``code`` in a scratch engine (memory word at 0x2000 = ``selector``):
+    its saved context, as 32-bit words by offset, before and at the exception."""
+    u = _uc.unicorn()
+    uc = u.Uc(u.UC_ARCH_X86, u.UC_MODE_64)
+    uc.mem_map(0x1000, 0x2000)
+    uc.mem_write(0x1000, code)
+    uc.mem_write(0x2000, selector.to_bytes(2, "little"))
+    before = bytes(uc.context_save())
+    blobs: list[bytes] = []
+
+    def on_interrupt(engine: Any, _intno: int, _data: Any) -> None:
+        blobs.append(bytes(engine.context_save()))
+        engine.emu_stop()
+
+    uc.hook_add(u.UC_HOOK_INTR, on_interrupt)
+    with contextlib.suppress(u.UcError):
+        uc.emu_start(0x1000, 0x1000 + len(code), 0, 1)
+    if not blobs:
+        return None
+    return _context_words(before), _context_words(blobs[0])
+
+
+@dataclass(frozen=True, slots=True)
+class _ExceptionFields:
+    """Offsets in unicorn's saved x86 context of QEMU's exception state."""
+
+    #: The error code of the exception being raised.
+    error_code: int
+    #: Set for a software interrupt (INT n), which pushes no error code.
+    soft: int
+    #: The exception "in flight", -1 when none: QEMU clears it when it delivers
+    #: an exception, which it never does under unicorn's interrupt hook -- so a
+    #: second #GP would become a #DF unless the software CPU clears it.
+    in_flight: int
+
+
+@functools.cache
+def _exception_fields() -> _ExceptionFields | None:
+    """Find QEMU's exception state in the saved context (None if not found).
+
+    UC_HOOK_INTR reports only the vector, so scratch engines raise known ones --
+    #GP with two different selectors and ``INT 0x0d`` -- and the error code is
+    the one word that follows the selector; the software-interrupt flag is the
+    word after it (as QEMU keeps them), checked clear for #GP and set for INT;
+    the in-flight exception the one word going from -1 to 13 with the #GP."""
+    first = _context_words_at_exception(_PROBE_GP, 0x1234)
+    second = _context_words_at_exception(_PROBE_GP, 0x5678)
+    soft = _context_words_at_exception(_PROBE_INT, 0)
+    if first is None or second is None or soft is None:
+        return None
+    (fresh, gp), (_, gp2), (_, soft_int) = first, second, soft
+    found = [offset for offset, word in gp.items() if word == 0x1234 and gp2.get(offset) == 0x5678]
+    in_flight = [offset for offset, word in gp.items() if word == 13 and fresh.get(offset) == 0xFFFFFFFF]
+    if len(found) != 1 or len(in_flight) != 1:
+        return None
+    error, flag = found[0], found[0] + 4
+    if (gp.get(flag), gp2.get(flag), soft_int.get(error), soft_int.get(flag)) != (0, 0, 0, 1):
+        return None
+    return _ExceptionFields(error, flag, in_flight[0])
 
 
 class _Layout:
@@ -162,6 +242,15 @@ class _PortAccess:
     before: tuple[int, int, int, int, int]
     #: A write is ready to be consumed at once; a read once the VMM supplied data.
     ready: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class _Exception:
+    """An exception the VMM injected, delivered at the next run."""
+
+    vector: int
+    error_code: int | None
+    cr2: int | None
 
 
 @dataclass(slots=True)
@@ -288,6 +377,9 @@ class X86Isa(Isa):
         self._irq: int | None = None
         self._nmi_pending = False
         self._nmi_masked = False
+        self._exception: _Exception | None = None
+        #: (error code, is INT n) of the exception unicorn raised last.
+        self._raised: tuple[int, bool] = (0, False)
         self._iret_hook: Any = None
         self._window = False
         self._window_exit = IrqWindowOpenExit()
@@ -553,6 +645,7 @@ class X86Isa(Isa):
         return last is self._io
 
     def forget_pending(self) -> None:
+        # An injected exception is not an access: it stays for the next run.
         self._pending = None
         self._current = None
         self._planned = None
@@ -640,7 +733,12 @@ class X86Isa(Isa):
 
     def _watching(self) -> bool:
         """An event waits for the guest to become interruptible."""
-        return self._window or self._irq is not None or (self._nmi_pending and not self._nmi_masked)
+        return (
+            self._window
+            or self._irq is not None
+            or (self._nmi_pending and not self._nmi_masked)
+            or self._exception is not None
+        )
 
     def before_run(self) -> VcpuExit | None:
         self._ran = True
@@ -650,6 +748,11 @@ class X86Isa(Isa):
         exit_: VcpuExit | None
         if self._pending is not None:
             return None  # the port instruction completes first (slice_budget: one instruction)
+        # An injected exception goes first: it needs no window (VM entry
+        # delivers it before anything else), then NMIs, then interrupts.
+        exit_ = self._deliver_exception()
+        if exit_ is not None:
+            return exit_
         if self._nmi_pending and not self._nmi_masked:
             self._nmi_pending = False
             exit_ = self._deliver(_NMI, nmi=True)
@@ -777,6 +880,83 @@ class X86Isa(Isa):
                 self._iret_hook = self.uc.hook_add(self.u.UC_HOOK_CODE, self._on_code_nmi)
                 self.engine.flush_code()
 
+    def get_vcpu_events(self) -> VcpuEvents:
+        """The pending-event state as KVM reports it (``KVM_GET_VCPU_EVENTS``
+        without the exception-payload capability: an injected exception reads
+        as injected, pending unknown)."""
+        exception = ExceptionEvent()
+        if self._exception is not None:
+            vector, error_code, cr2 = self._exception.vector, self._exception.error_code, self._exception.cr2
+            exception = ExceptionEvent(
+                injected=True,
+                vector=vector,
+                has_error_code=error_code is not None,
+                error_code=error_code or 0,
+                payload=cr2,
+            )
+        return VcpuEvents(
+            exception=exception,
+            interrupt=InterruptEvent(
+                injected=self._irq is not None, vector=self._irq or 0, soft=False, shadow=self._shadow_kind()
+            ),
+            nmi=NmiEvent(injected=False, pending=self._nmi_pending, masked=self._nmi_masked),
+            smi=SmiEvent(smm=False),
+        )
+
+    def _shadow_kind(self) -> InterruptShadow:
+        """QEMU keeps one "inhibit interrupts" flag for both shadows; the byte
+        before RIP tells STI (0xFB) from MOV SS/POP SS."""
+        if not self._hflags() & _HF_INHIBIT_IRQ:
+            return InterruptShadow.NONE
+        before = self.engine.read_virtual(self._linear_pc() - 1, 1)
+        return InterruptShadow.STI if before == b"\xfb" else InterruptShadow.MOV_SS
+
+    def set_vcpu_events(self, events: VcpuEvents) -> None:
+        """Replace the pending-event state; fields that are None keep theirs.
+        What the software CPU has no state for (SMM, SIPI, a pending triple
+        fault, a software interrupt being delivered) is refused, not dropped."""
+        unmodelled = [
+            name
+            for name, wanted in (
+                ("smi.smm", events.smi.smm),
+                ("smi.pending", events.smi.pending),
+                ("smi.inside_nmi", events.smi.inside_nmi),
+                ("smi.latched_init", events.smi.latched_init),
+                ("sipi_vector", events.sipi_vector is not None),
+                ("triple_fault_pending", events.triple_fault_pending),
+                ("interrupt.soft", events.interrupt.injected and events.interrupt.soft),
+            )
+            if wanted
+        ]
+        if unmodelled:
+            raise ConfigError(f"softcpu: no state for {', '.join(unmodelled)} (no SMM, SIPI or soft-interrupt events)")
+        if events.interrupt.shadow is not None:
+            self._need_layout("the interrupt shadow")
+        exception = events.exception
+        if exception.injected or exception.pending:
+            self.inject_exception(
+                exception.vector,
+                exception.error_code if exception.has_error_code else None,
+                exception.payload if exception.vector == _PF else None,
+            )
+        else:
+            self._exception = None
+        interrupt = events.interrupt
+        self._irq = interrupt.vector if interrupt.injected else None
+        if interrupt.shadow is not None:
+            self._set_shadow(interrupt.shadow is not InterruptShadow.NONE)
+        nmi = events.nmi
+        self.set_nmi(pending=True if nmi.injected else nmi.pending, masked=nmi.masked)
+
+    def _set_shadow(self, on: bool) -> None:
+        self._need_layout("the interrupt shadow")
+        ctx, blob = self._blob()
+        offset = self._layout.hflags
+        hflags = int.from_bytes(blob[offset : offset + 4], "little")
+        hflags = hflags | _HF_INHIBIT_IRQ if on else hflags & ~_HF_INHIBIT_IRQ
+        blob[offset : offset + 4] = hflags.to_bytes(4, "little")
+        self._commit(ctx, blob)
+
     # --- CPUID, RDMSR, WRMSR as exits ---------------------------------------------------
     def _isa_stop(self, exit_: VcpuExit) -> None:
         self._isa_exit = exit_
@@ -855,6 +1035,7 @@ class X86Isa(Isa):
 
     # --- exceptions ---------------------------------------------------------------------
     def interrupt_exit(self, intno: int) -> VcpuExit | None:
+        self._end_exception()
         return self.exception_exit(intno, self.pc())
 
     def invalid_instruction_exit(self, pc: int) -> VcpuExit | None:
@@ -862,28 +1043,73 @@ class X86Isa(Isa):
 
     def exception_exit(self, vector: int, pc: int) -> VcpuExit | None:
         """unicorn raises x86 exceptions to its caller instead of delivering them
-        through the guest's IDT.  Without a present gate for the vector the CPU
-        would escalate to a triple fault, so that is a shutdown; with one, the
-        guest expected its handler to run, which the software CPU cannot do."""
+        through the guest's IDT: deliver them as the CPU would -- a fault
+        returns to the instruction (RIP is still on it), INT n and INT3 after
+        it -- with the error code QEMU recorded for the exceptions that push
+        one.  Without a present gate the CPU would escalate to a triple fault,
+        so that is a shutdown."""
         _, base, limit, _ = self.uc.reg_read(self.c.UC_X86_REG_IDTR)
         if not self._read(self.c.UC_X86_REG_CR0) & CR0_PE:
             return self._deliver(vector)
         entry = 16 if self._efer() & EFER_LMA else 8
         gate = self.engine.read_virtual(base + vector * entry, 8) if limit >= vector * entry + entry - 1 else None
-        name = _VECTOR_NAMES.get(vector, f"vector {vector}")
         if gate is None or not gate[5] & 0x80:
             return ShutdownExit(ShutdownReason.TRIPLE_FAULT, raw_error_code=vector)
         if vector not in _ERROR_CODE_VECTORS:
-            # Delivered through the guest's gate: a fault returns to the
-            # instruction (RIP is still on it), INT n and INT3 after it.
             return self._deliver(vector)
-        return InternalErrorExit(
-            INTERNAL_ERROR_EMULATION,
-            self.engine.read_virtual(pc, self.max_instruction) or b"",
-            (vector,),
-            f"{name} at {pc:#x}: the guest has a handler, but unicorn does not report the error code "
-            "this exception pushes, so the software CPU does not deliver it",
-        )
+        fields = _exception_fields()
+        if fields is None:
+            name = _VECTOR_NAMES.get(vector, f"vector {vector}")
+            return InternalErrorExit(
+                INTERNAL_ERROR_EMULATION,
+                self.engine.read_virtual(pc, self.max_instruction) or b"",
+                (vector,),
+                f"{name} at {pc:#x}: the guest has a handler, but this unicorn does not show the error code "
+                "this exception pushes, so the software CPU does not deliver it",
+            )
+        error_code, soft = self._raised
+        if soft:
+            return self._deliver(vector)  # INT n: no error code, whatever the vector
+        return self._deliver(vector, error_code=error_code)
+
+    def at_interrupt(self, intno: int) -> None:
+        # The error code is gone once emu_start returns, so it is read here.
+        fields = _exception_fields()
+        if fields is not None:
+            error_code, soft = struct.unpack_from("<II", bytes(self.uc.context_save()), fields.error_code)
+            self._raised = (error_code, bool(soft))
+
+    def _end_exception(self) -> None:
+        """QEMU's own delivery would end the exception "in flight"; unicorn's
+        hook skips that delivery, so it is ended here -- else the next
+        contributory fault would be escalated to a double fault."""
+        fields = _exception_fields()
+        if fields is None:
+            return
+        ctx, blob = self._blob()
+        blob[fields.in_flight : fields.in_flight + 4] = (0xFFFFFFFF).to_bytes(4, "little")
+        ctypes.memmove(ctx.context, bytes(blob), len(blob))
+        self.uc.context_restore(ctx)  # no translation depends on it: nothing to flush
+
+    # --- exceptions from the VMM --------------------------------------------------------
+    def inject_exception(self, vector: int, error_code: int | None, cr2: int | None) -> None:
+        if not 0 <= vector <= 31 or vector == _NMI:
+            raise ConfigError(f"softcpu: exception vector {vector} is not 0-31 (an NMI is inject_nmi)")
+        if error_code is not None and not 0 <= error_code <= 0xFFFFFFFF:
+            raise ConfigError(f"softcpu: error code {error_code:#x} is not 32-bit")
+        if cr2 is not None and (vector != _PF or not 0 <= cr2 < 1 << 64):
+            raise ConfigError("softcpu: a CR2 payload is for a #PF (vector 14) only, and 64-bit")
+        self._exception = _Exception(vector, error_code, cr2)
+
+    def _deliver_exception(self) -> VcpuExit | None:
+        pending, self._exception = self._exception, None
+        if pending is None:
+            return None
+        if pending.cr2 is not None:
+            self.regs.write(self.c.UC_X86_REG_CR2, pending.cr2)
+        # Real mode pushes no error code (the vector table has no room for one).
+        protected = bool(self._read(self.c.UC_X86_REG_CR0) & CR0_PE)
+        return self._deliver(pending.vector, error_code=pending.error_code if protected else None)
 
     # --- registers -------------------------------------------------------------------------
     def get_regs(self) -> Regs:

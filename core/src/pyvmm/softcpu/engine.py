@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from pyvmm.arch.aarch64 import CoreRegs
-from pyvmm.arch.x86_64 import Regs, Sregs
+from pyvmm.arch.x86_64 import Regs, Sregs, VcpuEvents
 from pyvmm.boot import Aarch64VcpuInit, VcpuInit, X86VcpuInit
 from pyvmm.config import PAGE_SIZE, Arch
 from pyvmm.errors import ConfigError, HypervisorError, VmStateError
@@ -246,6 +246,13 @@ class SoftCpu:
 
             self._uc = uc.Uc(uc.UC_ARCH_ARM64, uc.UC_MODE_ARM)
             self._isa = Aarch64Isa(_Link(self), uc, self._uc)
+        # No end address: unicorn translates the one emu_start is given through
+        # the guest's MMU when a run ends, and under x86 paging the
+        # (non-canonical) UNREACHABLE raised a #GP there, unseen -- QEMU then
+        # took the guest's next #GP or #PF for a double fault.  With the exit
+        # list enabled and empty, emu_start ignores its end address.
+        self._uc.ctl_exits_enabled(True)
+        self._uc.ctl_set_exits([])
         memory_events = (
             uc.UC_HOOK_MEM_READ_UNMAPPED
             | uc.UC_HOOK_MEM_WRITE_UNMAPPED
@@ -477,6 +484,30 @@ class SoftCpu:
         interruptible (past STI's shadow).  Until the window opens the guest is
         single-stepped."""
         self._x86("request_interrupt_window").request_interrupt_window(requested)
+
+    def inject_exception(self, vector: int, error_code: int | None = None, *, cr2: int | None = None) -> None:
+        """Deliver exception ``vector`` (0-31, not 2) through the guest's IDT
+        (or IVT) at the next run, before any NMI or interrupt and whatever IF
+        says, as a hypervisor's event injection does.  ``error_code`` is pushed
+        in protected and long mode (give it for the vectors that have one:
+        #DF, #TS, #NP, #SS, #GP, #PF, #AC, ...); ``cr2`` is a #PF's address,
+        written to CR2 on delivery.  The return address is RIP as it is then.
+        A second call before the run replaces the first."""
+        self._x86("inject_exception").inject_exception(vector, error_code, cr2)
+
+    def get_vcpu_events(self) -> VcpuEvents:
+        """x86 pending events as a :class:`~pyvmm.arch.x86_64.VcpuEvents`: an
+        injected exception not yet delivered, an injected interrupt waiting
+        for IF, the interrupt shadow (STI or MOV SS), NMI pending/blocked."""
+        return self._x86("get_vcpu_events").get_vcpu_events()
+
+    def set_vcpu_events(self, events: VcpuEvents) -> None:
+        """Replace the x86 pending events (fields that are None keep theirs).
+
+        :raises ConfigError: SMM, SIPI, a pending triple fault or a software
+            interrupt, which the software CPU has no state for.
+        """
+        self._x86("set_vcpu_events").set_vcpu_events(events)
 
     def x86_events(self) -> tuple[int | None, bool, bool, bool]:
         """(injected vector not yet taken, NMI pending, NMI blocked, interrupt shadow)."""
@@ -961,6 +992,7 @@ class SoftCpu:
     def _on_interrupt(self, uc: Any, intno: int, _data: Any) -> None:
         self._stop = Stop.INTERRUPT
         self._stop_value = intno
+        self._isa.at_interrupt(intno)
         uc.emu_stop()
 
     def _on_invalid(self, _uc_: Any, _data: Any) -> bool:

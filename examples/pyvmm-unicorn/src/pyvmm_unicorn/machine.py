@@ -15,7 +15,7 @@ from __future__ import annotations
 from typing import Any
 
 from pyvmm.arch.aarch64 import CoreRegs
-from pyvmm.arch.x86_64 import Regs, Sregs
+from pyvmm.arch.x86_64 import Regs, Sregs, VcpuEvents
 from pyvmm.boot import VcpuInit
 from pyvmm.config import Arch, VmConfig
 from pyvmm.errors import ConfigError
@@ -175,6 +175,14 @@ class UnicornVcpu:
     def inject_nmi(self) -> None:
         self._x86_only("an NMI")
         self.cpu.inject_nmi()
+
+    def get_events(self) -> VcpuEvents:
+        self._x86_only("vCPU events")
+        return self.cpu.get_vcpu_events()
+
+    def set_events(self, events: VcpuEvents) -> None:
+        self._x86_only("vCPU events")
+        self.cpu.set_vcpu_events(events)
 
     def _x86_only(self, what: str) -> None:
         if self.vm.config.arch is not Arch.X86_64:
