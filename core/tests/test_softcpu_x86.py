@@ -16,7 +16,7 @@ import pytest
 
 pytest.importorskip("unicorn", reason="the software CPU needs unicorn (pip install 'pyvmm-core[softcpu]')")
 
-from pyvmm.arch.x86_64 import CR0_PE, ExceptionEvent, InterruptShadow, Regs, Sregs
+from pyvmm.arch.x86_64 import CR0_PE, ExceptionEvent, InterruptShadow, Regs, Segment, Sregs
 from pyvmm.arch.x86_64_boot import build_x86_boot_state
 from pyvmm.boot import BootSpec, X86Mode
 from pyvmm.config import Arch, MemoryRegionSpec
@@ -705,3 +705,122 @@ def test_vcpu_events_round_trip_and_refuse_what_is_not_modelled(machines: list[M
         setattr(refused, field, value)
         with pytest.raises(ConfigError, match=field):
             m.cpu.set_vcpu_events(refused)
+
+
+# --- interrupts from user mode: the TSS's stack, the IST ------------------------------
+
+#: mov al, 1 / 1: out 0x10, al / jmp 1b -- at CPL 3 (IOPL 3 lets it use ports)
+USER_LOOP = "b001e610ebfc"
+#: mov rax, rsp / out 0x11, eax / mov ax, cs / out 0x12, ax / iretq
+KERNEL_HANDLER = "4889e0e711668cc866e71248cf"
+GDT, TSS = 0x120000, 0x121000  # clear of the boot tables at 0x1000-0x7fff
+RSP0, IST1, USER_STACK = 0x70000, 0x60000, 0x50000
+
+
+def _gdt_entry(access: int, flags: int) -> bytes:
+    return struct.pack("<HHBBBB", 0xFFFF, 0, 0, access, 0x0F | flags << 4, 0) if access else bytes(8)
+
+
+def enter_user_mode(m: Machine) -> None:
+    """Ring 3 in long mode: a GDT with kernel and user segments and a 64-bit
+    TSS (RSP0, IST1), user-accessible page tables, and gates to a ring-0
+    handler for vector 0x20 (no IST) and 0x21 (IST 1)."""
+    gdt = b"".join(_gdt_entry(a, f) for a, f in ((0, 0), (0x9B, 0xA), (0x93, 0xC), (0xFB, 0xA), (0xF3, 0xC)))
+    gdt += struct.pack("<HHBBBBII", 0x67, TSS & 0xFFFF, TSS >> 16 & 0xFF, 0x89, 0, TSS >> 24, 0, 0)
+    m.memory.write(GDT, gdt)
+    m.memory.write(TSS, bytes(4) + struct.pack("<Q", RSP0) + bytes(0x24 - 12) + struct.pack("<Q", IST1))
+    m.memory.write(HANDLER, bytes.fromhex(KERNEL_HANDLER))
+    gates = bytearray(16 * 0x22)
+    for vector, ist in ((0x20, 0), (0x21, 1)):
+        gates[16 * vector : 16 * vector + 16] = struct.pack(
+            "<HHBBHII", HANDLER & 0xFFFF, 0x08, ist, 0x8E, HANDLER >> 16, 0, 0
+        )
+    m.memory.write(IDT, bytes(gates))
+    sregs = m.cpu.get_sregs()
+    pml4 = sregs.cr3
+    for table, entries in ((pml4, 1), (pml4 + 0x1000, 4), (pml4 + 0x2000, 4 * 512)):
+        raw = bytearray(m.memory.read(table, 8 * entries))
+        for i in range(entries):
+            raw[8 * i] |= 4  # U/S: user pages
+        m.memory.write(table, bytes(raw))
+    user_code = Segment(selector=0x1B, limit=0xFFFFFFFF, type=0xB, dpl=3, s=1, l=1, g=1)
+    user_data = Segment(selector=0x23, limit=0xFFFFFFFF, type=0x3, dpl=3, db=1, s=1, g=1)
+    sregs.cs, sregs.ss, sregs.ds, sregs.es = user_code, user_data, user_data, user_data
+    sregs.gdt.base, sregs.gdt.limit = GDT, len(gdt) - 1
+    sregs.idt.base, sregs.idt.limit = IDT, len(gates) - 1
+    sregs.tr = Segment(selector=0x28, base=TSS, limit=0x67, type=0xB, s=0)
+    m.cpu.set_sregs(sregs)
+    m.cpu.set_regs(Regs(rip=CODE, rsp=USER_STACK, rflags=0x3202))
+
+
+def test_an_interrupt_in_user_mode_switches_to_rsp0_and_iretq_returns(machines: list[Machine]) -> None:
+    m = boot(machines, USER_LOOP)
+    enter_user_mode(m)
+    assert io(m.cpu).port == 0x10
+    assert m.cpu.get_sregs().cs.dpl == 3
+    m.cpu.inject_interrupt(0x20)
+    exit_ = io(m.cpu)
+    assert (exit_.port, struct.unpack("<I", exit_.data[:4])[0]) == (0x11, RSP0 - 40), "on the TSS's RSP0"
+    rip, cs, rflags, rsp, ss = frame(m, RSP0 - 40)
+    assert (rip, cs, rsp, ss, rflags & 0x3200) == (CODE + 4, 0x1B, USER_STACK, 0x23, 0x3200)
+    sregs = m.cpu.get_sregs()
+    assert (sregs.cs.selector, sregs.cs.dpl, sregs.ss.selector) == (0x08, 0, 0), "ring 0, a null SS"
+    exit_ = io(m.cpu)
+    assert (exit_.port, bytes(exit_.data)) == (0x12, b"\x08\x00")
+    assert io(m.cpu).port == 0x10, "iretq went back to the user loop"
+    sregs = m.cpu.get_sregs()
+    assert (sregs.cs.selector, sregs.ss.selector, m.cpu.get_regs().rsp) == (0x1B, 0x23, USER_STACK)
+
+
+def test_an_ist_gate_takes_its_own_stack(machines: list[Machine]) -> None:
+    m = boot(machines, USER_LOOP)
+    enter_user_mode(m)
+    io(m.cpu)
+    m.cpu.inject_interrupt(0x21)
+    exit_ = io(m.cpu)
+    assert (exit_.port, struct.unpack("<I", exit_.data[:4])[0]) == (0x11, IST1 - 40)
+
+
+def test_a_gate_into_a_missing_code_segment_is_an_internal_error_naming_it(machines: list[Machine]) -> None:
+    m = boot(machines, USER_LOOP)
+    enter_user_mode(m)
+    m.memory.write(IDT + 16 * 0x20 + 2, struct.pack("<H", 0x80))  # past the GDT's limit
+    io(m.cpu)
+    m.cpu.inject_interrupt(0x20)
+    exit_ = run_to(m.cpu, ExitKind.INTERNAL_ERROR)
+    assert isinstance(exit_, InternalErrorExit) and "outside the GDT" in exit_.description
+
+
+#: mov eax, esp / out 0x11, eax / mov ax, ss / out 0x12, ax / iretd
+KERNEL_HANDLER_32 = "89e0e711668cd066e712cf"
+
+
+def test_32_bit_user_mode_takes_ss0_esp0_from_the_tss(machines: list[Machine]) -> None:
+    m = boot(machines, USER_LOOP, mode=X86Mode.PROTECTED)
+    entries = ((0, 0), (0x9B, 0xC), (0x93, 0xC), (0xFB, 0xC), (0xF3, 0xC))
+    gdt = b"".join(_gdt_entry(a, f) for a, f in entries)
+    gdt += struct.pack("<HHBBBB", 0x67, TSS & 0xFFFF, TSS >> 16 & 0xFF, 0x89, 0, TSS >> 24)
+    m.memory.write(GDT, gdt)
+    m.memory.write(TSS, bytes(4) + struct.pack("<II", RSP0, 0x10))  # ESP0, SS0
+    m.memory.write(HANDLER, bytes.fromhex(KERNEL_HANDLER_32))
+    gates = bytearray(8 * 0x21)
+    gates[8 * 0x20 :] = struct.pack("<HHBBH", HANDLER & 0xFFFF, 0x08, 0, 0x8E, HANDLER >> 16)
+    m.memory.write(IDT, bytes(gates))
+    sregs = m.cpu.get_sregs()
+    user_data = Segment(selector=0x23, limit=0xFFFFFFFF, type=0x3, dpl=3, db=1, s=1, g=1)
+    sregs.cs = Segment(selector=0x1B, limit=0xFFFFFFFF, type=0xB, dpl=3, db=1, s=1, g=1)
+    sregs.ss = sregs.ds = sregs.es = user_data
+    sregs.gdt.base, sregs.gdt.limit = GDT, len(gdt) - 1
+    sregs.idt.base, sregs.idt.limit = IDT, len(gates) - 1
+    sregs.tr = Segment(selector=0x28, base=TSS, limit=0x67, type=0xB, s=0)
+    m.cpu.set_sregs(sregs)
+    m.cpu.set_regs(Regs(rip=CODE, rsp=USER_STACK, rflags=0x3202))
+    assert io(m.cpu).port == 0x10
+    m.cpu.inject_interrupt(0x20)
+    assert dword(m.cpu) == RSP0 - 20, "SS, ESP, EFLAGS, CS, EIP on the ring-0 stack"
+    assert struct.unpack("<5I", m.memory.read(RSP0 - 20, 20))[:2] == (CODE + 4, 0x1B)
+    assert struct.unpack("<5I", m.memory.read(RSP0 - 20, 20))[3:] == (USER_STACK, 0x23)
+    exit_ = io(m.cpu)
+    assert (exit_.port, bytes(exit_.data)) == (0x12, b"\x10\x00"), "SS0 from the TSS"
+    assert io(m.cpu).port == 0x10, "iretd went back to ring 3"
+    assert (m.cpu.get_sregs().ss.selector, m.cpu.get_regs().rsp) == (0x23, USER_STACK)

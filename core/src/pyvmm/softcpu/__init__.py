@@ -121,8 +121,13 @@ What unicorn cannot model (and the engine does not pretend to)
   :class:`~pyvmm.errors.ConfigError`.
 * **x86 events** (:meth:`SoftCpu.inject_interrupt`, ``inject_nmi``,
   ``inject_exception``, ``request_interrupt_window``) are delivered through
-  the guest's IVT/IDT at the same privilege level, without IST or stack
-  switch (else an internal error).  An injected exception goes first,
+  the guest's IVT/IDT as the CPU does: a gate into a more privileged code
+  segment switches to the TSS's stack for that level (SS0:ESP0 in 32-bit
+  protected mode, RSP0 and a null SS in long mode), a long-mode gate with an
+  IST index to that IST stack, and CS/SS and CPL are loaded.  16-bit gates
+  and TSSs, task gates, virtual-8086 mode and whatever the CPU would fault on
+  while delivering are an :class:`~pyvmm.exits.InternalErrorExit` naming
+  the reason (a ``ModelGap`` for a driver model).  An injected exception goes first,
   whatever IF says, and pushes the error code it was given (protected and
   long mode).  Exceptions the guest raises are delivered through its gates
   too, with the error code QEMU recorded (read from the engine's context,

@@ -245,6 +245,17 @@ class _PortAccess:
 
 
 @dataclass(frozen=True, slots=True)
+class _Gate:
+    """An IDT interrupt or trap gate, as delivery reads it."""
+
+    vector: int
+    selector: int
+    offset: int
+    ist: int
+    trap: bool
+
+
+@dataclass(frozen=True, slots=True)
 class _Exception:
     """An exception the VMM injected, delivered at the next run."""
 
@@ -838,34 +849,146 @@ class X86Isa(Isa):
         offset = low | mid << 16
         if long_mode:
             offset |= struct.unpack_from("<I", raw, 8)[0] << 32
+        gate = _Gate(vector, selector, offset, ist & 7 if long_mode else 0, trap=kind & 0xF == 0xF)
+        return self._deliver_through_gate(gate, long_mode, error_code)
+
+    def _deliver_through_gate(self, gate: _Gate, long_mode: bool, error_code: int | None) -> VcpuExit | None:
+        """Protected/long-mode delivery: the gate's code segment (a privilege
+        change when its DPL is below CPL), the stack (the TSS's for the new
+        privilege level, or the IST's), the frame, then CS/SS and the mode
+        flags.  What the architecture would fault on is an internal error
+        naming it, not a guess."""
+        c = self.c
+        rflags = self._read(c.UC_X86_REG_RFLAGS)
+        rip = self.pc()
+        rsp = self._read(c.UC_X86_REG_RSP)
         cs = self._read(c.UC_X86_REG_CS) & 0xFFFF
-        if selector & ~3 != cs & ~3 or cs & 3 or ist & 7:
-            pc = self._linear_pc()
-            return self.engine.internal_error(
-                f"vector {vector} at {pc:#x}: its gate needs a stack or privilege switch "
-                f"(selector {selector:#x}, IST {ist & 7}), which the software CPU does not model",
-                pc,
-                (vector,),
-            )
-        flags_out = rflags
-        if long_mode:
-            ss = self._read(c.UC_X86_REG_SS) & 0xFFFF
-            words = [ss, rsp, flags_out, cs, rip] + ([error_code] if error_code is not None else [])
-            new_rsp = (rsp & ~0xF) - 8 * len(words)
-            frame = b"".join(struct.pack("<Q", w & ((1 << 64) - 1)) for w in reversed(words))
+        ss = self._read(c.UC_X86_REG_SS) & 0xFFFF
+        cpl = self._hflags() & _HF_CPL if self._layout.ok else cs & 3
+        if gate.selector & ~3 == cs & ~3 and not gate.ist and cpl == 0:
+            code: Segment | None = None  # the common case: same segment, same stack
+            new_cpl = 0
         else:
-            words = [flags_out, cs, rip] + ([error_code] if error_code is not None else [])
-            new_rsp = (rsp - 4 * len(words)) & 0xFFFFFFFF
+            target = self._code_segment(gate, long_mode)
+            if isinstance(target, str):
+                return self._delivery_gap(gate, target)
+            code = target
+            new_cpl = cpl if code.type & 4 else code.dpl  # conforming code keeps CPL
+            if new_cpl > cpl:
+                return self._delivery_gap(gate, f"its code segment's DPL {code.dpl} is above CPL {cpl} (#GP)")
+        if (code is not None or gate.ist) and not self._layout.ok:
+            return self._delivery_gap(gate, "a segment or stack switch needs unicorn's hidden CPU state")
+        frame_words = [rflags, cs, rip] + ([error_code] if error_code is not None else [])
+        new_ss: Segment | None = None
+        if long_mode:
+            if gate.ist:
+                stack = self._tss_word(0x24 + 8 * (gate.ist - 1), 8)
+            elif new_cpl < cpl:
+                stack = self._tss_word(4 + 8 * new_cpl, 8)
+            else:
+                stack = rsp
+            if stack is None:
+                return self._delivery_gap(gate, "the TSS holding its stack cannot be read")
+            if new_cpl < cpl:  # 64-bit mode loads a null SS with the new privilege level
+                new_ss = Segment(selector=new_cpl, base=0, limit=0, type=0, present=0, dpl=new_cpl, s=0, unusable=1)
+            words = [ss, rsp, *frame_words]
+            new_rsp = (stack & ~0xF) - 8 * len(words)
+            frame = b"".join(struct.pack("<Q", w & ((1 << 64) - 1)) for w in reversed(words))
+            linear = new_rsp
+        else:
+            ss_seg = self._segment("ss", self._read(c.UC_X86_REG_CR0))
+            if new_cpl < cpl:
+                switched = self._inner_stack(new_cpl)
+                if isinstance(switched, str):
+                    return self._delivery_gap(gate, switched)
+                new_ss, stack = switched
+                words = [ss, rsp, *frame_words]
+                base, big = new_ss.base, new_ss.db
+            else:
+                words = frame_words
+                stack, base, big = rsp, ss_seg.base, ss_seg.db
+            mask = 0xFFFFFFFF if big else 0xFFFF
+            sp = (stack - 4 * len(words)) & mask
+            new_rsp = (stack & ~mask) | sp
             frame = b"".join(struct.pack("<I", w & 0xFFFFFFFF) for w in reversed(words))
-        if not self.write_virtual(new_rsp, frame):
-            return ShutdownExit(ShutdownReason.TRIPLE_FAULT, raw_error_code=vector)
+            linear = (base + sp) & 0xFFFFFFFF
+        if not self.write_virtual(linear, frame):
+            return ShutdownExit(ShutdownReason.TRIPLE_FAULT, raw_error_code=gate.vector)
+        if code is not None:
+            code.selector = (gate.selector & ~3) | new_cpl
+            self._load_hidden({"cs": code} if new_ss is None else {"cs": code, "ss": new_ss})
         self.regs.write(c.UC_X86_REG_RSP, new_rsp)
         cleared = RFLAGS_TF | RFLAGS_NT | RFLAGS_RF | RFLAGS_VM
-        if kind & 0xF == 0xE:  # an interrupt gate; a trap gate leaves IF
+        if not gate.trap:  # an interrupt gate; a trap gate leaves IF
             cleared |= RFLAGS_IF
         self.regs.write(c.UC_X86_REG_RFLAGS, rflags & ~cleared)
-        self.regs.write(self.rip_id, offset)
+        self.regs.write(self.rip_id, gate.offset)
         return None
+
+    def _delivery_gap(self, gate: _Gate, why: str) -> InternalErrorExit:
+        pc = self._linear_pc()
+        return self.engine.internal_error(
+            f"vector {gate.vector} at {pc:#x} through selector {gate.selector:#x}"
+            f"{f', IST {gate.ist}' if gate.ist else ''}: {why}; the software CPU does not model this",
+            pc,
+            (gate.vector,),
+        )
+
+    def _code_segment(self, gate: _Gate, long_mode: bool) -> Segment | str:
+        """The descriptor a gate's selector names, or why it cannot be entered."""
+        raw = self._table_entry(gate.selector) if gate.selector & ~3 else None
+        if raw is None:
+            return "its code segment is outside the GDT/LDT (#GP)"
+        code = _decode_descriptor(raw, gate.selector)
+        if not code.s or not code.type & 8:
+            return "its selector does not name a code segment (#GP)"
+        if not code.present:
+            return "its code segment is not present (#NP)"
+        if long_mode and not code.l:
+            return "its code segment is not 64-bit code (#GP)"
+        return code
+
+    def _tss_word(self, offset: int, size: int) -> int | None:
+        _, base, limit, _ = self.uc.reg_read(self.c.UC_X86_REG_TR)
+        if offset + size - 1 > limit:
+            return None
+        raw = self.engine.read_virtual(base + offset, size)
+        return None if raw is None else int.from_bytes(raw, "little")
+
+    def _inner_stack(self, cpl: int) -> tuple[Segment, int] | str:
+        """32-bit protected mode: SS and ESP for privilege level ``cpl`` from the
+        32-bit TSS, with SS's descriptor checked as the CPU checks it."""
+        _, _, _, flags = self.uc.reg_read(self.c.UC_X86_REG_TR)
+        if (flags >> 8) & 0xF not in (0x9, 0xB):
+            return "a privilege change needs a 32-bit TSS (a 16-bit TSS is not modelled)"
+        esp = self._tss_word(4 + 8 * cpl, 4)
+        selector = self._tss_word(8 + 8 * cpl, 2)
+        if esp is None or selector is None:
+            return "the TSS holding its stack cannot be read (#TS)"
+        raw = self._table_entry(selector) if selector & ~3 else None
+        if raw is None:
+            return f"the TSS's SS {selector:#x} is outside the GDT/LDT (#TS)"
+        ss = _decode_descriptor(raw, selector)
+        if not ss.s or ss.type & 0xA != 0x2 or ss.dpl != cpl or selector & 3 != cpl:
+            return f"the TSS's SS {selector:#x} is not a writable data segment at privilege {cpl} (#TS)"
+        if not ss.present:
+            return f"the TSS's SS {selector:#x} is not present (#SS)"
+        return ss, esp
+
+    def _load_hidden(self, segments: dict[str, Segment]) -> None:
+        """Load segment registers as the CPU does on an event: their caches and
+        the mode flags that follow from them (CPL, code and stack size)."""
+        sregs = self.get_sregs()
+        for name, seg in segments.items():
+            setattr(sregs, name, seg)
+        ctx, blob = self._blob()
+        offset = self._layout.hflags
+        hflags = self._mode_hflags(sregs, int.from_bytes(blob[offset : offset + 4], "little"))
+        blob[offset : offset + 4] = hflags.to_bytes(4, "little")
+        for name, seg in segments.items():
+            self._put_seg_cache(blob, name, _cache_of(seg))
+            self._shadow[name] = dataclasses.replace(seg)
+        self._commit(ctx, blob)
 
     def get_events(self) -> tuple[int | None, bool, bool, bool]:
         """(injected vector not yet taken, NMI pending, NMI blocked, interrupt shadow)."""
