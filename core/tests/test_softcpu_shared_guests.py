@@ -8,7 +8,8 @@ import pytest
 
 from pyvmm.arch.x86_64_boot import CODE32_SELECTOR
 from pyvmm.testing.conformance.programs import GuestProgram
-from pyvmm.testing.guests import multiboot_pic
+from pyvmm.testing.conformance.programs_aarch64 import aarch64_assembler, assemble_aarch64
+from pyvmm.testing.guests import gicv3, multiboot_pic
 
 
 @pytest.mark.parametrize("program", multiboot_pic.PROGRAMS, ids=lambda program: program.name)
@@ -28,3 +29,15 @@ def test_the_multiboot_kernel_file() -> None:
     gate = image[idt - 0x100000 + 8 * 0x20 : idt - 0x100000 + 8 * 0x21]
     low, selector, _, kind, high = struct.unpack("<HHBBH", gate)
     assert (low | high << 16, selector, kind, limit) == (0x100800, CODE32_SELECTOR, 0x8E, 8 * 0x30 - 1)
+
+
+def test_the_gic_guest_matches_its_source() -> None:
+    if aarch64_assembler() is None:
+        pytest.skip("no aarch64 GNU assembler (apt-get install binutils-aarch64-linux-gnu)")
+    assert assemble_aarch64(gicv3.TIMER_AND_DOORBELL.source) == gicv3.TIMER_AND_DOORBELL.code
+
+
+def test_the_gic_guests_handler_is_at_the_irq_vector() -> None:
+    code = gicv3.TIMER_AND_DOORBELL.code
+    assert code[:4] != bytes(4) and code[4 : gicv3.HANDLER_OFFSET] == bytes(gicv3.HANDLER_OFFSET - 4)
+    assert code[gicv3.HANDLER_OFFSET : gicv3.HANDLER_OFFSET + 4] == bytes.fromhex("05cc38d5"), "mrs x5, ICC_IAR1_EL1"
