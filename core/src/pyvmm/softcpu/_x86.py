@@ -7,7 +7,7 @@ and GS load a descriptor), and whose fresh state is a pseudo long mode (LMA and
 64-bit code, no paging).  :meth:`X86Isa.set_sregs` therefore starts from that
 fresh state, moves the CPU into the requested mode with control-register
 writes, and then writes the descriptor caches and QEMU's mode flags into the
-engine's saved context (:class:`_Layout` finds where they are).
+engine's saved context (:class:`Layout` finds where they are).
 """
 
 from __future__ import annotations
@@ -15,7 +15,6 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import dataclasses
-import functools
 import struct
 from dataclasses import dataclass
 from typing import Any
@@ -53,6 +52,24 @@ from pyvmm.exits import (
 from pyvmm.softcpu import _uc, x86_emulate
 from pyvmm.softcpu import _x86_string_io as _string_io
 from pyvmm.softcpu._isa import INTERNAL_ERROR_EMULATION, Engine, Isa, Stop
+from pyvmm.softcpu._x86_state import (
+    HF_ADDSEG,
+    HF_CPL,
+    HF_CS32,
+    HF_CS64,
+    HF_INHIBIT_IRQ,
+    HF_LMA,
+    HF_PE,
+    HF_SS32,
+    SEG_INDEX,
+    SEG_SIZE,
+    Layout,
+    cache_flags,
+    cache_of,
+    decode_descriptor,
+    exception_fields,
+    segment_from_cache,
+)
 from pyvmm.softcpu.exits import RdtscExit, StringIoExit
 
 MSR_EFER = 0xC0000080
@@ -93,142 +110,12 @@ RFLAGS_RF = 1 << 16
 RFLAGS_VM = 1 << 17
 RFLAGS_AC = 1 << 18
 
-# QEMU's hidden CPU flags (``hflags``) the software CPU reads or sets in the
-# engine's saved context: the current privilege level, the interrupt shadow,
-# and the mode bits that decide how code is decoded.
-_HF_CPL = 3
-_HF_INHIBIT_IRQ = 1 << 3
-_HF_CS32 = 1 << 4
-_HF_SS32 = 1 << 5
-_HF_ADDSEG = 1 << 6
-_HF_PE = 1 << 7
-_HF_LMA = 1 << 14
-_HF_CS64 = 1 << 15
-# QEMU's segment registers in its CPU state, in this order.
-_SEG_INDEX = {"es": 0, "cs": 1, "ss": 2, "ds": 3, "fs": 4, "gs": 5}
-_SEG_SIZE = 24  # SegmentCache: u32 selector, (pad), u64 base, u32 limit, u32 flags
 #: MSRs the CPU keeps itself even when MSR accesses are exits (as a hypervisor
 #: does: mode, syscall and segment-base MSRs, the TSC, PAT).
 _CPU_MSRS = frozenset((0x10, 0x174, 0x175, 0x176, 0x277, MSR_EFER, 0xC0000081, 0xC0000082, 0xC0000083))
 _CPU_MSRS |= {0xC0000084, 0xC0000100, 0xC0000101, 0xC0000102}
 #: Vectors whose exceptions push an error code.
 _ERROR_CODE_VECTORS = frozenset((8, 10, 11, 12, 13, 14, 17, 21, 29, 30))
-
-
-#: mov ds, word ptr [0x2000]: a selector past the empty GDT of a fresh engine,
-#: so #GP(selector), with the selector in no register.
-_PROBE_GP = bytes.fromhex("8e1c2500200000")
-_PROBE_INT = bytes.fromhex("cd0d")  # int 0x0d: vector 13 without an error code
-
-
-def _context_words(blob: bytes) -> dict[int, int]:
-    return {offset: int.from_bytes(blob[offset : offset + 4], "little") for offset in range(0, len(blob) - 3, 4)}
-
-
-def _context_words_at_exception(code: bytes, selector: int) -> tuple[dict[int, int], dict[int, int]] | None:
-    """Run ``code`` in a scratch engine (memory word at 0x2000 = ``selector``):
-    its saved context, as 32-bit words by offset, before and at the exception."""
-    u = _uc.unicorn()
-    uc = u.Uc(u.UC_ARCH_X86, u.UC_MODE_64)
-    uc.mem_map(0x1000, 0x2000)
-    uc.mem_write(0x1000, code)
-    uc.mem_write(0x2000, selector.to_bytes(2, "little"))
-    before = bytes(uc.context_save())
-    blobs: list[bytes] = []
-
-    def on_interrupt(engine: Any, _intno: int, _data: Any) -> None:
-        blobs.append(bytes(engine.context_save()))
-        engine.emu_stop()
-
-    uc.hook_add(u.UC_HOOK_INTR, on_interrupt)
-    with contextlib.suppress(u.UcError):
-        uc.emu_start(0x1000, 0x1000 + len(code), 0, 1)
-    if not blobs:
-        return None
-    return _context_words(before), _context_words(blobs[0])
-
-
-@dataclass(frozen=True, slots=True)
-class _ExceptionFields:
-    """Offsets in unicorn's saved x86 context of QEMU's exception state."""
-
-    #: The error code of the exception being raised.
-    error_code: int
-    #: Set for a software interrupt (INT n), which pushes no error code.
-    soft: int
-    #: The exception "in flight", -1 when none: QEMU clears it when it delivers
-    #: an exception, which it never does under unicorn's interrupt hook -- so a
-    #: second #GP would become a #DF unless the software CPU clears it.
-    in_flight: int
-
-
-@functools.cache
-def _exception_fields() -> _ExceptionFields | None:
-    """Find QEMU's exception state in the saved context (None if not found).
-
-    UC_HOOK_INTR reports only the vector, so scratch engines raise known ones --
-    #GP with two different selectors and ``INT 0x0d`` -- and the error code is
-    the one word that follows the selector; the software-interrupt flag is the
-    word after it (as QEMU keeps them), checked clear for #GP and set for INT;
-    the in-flight exception the one word going from -1 to 13 with the #GP."""
-    first = _context_words_at_exception(_PROBE_GP, 0x1234)
-    second = _context_words_at_exception(_PROBE_GP, 0x5678)
-    soft = _context_words_at_exception(_PROBE_INT, 0)
-    if first is None or second is None or soft is None:
-        return None
-    (fresh, gp), (_, gp2), (_, soft_int) = first, second, soft
-    found = [offset for offset, word in gp.items() if word == 0x1234 and gp2.get(offset) == 0x5678]
-    in_flight = [offset for offset, word in gp.items() if word == 13 and fresh.get(offset) == 0xFFFFFFFF]
-    if len(found) != 1 or len(in_flight) != 1:
-        return None
-    error, flag = found[0], found[0] + 4
-    if (gp.get(flag), gp2.get(flag), soft_int.get(error), soft_int.get(flag)) != (0, 0, 0, 1):
-        return None
-    return _ExceptionFields(error, flag, in_flight[0])
-
-
-class _Layout:
-    """Where the hidden state sits in unicorn's saved x86 context, found by
-    probing a fresh engine (so no struct layout is assumed): ``hflags`` moves
-    with CR0.TS, the segment caches hold the FS/GS base written through the
-    register interface.  ``ok`` is False when the probe failed; real mode and
-    the interrupt shadow are then refused rather than guessed."""
-
-    def __init__(self, u: Any, uc: Any) -> None:
-        c = u.x86_const
-        self.hflags = -1
-        self.segs = -1
-        saved = uc.context_save()
-        try:
-            fs_mark, gs_mark = 0x1122334455667788, 0x0123456789ABCDEF
-            uc.reg_write(c.UC_X86_REG_FS_BASE, fs_mark)
-            uc.reg_write(c.UC_X86_REG_GS_BASE, gs_mark)
-            blob = bytes(uc.context_save())
-            fs = blob.find(fs_mark.to_bytes(8, "little"))
-            gs = blob.find(gs_mark.to_bytes(8, "little"))
-            if fs > 0 and gs == fs + _SEG_SIZE:
-                self.segs = fs - 8 - _SEG_INDEX["fs"] * _SEG_SIZE
-            cr0 = int(uc.reg_read(c.UC_X86_REG_CR0))
-            uc.reg_write(c.UC_X86_REG_CR0, cr0 & ~8)
-            before = bytes(uc.context_save())
-            uc.reg_write(c.UC_X86_REG_CR0, cr0 | 8)  # CR0.TS: QEMU's HF_TS, bit 11
-            after = bytes(uc.context_save())
-            uc.reg_write(c.UC_X86_REG_CR0, cr0)
-            hits = [
-                offset
-                for offset in range(0, min(len(before), self.segs if self.segs > 0 else 512), 4)
-                if int.from_bytes(before[offset : offset + 4], "little")
-                ^ int.from_bytes(after[offset : offset + 4], "little")
-                == 1 << 11
-            ]
-            if len(hits) == 1:
-                self.hflags = hits[0]
-        finally:
-            uc.context_restore(saved)
-
-    @property
-    def ok(self) -> bool:
-        return self.hflags >= 0 and self.segs >= 0
 
 
 @dataclass(slots=True)
@@ -289,69 +176,6 @@ def _transfer_order(block: bytes, batch: _Batch) -> bytes:
     return b"".join(block[i : i + size] for i in range(len(block) - size, -1, -size))
 
 
-def _decode_descriptor(raw: int, selector: int) -> Segment:
-    """A segment register's hidden state as loading this GDT/LDT entry sets it."""
-    limit = (raw & 0xFFFF) | ((raw >> 48) & 0xF) << 16
-    base = ((raw >> 16) & 0xFFFFFF) | ((raw >> 56) & 0xFF) << 24
-    access = (raw >> 40) & 0xFF
-    flags = (raw >> 52) & 0xF
-    granular = flags >> 3 & 1
-    if granular:
-        limit = (limit << 12) | 0xFFF
-    return Segment(
-        base=base,
-        limit=limit,
-        selector=selector,
-        type=access & 0xF,
-        present=access >> 7 & 1,
-        dpl=access >> 5 & 3,
-        db=flags >> 2 & 1,
-        s=access >> 4 & 1,
-        l=flags >> 1 & 1,
-        g=granular,
-        avl=flags & 1,
-        unusable=0,
-    )
-
-
-def _segment_from_cache(selector: int, base: int, limit: int, flags: int) -> Segment:
-    """Decode the attribute word unicorn uses for TR/LDTR (the descriptor's high
-    dword: type at bit 8, S 12, DPL 13, P 15, AVL 20, L 21, D/B 22, G 23)."""
-    return Segment(
-        base=base,
-        limit=limit,
-        selector=selector,
-        type=flags >> 8 & 0xF,
-        present=flags >> 15 & 1,
-        dpl=flags >> 13 & 3,
-        db=flags >> 22 & 1,
-        s=flags >> 12 & 1,
-        l=flags >> 21 & 1,
-        g=flags >> 23 & 1,
-        avl=flags >> 20 & 1,
-        unusable=0 if flags >> 15 & 1 else 1,
-    )
-
-
-def _cache_flags(seg: Segment) -> int:
-    present = seg.present & 1 and not seg.unusable  # QEMU has no "unusable": a segment not present
-    return (
-        (seg.type & 0xF) << 8
-        | (seg.s & 1) << 12
-        | (seg.dpl & 3) << 13
-        | present << 15
-        | (seg.avl & 1) << 20
-        | (seg.l & 1) << 21
-        | (seg.db & 1) << 22
-        | (seg.g & 1) << 23
-    )
-
-
-def _cache_of(seg: Segment) -> tuple[int, int, int, int]:
-    """``seg`` as QEMU's segment cache holds it: (selector, base, limit, flags)."""
-    return seg.selector, seg.base, seg.limit, _cache_flags(seg)
-
-
 class X86Isa(Isa):
     debug_exception = _DB
     max_instruction = 15
@@ -381,7 +205,7 @@ class X86Isa(Isa):
         self._apic_base = Sregs().apic_base
         # The fresh state set_sregs starts every mode change from.
         self._fresh: Any = self.uc.context_save()
-        self._layout = _Layout(self.u, self.uc)
+        self._layout = Layout(self.u, self.uc)
         # Events from the VMM (INTERRUPT_INJECTION, NMI): an external interrupt
         # to deliver, NMI pending/blocked, the interrupt-window request.
         self._ran = False
@@ -633,7 +457,7 @@ class X86Isa(Isa):
             "gs": self._read(self.c.UC_X86_REG_GS_BASE),
         }
         if bits != 64:
-            bases.update({name: self._segment(name, self._read(self.c.UC_X86_REG_CR0)).base for name in _SEG_INDEX})
+            bases.update({name: self._segment(name, self._read(self.c.UC_X86_REG_CR0)).base for name in SEG_INDEX})
         gva = x86_emulate.effective_address(insn, self.get_regs(), bases)
         # Trust the decoded address only where the MMU agrees with the exit.
         translated = _uc.vmem_translate(self.uc, gva, self.u.UC_PROT_READ)
@@ -687,13 +511,13 @@ class X86Isa(Isa):
 
     def _seg_cache(self, blob: bytes | bytearray, name: str) -> tuple[int, int, int, int]:
         """(selector, base, limit, flags) of a segment register's hidden cache."""
-        offset = self._layout.segs + _SEG_INDEX[name] * _SEG_SIZE
+        offset = self._layout.segs + SEG_INDEX[name] * SEG_SIZE
         selector, base, limit, flags = struct.unpack_from("<I4xQII", blob, offset)
         return selector & 0xFFFF, base, limit, flags
 
     def _put_seg_cache(self, blob: bytearray, name: str, cache: tuple[int, int, int, int]) -> None:
         """Write (selector, base, limit, flags) as a segment register's hidden cache."""
-        struct.pack_into("<I4xQII", blob, self._layout.segs + _SEG_INDEX[name] * _SEG_SIZE, *cache)
+        struct.pack_into("<I4xQII", blob, self._layout.segs + SEG_INDEX[name] * SEG_SIZE, *cache)
 
     def _linear_pc(self) -> int:
         """CS base + RIP (the base is 0 in 64-bit code, and in the flat segments
@@ -702,7 +526,7 @@ class X86Isa(Isa):
         if not self._layout.ok:
             return rip
         blob = bytes(self.uc.context_save())
-        if self._hflags_of(blob) & _HF_CS64:
+        if self._hflags_of(blob) & HF_CS64:
             return rip
         return (self._seg_cache(blob, "cs")[1] + rip) & 0xFFFFFFFF
 
@@ -722,7 +546,7 @@ class X86Isa(Isa):
         """IF set and no interrupt shadow (STI, MOV SS) at the current instruction."""
         if not self._read(self.c.UC_X86_REG_RFLAGS) & RFLAGS_IF:
             return False
-        return not self._hflags() & _HF_INHIBIT_IRQ
+        return not self._hflags() & HF_INHIBIT_IRQ
 
     def ready_for_interrupt(self) -> bool:
         return self._ran and self._irq is None and self._interruptible()
@@ -864,7 +688,7 @@ class X86Isa(Isa):
         rsp = self._read(c.UC_X86_REG_RSP)
         cs = self._read(c.UC_X86_REG_CS) & 0xFFFF
         ss = self._read(c.UC_X86_REG_SS) & 0xFFFF
-        cpl = self._hflags() & _HF_CPL if self._layout.ok else cs & 3
+        cpl = self._hflags() & HF_CPL if self._layout.ok else cs & 3
         if gate.selector & ~3 == cs & ~3 and not gate.ist and cpl == 0:
             code: Segment | None = None  # the common case: same segment, same stack
             new_cpl = 0
@@ -939,7 +763,7 @@ class X86Isa(Isa):
         raw = self._table_entry(gate.selector) if gate.selector & ~3 else None
         if raw is None:
             return "its code segment is outside the GDT/LDT (#GP)"
-        code = _decode_descriptor(raw, gate.selector)
+        code = decode_descriptor(raw, gate.selector)
         if not code.s or not code.type & 8:
             return "its selector does not name a code segment (#GP)"
         if not code.present:
@@ -968,7 +792,7 @@ class X86Isa(Isa):
         raw = self._table_entry(selector) if selector & ~3 else None
         if raw is None:
             return f"the TSS's SS {selector:#x} is outside the GDT/LDT (#TS)"
-        ss = _decode_descriptor(raw, selector)
+        ss = decode_descriptor(raw, selector)
         if not ss.s or ss.type & 0xA != 0x2 or ss.dpl != cpl or selector & 3 != cpl:
             return f"the TSS's SS {selector:#x} is not a writable data segment at privilege {cpl} (#TS)"
         if not ss.present:
@@ -986,13 +810,13 @@ class X86Isa(Isa):
         hflags = self._mode_hflags(sregs, int.from_bytes(blob[offset : offset + 4], "little"))
         blob[offset : offset + 4] = hflags.to_bytes(4, "little")
         for name, seg in segments.items():
-            self._put_seg_cache(blob, name, _cache_of(seg))
+            self._put_seg_cache(blob, name, cache_of(seg))
             self._shadow[name] = dataclasses.replace(seg)
         self._commit(ctx, blob)
 
     def get_events(self) -> tuple[int | None, bool, bool, bool]:
         """(injected vector not yet taken, NMI pending, NMI blocked, interrupt shadow)."""
-        return self._irq, self._nmi_pending, self._nmi_masked, bool(self._hflags() & _HF_INHIBIT_IRQ)
+        return self._irq, self._nmi_pending, self._nmi_masked, bool(self._hflags() & HF_INHIBIT_IRQ)
 
     def set_nmi(self, *, pending: bool | None = None, masked: bool | None = None) -> None:
         if pending is not None:
@@ -1029,7 +853,7 @@ class X86Isa(Isa):
     def _shadow_kind(self) -> InterruptShadow:
         """QEMU keeps one "inhibit interrupts" flag for both shadows; the byte
         before RIP tells STI (0xFB) from MOV SS/POP SS."""
-        if not self._hflags() & _HF_INHIBIT_IRQ:
+        if not self._hflags() & HF_INHIBIT_IRQ:
             return InterruptShadow.NONE
         before = self.engine.read_virtual(self._linear_pc() - 1, 1)
         return InterruptShadow.STI if before == b"\xfb" else InterruptShadow.MOV_SS
@@ -1076,7 +900,7 @@ class X86Isa(Isa):
         ctx, blob = self._blob()
         offset = self._layout.hflags
         hflags = int.from_bytes(blob[offset : offset + 4], "little")
-        hflags = hflags | _HF_INHIBIT_IRQ if on else hflags & ~_HF_INHIBIT_IRQ
+        hflags = hflags | HF_INHIBIT_IRQ if on else hflags & ~HF_INHIBIT_IRQ
         blob[offset : offset + 4] = hflags.to_bytes(4, "little")
         self._commit(ctx, blob)
 
@@ -1180,7 +1004,7 @@ class X86Isa(Isa):
             return ShutdownExit(ShutdownReason.TRIPLE_FAULT, raw_error_code=vector)
         if vector not in _ERROR_CODE_VECTORS:
             return self._deliver(vector)
-        fields = _exception_fields()
+        fields = exception_fields()
         if fields is None:
             name = _VECTOR_NAMES.get(vector, f"vector {vector}")
             return InternalErrorExit(
@@ -1197,7 +1021,7 @@ class X86Isa(Isa):
 
     def at_interrupt(self, intno: int) -> None:
         # The error code is gone once emu_start returns, so it is read here.
-        fields = _exception_fields()
+        fields = exception_fields()
         if fields is not None:
             error_code, soft = struct.unpack_from("<II", bytes(self.uc.context_save()), fields.error_code)
             self._raised = (error_code, bool(soft))
@@ -1206,7 +1030,7 @@ class X86Isa(Isa):
         """QEMU's own delivery would end the exception "in flight"; unicorn's
         hook skips that delivery, so it is ended here -- else the next
         contributory fault would be escalated to a double fault."""
-        fields = _exception_fields()
+        fields = exception_fields()
         if fields is None:
             return
         ctx, blob = self._blob()
@@ -1264,9 +1088,9 @@ class X86Isa(Isa):
         if self._layout.ok:
             # The hidden cache itself: what the CPU holds, however it was loaded.
             cache = self._seg_cache(bytes(self.uc.context_save()) if blob is None else blob, name)
-            if shadow is not None and _cache_of(shadow) == cache:
+            if shadow is not None and cache_of(shadow) == cache:
                 return dataclasses.replace(shadow)  # as set, with what QEMU does not keep (unusable)
-            return _segment_from_cache(*cache)
+            return segment_from_cache(*cache)
         if shadow is not None and shadow.selector == selector:
             seg = dataclasses.replace(shadow)
         elif not cr0 & CR0_PE:
@@ -1275,7 +1099,7 @@ class X86Isa(Isa):
             seg = Segment(base=0, limit=0, selector=selector, type=0, present=0, s=0, unusable=1)
         else:
             raw = self._table_entry(selector)
-            seg = _decode_descriptor(raw, selector) if raw is not None else Segment(selector=selector, unusable=1)
+            seg = decode_descriptor(raw, selector) if raw is not None else Segment(selector=selector, unusable=1)
         if name == "fs":
             seg.base = self._read(self.c.UC_X86_REG_FS_BASE)
         elif name == "gs":
@@ -1297,8 +1121,8 @@ class X86Isa(Isa):
             fs=self._segment("fs", cr0, blob),
             gs=self._segment("gs", cr0, blob),
             ss=self._segment("ss", cr0, blob),
-            tr=_segment_from_cache(*tr),
-            ldt=_segment_from_cache(*ldt),
+            tr=segment_from_cache(*tr),
+            ldt=segment_from_cache(*ldt),
             gdt=DescriptorTable(base=int(gdt[1]), limit=int(gdt[2])),
             idt=DescriptorTable(base=int(idt[1]), limit=int(idt[2])),
             cr0=cr0,
@@ -1339,22 +1163,22 @@ class X86Isa(Isa):
         addressed.  The rules are the architecture's: CPL is SS.DPL, 64-bit code
         needs LMA and CS.L, operand and stack size follow CS.D and SS.B, and
         segment bases are added unless every base that matters is 0."""
-        hflags &= ~(_HF_CPL | _HF_CS32 | _HF_SS32 | _HF_ADDSEG | _HF_PE | _HF_LMA | _HF_CS64 | _HF_INHIBIT_IRQ)
+        hflags &= ~(HF_CPL | HF_CS32 | HF_SS32 | HF_ADDSEG | HF_PE | HF_LMA | HF_CS64 | HF_INHIBIT_IRQ)
         protected = bool(s.cr0 & CR0_PE)
         long_mode = bool(self._efer() & EFER_LMA)
         if protected:
-            hflags |= _HF_PE | (s.ss.dpl & _HF_CPL)
+            hflags |= HF_PE | (s.ss.dpl & HF_CPL)
         if long_mode:
-            hflags |= _HF_LMA
+            hflags |= HF_LMA
         if long_mode and s.cs.l:
-            return hflags | _HF_CS32 | _HF_SS32 | _HF_CS64
+            return hflags | HF_CS32 | HF_SS32 | HF_CS64
         if s.cs.db:
-            hflags |= _HF_CS32
+            hflags |= HF_CS32
         if s.ss.db:
-            hflags |= _HF_SS32
+            hflags |= HF_SS32
         vm86 = bool(self._read(self.c.UC_X86_REG_RFLAGS) & RFLAGS_VM)
         if not protected or vm86 or not s.cs.db or s.ds.base or s.es.base or s.ss.base:
-            hflags |= _HF_ADDSEG
+            hflags |= HF_ADDSEG
         return hflags
 
     def set_sregs(self, s: Sregs) -> None:
@@ -1396,8 +1220,8 @@ class X86Isa(Isa):
                 with contextlib.suppress(self.u.UcError):
                     self.uc.reg_write(self._segment_ids[name], seg.selector)
                 self.uc.reg_write(base_id, seg.base)
-        self.uc.reg_write(c.UC_X86_REG_TR, (s.tr.selector, s.tr.base, s.tr.limit, _cache_flags(s.tr)))
-        self.uc.reg_write(c.UC_X86_REG_LDTR, (s.ldt.selector, s.ldt.base, s.ldt.limit, _cache_flags(s.ldt)))
+        self.uc.reg_write(c.UC_X86_REG_TR, (s.tr.selector, s.tr.base, s.tr.limit, cache_flags(s.tr)))
+        self.uc.reg_write(c.UC_X86_REG_LDTR, (s.ldt.selector, s.ldt.base, s.ldt.limit, cache_flags(s.ldt)))
         for msr, value in kept_msrs:
             self.uc.reg_write(c.UC_X86_REG_MSR, (msr, value))
         for reg, value in xmm:
@@ -1410,8 +1234,8 @@ class X86Isa(Isa):
             offset = self._layout.hflags
             hflags = self._mode_hflags(s, int.from_bytes(blob[offset : offset + 4], "little"))
             blob[offset : offset + 4] = hflags.to_bytes(4, "little")
-            for name in _SEG_INDEX:
-                self._put_seg_cache(blob, name, _cache_of(getattr(s, name)))
+            for name in SEG_INDEX:
+                self._put_seg_cache(blob, name, cache_of(getattr(s, name)))
             self._commit(ctx, blob)
         if bool(self._efer() & EFER_LMA) != long_mode:
             raise ConfigError(f"softcpu: the CPU did not reach the requested mode (EFER {self._efer():#x})")
