@@ -92,9 +92,10 @@ What it models
   NOT_SUPPORTED) goes to X0 on the next run.  Other aarch64 exceptions are an
   :class:`~pyvmm.exits.InternalErrorExit`.
 * **Registers.**  x86 :class:`~pyvmm.arch.x86_64.Regs` and
-  :class:`~pyvmm.arch.x86_64.Sregs` (64-bit, compatibility and flat 32-bit
-  protected mode, including the long-mode set-up of
-  :func:`pyvmm.arch.x86_64_boot.build_x86_boot_state`); aarch64 registers by
+  :class:`~pyvmm.arch.x86_64.Sregs` (real, 16- and 32-bit protected,
+  compatibility and 64-bit mode, segment caches as given -- every state
+  :func:`pyvmm.arch.x86_64_boot.build_x86_boot_state` builds), x86 events
+  as :class:`~pyvmm.arch.x86_64.VcpuEvents`; aarch64 registers by
   KVM one-reg id and as :class:`~pyvmm.arch.aarch64.CoreRegs`.
 * **Kick.**  :meth:`SoftCpu.kick` from any thread makes the current or next
   run return an :class:`~pyvmm.exits.InterruptedExit` (``uc_emu_stop``,

@@ -7,7 +7,8 @@ and GS load a descriptor), and whose fresh state is a pseudo long mode (LMA and
 64-bit code, no paging).  :meth:`X86Isa.set_sregs` therefore starts from that
 fresh state, moves the CPU into the requested mode with control-register
 writes, and then writes the descriptor caches and QEMU's mode flags into the
-engine's saved context (:class:`Layout` finds where they are).
+engine's saved context (:class:`pyvmm.softcpu._x86_state.Layout` finds
+where they are).
 """
 
 from __future__ import annotations
