@@ -655,6 +655,8 @@ def test_cpu_faults_with_an_error_code_reach_the_guests_handler(machines: list[M
     error, _, rsp = report(m)
     assert error == 0x1234, "#GP(selector) for a selector past the GDT"
     assert frame(m, rsp)[0] == CODE + 8, "a fault returns to the faulting instruction"
+    resume(m, CODE + 4)
+    assert report(m)[0] == 0x1234, "the second #GP is a #GP again, not a double fault"
     resume(m, CODE + 10)
     error, cr2, rsp = report(m)
     assert (error, cr2) == (0, 0), "#PF: a read of a page that is not present; CR2's low half"
@@ -824,3 +826,34 @@ def test_32_bit_user_mode_takes_ss0_esp0_from_the_tss(machines: list[Machine]) -
     assert (exit_.port, bytes(exit_.data)) == (0x12, b"\x10\x00"), "SS0 from the TSS"
     assert io(m.cpu).port == 0x10, "iretd went back to ring 3"
     assert (m.cpu.get_sregs().ss.selector, m.cpu.get_regs().rsp) == (0x23, USER_STACK)
+
+
+def test_real_mode_exceptions_push_no_error_code(machines: list[Machine]) -> None:
+    """Through the vector table: FLAGS, CS, IP only, whatever error code was given."""
+    m = boot(machines, "f4")
+    m.memory.write(0x10100, bytes.fromhex("b001e610f4"))  # mov al, 1 / out 0x10, al / hlt
+    # mov bp, sp / mov ax, [bp] / out 0x10, ax / mov ax, [bp + 2] / out 0x10, ax / hlt
+    m.memory.write(0x500, bytes.fromhex("89e58b4600e7108b4602e710f4"))
+    m.memory.write(4 * 13, struct.pack("<HH", 0x500, 0))
+    sregs = Sregs()
+    sregs.cs.selector, sregs.cs.base = 0x1000, 0x10000
+    m.cpu.set_sregs(sregs)
+    m.cpu.set_regs(Regs(rip=0x100, rsp=0x7000, rflags=2))
+    assert io(m.cpu).data[0] == 1
+    m.cpu.inject_exception(13, 0x1234)
+    ip, cs = (struct.unpack("<H", io(m.cpu).data[:2])[0] for _ in range(2))
+    assert (ip, cs) == (0x104, 0x1000)
+
+
+def test_a_string_batch_into_a_logged_region_marks_its_pages(machines: list[Machine]) -> None:
+    # mov dx, 0x10 / mov rdi, 0x400010 / mov ecx, 3 / rep insb / hlt
+    m = boot(machines, "66ba100048c7c710004000b903000000f36cf4", string_batch=64)
+    logged = m.add(0x400000, 0x2000, log_dirty=True)
+    m.cpu.map_region(logged)
+    assert m.cpu.dirty_log(0x400000) == b"\x00"
+    batch = string_io(m.cpu)
+    batch.data[:3] = b"xyz"
+    m.cpu.dirty_log(0x400000)  # forget what the exit itself may have written
+    run_to(m.cpu, ExitKind.HLT)
+    assert m.memory.read(0x400010, 3) == b"xyz"
+    assert m.cpu.dirty_log(0x400000) == b"\x01", "completing the batch marks its page, as a guest write would"
