@@ -203,6 +203,8 @@ class X86Isa(Isa):
         #: The hidden segment state last set, per register.  unicorn cannot report
         #: it; while the selector is unchanged this is what the CPU holds.
         self._shadow: dict[str, Segment] = {}
+        #: (CS selector, CS base or -1 in 64-bit code) as _linear_pc last read them.
+        self._code_base: tuple[int, int] | None = None
         self._apic_base = Sregs().apic_base
         # The fresh state set_sregs starts every mode change from.
         self._fresh: Any = self.uc.context_save()
@@ -501,6 +503,7 @@ class X86Isa(Isa):
         ctypes.memmove(ctx.context, bytes(blob), len(blob))
         self.uc.context_restore(ctx)
         self.engine.flush_code()
+        self._code_base = None
 
     def _hflags(self) -> int:
         if not self._layout.ok:
@@ -526,10 +529,18 @@ class X86Isa(Isa):
         rip = self.pc()
         if not self._layout.ok:
             return rip
-        blob = bytes(self.uc.context_save())
-        if self._hflags_of(blob) & HF_CS64:
-            return rip
-        return (self._seg_cache(blob, "cs")[1] + rip) & 0xFFFFFFFF
+        # Reading the cache costs a context save (~6 us), and every HLT exit
+        # asks: it is kept per CS selector.  A guest changes CS's base only by
+        # loading CS (a new selector, or an event the software CPU delivers and
+        # commits) -- except by reloading the same selector after rewriting its
+        # descriptor, which this would miss.
+        selector = self._read(self.c.UC_X86_REG_CS) & 0xFFFF
+        code = self._code_base
+        if code is None or code[0] != selector:
+            blob = bytes(self.uc.context_save())
+            code = (selector, -1 if self._hflags_of(blob) & HF_CS64 else self._seg_cache(blob, "cs")[1])
+            self._code_base = code
+        return rip if code[1] < 0 else (code[1] + rip) & 0xFFFFFFFF
 
     def write_virtual(self, address: int, data: bytes) -> bool:
         for i, byte in enumerate(data):  # a frame is a few bytes: page crossings handled per byte
