@@ -1,16 +1,12 @@
 """The software CPU's GICv3 (:mod:`pyvmm.softcpu.gic`): an aarch64 guest
+(:mod:`pyvmm.testing.guests.gicv3`, shared with the Gunyah model's tests)
 programs the distributor and redistributor over MMIO, the CPU interface through
 ICC_* system registers and the virtual timer through CNTV_*, and takes the timer
-PPI and an SPI through its VBAR_EL1 vectors.  The guest's source (GNU as) is
-kept next to its bytes; ``test_guest_matches_its_source`` re-assembles it."""
+PPI and an SPI through its VBAR_EL1 vectors."""
 
 from __future__ import annotations
 
-import shutil
-import subprocess
-import tempfile
 import time
-from pathlib import Path
 
 import pytest
 
@@ -20,76 +16,16 @@ from pyvmm.arch.aarch64_boot import build_aarch64_boot_state
 from pyvmm.boot import BootSpec
 from pyvmm.config import Arch, MemoryRegionSpec
 from pyvmm.errors import ConfigError
-from pyvmm.exits import ExitKind, MmioExit
+from pyvmm.exits import ExitKind, MmioExit, SystemEvent, SystemEventExit
 from pyvmm.memory import GuestMemory
 from pyvmm.softcpu import SoftCpu
 from pyvmm.softcpu.gic import SPURIOUS, VTIMER_PPI, Gic
+from pyvmm.testing.guests import gicv3
 
 RAM = 0x4000_0000
-CODE = RAM + 0x8_0000
-LOG = 0x0900_0000  # the guest writes each acknowledged INTID here
-SPI = 40
-
-SOURCE = """
-    adr x0, vectors
-    msr VBAR_EL1, x0
-    isb
-    mov x7, #0x09000000
-    mov x1, #0x08000000
-    mov w2, #0x12
-    str w2, [x1]
-    mov w2, #0x100
-    str w2, [x1, #0x104]
-    movz x3, #0x0100
-    movk x3, #0x080b, lsl #16
-    mov w2, #0x08000000
-    str w2, [x3]
-    mov x2, #0xf0
-    msr S3_0_C4_C6_0, x2
-    mov x2, #1
-    msr S3_0_C12_C12_7, x2
-    mrs x2, CNTVCT_EL0
-    add x2, x2, #3125
-    msr CNTV_CVAL_EL0, x2
-    mov x2, #1
-    msr CNTV_CTL_EL0, x2
-    msr DAIFClr, #2
-1:  wfi
-    b 1b
-    .balign 0x800
-vectors:
-    .org vectors + 0x280
-    mrs x5, S3_0_C12_C12_0
-    str w5, [x7]
-    cmp x5, #27
-    b.ne 2f
-    mov x2, #2
-    msr CNTV_CTL_EL0, x2
-2:  msr S3_0_C12_C12_1, x5
-    eret
-"""
-#: The guest up to its idle loop, and its IRQ handler at VBAR_EL1 + 0x280.
-MAIN = (
-    "0040001000c018d5df3f03d50720a1d20100a1d242028052220000b902208052220401b9032080d26301a1f20200a1526200"
-    "00b9021e80d2024618d5220080d2e2cc18d542e03bd542d4309142e31bd5220080d222e31bd5ff4203d57f2003d5ffffff17"
-)
-HANDLER_OFFSET = 0xA80
-HANDLER = "05cc38d5e50000b9bf6c00f161000054420080d222e31bd525cc18d5e0039fd6"
-
-
-def test_guest_matches_its_source() -> None:
-    if shutil.which("aarch64-linux-gnu-as") is None or shutil.which("aarch64-linux-gnu-objcopy") is None:
-        pytest.skip("no aarch64 GNU as here")
-    with tempfile.TemporaryDirectory() as tmp:
-        work = Path(tmp)
-        (work / "g.S").write_text(SOURCE)
-        subprocess.run(["aarch64-linux-gnu-as", "g.S", "-o", "g.o"], cwd=work, check=True)
-        subprocess.run(
-            ["aarch64-linux-gnu-objcopy", "-O", "binary", "-j", ".text", "g.o", "g.bin"], cwd=work, check=True
-        )
-        built = (work / "g.bin").read_bytes()
-    assert built[: len(MAIN) // 2].hex() == MAIN
-    assert built[HANDLER_OFFSET:].hex() == HANDLER
+CODE = RAM + 0x8_0000  # 2 KiB-aligned: the program starts with its vector table
+LOG = gicv3.LOG_ADDRESS
+SPI = gicv3.SPI_INTID
 
 
 def _run_until_logged(cpu: SoftCpu, gic: Gic, deadline: float) -> int:
@@ -114,8 +50,7 @@ def test_timer_ppi_and_spi_through_the_vectors() -> None:
     memory = GuestMemory()
     region = memory.allocate(MemoryRegionSpec(guest_phys_addr=RAM, size=0x20_0000))
     memory.insert(region)
-    memory.write(CODE, bytes.fromhex(MAIN))
-    memory.write(CODE + HANDLER_OFFSET, bytes.fromhex(HANDLER))
+    memory.write(CODE, gicv3.TIMER_AND_DOORBELL.code)
     gic = Gic(1)
     cpu = SoftCpu("aarch64")
     try:
@@ -123,7 +58,7 @@ def test_timer_ppi_and_spi_through_the_vectors() -> None:
         cpu.init(build_aarch64_boot_state(BootSpec(arch=Arch.AARCH64, entry=CODE, fdt_address=RAM, fdt_size=64)))
         cpu.attach_gic(gic.cpus[0])
         deadline = time.monotonic() + 10
-        assert _run_until_logged(cpu, gic, deadline) == VTIMER_PPI
+        assert _run_until_logged(cpu, gic, deadline) == VTIMER_PPI == gicv3.VTIMER_INTID
         state = gic.cpus[0]
         assert state.pmr == 0xF0 and state.igrpen1 == 1 and gic.spis[SPI - 32].enabled
         exit_ = cpu.run()  # the handler masked the timer, EOI'd and returned to WFI
@@ -131,7 +66,8 @@ def test_timer_ppi_and_spi_through_the_vectors() -> None:
         assert gic.set_spi(SPI) == 0
         assert cpu.irq_signalled()
         assert _run_until_logged(cpu, gic, deadline) == SPI
-        assert cpu.run().kind is ExitKind.HLT
+        exit_ = cpu.run()  # two interrupts taken: the guest powers off
+        assert isinstance(exit_, SystemEventExit) and exit_.event is SystemEvent.SHUTDOWN
         assert state.highest_pending() == SPURIOUS and not state.active_stack
     finally:
         cpu.close()

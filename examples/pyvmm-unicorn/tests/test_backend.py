@@ -19,8 +19,10 @@ from pyvmm.capabilities import Capability
 from pyvmm.config import Arch
 from pyvmm.contract import hooks_by_capability
 from pyvmm.errors import ConfigError, UnsupportedCapability
-from pyvmm.exits import DebugExit, ExitKind, InterruptedExit, MmioExit
+from pyvmm.exits import DebugExit, ExitKind, InterruptedExit, IoExit, MmioExit
 from pyvmm.plugins import ENTRY_POINT_GROUP
+from pyvmm.softcpu import RdtscExit, StringIoExit
+from pyvmm.testing.conformance import programs as p
 from pyvmm.vcpu_state import StateKind
 from pyvmm.vm import Backend, Vcpu, Vm
 
@@ -70,6 +72,31 @@ def test_backend_options_are_checked(backend: Backend) -> None:
         backend.create_vm({"backend_options": {"frobnicate": 1}})
     with pytest.raises(ConfigError, match="coherent_code"):
         backend.create_vm({"backend_options": {"coherent_code": "yes"}})
+    with pytest.raises(ConfigError, match="string_batch"):
+        backend.create_vm({"backend_options": {"string_batch": "all"}})
+    with pytest.raises(ConfigError, match="string_batch: needs exit_timing 'after'"):
+        backend.create_vm({"backend_options": {"string_batch": 64, "exit_timing": "before"}})
+
+
+def test_string_io_batches_and_rdtsc_exits_through_the_public_api(backend: Backend) -> None:
+    """``string_batch``: the conformance suite's REP INSB/OUTSB guest gets one
+    exit per instruction; ``intercept: [rdtsc]``: RDTSC is an exit the VMM answers."""
+    vm, vcpu = boot_x86(backend, p.REP_INSB.code, string_batch=4096)
+    with vm:
+        exit_ = vcpu.run()
+        assert isinstance(exit_, StringIoExit) and (exit_.port, exit_.count, exit_.is_write) == (0x11, 4, False)
+        exit_.data[:4] = b"pyvm"
+        exit_ = vcpu.run()
+        assert isinstance(exit_, StringIoExit) and (exit_.count, bytes(exit_.data)) == (4, b"pyvm")
+        assert vcpu.run().kind is ExitKind.HLT
+    # rdtsc / out 0x10, eax / hlt
+    vm, vcpu = boot_x86(backend, bytes.fromhex("0f31e710f4"), intercept=["rdtsc"])
+    with vm:
+        rdtsc = vcpu.run()
+        assert isinstance(rdtsc, RdtscExit)
+        rdtsc.tsc = 0xABCDEF
+        out = vcpu.run()
+        assert isinstance(out, IoExit) and struct.unpack("<I", out.data[:4])[0] == 0xABCDEF
 
 
 def test_one_vcpu_per_vm(backend: Backend) -> None:

@@ -221,109 +221,6 @@ PIT_TICK_HANDLER = GuestProgram(
     bytes.fromhex("50ff042500401000b020e6205848cf"),
 )
 
-#: A Multiboot kernel (32-bit, loaded at 0x100000 with the a.out kludge) that
-#: uses the PIC: its own stack (Multiboot leaves ESP undefined), then, after the
-#: legacy firmware's boot stub, it remaps the 8259s to
-#: 0x20/0x28 with IRQs 0 and 4 open, runs PIT counter 0 at 1 kHz, loads its IDT
-#: (IDTR at 0x100a00), turns on COM1's transmitter-empty interrupt and sleeps in
-#: hlt until 20 timer ticks (counted at 0x100900); exit 0x10 if COM1 interrupted
-#: too (counted at 0x100904), else 0x3f.
-MULTIBOOT_PIC_KERNEL = GuestProgram(
-    "multiboot_pic_kernel",
-    Arch.X86_64,
-    """
-    mov esp, 0x100f00
-    cmp eax, 0x2badb002
-    jne 2f
-    mov al, 0x11
-    out 0x20, al
-    out 0xa0, al
-    mov al, 0x20
-    out 0x21, al
-    mov al, 0x28
-    out 0xa1, al
-    mov al, 0x04
-    out 0x21, al
-    mov al, 0x02
-    out 0xa1, al
-    mov al, 0x01
-    out 0x21, al
-    out 0xa1, al
-    mov al, 0xee
-    out 0x21, al
-    mov al, 0xff
-    out 0xa1, al
-    mov al, 0x34
-    out 0x43, al
-    mov al, 0xa9
-    out 0x40, al
-    mov al, 0x04
-    out 0x40, al
-    lidt [0x100a00]
-    mov dx, 0x3f9
-    mov al, 0x02
-    out dx, al
-    sti
-1:  hlt
-    cmp dword ptr [0x100900], 20
-    jb 1b
-    cmp dword ptr [0x100904], 0
-    je 2f
-    mov eax, 0x10
-    out 0xf4, eax
-2:  mov eax, 0x3f
-    out 0xf4, eax
-""",
-    bytes.fromhex(
-        "bc000f10003d02b0ad2b7559b011e620e6a0b020e621b028e6a1b004e621b002e6a1b001e621e6a1b0eee621b0ffe6a1b034e6"
-        "43b0a9e640b004e6400f011d000a100066baf903b002eefbf4833d000910001472f6833d04091000007407b810000000e7f4b83f"
-        "000000e7f4"
-    ),
-    ".code32",
-)
-
-#: The kernel's IRQ 0 handler (vector 0x20): count, EOI.  It returns with ``sti;
-#: retf 4`` (IF was set when the interrupt came; the shadow of sti covers the
-#: retf; retf 4 drops EFLAGS) instead of ``iretd``: this machine's software KVM
-#: fails to emulate a 32-bit iret (docs/backends/kvm.md §6.5).
-MULTIBOOT_TIMER_HANDLER = GuestProgram(
-    "multiboot_timer_handler",
-    Arch.X86_64,
-    """
-    push eax
-    inc dword ptr [0x100900]
-    mov al, 0x20
-    out 0x20, al
-    pop eax
-    sti
-    retf 4
-""",
-    bytes.fromhex("50ff0500091000b020e62058fbca0400"),
-    ".code32",
-)
-
-#: The kernel's IRQ 4 handler (vector 0x24): read COM1's IIR (acknowledges the
-#: transmitter-empty interrupt), count, EOI; returns as the IRQ 0 handler does.
-MULTIBOOT_SERIAL_HANDLER = GuestProgram(
-    "multiboot_serial_handler",
-    Arch.X86_64,
-    """
-    push eax
-    push edx
-    mov dx, 0x3fa
-    in al, dx
-    inc dword ptr [0x100904]
-    mov al, 0x20
-    out 0x20, al
-    pop edx
-    pop eax
-    sti
-    retf 4
-""",
-    bytes.fromhex("505266bafa03ecff0504091000b020e6205a58fbca0400"),
-    ".code32",
-)
-
 #: The escape-hatch test's guest: rdmsr of an MSR KVM does not know, AL to port 0x10.
 UNKNOWN_MSR = 0x4B564D99
 READ_UNKNOWN_MSR = GuestProgram(
@@ -351,8 +248,5 @@ ALL = (
     STI_THEN_NOPS,
     PIT_TICKS,
     PIT_TICK_HANDLER,
-    MULTIBOOT_PIC_KERNEL,
-    MULTIBOOT_TIMER_HANDLER,
-    MULTIBOOT_SERIAL_HANDLER,
     READ_UNKNOWN_MSR,
 )

@@ -28,9 +28,6 @@ from pathlib import Path
 import pytest
 
 from kvm_guests import (
-    MULTIBOOT_PIC_KERNEL,
-    MULTIBOOT_SERIAL_HANDLER,
-    MULTIBOOT_TIMER_HANDLER,
     PIT_TICK_HANDLER,
     PIT_TICKS,
     READ_UNKNOWN_MSR,
@@ -43,7 +40,6 @@ from kvm_guests import (
 )
 from pyvmm import cli
 from pyvmm.arch.x86_64 import InterruptShadow, MsrEntry
-from pyvmm.arch.x86_64_boot import CODE32_SELECTOR
 from pyvmm.boot import BootSpec, X86Mode
 from pyvmm.capabilities import Capability
 from pyvmm.errors import ConfigError, HypervisorError, InterruptNotReady, MsrAccessError, UnsupportedCapability
@@ -53,6 +49,7 @@ from pyvmm.interrupts import IrqChip, IrqchipRoute
 from pyvmm.machine import GuestImage, Machine, MachineConfig, StopReason
 from pyvmm.testing.conformance import programs as p
 from pyvmm.testing.conformance.harness import booted, expect_port_write, install_idt, interrupt_gate, run_to
+from pyvmm.testing.guests.multiboot_pic import EXPECTED_STATUS, multiboot_pic_kernel
 from pyvmm.vm import Backend
 from pyvmm_kvm import bindings as k
 
@@ -378,27 +375,6 @@ def test_userspace_pit_ticks_through_the_userspace_pic(kvm: Backend) -> None:
     assert chip is not None and chip.injected >= 10
 
 
-def multiboot_pic_kernel() -> bytes:
-    """MULTIBOOT_PIC_KERNEL as a file: a Multiboot header with the a.out kludge
-    (load at 0x100000, enter at +0x30), the handlers, counters, IDTR and IDT."""
-    base, entry = 0x100000, 0x100030
-    flags = 1 << 16
-    image = bytearray(0x1200)
-    header = struct.pack("<3I", 0x1BADB002, flags, -(0x1BADB002 + flags) & 0xFFFFFFFF)
-    image[0:32] = header + struct.pack("<5I", base, base, 0, 0, entry)
-    image[0x30 : 0x30 + len(MULTIBOOT_PIC_KERNEL.code)] = MULTIBOOT_PIC_KERNEL.code
-    image[0x800 : 0x800 + len(MULTIBOOT_TIMER_HANDLER.code)] = MULTIBOOT_TIMER_HANDLER.code
-    image[0x840 : 0x840 + len(MULTIBOOT_SERIAL_HANDLER.code)] = MULTIBOOT_SERIAL_HANDLER.code
-    idt = bytearray(8 * 0x30)
-    for vector, handler in ((0x20, base + 0x800), (0x24, base + 0x840)):
-        idt[8 * vector : 8 * vector + 8] = struct.pack(
-            "<HHBBH", handler & 0xFFFF, CODE32_SELECTOR, 0, 0x8E, handler >> 16
-        )
-    image[0xA00:0xA06] = struct.pack("<HI", len(idt) - 1, base + 0x1000)
-    image[0x1000 : 0x1000 + len(idt)] = idt
-    return bytes(image)
-
-
 def test_a_multiboot_kernel_with_the_pic_runs_under_irqchip_userspace(kvm: Backend, tmp_path: Path) -> None:
     """``pyvmm run --irqchip userspace``: the legacy firmware's stub programs the
     8259s and the PIT, the kernel reprograms them, counts 20 timer ticks and a
@@ -409,7 +385,7 @@ def test_a_multiboot_kernel_with_the_pic_runs_under_irqchip_userspace(kvm: Backe
         ["run", "--backend", "kvm", "--kernel", str(kernel), "--irqchip", "userspace", "--serial", "none",
          "--timeout", "20"]
     )  # fmt: skip
-    assert status == (0x10 << 1) | 1
+    assert status == EXPECTED_STATUS
 
 
 def test_smp_without_an_in_kernel_irqchip_is_refused(kvm: Backend) -> None:

@@ -43,6 +43,31 @@ What it models
   one item (``count == 1``); string forms give one exit per item.  Between the
   exit and the next run, RIP points at the I/O instruction, which the next run
   re-executes to hand the guest the VMM's data.
+* **String I/O batches (x86)**, ``SoftCpu(string_batch=N)`` with exits after
+  the access: an ``INS``/``OUTS`` (with or without REP) is one
+  :class:`~pyvmm.softcpu.exits.StringIoExit` (an ``IoExit``, ``kind`` IO)
+  carrying up to ``N`` bytes of items -- at least one, never past the guest
+  buffer's page, the REP count or the index register's wrap::
+
+      exit_.port, exit_.size, exit_.count  # count items of size bytes
+      exit_.is_write                       # OUTS: data holds the items
+      exit_.df                             # RFLAGS.DF: the buffer descends
+      exit_.gva, exit_.gpa                 # the first item's linear / physical address
+      exit_.data                           # count * size bytes, in transfer order
+
+  Item ``k`` lives at ``gva + k * size`` (``gva - k * size`` with ``df``).
+  The VMM fills ``data`` for ``INS``; the next run completes the whole batch
+  as KVM and HAXM do: the items go to guest memory (dirty-logged), RSI/RDI
+  move by ``count * size``, RCX drops by ``count`` under REP, and RIP moves
+  past the instruction once RCX reaches 0 -- until then RIP stays on it and
+  the next run makes the next batch.  KVM's ``io.count`` and data page are
+  ``count`` and ``data``.  The batch's memory is ``[gva, gva + count * size)``,
+  or with ``df`` ``[gva - (count - 1) * size, gva + size)``, item by item in
+  reverse of ``data`` -- what a model needs whose hypervisor copies its I/O
+  buffer to or from guest memory as one block (HAXM's ``handle_io_post``).
+  A buffer that is not RAM (MMIO, read-only for ``INS``, or not mapped in
+  the guest's page tables) goes item by item as plain ``IoExit`` s, so the
+  CPU raises the page fault where there is one.
 * **HLT / WFI** are a :class:`~pyvmm.exits.HltExit`, unless an interrupt is
   waiting (an injected x86 event, or a GIC interrupt signalled to an attached
   aarch64 vCPU), which wakes the vCPU instead.  aarch64 ``WFE`` is a no-op.
@@ -67,9 +92,10 @@ What it models
   NOT_SUPPORTED) goes to X0 on the next run.  Other aarch64 exceptions are an
   :class:`~pyvmm.exits.InternalErrorExit`.
 * **Registers.**  x86 :class:`~pyvmm.arch.x86_64.Regs` and
-  :class:`~pyvmm.arch.x86_64.Sregs` (64-bit, compatibility and flat 32-bit
-  protected mode, including the long-mode set-up of
-  :func:`pyvmm.arch.x86_64_boot.build_x86_boot_state`); aarch64 registers by
+  :class:`~pyvmm.arch.x86_64.Sregs` (real, 16- and 32-bit protected,
+  compatibility and 64-bit mode, segment caches as given -- every state
+  :func:`pyvmm.arch.x86_64_boot.build_x86_boot_state` builds), x86 events
+  as :class:`~pyvmm.arch.x86_64.VcpuEvents`; aarch64 registers by
   KVM one-reg id and as :class:`~pyvmm.arch.aarch64.CoreRegs`.
 * **Kick.**  :meth:`SoftCpu.kick` from any thread makes the current or next
   run return an :class:`~pyvmm.exits.InterruptedExit` (``uc_emu_stop``,
@@ -81,36 +107,54 @@ What it models
 What unicorn cannot model (and the engine does not pretend to)
 ================================================================
 
-* **x86 16-bit protected mode and non-flat segments set by the VMM.**  The
-  engine's register interface sets a selector but not the descriptor cache.
-  Real mode (the reset state included: CS F000, base FFFF0000) is set by
-  writing the caches and QEMU's mode flags into unicorn's saved context (their
-  places are probed, not assumed); protected and long mode from unicorn's
-  fresh state with control-register writes, so 16-bit protected mode and
-  segments whose base is not 0 there are refused with
-  :class:`~pyvmm.errors.ConfigError`.  A guest that switches modes itself (far
-  jumps, ``lgdt``) is executed faithfully by QEMU.
+* **x86 segment registers** are more than unicorn's register interface can
+  set: it writes a selector but not the hidden descriptor cache behind it
+  (only FS and GS load a descriptor), and its fresh state is a pseudo long
+  mode.  ``set_sregs`` therefore moves the CPU into the requested mode with
+  control-register writes from that fresh state, then writes every segment's
+  descriptor cache and QEMU's mode flags (CPL, code and stack size, LMA,
+  64-bit code) into the engine's saved context -- their places are probed,
+  not assumed.  Real mode (the reset state included: CS F000, base FFFF0000),
+  16-bit protected mode and segments with any base and limit are set as
+  given.  A guest that switches modes itself (far jumps, ``lgdt``) is executed
+  faithfully by QEMU.  Only if the probe fails (another unicorn build) are
+  real mode, 16-bit code and non-flat segments refused with
+  :class:`~pyvmm.errors.ConfigError`.
 * **x86 events** (:meth:`SoftCpu.inject_interrupt`, ``inject_nmi``,
-  ``request_interrupt_window``) are delivered through the guest's IVT/IDT at
-  the same privilege level, without IST or stack switch (else an internal
-  error); exceptions with a present gate are delivered too, except those
-  pushing an error code (unicorn does not report it).  While an event waits
-  for IF or the STI/MOV SS shadow (QEMU's, read back), the guest is stepped.
-  CPUID and RDMSR/WRMSR become exits with ``intercept``.
-* **Segment descriptor caches** cannot be read back.  ``get_sregs`` reports the
-  state last set for a segment while its selector is unchanged, and otherwise
-  decodes the descriptor the selector names in the guest's GDT/LDT -- right
-  unless the guest changed the table after loading the segment.  ``apic_base``
-  is stored, not modelled.  ``set_sregs`` restarts the CPU from its fresh
-  state: general registers, SSE registers, MXCSR and the syscall MSRs are kept,
-  the x87 state and debug registers are not.
+  ``inject_exception``, ``request_interrupt_window``) are delivered through
+  the guest's IVT/IDT as the CPU does: a gate into a more privileged code
+  segment switches to the TSS's stack for that level (SS0:ESP0 in 32-bit
+  protected mode, RSP0 and a null SS in long mode), a long-mode gate with an
+  IST index to that IST stack, and CS/SS and CPL are loaded.  16-bit gates
+  and TSSs, task gates, virtual-8086 mode and whatever the CPU would fault on
+  while delivering are an :class:`~pyvmm.exits.InternalErrorExit` naming
+  the reason (a ``ModelGap`` for a driver model).  An injected exception goes first,
+  whatever IF says, and pushes the error code it was given (protected and
+  long mode).  Exceptions the guest raises are delivered through its gates
+  too, with the error code QEMU recorded (read from the engine's context,
+  where it is probed, not assumed; INT n pushes none).  unicorn skips QEMU's
+  own delivery, which would end the exception "in flight": the software CPU
+  ends it, so a later fault is not taken for a double fault.  While an event
+  waits for IF or the STI/MOV SS shadow (QEMU's, read back), the guest is
+  stepped.  :meth:`SoftCpu.get_vcpu_events` / ``set_vcpu_events`` read and
+  write all of it as a :class:`~pyvmm.arch.x86_64.VcpuEvents`.
+  CPUID, RDMSR/WRMSR and RDTSC/RDTSCP become exits with ``intercept``
+  (:class:`~pyvmm.softcpu.exits.RdtscExit` for the TSC: set ``tsc``, and
+  ``aux`` for RDTSCP, before the next run).
+* **Segment descriptor caches** are read back from the engine's saved
+  context, so ``get_sregs`` reports what the CPU holds however the segment was
+  loaded (QEMU keeps no "unusable" flag: a segment that is not present reads
+  as unusable).  ``apic_base`` is stored, not modelled.  ``set_sregs``
+  restarts the CPU from its fresh state: general registers, SSE registers,
+  MXCSR and the syscall MSRs are kept, the x87 state and debug registers are
+  not.
 * **No x86 interrupt controller** (no local APIC or IOAPIC: the machine
   layer's userspace 8259/8254 drive x86 injection), and the GIC models no SGIs,
   group 0, binary-point preemption, LPIs/ITS or EOImode 1; an IRQ taken at EL1
   on SP_EL0 does not switch stacks.  Hence no ``IRQCHIP``, ``IRQ_LINE``,
   ``IRQFD`` or ``PVCLOCK``.
-* **CPUID and MSRs** without ``intercept`` are unicorn's own CPU model's, and
-  ``RDMSR`` of an unknown MSR does not fault.  RDTSC is not an exit.
+* **CPUID, MSRs and the TSC** without ``intercept`` are unicorn's own CPU
+  model's, and ``RDMSR`` of an unknown MSR does not fault.
 * **One vCPU per engine**, and guest memory shared between engines is coherent
   for data only: translated code is per engine.  Code written by the *host*
   into guest memory is only seen after :meth:`SoftCpu.invalidate_code` (done at
@@ -132,5 +176,15 @@ from __future__ import annotations
 
 from pyvmm.softcpu._uc import SoftCpuUnavailable, available
 from pyvmm.softcpu.engine import Conduit, Hypercall, HypercallHandler, SoftCpu
+from pyvmm.softcpu.exits import RdtscExit, StringIoExit
 
-__all__ = ["Conduit", "Hypercall", "HypercallHandler", "SoftCpu", "SoftCpuUnavailable", "available"]
+__all__ = [
+    "Conduit",
+    "Hypercall",
+    "HypercallHandler",
+    "RdtscExit",
+    "SoftCpu",
+    "SoftCpuUnavailable",
+    "StringIoExit",
+    "available",
+]

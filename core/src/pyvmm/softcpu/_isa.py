@@ -71,6 +71,17 @@ class Engine(Protocol):
     def read_virtual(self, address: int, size: int) -> bytes | None:
         """Guest-virtual memory through the guest's translation, or None."""
 
+    def read_physical(self, gpa: int, size: int) -> bytes | None:
+        """Guest-physical memory the emulator can see, or None."""
+
+    def is_ram(self, gpa: int, size: int, *, write: bool) -> bool:
+        """Whether RAM (writable RAM for ``write``) backs all of ``gpa..+size``
+        inside one mapping: no MMIO, no read-only region for a write."""
+
+    def write_ram(self, gpa: int, data: bytes) -> bool:
+        """Write guest RAM as a guest write would land (dirty pages logged);
+        False, writing nothing, where :meth:`is_ram` would say no."""
+
     def stop_slice(self, reason: Stop) -> None:
         """From inside a unicorn hook: end the current slice for ``reason``; the
         engine then asks the ISA half for the exit (``port_exit``/``isa_exit``)."""
@@ -139,6 +150,10 @@ class Isa:
     def isa_exit(self) -> VcpuExit | None:
         """The exit for a :attr:`Stop.ISA` the ISA half recorded."""
         raise NotImplementedError
+
+    def at_interrupt(self, intno: int) -> None:
+        """Inside unicorn's interrupt hook, before the slice ends: look at what
+        the engine forgets once it returns (x86: the error code)."""
 
     def interrupt_exit(self, intno: int) -> VcpuExit | None:
         """The exit for a CPU exception unicorn raised (``intno`` is its number),

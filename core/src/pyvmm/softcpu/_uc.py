@@ -10,6 +10,7 @@ from __future__ import annotations
 import ctypes
 import functools
 import importlib
+from collections.abc import Callable
 from types import ModuleType
 from typing import Any
 
@@ -18,7 +19,8 @@ from pyvmm.errors import PyvmmError
 INSTALL_HINT = "pip install 'pyvmm-core[softcpu]'"
 
 #: A PC no guest can reach: non-canonical on x86_64 and outside every aarch64
-#: VA range.  unicorn insists on an end address; this one never stops it.
+#: VA range.  unicorn insists on an end address; the engine enables an empty
+#: exit list, so it is ignored (and never translated).
 UNREACHABLE = 1 << 63
 #: Instruction budget of a normal run.  Any count at all makes unicorn check for
 #: a stop request before every instruction (its own counting hook), which is what
@@ -119,3 +121,41 @@ class RegisterFile:
         status = self._write(self._handle, reg, self._ref)
         if status:
             raise self._error(status)
+
+
+#: ``int callback(uc_engine *, void *user_data)``: unicorn's prototype for the
+#: x86 instruction hooks that can skip their instruction (CPUID, RDTSC, RDTSCP).
+_INSN_SKIP_CALLBACK = ctypes.CFUNCTYPE(ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p)
+
+
+class InstructionHook:
+    """An x86 ``UC_HOOK_INSN`` hook added through the C API.  The binding (2.1)
+    accepts only IN, OUT, SYSCALL, SYSENTER and CPUID there, while the library
+    also calls hooks on RDTSC and RDTSCP; this object keeps the C callback
+    alive as long as the engine may call it."""
+
+    __slots__ = ("_c_callback", "handle")
+
+    def __init__(self, engine: Any, instruction: int, callback: Callable[[], bool]) -> None:
+        def trampoline(_engine: int | None, _data: int | None) -> int:
+            # A Python exception cannot cross the C frames: ctypes would print
+            # it and return 0 (the instruction runs unhooked), so callbacks
+            # are written not to raise.
+            return 1 if callback() else 0
+
+        self._c_callback = _INSN_SKIP_CALLBACK(trampoline)
+        handle = ctypes.c_size_t()
+        lib = _library()
+        status = lib.uc_hook_add(
+            engine._uch,
+            ctypes.byref(handle),
+            unicorn().UC_HOOK_INSN,
+            ctypes.cast(self._c_callback, ctypes.c_void_p),
+            None,
+            ctypes.c_uint64(1),  # begin > end: the whole address space
+            ctypes.c_uint64(0),
+            ctypes.c_int(instruction),
+        )
+        if status:
+            raise unicorn().UcError(status)
+        self.handle = int(handle.value)

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from pyvmm.arch.aarch64 import CoreRegs
-from pyvmm.arch.x86_64 import Regs, Sregs
+from pyvmm.arch.x86_64 import Regs, Sregs, VcpuEvents
 from pyvmm.boot import Aarch64VcpuInit, VcpuInit, X86VcpuInit
 from pyvmm.config import PAGE_SIZE, Arch
 from pyvmm.errors import ConfigError, HypervisorError, VmStateError
@@ -46,8 +46,9 @@ _MAX_IDLE_SLICES = 4
 
 #: What ``SoftCpu(intercept=...)`` can turn into exits (x86_64): CPUID as a
 #: :class:`~pyvmm.exits.CpuidExit`, RDMSR/WRMSR as a
-#: :class:`~pyvmm.exits.MsrAccessExit`, both completed on the next run.
-INTERCEPTS = frozenset({"cpuid", "msr"})
+#: :class:`~pyvmm.exits.MsrAccessExit`, RDTSC/RDTSCP as a
+#: :class:`~pyvmm.softcpu.exits.RdtscExit`, all completed on the next run.
+INTERCEPTS = frozenset({"cpuid", "msr", "rdtsc"})
 
 #: ``SoftCpu(exit_timing=...)``: when an MMIO or port access exits.  ``"after"``
 #: the access (KVM, HAXM): the next run completes it.  ``"before"`` the
@@ -68,6 +69,15 @@ class _Link:
 
     def read_virtual(self, address: int, size: int) -> bytes | None:
         return self._cpu.read_virtual(address, size)
+
+    def read_physical(self, gpa: int, size: int) -> bytes | None:
+        return self._cpu.read_physical(gpa, size)
+
+    def is_ram(self, gpa: int, size: int, *, write: bool) -> bool:
+        return self._cpu._ram_mapping(gpa, size, write) is not None
+
+    def write_ram(self, gpa: int, data: bytes) -> bool:
+        return self._cpu._write_ram(gpa, data)
 
     def stop_slice(self, reason: Stop) -> None:
         cpu = self._cpu
@@ -137,13 +147,20 @@ class SoftCpu:
         seen (what hardware does; costs ~35 µs per run).  With False the owner
         calls :meth:`invalidate_code` after writing code itself.
     :param intercept: x86_64: what of :data:`INTERCEPTS` becomes an exit
-        (``"cpuid"``, ``"msr"``) instead of being answered by unicorn's CPU
-        model -- the exit is taken after the instruction and the VMM's answer
-        (``CpuidExit.eax``.., ``MsrAccessExit.value``/``error``) goes in on the
-        next run.  ``"msr"`` looks at every instruction (unicorn cannot hook
+        (``"cpuid"``, ``"msr"``, ``"rdtsc"``) instead of being answered by
+        unicorn's CPU model -- the exit is taken after the instruction and the
+        VMM's answer (``CpuidExit.eax``.., ``MsrAccessExit.value``/``error``,
+        ``RdtscExit.tsc``/``aux``) goes in on the next run.  ``"msr"`` looks at every instruction (unicorn cannot hook
         RDMSR/WRMSR), so it is slow.
     :param exit_timing: x86_64: ``"after"`` (default) or ``"before"``, see
         :data:`EXIT_TIMINGS`.
+    :param string_batch: x86_64 with exits after the access: the most bytes
+        one ``INS``/``OUTS`` exit carries.  0 (default): one item per exit, a
+        plain :class:`~pyvmm.exits.IoExit`.  Above 0: a
+        :class:`~pyvmm.softcpu.exits.StringIoExit` with up to that many bytes
+        of items (at least one item; never beyond the buffer's page), which the
+        next run completes as a whole.  A string instruction whose buffer is
+        not RAM goes item by item, as with 0.
     :raises SoftCpuUnavailable: unicorn is not installed.
     """
 
@@ -154,6 +171,7 @@ class SoftCpu:
         coherent_code: bool = True,
         intercept: Iterable[str] = (),
         exit_timing: str = "after",
+        string_batch: int = 0,
     ) -> None:
         self.arch = Arch(arch)
         wanted = frozenset(intercept)
@@ -164,6 +182,13 @@ class SoftCpu:
         if exit_timing not in EXIT_TIMINGS or (exit_timing == "before" and self.arch is not Arch.X86_64):
             raise ConfigError(
                 f"softcpu: exit_timing {exit_timing!r}: one of {sorted(EXIT_TIMINGS)}, and 'before' for x86_64 only"
+            )
+        if isinstance(string_batch, bool) or not isinstance(string_batch, int) or string_batch < 0:
+            raise ConfigError(f"softcpu: string_batch {string_batch!r}: a byte count, 0 or more")
+        if string_batch and (self.arch is not Arch.X86_64 or exit_timing != "after"):
+            raise ConfigError(
+                "softcpu: string_batch is for x86_64 guests with exit_timing 'after' "
+                "(before the instruction, the VMM emulates the whole string instruction)"
             )
         #: True: MMIO and port exits come before the instruction (WHPX).
         self.exits_before = exit_timing == "before"
@@ -214,12 +239,20 @@ class SoftCpu:
             x86 = X86Isa(_Link(self), uc, self._uc)
             x86.intercept = wanted
             x86.exits_before = self.exits_before
+            x86.string_batch = string_batch
             self._isa: Isa = x86
         else:
             from pyvmm.softcpu._aarch64 import Aarch64Isa
 
             self._uc = uc.Uc(uc.UC_ARCH_ARM64, uc.UC_MODE_ARM)
             self._isa = Aarch64Isa(_Link(self), uc, self._uc)
+        # No end address: unicorn translates the one emu_start is given through
+        # the guest's MMU when a run ends, and under x86 paging the
+        # (non-canonical) UNREACHABLE raised a #GP there, unseen -- QEMU then
+        # took the guest's next #GP or #PF for a double fault.  With the exit
+        # list enabled and empty, emu_start ignores its end address.
+        self._uc.ctl_exits_enabled(True)
+        self._uc.ctl_set_exits([])
         memory_events = (
             uc.UC_HOOK_MEM_READ_UNMAPPED
             | uc.UC_HOOK_MEM_WRITE_UNMAPPED
@@ -357,6 +390,23 @@ class SoftCpu:
                 return mapping
         return None
 
+    def _ram_mapping(self, gpa: int, size: int, write: bool) -> _Mapping | None:
+        mapping = self._mapping_at(gpa)
+        if mapping is None or gpa + size > mapping.end or (write and mapping.read_only):
+            return None
+        return mapping
+
+    def _write_ram(self, gpa: int, data: bytes) -> bool:
+        """Write guest RAM on the guest's behalf (host pages, zero-copy), logging
+        the pages as the guest's own writes would be."""
+        mapping = self._ram_mapping(gpa, len(data), True)
+        if mapping is None:
+            return False
+        ctypes.memmove(mapping.host_addr + (gpa - mapping.guest_phys_addr), data, len(data))
+        if mapping.dirty is not None and data:
+            self._on_dirty_write(self._uc, 0, gpa, len(data), 0, mapping)
+        return True
+
     def invalidate_code(self) -> None:
         """Forget translated code (after the owner rewrote guest code in place)."""
         self._check_open()
@@ -401,9 +451,13 @@ class SoftCpu:
     def set_sregs(self, sregs: Sregs) -> None:
         """Set the x86 CPU mode, control and segment registers.
 
-        :raises ConfigError: a state the software CPU cannot model (real mode,
-            16-bit protected mode, segments with a non-zero base outside 64-bit
-            mode).
+        Every segment's hidden descriptor cache is set as ``sregs`` gives it
+        (real mode, 16-bit and non-flat protected mode included).
+
+        :raises ConfigError: a state the CPU cannot be in (long mode without
+            CR4.PAE, real mode with paging); with a unicorn whose hidden state
+            could not be found, also real mode, 16-bit protected mode and
+            segments with a non-zero base outside 64-bit mode.
         """
         self._x86("set_sregs").set_sregs(sregs)
 
@@ -430,6 +484,30 @@ class SoftCpu:
         interruptible (past STI's shadow).  Until the window opens the guest is
         single-stepped."""
         self._x86("request_interrupt_window").request_interrupt_window(requested)
+
+    def inject_exception(self, vector: int, error_code: int | None = None, *, cr2: int | None = None) -> None:
+        """Deliver exception ``vector`` (0-31, not 2) through the guest's IDT
+        (or IVT) at the next run, before any NMI or interrupt and whatever IF
+        says, as a hypervisor's event injection does.  ``error_code`` is pushed
+        in protected and long mode (give it for the vectors that have one:
+        #DF, #TS, #NP, #SS, #GP, #PF, #AC, ...); ``cr2`` is a #PF's address,
+        written to CR2 on delivery.  The return address is RIP as it is then.
+        A second call before the run replaces the first."""
+        self._x86("inject_exception").inject_exception(vector, error_code, cr2)
+
+    def get_vcpu_events(self) -> VcpuEvents:
+        """x86 pending events as a :class:`~pyvmm.arch.x86_64.VcpuEvents`: an
+        injected exception not yet delivered, an injected interrupt waiting
+        for IF, the interrupt shadow (STI or MOV SS), NMI pending/blocked."""
+        return self._x86("get_vcpu_events").get_vcpu_events()
+
+    def set_vcpu_events(self, events: VcpuEvents) -> None:
+        """Replace the x86 pending events (fields that are None keep theirs).
+
+        :raises ConfigError: SMM, SIPI, a pending triple fault or a software
+            interrupt, which the software CPU has no state for.
+        """
+        self._x86("set_vcpu_events").set_vcpu_events(events)
 
     def x86_events(self) -> tuple[int | None, bool, bool, bool]:
         """(injected vector not yet taken, NMI pending, NMI blocked, interrupt shadow)."""
@@ -914,6 +992,7 @@ class SoftCpu:
     def _on_interrupt(self, uc: Any, intno: int, _data: Any) -> None:
         self._stop = Stop.INTERRUPT
         self._stop_value = intno
+        self._isa.at_interrupt(intno)
         uc.emu_stop()
 
     def _on_invalid(self, _uc_: Any, _data: Any) -> bool:

@@ -15,7 +15,7 @@ from __future__ import annotations
 from typing import Any
 
 from pyvmm.arch.aarch64 import CoreRegs
-from pyvmm.arch.x86_64 import Regs, Sregs
+from pyvmm.arch.x86_64 import Regs, Sregs, VcpuEvents
 from pyvmm.boot import VcpuInit
 from pyvmm.config import Arch, VmConfig
 from pyvmm.errors import ConfigError
@@ -30,7 +30,9 @@ from pyvmm.vcpu_state import StateKind
 #: ``exit_timing``: x86 MMIO/port exits ``"after"`` the access (KVM's) or
 #: ``"before"`` the instruction (WHPX's, completed with
 #: :mod:`pyvmm.softcpu.x86_emulate`), see :data:`pyvmm.softcpu.engine.EXIT_TIMINGS`.
-OPTIONS: dict[str, object] = {"coherent_code": True, "intercept": (), "exit_timing": "after"}
+#: ``string_batch``: x86 ``INS``/``OUTS`` bytes per exit; 0 is one item per exit
+#: (see ``SoftCpu(string_batch=...)``).
+OPTIONS: dict[str, object] = {"coherent_code": True, "intercept": (), "exit_timing": "after", "string_batch": 0}
 
 _STATE_KINDS = {
     Arch.X86_64: (StateKind.REGS, StateKind.SREGS),
@@ -54,6 +56,11 @@ def parse_options(options: dict[str, Any]) -> dict[str, Any]:
     merged["intercept"] = tuple(intercept)
     if merged["exit_timing"] not in EXIT_TIMINGS:
         raise ConfigError(f"backend_options.exit_timing: one of {', '.join(sorted(EXIT_TIMINGS))}")
+    batch = merged["string_batch"]
+    if isinstance(batch, bool) or not isinstance(batch, int) or batch < 0:
+        raise ConfigError("backend_options.string_batch: a byte count, 0 or more")
+    if batch and merged["exit_timing"] != "after":
+        raise ConfigError("backend_options.string_batch: needs exit_timing 'after'")
     return merged
 
 
@@ -103,11 +110,14 @@ class UnicornVm:
         x86 = self.config.arch is Arch.X86_64
         if not x86 and self.options["exit_timing"] != "after":
             raise ConfigError("backend_options.exit_timing 'before' is for x86_64 guests")
+        if not x86 and self.options["string_batch"]:
+            raise ConfigError("backend_options.string_batch is for x86_64 guests")
         cpu = SoftCpu(
             self.config.arch,
             coherent_code=bool(self.options["coherent_code"]),
             intercept=self.options["intercept"] if x86 else (),
             exit_timing=str(self.options["exit_timing"]),
+            string_batch=int(self.options["string_batch"]),
         )
         try:
             for region in self.regions:
@@ -165,6 +175,14 @@ class UnicornVcpu:
     def inject_nmi(self) -> None:
         self._x86_only("an NMI")
         self.cpu.inject_nmi()
+
+    def get_events(self) -> VcpuEvents:
+        self._x86_only("vCPU events")
+        return self.cpu.get_vcpu_events()
+
+    def set_events(self, events: VcpuEvents) -> None:
+        self._x86_only("vCPU events")
+        self.cpu.set_vcpu_events(events)
 
     def _x86_only(self, what: str) -> None:
         if self.vm.config.arch is not Arch.X86_64:

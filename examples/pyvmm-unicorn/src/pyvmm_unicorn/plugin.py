@@ -28,6 +28,7 @@ CAPABILITIES = (
     Capability.INTERRUPT_INJECTION,  # ready_for_interrupt / interrupt / request_interrupt_window
     Capability.NMI,  # UnicornVcpu.inject_nmi
     Capability.INTERRUPT_SHADOW,  # the STI/MOV SS shadow is QEMU's, read back from the engine
+    Capability.VCPU_EVENTS,  # UnicornVcpu.get_events / set_events: injected exception, interrupt, NMI, shadow
 )
 
 
