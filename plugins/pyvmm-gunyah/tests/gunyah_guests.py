@@ -14,6 +14,13 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
+from pyvmm.machine.devicetree import PHANDLE_GIC, DeviceTree, cpu_reg
+from pyvmm.machine.virt import (
+    GIC_DISTRIBUTOR_BASE,
+    GIC_DISTRIBUTOR_SIZE,
+    GIC_REDISTRIBUTOR_BASE,
+    GIC_REDISTRIBUTOR_SIZE,
+)
 from pyvmm.testing.conformance.programs_aarch64 import SYSTEM_OFF_SOURCE, aarch64_program, backend_device_tree
 from pyvmm.testing.guests import gicv3
 
@@ -40,11 +47,37 @@ CONTEXT_ID = 0x77
 TOUCHED = 0x8000_4000
 
 
-def write_device_tree(vm: Vm, address: int = FDT_ADDRESS) -> None:
+def write_device_tree(vm: Vm, address: int = FDT_ADDRESS, *, gic: bool = False) -> None:
     """Write the tree Gunyah's resource manager builds the VM from -- the VM's
     vCPUs and the plugin's own nodes (memory, doorbells) -- at ``address``, once
-    the memory, vCPUs' count and irqfds are known."""
-    vm.memory.write(address, backend_device_tree(vm))
+    the memory, vCPUs' count and irqfds are known; with ``gic``, also a GICv3
+    node as the virt board writes it (its phandle is the one the plugin's
+    ``interrupts { config }`` names)."""
+    vm.memory.write(address, device_tree_with_gic(vm) if gic else backend_device_tree(vm))
+
+
+def device_tree_with_gic(vm: Vm) -> bytes:
+    tree = DeviceTree()
+    tree.u32("/", "#address-cells", 2)
+    tree.u32("/", "#size-cells", 2)
+    tree.u32("/cpus", "#address-cells", 1)
+    tree.u32("/cpus", "#size-cells", 0)
+    for index in range(vm.config.vcpus):
+        cpu = f"/cpus/cpu@{cpu_reg(index):x}"
+        tree.string(cpu, "device_type", "cpu")
+        tree.string(cpu, "enable-method", "psci")
+        tree.u32(cpu, "reg", cpu_reg(index))
+    intc = f"/intc@{GIC_DISTRIBUTOR_BASE:x}"
+    tree.string(intc, "compatible", "arm,gic-v3")
+    tree.u32(intc, "#interrupt-cells", 3)
+    tree.flag(intc, "interrupt-controller")
+    redistributors = GIC_REDISTRIBUTOR_SIZE * vm.config.vcpus
+    tree.u64(intc, "reg", GIC_DISTRIBUTOR_BASE, GIC_DISTRIBUTOR_SIZE, GIC_REDISTRIBUTOR_BASE, redistributors)
+    tree.u32(intc, "phandle", PHANDLE_GIC)
+    vm.add_device_tree_nodes(tree)
+    blob = tree.to_dtb()
+    assert len(blob) <= FDT_SIZE
+    return blob
 
 
 REPORT_REGISTERS = aarch64_program(
@@ -69,6 +102,31 @@ DOORBELL_WAKE = aarch64_program(
 """
     + SYSTEM_OFF_SOURCE,
     "0520a1d27f2003d5a50000b9000180d20080b0f2020000d4",
+)
+
+# DOORBELL_WAKE with the doorbell's interrupt enabled: the GIC's distributor
+# (affinity routing, group 1) with SPI 8 (INTID 40, the SPI of doorbell label 8)
+# enabled, and the CPU interface (PMR, group 1) -- IRQs stay masked in PSTATE, so
+# the pending SPI wakes WFI without being taken.
+DOORBELL_ENABLED_WAKE = aarch64_program(
+    "doorbell_enabled_wake",
+    """
+    movz x1, #0x0800, lsl #16
+    mov w2, #0x12
+    str w2, [x1]
+    mov w2, #0x100
+    str w2, [x1, #0x104]
+    mov x2, #0xf0
+    msr S3_0_C4_C6_0, x2
+    mov x2, #1
+    msr S3_0_C12_C12_7, x2
+    movz x5, #0x0900, lsl #16
+    wfi
+    str w5, [x5]
+"""
+    + SYSTEM_OFF_SOURCE,
+    "0100a1d242028052220000b902208052220401b9021e80d2024618d5220080d2e2cc18d50520a1d27f2003d5a50000b9000180d2"
+    "0080b0f2020000d4",
 )
 
 IOEVENT = aarch64_program(
@@ -326,6 +384,7 @@ VENDOR_HYPERCALL = aarch64_program(
 GUESTS = (
     REPORT_REGISTERS,
     DOORBELL_WAKE,
+    DOORBELL_ENABLED_WAKE,
     IOEVENT,
     SMP,
     UNDEFINED,

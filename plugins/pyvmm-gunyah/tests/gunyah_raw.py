@@ -11,7 +11,13 @@ import struct
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 
-from pyvmm.machine.devicetree import DeviceTree
+from pyvmm.machine.devicetree import GIC_SPI, IRQ_TYPE_LEVEL_HIGH, PHANDLE_GIC, DeviceTree
+from pyvmm.machine.virt import (
+    GIC_DISTRIBUTOR_BASE,
+    GIC_DISTRIBUTOR_SIZE,
+    GIC_REDISTRIBUTOR_BASE,
+    GIC_REDISTRIBUTOR_SIZE,
+)
 from pyvmm_gunyah import model as gm
 
 PAGE = 4096
@@ -163,10 +169,11 @@ def write_guest(host_addr: int, offset: int, code: bytes) -> None:
     ctypes.memmove(host_addr + offset, code, len(code))
 
 
-def raw_fdt(vcpus: int = 1, doorbells: Iterable[int] = (), *, vm_config: bool = True) -> bytes:
+def raw_fdt(vcpus: int = 1, doorbells: Iterable[int] = (), *, vm_config: bool = True, gic: bool = False) -> bytes:
     """A device tree as the resource manager reads it (docs/backends/gunyah.md
     §7.3), written by hand rather than by the plugin: ``vcpus`` CPU nodes and a
-    doorbell vdevice per label."""
+    doorbell vdevice per label; with ``gic``, a GICv3 node at the virt board's
+    addresses that ``interrupts { config }`` names, each doorbell on SPI = label."""
     tree = DeviceTree()
     tree.u32("/cpus", "#address-cells", 1)
     tree.u32("/cpus", "#size-cells", 0)
@@ -181,4 +188,14 @@ def raw_fdt(vcpus: int = 1, doorbells: Iterable[int] = (), *, vm_config: bool = 
             node = f"/gunyah-vm-config/vdevices/bell-{label:x}"
             tree.string(node, "vdevice-type", "doorbell")
             tree.u32(node, "label", label)
+            if gic:
+                tree.u32(node, "interrupts", GIC_SPI, label, IRQ_TYPE_LEVEL_HIGH)
+        if gic:
+            tree.u32("/gunyah-vm-config/interrupts", "config", PHANDLE_GIC)
+    if gic:
+        intc = f"/intc@{GIC_DISTRIBUTOR_BASE:x}"
+        tree.string(intc, "compatible", "arm,gic-v3")
+        redistributors = GIC_REDISTRIBUTOR_SIZE * vcpus
+        tree.u64(intc, "reg", GIC_DISTRIBUTOR_BASE, GIC_DISTRIBUTOR_SIZE, GIC_REDISTRIBUTOR_BASE, redistributors)
+        tree.u32(intc, "phandle", PHANDLE_GIC)
     return tree.to_dtb()

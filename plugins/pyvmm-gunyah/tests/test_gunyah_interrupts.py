@@ -18,47 +18,19 @@ from pyvmm.boot import BootSpec
 from pyvmm.config import Arch
 from pyvmm.exits import InterruptedExit, MmioExit, SystemEvent, SystemEventExit
 from pyvmm.host import Event
-from pyvmm.machine.devicetree import PHANDLE_GIC, DeviceTree, cpu_reg
 from pyvmm.machine.virt import (
     GIC_DISTRIBUTOR_BASE,
-    GIC_DISTRIBUTOR_SIZE,
     GIC_REDISTRIBUTOR_BASE,
-    GIC_REDISTRIBUTOR_SIZE,
 )
 from pyvmm.softcpu.gic import Gic
 from pyvmm.testing.conformance.programs_aarch64 import Aarch64Program
+from pyvmm.testing.driver_model import ModelGap
 from pyvmm.vm import Backend, Vcpu, Vm
 from pyvmm_gunyah import model as gm
 
 pytest.importorskip("unicorn", reason="the Gunyah model runs guests on the software CPU (unicorn)")
 
 SPEC = BootSpec(arch=Arch.AARCH64, entry=guests.CODE_ADDRESS, fdt_address=guests.FDT_ADDRESS, fdt_size=guests.FDT_SIZE)
-
-
-def device_tree_with_gic(vm: Vm) -> bytes:
-    """The vCPUs, a GICv3 node as the virt board writes it (its phandle is the
-    one the plugin's ``interrupts { config }`` names) and the plugin's nodes."""
-    tree = DeviceTree()
-    tree.u32("/", "#address-cells", 2)
-    tree.u32("/", "#size-cells", 2)
-    tree.u32("/cpus", "#address-cells", 1)
-    tree.u32("/cpus", "#size-cells", 0)
-    for index in range(vm.config.vcpus):
-        cpu = f"/cpus/cpu@{cpu_reg(index):x}"
-        tree.string(cpu, "device_type", "cpu")
-        tree.string(cpu, "enable-method", "psci")
-        tree.u32(cpu, "reg", cpu_reg(index))
-    intc = f"/intc@{GIC_DISTRIBUTOR_BASE:x}"
-    tree.string(intc, "compatible", "arm,gic-v3")
-    tree.u32(intc, "#interrupt-cells", 3)
-    tree.flag(intc, "interrupt-controller")
-    redistributors = GIC_REDISTRIBUTOR_SIZE * vm.config.vcpus
-    tree.u64(intc, "reg", GIC_DISTRIBUTOR_BASE, GIC_DISTRIBUTOR_SIZE, GIC_REDISTRIBUTOR_BASE, redistributors)
-    tree.u32(intc, "phandle", PHANDLE_GIC)
-    vm.add_device_tree_nodes(tree)
-    blob = tree.to_dtb()
-    assert len(blob) <= guests.FDT_SIZE
-    return blob
 
 
 @contextmanager
@@ -70,7 +42,7 @@ def booted(
         vm.memory.write(guests.CODE_ADDRESS, guest.code)
         setup(vm)
         if gic:
-            vm.memory.write(guests.FDT_ADDRESS, device_tree_with_gic(vm))
+            guests.write_device_tree(vm, gic=True)
         else:
             guests.write_device_tree(vm)
         vcpu = vm.create_vcpu()
@@ -161,15 +133,14 @@ def test_a_doorbell_the_guest_never_enabled_does_not_wake_it(
         assert model.vms[0].doorbells[guests.DOORBELL_LABEL].rung == 1
 
 
-def test_without_a_gic_in_the_tree_a_doorbell_only_wakes(gunyah: Backend, model: gm.GunyahModel, event: Event) -> None:
-    """A tree whose ``interrupts { config }`` names no node: the model has no GIC
-    and keeps routing a doorbell to every vCPU as a wake-up."""
+def test_a_doorbell_in_a_vm_whose_tree_names_no_gic_is_a_model_gap(
+    gunyah: Backend, model: gm.GunyahModel, event: Event
+) -> None:
+    """A tree whose ``interrupts { config }`` names no node: Gunyah still has its
+    vGIC (the RM places it by platform), the model does not know where or how the
+    guest programmed it, so a ring is a ``ModelGap`` -- not a guessed wake-up."""
     with booted(gunyah, guests.DOORBELL_WAKE, _bell(event), gic=False) as (_, vcpu):
         assert model.vms[0].gic is None
-        ring = threading.Timer(0.1, event.signal)  # once the vCPU sleeps in WFI
-        ring.start()
-        try:
-            exit_ = vcpu.run()
-        finally:
-            ring.cancel()
-        assert isinstance(exit_, MmioExit) and exit_.address == guests.MMIO_BASE
+        event.signal()
+        with pytest.raises(ModelGap, match="names no GIC"):
+            vcpu.run()

@@ -414,7 +414,7 @@ def test_removing_a_vcpu_sets_immediate_exit_and_frees_its_id(raw: RawVm) -> Non
 def test_irqfd_writes_before_start_are_dropped(raw: RawVm, eventfd: int) -> None:
     assert raw.irqfd(eventfd, 4) == 0
     os.eventfd_write(eventfd, 1)
-    raw.startable(tree=raw_fdt(doorbells=[4]))
+    raw.startable(tree=raw_fdt(doorbells=[4], gic=True))
     assert raw.start() == 0
     (vm,) = raw.model.vms
     bell = vm.doorbells[4]
@@ -432,7 +432,7 @@ def test_only_doorbells_the_device_tree_names_get_a_resource(raw: RawVm) -> None
     try:
         assert raw.irqfd(events[1], 1) == 0
         assert raw.irqfd(events[2], 2) == 0
-        raw.startable(tree=raw_fdt(doorbells=[1, 3]))
+        raw.startable(tree=raw_fdt(doorbells=[1, 3], gic=True))
         assert raw.start() == 0
         assert raw.irqfd(events[3], 3) == 0  # after START, named: bound at once
         assert raw.irqfd(events[4], 4) == 0  # after START, not named: never bound

@@ -44,16 +44,17 @@ def booted(
     *,
     vcpus: int = 1,
     setup: Callable[[Vm], object] | None = None,
+    gic: bool = False,
     **boot: object,
 ) -> Iterator[tuple[Vm, list[Vcpu]]]:
-    """A VM with ``guest`` at CODE_ADDRESS and a device tree, booted; ``setup``
-    runs before the vCPUs exist (doorbells, ioeventfds)."""
+    """A VM with ``guest`` at CODE_ADDRESS and a device tree (naming a GIC with
+    ``gic``), booted; ``setup`` runs before the vCPUs exist (doorbells, ioeventfds)."""
     with backend.create_vm({"arch": "aarch64", "vcpus": vcpus}) as vm:
         vm.add_memory(guests.RAM_BASE, guests.RAM_SIZE)
         vm.memory.write(guests.CODE_ADDRESS, guest.code)
         if setup is not None:
             setup(vm)
-        guests.write_device_tree(vm)  # the RM makes the vCPUs and doorbells it names
+        guests.write_device_tree(vm, gic=gic)  # the RM makes the vCPUs and doorbells it names
         cpus = [vm.create_vcpu() for _ in range(vcpus)]
         vm.boot(SPEC.model_copy(update=boot))
         yield vm, cpus
@@ -358,7 +359,7 @@ def test_ioeventfd_with_other_data_lets_the_write_exit(gunyah: Backend, event: E
 
 def _doorbell(event: Event, ring_before_start: bool = False) -> Callable[[Vm], object]:
     def setup(vm: Vm) -> None:
-        vm.register_irqfd(event, 1)
+        vm.register_irqfd(event, guests.DOORBELL_LABEL)
         if ring_before_start:
             event.signal()  # no doorbell resource yet: dropped
 
@@ -366,19 +367,22 @@ def _doorbell(event: Event, ring_before_start: bool = False) -> Callable[[Vm], o
 
 
 def test_a_doorbell_wakes_a_vcpu_in_wfi(gunyah: Backend, model: gm.GunyahModel, event: Event) -> None:
-    with booted(gunyah, guests.DOORBELL_WAKE, setup=_doorbell(event, ring_before_start=True)) as (_, (vcpu,)):
+    with booted(gunyah, guests.DOORBELL_ENABLED_WAKE, setup=_doorbell(event, ring_before_start=True), gic=True) as (
+        _,
+        (vcpu,),
+    ):
         ring = threading.Timer(0.2, event.signal)
         ring.start()
         try:
             assert written(vcpu, guests.MMIO_BASE) == guests.MMIO_BASE & 0xFFFFFFFF
         finally:
             ring.cancel()
-        bell = model.vms[0].doorbells[1]
+        bell = model.vms[0].doorbells[guests.DOORBELL_LABEL]
         assert (bell.dropped, bell.rung) == (1, 1)
 
 
 def test_a_kick_from_another_thread_ends_a_wfi_sleep(gunyah: Backend, event: Event) -> None:
-    with booted(gunyah, guests.DOORBELL_WAKE, setup=_doorbell(event)) as (_, (vcpu,)):
+    with booted(gunyah, guests.DOORBELL_ENABLED_WAKE, setup=_doorbell(event), gic=True) as (_, (vcpu,)):
         kicker = threading.Timer(0.2, vcpu.kick)
         kicker.start()
         assert isinstance(vcpu.run(), InterruptedExit)
@@ -390,7 +394,7 @@ def test_a_kick_from_another_thread_ends_a_wfi_sleep(gunyah: Backend, event: Eve
 def test_the_kick_follows_the_thread_that_runs_the_vcpu(gunyah: Backend, event: Event) -> None:
     """Created here, run on a worker: the signal must reach the worker, the only
     thing that wakes a vCPU sleeping in WFI (immediate_exit is not read there)."""
-    with booted(gunyah, guests.DOORBELL_WAKE, setup=_doorbell(event)) as (_, (vcpu,)):
+    with booted(gunyah, guests.DOORBELL_ENABLED_WAKE, setup=_doorbell(event), gic=True) as (_, (vcpu,)):
         results: list[object] = []
         running = threading.Event()
 
@@ -649,8 +653,13 @@ def test_raw_a_signal_alone_ends_a_wfi_sleep_and_the_vcpu_stays_in_wfi() -> None
     raw = RawVm.create(gm.GunyahModel())
     bell = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
     try:
-        assert raw.irqfd(bell, 1) == 0
-        vcpu = RawVcpu.of(raw, raw.startable(code=guests.DOORBELL_WAKE.code, tree=raw_fdt(doorbells=[1])))
+        assert raw.irqfd(bell, guests.DOORBELL_LABEL) == 0
+        vcpu = RawVcpu.of(
+            raw,
+            raw.startable(
+                code=guests.DOORBELL_ENABLED_WAKE.code, tree=raw_fdt(doorbells=[guests.DOORBELL_LABEL], gic=True)
+            ),
+        )
         assert raw.start() == 0
         signal = threading.Timer(0.2, raw.model.post_signal, (threading.get_ident(),))
         signal.start()
@@ -663,7 +672,7 @@ def test_raw_a_signal_alone_ends_a_wfi_sleep_and_the_vcpu_stays_in_wfi() -> None
         assert vcpu.run() == 0
         assert time.monotonic() - started >= 0.15
         assert vcpu.mmio()[:3] == (guests.MMIO_BASE, 4, True)
-        assert raw.model.vms[0].doorbells[1].rung == 1
+        assert raw.model.vms[0].doorbells[guests.DOORBELL_LABEL].rung == 1
         raw.model.assert_no_rejections()
     finally:
         raw.close()

@@ -525,8 +525,8 @@ class HvVcpu:
     power_request: tuple[int, int] | None = None
     boot_registers: dict[int, int] | None = None
     cpu: GuestCpu | None = None
-    #: A wake-up without an interrupt: PSCI CPU_ON, or a doorbell in a VM
-    #: without a GIC (the GIC's own interrupts wake it through ``cpu``).
+    #: A wake-up without an interrupt: PSCI CPU_ON (the GIC's interrupts wake
+    #: it through ``cpu``).
     wake_pending: bool = False
     #: It executed WFI and waits for an interrupt.
     waiting: bool = False
@@ -1017,15 +1017,18 @@ class ModelVm(FileObject):
         """A rung doorbell asserts its interrupt: the SPI its device-tree node
         names (``interrupts = <0 spi type>``, §7.3; the bell's masks set for
         LEVEL at bind, §7.1) at the GIC, routed as the guest programmed
-        ``GICD_IROUTER``; the vCPU it targets is kicked to take it.  Without a
-        GIC in the tree, a model choice: every vCPU is woken (no interrupt
-        reaches the guest's vectors)."""
+        ``GICD_IROUTER``; the vCPU it targets is kicked to take it.
+
+        A VM always has Gunyah's vGIC: the RM places it by platform
+        (``platform/<soc>`` in the RM), not by the VM's tree, and the model only
+        knows it from the tree's ``interrupts { config }``.  Without one there,
+        what the SPI does is unknown (enabled or not, routed where): ``ModelGap``."""
         gic, config = self.gic, self.config
         if gic is None or config is None:
-            for hv in self.hv_vcpus.values():
-                hv.wake_pending = True
-            self.model.notify()
-            return
+            raise self.model.not_modelled(
+                "a doorbell rung in a VM whose device tree names no GIC (where the RM put the vGIC "
+                "and how the guest programmed the doorbell's SPI)"
+            )
         intids = dict(config.doorbell_intids)
         targets = {gic.set_spi(intids[label]) for label in labels}
         for vcpu in list(self.vcpus.values()):
@@ -1128,7 +1131,7 @@ def _gic_frames(model: GunyahModel, tree: DeviceTreeBlob, root: str) -> tuple[in
     """The GIC the VM config's ``interrupts { config = <phandle> }`` names (§7.3):
     the distributor and redistributor bases from its ``reg`` (two cells of
     address and size each, as the virt board writes it).  None when the tree
-    names no GIC node: the model then has no GIC (doorbells only wake vCPUs)."""
+    names no GIC node: the model then has no GIC (a doorbell rung is a ``ModelGap``)."""
     phandle = tree.u32(f"{root}/interrupts", "config")
     node = next((p for p in tree.nodes if phandle is not None and tree.u32(p, "phandle") == phandle), None)
     if node is None:
@@ -1459,7 +1462,7 @@ class Hypervisor:
 
     def wakeup(self, hv: HvVcpu) -> bool:
         """Whether ``hv`` has something to leave WFI or power-off for: a wake-up
-        (PSCI CPU_ON, a doorbell without a GIC) or an interrupt its GIC CPU
+        (PSCI CPU_ON) or an interrupt its GIC CPU
         interface signals -- enabled, pending, above the priority mask; the
         virtual timer's PPI once its deadline passed (the hypervisor keeps the
         timer running while the vCPU sleeps: pyvmm writes no
