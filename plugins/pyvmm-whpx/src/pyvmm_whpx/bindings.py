@@ -331,6 +331,9 @@ SEGMENT_NAMES = ("es", "cs", "ss", "ds", "fs", "gs", "ldt", "tr")
 MEMORY_ACCESS_READ = 0
 MEMORY_ACCESS_WRITE = 1
 MEMORY_ACCESS_EXECUTE = 2
+#: WHV_MEMORY_ACCESS_INFO: GpaUnmapped bit 2, GvaValid bit 3.
+MEMORY_GPA_UNMAPPED = 1 << 2
+MEMORY_GVA_VALID = 1 << 3
 #: WHV_X64_IO_PORT_ACCESS_INFO: IsWrite bit 0, AccessSize bits 1-3, StringOp bit 4, RepPrefix bit 5.
 IO_IS_WRITE = 1 << 0
 IO_STRING_OP = 1 << 4

@@ -340,7 +340,7 @@ class WhpxModel(DllModel):
             return self._next_handle
 
     def _partition(self, handle: Any) -> ModelPartition:
-        partition = self.partitions.get(int(handle or 0))
+        partition = self.partitions.get(pointer_value(handle))
         if partition is None:
             raise self.not_modelled(f"a call with partition handle {handle!r}, which is not one")
         return partition
@@ -372,7 +372,7 @@ class WhpxModel(DllModel):
             raise RuleViolation(R_UNKNOWN_CAPABILITY, f"code {code:#x}")
         if size < len(answer):
             raise RuleViolation(R_INSUFFICIENT_BUFFER, f"{size} bytes for {len(answer)}")
-        self.copy_to_user(int(buffer or 0), answer)
+        self.copy_to_user(pointer_value(buffer), answer)
         if written:
             self.write_out(written, "<I", len(answer))
         return 0
@@ -392,7 +392,7 @@ class WhpxModel(DllModel):
             raise RuleViolation(R_UNKNOWN_PROPERTY, f"code {code:#x}")
         if partition.set_up and code not in _PROPERTIES_ANY_TIME:  # behaviour: setup-only-properties
             raise RuleViolation(R_PROPERTY_AFTER_SETUP, f"code {code:#x}")
-        value = self.copy_from_user(int(buffer or 0), int(size))
+        value = self.copy_from_user(pointer_value(buffer), int(size))
         if code == 0x1FFF:
             partition.processor_count = struct.unpack_from("<I", value)[0]
         elif code == 0x0001 and struct.unpack_from("<Q", value)[0]:
@@ -424,7 +424,7 @@ class WhpxModel(DllModel):
     @exported("WHvMapGpaRange")
     def map_gpa_range(self, handle: Any, source: Any, gpa: int, size: int, flags: int) -> int:
         partition = self._set_up(handle, "WHvMapGpaRange")
-        host = int(source or 0)
+        host = pointer_value(source)
         if (host | gpa | size) % PAGE or size == 0:  # behaviour: map-alignment
             raise RuleViolation(R_MAP_ALIGNMENT, f"source {host:#x} guest {gpa:#x} size {size:#x}")
         if not flags & _MAP_READ:
@@ -478,7 +478,7 @@ class WhpxModel(DllModel):
         for vp in partition.vps.values():
             for i, byte in enumerate(vp.engine.dirty_log(mapping.gpa)):
                 dirty[i] |= byte
-        self.copy_to_user(int(bitmap or 0), bytes(dirty))
+        self.copy_to_user(pointer_value(bitmap), bytes(dirty))
         return 0
 
     # --- virtual processors ------------------------------------------------------------------
@@ -533,7 +533,7 @@ class WhpxModel(DllModel):
             exit_ = vp.engine.run()
         finally:
             vp.running_thread = None
-        self.copy_to_user(int(context or 0), self._exit_context(vp, exit_))
+        self.copy_to_user(pointer_value(context), self._exit_context(vp, exit_))
         return 0
 
     def _exit_context(self, vp: ModelVp, exit_: VcpuExit) -> bytes:
@@ -613,11 +613,11 @@ class WhpxModel(DllModel):
     def get_registers(self, handle: Any, index: int, names: Any, count: int, values: Any) -> int:
         _, vp = self._vp(handle, index)
         self._check_not_running(vp)
-        wanted = struct.unpack(f"<{count}I", self.copy_from_user(int(names or 0), 4 * count))
+        wanted = struct.unpack(f"<{count}I", self.copy_from_user(pointer_value(names), 4 * count))
         regs = vp.engine.get_regs()
         sregs = vp.engine.get_sregs() if any(n in _SEGMENTS or n in _TABLES or n in _SCALARS for n in wanted) else None
         out = b"".join(self._read_register(vp, name, regs, sregs) for name in wanted)
-        self.copy_to_user(int(values or 0), out)
+        self.copy_to_user(pointer_value(values), out)
         return 0
 
     def _read_register(self, vp: ModelVp, name: int, regs: Regs, sregs: Sregs | None) -> bytes:
@@ -646,8 +646,8 @@ class WhpxModel(DllModel):
     def set_registers(self, handle: Any, index: int, names: Any, count: int, values: Any) -> int:
         _, vp = self._vp(handle, index)
         self._check_not_running(vp)
-        wanted = struct.unpack(f"<{count}I", self.copy_from_user(int(names or 0), 4 * count))
-        raw = self.copy_from_user(int(values or 0), 16 * count)
+        wanted = struct.unpack(f"<{count}I", self.copy_from_user(pointer_value(names), 4 * count))
+        raw = self.copy_from_user(pointer_value(values), 16 * count)
         known = set(range(16)) | {_REG_RIP, _REG_RFLAGS, _PENDING_INTERRUPTION, _DELIVERABILITY}
         known |= set(_SEGMENTS) | set(_TABLES) | set(_SCALARS)
         for name in wanted:
@@ -738,12 +738,12 @@ class WhpxModel(DllModel):
 
     @exported("WHvEmulatorDestroyEmulator")
     def destroy_emulator(self, handle: Any) -> int:
-        if self.emulators.pop(int(handle or 0), None) is None:
+        if self.emulators.pop(pointer_value(handle), None) is None:
             raise self.not_modelled(f"an emulator handle {handle!r} that is not one")
         return 0
 
     def _emulator(self, handle: Any) -> ModelEmulator:
-        emulator = self.emulators.get(int(handle or 0))
+        emulator = self.emulators.get(pointer_value(handle))
         if emulator is None:
             raise self.not_modelled(f"an emulator handle {handle!r} that is not one")
         return emulator
@@ -751,8 +751,8 @@ class WhpxModel(DllModel):
     @exported("WHvEmulatorTryIoEmulation")
     def try_io_emulation(self, handle: Any, context: Any, vp_context: Any, io_context: Any, status: Any) -> int:
         emulator = self._emulator(handle)
-        vp = _VP_CONTEXT.unpack(self.copy_from_user(int(vp_context or 0), _VP_CONTEXT.size))
-        io = _IO_CONTEXT.unpack(self.copy_from_user(int(io_context or 0), _IO_CONTEXT.size))
+        vp = _VP_CONTEXT.unpack(self.copy_from_user(pointer_value(vp_context), _VP_CONTEXT.size))
+        io = _IO_CONTEXT.unpack(self.copy_from_user(pointer_value(io_context), _IO_CONTEXT.size))
         run = _Emulation(self, emulator, context)
         self.write_out(status, "<I", run.outcome(lambda: run.io(vp, io)))
         return 0
@@ -760,8 +760,8 @@ class WhpxModel(DllModel):
     @exported("WHvEmulatorTryMmioEmulation")
     def try_mmio_emulation(self, handle: Any, context: Any, vp_context: Any, mmio_context: Any, status: Any) -> int:
         emulator = self._emulator(handle)
-        vp = _VP_CONTEXT.unpack(self.copy_from_user(int(vp_context or 0), _VP_CONTEXT.size))
-        memory = _MEMORY_CONTEXT.unpack(self.copy_from_user(int(mmio_context or 0), _MEMORY_CONTEXT.size))
+        vp = _VP_CONTEXT.unpack(self.copy_from_user(pointer_value(vp_context), _VP_CONTEXT.size))
+        memory = _MEMORY_CONTEXT.unpack(self.copy_from_user(pointer_value(mmio_context), _MEMORY_CONTEXT.size))
         run = _Emulation(self, emulator, context)
         self.write_out(status, "<I", run.outcome(lambda: run.mmio(vp, memory)))
         return 0

@@ -206,7 +206,7 @@ class WhpxVcpu:
         exit_.is_write = written
         exit_.data = memoryview(bytearray(value.to_bytes(8, "little")[:size]))
         exit_.instruction = bytes(memory.InstructionBytes[0 : memory.InstructionByteCount])
-        exit_.gva = int(memory.Gva) if int(memory.AccessInfo) & (1 << 3) else None
+        exit_.gva = int(memory.Gva) if int(memory.AccessInfo) & w.MEMORY_GVA_VALID else None
         self._awaiting = _NOTHING if written else _MMIO_READ
         self._probed = accesses
         return exit_
