@@ -162,9 +162,7 @@ def test_gcc_ms_bitfields_agrees_on_every_size_and_offset(compiled: dict[str, li
 
 def test_bitfield_words_match_the_sdk_declarations(compiled: dict[str, list[int]]) -> None:
     assert compiled["bitfield-sizes"] == [2, 8, 4, 2, 4]
-    assert compiled["attributes"] == [
-        w.segment_attributes(type_=0xB, s=1, dpl=2, present=1, avl=1, long=1, db=0, g=1)
-    ]
+    assert compiled["attributes"] == [w.segment_attributes(type_=0xB, s=1, dpl=2, present=1, avl=1, long=1, db=0, g=1)]
     assert compiled["pending"] == [w.pending_interruption(0xABCD, w.PENDING_NMI)]
     io = compiled["io"][0]
     assert io & w.IO_IS_WRITE and io & w.IO_STRING_OP and io & w.IO_REP_PREFIX and w.io_access_size(io) == 4

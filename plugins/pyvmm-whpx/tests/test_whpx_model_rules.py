@@ -10,6 +10,7 @@ import ctypes
 import mmap
 import struct
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -221,6 +222,6 @@ def test_bad_out_pointer(model: WhpxModel) -> None:
 def test_every_rule_has_a_negative_test() -> None:
     """The rules of the model are exactly those this module breaks on purpose."""
     rules = {name for name, value in vars(m).items() if isinstance(value, Rule)}
-    source = open(__file__, encoding="utf-8").read()
+    source = Path(__file__).read_text(encoding="utf-8")
     untested = sorted(name for name in rules if f"m.{name}" not in source)
     assert untested == []

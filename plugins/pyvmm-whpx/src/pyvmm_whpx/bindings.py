@@ -108,7 +108,11 @@ typedef struct {
 } WHV_VP_EXCEPTION_CONTEXT;
 
 typedef struct { uint32_t DeliverableType; } WHV_X64_INTERRUPTION_DELIVERABLE_CONTEXT;
-typedef struct { uint32_t FeatureCode; uint32_t Reserved; uint64_t FeatureParameter; } WHV_X64_UNSUPPORTED_FEATURE_CONTEXT;
+typedef struct {
+    uint32_t FeatureCode;
+    uint32_t Reserved;
+    uint64_t FeatureParameter;
+} WHV_X64_UNSUPPORTED_FEATURE_CONTEXT;
 typedef struct { uint32_t CancelReason; } WHV_RUN_VP_CANCELED_CONTEXT;
 typedef struct { uint32_t InterruptVector; } WHV_X64_APIC_EOI_CONTEXT;
 
@@ -370,9 +374,7 @@ def pending_interruption(vector: int, kind: int = PENDING_INTERRUPT) -> int:
     return 1 | (kind & 7) << 1 | (vector & 0xFFFF) << 16
 
 
-def segment_attributes(
-    *, type_: int, s: int, dpl: int, present: int, avl: int, long: int, db: int, g: int
-) -> int:
+def segment_attributes(*, type_: int, s: int, dpl: int, present: int, avl: int, long: int, db: int, g: int) -> int:
     """WHV_X64_SEGMENT_REGISTER.Attributes: SegmentType 0-3, NonSystemSegment 4,
     DPL 5-6, Present 7, (4 reserved), Available 12, Long 13, Default 14, Granularity 15."""
     return (

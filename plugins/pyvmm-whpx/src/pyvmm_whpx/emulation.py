@@ -102,7 +102,9 @@ class Emulation:
         self.mode = mode
         self.accesses = Accesses(answers=list(answers))
         self._status[0] = 0
-        self.host.call_hresult(function, self.handle, 0, address(vp_context), address(access_context), address(self._status))
+        self.host.call_hresult(
+            function, self.handle, 0, address(vp_context), address(access_context), address(self._status)
+        )
         status = int(self._status[0])
         if not status & w.EMULATOR_SUCCESSFUL and not self.accesses.failure:
             self.accesses.failure = f"{function} could not emulate the instruction (WHV_EMULATOR_STATUS {status:#x})"

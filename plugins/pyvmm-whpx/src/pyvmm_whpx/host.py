@@ -34,15 +34,16 @@ class WindowsDlls:
     """Both WHPX DLLs behind one :class:`~pyvmm.backend.DllSeam`."""
 
     def __init__(self) -> None:
-        if not sys.platform.startswith("win"):
+        platform: str = sys.platform  # not narrowed by the type checker: this runs on every host
+        if not platform.startswith("win"):
             raise HypervisorError(
                 f"load {PLATFORM_DLL}",
                 ERROR_MOD_NOT_FOUND,
-                f"the Windows Hypervisor Platform is a Windows API; this host is {sys.platform}",
+                f"the Windows Hypervisor Platform is a Windows API; this host is {platform}",
                 space=ErrorSpace.WIN32,
             )
         loader: Any = getattr(ctypes, "WinDLL")  # noqa: B009 - exists on Windows only
-        self.dlls = []
+        self.dlls: list[LoadedDll] = []
         for name, functions in ((PLATFORM_DLL, PLATFORM_FUNCTIONS), (EMULATION_DLL, EMULATION_FUNCTIONS)):
             try:
                 library = loader(name, use_last_error=True)
@@ -65,7 +66,7 @@ class WindowsDlls:
         return any(dll.has(name) for dll in self.dlls)
 
     def last_error(self) -> int:
-        return self.dlls[0].last_error()
+        return int(self.dlls[0].last_error())
 
 
 class DllSwitch:

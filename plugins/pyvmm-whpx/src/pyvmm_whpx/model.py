@@ -53,7 +53,7 @@ from pyvmm.exits import (
     VcpuExit,
 )
 from pyvmm.softcpu import x86_emulate
-from pyvmm.testing.driver_model import DllModel, ModelGap, Rule, RuleViolation, exported, pointer_value
+from pyvmm.testing.driver_model import DllModel, Rule, RuleViolation, exported, pointer_value
 
 PAGE = 4096
 EXIT_CONTEXT_SIZE = 224
@@ -701,7 +701,9 @@ class WhpxModel(DllModel):
             engine.request_interrupt_window(vp.window_requested)  # behaviour: interrupt-window
 
     @exported("WHvTranslateGva")
-    def translate_gva(self, handle: Any, index: int, gva: int, flags: int, result: Any, gpa: Any) -> int:
+    def translate_gva(  # noqa: PLR0917 - WHvTranslateGva's own six arguments
+        self, handle: Any, index: int, gva: int, flags: int, result: Any, gpa: Any
+    ) -> int:
         _, vp = self._vp(handle, index)
         from pyvmm.softcpu import _uc
 
@@ -819,9 +821,7 @@ class _Emulation:
         return int(struct.unpack_from("<I", bytes(self.ffi.buffer(info)), 8)[0]) & ((1 << (8 * size)) - 1)
 
     def memory(self, is_write: bool, gpa: int, size: int, value: int = 0) -> int:
-        info = self.ffi.new(
-            "uint8_t[]", struct.pack("<QBB8s6x", gpa, int(is_write), size, value.to_bytes(8, "little"))
-        )
+        info = self.ffi.new("uint8_t[]", struct.pack("<QBB8s6x", gpa, int(is_write), size, value.to_bytes(8, "little")))
         if self.emulator.memory(self.context, info) < 0:
             raise CallbackFailed(_STATUS_MEMORY_FAILED)
         return int.from_bytes(bytes(self.ffi.buffer(info))[10 : 10 + size], "little")
@@ -846,7 +846,7 @@ class _Emulation:
             return
         self.string_io(code[:count], is_write, port, size, next_rip, ds_raw, es_raw, bool(info & (1 << 5)))
 
-    def string_io(  # noqa: PLR0913 - the parts of one string instruction
+    def string_io(  # noqa: PLR0917 - the parts of one string instruction
         self, code: bytes, is_write: bool, port: int, size: int, next_rip: int, ds: bytes, es: bytes, rep: bool
     ) -> None:
         if 0x67 in code or any(b in (0x26, 0x2E, 0x36, 0x64, 0x65) for b in code):
@@ -888,7 +888,7 @@ class _Emulation:
         names = (*range(16), _REG_RIP, _REG_RFLAGS)
         values = self.get(names)
         regs = Regs(**dict(zip((*_GPRS, "rip", "rflags"), values, strict=True)))
-        bases = {}
+        bases: dict[str, int] = {}
         if bits == 64 and insn.segment in ("fs", "gs"):
             raise self.model.not_modelled("MMIO through an FS/GS override")
         linear = x86_emulate.effective_address(insn, regs, bases)

@@ -112,13 +112,14 @@ def sregs_to_values(sregs: Sregs, values: Any) -> None:
 
 
 def sregs_from_values(values: Any) -> Sregs:
-    segments = {name: _segment_from(values[i]) for i, name in enumerate(w.SEGMENT_NAMES)}
+    sregs = Sregs()
+    for i, name in enumerate(w.SEGMENT_NAMES):
+        setattr(sregs, name, _segment_from(values[i]))
     at = len(w.SEGMENT_NAMES)
-    idt = _table_from(values[at])
-    gdt = _table_from(values[at + 1])
+    sregs.idt = _table_from(values[at])
+    sregs.gdt = _table_from(values[at + 1])
     at += 2
-    scalars = {}
     for field_name, _ in (*_CONTROL, *_MSRS):
-        scalars[field_name] = int(values[at].Low64)
+        setattr(sregs, field_name, int(values[at].Low64))
         at += 1
-    return Sregs(**segments, idt=idt, gdt=gdt, **scalars)
+    return sregs

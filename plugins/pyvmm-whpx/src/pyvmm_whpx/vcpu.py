@@ -117,7 +117,7 @@ class WhpxVcpu:
         self._injected = False
         return self._exit()
 
-    def _exit(self) -> VcpuExit:  # noqa: PLR0911, C901 - one branch per exit reason
+    def _exit(self) -> VcpuExit:
         context = self.context
         reason = int(context.ExitReason)
         vp = context.VpContext
@@ -155,17 +155,15 @@ class WhpxVcpu:
             return FailEntryExit(reason)
         if reason == w.EXIT_UNSUPPORTED_FEATURE:
             feature = context.UnsupportedFeature
-            return GenericExit(
-                OtherExit.UNSUPPORTED_FEATURE, (int(feature.FeatureCode), int(feature.FeatureParameter))
-            )
+            return GenericExit(OtherExit.UNSUPPORTED_FEATURE, (int(feature.FeatureCode), int(feature.FeatureParameter)))
         if reason == w.EXIT_X64_RDTSC:
             return GenericExit(OtherExit.RDTSC)
         if reason == w.EXIT_X64_APIC_SMI_TRAP:
             return GenericExit(OtherExit.APIC_SMI_TRAP)
         if reason == w.EXIT_X64_APIC_INIT_SIPI_TRAP:
             return GenericExit(OtherExit.APIC_INIT_SIPI_TRAP)
-        name = w.EXIT_REASON_NAMES.get(reason, "an exit reason no SDK header names")
-        raise UnknownExitError(f"whpx: exit reason {reason:#x} ({name}) was not enabled by this backend")
+        # A reason no header names, or one this backend never enables.
+        raise UnknownExitError(f"WHvRunVirtualProcessor ({w.EXIT_REASON_NAMES.get(reason, 'unnamed')})", reason)
 
     # --- port and MMIO exits ------------------------------------------------------------
     def _port_exit(self) -> VcpuExit:

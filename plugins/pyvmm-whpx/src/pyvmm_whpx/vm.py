@@ -15,9 +15,9 @@ import struct
 from typing import Any
 
 from pyvmm.backend import DllHost
-from pyvmm.config import Arch, VmConfig
+from pyvmm.config import PAGE_SIZE, Arch, VmConfig
 from pyvmm.errors import ConfigError
-from pyvmm.memory import PAGE_SIZE, RamRegion
+from pyvmm.memory import RamRegion
 from pyvmm_whpx import bindings as w
 from pyvmm_whpx.bindings import address, ffi
 from pyvmm_whpx.host import HOST
