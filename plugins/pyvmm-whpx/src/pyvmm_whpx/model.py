@@ -21,8 +21,9 @@ name states the constraint.  What the model cannot answer faithfully raises
 * ``LocalApicEmulationMode`` other than None, CPUID/MSR/exception extended
   exits (the software CPU reports CPUID and MSR accesses *after* the
   instruction; WHPX before), and RDTSC exits (the engine has none);
-* an injected interruption the vCPU cannot take when it runs (WHPX's answer
-  is not documented), and NMI deliverability notifications;
+* an injected interruption the vCPU cannot take when it runs, an NMI made
+  pending while NMIs are blocked (WHPX's answers are not documented), pending
+  exceptions, and NMI deliverability notifications;
 * overlapping GPA mappings, mappings without read access;
 * string I/O with an address-size or segment-override prefix, an item that
   crosses a page, or more than :data:`MAX_STRING_ITEMS` items;
@@ -633,7 +634,9 @@ class WhpxModel(DllModel):
         if sregs is not None and name in _SCALARS:
             return struct.pack("<QQ", getattr(sregs, _SCALARS[name]), 0)
         if name == _PENDING_INTERRUPTION:
-            pending = vp.engine.x86_events()[0]
+            pending, nmi, _, _ = vp.engine.x86_events()
+            if nmi:
+                return struct.pack("<QQ", 1 | 2 << 1 | 2 << 16, 0)
             return struct.pack("<QQ", 0 if pending is None else 1 | pending << 16, 0)
         if name == _INTERRUPT_STATE:
             _, _, masked, shadow = vp.engine.x86_events()
@@ -689,8 +692,14 @@ class WhpxModel(DllModel):
         if name == _PENDING_INTERRUPTION:
             if not value & 1:
                 return
-            if (value >> 1) & 7 != 0:
-                raise self.not_modelled("pending NMIs and exceptions")
+            kind = (value >> 1) & 7
+            if kind == 2:  # WHvX64PendingNmi
+                if engine.x86_events()[2]:
+                    raise self.not_modelled("an NMI made pending while NMIs are blocked")
+                engine.inject_nmi()  # behaviour: inject-nmi
+                return
+            if kind != 0:
+                raise self.not_modelled("pending exceptions")
             if not engine.ready_for_interrupt():
                 raise self.not_modelled("an interruption made pending while the vCPU cannot take it")
             engine.inject_interrupt(value >> 16 & 0xFF)  # behaviour: inject

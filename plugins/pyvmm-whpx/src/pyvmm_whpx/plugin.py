@@ -22,7 +22,7 @@ from pyvmm_whpx.vm import WhpxVm
 
 #: What this backend does; DIRTY_LOG is withdrawn by the probe on a Windows
 #: without dirty-page tracking.  Not (yet): ioevents through doorbells, the
-#: local APIC emulation (IRQCHIP/MSI), NMIs, MSRs/CPUID tables, XSAVE/FPU state.
+#: local APIC emulation (IRQCHIP/MSI), VCPU_EVENTS, MSRs/CPUID tables, XSAVE/FPU state.
 CAPABILITIES = (
     Capability.USER_MEMORY,
     Capability.IMMEDIATE_EXIT,
@@ -34,6 +34,7 @@ CAPABILITIES = (
     Capability.VCPU_REGISTERS,
     Capability.INTERRUPT_INJECTION,
     Capability.INTERRUPT_SHADOW,
+    Capability.NMI,
     Capability.MULTI_VCPU,
 )
 

@@ -56,6 +56,12 @@ _RFLAGS_IF = 1 << 9
 _MASK64 = (1 << 64) - 1
 #: What the vCPU waits for the VMM to supply before it can go on.
 _NOTHING, _IO_READ, _MMIO_READ, _CPUID, _MSR = range(5)
+#: Exit reasons with nothing to complete, as :class:`GenericExit` kinds.
+_OTHER_EXITS = {
+    w.EXIT_X64_RDTSC: OtherExit.RDTSC,
+    w.EXIT_X64_APIC_SMI_TRAP: OtherExit.APIC_SMI_TRAP,
+    w.EXIT_X64_APIC_INIT_SIPI_TRAP: OtherExit.APIC_INIT_SIPI_TRAP,
+}
 
 
 class WhpxVcpu:
@@ -90,6 +96,8 @@ class WhpxVcpu:
         self._msr = MsrAccessExit()
         self._eoi = IoapicEoiExit()
         self._exception = ExceptionExit()
+        self._fail_entry = FailEntryExit()
+        self._generic = GenericExit()
         self._awaiting = _NOTHING
         self._probed: Accesses | None = None
         #: Whether the last exit showed the vCPU able to take an interrupt now.
@@ -164,6 +172,11 @@ class WhpxVcpu:
             return GenericExit(OtherExit.APIC_INIT_SIPI_TRAP)
         # A reason no header names, or one this backend never enables.
         raise UnknownExitError(f"WHvRunVirtualProcessor ({w.EXIT_REASON_NAMES.get(reason, 'unnamed')})", reason)
+
+    def _other(self, which: OtherExit, data: tuple[int, ...] = ()) -> GenericExit:
+        self._generic.which = which
+        self._generic.data = data
+        return self._generic
 
     # --- port and MMIO exits ------------------------------------------------------------
     def _port_exit(self) -> VcpuExit:
@@ -346,6 +359,12 @@ class WhpxVcpu:
 
     def interrupt(self, vector: int) -> None:
         self._set_registers({w.PENDING_INTERRUPTION: w.pending_interruption(vector)})
+        self._injected = True
+
+    def inject_nmi(self) -> None:
+        """An NMI through ``WHvRegisterPendingInterruption`` (type NMI, vector 2):
+        taken whatever RFLAGS.IF says."""
+        self._set_registers({w.PENDING_INTERRUPTION: w.pending_interruption(2, w.PENDING_NMI)})
         self._injected = True
 
     def request_interrupt_window(self, requested: bool) -> None:

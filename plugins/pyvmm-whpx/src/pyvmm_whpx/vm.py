@@ -111,13 +111,13 @@ class WhpxVm:
     def close(self) -> None:
         if self.closed:
             return
-        try:
-            for vcpu in list(self.vcpus):
-                vcpu.close()
-        finally:
-            self.closed = True
-            self.regions.clear()
-            self.host.call_hresult("WHvDeletePartition", self.handle)
+        # A vCPU that does not leave the hypervisor raises here, and the partition
+        # (and the guest RAM it maps) is then kept rather than pulled from under it.
+        for vcpu in list(self.vcpus):
+            vcpu.close()
+        self.closed = True
+        self.regions.clear()
+        self.host.call_hresult("WHvDeletePartition", self.handle)
 
 
 def set_property(host: DllHost, handle: int, code: int, value: bytes) -> None:
