@@ -9,9 +9,11 @@ import threading
 
 import pytest
 
-from pyvmm.exits import ExitKind, InterruptedExit, IoExit, MmioExit
+from pyvmm.config import Arch
+from pyvmm.exits import ExitKind, InternalErrorExit, InterruptedExit, IoExit, MmioExit
 from pyvmm.testing.conformance import programs as p
 from pyvmm.testing.conformance.harness import booted, expect_io, expect_mmio
+from pyvmm.testing.conformance.programs import GuestProgram
 from pyvmm.vm import Backend
 from pyvmm_whpx.model import WhpxModel
 
@@ -106,3 +108,29 @@ def test_a_vm_whose_setup_fails_is_deleted(whpx: Backend, model: WhpxModel, monk
     assert info.value.code == 0x8037_0304
     assert model.partitions == {}, "the partition object was deleted again"
     assert model.calls[-1].name == "WHvDeletePartition"
+
+
+#: An MMIO instruction the emulator does not emulate (a read-modify-write).
+MMIO_ADD = GuestProgram(
+    "mmio_add",
+    Arch.X86_64,
+    """
+    mov ebx, 0xd0000000
+    add dword ptr [rbx], 1
+    hlt
+""",
+    bytes.fromhex("bb000000d0830301f4"),
+)
+
+
+def test_an_instruction_the_emulator_cannot_do_is_an_internal_error(whpx: Backend, model: WhpxModel) -> None:
+    """WHV_EMULATOR_STATUS without EmulationSuccessful: the exit says so and
+    carries the instruction's bytes; nothing is half-done."""
+    assert MMIO_ADD.assembled() in (None, MMIO_ADD.code)
+    with booted(whpx, MMIO_ADD) as (_, vcpu):
+        exit_ = vcpu.run()
+        assert isinstance(exit_, InternalErrorExit)
+        assert exit_.instruction == bytes.fromhex("830301")
+        assert "could not emulate" in exit_.description
+        assert vcpu.get_regs().rip == p.CODE_ADDRESS + 5, "RIP stays on the instruction"
+    assert model.rejections == []

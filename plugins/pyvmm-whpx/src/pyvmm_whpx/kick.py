@@ -6,9 +6,9 @@ thread" (Microsoft, ``WHvCancelRunVirtualProcessor``), and the run returns
 with ``WHvRunVpExitReasonCanceled``.  What a cancel does when no run is under
 way is not documented, so the kick never relies on it: it sets a flag the
 next run checks before entering the guest, and cancels only a run under way.
-A cancel that lands between that check and the entry still ends the run
-(the model makes such a cancel end the next run, as QEMU's ``whpx_vcpu_kick``
-relies on); at worst a run returns one spurious interruption.
+A cancel that lands between that check and the entry is assumed to end the run
+it precedes (the driver model does so; the documentation does not say); at worst
+a later run returns one spurious interruption.
 
 :meth:`CancelKicker.close` stops the vCPU for good and waits for a run under
 way to leave, so the VP and guest RAM can be released safely.
