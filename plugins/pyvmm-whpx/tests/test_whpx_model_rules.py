@@ -6,8 +6,10 @@ receives them, so each test breaks exactly one rule."""
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import mmap
+import os
 import struct
 from collections.abc import Iterator
 from pathlib import Path
@@ -225,3 +227,69 @@ def test_every_rule_has_a_negative_test() -> None:
     source = Path(__file__).read_text(encoding="utf-8")
     untested = sorted(name for name in rules if f"m.{name}" not in source)
     assert untested == []
+
+
+def _doorbell(gpa: int, value: int, length: int, flags: int) -> ctypes.Array[ctypes.c_char]:
+    return ctypes.create_string_buffer(struct.pack("<QQII", gpa, value, length, flags))
+
+
+@pytest.mark.parametrize(
+    ("value", "length", "flags"),
+    [(0, 3, 2), (0, 4, 0), (5, 0, 1), (5, 4, 2), (0, 4, 2 | 4)],
+    ids=[
+        "length-not-1-2-4-8",
+        "length-without-match-on-length",
+        "value-match-without-length",
+        "value-without-match-on-value",
+        "reserved-bit",
+    ],
+)
+def test_malformed_doorbell_match_data(model: WhpxModel, value: int, length: int, flags: int) -> None:
+    handle = new_partition(model)
+    with os_eventfd() as event:
+        match = _doorbell(0xD000_0000, value, length, flags)
+        result = call(model, "WHvRegisterPartitionDoorbellEvent", handle, ctypes.addressof(match), event)
+    refused(model, m.R_DOORBELL_MATCH, result)
+
+
+@pytest.mark.parametrize(
+    ("first", "second"),
+    [((7, 4, 3), (7, 4, 3)), ((7, 4, 3), (8, 2, 3)), ((0, 4, 2), (8, 4, 3))],
+    ids=["identical", "another-length", "any-value"],
+)
+def test_conflicting_doorbells(model: WhpxModel, first: tuple[int, int, int], second: tuple[int, int, int]) -> None:
+    handle = new_partition(model)
+    with os_eventfd() as event:
+        match = _doorbell(0xD000_0000, *first)
+        assert call(model, "WHvRegisterPartitionDoorbellEvent", handle, ctypes.addressof(match), event) == 0
+        again = _doorbell(0xD000_0000, *second)
+        result = call(model, "WHvRegisterPartitionDoorbellEvent", handle, ctypes.addressof(again), event)
+    refused(model, m.R_DOORBELL_CONFLICT, result)
+
+
+def test_doorbells_on_distinct_values_coexist(model: WhpxModel) -> None:
+    handle = new_partition(model)
+    with os_eventfd() as event:
+        for value in (7, 8):
+            match = _doorbell(0xD000_0000, value, 4, 3)
+            assert call(model, "WHvRegisterPartitionDoorbellEvent", handle, ctypes.addressof(match), event) == 0
+    assert model.rejections == []
+
+
+def test_unregister_of_a_doorbell_never_registered(model: WhpxModel) -> None:
+    handle = new_partition(model)
+    match = _doorbell(0xD000_0000, 7, 4, 3)
+    refused(
+        model,
+        m.R_DOORBELL_NOT_FOUND,
+        call(model, "WHvUnregisterPartitionDoorbellEvent", handle, ctypes.addressof(match)),
+    )
+
+
+@contextlib.contextmanager
+def os_eventfd() -> Iterator[int]:
+    fd = os.eventfd(0)
+    try:
+        yield fd
+    finally:
+        os.close(fd)

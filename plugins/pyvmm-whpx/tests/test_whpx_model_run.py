@@ -11,9 +11,11 @@ import pytest
 
 from pyvmm.config import Arch
 from pyvmm.exits import ExitKind, InternalErrorExit, InterruptedExit, IoExit, MmioExit
+from pyvmm.host import Event
 from pyvmm.testing.conformance import programs as p
 from pyvmm.testing.conformance.harness import booted, expect_io, expect_mmio
 from pyvmm.testing.conformance.programs import GuestProgram
+from pyvmm.vcpu_state import IoEventAddress
 from pyvmm.vm import Backend
 from pyvmm_whpx.model import WhpxModel
 
@@ -134,3 +136,38 @@ def test_an_instruction_the_emulator_cannot_do_is_an_internal_error(whpx: Backen
         assert "could not emulate" in exit_.description
         assert vcpu.get_regs().rip == p.CODE_ADDRESS + 5, "RIP stays on the instruction"
     assert model.rejections == []
+
+
+#: Two stores to the doorbell address: the first matches (7), the second not (8).
+DOORBELL_WRITES = GuestProgram(
+    "doorbell_writes",
+    Arch.X86_64,
+    """
+    mov ebx, 0xd0000000
+    mov dword ptr [rbx], 7
+    mov dword ptr [rbx], 8
+    hlt
+""",
+    bytes.fromhex("bb000000d0c70307000000c70308000000f4"),
+)
+
+
+def test_an_ioevent_is_a_doorbell_that_signals_without_an_exit(whpx: Backend, model: WhpxModel) -> None:
+    assert DOORBELL_WRITES.assembled() in (None, DOORBELL_WRITES.code)
+    with booted(whpx, DOORBELL_WRITES) as (vm, vcpu), Event() as event:
+        vm.register_ioevent(event, IoEventAddress.mmio(p.MMIO_BASE), datamatch=7, length=4)
+        write = expect_mmio(vcpu)
+        assert (write.address, bytes(write.data)) == (p.MMIO_BASE, struct.pack("<I", 8)), "only the 8 exits"
+        assert event.consume() == 1, "the matching store signalled the event"
+        vm.unregister_ioevent(event, IoEventAddress.mmio(p.MMIO_BASE), datamatch=7, length=4)
+        assert vcpu.run().kind is ExitKind.HLT
+    assert model.rejections == []
+    assert model.calls_named("WHvRegisterPartitionDoorbellEvent")[0].result == 0
+
+
+def test_an_unregistered_doorbell_no_longer_rings(whpx: Backend, model: WhpxModel) -> None:
+    with booted(whpx, DOORBELL_WRITES) as (vm, vcpu), Event() as event:
+        vm.register_ioevent(event, IoEventAddress.mmio(p.MMIO_BASE), datamatch=7, length=4)
+        vm.unregister_ioevent(event, IoEventAddress.mmio(p.MMIO_BASE), datamatch=7, length=4)
+        assert bytes(expect_mmio(vcpu).data) == struct.pack("<I", 7)
+        assert event.consume() == 0

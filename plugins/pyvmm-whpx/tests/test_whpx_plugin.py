@@ -48,6 +48,8 @@ def test_the_probe_says_why_it_is_unavailable(monkeypatch: pytest.MonkeyPatch) -
 def test_capabilities_on_the_model(whpx: Backend) -> None:
     assert whpx.supports(Capability.DIRTY_LOG)
     assert whpx.supports(Capability.PORT_IO)
+    assert whpx.supports(Capability.IOEVENTS)
+    assert not whpx.supports(Capability.PIO_IOEVENTS), "doorbells match memory writes only"
     assert not whpx.supports(Capability.IRQCHIP), "the local APIC emulation is not used"
 
 
@@ -84,3 +86,12 @@ def test_pyvmm_run_on_the_shipped_model(tmp_path: Path) -> None:
     assert "all good: powering off" in run.stdout
     assert "running on a driver model of whpx (pyvmm_whpx.model.WhpxModel)" in run.stderr
     assert "driver model: no interface rule was broken" in run.stderr
+
+
+def test_a_windows_without_doorbells_has_no_ioevents() -> None:
+    missing = frozenset({"WHvRegisterPartitionDoorbellEvent", "WHvUnregisterPartitionDoorbellEvent"})
+    with WhpxModel(missing=missing).installed():
+        backend = make_backend()
+        assert backend.availability().available
+        assert not backend.supports(Capability.IOEVENTS)
+        assert backend.supports(Capability.DIRTY_LOG)

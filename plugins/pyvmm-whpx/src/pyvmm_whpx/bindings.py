@@ -351,6 +351,9 @@ PENDING_NMI = 2
 #: WHV_X64_DELIVERABILITY_NOTIFICATIONS_REGISTER: NmiNotification bit 0, InterruptNotification bit 1.
 NOTIFY_NMI = 1 << 0
 NOTIFY_INTERRUPT = 1 << 1
+#: WHV_DOORBELL_MATCH_DATA: MatchOnValue bit 0, MatchOnLength bit 1 (then 30 reserved bits).
+DOORBELL_MATCH_ON_VALUE = 1 << 0
+DOORBELL_MATCH_ON_LENGTH = 1 << 1
 #: WHV_EMULATOR_STATUS bits.
 EMULATOR_SUCCESSFUL = 1 << 0
 #: WHV_INTERRUPT_TYPE.
@@ -413,6 +416,8 @@ PLATFORM_FUNCTIONS = (
     DllFunction("WHvSetVirtualProcessorRegisters", _HR, (_P, _U32, _P, _U32, _P)),
     DllFunction("WHvQueryGpaRangeDirtyBitmap", _HR, (_P, _U64, _U64, _P, _U32), required=False),
     DllFunction("WHvRequestInterrupt", _HR, (_P, _P, _U32), required=False),
+    DllFunction("WHvRegisterPartitionDoorbellEvent", _HR, (_P, _P, _P), required=False),
+    DllFunction("WHvUnregisterPartitionDoorbellEvent", _HR, (_P, _P), required=False),
 )
 
 #: WinHvEmulation.dll exports.

@@ -35,6 +35,7 @@ name states the constraint.  What the model cannot answer faithfully raises
 from __future__ import annotations
 
 import contextlib
+import os
 import struct
 import threading
 from collections.abc import Callable, Iterator
@@ -79,6 +80,9 @@ WHV_E_VP_ALREADY_EXISTS = 0x8037_0306
 WHV_E_VP_DOES_NOT_EXIST = 0x8037_0307
 WHV_E_INVALID_VP_STATE = 0x8037_0308
 WHV_E_INVALID_VP_REGISTER_NAME = 0x8037_0309
+#: winerror.h: ERROR_HV_INVALID_PARAMETER as an HRESULT, and HRESULT_FROM_WIN32(ERROR_NOT_FOUND).
+ERROR_HV_INVALID_PARAMETER = 0xC035_0005
+HRESULT_ERROR_NOT_FOUND = 0x8007_0490
 
 R_UNKNOWN_CAPABILITY = _rule(
     "WHV-UNKNOWN-CAPABILITY",
@@ -194,6 +198,27 @@ R_INSUFFICIENT_BUFFER = _rule(
 )
 
 
+R_DOORBELL_MATCH = _rule(
+    "WHV-DOORBELL-MATCH",
+    E_INVALIDARG,
+    "malformed WHV_DOORBELL_MATCH_DATA: a reserved bit set, MatchOnLength with a Length not 1/2/4/8, "
+    "a Length or MatchOnValue without MatchOnLength, or a Value without MatchOnValue",
+    "funcs/WHvRegisterPartitionDoorbellEvent.md (Return Value)",
+)
+R_DOORBELL_CONFLICT = _rule(
+    "WHV-DOORBELL-CONFLICT",
+    ERROR_HV_INVALID_PARAMETER,
+    "a doorbell that conflicts with one at the same GuestAddress (identical, another Length, or either "
+    "matching any value)",
+    "funcs/WHvRegisterPartitionDoorbellEvent.md (Return Value)",
+)
+R_DOORBELL_NOT_FOUND = _rule(
+    "WHV-DOORBELL-NOT-FOUND",
+    HRESULT_ERROR_NOT_FOUND,
+    "WHvUnregisterPartitionDoorbellEvent of match data no doorbell was registered with",
+    "funcs/WHvUnregisterPartitionDoorbellEvent.md (Return Value)",
+)
+
 # --- numbers (WinHvPlatformDefs.h, WinHvEmulation.h) --------------------------------------
 _FEATURE_DIRTY_PAGE_TRACKING = 1 << 3
 _PROPERTIES_SETUP_ONLY = {0x1FFF, 0x1004, 0x1005, 0x0003, 0x0004, 0x1001, 0x1002}
@@ -268,6 +293,24 @@ class Mapping:
     flags: int
 
 
+@dataclass(frozen=True)
+class Doorbell:
+    """A registered WHV_DOORBELL_MATCH_DATA and the event it signals."""
+
+    gpa: int
+    value: int
+    length: int
+    flags: int
+    event: int
+
+    def matches(self, gpa: int, size: int, value: int) -> bool:
+        if gpa != self.gpa:
+            return False
+        if self.flags & 2 and size != self.length:
+            return False
+        return not (self.flags & 1 and value != self.value)
+
+
 @dataclass
 class ModelVp:
     """One virtual processor: a software CPU with WHPX's exit timing."""
@@ -286,6 +329,7 @@ class ModelPartition:
     properties: dict[int, bytes] = field(default_factory=dict)
     mappings: list[Mapping] = field(default_factory=list)
     vps: dict[int, ModelVp] = field(default_factory=dict)
+    doorbells: list[Doorbell] = field(default_factory=list)
 
 
 @dataclass
@@ -529,13 +573,35 @@ class WhpxModel(DllModel):
         _, vp = self._vp(handle, index)
         if size < EXIT_CONTEXT_SIZE:  # behaviour: exit-buffer-size
             raise RuleViolation(R_EXIT_BUFFER, f"{size} bytes")
+        partition = self.partitions[pointer_value(handle)]
         vp.running_thread = threading.get_ident()
         try:
             exit_ = vp.engine.run()
+            while isinstance(exit_, MmioExit) and self._ring_doorbell(partition, vp, exit_):
+                exit_ = vp.engine.run()
         finally:
             vp.running_thread = None
         self.copy_to_user(pointer_value(context), self._exit_context(vp, exit_))
         return 0
+
+    def _ring_doorbell(self, partition: ModelPartition, vp: ModelVp, exit_: MmioExit) -> bool:
+        """A guest write a doorbell matches signals its event, and the vCPU goes
+        on past the store without exiting (the hypervisor recognises ``mov``
+        stores; any other instruction exits as a memory access)."""
+        if not exit_.is_write:
+            return False
+        value = int.from_bytes(bytes(exit_.data[: exit_.size]), "little")
+        for doorbell in partition.doorbells:
+            if doorbell.matches(exit_.address, exit_.size, value):  # behaviour: doorbell-match
+                try:
+                    insn = x86_emulate.decode(exit_.instruction)
+                except x86_emulate.NotEmulated:
+                    return False
+                regs = vp.engine.get_regs()
+                vp.engine.set_regs(replace(regs, rip=regs.rip + insn.length))
+                os.eventfd_write(doorbell.event, 1)  # behaviour: doorbell-signal
+                return True
+        return False
 
     def _exit_context(self, vp: ModelVp, exit_: VcpuExit) -> bytes:
         engine = vp.engine
@@ -723,6 +789,61 @@ class WhpxModel(DllModel):
         self.write_out(result, "<II", 0 if physical is not None else 1, 0)
         self.write_out(gpa, "<Q", physical or 0)
         return 0
+
+    @exported("WHvRegisterPartitionDoorbellEvent")
+    def register_doorbell(self, handle: Any, match: Any, event: Any) -> int:
+        partition = self._set_up(handle, "WHvRegisterPartitionDoorbellEvent")
+        doorbell = self._doorbell(match, pointer_value(event))
+        for other in partition.doorbells:
+            if other.gpa != doorbell.gpa:
+                continue
+            identical = (other.value, other.length, other.flags) == (doorbell.value, doorbell.length, doorbell.flags)
+            if identical or other.length != doorbell.length or not (other.flags & doorbell.flags & 1):
+                raise RuleViolation(R_DOORBELL_CONFLICT, f"GuestAddress {doorbell.gpa:#x}")
+        page = doorbell.gpa & ~(PAGE - 1)
+        if any(m.gpa <= page < m.gpa + m.size for m in partition.mappings):
+            raise self.not_modelled("a doorbell in a mapped page (the page is unmapped while it is registered)")
+        if not self.is_eventfd(doorbell.event):
+            raise self.not_modelled(f"an event handle {doorbell.event} that is not an eventfd of this process")
+        partition.doorbells.append(doorbell)
+        return 0
+
+    @exported("WHvUnregisterPartitionDoorbellEvent")
+    def unregister_doorbell(self, handle: Any, match: Any) -> int:
+        partition = self._set_up(handle, "WHvUnregisterPartitionDoorbellEvent")
+        wanted = self._doorbell(match, 0)
+        for doorbell in partition.doorbells:
+            if (doorbell.gpa, doorbell.value, doorbell.length, doorbell.flags) == (
+                wanted.gpa,
+                wanted.value,
+                wanted.length,
+                wanted.flags,
+            ):
+                partition.doorbells.remove(doorbell)
+                return 0
+        raise RuleViolation(R_DOORBELL_NOT_FOUND, f"GuestAddress {wanted.gpa:#x}")
+
+    def _doorbell(self, match: Any, event: int) -> Doorbell:
+        gpa, value, length, flags = self.read_in(match, "<QQII")
+        on_value, on_length = flags & 1, flags & 2
+        malformed = (
+            flags & ~3
+            or (on_length and length not in (1, 2, 4, 8))
+            or (not on_length and (length or on_value))
+            or (not on_value and value)
+        )
+        if malformed:  # behaviour: doorbell-malformed
+            raise RuleViolation(
+                R_DOORBELL_MATCH, f"GuestAddress {gpa:#x} Value {value:#x} Length {length} flags {flags:#x}"
+            )
+        return Doorbell(gpa, value, length, flags, event)
+
+    @staticmethod
+    def is_eventfd(fd: int) -> bool:
+        try:
+            return os.readlink(f"/proc/self/fd/{fd}") == "anon_inode:[eventfd]"
+        except OSError:
+            return False
 
     @exported("WHvRequestInterrupt")
     def request_interrupt(self, handle: Any, control: Any, size: int) -> int:

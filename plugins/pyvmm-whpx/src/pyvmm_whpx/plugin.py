@@ -21,7 +21,7 @@ from pyvmm_whpx.vcpu import WhpxVcpu
 from pyvmm_whpx.vm import WhpxVm
 
 #: What this backend does; DIRTY_LOG is withdrawn by the probe on a Windows
-#: without dirty-page tracking.  Not (yet): ioevents through doorbells, the
+#: without dirty-page tracking.  IOEVENTS are withdrawn without the doorbell exports.  Not (yet): the
 #: local APIC emulation (IRQCHIP/MSI), VCPU_EVENTS, MSRs/CPUID tables, XSAVE/FPU state.
 CAPABILITIES = (
     Capability.USER_MEMORY,
@@ -35,6 +35,7 @@ CAPABILITIES = (
     Capability.INTERRUPT_INJECTION,
     Capability.INTERRUPT_SHADOW,
     Capability.NMI,
+    Capability.IOEVENTS,
     Capability.MULTI_VCPU,
 )
 

@@ -29,6 +29,7 @@ class Platform:
     features: int
     extended_exits: int
     has_dirty_bitmap_export: bool
+    has_doorbells: bool = False
 
     @property
     def dirty_tracking(self) -> bool:
@@ -36,7 +37,8 @@ class Platform:
         return bool(self.features & w.FEATURE_DIRTY_PAGE_TRACKING) and self.has_dirty_bitmap_export
 
     def missing_capabilities(self) -> tuple[Capability, ...]:
-        return () if self.dirty_tracking else (Capability.DIRTY_LOG,)
+        missing = () if self.dirty_tracking else (Capability.DIRTY_LOG,)
+        return missing if self.has_doorbells else (*missing, Capability.IOEVENTS)
 
 
 def capability(host: DllHost, code: int, size: int) -> bytes:
@@ -54,7 +56,8 @@ def query(host: DllHost) -> Platform:
         return Platform(False, 0, 0, False)
     features = int.from_bytes(capability(host, w.CAPABILITY_FEATURES, 8)[:8], "little")
     exits = int.from_bytes(capability(host, w.CAPABILITY_EXTENDED_VM_EXITS, 8)[:8], "little")
-    return Platform(True, features, exits, host.has("WHvQueryGpaRangeDirtyBitmap"))
+    doorbells = host.has("WHvRegisterPartitionDoorbellEvent") and host.has("WHvUnregisterPartitionDoorbellEvent")
+    return Platform(True, features, exits, host.has("WHvQueryGpaRangeDirtyBitmap"), doorbells)
 
 
 def platform() -> Platform:

@@ -17,9 +17,12 @@ from typing import Any
 from pyvmm.backend import DllHost
 from pyvmm.config import PAGE_SIZE, Arch, VmConfig
 from pyvmm.errors import ConfigError
+from pyvmm.host import Event, Win32Event
 from pyvmm.memory import RamRegion
+from pyvmm.vcpu_state import AddressSpace, IoEventAddress
 from pyvmm_whpx import bindings as w
 from pyvmm_whpx.bindings import address, ffi
+from pyvmm_whpx.bindings import address as address_of
 from pyvmm_whpx.host import HOST
 from pyvmm_whpx.system import Platform, query
 
@@ -100,6 +103,23 @@ class WhpxVm:
                 return region
         return None
 
+    # --- ioevents: doorbells ------------------------------------------------------------
+    def register_ioevent(self, event: Event, address: IoEventAddress, datamatch: int | None, length: int) -> None:
+        """``WHvRegisterPartitionDoorbellEvent``: a matching guest write signals
+        ``event`` and the vCPU does not exit (guest-physical addresses only)."""
+        self.host.call_hresult(
+            "WHvRegisterPartitionDoorbellEvent",
+            self.handle,
+            address_of(_match(address, datamatch, length)),
+            _handle(event),
+        )
+
+    def unregister_ioevent(self, event: Event, address: IoEventAddress, datamatch: int | None, length: int) -> None:
+        """``WHvUnregisterPartitionDoorbellEvent`` with the same match data."""
+        self.host.call_hresult(
+            "WHvUnregisterPartitionDoorbellEvent", self.handle, address_of(_match(address, datamatch, length))
+        )
+
     # --- vCPUs ------------------------------------------------------------------------
     def create_vcpu(self, index: int) -> Any:
         from pyvmm_whpx.vcpu import WhpxVcpu
@@ -118,6 +138,29 @@ class WhpxVm:
         self.closed = True
         self.regions.clear()
         self.host.call_hresult("WHvDeletePartition", self.handle)
+
+
+def _match(address: IoEventAddress, datamatch: int | None, length: int) -> Any:
+    """WHV_DOORBELL_MATCH_DATA for an ioevent (core has refused port addresses
+    without PIO_IOEVENTS and a datamatch without a length)."""
+    if address.space is not AddressSpace.MMIO:
+        raise ConfigError("ioevent: WHPX doorbells match guest-physical memory writes, not port I/O")
+    match = ffi.new("WHV_DOORBELL_MATCH_DATA *")
+    match.GuestAddress = address.address
+    match.Value = datamatch or 0
+    match.Length = length
+    match.MatchFlags = (w.DOORBELL_MATCH_ON_VALUE if datamatch is not None else 0) | (
+        w.DOORBELL_MATCH_ON_LENGTH if length else 0
+    )
+    return match
+
+
+def _handle(event: Event) -> int:
+    """The event as a HANDLE: a Win32 event object's handle.  (A driver model on
+    a POSIX host receives the eventfd number in its place.)"""
+    if isinstance(event, Win32Event):
+        return event.handle
+    return event.fileno()
 
 
 def set_property(host: DllHost, handle: int, code: int, value: bytes) -> None:
