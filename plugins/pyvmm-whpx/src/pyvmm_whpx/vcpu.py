@@ -295,13 +295,10 @@ class WhpxVcpu:
     # --- registers ------------------------------------------------------------------------
     def _get_registers(self, names: tuple[int, ...]) -> Any:
         values = r.values_array(len(names))
+        # Keep the arrays referenced for the call: the DLL gets bare addresses.
+        wanted = r.names_array(names)
         self.host.call_hresult(
-            "WHvGetVirtualProcessorRegisters",
-            self.vm.handle,
-            self.index,
-            address(r.names_array(names)),
-            len(names),
-            address(values),
+            "WHvGetVirtualProcessorRegisters", self.vm.handle, self.index, address(wanted), len(names), address(values)
         )
         return values
 
@@ -313,13 +310,9 @@ class WhpxVcpu:
         self._write_values(names, values)
 
     def _write_values(self, names: tuple[int, ...], values: Any) -> None:
+        wanted = r.names_array(names)
         self.host.call_hresult(
-            "WHvSetVirtualProcessorRegisters",
-            self.vm.handle,
-            self.index,
-            address(r.names_array(names)),
-            len(names),
-            address(values),
+            "WHvSetVirtualProcessorRegisters", self.vm.handle, self.index, address(wanted), len(names), address(values)
         )
 
     def init(self, boot: VcpuInit) -> None:

@@ -107,18 +107,13 @@ class WhpxVm:
     def register_ioevent(self, event: Event, address: IoEventAddress, datamatch: int | None, length: int) -> None:
         """``WHvRegisterPartitionDoorbellEvent``: a matching guest write signals
         ``event`` and the vCPU does not exit (guest-physical addresses only)."""
-        self.host.call_hresult(
-            "WHvRegisterPartitionDoorbellEvent",
-            self.handle,
-            address_of(_match(address, datamatch, length)),
-            _handle(event),
-        )
+        match = _match(address, datamatch, length)  # referenced for the call: the DLL gets its address
+        self.host.call_hresult("WHvRegisterPartitionDoorbellEvent", self.handle, address_of(match), _handle(event))
 
     def unregister_ioevent(self, event: Event, address: IoEventAddress, datamatch: int | None, length: int) -> None:
         """``WHvUnregisterPartitionDoorbellEvent`` with the same match data."""
-        self.host.call_hresult(
-            "WHvUnregisterPartitionDoorbellEvent", self.handle, address_of(_match(address, datamatch, length))
-        )
+        match = _match(address, datamatch, length)
+        self.host.call_hresult("WHvUnregisterPartitionDoorbellEvent", self.handle, address_of(match))
 
     # --- vCPUs ------------------------------------------------------------------------
     def create_vcpu(self, index: int) -> Any:
