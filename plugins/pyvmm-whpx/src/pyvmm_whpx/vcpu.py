@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING, Any
 
 from pyvmm.arch.x86_64 import Regs, Sregs
 from pyvmm.boot import VcpuInit, X86VcpuInit
-from pyvmm.errors import ConfigError, UnknownExitError
+from pyvmm.errors import ConfigError, ErrorSpace, HypervisorError, UnknownExitError
 from pyvmm.exits import (
     CpuidExit,
     ExceptionExit,
@@ -99,7 +99,6 @@ class WhpxVcpu:
         self._fail_entry = FailEntryExit()
         self._generic = GenericExit()
         self._awaiting = _NOTHING
-        self._probed: Accesses | None = None
         #: Whether the last exit showed the vCPU able to take an interrupt now.
         self._interruptible = False
         self._injected = False
@@ -112,15 +111,14 @@ class WhpxVcpu:
         return self.run()
 
     def _run_once(self) -> VcpuExit:
-        if self._awaiting is not _NOTHING:
+        if self._awaiting != _NOTHING:
             failed = self._complete()
             if failed is not None:
                 return failed
         self._interruptible = False
+        # The export itself, not DllHost.call_hresult: one Python frame less per exit.
         result = int(self._run_function(self.vm.handle, self.index, self._context_address, w.RUN_EXIT_CONTEXT_SIZE))
         if result < 0:
-            from pyvmm.errors import ErrorSpace, HypervisorError
-
             raise HypervisorError("WHvRunVirtualProcessor", result & 0xFFFF_FFFF, space=ErrorSpace.HRESULT)
         self._injected = False
         return self._exit()
@@ -201,7 +199,6 @@ class WhpxVcpu:
             exit_.data = memoryview(bytearray(exit_.size * exit_.count))
         exit_.instruction = bytes(port.InstructionBytes[0 : port.InstructionByteCount])
         self._awaiting = awaiting
-        self._probed = accesses
         return exit_
 
     def _memory_exit(self) -> VcpuExit:
@@ -219,7 +216,6 @@ class WhpxVcpu:
         exit_.instruction = bytes(memory.InstructionBytes[0 : memory.InstructionByteCount])
         exit_.gva = int(memory.Gva) if int(memory.AccessInfo) & w.MEMORY_GVA_VALID else None
         self._awaiting = _NOTHING if written else _MMIO_READ
-        self._probed = accesses
         return exit_
 
     def _emulate(self, mode: Pass, answers: list[int]) -> Accesses:
