@@ -193,7 +193,8 @@ R_CALLBACKS_SIZE = _rule(
 R_INSUFFICIENT_BUFFER = _rule(
     "WHV-INSUFFICIENT-BUFFER",
     WHV_E_INSUFFICIENT_BUFFER,
-    "a WHvGetCapability buffer smaller than the capability's value",
+    "a WHvGetCapability buffer smaller than the capability's value (code not documented: the WHV_E_* "
+    "that names the constraint)",
     "funcs/WHvGetCapability.md (CapabilityBufferSizeInBytes); winerror.h WHV_E_INSUFFICIENT_BUFFER",
 )
 
