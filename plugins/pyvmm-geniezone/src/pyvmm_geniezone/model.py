@@ -72,6 +72,10 @@ from pyvmm.testing.driver_model import (
 
 __all__ = ["GenieZoneModel"]
 
+#: The checkpoint the run loop passes each time the hypervisor returns an exit
+#: (for :meth:`GenieZoneModel.signal_at`: a signal arriving just then).
+HYPERVISOR_RETURNED = "gzvm:hypervisor returned"
+
 #: How often a sleeping vCPU looks at the irqfds' eventfds (seconds).
 IRQFD_POLL = 0.002
 
@@ -451,13 +455,14 @@ class IoEvent:
     wildcard: bool
 
     def clashes(self, other: IoEvent) -> bool:
-        """``ioeventfd_check_collision`` of ``other`` (the new one) against this."""
-        if self.addr == other.addr and (
-            not self.length  # behaviour: collision-any-length-old
-            or not other.length
-            or (self.length == other.length and (self.wildcard or other.wildcard or self.datamatch == other.datamatch))
-        ):
-            return True
+        """``ioeventfd_check_collision`` of ``other`` (the new one) against this:
+        the same address with either length 0, or the same length and either a
+        wildcard or the same data -- or ``other``'s address inside this range."""
+        if self.addr == other.addr:
+            if not self.length or not other.length:  # behaviour: collision-any-length
+                return True
+            if self.length == other.length and (self.wildcard or other.wildcard or self.datamatch == other.datamatch):
+                return True
         return self.addr <= other.addr < self.addr + self.length  # behaviour: collision-inside-range
 
     def hit(self, addr: int, length: int, value: int) -> bool:
@@ -861,6 +866,7 @@ class ModelVcpu(FileObject):
             need_userspace = False
             while not need_userspace and not self.model.signal_pending():  # behaviour: loop-checks-signals
                 reason = self.model.hypervisor.vcpu_run(self, run)
+                self.model.checkpoint(HYPERVISOR_RETURNED)
                 need_userspace = self._driver_handles(reason, run)
         finally:
             self.running_on = None
