@@ -551,19 +551,19 @@ class ModelVm(FileObject):
         if cap != CAP_PROTECTED_VM:
             raise RuleViolation(R_ENABLE_CAP, f"cap {cap:#x}")
         command = args[0]
+        if command not in (PVM_SET_PVMFW_GPA, PVM_GET_PVMFW_SIZE, PVM_SET_PROTECTED_VM):
+            raise RuleViolation(R_PVM_SUBCOMMAND, f"args[0] {command}")
         if command == PVM_GET_PVMFW_SIZE:
             if self.model.pvmfw_size is None:
                 raise self.model.not_modelled("the size of the hypervisor's protected-VM firmware (pvmfw_size)")
             args[1] = self.model.pvmfw_size
             self.model.copy_to_user(arg, ENABLE_CAP.pack(cap, *args))
             return 0
+        # SET_PVMFW_GPA or SET_PROTECTED_VM: the VM is protected from here.
+        self.protected = True
         if command == PVM_SET_PVMFW_GPA:
-            self.protected, self.pvmfw_gpa = True, args[1]
-            return 0
-        if command == PVM_SET_PROTECTED_VM:
-            self.protected = True
-            return 0
-        raise RuleViolation(R_PVM_SUBCOMMAND, f"args[0] {command}")
+            self.pvmfw_gpa = args[1]
+        return 0
 
     # --- memory ---------------------------------------------------------------------
     @handles(GZVM_SET_USER_MEMORY_REGION, "GZVM_SET_USER_MEMORY_REGION")
@@ -822,10 +822,17 @@ class ModelVcpu(FileObject):
     # --- registers ------------------------------------------------------------------
     @handles(GZVM_GET_ONE_REG, "GZVM_GET_ONE_REG")
     def get_one_reg(self, arg: int) -> int:
-        raise RuleViolation(R_GET_ONE_REG, "GZVM_GET_ONE_REG")
+        return self._one_reg(arg, is_write=False)
 
     @handles(GZVM_SET_ONE_REG, "GZVM_SET_ONE_REG")
     def set_one_reg(self, arg: int) -> int:
+        return self._one_reg(arg, is_write=True)
+
+    def _one_reg(self, arg: int, *, is_write: bool) -> int:
+        """``gzvm_vcpu_ioctl``: GET is refused before its argument is read; SET is
+        ``gzvm_vcpu_update_one_reg``."""
+        if not is_write:
+            raise RuleViolation(R_GET_ONE_REG, "GZVM_GET_ONE_REG")
         reg_id, address = ONE_REG.unpack(self.model.copy_from_user(arg, ONE_REG.size))
         size = 1 << ((reg_id & REG_SIZE_MASK) >> REG_SIZE_SHIFT)
         if size not in (1, 2, 4, 8):
