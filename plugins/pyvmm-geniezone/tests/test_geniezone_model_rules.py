@@ -179,10 +179,10 @@ def test_irqfd_ignores_a_count_written_before_it(gz: Gzvm) -> None:
     vm = gz.model.files[gz.vm]
     assert isinstance(vm, gm.ModelVm)
     assert vm.poll_irqfds() is False
-    assert gz.model.stats.irqfd_injections == 0
+    assert gz.model.stats.spis_raised == 0
     os.eventfd_write(event, 1)
     assert vm.poll_irqfds() is True
-    assert gz.model.stats.irqfd_injections == 1
+    assert gz.model.stats.spis_raised == 1
 
 
 # --- ioeventfds ----------------------------------------------------------------------------

@@ -43,7 +43,7 @@ def test_irqfd_and_timer_reach_the_guest_vectors(geniezone: Backend, model: gm.G
         assert written(vcpu.run(), REPORT + 0x10) == IRQFD_INTID, "the handler acknowledged the irqfd's SPI"
         assert written(vcpu.run(), REPORT + 0x10) == VTIMER_INTID, "then the virtual timer's PPI"
         powers_off(vcpu)
-    assert model.stats.irqfd_injections == 1
+    assert model.stats.spis_raised == 1
     assert model.stats.idle_sleeps >= 1, "the vCPU waited in WFI"
     assert [c.name for c in model.calls if c.name == "GZVM_CREATE_DEVICE"] == ["GZVM_CREATE_DEVICE"] * 2
     model.assert_no_rejections()

@@ -343,7 +343,7 @@ class ModelStats:
 
     psci_calls: list[int] = field(default_factory=list)
     ioevents_signalled: int = 0
-    irqfd_injections: int = 0
+    spis_raised: int = 0
     idle_sleeps: int = 0
     hypervisor_entries: int = 0
 
@@ -669,7 +669,7 @@ class ModelVm(FileObject):
         if not level:
             return
         target = gic.set_spi(32 + number)
-        self.model.stats.irqfd_injections += 1
+        self.model.stats.spis_raised += 1
         for vcpu in list(self.vcpus.values()):
             # The interrupt reaches a running guest with the host interrupt that
             # makes it look at its GIC; a sleeping one is woken below.
