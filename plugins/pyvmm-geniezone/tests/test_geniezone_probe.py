@@ -111,3 +111,16 @@ def test_a_failing_probe_is_unavailable_with_the_error(failing_check: gm.GenieZo
     availability = system.probe()
     assert not availability.available
     assert "GZVM_CHECK_EXTENSION" in availability.reason and "EIO" in availability.reason
+
+
+def test_pyvmm_backends_lists_geniezone_available_on_the_model(
+    model: gm.GenieZoneModel, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from pyvmm import plugins
+    from pyvmm.cli import main
+
+    monkeypatch.setattr(plugins, "_default", None)  # discover (and probe) afresh, on this model
+    assert main(["backends"]) == 0
+    listing = capsys.readouterr().out.splitlines()
+    line = next(line for line in listing if line.startswith("geniezone "))
+    assert line.endswith("[available]"), line
