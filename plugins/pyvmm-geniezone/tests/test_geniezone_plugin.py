@@ -12,8 +12,8 @@ import struct
 import pytest
 from booting import booted, powers_off
 
-from pyvmm.arch.aarch64 import PC_ID, PSTATE_EL1H_DAIF, PSTATE_ID, x_reg_id
-from pyvmm.boot import BootSpec
+from pyvmm.arch.aarch64 import MPIDR_EL1_ID, PC_ID, PSTATE_EL1H_DAIF, PSTATE_ID, REG_SIZE_U128, core_reg_id, x_reg_id
+from pyvmm.boot import Aarch64VcpuInit, BootSpec
 from pyvmm.capabilities import Capability
 from pyvmm.config import PAGE_SIZE, Arch
 from pyvmm.errors import ConfigError, UnsupportedCapability
@@ -229,3 +229,17 @@ def test_ioevents_are_mmio_only(geniezone: Backend, model: gm.GenieZoneModel) ->
             False,
         )
     event.close()
+
+
+@pytest.mark.parametrize(
+    "reg_id",
+    [MPIDR_EL1_ID, core_reg_id(2 * 36, REG_SIZE_U128)],
+    ids=["system-register", "128-bit-core"],
+)
+def test_only_64_bit_core_registers_are_set(geniezone: Backend, model: gm.GenieZoneModel, reg_id: int) -> None:
+    with geniezone.create_vm({"arch": "aarch64"}) as vm:
+        vm.add_memory(p.RAM_BASE, p.RAM_SIZE)
+        vcpu = vm.create_vcpu()
+        with pytest.raises(ConfigError, match="64-bit core registers only"):
+            vcpu.init(Aarch64VcpuInit(regs={PC_ID: p.CODE_ADDRESS, reg_id: 0}))
+    assert "GZVM_SET_ONE_REG" not in vm_calls(model), "nothing was set"

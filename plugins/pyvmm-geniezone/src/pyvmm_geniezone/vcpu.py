@@ -75,6 +75,8 @@ _INTERNAL = struct.Struct("<II")  # suberror, ndata (then data[16])
 _DATA16 = struct.Struct("<16Q")
 
 _RUN_REQUEST = int(g.GZVM_RUN)
+#: The id prefix of a 64-bit core register (KVM's encoding: arm64, U64, core).
+_CORE_U64 = g.GZVM_REG_ARCH_ARM64 | g.GZVM_REG_SIZE_U64 | g.GZVM_REG_TYPE_GENERAL2
 _EINTR = -errno.EINTR
 #: What the run writes into ``exit_reason`` before each ``GZVM_RUN``.
 _NO_EXIT = 0
@@ -126,8 +128,11 @@ class GenieZoneVcpu:
         if not isinstance(boot, Aarch64VcpuInit):
             raise ConfigError("GenieZone vCPUs take aarch64 boot state")
         for reg_id in boot.regs:
-            if reg_id & ~0xFFFF & ~g.GZVM_REG_SIZE_MASK != g.GZVM_REG_ARCH_ARM64 | g.GZVM_REG_TYPE_GENERAL2:
-                raise ConfigError(f"register {reg_id:#x}: GenieZone sets core registers only (X0..X30, SP, PC, PSTATE)")
+            if reg_id & ~0xFFFF != _CORE_U64:
+                raise ConfigError(
+                    f"register {reg_id:#x}: GenieZone sets 64-bit core registers only (X0..X30, SP, PC, PSTATE, "
+                    "SP_EL1, ELR_EL1)"
+                )
         if boot.boot_cpu:
             x0 = boot.regs.get(x_reg_id(0))
             if x0 is not None:
