@@ -61,6 +61,7 @@ from pyvmm.softcpu import Hypercall
 from pyvmm.softcpu.gic import GICD_SIZE, GICR_STRIDE, Gic
 from pyvmm.testing.driver_model import (
     ERESTARTSYS,
+    NO_SUCH_IOCTL,
     PAGE_SIZE,
     DeviceFileModel,
     FileObject,
@@ -406,7 +407,7 @@ class DeviceFile(FileObject):
 
     def dispatch(self, request: int, arg: int) -> int:
         if request == GZVM_CHECK_EXTENSION and not self.model.check_extension:
-            return super().dispatch(0, arg)  # the ioctl switch has no such case: ENOTTY
+            raise RuleViolation(NO_SUCH_IOCTL, "this driver has no GZVM_CHECK_EXTENSION")
         return super().dispatch(request, arg)
 
     @handles(GZVM_CREATE_VM, "GZVM_CREATE_VM")
