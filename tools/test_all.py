@@ -51,7 +51,7 @@ REPO = Path(__file__).resolve().parents[1]
 MINORS = range(10, 20)
 ENV_STRICT = "TOX_SKIP_MISSING_INTERPRETERS"
 #: The factors of tox environments that run pytest (lint and type do not).
-TEST_FACTORS = frozenset({"core", "kvm", "gunyah", "whpx", "all", "example"})
+TEST_FACTORS = frozenset({"core", "kvm", "gunyah", "whpx", "geniezone", "all", "example"})
 
 
 # --- Pythons ----------------------------------------------------------------------
@@ -221,6 +221,13 @@ NEEDS = (
     ),
     Need(
         "KVM's bindings checked against <linux/kvm.h>", frozenset({"kvm", "all"}), "gcc linux-libc-dev", "", _kvm_header
+    ),
+    Need(
+        "GenieZone's bindings compiled for arm64",
+        frozenset({"geniezone", "all"}),
+        "gcc-aarch64-linux-gnu",
+        "",
+        _which_all("aarch64-linux-gnu-gcc", "aarch64-linux-gnu-objcopy"),
     ),
     Need(
         "a stock Linux kernel booted under pyvmm on KVM",
