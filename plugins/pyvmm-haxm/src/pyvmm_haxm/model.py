@@ -65,7 +65,7 @@ import threading
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, ClassVar
 
 from pyvmm.arch.x86_64 import DescriptorTable, Regs, Segment, Sregs
 from pyvmm.backend.ioctl import bsd, ctl_code, linux
@@ -79,7 +79,6 @@ from pyvmm.testing.driver_model import (
     GuestCpu,
     IoControlObject,
     ModelCore,
-    ModelGap,
     Rule,
     RuleViolation,
     UserPages,
@@ -1150,7 +1149,8 @@ class _HaxFile(FileObject):
     """A HAXM device file; requests are matched against the flavour's own table."""
 
     kind = "hax"
-    handlers: dict[str, Callable[[_HaxFile, int], int]] = {}
+    #: Request name -> handler method name.
+    handlers: ClassVar[dict[str, str]] = {}
 
     def __init__(self, model: HaxmModel) -> None:
         super().__init__(model)
@@ -1162,10 +1162,11 @@ class _HaxFile(FileObject):
 
     def dispatch(self, request: int, arg: int) -> int:
         name = self.hax.request_names.get(request, "")
-        handler = self.handlers.get(name)
-        if handler is None:
+        method = self.handlers.get(name)
+        if method is None:
             return self.unknown(request)
-        return handler(self, arg)
+        handler: Callable[[int], int] = getattr(self, method)
+        return handler(arg)
 
     def unknown(self, request: int) -> int:
         # platforms/linux: the system and VM devices' default case logs and returns 0.
@@ -1194,7 +1195,7 @@ class SystemFile(_HaxFile):
         self.model.copy_to_user(arg, _U32.pack(vm.vm_id))
         return 0
 
-    handlers = {"VERSION": version, "CAPABILITY": capability, "CREATE_VM": create_vm}  # type: ignore[dict-item]
+    handlers: ClassVar[dict[str, str]] = {"VERSION": "version", "CAPABILITY": "capability", "CREATE_VM": "create_vm"}
 
 
 class VmFile(_HaxFile):
@@ -1250,15 +1251,15 @@ class VmFile(_HaxFile):
     def protect_ram(self, arg: int) -> int:
         raise self.model.not_modelled("HAX_VM_IOCTL_PROTECT_RAM")
 
-    handlers = {  # type: ignore[dict-item]
-        "VCPU_CREATE": vcpu_create,
-        "VCPU_CREATE_ORIG": vcpu_create,
-        "ALLOC_RAM": alloc_ram,
-        "ADD_RAMBLOCK": add_ramblock,
-        "SET_RAM": set_ram,
-        "SET_RAM2": set_ram2,
-        "NOTIFY_QEMU_VERSION": notify_qemu_version,
-        "PROTECT_RAM": protect_ram,
+    handlers: ClassVar[dict[str, str]] = {
+        "VCPU_CREATE": "vcpu_create",
+        "VCPU_CREATE_ORIG": "vcpu_create",
+        "ALLOC_RAM": "alloc_ram",
+        "ADD_RAMBLOCK": "add_ramblock",
+        "SET_RAM": "set_ram",
+        "SET_RAM2": "set_ram2",
+        "NOTIFY_QEMU_VERSION": "notify_qemu_version",
+        "PROTECT_RAM": "protect_ram",
     }
 
     def release(self) -> None:
@@ -1333,19 +1334,19 @@ class VcpuFile(_HaxFile):
     def not_modelled(self, arg: int) -> int:
         raise self.model.not_modelled("guest debugging and CPUID tables")
 
-    handlers = {  # type: ignore[dict-item]
-        "RUN": run,
-        "SETUP_TUNNEL": setup_tunnel,
-        "SET_MSRS": set_msrs,
-        "GET_MSRS": get_msrs,
-        "SET_FPU": set_fpu,
-        "GET_FPU": get_fpu,
-        "SET_REGS": set_regs,
-        "GET_REGS": get_regs,
-        "INTERRUPT": interrupt,
-        "VCPU_DEBUG": not_modelled,
-        "SET_CPUID": not_modelled,
-        "GET_CPUID": not_modelled,
+    handlers: ClassVar[dict[str, str]] = {
+        "RUN": "run",
+        "SETUP_TUNNEL": "setup_tunnel",
+        "SET_MSRS": "set_msrs",
+        "GET_MSRS": "get_msrs",
+        "SET_FPU": "set_fpu",
+        "GET_FPU": "get_fpu",
+        "SET_REGS": "set_regs",
+        "GET_REGS": "get_regs",
+        "INTERRUPT": "interrupt",
+        "VCPU_DEBUG": "not_modelled",
+        "SET_CPUID": "not_modelled",
+        "GET_CPUID": "not_modelled",
     }
 
     def release(self) -> None:
@@ -1361,8 +1362,15 @@ class HaxmModel(DeviceFileModel):
         host_os: str = "linux",
         *,
         ug: bool = True,
-        caps: int = CAP_EPT | CAP_FASTMMIO | CAP_64BIT_RAMBLOCK | CAP_64BIT_SETRAM | CAP_TUNNEL_PAGE
-        | CAP_RAM_PROTECTION | CAP_DEBUG | CAP_IMPLICIT_RAMBLOCK | CAP_CPUID,
+        caps: int = CAP_EPT
+        | CAP_FASTMMIO
+        | CAP_64BIT_RAMBLOCK
+        | CAP_64BIT_SETRAM
+        | CAP_TUNNEL_PAGE
+        | CAP_RAM_PROTECTION
+        | CAP_DEBUG
+        | CAP_IMPLICIT_RAMBLOCK
+        | CAP_CPUID,
         mem_quota: int | None = None,
     ) -> None:
         super().__init__()
@@ -1396,7 +1404,8 @@ class HaxmModel(DeviceFileModel):
 
 class _HaxHandle(IoControlObject):
     kind = "hax"
-    handlers: dict[str, Callable[[_HaxHandle, bytes, int], bytes]] = {}
+    #: Request name -> handler method name.
+    handlers: ClassVar[dict[str, str]] = {}
 
     def __init__(self, model: HaxmWindowsModel) -> None:
         super().__init__(model)
@@ -1408,10 +1417,11 @@ class _HaxHandle(IoControlObject):
 
     def dispatch(self, code: int, data: bytes, out_size: int) -> bytes:
         name = self.hax.request_names.get(code, "")
-        handler = self.handlers.get(name)
-        if handler is None:
+        method = self.handlers.get(name)
+        if method is None:
             return self.unknown(code)
-        return handler(self, data, out_size)
+        handler: Callable[[bytes, int], bytes] = getattr(self, method)
+        return handler(data, out_size)
 
     def unknown(self, code: int) -> bytes:
         raise RuleViolation(WINDOWS_RULES.UNKNOWN_VCPU_REQUEST, f"control {code:#x}")
@@ -1450,7 +1460,7 @@ class WinSystemHandle(_HaxHandle):
         self.hax.devices[self.hax.paths[1].format(vm=vm.vm_id)] = lambda model: WinVmHandle(self.hax, vm)
         return _U32.pack(vm.vm_id)
 
-    handlers = {"VERSION": version, "CAPABILITY": capability, "CREATE_VM": create_vm}  # type: ignore[dict-item]
+    handlers: ClassVar[dict[str, str]] = {"VERSION": "version", "CAPABILITY": "capability", "CREATE_VM": "create_vm"}
 
 
 class WinVmHandle(_HaxHandle):
@@ -1516,15 +1526,15 @@ class WinVmHandle(_HaxHandle):
         self.hax.driver.notify_version(self.vm, cur)
         return b""
 
-    handlers = {  # type: ignore[dict-item]
-        "VCPU_CREATE": vcpu_create,
-        "ADD_RAMBLOCK": add_ramblock,
-        "ALLOC_RAM": alloc_ram,
-        "SET_RAM": set_ram,
-        "SET_RAM2": set_ram2,
+    handlers: ClassVar[dict[str, str]] = {
+        "VCPU_CREATE": "vcpu_create",
+        "ADD_RAMBLOCK": "add_ramblock",
+        "ALLOC_RAM": "alloc_ram",
+        "SET_RAM": "set_ram",
+        "SET_RAM2": "set_ram2",
         # 0x910 on a VM handle is NOTIFY_QEMU_VERSION (CAPABILITY on the system one).
-        "NOTIFY_QEMU_VERSION": notify_qemu_version,
-        "CAPABILITY": notify_qemu_version,
+        "NOTIFY_QEMU_VERSION": "notify_qemu_version",
+        "CAPABILITY": "notify_qemu_version",
     }
 
     def release(self) -> None:
@@ -1598,20 +1608,20 @@ class WinVcpuHandle(_HaxHandle):
     def not_modelled(self, data: bytes, out_size: int) -> bytes:
         raise self.hax.not_modelled("guest debugging and CPUID tables")
 
-    handlers = {  # type: ignore[dict-item]
-        "RUN": run,
-        "SETUP_TUNNEL": setup_tunnel,
-        "SET_MSRS": set_msrs,
-        "GET_MSRS": get_msrs,
-        "SET_FPU": set_fpu,
-        "GET_FPU": get_fpu,
-        "SET_REGS": set_regs,
-        "GET_REGS": get_regs,
-        "INTERRUPT": interrupt,
-        "KICKOFF": kickoff,
-        "VCPU_DEBUG": not_modelled,
-        "SET_CPUID": not_modelled,
-        "GET_CPUID": not_modelled,
+    handlers: ClassVar[dict[str, str]] = {
+        "RUN": "run",
+        "SETUP_TUNNEL": "setup_tunnel",
+        "SET_MSRS": "set_msrs",
+        "GET_MSRS": "get_msrs",
+        "SET_FPU": "set_fpu",
+        "GET_FPU": "get_fpu",
+        "SET_REGS": "set_regs",
+        "GET_REGS": "get_regs",
+        "INTERRUPT": "interrupt",
+        "KICKOFF": "kickoff",
+        "VCPU_DEBUG": "not_modelled",
+        "SET_CPUID": "not_modelled",
+        "GET_CPUID": "not_modelled",
     }
 
     def release(self) -> None:
@@ -1628,8 +1638,15 @@ class HaxmWindowsModel(DeviceIoControlModel):
         self,
         *,
         ug: bool = True,
-        caps: int = CAP_EPT | CAP_FASTMMIO | CAP_64BIT_RAMBLOCK | CAP_64BIT_SETRAM | CAP_TUNNEL_PAGE
-        | CAP_RAM_PROTECTION | CAP_DEBUG | CAP_IMPLICIT_RAMBLOCK | CAP_CPUID,
+        caps: int = CAP_EPT
+        | CAP_FASTMMIO
+        | CAP_64BIT_RAMBLOCK
+        | CAP_64BIT_SETRAM
+        | CAP_TUNNEL_PAGE
+        | CAP_RAM_PROTECTION
+        | CAP_DEBUG
+        | CAP_IMPLICIT_RAMBLOCK
+        | CAP_CPUID,
         mem_quota: int | None = None,
     ) -> None:
         super().__init__()

@@ -364,7 +364,9 @@ class HaxmVcpu:
                 done, _ = self._msr_batch("GET_MSRS", [(index, 0) for index, _ in batch])
             written += batch[:done]
             if done < len(batch):
-                raise MsrAccessError("HAX_VCPU_IOCTL_SET_MSRS", batch[done][0], len(written), tuple(written), write=True)
+                raise MsrAccessError(
+                    "HAX_VCPU_IOCTL_SET_MSRS", batch[done][0], len(written), tuple(written), write=True
+                )
 
     def close(self) -> None:
         """``pyvmm_destroy_vcpu``: returns once no run is under way; closing the
