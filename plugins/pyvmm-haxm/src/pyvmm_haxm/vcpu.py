@@ -58,6 +58,8 @@ from pyvmm_haxm.host import IN, INOUT, OUT
 from pyvmm_haxm.kick import KickoffKicker
 
 MSR_EFER = 0xC0000080
+MSR_TSC = 0x10
+EFER_LMA = 1 << 10
 RFLAGS_IF = 1 << 9
 #: MSRs per GET/SET_MSRS: the drivers refuse ``nr_msr >= HAX_MAX_MSR_ARRAY``.
 MSR_BATCH = b.HAX_MAX_MSR_ARRAY - 1
@@ -354,19 +356,30 @@ class HaxmVcpu:
     def set_msrs(self, entries: list[MsrEntry]) -> None:
         """``HAX_VCPU_IOCTL_SET_MSRS`` in batches of 31.  Windows and macOS return
         ``done``; the Linux driver does not copy it back (``components.c``), so
-        there the batch is read back and the first MSR that does not read is the
-        one refused."""
+        there the batch is read back (:meth:`_written_on_linux`)."""
         written: list[tuple[int, int]] = []
         for start in range(0, len(entries), MSR_BATCH):
             batch = [(e.index, e.data) for e in entries[start : start + MSR_BATCH]]
             done, _ = self._msr_batch("SET_MSRS", batch)
             if self.host_os == "linux":
-                done, _ = self._msr_batch("GET_MSRS", [(index, 0) for index, _ in batch])
+                done = self._written_on_linux(batch)
             written += batch[:done]
             if done < len(batch):
                 raise MsrAccessError(
                     "HAX_VCPU_IOCTL_SET_MSRS", batch[done][0], len(written), tuple(written), write=True
                 )
+
+    def _written_on_linux(self, batch: list[tuple[int, int]]) -> int:
+        """How many of ``batch`` the Linux driver wrote: it stops at the first MSR
+        it refuses but does not say where, so the batch is read back and the first
+        MSR that does not read, or reads another value, is the one refused (EFER's
+        LMA is the CPU's to set; the TSC moves on by itself)."""
+        done, values = self._msr_batch("GET_MSRS", [(index, 0) for index, _ in batch])
+        for position, ((index, wanted), (_, got)) in enumerate(zip(batch[:done], values, strict=True)):
+            ignored = EFER_LMA if index == MSR_EFER else 0
+            if index != MSR_TSC and (wanted ^ got) & ~ignored:
+                return position
+        return done
 
     def close(self) -> None:
         """``pyvmm_destroy_vcpu``: returns once no run is under way; closing the
