@@ -12,7 +12,7 @@ from haxm_raw import PAGE, HostBuffer, RawVm, expect
 
 from pyvmm.backend import address_of
 from pyvmm.errors import HypervisorError
-from pyvmm.testing.driver_model import EFAULT_RULE, BAD_BUFFER
+from pyvmm.testing.driver_model import BAD_BUFFER, EFAULT_RULE
 from pyvmm_haxm import bindings as b
 from pyvmm_haxm.bindings import ffi
 from pyvmm_haxm.host import OUT
@@ -203,7 +203,9 @@ def _control(model: HaxmWindowsModel, handle: int, code: int, in_size: int, out_
     buffer = ffi.new("uint8_t[]", 1024)
     returned = ffi.new("uint32_t *")
     address = address_of(buffer)
-    ok = model.function("DeviceIoControl")(handle, code, address, in_size, address, out_size, address_of(returned), None)
+    ok = model.function("DeviceIoControl")(
+        handle, code, address, in_size, address, out_size, address_of(returned), None
+    )
     return int(ok), model.last_error()
 
 

@@ -572,7 +572,7 @@ class ModelVcpu:
             self.dr[4],
             self.dr[5],
             0,
-            sregs.efer & 0xFFFF_FFFF,
+            _architectural_efer(sregs) & 0xFFFF_FFFF,
             self.msrs[0x174] & 0xFFFF_FFFF,
             self.msrs[0x176],
             self.msrs[0x175],
@@ -650,7 +650,7 @@ class ModelVcpu:
 
     def get_msr(self, index: int) -> int | None:
         if index == MSR_EFER:
-            return self.cpu.engine.get_sregs().efer
+            return _architectural_efer(self.cpu.engine.get_sregs())
         if index in (MSR_FS_BASE, MSR_GS_BASE):
             sregs = self.cpu.engine.get_sregs()
             return (sregs.fs if index == MSR_FS_BASE else sregs.gs).base
@@ -914,6 +914,15 @@ class ModelVcpu:
 
 
 _HAX_GPRS = ("rax", "rcx", "rdx", "rbx", "rsp", "rbp", "rsi", "rdi", *(f"r{n}" for n in range(8, 16)))
+
+
+def _architectural_efer(sregs: Sregs) -> int:
+    """EFER as the CPU has it: LMA only with LME and paging on (the software CPU's
+    real-mode state starts from its pseudo long mode and can report LMA)."""
+    efer = sregs.efer & ~EFER_LMA
+    if efer & EFER_LME and sregs.cr0 & CR0_PG:
+        efer |= EFER_LMA
+    return efer
 
 
 def _mask(bits: int) -> int:
