@@ -963,7 +963,7 @@ def _unpack_segment(raw: bytes) -> Segment:
 
 
 def _same_sregs(a: Sregs, b: Sregs) -> bool:
-    keys = ("cs", "ss", "ds", "es", "fs", "gs", "ldt", "tr", "gdt", "idt", "cr0", "cr3", "cr4", "efer")
+    keys = ("cs", "ss", "ds", "es", "fs", "gs", "ldt", "tr", "gdt", "idt", "cr0", "cr2", "cr3", "cr4", "efer")
     return all(getattr(a, k) == getattr(b, k) for k in keys)
 
 

@@ -10,7 +10,8 @@ registers.  What it does not carry, and where pyvmm-haxm takes it from
   (``core/vcpu.c vcpu_set_regs`` copies no ``_efer``); it is written with
   ``SET_MSRS(IA32_EFER)``, as crosvm does;
 * **CR8**: not in the state (HAXM keeps no TPR for userspace): read as 0;
-* **APIC base**: read from the tunnel (``hax_tunnel.apic_base``).
+* **APIC base**: read as ``IA32_APIC_BASE`` with GET_MSRS (the tunnel's copy is
+  written only at the end of a RUN).
 """
 
 from __future__ import annotations

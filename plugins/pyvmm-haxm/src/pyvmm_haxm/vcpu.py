@@ -59,6 +59,7 @@ from pyvmm_haxm.kick import KickoffKicker
 
 MSR_EFER = 0xC0000080
 MSR_TSC = 0x10
+MSR_APIC_BASE = 0x1B
 EFER_LMA = 1 << 10
 RFLAGS_IF = 1 << 9
 #: MSRs per GET/SET_MSRS: the drivers refuse ``nr_msr >= HAX_MAX_MSR_ARRAY``.
@@ -296,7 +297,10 @@ class HaxmVcpu:
             return regs.regs_from_state(self._state)
         if kind is StateKind.SREGS:
             self._get_state()
-            return regs.sregs_from_state(self._state, int(self._tunnel.apic_base))
+            # The tunnel's apic_base is written only at the end of a RUN
+            # (vcpu_execute); the MSR is there from vcpu_init on.
+            (apic_base,) = self.get_msrs([MSR_APIC_BASE])
+            return regs.sregs_from_state(self._state, apic_base.data)
         if kind is StateKind.FPU:
             fx = ffi.new("struct fx_layout *")
             self.channel.control(self.handle, "GET_FPU", fx, OUT)
@@ -358,8 +362,7 @@ class HaxmVcpu:
         ``done``; the Linux driver does not copy it back (``components.c``), so
         there the batch is read back (:meth:`_written_on_linux`)."""
         written: list[tuple[int, int]] = []
-        for start in range(0, len(entries), MSR_BATCH):
-            batch = [(e.index, e.data) for e in entries[start : start + MSR_BATCH]]
+        for batch in _write_batches([(e.index, e.data) for e in entries], distinct=self.host_os == "linux"):
             done, _ = self._msr_batch("SET_MSRS", batch)
             if self.host_os == "linux":
                 done = self._written_on_linux(batch)
@@ -408,6 +411,21 @@ class _State:
 
     def __init__(self, state: Any) -> None:
         self.rflags_if = bool(int(state._rflags) & RFLAGS_IF)
+
+
+def _write_batches(entries: list[tuple[int, int]], *, distinct: bool) -> list[list[tuple[int, int]]]:
+    """``entries`` in batches of :data:`MSR_BATCH`; with ``distinct``, a batch also
+    ends before an MSR it already holds (a read-back can then tell which were written)."""
+    batches: list[list[tuple[int, int]]] = []
+    current: list[tuple[int, int]] = []
+    for entry in entries:
+        if len(current) == MSR_BATCH or (distinct and any(entry[0] == index for index, _ in current)):
+            batches.append(current)
+            current = []
+        current.append(entry)
+    if current:
+        batches.append(current)
+    return batches
 
 
 def _put_reversed(source: Any, target: Any, size: int, count: int) -> None:
