@@ -125,15 +125,16 @@ def test_unsupported_driver_pickles() -> None:
     assert error.reason == "why"
 
 
-def test_unavailable_here_says_legacy() -> None:
-    """Without a model, on this machine: no /dev/HAX."""
+def test_unavailable_here_says_legacy(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Without a model, on this machine: no /dev/HAX, and the reason says why."""
+    from pyvmm_haxm import system
     from pyvmm_haxm.host import HaxHostSwitch
-    from pyvmm_haxm.system import HaxSystem
 
-    switch = HaxHostSwitch()
-    with pytest.raises(OSError) as info:
-        HaxSystem(switch.current())
-    assert info.value.errno == 2
+    monkeypatch.setattr(system, "HOST", HaxHostSwitch())
+    availability = system.probe()
+    assert not availability.available
+    assert "/dev/HAX does not exist" in availability.reason
+    assert "archived it in 2023" in availability.reason
 
 
 def test_memory_quota(host_os: str) -> None:

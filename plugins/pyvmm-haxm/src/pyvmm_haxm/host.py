@@ -62,6 +62,9 @@ class HaxChannel(Protocol):
     host_os: str
     requests: b.HaxRequests
     paths: b.DevicePaths
+    #: Objects every VM on this channel shares (the opened system device), under ``lock``.
+    shared: dict[str, object]
+    lock: threading.Lock
 
     def open(self, path: str) -> int:
         """Open a HAXM device; raises :class:`HypervisorError`."""
@@ -97,6 +100,8 @@ class PosixChannel:
         self.host_os = host_os
         self.requests = b.DARWIN if host_os == "darwin" else b.LINUX
         self.paths = b.DARWIN_PATHS if host_os == "darwin" else b.LINUX_PATHS
+        self.shared: dict[str, object] = {}
+        self.lock = threading.Lock()
         self._run_request = int(self.requests.RUN)
         self._ioctl, self._errno_of = host.fast_ioctl()
 
@@ -151,6 +156,8 @@ class WindowsChannel:
 
     def __init__(self, dll: DllHost) -> None:
         self.dll = dll
+        self.shared: dict[str, object] = {}
+        self.lock = threading.Lock()
         self._device_io_control = dll.seam.function("DeviceIoControl")
         self._returned = ffi.new("uint32_t *")
         self._run_code = int(self.requests.RUN)

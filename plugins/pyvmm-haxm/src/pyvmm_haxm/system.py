@@ -112,17 +112,15 @@ class HaxSystem:
             self.handle = -1
 
 
-_systems: dict[int, HaxSystem] = {}
-
-
 def system(channel: HaxChannel | None = None) -> HaxSystem:
     """The checked system device of ``channel`` (default: the current one), opened
-    on first use and shared by every VM on that channel."""
+    on first use and kept in ``channel.shared`` for every VM on that channel."""
     channel = channel or HOST.current()
-    found = _systems.get(id(channel))
-    if found is None or found.channel is not channel:
-        found = _systems[id(channel)] = HaxSystem(channel)
-    return found
+    with channel.lock:
+        found = channel.shared.get("system")
+        if not isinstance(found, HaxSystem):
+            found = channel.shared["system"] = HaxSystem(channel)
+        return found
 
 
 def probe() -> Availability:
