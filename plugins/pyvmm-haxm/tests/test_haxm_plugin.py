@@ -352,3 +352,53 @@ def test_close_leaves_nothing(haxm: Backend, model: Any) -> None:
     left = model.handles.values() if model.host_os == "win32" else model.files.values()
     assert [type(obj).__name__ for obj in left] in (["SystemFile"], ["WinSystemHandle"])
     assert set(os.listdir("/proc/self/fd")) <= before | {str(fd) for fd in getattr(model, "files", {})}
+
+
+def test_one_thread_per_vcpu(haxm: Backend, model: Any) -> None:
+    """Two vCPUs of one VM, each created and run on a thread of its own, as HAXM
+    wants (docs/api.md): each runs its guest, and no request came from a thread
+    other than its vCPU's."""
+    from pyvmm.boot import BootSpec, X86Mode
+
+    with haxm.create_vm({"arch": "x86_64", "vcpus": 2}) as vm:
+        vm.add_memory(0, p.RAM_SIZE)
+        vm.memory.write(p.CODE_ADDRESS, p.PIO_OUT.code)
+        vm.set_boot(BootSpec(arch="x86_64", entry=p.CODE_ADDRESS, stack=p.STACK_TOP, x86_mode=X86Mode.LONG))
+        ready, started, booted_state = threading.Barrier(3), threading.Event(), threading.Event()
+        results: dict[int, tuple[int, int]] = {}
+        state: list[Any] = []
+        errors: list[BaseException] = []
+
+        def vcpu_thread(index: int) -> None:
+            try:
+                vcpu = vm.create_vcpu(index)
+                vcpu.apply_boot()
+                if index == 0:
+                    state.extend((vcpu.get_sregs(), vcpu.get_regs()))
+                    booted_state.set()
+                else:
+                    # No INIT/SIPI without an interrupt controller: the VMM starts
+                    # the second vCPU where the first one starts.
+                    booted_state.wait(10)
+                    vcpu.set_sregs(state[0])
+                    vcpu.set_regs(state[1])
+                ready.wait(10)
+                started.wait(10)
+                io = vcpu.run()
+                assert isinstance(io, IoExit)
+                results[index] = (io.port, io.data[0])
+                assert vcpu.run().kind is ExitKind.HLT
+            except BaseException as exc:  # noqa: BLE001 - handed back to the test
+                errors.append(exc)
+
+        threads = [threading.Thread(target=vcpu_thread, args=(i,)) for i in range(2)]
+        for thread in threads:
+            thread.start()
+        ready.wait(10)
+        vm.start()
+        started.set()
+        for thread in threads:
+            thread.join(30)
+        assert not errors, errors
+        assert results == {0: (0x10, 0x5A), 1: (0x10, 0x5A)}
+    assert model.rejections == [], [str(r.rule) for r in model.rejections]
