@@ -402,3 +402,34 @@ def test_one_thread_per_vcpu(haxm: Backend, model: Any) -> None:
         assert not errors, errors
         assert results == {0: (0x10, 0x5A), 1: (0x10, 0x5A)}
     assert model.rejections == [], [str(r.rule) for r in model.rejections]
+
+
+def test_a_short_tunnel_is_refused_and_nothing_left(haxm: Backend, model: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A driver reporting a tunnel smaller than ``struct hax_tunnel`` (QEMU's
+    ``valid_hax_tunnel_size``) gets no vCPU made on it, and its device is closed."""
+    from pyvmm.errors import HypervisorError
+
+    packed = struct.Struct("<QQH6x")
+    if model.host_os == "win32":
+        original = m.WinVcpuHandle.setup_tunnel
+
+        def short_win(self: Any, data: bytes, out_size: int) -> bytes:
+            va, io_va, _ = packed.unpack(original(self, data, out_size))
+            return packed.pack(va, io_va, 16)
+
+        monkeypatch.setattr(m.WinVcpuHandle, "setup_tunnel", short_win)
+    else:
+        original_posix = m.VcpuFile.setup_tunnel
+
+        def short_posix(self: Any, arg: int) -> int:
+            original_posix(self, arg)
+            va, io_va, _ = packed.unpack(self.model.copy_from_user(arg, packed.size))
+            self.model.copy_to_user(arg, packed.pack(va, io_va, 16))
+            return 0
+
+        monkeypatch.setattr(m.VcpuFile, "setup_tunnel", short_posix)
+    with haxm.create_vm({"arch": "x86_64"}) as vm:
+        with pytest.raises(HypervisorError, match="16-byte tunnel"):
+            vm.create_vcpu(0)
+        open_vcpus = [o for o in (model.handles.values() if model.host_os == "win32" else model.files.values())]
+        assert not [o for o in open_vcpus if "Vcpu" in type(o).__name__], "the vCPU device was closed"

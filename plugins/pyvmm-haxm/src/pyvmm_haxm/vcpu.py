@@ -31,8 +31,8 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import errno
 import struct
-import threading
 from typing import Any
 
 from pyvmm.arch.x86_64 import Fpu, MsrEntry, Regs, Sregs
@@ -97,14 +97,13 @@ class HaxmVcpu:
             if info.size < _TUNNEL_SIZE or not info.va or not info.io_va:
                 raise HypervisorError(
                     "HAX_SETUP_TUNNEL",
-                    22,
+                    errno.EINVAL,
                     f"the driver gave a {int(info.size)}-byte tunnel at {int(info.va):#x}, I/O buffer at "
                     f"{int(info.io_va):#x}; pyvmm-haxm needs {_TUNNEL_SIZE} bytes at non-NULL addresses",
                 )
         except BaseException:
             channel.close(self.handle)
             raise
-        self.thread = threading.get_ident()
         self._tunnel_view: memoryview = _view(int(info.va), _TUNNEL_SIZE)
         self._tunnel: Any = ffi.cast("struct hax_tunnel *", int(info.va))
         self._io_view: memoryview = _view(int(info.io_va), b.IOS_MAX_BUFFER)
@@ -191,7 +190,7 @@ class HaxmVcpu:
         io.is_write = direction == b.HAX_IO_OUT
         nbytes = size * count
         if nbytes > b.IOS_MAX_BUFFER or size not in (1, 2, 4):
-            raise HypervisorError("HAX_VCPU_IOCTL_RUN", 22, f"an I/O exit of {count} x {size} bytes")
+            raise HypervisorError("HAX_VCPU_IOCTL_RUN", errno.EINVAL, f"an I/O exit of {count} x {size} bytes")
         if df and count > 1 and flags & b.HAX_IO_STRING:
             # The buffer holds the lowest address first: the last item moved.
             view = memoryview(self._scratch)[:nbytes]
@@ -210,7 +209,7 @@ class HaxmVcpu:
     def _mmio_exit(self) -> MmioExit:
         gpa, value, size, direction = _FASTMMIO.unpack_from(self._io_view, 0)
         if size not in (1, 2, 4, 8):
-            raise HypervisorError("HAX_VCPU_IOCTL_RUN", 22, f"a fast-MMIO exit of {size} bytes")
+            raise HypervisorError("HAX_VCPU_IOCTL_RUN", errno.EINVAL, f"a fast-MMIO exit of {size} bytes")
         mmio = self._mmio
         mmio.address, mmio.size = gpa, size
         mmio.data = self._mmio_views[size]
