@@ -264,3 +264,13 @@ def test_msr_batch_done(model: Any, vm: RawVm) -> None:
         assert result.done == 0x77, "the Linux driver does not copy SET_MSRS back (components.c)"
     else:
         assert result.done == 1
+
+
+def test_movs_touching_mmio_is_a_model_gap(model: Any, vm: RawVm) -> None:
+    """HAXM emulates MOVS itself (a guest-to-guest copy between two MMIO
+    addresses is one exit): the model does not guess which exits it would give."""
+    from pyvmm.testing.driver_model import ModelGap
+
+    vcpu = guest(vm, "a4f4", rsi=0x5000, rdi=0x100)  # movsb from no RAM to RAM
+    with pytest.raises(ModelGap, match="MOVS"):
+        vcpu.run()

@@ -453,11 +453,6 @@ class Memslot:
     block: RamBlock
 
 
-class HaxFault(Exception):
-    """A failure the driver core reports (a -errno / NTSTATUS that is not a rule
-    of the VMM's making: a guest fault the driver turns into a panic)."""
-
-
 @dataclass
 class ModelVm:
     """``struct vm_t`` (core/include/vm.h), reduced to what the VMM can observe."""
@@ -467,7 +462,9 @@ class ModelVm:
     blocks: list[RamBlock] = field(default_factory=list)
     slots: list[Memslot] = field(default_factory=list)
     vcpus: dict[int, ModelVcpu] = field(default_factory=dict)
-    #: VM_FEATURES_FASTMMIO_BASIC / _EXTRA (core/vm.c hax_vm_set_qemuversion).
+    #: VM_FEATURES_FASTMMIO_BASIC / _EXTRA (core/vm.c hax_vm_set_qemuversion).  The
+    #: copy direction (_EXTRA) is recorded only: the software CPU reports a MOVS
+    #: between two MMIO addresses as a read and a write, never as one copy.
     fastmmio: bool = False
     fastmmio_copy: bool = False
     handles: int = 0
@@ -883,6 +880,11 @@ class ModelVcpu:
             self._exit(EXIT_MMIO, VMX_EPT_VIOLATION)
             return
         sregs = self.cpu.engine.get_sregs()
+        if _is_movs(self.cpu.engine.read_virtual(sregs.cs.base + self.cpu.engine.pc, 15) or b""):
+            # HAXM emulates MOVS itself and, between two MMIO addresses, reports one
+            # guest-to-guest copy (direction 2); the software CPU reports a read and
+            # a write, so the model cannot tell which HAXM would give.
+            raise self.driver.model.not_modelled("MOVS touching MMIO (HAXM's copy exit)")
         value = int.from_bytes(bytes(exit_.data[: exit_.size]), "little") if exit_.is_write else 0
         _FASTMMIO.pack_into(
             self.io_view(),
@@ -965,6 +967,16 @@ def _unpack_segment(raw: bytes) -> Segment:
 def _same_sregs(a: Sregs, b: Sregs) -> bool:
     keys = ("cs", "ss", "ds", "es", "fs", "gs", "ldt", "tr", "gdt", "idt", "cr0", "cr2", "cr3", "cr4", "efer")
     return all(getattr(a, k) == getattr(b, k) for k in keys)
+
+
+def _is_movs(code: bytes) -> bool:
+    """Whether ``code`` starts with MOVS (A4/A5 after prefixes and REX)."""
+    at = 0
+    while at < len(code) and (code[at] in _SEGMENT_PREFIXES or code[at] in (0x66, 0x67, 0xF0, 0xF2, 0xF3)):
+        at += 1
+    if at < len(code) and 0x40 <= code[at] <= 0x4F:
+        at += 1
+    return at < len(code) and code[at] in (0xA4, 0xA5)
 
 
 def _code_bits(sregs: Sregs) -> int:
@@ -1660,7 +1672,6 @@ class HaxmWindowsModel(DeviceIoControlModel):
         self.request_names[_requests("win32")["CAPABILITY"]] = "CAPABILITY"
         self.paths = (r"\\.\HAX", r"\\.\hax_vm{vm:02d}", r"\\.\hax_vm{vm:02d}_vcpu{vcpu:02d}")
         self.devices[self.paths[0]] = lambda model: WinSystemHandle(self)
-        self.handle_objects = self.handles
 
     def close_all(self) -> None:
         for handle in list(self.handles):
