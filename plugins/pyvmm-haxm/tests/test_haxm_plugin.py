@@ -433,3 +433,18 @@ def test_a_short_tunnel_is_refused_and_nothing_left(haxm: Backend, model: Any, m
             vm.create_vcpu(0)
         open_vcpus = [o for o in (model.handles.values() if model.host_os == "win32" else model.files.values())]
         assert not [o for o in open_vcpus if "Vcpu" in type(o).__name__], "the vCPU device was closed"
+
+
+def test_probe_without_the_system_device(host_os: str) -> None:
+    """No ``/dev/HAX`` (ENOENT) or ``\\\\.\\HAX`` (ERROR_FILE_NOT_FOUND): unavailable,
+    and the reason names the device and says HAXM is legacy."""
+    model = make_model(host_os)
+    system_path = next(iter(model.devices))
+    del model.devices[system_path]
+    reason = ""
+    with model.installed():
+        availability = make_backend().availability()
+        reason = availability.reason
+        assert not availability.available
+    assert f"{system_path} does not exist" in reason
+    assert "legacy backend" in reason
