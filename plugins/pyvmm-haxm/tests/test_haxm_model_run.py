@@ -274,3 +274,15 @@ def test_movs_touching_mmio_is_a_model_gap(model: Any, vm: RawVm) -> None:
     vcpu = guest(vm, "a4f4", rsi=0x5000, rdi=0x100)  # movsb from no RAM to RAM
     with pytest.raises(ModelGap, match="MOVS"):
         vcpu.run()
+
+
+def test_hardware_breakpoints_are_a_model_gap(model: Any, vm: RawVm) -> None:
+    from pyvmm.testing.driver_model import ModelGap
+
+    vcpu = guest(vm, "f4")
+    state = vcpu.get_state()
+    state._dr0, state._dr7 = CODE, 0x1  # L0: break at CODE
+    vcpu.set_state(state)
+    assert vcpu.get_state()._dr7 == 0x401
+    with pytest.raises(ModelGap, match="hardware breakpoints"):
+        vcpu.run()

@@ -448,3 +448,15 @@ def test_probe_without_the_system_device(host_os: str) -> None:
         assert not availability.available
     assert f"{system_path} does not exist" in reason
     assert "legacy backend" in reason
+
+
+def test_debug_registers_round_trip(haxm: Backend, model: Any) -> None:
+    from pyvmm.arch.x86_64 import DebugRegs
+
+    with booted(haxm, p.HLT) as (_, vcpu):
+        assert vcpu.get_debug_regs() == DebugRegs()  # vcpu_init: DR6 0xffff0ff0, DR7 0x400
+        vcpu.set_state(p_state("debug_regs"), DebugRegs(db=(0x1000, 0x2000, 0, 0x4000), dr6=0x1, dr7=0x0))
+        got = vcpu.get_debug_regs()
+        assert got.db == (0x1000, 0x2000, 0, 0x4000)
+        assert (got.dr6, got.dr7) == (0xFFFF0FF1, 0x400), "the driver forces the reserved bits (fix_dr6/7)"
+        run_to(vcpu, ExitKind.HLT)

@@ -606,7 +606,10 @@ class ModelVcpu:
             cr4=values[22],
             efer=self._effective_efer(values[19]),
         )
-        self.dr = [values[23], values[24], values[25], values[26], values[27], values[28]]
+        # fix_dr6/fix_dr7 (core/include/ia32_defs.h): high half 0, reserved bits 1.
+        dr6 = (values[27] & 0xFFFF_FFFF) | 0xFFFF0FF0
+        dr7 = (values[28] & 0xFFFF_FFFF) | 0x400
+        self.dr = [values[23], values[24], values[25], values[26], dr6, dr7]
         self._apply_sregs(sregs, current)
         engine.set_regs(regs)
 
@@ -709,6 +712,8 @@ class ModelVcpu:
         if self.panicked:  # behaviour: panicked
             self._status(EXIT_STATECHANGE, reason)
             return
+        if self.dr[5] & 0xFF:
+            raise self.driver.model.not_modelled("hardware breakpoints in DR7 (the software CPU does not take them)")
         if bytes(self.fx) != self.fx_loaded:
             raise self.driver.model.not_modelled("an FPU image set with SET_FPU (the software CPU cannot load one)")
         engine.request_interrupt_window(bool(window))

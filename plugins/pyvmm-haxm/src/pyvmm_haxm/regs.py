@@ -18,7 +18,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from pyvmm.arch.x86_64 import DescriptorTable, Fpu, Regs, Segment, Sregs
+from pyvmm.arch.x86_64 import DebugRegs, DescriptorTable, Fpu, Regs, Segment, Sregs
 from pyvmm_haxm import bindings as b
 
 #: ``vcpu_state_t._regs`` order (hax_vcpu_state.h): rax rcx rdx rbx rsp rbp rsi rdi r8..r15.
@@ -138,3 +138,19 @@ def fpu_to_fx(fpu: Fpu, raw: bytearray) -> None:
         raw[32 + 16 * i : 48 + 16 * i] = bytes(value).ljust(16, b"\0")[:16]
     for i, value in enumerate(fpu.xmm[:16]):
         raw[160 + 16 * i : 176 + 16 * i] = bytes(value).ljust(16, b"\0")[:16]
+
+
+def debugregs_from_state(state: Any) -> DebugRegs:
+    return DebugRegs(
+        db=(int(state._dr0), int(state._dr1), int(state._dr2), int(state._dr3)),
+        dr6=int(state._dr6),
+        dr7=int(state._dr7),
+    )
+
+
+def debugregs_to_state(debug: DebugRegs, state: Any) -> None:
+    """DR0-3, DR6, DR7 into ``vcpu_state_t`` (the driver forces DR6's and DR7's
+    reserved bits, ``fix_dr6``/``fix_dr7``, and ignores them while its own guest
+    debugging is on)."""
+    state._dr0, state._dr1, state._dr2, state._dr3 = debug.db
+    state._dr6, state._dr7 = debug.dr6, debug.dr7

@@ -35,7 +35,7 @@ import errno
 import struct
 from typing import Any
 
-from pyvmm.arch.x86_64 import Fpu, MsrEntry, Regs, Sregs
+from pyvmm.arch.x86_64 import DebugRegs, Fpu, MsrEntry, Regs, Sregs
 from pyvmm.backend import SignalKicker
 from pyvmm.boot import VcpuInit, X86VcpuInit
 from pyvmm.errors import ConfigError, ErrorSpace, HypervisorError, MsrAccessError, UnknownExitError, VmStateError
@@ -304,7 +304,10 @@ class HaxmVcpu:
             fx = ffi.new("struct fx_layout *")
             self.channel.control(self.handle, "GET_FPU", fx, OUT)
             return regs.fpu_from_fx(fx, bytes(ffi.buffer(fx)))
-        raise ConfigError(f"HAXM vCPUs have no {kind.value} state (regs, sregs and fpu only)")
+        if kind is StateKind.DEBUG_REGS:
+            self._get_state()
+            return regs.debugregs_from_state(self._state)
+        raise ConfigError(f"HAXM vCPUs have no {kind.value} state (regs, sregs, fpu and debug_regs only)")
 
     def set_state(self, kind: StateKind, value: Any) -> None:
         if kind is StateKind.REGS:
@@ -330,8 +333,14 @@ class HaxmVcpu:
             regs.fpu_to_fx(value, raw)
             ffi.buffer(fx)[:] = bytes(raw)
             self.channel.control(self.handle, "SET_FPU", fx, IN)
+        elif kind is StateKind.DEBUG_REGS:
+            if not isinstance(value, DebugRegs):
+                raise ConfigError(f"debug_regs: a DebugRegs, not {type(value).__name__}")
+            self._get_state()
+            regs.debugregs_to_state(value, self._state)
+            self.channel.control(self.handle, "SET_REGS", self._state, IN)
         else:
-            raise ConfigError(f"HAXM vCPUs have no {kind.value} state (regs, sregs and fpu only)")
+            raise ConfigError(f"HAXM vCPUs have no {kind.value} state (regs, sregs, fpu and debug_regs only)")
 
     # --- MSRs -------------------------------------------------------------------
     def _msr_batch(self, op: str, entries: list[tuple[int, int]]) -> tuple[int, list[tuple[int, int]]]:
