@@ -51,7 +51,7 @@ REPO = Path(__file__).resolve().parents[1]
 MINORS = range(10, 20)
 ENV_STRICT = "TOX_SKIP_MISSING_INTERPRETERS"
 #: The factors of tox environments that run pytest (lint and type do not).
-TEST_FACTORS = frozenset({"core", "kvm", "gunyah", "whpx", "geniezone", "all", "example"})
+TEST_FACTORS = frozenset({"core", "kvm", "gunyah", "whpx", "geniezone", "haxm", "all", "example"})
 
 
 # --- Pythons ----------------------------------------------------------------------
