@@ -81,5 +81,5 @@ VGIC_DEFAULT_SPIS: Final = 256 - VGIC_NR_PRIVATE_IRQS
 #: Not uapi: the INTIDs KVM gives the EL1 virtual and physical timers unless
 #: userspace moves them (``default_vtimer_irq`` / ``default_ptimer_irq``,
 #: arch/arm64/kvm/arch_timer.c).
-KVM_VTIMER_INTID: Final = 27
-KVM_PTIMER_INTID: Final = 30
+VTIMER_INTID: Final = 27
+PTIMER_INTID: Final = 30
