@@ -192,20 +192,29 @@ def test_kick_before_run_interrupts_it(kvm: Backend) -> None:
 
 
 def test_vgic_lines_and_irqfds_reach_the_distributor(kvm: Backend) -> None:
-    with Event() as event, booted(kvm, p.PSCI_OFF, cpus=2, irqchip=True, room=1) as (vm, _):
+    with (
+        Event() as edge,
+        Event() as level,
+        Event() as resample,
+        booted(kvm, p.PSCI_OFF, cpus=2, irqchip=True, room=1) as (vm, _),
+    ):
         # Registered before the vGIC is initialised: held until VM start.
-        vm.register_irqfd(event, 3, level=False)
+        vm.register_irqfd(edge, 3, level=False)
+        vm.register_irqfd(level, 6, level=True, resample=resample)
         boot(vm)
         vgic = vm.handle.vgic
         assert vgic is not None and vgic.initialized
         assert vgic.distributor_register(GICD_ISPENDR + 4) == 0
-        event.signal()
+        edge.signal()
         assert vgic.distributor_register(GICD_ISPENDR + 4) == 1 << 3, "SPI 3 is INTID 35"
+        level.signal()
+        assert vgic.distributor_register(GICD_ISPENDR + 4) == 1 << 3 | 1 << 6
         vm.set_irq_line(5, True)
-        assert vgic.distributor_register(GICD_ISPENDR + 4) == 1 << 3 | 1 << 5
+        assert vgic.distributor_register(GICD_ISPENDR + 4) == 1 << 3 | 1 << 5 | 1 << 6
         with pytest.raises(VmStateError, match="vGIC"):
             vm.create_vcpu()
-        vm.unregister_irqfd(event, 3)
+        vm.unregister_irqfd(edge, 3)
+        vm.unregister_irqfd(level, 6)
 
 
 def test_irq_line_without_the_vgic_is_refused(kvm: Backend) -> None:
