@@ -29,7 +29,7 @@ piece of work); GSI_ROUTING and MSI (the vGIC's ITS is not modelled); PVCLOCK
 :mod:`pyvmm_kvm.arm64_uapi`).  No DEVICE_TREE_NODES: everything KVM emulates in
 the kernel -- GICv3, architected timer, PSCI -- is what core's ``virt`` board
 already describes, at the addresses and INTIDs KVM uses by default
-(``tests/test_kvm_arm64_host.py`` checks the two agree).
+(``tests/test_arm64_backend.py`` checks the two agree).
 """
 
 from __future__ import annotations
