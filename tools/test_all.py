@@ -223,6 +223,13 @@ NEEDS = (
         "KVM's bindings checked against <linux/kvm.h>", frozenset({"kvm", "all"}), "gcc linux-libc-dev", "", _kvm_header
     ),
     Need(
+        "KVM's arm64 bindings checked against the arm64 uapi",
+        frozenset({"kvm", "all"}),
+        "gcc-aarch64-linux-gnu",
+        "",
+        _which_all("aarch64-linux-gnu-gcc"),
+    ),
+    Need(
         "a stock Linux kernel booted under pyvmm on KVM",
         frozenset({"kvm"}),
         "linux-image-cloud-amd64",
