@@ -19,6 +19,7 @@ from pyvmm.machine import virt
 from pyvmm.machine.devicetree import GIC_PPI, IRQ_TYPE_LEVEL_HIGH, build_fdt, read_fdt
 from pyvmm.machine.loaders.arm64 import Chosen
 from pyvmm.plugins import PluginRegistry
+from pyvmm.testing.conformance import programs_aarch64 as p
 from pyvmm_kvm import arm64_plugin, arm64_regs, arm64_vm
 from pyvmm_kvm import arm64_uapi as a
 from pyvmm_kvm import bindings as k
@@ -273,3 +274,15 @@ def test_too_many_vcpus_are_refused_before_the_vm_exists() -> None:
     config = VmConfig.model_validate({"arch": "aarch64", "vcpus": 9})
     with pytest.raises(ConfigError, match="at most 8"):
         KvmArm64Vm(FakeSystem(), config)  # type: ignore[arg-type]
+
+
+# --- the arm64 guest programs of the KVM tests match their source -----------------------------
+
+
+def test_guest_programs_match_their_source() -> None:
+    import test_kvm_arm64_guests as guests
+
+    if p.aarch64_assembler() is None:
+        pytest.skip("no aarch64 assembler (apt-get install binutils-aarch64-linux-gnu)")
+    for program in guests.PROGRAMS:
+        assert program.assembled() == program.code, program.name

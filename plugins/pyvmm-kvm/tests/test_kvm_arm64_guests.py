@@ -27,6 +27,7 @@ from pyvmm.machine.devicetree import cpu_reg
 from pyvmm.plugins import PluginRegistry
 from pyvmm.testing.conformance import programs_aarch64 as p
 from pyvmm.vm import Backend, Vcpu, Vm
+from pyvmm_kvm import arm64_uapi as a
 from pyvmm_kvm import bindings as k
 from pyvmm_kvm.arm64_plugin import host_is_arm64
 from pyvmm_kvm.arm64_plugin import plugin as arm64_plugin
@@ -88,6 +89,64 @@ DIRTY = p.aarch64_program(
     + p.SYSTEM_OFF_SOURCE,
     "0104a8d2e20e80d2220408f9000180d20080b0f2020000d4",
 )
+
+#: Interrupts through the vGIC: a vector table at the load address (VBAR_EL1 must
+#: be 2 KiB-aligned), whose IRQ entry reports the INTID from ICC_IAR1_EL1, EOIs it
+#: and powers off; the program turns the distributor on, makes SPI 3 (INTID 35)
+#: and the virtual timer's PPI (INTID 27) group-1 and enabled, opens the CPU
+#: interface, arms the virtual timer when X3 is non-zero, unmasks IRQs and waits.
+INTERRUPTS = p.aarch64_program(
+    "interrupts",
+    """
+    b main
+    .skip 0x280 - 4
+    mrs x0, S3_0_C12_C12_0          // ICC_IAR1_EL1
+    str x0, [x5]
+    msr S3_0_C12_C12_1, x0          // ICC_EOIR1_EL1
+    movz x0, #0x0008
+    movk x0, #0x8400, lsl #16
+    hvc #0
+main:
+    movz x5, #0x0900, lsl #16
+    adr x1, .
+    and x1, x1, #~0x7ff
+    msr vbar_el1, x1
+    movz x1, #0x0800, lsl #16       // GICD
+    mov w2, #0x13                   // ARE, EnableGrp1, EnableGrp0
+    str w2, [x1]
+    mov w2, #(1 << 3)
+    str w2, [x1, #0x84]             // GICD_IGROUPR1
+    str w2, [x1, #0x104]            // GICD_ISENABLER1
+    movz x1, #0x080a, lsl #16       // GICR of vCPU 0
+    str wzr, [x1, #0x14]            // GICR_WAKER: awake
+    add x1, x1, #0x10000            // its SGI frame
+    mov w2, #(1 << 27)
+    str w2, [x1, #0x80]             // GICR_IGROUPR0
+    str w2, [x1, #0x100]            // GICR_ISENABLER0
+    mov x2, #0xff
+    msr S3_0_C4_C6_0, x2            // ICC_PMR_EL1
+    mov x2, #1
+    msr S3_0_C12_C12_7, x2          // ICC_IGRPEN1_EL1
+    isb
+    cbz x3, 2f
+    mov x2, #1000
+    msr cntv_tval_el0, x2
+    mov x2, #1
+    msr cntv_ctl_el0, x2
+    isb
+2:  msr daifclr, #2
+1:  wfi
+    b 1b
+""",
+    "a6000014"
+    + "00" * 0x27C
+    + "00cc38d5a00000f920cc18d5000180d20080b0f2020000d40520a1d20100001021d0759201c018d50100a1d262028052220000b9"
+    "02018052228400b9220401b94101a1d23f1400b9214040910200a152228000b9220001b9e21f80d2024618d5220080d2e2cc18d5"
+    "df3f03d5c30000b4027d80d202e31bd5220080d222e31bd5df3f03d5ff4203d57f2003d5ffffff17",
+)
+
+#: The test programs of this module, for the source check.
+PROGRAMS = (CPU_ON, TIMER, DIRTY, INTERRUPTS)
 
 #: TPIDR_EL1: a system register a guest never needs set, free to write.
 TPIDR_EL1_ID = sysreg_id(3, 0, 13, 0, 4)
@@ -215,6 +274,29 @@ def test_vgic_lines_and_irqfds_reach_the_distributor(kvm: Backend) -> None:
             vm.create_vcpu()
         vm.unregister_irqfd(edge, 3)
         vm.unregister_irqfd(level, 6)
+
+
+def boot_with(vm: Vm, registers: dict[str, int]) -> None:
+    spec = BootSpec(
+        arch=Arch.AARCH64, entry=p.CODE_ADDRESS, fdt_address=p.FDT_ADDRESS, fdt_size=p.FDT_SIZE, registers=registers
+    )
+    vm.boot(spec)
+
+
+def test_an_spi_raised_by_the_vmm_reaches_the_guest(kvm: Backend) -> None:
+    with booted(kvm, INTERRUPTS, irqchip=True) as (vm, (vcpu,)):
+        boot_with(vm, {"x3": 0})
+        # After start: KVM refuses lines into a GICv3 it has not initialised (EBUSY).
+        vm.set_irq_line(3, True)
+        assert write_of(vcpu, 0) == 35, "the guest acknowledges INTID 35 (SPI 3)"
+        shuts_down(vcpu)
+
+
+def test_the_virtual_timer_interrupts_the_guest(kvm: Backend) -> None:
+    with booted(kvm, INTERRUPTS, irqchip=True) as (vm, (vcpu,)):
+        boot_with(vm, {"x3": 1})
+        assert write_of(vcpu, 0) == a.VTIMER_INTID
+        shuts_down(vcpu)
 
 
 def test_irq_line_without_the_vgic_is_refused(kvm: Backend) -> None:
