@@ -230,6 +230,13 @@ NEEDS = (
         _which_all("aarch64-linux-gnu-gcc", "aarch64-linux-gnu-objcopy"),
     ),
     Need(
+        "KVM's arm64 bindings checked against the arm64 uapi",
+        frozenset({"kvm", "all"}),
+        "gcc-aarch64-linux-gnu",
+        "",
+        _which_all("aarch64-linux-gnu-gcc"),
+    ),
+    Need(
         "a stock Linux kernel booted under pyvmm on KVM",
         frozenset({"kvm"}),
         "linux-image-cloud-amd64",

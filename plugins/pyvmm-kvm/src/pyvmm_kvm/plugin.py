@@ -11,7 +11,7 @@ from pyvmm.backend import backend_plugin
 from pyvmm.capabilities import Capability
 from pyvmm.config import Arch
 from pyvmm.manifest import CONTRACT_VERSION, BackendManifest
-from pyvmm_kvm import __version__
+from pyvmm_kvm import __version__, arm64_plugin
 from pyvmm_kvm.system import probe
 from pyvmm_kvm.vcpu import KvmVcpu
 from pyvmm_kvm.vm import KvmVm
@@ -68,4 +68,10 @@ def manifest() -> BackendManifest:
     )
 
 
-plugin = backend_plugin(manifest=manifest, create_vm=KvmVm.create, vm_class=KvmVm, vcpu_class=KvmVcpu)
+# KVM runs guests of the host's architecture only: an arm64 host gets the arm64
+# backend (pyvmm_kvm.arm64_plugin), any other the x86 one above.
+plugin = (
+    arm64_plugin.plugin
+    if arm64_plugin.host_is_arm64()
+    else backend_plugin(manifest=manifest, create_vm=KvmVm.create, vm_class=KvmVm, vcpu_class=KvmVcpu)
+)
