@@ -49,20 +49,23 @@ from typing import TYPE_CHECKING, Any
 
 import pluggy
 
-from pyvmm.arch.x86_64 import CpuidEntry, MsrEntry, VcpuEvents
-from pyvmm.boot import BootSpec, VcpuInit
 from pyvmm.capabilities import Capability as Cap
-from pyvmm.config import VmConfig
 from pyvmm.contract import hook_info
-from pyvmm.exits import VcpuExit
-from pyvmm.interrupts import IrqRoute
-from pyvmm.manifest import BackendManifest
-from pyvmm.memory import RamRegion
-from pyvmm.vcpu_state import IoEventAddress, StateKind
 
+# The argument and return types are for readers and type checkers only: pluggy
+# reads argument names, never annotations, and importing these at run time would
+# pull pydantic and the boot code into every start-up that only registers hooks.
 if TYPE_CHECKING:
+    from pyvmm.arch.x86_64 import CpuidEntry, MsrEntry, VcpuEvents
+    from pyvmm.boot import BootSpec, VcpuInit
+    from pyvmm.config import VmConfig
+    from pyvmm.exits import VcpuExit
     from pyvmm.host import Event
+    from pyvmm.interrupts import IrqRoute
     from pyvmm.machine.devicetree import DeviceTree
+    from pyvmm.manifest import BackendManifest
+    from pyvmm.memory import RamRegion
+    from pyvmm.vcpu_state import IoEventAddress, StateKind
 
 PROJECT = "pyvmm"
 hookspec = pluggy.HookspecMarker(PROJECT)

@@ -24,10 +24,9 @@ number mismatch in the layout test.
 
 from __future__ import annotations
 
-from typing import Final
+from typing import Any, Final
 
-import cffi
-
+from pyvmm.backend.ffi_cache import declared_ffi
 from pyvmm.backend.ioctl import IoctlRequest, linux, request_names
 
 # Everything in linux/kvm.h that is the same on every architecture.  It names
@@ -616,11 +615,10 @@ struct kvm_sync_regs {
 };
 """
 
-ffi: Final = cffi.FFI()
-ffi.cdef(_X86_64_CDEF + _GENERIC_CDEF)
+# Parsed once per machine, not per process (pyvmm.backend.ffi_cache).
+ffi: Final = declared_ffi(_X86_64_CDEF + _GENERIC_CDEF)
 
-ffi_aarch64: Final = cffi.FFI()
-ffi_aarch64.cdef(_AARCH64_CDEF + _GENERIC_CDEF)
+ffi_aarch64: Final = declared_ffi(_AARCH64_CDEF + _GENERIC_CDEF)
 
 
 # --- ioctl number encoding (asm-generic/ioctl.h, used by x86 and arm64) -----
@@ -635,15 +633,15 @@ def _io(nr: int) -> IoctlRequest:
     return linux.io(KVMIO, nr)
 
 
-def _ior(nr: int, ctype: str, of: cffi.FFI = ffi) -> IoctlRequest:
+def _ior(nr: int, ctype: str, of: Any = ffi) -> IoctlRequest:
     return linux.ior(KVMIO, nr, of.sizeof(ctype))
 
 
-def _iow(nr: int, ctype: str, of: cffi.FFI = ffi) -> IoctlRequest:
+def _iow(nr: int, ctype: str, of: Any = ffi) -> IoctlRequest:
     return linux.iow(KVMIO, nr, of.sizeof(ctype))
 
 
-def _iowr(nr: int, ctype: str, of: cffi.FFI = ffi) -> IoctlRequest:
+def _iowr(nr: int, ctype: str, of: Any = ffi) -> IoctlRequest:
     return linux.iowr(KVMIO, nr, of.sizeof(ctype))
 
 
