@@ -15,7 +15,7 @@ every process, as all of them were before the cache.
 
 Not a test: it prints, it never fails on a number.
 
-    python benchmarks/bench_startup.py [--rounds N] [--backend NAME]
+    python benchmarks/bench_startup.py [--rounds N] [--backend NAME] [--baseline SRC ...]
 """
 
 from __future__ import annotations
@@ -38,20 +38,34 @@ class Case:
     env: tuple[tuple[str, str], ...] = ()
 
 
-def cases(backend: str) -> list[Case]:
+def cases(backend: str, baseline: tuple[str, ...]) -> list[Case]:
     python = sys.executable
     pyvmm = (python, "-m", "pyvmm")
+    # The same commands run from another checkout's sources (PYTHONPATH comes
+    # before the editable installs), measured in the same rounds.
+    base_env = (("PYTHONPATH", os.pathsep.join(baseline)), ("PYVMM_FFI_CACHE", "off"))
+    compared = (
+        [
+            Case("baseline: pyvmm backends", (*pyvmm, "backends"), base_env),
+            Case(f"baseline: pyvmm run --backend {backend}", (*pyvmm, "run", "-q", "--backend", backend), base_env),
+            Case("baseline: pyvmm run (best available)", (*pyvmm, "run", "-q"), base_env),
+        ]
+        if baseline
+        else []
+    )
     return [
         Case("python -c pass", (python, "-c", "pass")),
         Case("python -c 'import pyvmm'", (python, "-c", "import pyvmm")),
         Case("pyvmm backends", (*pyvmm, "backends")),
         Case(f"pyvmm run --backend {backend} (demo)", (*pyvmm, "run", "-q", "--backend", backend)),
+        Case("pyvmm run (demo, best available)", (*pyvmm, "run", "-q")),
         Case("pyvmm backends, PYVMM_FFI_CACHE=off", (*pyvmm, "backends"), (("PYVMM_FFI_CACHE", "off"),)),
         Case(
             f"pyvmm run --backend {backend}, PYVMM_FFI_CACHE=off",
             (*pyvmm, "run", "-q", "--backend", backend),
             (("PYVMM_FFI_CACHE", "off"),),
         ),
+        *compared,
     ]
 
 
@@ -68,6 +82,14 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rounds", type=int, default=15, help="interleaved rounds (median and best printed)")
     parser.add_argument("--backend", default="kvm", help="backend for the pyvmm run rows (default kvm)")
+    parser.add_argument(
+        "--baseline",
+        nargs="+",
+        default=(),
+        metavar="SRC",
+        help="source directories of another checkout (its core/src and plugin src dirs): "
+        "its commands are measured in the same rounds, as 'baseline:' rows",
+    )
     args = parser.parse_args(argv)
     if args.rounds < 1:
         parser.error("--rounds must be at least 1")
@@ -76,7 +98,7 @@ def main(argv: list[str] | None = None) -> int:
     env = {k: v for k, v in os.environ.items() if k != "PYTHONDONTWRITEBYTECODE"}
     env["PYTHONPYCACHEPREFIX"] = pycache
     try:
-        all_cases = cases(args.backend)
+        all_cases = cases(args.backend, tuple(args.baseline))
         for case in all_cases:  # warm-up: bytecode, the cffi cache, the OS caches
             wall_time(case, env)
         times: dict[str, list[float]] = {case.label: [] for case in all_cases}
@@ -91,11 +113,11 @@ def main(argv: list[str] | None = None) -> int:
     print(
         f"interpreter: {sys.executable} ({sys.version.split()[0]}); {args.rounds} interleaved rounds; load {load:.2f}"
     )
-    print(f"  {'command':<48} {'median':>9} {'best':>9} {'ratio':>7}")
+    print(f"  {'command':<50} {'median':>9} {'best':>9} {'ratio':>7}")
     for case in all_cases:
         runs = times[case.label]
         median = statistics.median(runs)
-        print(f"  {case.label:<48} {median * 1e3:6.1f} ms {min(runs) * 1e3:6.1f} ms {median / base:6.2f}x")
+        print(f"  {case.label:<50} {median * 1e3:6.1f} ms {min(runs) * 1e3:6.1f} ms {median / base:6.2f}x")
     return 0
 
 

@@ -27,6 +27,10 @@ class Device:
     """
 
     name = "device"
+    #: True when the device's writes may take effect at the guest's next exit
+    #: instead of at once: the machine then lets the backend record them without
+    #: exiting, where it can (pyvmm.machine.coalesced_io says which devices qualify).
+    coalesced_writes = False
 
     def read(self, offset: int, size: int) -> int:
         return ALL_ONES

@@ -300,6 +300,31 @@ struct kvm_run {
     } s;
 };
 
+struct kvm_coalesced_mmio_zone {
+    uint64_t addr;
+    uint32_t size;
+    union {
+        uint32_t pad;
+        uint32_t pio;
+    };
+};
+
+struct kvm_coalesced_mmio {
+    uint64_t phys_addr;
+    uint32_t len;
+    union {
+        uint32_t pad;
+        uint32_t pio;
+    };
+    uint8_t data[8];
+};
+
+struct kvm_coalesced_mmio_ring {
+    uint32_t first;
+    uint32_t last;
+    struct kvm_coalesced_mmio coalesced_mmio[];
+};
+
 int ioctl(int fd, unsigned long request, ...);
 void *mmap(void *addr, size_t length, int prot, int flags, int fd, long offset);
 int munmap(void *addr, size_t length);
@@ -686,6 +711,8 @@ KVM_CREATE_DEVICE: Final = _iowr(0xE0, "struct kvm_create_device")
 KVM_SET_DEVICE_ATTR: Final = _iow(0xE1, "struct kvm_device_attr")
 KVM_GET_DEVICE_ATTR: Final = _iow(0xE2, "struct kvm_device_attr")
 KVM_HAS_DEVICE_ATTR: Final = _iow(0xE3, "struct kvm_device_attr")
+KVM_REGISTER_COALESCED_MMIO: Final = _iow(0x67, "struct kvm_coalesced_mmio_zone")
+KVM_UNREGISTER_COALESCED_MMIO: Final = _iow(0x68, "struct kvm_coalesced_mmio_zone")
 
 # --- VM or vCPU (KVM_ENABLE_CAP works on both since KVM_CAP_ENABLE_CAP_VM) ---
 KVM_ENABLE_CAP: Final = _iow(0xA3, "struct kvm_enable_cap")
