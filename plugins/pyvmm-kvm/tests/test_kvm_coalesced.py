@@ -4,16 +4,18 @@ taken in guest order before the exit that follows them."""
 from __future__ import annotations
 
 import struct
+import threading
 from collections.abc import Iterator
 
 import pytest
 
 from pyvmm.boot import BootSpec, X86Mode
 from pyvmm.coalesced import CoalescedWrite
-from pyvmm.devices.base import Device
+from pyvmm.devices.base import Device, Doorbell
 from pyvmm.errors import HypervisorError
 from pyvmm.exits import ExitKind
-from pyvmm.machine import GuestImage, Machine, MachineConfig, StopReason
+from pyvmm.machine import GuestImage, Machine, MachineConfig, RunResult, StopReason
+from pyvmm.machine.vcpu_loop import DeviceError
 from pyvmm.vcpu_state import AddressSpace, IoEventAddress
 from pyvmm.vm import Backend, Vcpu, Vm
 from pyvmm_kvm.coalesced import RING_ENTRIES, CoalescedZones
@@ -147,3 +149,63 @@ def test_an_opted_in_device_gets_its_writes_in_order_with_fewer_exits(kvm: Backe
     assert result.stats is not None
     mmio_exits = result.stats.by_kind().get("mmio", 0)
     assert mmio_exits == (1 if coalesced else 4)
+
+
+# --- doorbells: ioevents in the machine layer ----------------------------------------
+
+#: Long mode, rbx = MACHINE_MMIO: mov dword [rbx+0x10],1 (three times); then
+#: 1: mov al,[rbx]; jmp 1b -- the read waits for the doorbell thread.
+DOORBELL_GUEST = bytes.fromhex("c7431001000000" * 3 + "8a03ebfc")
+
+
+class Notifier(Device):
+    """A doorbell at 0x10; reads end the run once the doorbell has rung."""
+
+    name = "notifier"
+    doorbells = (Doorbell(0x10, 4),)
+
+    def __init__(self, fail: bool = False) -> None:
+        self.fail = fail
+        self.rung = threading.Event()
+        self.writes: list[int] = []
+        self.machine: Machine | None = None
+
+    def doorbell_rung(self, doorbell: Doorbell) -> None:
+        if self.fail:
+            raise RuntimeError("queue is corrupt")
+        self.rung.set()
+
+    def write(self, offset: int, size: int, value: int) -> None:
+        self.writes.append(offset)
+
+    def read(self, offset: int, size: int) -> int:
+        if self.rung.wait(0.001):
+            assert self.machine is not None
+            self.machine.request_stop(StopReason.POWEROFF, 0, "notified")
+        return 0
+
+
+def _run_notifier(device: Notifier) -> RunResult:
+    image = GuestImage(
+        "doorbell", ((0x10_0000, DOORBELL_GUEST),), 0x10_0000, X86Mode.LONG, registers={"rbx": MACHINE_MMIO}
+    )
+    config = MachineConfig(backend="kvm", serial="none", memory=16 << 20, timeout=30)
+    with Machine(config, image=image) as machine:
+        device.machine = machine
+        machine.mmio.register(MACHINE_MMIO, 0x1000, device)
+        return machine.run()
+
+
+def test_a_doorbell_write_signals_without_exiting(kvm: Backend) -> None:
+    before = {t.name for t in threading.enumerate()}
+    device = Notifier()
+    result = _run_notifier(device)
+    assert result.reason is StopReason.POWEROFF
+    assert device.rung.is_set()
+    assert device.writes == [], "the doorbell writes never reached write() through an exit"
+    assert {t.name for t in threading.enumerate()} - before == set(), "no thread is left running"
+
+
+def test_a_doorbell_that_raises_stops_the_machine_naming_it(kvm: Backend) -> None:
+    with pytest.raises(DeviceError, match=r"notifier.*doorbell at mmio 0xd0000010.*queue is corrupt"):
+        _run_notifier(Notifier(fail=True))

@@ -34,6 +34,7 @@ from pyvmm.machine.board import Board, MachineEvents
 from pyvmm.machine.bus import MmioBus, PortBus
 from pyvmm.machine.coalesced_io import CoalescedDevices
 from pyvmm.machine.config import MachineConfig
+from pyvmm.machine.doorbells import Doorbells
 from pyvmm.machine.outcome import (
     STATUS_CLEAN,
     STATUS_ERROR,
@@ -127,6 +128,7 @@ class Runner:
         self._board = board
         coalesced = CoalescedDevices(self.vm, self.pio, self.mmio)
         self._coalesced = coalesced if coalesced.register() else None
+        doorbells = Doorbells(self.vm, self.pio, self.mmio, self._fail)
         cpus = self.cpus
         threads = [
             threading.Thread(target=self._vcpu_thread, args=(i,), name=f"pyvmm-vcpu-{i}", daemon=True)
@@ -134,6 +136,8 @@ class Runner:
         ]
         restore_sigint = self._catch_sigint()
         try:
+            if doorbells.register():
+                doorbells.start()
             for thread in threads:
                 thread.start()
             with self._cond:
@@ -155,6 +159,7 @@ class Runner:
         finally:
             self._join(threads)
             restore_sigint()
+            doorbells.close()
             self._close_devices()
         if self._error is not None:
             raise self._error
