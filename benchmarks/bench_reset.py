@@ -24,6 +24,7 @@ import sys
 import time
 
 from pyvmm.boot import BootSpec, X86Mode
+from pyvmm.config import Arch
 from pyvmm.exits import ExitKind
 from pyvmm.reset_point import ResetPoint
 from pyvmm.vm import Backend, get_backend
@@ -44,7 +45,9 @@ def measure(backend: Backend, ram: int, count: int) -> tuple[float, float, float
         vm.add_memory(0, ram, log_dirty=True)
         vm.memory.write(CODE, WRITE_PAGES)
         vcpu = vm.create_vcpu()
-        vm.boot(BootSpec(arch="x86_64", entry=CODE, x86_mode=X86Mode.LONG, registers={"rbx": DIRTY_BASE, "rcx": count}))
+        vm.boot(
+            BootSpec(arch=Arch.X86_64, entry=CODE, x86_mode=X86Mode.LONG, registers={"rbx": DIRTY_BASE, "rcx": count})
+        )
         point = ResetPoint.capture(vm)
         resets, fulls = [], []
         for i in range(REPEATS * 2):
