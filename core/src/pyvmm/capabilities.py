@@ -176,6 +176,7 @@ CORE_READS: dict[Capability, str] = {
     Capability.PORT_IO: "the pc board and the x86 conformance scenarios need port-I/O exits",
     Capability.PIO_IOEVENTS: "Vm.register_ioevent: an ioevent on a port needs it",
     Capability.COALESCED_PIO: "Vm.register_coalesced_io: a zone of ports needs it",
+    Capability.XCRS: "reset_point/snapshot: the XCRs are saved and restored where the backend declares it",
     Capability.EARLY_INIT_CPUID: "Vcpu.set_cpuid refuses; the pc board sets CPUID at VM creation instead",
     Capability.MULTI_VCPU: "Backend.create_vm: more than one vCPU needs it",
 }
@@ -187,7 +188,6 @@ CORE_READS: dict[Capability, str] = {
 INFORMATIONAL: frozenset[Capability] = frozenset(
     {
         Capability.USER_MEMORY,
-        Capability.XCRS,
         Capability.CALIBRATED_TSC_LEAF_REQUIRED,
         Capability.STATIC_SWIOTLB_ALLOCATION_REQUIRED,
         Capability.ARM_PMU_V3,

@@ -3,7 +3,7 @@
 A device lists its doorbells (:attr:`pyvmm.devices.base.Device.doorbells`, a
 virtqueue notify register, say).  Where the backend declares ``IOEVENTS`` (and
 ``PIO_IOEVENTS`` for a port), the machine registers each as an ioevent on an
-event of its own (KVM: ``KVM_IOEVENTFD``): a guest write then signals the event
+event of its own (``Vm.register_ioevent``): a guest write then signals the event
 inside the hypervisor and the guest continues at once, with no exit.  One
 machine thread waits on all the events and calls the device's
 :meth:`~pyvmm.devices.base.Device.doorbell_rung`; a device that raises there
