@@ -38,9 +38,8 @@ _PORT, _MEMORY = AddressSpace.PIO, AddressSpace.MMIO
 class CoalescedZones:
     """A KVM VM's coalesced zones, and the reader of its ring."""
 
-    def __init__(self, host: Any, vm_fd: int, ring_page: int) -> None:
+    def __init__(self, host: Any, ring_page: int) -> None:
         self.host = host
-        self.vm_fd = vm_fd
         #: Pages after the kvm_run page where the ring is (0: no ring).
         self.ring_page = ring_page
 
@@ -48,11 +47,11 @@ class CoalescedZones:
         pio = 1 if address.space is _PORT else 0
         return ffi.new("struct kvm_coalesced_mmio_zone *", {"addr": address.address, "size": size, "pio": pio})
 
-    def register(self, address: IoEventAddress, size: int) -> None:
-        self.host.ioctl(self.vm_fd, k.KVM_REGISTER_COALESCED_MMIO, self._zone(address, size))
+    def register(self, vm_fd: int, address: IoEventAddress, size: int) -> None:
+        self.host.ioctl(vm_fd, k.KVM_REGISTER_COALESCED_MMIO, self._zone(address, size))
 
-    def unregister(self, address: IoEventAddress, size: int) -> None:
-        self.host.ioctl(self.vm_fd, k.KVM_UNREGISTER_COALESCED_MMIO, self._zone(address, size))
+    def unregister(self, vm_fd: int, address: IoEventAddress, size: int) -> None:
+        self.host.ioctl(vm_fd, k.KVM_UNREGISTER_COALESCED_MMIO, self._zone(address, size))
 
     def ring_view(self, vcpu_views: Sequence[memoryview]) -> memoryview | None:
         """The ring page, seen through the first vCPU mapping that reaches it."""

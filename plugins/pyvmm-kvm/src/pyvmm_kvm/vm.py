@@ -244,14 +244,14 @@ class KvmVm:
     # --- coalesced I/O (pyvmm_kvm.coalesced) ---------------------------------------
     def _coalesced(self) -> CoalescedZones:
         if self._zones is None:
-            self._zones = CoalescedZones(self.host, self.fd, self.kvm.check_extension(k.KVM_CAP_COALESCED_MMIO))
+            self._zones = CoalescedZones(self.host, self.kvm.check_extension(k.KVM_CAP_COALESCED_MMIO))
         return self._zones
 
     def register_coalesced_io(self, address: IoEventAddress, size: int) -> None:
-        self._coalesced().register(address, size)
+        self._coalesced().register(self.fd, address, size)
 
     def unregister_coalesced_io(self, address: IoEventAddress, size: int) -> None:
-        self._coalesced().unregister(address, size)
+        self._coalesced().unregister(self.fd, address, size)
 
     def take_coalesced_io(self) -> list[CoalescedWrite]:
         zones = self._coalesced()
