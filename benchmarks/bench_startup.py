@@ -57,6 +57,12 @@ def cases(backend: str, baseline: tuple[str, ...]) -> list[Case]:
     return [
         Case("python -c pass", (python, "-c", "pass")),
         Case("python -c 'import pyvmm'", (python, "-c", "import pyvmm")),
+        # What any command that validates a manifest or a config pays before
+        # pyvmm's own code: importing pydantic and building one model.
+        Case(
+            "floor: pydantic + one model",
+            (python, "-c", "from pydantic import BaseModel\nclass M(BaseModel):\n    x: int = 0\nM(x=1)"),
+        ),
         Case("pyvmm backends", (*pyvmm, "backends")),
         Case(f"pyvmm run --backend {backend} (demo)", (*pyvmm, "run", "-q", "--backend", backend)),
         Case("pyvmm run (demo, best available)", (*pyvmm, "run", "-q")),
