@@ -20,6 +20,7 @@ from pathlib import Path
 from types import FrameType
 from typing import TYPE_CHECKING, Any, BinaryIO, TypeVar, cast
 
+from pyvmm.cli import RUN_HELP
 from pyvmm.errors import ConfigError
 
 if TYPE_CHECKING:
@@ -142,7 +143,7 @@ def add_run_parser(sub: Any, common: argparse.ArgumentParser | None = None) -> N
     every command takes)."""
     run = sub.add_parser(
         "run",
-        help="run a guest on the x86_64 or aarch64 machine (the bundled demo guest without --kernel)",
+        help=RUN_HELP,
         description="Run a guest on pyvmm's x86_64 PC or aarch64 virt machine.",
         epilog=EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
