@@ -28,7 +28,7 @@ def _file(header: Any, runs: list[tuple[int, int, int, bytes]] = (), *, raw_head
 
 
 def _vcpu(**states: Any) -> dict[str, Any]:
-    return {"states": [[k, v] for k, v in states.items()], "events": None}
+    return {"states": [[k, v] for k, v in states.items()], "events": None, "msrs": None}
 
 
 def _good() -> dict[str, Any]:
@@ -99,7 +99,11 @@ def _with(path: str, value: Any) -> dict[str, Any]:
         (_file(_with("vcpus/0", _vcpu(lapic={"regs": {"$bytes": "zz"}}))), "not hexadecimal"),
         (_file(_with("vcpus/0", _vcpu(mp_state=99))), "not a MpState"),
         (_file(_with("vcpus/0", _vcpu(regs=_encode(x86_64.Regs()), **{"regs ": 1}))), "unknown register set"),
-        (_file({**_good(), "arch": "aarch64", "vcpus": [{"states": [], "events": {}}]}), "only x86_64"),
+        (_file({**_good(), "arch": "aarch64", "vcpus": [{"states": [], "events": {}, "msrs": None}]}), "only x86_64"),
+        (_file({**_good(), "arch": "aarch64", "vcpus": [{"states": [], "events": None, "msrs": []}]}), "have MSRs"),
+        (_file(_with("vcpus/0/msrs", [{"index": 1 << 33, "data": 0}])), r"msrs\[0\]: MsrEntry.index"),
+        (_file(_with("vcpus/0/msrs", [{"index": 0x10, "data": -1}])), r"msrs\[0\]: MsrEntry.data"),
+        (_file(_with("vcpus/0/msrs", [{"index": 0x10}])), "expected the fields"),
     ],
 )
 def test_malformed_bodies_with_a_good_checksum(data: bytes, words: str) -> None:

@@ -17,10 +17,12 @@ A reset copies each run of consecutive dirty pages back from the saved copy in
 one slice assignment (a ``memcpy``) and sets the saved vCPU register sets again.
 What it covers: guest RAM, and per vCPU the register sets of ``kinds`` (by
 default, x86: general, segment/control, FPU/SSE and debug registers, plus XCRs
-where the backend declares ``XCRS``; aarch64: the core registers) and the
-pending events where the backend declares ``VCPU_EVENTS``.  What it does not:
-in-kernel interrupt controller, PIT and clock state, XSAVE beyond the legacy FPU
-area, and the state of the VMM's own devices -- a harness whose guest uses them
+where the backend declares ``XCRS``; aarch64: the core registers), the pending
+events where the backend declares ``VCPU_EVENTS``, and the MSRs the backend
+lists (``MSRS`` and ``MSR_INDEX_LIST``) that the vCPU can have written back
+(:func:`restorable_msrs`).  What it does not: in-kernel interrupt controller,
+PIT and clock state, XSAVE beyond the legacy FPU area, and the state of the
+VMM's own devices -- a harness whose guest uses them
 must reset them itself.  Pass ``kinds`` to add ``LAPIC``/``MP_STATE`` for a VM
 with an in-kernel irqchip.
 
@@ -40,10 +42,10 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from pyvmm.arch.x86_64 import VcpuEvents
+from pyvmm.arch.x86_64 import MsrEntry, VcpuEvents
 from pyvmm.capabilities import Capability
 from pyvmm.config import PAGE_SIZE, Arch
-from pyvmm.errors import ConfigError
+from pyvmm.errors import ConfigError, MsrAccessError
 from pyvmm.memory import RamRegion
 from pyvmm.vcpu_state import StateKind
 from pyvmm.vm import Vcpu, Vm
@@ -64,6 +66,43 @@ class _SavedVcpu:
     vcpu: Vcpu
     states: list[tuple[StateKind, Any]]
     events: VcpuEvents | None
+    msrs: list[MsrEntry] | None = None
+
+
+def saves_msrs(vm: Vm) -> bool:
+    """Whether resets and snapshots of ``vm`` carry MSRs: x86 backends that
+    can list and move them (``MSRS`` and ``MSR_INDEX_LIST``)."""
+    caps = vm.backend.capabilities
+    return vm.config.arch is Arch.X86_64 and Capability.MSRS in caps and Capability.MSR_INDEX_LIST in caps
+
+
+def restorable_msrs(vcpu: Vcpu, indices: Sequence[int]) -> list[MsrEntry]:
+    """The MSRs of ``indices`` that ``vcpu`` can both read and have written
+    back, with their values now.
+
+    The hypervisor's list names MSRs some VMs cannot take (KVM lists its
+    paravirtual MSRs whether or not the guest's CPUID offers them, and refuses
+    a write to one the guest was not given): each is tried once here, writing
+    back the value just read, so that a reset or a restore never meets a
+    refusal and never skips an MSR silently.
+    """
+    try:
+        entries = vcpu.get_msrs(list(indices))
+    except MsrAccessError:
+        entries = []
+        for index in indices:
+            try:
+                entries += vcpu.get_msrs([index])
+            except MsrAccessError:
+                continue
+    kept = []
+    for entry in entries:
+        try:
+            vcpu.set_msrs([entry])
+        except MsrAccessError:
+            continue
+        kept.append(entry)
+    return kept
 
 
 def default_kinds(vm: Vm) -> tuple[StateKind, ...]:
@@ -123,11 +162,13 @@ class ResetPoint:
             )
         chosen = tuple(default_kinds(vm) if kinds is None else kinds)
         with_events = vm.backend.supports(Capability.VCPU_EVENTS) and vm.config.arch is Arch.X86_64
+        msr_indices = vm.msr_index_list() if saves_msrs(vm) else None
         saved_vcpus = [
             _SavedVcpu(
                 vcpu,
                 [(kind, copy.deepcopy(vcpu.get_state(kind))) for kind in chosen],
                 copy.deepcopy(vcpu.get_events()) if with_events else None,
+                None if msr_indices is None else restorable_msrs(vcpu, msr_indices),
             )
             for vcpu in vm.vcpus
         ]
@@ -157,13 +198,20 @@ class ResetPoint:
                 start, stop = first * PAGE_SIZE, end * PAGE_SIZE
                 view[start:stop] = contents[start:stop]
                 pages += end - first
-        for vcpu_state in self._vcpus:
-            vcpu = vcpu_state.vcpu
-            for kind, value in vcpu_state.states:
-                vcpu.set_state(kind, value)
-            if vcpu_state.events is not None:
-                vcpu.set_events(vcpu_state.events)
+        self._restore_vcpus()
         return pages
+
+    def _restore_vcpus(self) -> None:
+        for saved in self._vcpus:
+            vcpu = saved.vcpu
+            # MSRs first: the register sets after them win where both hold a
+            # value (EFER is in the segment registers and in the MSRs).
+            if saved.msrs:
+                vcpu.set_msrs(saved.msrs)
+            for kind, value in saved.states:
+                vcpu.set_state(kind, value)
+            if saved.events is not None:
+                vcpu.set_events(saved.events)
 
     def restore_all(self) -> None:
         """Copy back the whole of guest RAM (and the registers), whatever the
@@ -173,11 +221,7 @@ class ResetPoint:
         for saved in self._regions:
             vm.dirty_log(saved.region)
             saved.region.view()[:] = saved.contents
-        for vcpu_state in self._vcpus:
-            for kind, value in vcpu_state.states:
-                vcpu_state.vcpu.set_state(kind, value)
-            if vcpu_state.events is not None:
-                vcpu_state.vcpu.set_events(vcpu_state.events)
+        self._restore_vcpus()
 
 
 def _runs(bitmap: bytes) -> list[tuple[int, int]]:

@@ -2,10 +2,11 @@
 vCPU's register sets, saved from a stopped VM and restored into a new one.
 
 What a snapshot holds is what :mod:`pyvmm.reset_point` restores: RAM and, per
-vCPU, the register sets of ``kinds`` (by default :func:`reset_point.default_kinds`)
-and the pending events where the backend declares ``VCPU_EVENTS``.  It does not
+vCPU, the register sets of ``kinds`` (by default :func:`reset_point.default_kinds`),
+the pending events where the backend declares ``VCPU_EVENTS`` and the MSRs it
+lists and can write back (:func:`reset_point.restorable_msrs`).  It does not
 hold in-kernel interrupt controller, PIT or clock state, XSAVE beyond the legacy
-FPU area, MSRs, nor the state of a machine's devices: it is for VMs built on the
+FPU area, nor the state of a machine's devices: it is for VMs built on the
 VM API without those (fuzzing targets, test guests), and :func:`save` refuses
 nothing it cannot see -- a VM with an in-kernel irqchip restores without it.
 
@@ -44,7 +45,7 @@ from pyvmm.arch import aarch64, x86_64
 from pyvmm.capabilities import Capability
 from pyvmm.config import PAGE_SIZE, Arch
 from pyvmm.errors import PyvmmError
-from pyvmm.reset_point import default_kinds
+from pyvmm.reset_point import default_kinds, restorable_msrs, saves_msrs
 from pyvmm.vcpu_state import StateKind
 from pyvmm.vm import Backend, Vm
 
@@ -94,6 +95,8 @@ class Snapshot:
     #: Per vCPU: the register sets, in the order they are set.
     vcpus: list[list[tuple[StateKind, Any]]]
     events: list[x86_64.VcpuEvents | None]
+    #: Per vCPU: the MSRs to set first, or None.
+    msrs: list[list[x86_64.MsrEntry] | None]
 
 
 # --- saving ------------------------------------------------------------------------
@@ -108,6 +111,7 @@ def save(vm: Vm, path: str | os.PathLike[str], kinds: Sequence[StateKind] | None
     vm.backend.require(Capability.VCPU_REGISTERS, "a snapshot")
     chosen = tuple(default_kinds(vm) if kinds is None else kinds)
     with_events = vm.backend.supports(Capability.VCPU_EVENTS) and vm.config.arch is Arch.X86_64
+    msr_indices = vm.msr_index_list() if saves_msrs(vm) else None
     regions = list(vm.memory)
     header = {
         "arch": vm.config.arch.value,
@@ -119,6 +123,7 @@ def save(vm: Vm, path: str | os.PathLike[str], kinds: Sequence[StateKind] | None
             {
                 "states": [[kind.value, _encode(vcpu.get_state(kind))] for kind in chosen],
                 "events": _encode(vcpu.get_events()) if with_events else None,
+                "msrs": None if msr_indices is None else _encode(restorable_msrs(vcpu, msr_indices)),
             }
             for vcpu in vm.vcpus
         ],
@@ -223,11 +228,12 @@ def _parse_body(body: memoryview) -> Snapshot:
         _region(item, f"header.regions[{i}]") for i, item in enumerate(_list(fields["regions"], "header.regions"))
     ]
     _check_layout(regions)
-    vcpus, events = [], []
+    vcpus, events, msrs = [], [], []
     for i, item in enumerate(_list(fields["vcpus"], "header.vcpus")):
-        states, event = _vcpu(item, f"header.vcpus[{i}]", arch)
+        states, event, vcpu_msrs = _vcpu(item, f"header.vcpus[{i}]", arch)
         vcpus.append(states)
         events.append(event)
+        msrs.append(vcpu_msrs)
     pages: list[dict[int, bytes]] = [{} for _ in regions]
     offset = end
     while offset < len(body):
@@ -247,7 +253,7 @@ def _parse_body(body: memoryview) -> Snapshot:
                 raise _Bad(f"page {page} of region {index} is given twice")
             pages[index][page] = bytes(body[offset : offset + PAGE_SIZE])
             offset += PAGE_SIZE
-    return Snapshot(arch, regions, pages, vcpus, events)
+    return Snapshot(arch, regions, pages, vcpus, events, msrs)
 
 
 def _object(value: Any, what: str, keys: set[str]) -> dict[str, Any]:
@@ -294,8 +300,10 @@ def _check_layout(regions: list[RegionImage]) -> None:
             raise _Bad(f"regions at {low.guest_phys_addr:#x} and {high.guest_phys_addr:#x} overlap")
 
 
-def _vcpu(value: Any, what: str, arch: Arch) -> tuple[list[tuple[StateKind, Any]], x86_64.VcpuEvents | None]:
-    fields = _object(value, what, {"states", "events"})
+def _vcpu(
+    value: Any, what: str, arch: Arch
+) -> tuple[list[tuple[StateKind, Any]], x86_64.VcpuEvents | None, list[x86_64.MsrEntry] | None]:
+    fields = _object(value, what, {"states", "events", "msrs"})
     states = []
     seen = set()
     for i, item in enumerate(_list(fields["states"], f"{what}.states")):
@@ -314,7 +322,14 @@ def _vcpu(value: Any, what: str, arch: Arch) -> tuple[list[tuple[StateKind, Any]
     if events is not None and arch is not Arch.X86_64:
         raise _Bad(f"{what}.events: only x86_64 vCPUs have events")
     decoded = None if events is None else _decode(events, x86_64.VcpuEvents, f"{what}.events")
-    return states, decoded
+    msrs = fields["msrs"]
+    if msrs is not None and arch is not Arch.X86_64:
+        raise _Bad(f"{what}.msrs: only x86_64 vCPUs have MSRs")
+    entries = None if msrs is None else _decode(msrs, list[x86_64.MsrEntry], f"{what}.msrs")
+    for entry in entries or ():
+        _int(entry.index, f"{what}.msrs index", 1 << 32)
+        _int(entry.data, f"{what}.msrs data")
+    return states, decoded, entries
 
 
 def _decode(value: Any, kind: Any, what: str) -> Any:
@@ -359,7 +374,11 @@ def _decode(value: Any, kind: Any, what: str) -> Any:
         fields = _object(value, what, names)
         hints = typing.get_type_hints(kind)
         record: Any = kind
-        return record(**{name: _decode(fields[name], hints[name], f"{what}.{name}") for name in names})
+        values = {name: _decode(fields[name], hints[name], f"{what}.{name}") for name in names}
+        try:
+            return record(**values)
+        except (PyvmmError, ValueError, TypeError) as exc:  # a record that checks itself (MsrEntry)
+            raise _Bad(f"{what}: {exc}") from None
     raise _Bad(f"{what}: cannot rebuild a {kind!r}")
 
 
@@ -387,8 +406,10 @@ def restore(backend: Backend, snapshot: Snapshot | str | os.PathLike[str]) -> Vm
             view = region.view()
             for page, contents in pages.items():
                 view[page * PAGE_SIZE : (page + 1) * PAGE_SIZE] = contents
-        for states, events in zip(image.vcpus, image.events, strict=True):
+        for states, events, msrs in zip(image.vcpus, image.events, image.msrs, strict=True):
             vcpu = vm.create_vcpu()
+            if msrs:  # first: the register sets after them win where both hold a value
+                vcpu.set_msrs(msrs)
             for kind, value in states:
                 vcpu.set_state(kind, value)
             if events is not None:

@@ -8,7 +8,7 @@ import pytest
 from pyvmm.boot import BootSpec, X86Mode
 from pyvmm.errors import ConfigError
 from pyvmm.exits import ExitKind, IoExit
-from pyvmm.reset_point import ResetPoint
+from pyvmm.reset_point import ResetPoint, restorable_msrs
 from pyvmm.vm import Backend, Vcpu, Vm
 
 CODE = 0x1000
@@ -73,3 +73,13 @@ def test_a_region_without_a_dirty_log_is_refused(kvm: Backend) -> None:
     vm, _ = _guest(kvm, log_dirty=False)
     with vm, pytest.raises(ConfigError, match=r"log_dirty=True; not: 0x0\+0x10000"):
         ResetPoint.capture(vm)
+
+
+def test_restorable_msrs_can_all_be_written_back_at_once(kvm: Backend) -> None:
+    vm, vcpu = _guest(kvm)
+    with vm:
+        listed = vm.msr_index_list()
+        kept = restorable_msrs(vcpu, listed)
+        assert kept and {e.index for e in kept} <= set(listed)
+        vcpu.set_msrs(kept)  # what every reset does: no refusal
+        assert [e.index for e in vcpu.get_msrs([e.index for e in kept])] == [e.index for e in kept]
