@@ -207,6 +207,20 @@ GATES = [
         "pyvmm_enable_vcpu_raw_capability",
         lambda c: c.vcpu().enable_raw_capability(123),
     ),
+    # --- contract version 3: exits avoided ---
+    Gate(
+        "register_coalesced_io",
+        Capability.COALESCED_IO,
+        "pyvmm_register_coalesced_io",
+        lambda c: c.vm.register_coalesced_io(IoEventAddress.mmio(0xD000_0000), 0x1000),
+    ),
+    Gate(
+        "unregister_coalesced_io",
+        Capability.COALESCED_IO,
+        "pyvmm_unregister_coalesced_io",
+        lambda c: c.vm.unregister_coalesced_io(IoEventAddress.mmio(0xD000_0000), 0x1000),
+    ),
+    Gate("take_coalesced_io", Capability.COALESCED_IO, "pyvmm_take_coalesced_io", lambda c: c.vm.take_coalesced_io()),
 ]
 
 

@@ -147,6 +147,14 @@ class Capability(str, enum.Enum):
     """A vCPU's TSC offset (guest TSC minus host TSC) can be read and set
     (hooks ``pyvmm_get_tsc_offset``/``pyvmm_set_tsc_offset``)."""
 
+    # --- exits avoided (contract version 3) -----------------------------------
+    COALESCED_IO = "coalesced_io"
+    """Guest writes to registered MMIO zones are recorded, not exits (hooks
+    ``pyvmm_register_coalesced_io``/``pyvmm_unregister_coalesced_io``/
+    ``pyvmm_take_coalesced_io``; :mod:`pyvmm.coalesced`)."""
+    COALESCED_PIO = "coalesced_pio"
+    """Coalesced zones may be port ranges too (KVM: ``KVM_CAP_COALESCED_PIO``)."""
+
     # --- the per-backend escape hatch -------------------------------------------
     RAW_CAPABILITIES = "raw_capabilities"
     """The hypervisor's own capabilities can be queried and enabled by their own
@@ -167,6 +175,8 @@ CORE_READS: dict[Capability, str] = {
     Capability.LATE_MEMORY: "Vm.add_memory: mapping after start needs it",
     Capability.PORT_IO: "the pc board and the x86 conformance scenarios need port-I/O exits",
     Capability.PIO_IOEVENTS: "Vm.register_ioevent: an ioevent on a port needs it",
+    Capability.COALESCED_PIO: "Vm.register_coalesced_io: a zone of ports needs it",
+    Capability.XCRS: "reset_point/snapshot: the XCRs are saved and restored where the backend declares it",
     Capability.EARLY_INIT_CPUID: "Vcpu.set_cpuid refuses; the pc board sets CPUID at VM creation instead",
     Capability.MULTI_VCPU: "Backend.create_vm: more than one vCPU needs it",
 }
@@ -178,7 +188,6 @@ CORE_READS: dict[Capability, str] = {
 INFORMATIONAL: frozenset[Capability] = frozenset(
     {
         Capability.USER_MEMORY,
-        Capability.XCRS,
         Capability.CALIBRATED_TSC_LEAF_REQUIRED,
         Capability.STATIC_SWIOTLB_ALLOCATION_REQUIRED,
         Capability.ARM_PMU_V3,

@@ -172,7 +172,14 @@ def common_options() -> _Parser:
     return common
 
 
-def build_parser() -> argparse.ArgumentParser:
+#: The run command's line in ``pyvmm --help`` (also the stand-in's: see build_parser).
+RUN_HELP = "run a guest on the x86_64 or aarch64 machine (the bundled demo guest without --kernel)"
+
+
+def build_parser(*, with_run: bool = True) -> argparse.ArgumentParser:
+    """The ``pyvmm`` parser.  ``with_run=False`` puts a stand-in for ``run`` that
+    only lists it (same name and help): building the real one imports the run
+    command's module, which a command like ``pyvmm backends`` does not need."""
     common = common_options()
     parser = _Parser(prog="pyvmm", description="Build and run VMs on hardware hypervisors.", parents=[common])
     parser.add_argument("--version", action="version", version=f"pyvmm {__version__}")
@@ -182,9 +189,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     backends.add_argument("--json", action="store_true", help="machine-readable output")
     backends.set_defaults(func=_cmd_backends)
-    from pyvmm.cli_run import add_run_parser
+    if with_run:
+        from pyvmm.cli_run import add_run_parser
 
-    add_run_parser(sub, common)
+        add_run_parser(sub, common)
+    else:
+        sub.add_parser("run", help=RUN_HELP, parents=[common])
     return parser
 
 
@@ -194,7 +204,10 @@ STATUS_INTERRUPTED = 130
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = build_parser()
+    words = sys.argv[1:] if argv is None else list(argv)
+    # Only a command line that may be the run command (or asks for help on
+    # one) builds the run parser; any word "run" counts, erring towards it.
+    parser = build_parser(with_run="run" in words)
     args = parser.parse_args(argv)
     if not hasattr(args, "func"):
         parser.print_help()

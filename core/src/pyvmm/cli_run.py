@@ -20,8 +20,8 @@ from pathlib import Path
 from types import FrameType
 from typing import TYPE_CHECKING, Any, BinaryIO, TypeVar, cast
 
+from pyvmm.cli import RUN_HELP
 from pyvmm.errors import ConfigError
-from pyvmm.machine.console import open_serial
 
 if TYPE_CHECKING:
     from pyvmm.config import Arch
@@ -143,7 +143,7 @@ def add_run_parser(sub: Any, common: argparse.ArgumentParser | None = None) -> N
     every command takes)."""
     run = sub.add_parser(
         "run",
-        help="run a guest on the x86_64 or aarch64 machine (the bundled demo guest without --kernel)",
+        help=RUN_HELP,
         description="Run a guest on pyvmm's x86_64 PC or aarch64 virt machine.",
         epilog=EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -361,6 +361,7 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 def _run(args: argparse.Namespace) -> int:
     from pyvmm.machine.config import build_config, check_input_files
+    from pyvmm.machine.console import open_serial
     from pyvmm.machine.loaders import ImageError
     from pyvmm.machine.machine import Machine
     from pyvmm.machine.outcome import StopReason
@@ -527,18 +528,20 @@ def _select_backend(config: MachineConfig, words: _UserWords) -> tuple[Backend, 
     on stderr says which and why."""
     from pyvmm.cli_log import NOTICE
     from pyvmm.machine.machine import machine_arch
-    from pyvmm.plugins import ENV_BACKEND, default_registry
+    from pyvmm.plugins import ENV_BACKEND, default_registry, registry_for
     from pyvmm.vm import Backend
 
-    registry = default_registry()
     env = os.environ.get(ENV_BACKEND) or None
     if config.backend is not None:
-        plugin = registry.select(config.backend)
+        # A backend named by the user is its entry point's own: no other
+        # plugin needs importing to use it.
+        plugin = registry_for(config.backend).select(config.backend)
         why = words.names["backend"] if "backend" in words.given else f"{words.file}: backend"
     elif env is not None:
-        plugin = registry.select(env)
+        plugin = registry_for(env).select(env)
         why = f"${ENV_BACKEND}"
     else:
+        registry = default_registry()
         plugin = registry.select(None, arch=config.arch)
         why = _why_best(registry, plugin, config.arch)
     backend = Backend(plugin)

@@ -139,7 +139,10 @@ class Protection(str, enum.Enum):
 
 
 class _Record(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True, validate_default=True)
+    # defer_build: the validator is built on the first validation, not at import;
+    # commands that import the types but never validate one (``pyvmm backends``)
+    # do not pay for building it.
+    model_config = ConfigDict(extra="forbid", frozen=True, validate_default=True, defer_build=True)
 
 
 class VmConfig(_Record):

@@ -37,7 +37,7 @@ from typing import Any, Literal, TypeVar
 from pyvmm.capabilities import Capability
 
 #: The version of the hook contract this pyvmm implements.
-CONTRACT_VERSION = 2
+CONTRACT_VERSION = 3
 #: The oldest contract version a plugin may still declare.
 MIN_CONTRACT_VERSION = 1
 #: Hooks whose arguments changed incompatibly, and how (for registration errors).

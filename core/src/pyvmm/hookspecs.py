@@ -49,20 +49,24 @@ from typing import TYPE_CHECKING, Any
 
 import pluggy
 
-from pyvmm.arch.x86_64 import CpuidEntry, MsrEntry, VcpuEvents
-from pyvmm.boot import BootSpec, VcpuInit
 from pyvmm.capabilities import Capability as Cap
-from pyvmm.config import VmConfig
 from pyvmm.contract import hook_info
-from pyvmm.exits import VcpuExit
-from pyvmm.interrupts import IrqRoute
-from pyvmm.manifest import BackendManifest
-from pyvmm.memory import RamRegion
-from pyvmm.vcpu_state import IoEventAddress, StateKind
 
+# The argument and return types are for readers and type checkers only: pluggy
+# reads argument names, never annotations, and importing these at run time would
+# pull pydantic and the boot code into every start-up that only registers hooks.
 if TYPE_CHECKING:
+    from pyvmm.arch.x86_64 import CpuidEntry, MsrEntry, VcpuEvents
+    from pyvmm.boot import BootSpec, VcpuInit
+    from pyvmm.coalesced import CoalescedWrite
+    from pyvmm.config import VmConfig
+    from pyvmm.exits import VcpuExit
     from pyvmm.host import Event
+    from pyvmm.interrupts import IrqRoute
     from pyvmm.machine.devicetree import DeviceTree
+    from pyvmm.manifest import BackendManifest
+    from pyvmm.memory import RamRegion
+    from pyvmm.vcpu_state import IoEventAddress, StateKind
 
 PROJECT = "pyvmm"
 hookspec = pluggy.HookspecMarker(PROJECT)
@@ -826,4 +830,52 @@ def pyvmm_enable_vcpu_raw_capability(vcpu: Any, capability: int, flags: int, arg
 
         def enable_raw_capability(self, capability: int, flags: int, args) -> int:   # KvmVcpu
             return self.host.ioctl(self.fd, KVM_ENABLE_CAP, enable_cap(capability, flags, args))
+    """
+
+
+# --- contract version 3: exits avoided ------------------------------------------
+
+
+@hookspec
+@hook_info(on="vm", capability=Cap.COALESCED_IO, since=3)
+def pyvmm_register_coalesced_io(vm: Any, address: IoEventAddress, size: int) -> None:
+    """``COALESCED_IO``: record guest writes to ``size`` bytes from ``address``
+    instead of exiting (a port range only with ``COALESCED_PIO``; core checks).
+
+    Writes are kept in guest order until :func:`pyvmm_take_coalesced_io`; reads
+    in the zone still exit.  The hypervisor may still exit on a write (a full
+    ring): the VMM drains the recorded writes before handling any exit.
+
+    Example::
+
+        def register_coalesced_io(self, address, size) -> None:   # KvmVm
+            self.host.ioctl(self.fd, KVM_REGISTER_COALESCED_MMIO, zone(address, size))
+    """
+
+
+@hookspec
+@hook_info(on="vm", capability=Cap.COALESCED_IO, since=3)
+def pyvmm_unregister_coalesced_io(vm: Any, address: IoEventAddress, size: int) -> None:
+    """``COALESCED_IO``: undo :func:`pyvmm_register_coalesced_io` with the same
+    arguments.  Writes already recorded stay to be taken.
+
+    Example::
+
+        def unregister_coalesced_io(self, address, size) -> None:   # KvmVm
+            self.host.ioctl(self.fd, KVM_UNREGISTER_COALESCED_MMIO, zone(address, size))
+    """
+
+
+@hookspec
+@hook_info(on="vm", capability=Cap.COALESCED_IO, since=3)
+def pyvmm_take_coalesced_io(vm: Any) -> list[CoalescedWrite]:
+    """``COALESCED_IO``: the writes recorded since the last call, oldest first,
+    removed from the hypervisor's ring (an empty list when there are none).
+
+    Called by the VMM before it handles each exit, from any one thread at a time.
+
+    Example::
+
+        def take_coalesced_io(self) -> list[CoalescedWrite]:   # KvmVm
+            return self.ring.take()   # entries first..last of the shared ring page
     """

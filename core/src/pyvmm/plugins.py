@@ -470,6 +470,42 @@ class PluginRegistry:
                 claims.append(claim)
         self._settle(claims, installed)
 
+    def load_owner(self, name: str, entry_points: Iterable[metadata.EntryPoint] | None = None) -> bool:
+        """Import only the entry point named ``name``, and register it when it
+        claims backend ``name``: True when ``name`` is then registered.
+
+        The owner of a name keeps it whatever other plugins claim (module
+        notes), so a command that names its backend needs no other plugin
+        imported.  False -- with nothing registered, and the registry left for
+        :meth:`load_entry_points` to fill -- when there is no single entry point
+        of that name, the policy denies it, it fails to load, or it claims
+        another name: only full discovery can say what happened then.
+        Failures met on the way are recorded as usual.
+
+        :raises ConfigError: the policy's config file or variables are malformed.
+        :raises KeyboardInterrupt: Ctrl-C (or a plugin raising one).
+        """
+        if self._entry_points_loaded:
+            return name in self.backends
+        if self.policy is None:
+            from pyvmm.policy import load_policy
+
+            self.policy = load_policy()
+        if entry_points is None:
+            entry_points = metadata.entry_points(group=ENTRY_POINT_GROUP)
+        named = [ep for ep in entry_points if ep.name == name]
+        if len(named) != 1:
+            return False
+        source = _source_of(named[0])
+        claim = self._claim(named[0], source, self.policy)
+        if claim is None:
+            return False
+        if claim.backend.name != name:
+            self._pm.unregister(name=claim.internal_name)
+            return False
+        self._settle([claim], {name: [source]})
+        return name in self.backends
+
     def _claim(self, ep: metadata.EntryPoint, source: PluginSource, policy: PluginPolicy) -> _Claim | None:
         """Import one entry point and read and check its manifest; None (with the
         reason recorded) when it is denied, broken or hung."""
@@ -643,6 +679,18 @@ def default_registry() -> PluginRegistry:
     return _default
 
 
+def registry_for(name: str) -> PluginRegistry:
+    """A registry holding backend ``name`` if any can: the process-wide one
+    when it is loaded already, else a new one that imported only ``name``'s own
+    entry point (:meth:`PluginRegistry.load_owner`), else the process-wide one
+    with every entry point loaded (which also explains a missing backend)."""
+    if _default is None:
+        registry = PluginRegistry()
+        if registry.load_owner(name):
+            return registry
+    return default_registry()
+
+
 def reset_default_registry() -> None:
     """Forget the process-wide registry (tests, and after installing a plugin)."""
     global _default
@@ -659,5 +707,6 @@ __all__ = [
     "PluginSource",
     "default_registry",
     "plugin_timeout",
+    "registry_for",
     "reset_default_registry",
 ]

@@ -24,7 +24,7 @@ from pyvmm.arch.x86_64 import CpuidEntry, DebugRegs, Fpu, MsrEntry, Regs, Sregs,
 from pyvmm.backend.plugin import FORWARD_ATTRIBUTE
 from pyvmm.boot import Aarch64VcpuInit, BootSpec, VcpuInit, X86VcpuInit
 from pyvmm.capabilities import Capability, CapabilitySet
-from pyvmm.config import PAGE_SIZE, Arch, MemoryRegionSpec, Protection, VmConfig, validation_message
+from pyvmm.config import MAX_GUEST_PHYS, PAGE_SIZE, Arch, MemoryRegionSpec, Protection, VmConfig, validation_message
 from pyvmm.contract import HookSpecInfo, specs
 from pyvmm.errors import (
     ConfigError,
@@ -42,6 +42,7 @@ from pyvmm.plugins import BackendPlugin, PluginRegistry, default_registry
 from pyvmm.vcpu_state import IoEventAddress, StateKind
 
 if TYPE_CHECKING:
+    from pyvmm.coalesced import CoalescedWrite
     from pyvmm.host import Event
     from pyvmm.machine.devicetree import DeviceTree
 
@@ -131,6 +132,9 @@ class BackendHooks:
     set_cpuid: Callable[[Any, list[CpuidEntry]], None]
     register_ioevent: Callable[[Any, Event, IoEventAddress, int | None, int], None]
     unregister_ioevent: Callable[[Any, Event, IoEventAddress, int | None, int], None]
+    register_coalesced_io: Callable[[Any, IoEventAddress, int], None]
+    unregister_coalesced_io: Callable[[Any, IoEventAddress, int], None]
+    take_coalesced_io: Callable[[Any], list[CoalescedWrite]]
     register_irqfd: Callable[[Any, Event, int, bool], None]
     set_irq_line: Callable[[Any, int, bool], None]
     create_irqchip: Callable[[Any], None]
@@ -556,6 +560,44 @@ class Vm:
     ) -> None:
         self._check_ioevent(event, address, datamatch, length)
         self._hooks.unregister_ioevent(self.handle, event, address, datamatch, length)
+
+    def register_coalesced_io(self, address: IoEventAddress, size: int) -> None:
+        """Record guest writes to ``size`` bytes from ``address`` instead of
+        exiting (``COALESCED_IO``; ports need ``COALESCED_PIO``).  Collect them
+        with :meth:`take_coalesced_io` before handling each exit
+        (:mod:`pyvmm.coalesced`).
+
+        :raises ConfigError: ``size`` is not positive, or the zone leaves the
+            address space (ports end at 0x10000, guest-physical at 2**52).
+        """
+        self._check_coalesced(address, size)
+        self._hooks.register_coalesced_io(self.handle, address, size)
+
+    def unregister_coalesced_io(self, address: IoEventAddress, size: int) -> None:
+        """Undo :meth:`register_coalesced_io` with the same arguments."""
+        self._check_coalesced(address, size)
+        self._hooks.unregister_coalesced_io(self.handle, address, size)
+
+    def take_coalesced_io(self) -> list[CoalescedWrite]:
+        """The guest writes recorded in coalesced zones since the last call, in
+        guest order (``COALESCED_IO``)."""
+        self._check_open()
+        return self._hooks.take_coalesced_io(self.handle)
+
+    def _check_coalesced(self, address: IoEventAddress, size: int) -> None:
+        self._check_open()
+        self.backend.require(Capability.COALESCED_IO, "coalesced I/O")
+        is_port = address.space.value == "pio"
+        if is_port:
+            self.backend.require(Capability.COALESCED_PIO, "a coalesced zone of I/O ports")
+        limit = 0x1_0000 if is_port else MAX_GUEST_PHYS
+        if isinstance(size, bool) or not isinstance(size, int) or size <= 0:
+            raise ConfigError(f"coalesced zone size must be a positive number of bytes, not {size!r}")
+        if not (address.address >= 0 and address.address + size <= limit):
+            space = address.space.value
+            raise ConfigError(
+                f"coalesced zone {address.address:#x}+{size:#x} leaves the {space} space (it ends at {limit:#x})"
+            )
 
     def add_device_tree_nodes(self, tree: DeviceTree) -> None:
         """Let the backend add its own nodes to the guest's device tree

@@ -122,6 +122,8 @@ VM_CALLS: dict[str, Callable[[KvmVm], object]] = {
     "KVM_SET_CLOCK": lambda vm: vm.set_clock(0),
     "KVM_SET_GSI_ROUTING": lambda vm: vm.set_gsi_routing([MsiRoute(24, 0xFEE00000, 0x41)]),
     "KVM_SIGNAL_MSI": lambda vm: vm.signal_msi(0xFEE00000, 0x41),
+    "KVM_REGISTER_COALESCED_MMIO": lambda vm: vm.register_coalesced_io(IoEventAddress.mmio(0xD0000000), 0x1000),
+    "KVM_UNREGISTER_COALESCED_MMIO": lambda vm: vm.unregister_coalesced_io(IoEventAddress.mmio(0xD0000000), 0x1000),
 }
 #: Events made before any descriptor is swapped for a closed one (an Event made
 #: afterwards could get that very number); closed after the module's tests.

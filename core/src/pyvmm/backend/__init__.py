@@ -23,13 +23,42 @@ and a **manifest**; ``docs/writing-a-backend.md`` walks through the template, an
 Nothing here imports :mod:`pyvmm.testing`.
 """
 
-from pyvmm.backend.dll import DllFunction, DllHost, LoadedDll
-from pyvmm.backend.host import DeviceHost, HostSwitch, address_of
-from pyvmm.backend.ioctl import IoctlRequest, bsd, ctl_code, linux, request_names
-from pyvmm.backend.kick import SignalKicker, install_kick_handler, kick_signal
-from pyvmm.backend.plugin import backend_plugin
-from pyvmm.backend.run_page import RunPage
-from pyvmm.backend.seam import DeviceSeam, DllSeam, LibcDeviceSeam
+from typing import TYPE_CHECKING
+
+# Each name is imported from its module on first use (PEP 562), as in
+# ``pyvmm/__init__.py``: a backend's bindings import one kit module (the ioctl
+# encoding, the cffi cache) and must not pay for the plugin adapter, which pulls
+# in pydantic, pluggy and the hook specifications.
+_LAZY = {
+    "DllFunction": "pyvmm.backend.dll",
+    "DllHost": "pyvmm.backend.dll",
+    "LoadedDll": "pyvmm.backend.dll",
+    "DeviceHost": "pyvmm.backend.host",
+    "HostSwitch": "pyvmm.backend.host",
+    "address_of": "pyvmm.backend.host",
+    "IoctlRequest": "pyvmm.backend.ioctl",
+    "bsd": "pyvmm.backend.ioctl",
+    "ctl_code": "pyvmm.backend.ioctl",
+    "linux": "pyvmm.backend.ioctl",
+    "request_names": "pyvmm.backend.ioctl",
+    "SignalKicker": "pyvmm.backend.kick",
+    "install_kick_handler": "pyvmm.backend.kick",
+    "kick_signal": "pyvmm.backend.kick",
+    "backend_plugin": "pyvmm.backend.plugin",
+    "RunPage": "pyvmm.backend.run_page",
+    "DeviceSeam": "pyvmm.backend.seam",
+    "DllSeam": "pyvmm.backend.seam",
+    "LibcDeviceSeam": "pyvmm.backend.seam",
+}
+
+if TYPE_CHECKING:
+    from pyvmm.backend.dll import DllFunction, DllHost, LoadedDll
+    from pyvmm.backend.host import DeviceHost, HostSwitch, address_of
+    from pyvmm.backend.ioctl import IoctlRequest, bsd, ctl_code, linux, request_names
+    from pyvmm.backend.kick import SignalKicker, install_kick_handler, kick_signal
+    from pyvmm.backend.plugin import backend_plugin
+    from pyvmm.backend.run_page import RunPage
+    from pyvmm.backend.seam import DeviceSeam, DllSeam, LibcDeviceSeam
 
 __all__ = [
     "DeviceHost",
@@ -52,3 +81,14 @@ __all__ = [
     "linux",
     "request_names",
 ]
+
+
+def __getattr__(name: str) -> object:
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module 'pyvmm.backend' has no attribute {name!r}")
+    import importlib
+
+    value = getattr(importlib.import_module(module), name)
+    globals()[name] = value
+    return value

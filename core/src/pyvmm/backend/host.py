@@ -33,9 +33,11 @@ def address_of(cdata: Any) -> int:
     (cffi pointers of any ``FFI`` instance cast the same way.)"""
     global _ffi
     if _ffi is None:
-        import cffi
+        # cffi's runtime FFI knows the primitive types without declarations;
+        # cffi.FFI() would load the C parser (pycparser) to declare nothing.
+        import _cffi_backend  # type: ignore[import-untyped]  # shipped without stubs
 
-        _ffi = cffi.FFI()
+        _ffi = _cffi_backend.FFI()
     return int(_ffi.cast("uintptr_t", cdata))
 
 

@@ -78,10 +78,9 @@ class LibcDeviceSeam:
         self._ffi: Any = None
 
     def _load(self) -> Any:
-        import cffi
+        from pyvmm.backend.ffi_cache import declared_ffi
 
-        ffi = cffi.FFI()
-        ffi.cdef(_LIBC_CDEF)
+        ffi = declared_ffi(_LIBC_CDEF)
         self._ffi = ffi
         self._libc = ffi.dlopen(None)
         return self._libc

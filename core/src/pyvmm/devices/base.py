@@ -3,12 +3,28 @@
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import dataclass
 
 #: What an absent device answers on a real bus: every data line floats high.
 ALL_ONES = 0xFFFF_FFFF_FFFF_FFFF
 
 #: Drives one interrupt line: ``irq(True)`` raises it, ``irq(False)`` lowers it.
 IrqLine = Callable[[bool], None]
+
+
+@dataclass(frozen=True)
+class Doorbell:
+    """A register whose write only says "look now" (a virtqueue notify).
+
+    ``size`` bytes at ``offset`` of the device; with ``datamatch``, only writes
+    of that value ring it.  The value written is otherwise not passed on: where
+    the backend has ioevents the write never reaches the VMM as an access, only
+    as a signal (:mod:`pyvmm.machine.doorbells`).
+    """
+
+    offset: int
+    size: int
+    datamatch: int | None = None
 
 
 class Device:
@@ -27,12 +43,27 @@ class Device:
     """
 
     name = "device"
+    #: True when the device's writes may take effect at the guest's next exit
+    #: instead of at once: the machine then lets the backend record them without
+    #: exiting, where it can (pyvmm.machine.coalesced_io says which devices qualify).
+    coalesced_writes = False
+    #: Registers the machine may turn into ioevents, so that writing one does not
+    #: exit: :meth:`doorbell_rung` is then called on the machine's doorbell
+    #: thread instead of :meth:`write` on the vCPU's.  Where the backend has no
+    #: ioevents, the write arrives through :meth:`write` as any other.
+    doorbells: tuple[Doorbell, ...] = ()
 
     def read(self, offset: int, size: int) -> int:
         return ALL_ONES
 
     def write(self, offset: int, size: int, value: int) -> None:
         return None
+
+    def doorbell_rung(self, doorbell: Doorbell) -> None:
+        """One of :attr:`doorbells` was written at least once since the last
+        call (several writes may ring once), on the machine's doorbell thread.
+        By default the write the exit would have made: ``datamatch`` (or 0)."""
+        self.write(doorbell.offset, doorbell.size, doorbell.datamatch or 0)
 
     def close(self) -> None:
         """Flush and release host resources when the machine stops."""

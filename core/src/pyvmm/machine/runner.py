@@ -32,7 +32,9 @@ from pyvmm.errors import PyvmmError, VmStateError
 from pyvmm.exits import ExitKind, FailEntryExit, InternalErrorExit, SystemEvent, SystemEventExit, VcpuExit
 from pyvmm.machine.board import Board, MachineEvents
 from pyvmm.machine.bus import MmioBus, PortBus
+from pyvmm.machine.coalesced_io import CoalescedDevices
 from pyvmm.machine.config import MachineConfig
+from pyvmm.machine.doorbells import Doorbells
 from pyvmm.machine.outcome import (
     STATUS_CLEAN,
     STATUS_ERROR,
@@ -102,6 +104,7 @@ class Runner:
         #: A debugger (the gdb stub) that stops vCPUs: set before :meth:`run`.
         self.debugger: Debugger | None = None
         self._board: Board | None = None
+        self._coalesced: CoalescedDevices | None = None
         #: A vCPU thread did not leave the hypervisor: the VM must stay open.
         self.stuck_threads = False
         self.events = MachineEvents(
@@ -123,6 +126,9 @@ class Runner:
         :raises PyvmmError: the backend failed.
         """
         self._board = board
+        coalesced = CoalescedDevices(self.vm, self.pio, self.mmio)
+        self._coalesced = coalesced if coalesced.register() else None
+        doorbells = Doorbells(self.vm, self.pio, self.mmio, self._fail)
         cpus = self.cpus
         threads = [
             threading.Thread(target=self._vcpu_thread, args=(i,), name=f"pyvmm-vcpu-{i}", daemon=True)
@@ -130,6 +136,8 @@ class Runner:
         ]
         restore_sigint = self._catch_sigint()
         try:
+            if doorbells.register():
+                doorbells.start()
             for thread in threads:
                 thread.start()
             with self._cond:
@@ -151,6 +159,7 @@ class Runner:
         finally:
             self._join(threads)
             restore_sigint()
+            doorbells.close()
             self._close_devices()
         if self._error is not None:
             raise self._error
@@ -195,13 +204,16 @@ class Runner:
         assert self._board is not None
         interrupts = self._board.interrupts  # the board's own interrupt controllers, if any
         if self._stats is None:
-            run = vcpu.run if interrupts is None else interrupts.run_function(vcpu, vcpu.run)
+            run = vcpu.run if self._coalesced is None else self._coalesced.draining(vcpu.run)
+            run = run if interrupts is None else interrupts.run_function(vcpu, run)
             run_loop(vcpu, run, flag=self._flag, pio=self.pio, mmio=self.mmio, other_exit=self._other_exit)
             return
         stats = self._stats[vcpu.index]
         start = time.perf_counter_ns()
         try:
             run = stats.timed(vcpu.run)
+            if self._coalesced is not None:
+                run = self._coalesced.draining(run)
             if interrupts is not None:
                 run = interrupts.run_function(vcpu, run)
             run_loop(vcpu, run, flag=self._flag, pio=self.pio, mmio=self.mmio, other_exit=self._other_exit)

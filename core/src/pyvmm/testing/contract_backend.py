@@ -22,6 +22,7 @@ from typing import TYPE_CHECKING, Any
 from pyvmm.arch.x86_64 import CpuidEntry, MsrEntry, Regs, Sregs, VcpuEvents
 from pyvmm.boot import BootSpec, VcpuInit
 from pyvmm.capabilities import Capability
+from pyvmm.coalesced import CoalescedWrite
 from pyvmm.config import Arch, VmConfig
 from pyvmm.contract import INIT_VCPU_HOOK, hooks_by_capability
 from pyvmm.exits import HltExit, VcpuExit
@@ -377,6 +378,19 @@ class ContractTestBackend:
     ) -> int:
         self._record("pyvmm_enable_vcpu_raw_capability", capability, flags, args)
         return 0
+
+    @hookimpl
+    def pyvmm_register_coalesced_io(self, vm: TestVm, address: IoEventAddress, size: int) -> None:
+        self._record("pyvmm_register_coalesced_io", address, size)
+
+    @hookimpl
+    def pyvmm_unregister_coalesced_io(self, vm: TestVm, address: IoEventAddress, size: int) -> None:
+        self._record("pyvmm_unregister_coalesced_io", address, size)
+
+    @hookimpl
+    def pyvmm_take_coalesced_io(self, vm: TestVm) -> list[CoalescedWrite]:
+        self._record("pyvmm_take_coalesced_io")
+        return []
 
 
 def _known(cap: Capability | str) -> bool:

@@ -24,8 +24,7 @@ from __future__ import annotations
 
 from typing import Final
 
-import cffi
-
+from pyvmm.backend.ffi_cache import declared_ffi
 from pyvmm.backend.ioctl import IoctlRequest, linux, request_names
 
 _CDEF: Final = """
@@ -152,8 +151,8 @@ struct gunyah_map_mem_args {
 };
 """
 
-ffi: Final = cffi.FFI()
-ffi.cdef(_CDEF)
+# Parsed once per machine, not per process (pyvmm.backend.ffi_cache).
+ffi: Final = declared_ffi(_CDEF)
 
 
 # --- ioctl numbers (asm-generic/ioctl.h, used by x86 and arm64) -----------

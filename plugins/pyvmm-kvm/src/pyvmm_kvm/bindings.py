@@ -24,10 +24,9 @@ number mismatch in the layout test.
 
 from __future__ import annotations
 
-from typing import Final
+from typing import Any, Final
 
-import cffi
-
+from pyvmm.backend.ffi_cache import declared_ffi
 from pyvmm.backend.ioctl import IoctlRequest, linux, request_names
 
 # Everything in linux/kvm.h that is the same on every architecture.  It names
@@ -299,6 +298,31 @@ struct kvm_run {
         struct kvm_sync_regs regs;
         char padding[2048];
     } s;
+};
+
+struct kvm_coalesced_mmio_zone {
+    uint64_t addr;
+    uint32_t size;
+    union {
+        uint32_t pad;
+        uint32_t pio;
+    };
+};
+
+struct kvm_coalesced_mmio {
+    uint64_t phys_addr;
+    uint32_t len;
+    union {
+        uint32_t pad;
+        uint32_t pio;
+    };
+    uint8_t data[8];
+};
+
+struct kvm_coalesced_mmio_ring {
+    uint32_t first;
+    uint32_t last;
+    struct kvm_coalesced_mmio coalesced_mmio[];
 };
 
 int ioctl(int fd, unsigned long request, ...);
@@ -616,11 +640,10 @@ struct kvm_sync_regs {
 };
 """
 
-ffi: Final = cffi.FFI()
-ffi.cdef(_X86_64_CDEF + _GENERIC_CDEF)
+# Parsed once per machine, not per process (pyvmm.backend.ffi_cache).
+ffi: Final = declared_ffi(_X86_64_CDEF + _GENERIC_CDEF)
 
-ffi_aarch64: Final = cffi.FFI()
-ffi_aarch64.cdef(_AARCH64_CDEF + _GENERIC_CDEF)
+ffi_aarch64: Final = declared_ffi(_AARCH64_CDEF + _GENERIC_CDEF)
 
 
 # --- ioctl number encoding (asm-generic/ioctl.h, used by x86 and arm64) -----
@@ -635,15 +658,15 @@ def _io(nr: int) -> IoctlRequest:
     return linux.io(KVMIO, nr)
 
 
-def _ior(nr: int, ctype: str, of: cffi.FFI = ffi) -> IoctlRequest:
+def _ior(nr: int, ctype: str, of: Any = ffi) -> IoctlRequest:
     return linux.ior(KVMIO, nr, of.sizeof(ctype))
 
 
-def _iow(nr: int, ctype: str, of: cffi.FFI = ffi) -> IoctlRequest:
+def _iow(nr: int, ctype: str, of: Any = ffi) -> IoctlRequest:
     return linux.iow(KVMIO, nr, of.sizeof(ctype))
 
 
-def _iowr(nr: int, ctype: str, of: cffi.FFI = ffi) -> IoctlRequest:
+def _iowr(nr: int, ctype: str, of: Any = ffi) -> IoctlRequest:
     return linux.iowr(KVMIO, nr, of.sizeof(ctype))
 
 
@@ -688,6 +711,8 @@ KVM_CREATE_DEVICE: Final = _iowr(0xE0, "struct kvm_create_device")
 KVM_SET_DEVICE_ATTR: Final = _iow(0xE1, "struct kvm_device_attr")
 KVM_GET_DEVICE_ATTR: Final = _iow(0xE2, "struct kvm_device_attr")
 KVM_HAS_DEVICE_ATTR: Final = _iow(0xE3, "struct kvm_device_attr")
+KVM_REGISTER_COALESCED_MMIO: Final = _iow(0x67, "struct kvm_coalesced_mmio_zone")
+KVM_UNREGISTER_COALESCED_MMIO: Final = _iow(0x68, "struct kvm_coalesced_mmio_zone")
 
 # --- VM or vCPU (KVM_ENABLE_CAP works on both since KVM_CAP_ENABLE_CAP_VM) ---
 KVM_ENABLE_CAP: Final = _iow(0xA3, "struct kvm_enable_cap")

@@ -51,6 +51,9 @@ CAPABILITIES = (
     Capability.TSC_SCALING,
     Capability.TSC_OFFSET,
     Capability.RAW_CAPABILITIES,
+    # Exits avoided (pyvmm_kvm.coalesced).
+    Capability.COALESCED_IO,
+    Capability.COALESCED_PIO,
 )
 
 

@@ -43,6 +43,8 @@ CAPABILITY_EXTENSIONS: dict[Capability, int] = {
     Capability.TSC_SCALING: k.KVM_CAP_TSC_CONTROL,
     Capability.TSC_OFFSET: k.KVM_CAP_VCPU_ATTRIBUTES,
     Capability.RAW_CAPABILITIES: k.KVM_CAP_ENABLE_CAP_VM,
+    Capability.COALESCED_IO: k.KVM_CAP_COALESCED_MMIO,
+    Capability.COALESCED_PIO: k.KVM_CAP_COALESCED_PIO,
 }
 
 
@@ -64,10 +66,17 @@ class KvmSystem:
             host.close(self.fd)
             raise
         self._cpuid: list[CpuidEntry] | None = None
+        self._extensions: dict[int, int] = {}
 
     def check_extension(self, cap: int) -> int:
-        """``KVM_CHECK_EXTENSION``: 0 when absent, else a cap-specific positive value."""
-        return self.host.ioctl(self.fd, k.KVM_CHECK_EXTENSION, cap)
+        """``KVM_CHECK_EXTENSION``: 0 when absent, else a cap-specific positive value.
+
+        Cached: on ``/dev/kvm`` the answer is fixed while the module is loaded,
+        and VM creation asks on every VM (an ioctl each time otherwise)."""
+        answer = self._extensions.get(cap)
+        if answer is None:
+            answer = self._extensions[cap] = self.host.ioctl(self.fd, k.KVM_CHECK_EXTENSION, cap)
+        return answer
 
     def missing_capabilities(self) -> tuple[Capability, ...]:
         return tuple(cap for cap, ext in CAPABILITY_EXTENSIONS.items() if not self.check_extension(ext))

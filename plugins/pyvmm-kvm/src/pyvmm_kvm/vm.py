@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING, Any
 
 from pyvmm.arch.x86_64 import CpuidEntry, MsrEntry
 from pyvmm.backend import install_kick_handler
+from pyvmm.coalesced import CoalescedWrite
 from pyvmm.config import PAGE_SIZE, VmConfig
 from pyvmm.errors import ConfigError, HypervisorError
 from pyvmm.memory import RamRegion
@@ -19,6 +20,7 @@ from pyvmm.vcpu_state import AddressSpace, IoEventAddress
 from pyvmm_kvm import bindings as k
 from pyvmm_kvm import regs
 from pyvmm_kvm.bindings import ffi
+from pyvmm_kvm.coalesced import CoalescedZones
 from pyvmm_kvm.system import KvmSystem, system
 from pyvmm_kvm.vcpu import KvmVcpu
 
@@ -71,6 +73,7 @@ class KvmVm:
             self.host.close(self.fd)
             raise
         self._cpuid: list[CpuidEntry] | None = None
+        self._zones: CoalescedZones | None = None
 
     # --- memory -----------------------------------------------------------------
     def _set_region(self, slot: int, flags: int, gpa: int, size: int, host_addr: int) -> None:
@@ -237,6 +240,22 @@ class KvmVm:
 
     def set_clock(self, nanoseconds: int) -> None:
         self.host.ioctl(self.fd, k.KVM_SET_CLOCK, ffi.new("struct kvm_clock_data *", {"clock": nanoseconds}))
+
+    # --- coalesced I/O (pyvmm_kvm.coalesced) ---------------------------------------
+    def _coalesced(self) -> CoalescedZones:
+        if self._zones is None:
+            self._zones = CoalescedZones(self.host, self.kvm.check_extension(k.KVM_CAP_COALESCED_MMIO))
+        return self._zones
+
+    def register_coalesced_io(self, address: IoEventAddress, size: int) -> None:
+        self._coalesced().register(self.fd, address, size)
+
+    def unregister_coalesced_io(self, address: IoEventAddress, size: int) -> None:
+        self._coalesced().unregister(self.fd, address, size)
+
+    def take_coalesced_io(self) -> list[CoalescedWrite]:
+        zones = self._coalesced()
+        return zones.take(zones.ring_view([vcpu.page.view for vcpu in self.vcpus if not vcpu.page.closed]))
 
     def close(self) -> None:
         for vcpu in list(self.vcpus):

@@ -1,0 +1,158 @@
+"""cffi declarations parsed once per machine, not once per process.
+
+A backend's bindings declare their C structs with cffi in ABI mode.  Parsing
+those declarations (pycparser, in pure Python) costs 30-40 ms for KVM's, on
+every start-up of every command that imports the backend -- more than the whole
+interpreter takes to start.  cffi's *out-of-line* ABI mode does the parsing
+ahead of time and emits a small Python module holding the parsed types, which
+loads in about a millisecond.
+
+:func:`declared_ffi` does exactly that, the way Python caches bytecode: the
+first process to need a set of declarations parses them and writes cffi's
+out-of-line module to a cache directory; every later one loads that module.
+
+Why a cache filled at first use rather than a module generated at build time:
+the backends are pure-Python distributions whose declarations are ordinary
+Python strings next to the constants that use them.  Generating at build time
+would need a build hook in every backend (setuptools' editable installs place
+generated files differently from wheels), pyvmm-core importable inside an
+isolated build environment, and the declarations moved out of the bindings
+module so the hook could read them -- all of it for a step whose output depends
+only on the declaration text.  Keyed by that text (and the cffi and Python
+versions), the cache can never be stale, needs no build step, and works the same
+in a wheel, an editable install and a source checkout.
+
+The fallback is cffi's in-process parse, exactly as before: it is used when the
+cache is turned off (``PYVMM_FFI_CACHE=off``), cannot be written (read-only
+home) or holds a file that does not load; a broken cache file costs one parse
+and is rewritten, never an error.  ``PYVMM_FFI_CACHE=DIR`` chooses the directory
+(default ``$XDG_CACHE_HOME/pyvmm/cffi``, else ``~/.cache/pyvmm/cffi``).
+
+What is loaded from the cache is Python code, run with the user's rights, so it
+is trusted exactly as far as the user's own ``__pycache__``: a file is used only
+when the current user owns it and nobody else may write to it or its directory.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import stat
+import sys
+import tempfile
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import _cffi_backend  # type: ignore[import-untyped]  # cffi's runtime, shipped without stubs
+
+ENV_FFI_CACHE = "PYVMM_FFI_CACHE"
+#: The value of :data:`ENV_FFI_CACHE` that turns the cache off.
+CACHE_OFF = "off"
+
+#: Bumped when the layout of the cache files changes.
+_FORMAT = "1"
+
+
+def cache_directory(environ: Mapping[str, str] | None = None) -> Path | None:
+    """Where out-of-line modules are kept, or None when the cache is off."""
+    env = os.environ if environ is None else environ
+    chosen = env.get(ENV_FFI_CACHE, "").strip()
+    if chosen.lower() == CACHE_OFF:
+        return None
+    if chosen:
+        return Path(chosen)
+    base = env.get("XDG_CACHE_HOME", "").strip()
+    root = Path(base) if base else Path.home() / ".cache"
+    return root / "pyvmm" / "cffi"
+
+
+def declaration_key(cdef: str) -> str:
+    """The cache key of ``cdef``: its text, the cffi runtime and the interpreter,
+    so a different cffi or Python never loads another's file."""
+    digest = hashlib.sha256()
+    for part in (_FORMAT, _cffi_backend.__version__, sys.implementation.cache_tag or "", sys.platform, cdef):
+        digest.update(part.encode())
+        digest.update(b"\0")
+    return digest.hexdigest()[:32]
+
+
+def declared_ffi(cdef: str, environ: Mapping[str, str] | None = None) -> Any:
+    """An FFI object holding ``cdef``'s declarations.
+
+    From the cache when it holds them, else parsed in process (and written to
+    the cache for the next process).  Either way the object answers ``new``,
+    ``cast``, ``sizeof``, ``offsetof``, ``buffer``, ``from_buffer``, ``dlopen``
+    and the rest of cffi's runtime API identically; it does not take further
+    ``cdef`` calls.
+
+    :raises cffi.CDefError: ``cdef`` is not valid C declarations (from the parse).
+    """
+    directory = cache_directory(environ)
+    if directory is None:
+        return _parsed(cdef)
+    key = declaration_key(cdef)
+    path = directory / f"ffi_{key}.py"
+    loaded = _load(path)
+    if loaded is not None:
+        return loaded
+    ffi = _parsed(cdef)
+    _store(ffi, key, directory, path)
+    return ffi
+
+
+def _parsed(cdef: str) -> Any:
+    """The in-process parse: the fallback, and what fills the cache."""
+    import cffi
+
+    ffi = cffi.FFI()
+    ffi.cdef(cdef)
+    return ffi
+
+
+def _private_to_us(path: Path) -> bool:
+    """True when ``path`` is ours and nobody else can write to it."""
+    info = path.stat()
+    getuid = getattr(os, "getuid", None)
+    if getuid is not None and info.st_uid != getuid():
+        return False
+    return not info.st_mode & (stat.S_IWGRP | stat.S_IWOTH)
+
+
+def _load(path: Path) -> Any:
+    """The FFI object in the cache file ``path``; None when there is none, it is
+    not private to this user, or it does not load (it is then rewritten)."""
+    try:
+        if not (_private_to_us(path.parent) and _private_to_us(path)):
+            return None
+        code = compile(path.read_bytes(), str(path), "exec")
+        namespace: dict[str, Any] = {}
+        exec(code, namespace)
+    except Exception:  # noqa: BLE001 - any broken cache file means "parse instead"
+        return None
+    ffi = namespace.get("ffi")
+    return ffi if isinstance(ffi, _cffi_backend.FFI) else None
+
+
+def _store(parsed: Any, key: str, directory: Path, path: Path) -> None:
+    """Write the out-of-line module of the ``parsed`` declarations; failing to
+    is not an error (the next process parses again)."""
+    # emit_python_code() is make_py_source() with a "generating ..." line on
+    # stdout, which would land in the middle of a command's output.
+    from cffi.recompiler import make_py_source
+
+    try:
+        directory.mkdir(mode=0o700, parents=True, exist_ok=True)
+        # Written under a temporary name and renamed, so that a process loading
+        # the file never sees half of it.
+        handle, temporary = tempfile.mkstemp(prefix=".ffi_", suffix=".tmp", dir=directory)
+        os.close(handle)
+        try:
+            make_py_source(parsed, f"_pyvmm_ffi_{key}", temporary, verbose=False)
+            os.chmod(temporary, 0o600)
+            os.replace(temporary, path)
+        finally:
+            if os.path.exists(temporary):
+                os.unlink(temporary)
+    except Exception:  # noqa: BLE001 - a cache that cannot be written is only slower
+        return

@@ -1,0 +1,260 @@
+"""Dirty-page reset: put a VM back to a saved point, copying only the pages the
+guest wrote since.
+
+A fuzzer runs the same guest from the same state thousands of times a second,
+each time with a new input.  Restoring all of guest memory every iteration costs
+time proportional to the RAM; restoring only what the last iteration wrote costs
+time proportional to what it touched.  The hypervisor's dirty log says which
+pages those are (``DIRTY_LOG``; KVM clears the log as it hands it over), so::
+
+    point = ResetPoint.capture(vm)     # every RAM region mapped log_dirty=True
+    for data in inputs:
+        point.write(INPUT, data)       # not vm.memory.write: see below
+        exit_ = vcpu.run()             # ... until the guest reports or crashes
+        point.reset()                  # dirty pages and vCPU registers back
+
+A reset copies each run of consecutive dirty pages back from the saved copy in
+one slice assignment (a ``memcpy``) and sets the saved vCPU register sets again.
+What it covers: guest RAM, and per vCPU the register sets of ``kinds`` (by
+default, x86: general, segment/control, FPU/SSE and debug registers, plus XCRs
+where the backend declares ``XCRS``; aarch64: the core registers), the pending
+events where the backend declares ``VCPU_EVENTS``, and the MSRs the backend
+lists (``MSRS`` and ``MSR_INDEX_LIST``) that the vCPU can have written back
+(:func:`restorable_msrs`).  What it does not: in-kernel interrupt controller,
+PIT and clock state, XSAVE beyond the legacy FPU area, and the state of the
+VMM's own devices -- a harness whose guest uses them
+must reset them itself.  Pass ``kinds`` to add ``LAPIC``/``MP_STATE`` for a VM
+with an in-kernel irqchip.
+
+The dirty log sees the *guest's* writes only: the hypervisor tracks them in its
+page tables, and a write the VMM makes through its own mapping of guest RAM is
+invisible to it (KVM: ``mark_page_dirty()`` runs on guest accesses, never on
+user-space stores).  So a harness writes its inputs with :meth:`ResetPoint.write`,
+which records the pages it touches for the next reset::
+
+        point.write(INPUT, data)
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from pyvmm.arch.x86_64 import MsrEntry, VcpuEvents
+from pyvmm.capabilities import Capability
+from pyvmm.config import PAGE_SIZE, Arch
+from pyvmm.errors import ConfigError, MsrAccessError
+from pyvmm.memory import RamRegion
+from pyvmm.vcpu_state import StateKind
+from pyvmm.vm import Vcpu, Vm
+
+X86_KINDS = (StateKind.REGS, StateKind.SREGS, StateKind.FPU, StateKind.DEBUG_REGS)
+AARCH64_KINDS = (StateKind.CORE_REGS,)
+
+
+@dataclass
+class _SavedRegion:
+    region: RamRegion
+    #: A view, so that slicing it copies nothing (slicing bytes would copy).
+    contents: memoryview
+
+
+@dataclass
+class _SavedVcpu:
+    vcpu: Vcpu
+    states: list[tuple[StateKind, Any]]
+    events: VcpuEvents | None
+    msrs: list[MsrEntry] | None = None
+
+
+def saves_msrs(vm: Vm) -> bool:
+    """Whether resets and snapshots of ``vm`` carry MSRs: x86 backends that
+    can list and move them (``MSRS`` and ``MSR_INDEX_LIST``)."""
+    caps = vm.backend.capabilities
+    return vm.config.arch is Arch.X86_64 and Capability.MSRS in caps and Capability.MSR_INDEX_LIST in caps
+
+
+def restorable_msrs(vcpu: Vcpu, indices: Sequence[int]) -> list[MsrEntry]:
+    """The MSRs of ``indices`` that ``vcpu`` can both read and have written
+    back, with their values now.
+
+    The hypervisor's list names MSRs some VMs cannot take (KVM lists its
+    paravirtual MSRs whether or not the guest's CPUID offers them, and refuses
+    a write to one the guest was not given): each is tried once here, writing
+    back the value just read, so that a reset or a restore never meets a
+    refusal and never skips an MSR silently.
+    """
+    try:
+        entries = vcpu.get_msrs(list(indices))
+    except MsrAccessError:
+        entries = []
+        for index in indices:
+            try:
+                entries += vcpu.get_msrs([index])
+            except MsrAccessError:
+                continue
+    kept = []
+    for entry in entries:
+        try:
+            vcpu.set_msrs([entry])
+        except MsrAccessError:
+            continue
+        kept.append(entry)
+    return kept
+
+
+def default_kinds(vm: Vm) -> tuple[StateKind, ...]:
+    """The register sets a reset restores by default for ``vm``'s backend and arch."""
+    if vm.config.arch is Arch.AARCH64:
+        return AARCH64_KINDS
+    extra = (StateKind.XCRS,) if vm.backend.supports(Capability.XCRS) else ()
+    return X86_KINDS + extra
+
+
+class ResetPoint:
+    """A VM's memory and vCPU registers at one moment, to reset to cheaply."""
+
+    def __init__(self, vm: Vm, regions: list[_SavedRegion], vcpus: list[_SavedVcpu]) -> None:
+        self.vm = vm
+        self._regions = regions
+        self._vcpus = vcpus
+        #: Pages the VMM wrote through :meth:`write`, per saved region.
+        self._vmm_dirty: dict[int, set[int]] = {}
+
+    def write(self, gpa: int, data: bytes) -> None:
+        """Write ``data`` into guest RAM at ``gpa`` and have the next reset
+        restore the pages it touches (the dirty log does not see VMM writes).
+
+        :raises GuestMemoryError: the range is not inside one RAM region.
+        """
+        self.vm.memory.write(gpa, data)
+        if not data:
+            return
+        for index, saved in enumerate(self._regions):
+            region = saved.region
+            if region.guest_phys_addr <= gpa < region.end:
+                offset = gpa - region.guest_phys_addr
+                pages = range(offset // PAGE_SIZE, (offset + len(data) - 1) // PAGE_SIZE + 1)
+                self._vmm_dirty.setdefault(index, set()).update(pages)
+                return
+
+    @classmethod
+    def capture(cls, vm: Vm, kinds: Sequence[StateKind] | None = None) -> ResetPoint:
+        """Save ``vm`` as it is now and start its dirty log afresh.  Call it
+        (and :meth:`reset`) on the thread that created the vCPUs.
+
+        :raises UnsupportedCapability: the backend lacks ``DIRTY_LOG`` or
+            ``VCPU_REGISTERS``.
+        :raises ConfigError: a RAM region is not dirty-logged (its changes
+            could not be found), or the VM has no RAM.
+        """
+        vm.backend.require(Capability.DIRTY_LOG, "a dirty-page reset")
+        vm.backend.require(Capability.VCPU_REGISTERS, "a dirty-page reset")
+        regions = list(vm.memory)
+        if not regions:
+            raise ConfigError("a reset point needs guest RAM; the VM has none")
+        unlogged = [f"{r.guest_phys_addr:#x}+{r.size:#x}" for r in regions if not r.log_dirty]
+        if unlogged:
+            raise ConfigError(
+                f"a reset point needs every RAM region mapped with log_dirty=True; not: {', '.join(unlogged)}"
+            )
+        chosen = tuple(default_kinds(vm) if kinds is None else kinds)
+        with_events = vm.backend.supports(Capability.VCPU_EVENTS) and vm.config.arch is Arch.X86_64
+        msr_indices = vm.msr_index_list() if saves_msrs(vm) else None
+        saved_vcpus = [
+            _SavedVcpu(
+                vcpu,
+                [(kind, copy.deepcopy(vcpu.get_state(kind))) for kind in chosen],
+                copy.deepcopy(vcpu.get_events()) if with_events else None,
+                None if msr_indices is None else restorable_msrs(vcpu, msr_indices),
+            )
+            for vcpu in vm.vcpus
+        ]
+        saved_regions = []
+        for region in regions:
+            vm.dirty_log(region)  # from here on, the log holds exactly what changed
+            saved_regions.append(_SavedRegion(region, memoryview(bytes(region.view()))))
+        return cls(vm, saved_regions, saved_vcpus)
+
+    def reset(self) -> int:
+        """Copy back every page written since the capture or the last reset, and
+        set the saved registers again; the number of pages copied."""
+        vm = self.vm
+        pages = 0
+        vmm_dirty, self._vmm_dirty = self._vmm_dirty, {}
+        for index, saved in enumerate(self._regions):
+            bitmap = vm.dirty_log(saved.region)
+            touched = vmm_dirty.get(index)
+            if touched:
+                merged = bytearray(bitmap)
+                for page in touched:
+                    merged[page >> 3] |= 1 << (page & 7)
+                bitmap = bytes(merged)
+            view = saved.region.view()
+            contents = saved.contents
+            for first, end in _runs(bitmap):
+                start, stop = first * PAGE_SIZE, end * PAGE_SIZE
+                view[start:stop] = contents[start:stop]
+                pages += end - first
+        self._restore_vcpus()
+        return pages
+
+    def _restore_vcpus(self) -> None:
+        for saved in self._vcpus:
+            vcpu = saved.vcpu
+            # MSRs first: the register sets after them win where both hold a
+            # value (EFER is in the segment registers and in the MSRs).
+            if saved.msrs:
+                vcpu.set_msrs(saved.msrs)
+            for kind, value in saved.states:
+                vcpu.set_state(kind, value)
+            if saved.events is not None:
+                vcpu.set_events(saved.events)
+
+    def restore_all(self) -> None:
+        """Copy back the whole of guest RAM (and the registers), whatever the
+        dirty log says: the full restore a dirty-page reset is measured against."""
+        vm = self.vm
+        self._vmm_dirty = {}
+        for saved in self._regions:
+            vm.dirty_log(saved.region)
+            saved.region.view()[:] = saved.contents
+        self._restore_vcpus()
+
+
+def _runs(bitmap: bytes) -> list[tuple[int, int]]:
+    """``(first, end)`` page ranges of consecutive set bits (bit *i* of byte
+    *j* is page ``8*j + i``).
+
+    The bitmap is read in chunks of :data:`_CHUNK` bytes, each as one integer:
+    a clean chunk is skipped with one comparison, and in a dirty one each run
+    is found with two bit tricks (lowest set bit, then the count of trailing
+    ones) on a small integer.  So the cost follows the number of runs, not the
+    size of guest RAM, and stays linear however scattered the pages are.
+    """
+    runs: list[tuple[int, int]] = []
+    clean = bytes(_CHUNK)
+    for offset in range(0, len(bitmap), _CHUNK):
+        chunk = bitmap[offset : offset + _CHUNK]
+        if chunk == clean[: len(chunk)]:
+            continue
+        value = int.from_bytes(chunk, "little")
+        base = offset * 8
+        while value:
+            zeros = (value & -value).bit_length() - 1
+            value >>= zeros
+            ones = (value ^ (value + 1)).bit_length() - 1
+            first = base + zeros
+            if runs and runs[-1][1] == first:  # a run that crosses a chunk boundary
+                runs[-1] = (runs[-1][0], first + ones)
+            else:
+                runs.append((first, first + ones))
+            value >>= ones
+            base = first + ones
+    return runs
+
+
+#: Bytes of dirty bitmap read as one integer (2048 pages, 8 MiB of guest RAM).
+_CHUNK = 256
