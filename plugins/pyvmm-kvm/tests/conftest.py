@@ -10,7 +10,7 @@ import pytest
 
 from pyvmm.plugins import PluginRegistry
 from pyvmm.vm import Backend
-from pyvmm_kvm.arm64_plugin import host_is_arm64
+from pyvmm_kvm.host_arch import host_is_arm64
 from pyvmm_kvm.plugin import plugin as kvm_plugin
 
 #: The tests of this directory that are not about x86: they run on any host.

@@ -20,7 +20,7 @@ from pyvmm.machine.devicetree import GIC_PPI, IRQ_TYPE_LEVEL_HIGH, build_fdt, re
 from pyvmm.machine.loaders.arm64 import Chosen
 from pyvmm.plugins import PluginRegistry
 from pyvmm.testing.conformance import programs_aarch64 as p
-from pyvmm_kvm import arm64_plugin, arm64_regs, arm64_vm
+from pyvmm_kvm import arm64_plugin, arm64_regs, arm64_vm, host_arch
 from pyvmm_kvm import arm64_uapi as a
 from pyvmm_kvm import bindings as k
 from pyvmm_kvm import plugin as kvm_plugin
@@ -204,7 +204,7 @@ def test_the_arm64_plugin_passes_the_contract_checks() -> None:
 
 def test_the_entry_point_serves_this_hosts_architecture() -> None:
     plugin = PluginRegistry().register(kvm_plugin.plugin)
-    expected = virt.Arch.AARCH64 if arm64_plugin.host_is_arm64() else virt.Arch.X86_64
+    expected = virt.Arch.AARCH64 if host_arch.host_is_arm64() else virt.Arch.X86_64
     assert plugin.manifest.guest_arches == (expected,)
 
 

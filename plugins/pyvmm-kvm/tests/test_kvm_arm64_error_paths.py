@@ -27,7 +27,8 @@ from pyvmm.host import Event
 from pyvmm.memory import GuestMemory
 from pyvmm.vcpu_state import IoEventAddress
 from pyvmm_kvm import bindings as k
-from pyvmm_kvm.arm64_plugin import host_is_arm64, probe
+from pyvmm_kvm.arm64_plugin import probe
+from pyvmm_kvm.host_arch import host_is_arm64
 from pyvmm_kvm.arm64_vcpu import KvmArm64Vcpu
 from pyvmm_kvm.arm64_vm import KvmArm64Vm
 from pyvmm_kvm.host import HOST

@@ -29,8 +29,8 @@ from pyvmm.testing.conformance import programs_aarch64 as p
 from pyvmm.vm import Backend, Vcpu, Vm
 from pyvmm_kvm import arm64_uapi as a
 from pyvmm_kvm import bindings as k
-from pyvmm_kvm.arm64_plugin import host_is_arm64
 from pyvmm_kvm.arm64_plugin import plugin as arm64_plugin
+from pyvmm_kvm.host_arch import host_is_arm64
 
 pytestmark = pytest.mark.skipif(not host_is_arm64(), reason="needs KVM on an aarch64 host: runs in the arm64 test bed")
 

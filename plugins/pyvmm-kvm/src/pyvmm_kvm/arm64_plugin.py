@@ -47,6 +47,7 @@ from pyvmm_kvm import __version__
 from pyvmm_kvm import bindings as k
 from pyvmm_kvm.arm64_vcpu import KvmArm64Vcpu
 from pyvmm_kvm.arm64_vm import KvmArm64Vm
+from pyvmm_kvm.host_arch import host_is_arm64
 from pyvmm_kvm.system import DEVICE, system
 
 CAPABILITIES = (
@@ -85,10 +86,6 @@ CAPABILITY_EXTENSIONS: dict[Capability, tuple[int, ...]] = {
 
 #: Without these no vCPU can be initialised the way this backend does it.
 REQUIRED_EXTENSIONS = {k.KVM_CAP_ARM_PSCI_0_2: "PSCI 0.2", k.KVM_CAP_ONE_REG: "one-reg access"}
-
-
-def host_is_arm64(machine: str | None = None) -> bool:
-    return (platform.machine() if machine is None else machine).lower() in ("aarch64", "arm64")
 
 
 def missing_capabilities(check_extension: Callable[[int], int]) -> tuple[Capability, ...]:

@@ -11,7 +11,8 @@ from pyvmm.backend import backend_plugin
 from pyvmm.capabilities import Capability
 from pyvmm.config import Arch
 from pyvmm.manifest import CONTRACT_VERSION, BackendManifest
-from pyvmm_kvm import __version__, arm64_plugin
+from pyvmm_kvm import __version__
+from pyvmm_kvm.host_arch import host_is_arm64
 from pyvmm_kvm.system import probe
 from pyvmm_kvm.vcpu import KvmVcpu
 from pyvmm_kvm.vm import KvmVm
@@ -71,10 +72,15 @@ def manifest() -> BackendManifest:
     )
 
 
-# KVM runs guests of the host's architecture only: an arm64 host gets the arm64
-# backend (pyvmm_kvm.arm64_plugin), any other the x86 one above.
-plugin = (
-    arm64_plugin.plugin
-    if arm64_plugin.host_is_arm64()
-    else backend_plugin(manifest=manifest, create_vm=KvmVm.create, vm_class=KvmVm, vcpu_class=KvmVcpu)
-)
+def _plugin_for_this_host() -> object:
+    """KVM runs guests of the host's architecture only: an arm64 host gets the
+    arm64 backend (:mod:`pyvmm_kvm.arm64_plugin`, imported only there: it pulls
+    in the virt board's layout), any other the x86 one above."""
+    if host_is_arm64():
+        from pyvmm_kvm.arm64_plugin import plugin as arm64
+
+        return arm64
+    return backend_plugin(manifest=manifest, create_vm=KvmVm.create, vm_class=KvmVm, vcpu_class=KvmVcpu)
+
+
+plugin = _plugin_for_this_host()
