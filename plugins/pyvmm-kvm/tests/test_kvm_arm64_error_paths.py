@@ -28,10 +28,10 @@ from pyvmm.memory import GuestMemory
 from pyvmm.vcpu_state import IoEventAddress
 from pyvmm_kvm import bindings as k
 from pyvmm_kvm.arm64_plugin import probe
-from pyvmm_kvm.host_arch import host_is_arm64
 from pyvmm_kvm.arm64_vcpu import KvmArm64Vcpu
 from pyvmm_kvm.arm64_vm import KvmArm64Vm
 from pyvmm_kvm.host import HOST
+from pyvmm_kvm.host_arch import host_is_arm64
 from pyvmm_kvm.system import KvmSystem
 
 pytestmark = pytest.mark.skipif(not host_is_arm64(), reason="needs KVM on an aarch64 host: runs in the arm64 test bed")
