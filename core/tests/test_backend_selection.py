@@ -8,6 +8,8 @@ from typing import Any
 import pytest
 from coretests_support import ProbeBackend, register
 
+from pyvmm.backend import DllSwitch, HostSwitch, LibcDeviceSeam
+from pyvmm.backend.stand_in import has_stand_in, standing_in
 from pyvmm.errors import BackendNotFound, BackendUnavailable
 from pyvmm.manifest import Availability
 from pyvmm.plugins import ENV_BACKEND, PluginRegistry
@@ -133,3 +135,49 @@ def test_probe_is_not_run_on_a_foreign_host(registry: PluginRegistry) -> None:
     assert not availability.available
     assert "runs on win32" in availability.reason
     assert ran == []
+
+
+def test_a_stand_in_lifts_the_host_os_limit_for_its_backend_only(registry: PluginRegistry) -> None:
+    """A driver model behind a switch answers for the OS: a Windows-only backend's
+    probe runs on Linux while it stands in, and only for that backend."""
+    ran: list[str] = []
+
+    def probe_of(name: str) -> Callable[[], Availability]:
+        def probe() -> Availability:
+            ran.append(name)
+            return Availability.yes()
+
+        return probe
+
+    _add(registry, "winonly", auto_select=True, host_os=("nowhere-os",), probe=probe_of("winonly"))
+    _add(registry, "other", auto_select=True, host_os=("nowhere-os",), probe=probe_of("other"))
+    with standing_in("winonly"), standing_in("winonly"):
+        assert registry.get("winonly").availability().available
+        assert not registry.get("other").availability().available
+    assert not has_stand_in("winonly")
+    assert not registry.get("winonly").availability().available
+    assert ran == ["winonly"]
+
+
+def test_switches_record_their_stand_in_while_in_use() -> None:
+    seam = LibcDeviceSeam()
+    devices = HostSwitch("acme-dev", LibcDeviceSeam, {})
+    dlls = DllSwitch("acme-dll", lambda: pytest.fail("the real DLLs are never loaded here"))
+    with devices.use(seam):
+        assert has_stand_in("acme-dev") and not has_stand_in("acme-dll")
+    with dlls.use(_NoDll()) as host:
+        assert has_stand_in("acme-dll") and dlls.current() is host
+    assert not has_stand_in("acme-dev") and not has_stand_in("acme-dll")
+
+
+class _NoDll:
+    """A DLL seam that exports nothing (the switch never calls it here)."""
+
+    def function(self, name: str) -> Any:
+        raise KeyError(name)
+
+    def has(self, name: str) -> bool:
+        return False
+
+    def last_error(self) -> int:
+        return 0

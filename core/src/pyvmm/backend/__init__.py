@@ -32,6 +32,7 @@ from typing import TYPE_CHECKING
 _LAZY = {
     "DllFunction": "pyvmm.backend.dll",
     "DllHost": "pyvmm.backend.dll",
+    "DllSwitch": "pyvmm.backend.dll",
     "LoadedDll": "pyvmm.backend.dll",
     "DeviceHost": "pyvmm.backend.host",
     "HostSwitch": "pyvmm.backend.host",
@@ -52,7 +53,7 @@ _LAZY = {
 }
 
 if TYPE_CHECKING:
-    from pyvmm.backend.dll import DllFunction, DllHost, LoadedDll
+    from pyvmm.backend.dll import DllFunction, DllHost, DllSwitch, LoadedDll
     from pyvmm.backend.host import DeviceHost, HostSwitch, address_of
     from pyvmm.backend.ioctl import IoctlRequest, bsd, ctl_code, linux, request_names
     from pyvmm.backend.kick import SignalKicker, install_kick_handler, kick_signal
@@ -65,6 +66,7 @@ __all__ = [
     "DeviceSeam",
     "DllFunction",
     "DllHost",
+    "DllSwitch",
     "DllSeam",
     "HostSwitch",
     "IoctlRequest",

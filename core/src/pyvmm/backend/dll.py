@@ -14,16 +14,23 @@ its capabilities.  :class:`DllHost` adds the two error conventions of those APIs
   ``GetLastError()``; it becomes a HypervisorError in the WIN32 space.
 
 (Microsoft documents both in "Error Handling in COM" and "GetLastError".)
+
+:class:`DllSwitch` is the DLL counterpart of :class:`~pyvmm.backend.host.HostSwitch`:
+one per backend, in its ``host.py``; tests and ``pyvmm run --model`` route new
+objects to a model of the DLLs with ``HOST.use(model)``.
 """
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
-from collections.abc import Callable, Iterable
+import threading
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
 from pyvmm.backend.seam import DllSeam
+from pyvmm.backend.stand_in import standing_in
 from pyvmm.errors import ErrorSpace, HypervisorError, VmStateError
 
 
@@ -118,3 +125,39 @@ class DllHost:
 
     def has(self, name: str) -> bool:
         return self.seam.has(name)
+
+
+class DllSwitch:
+    """The one switch between a backend's real DLLs and a model of them.
+
+    ``make_seam`` loads the DLLs on first use (never at import, so the plugin
+    imports on every host); a VM keeps the host it was made with, so switching
+    never reroutes a live object."""
+
+    def __init__(self, backend: str, make_seam: Callable[[], DllSeam]) -> None:
+        self.backend = backend
+        self._make_seam = make_seam
+        self._host: DllHost | None = None
+        self._lock = threading.Lock()
+
+    def current(self) -> DllHost:
+        """The host new objects are created on (a host that cannot load the DLLs
+        raises :class:`~pyvmm.errors.HypervisorError`)."""
+        with self._lock:
+            if self._host is None:
+                self._host = DllHost(self._make_seam())
+            return self._host
+
+    @contextlib.contextmanager
+    def use(self, seam: DllSeam) -> Iterator[DllHost]:
+        """Route the objects created inside the block to ``seam`` (tests, models);
+        while it lasts the backend counts as standing in (:mod:`pyvmm.backend.stand_in`)."""
+        with self._lock:
+            previous, self._host = self._host, DllHost(seam)
+            installed = self._host
+        try:
+            with standing_in(self.backend):
+                yield installed
+        finally:
+            with self._lock:
+                self._host = previous

@@ -22,6 +22,7 @@ from collections.abc import Callable, Iterator, Mapping
 from typing import Any, TypeVar
 
 from pyvmm.backend.seam import DeviceSeam
+from pyvmm.backend.stand_in import standing_in
 from pyvmm.errors import HypervisorError
 
 _ffi: Any = None
@@ -134,12 +135,14 @@ class HostSwitch:
     @contextlib.contextmanager
     def use(self, seam: DeviceSeam) -> Iterator[DeviceHost]:
         """Route the objects created inside the block to ``seam``.  Only tests and
-        :mod:`pyvmm.testing` call this."""
+        :mod:`pyvmm.testing` call this; while it lasts the backend counts as
+        standing in (:mod:`pyvmm.backend.stand_in`)."""
         with self._lock:
             previous, self._host = self._host, DeviceHost(seam, self.names)
             installed = self._host
         try:
-            yield installed
+            with standing_in(self.backend):
+                yield installed
         finally:
             with self._lock:
                 self._host = previous
