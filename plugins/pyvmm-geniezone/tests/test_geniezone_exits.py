@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import errno
 import struct
+import threading
 from collections.abc import Callable, Iterator
 
 import pytest
@@ -16,6 +17,7 @@ from pyvmm.errors import HypervisorError, UnknownExitError
 from pyvmm.exits import (
     FailEntryExit,
     InternalErrorExit,
+    InterruptedExit,
     ShutdownExit,
     ShutdownReason,
     SystemEvent,
@@ -108,3 +110,27 @@ def test_an_unknown_exit_is_an_error(scripted: Callable[[Callable[[bytearray], i
 def test_an_mmio_exit_of_a_bad_size_is_an_error(scripted: Callable[[Callable[[bytearray], int]], VcpuExit]) -> None:
     with pytest.raises(HypervisorError, match="an MMIO exit of 16 bytes"):
         scripted(fill(gm.EXIT_MMIO, struct.pack("<Q8sQIB", 0x0A00_0000, bytes(8), 16, 0, 1)))
+
+
+def signalled(reason: int, model: gm.GenieZoneModel) -> Callable[[bytearray], int]:
+    """An exit the driver keeps (it loops), made as a signal arrives: the loop
+    ends and the copy out carries ``reason`` to the VMM with ERESTARTSYS."""
+
+    def write(run: bytearray) -> int:
+        struct.pack_into("<I", run, 0, reason)
+        model.post_signal(threading.get_ident())
+        return reason
+
+    return write
+
+
+@pytest.mark.parametrize("reason", [gm.EXIT_IRQ, gm.EXIT_GZ, gm.EXIT_IDLE])
+def test_an_exit_the_driver_keeps_is_an_interruption(reason: int) -> None:
+    model = gm.GenieZoneModel()
+    model.hypervisor = _OneExit(model, signalled(reason, model))
+    with model.installed(), booted(geniezone_backend(), p.PSCI_OFF) as (_, (vcpu,)):
+        exit_ = vcpu.run()
+        runs = [c for c in model.calls if c.name == "GZVM_RUN"]
+        assert runs[-1].errno == errno.EINTR
+        assert isinstance(exit_, InterruptedExit), exit_
+    model.assert_no_rejections()

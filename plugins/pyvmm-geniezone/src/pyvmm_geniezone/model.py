@@ -964,6 +964,16 @@ class Hypervisor:
         self.model = model
 
     def vcpu_run(self, vcpu: ModelVcpu, run: bytearray) -> int:
+        """One ``MT_HVC_GZVM_RUN``: the exit reason, also written into the run
+        struct -- for the exits the driver keeps (IRQ, IDLE) too: the struct is
+        the hypervisor's to fill (``gzvm_vcpu.c gzvm_vcpu_run``), and crosvm's
+        ``GeniezoneVcpu::run`` reads ``GZVM_EXIT_IRQ`` from it.  A signal that
+        ends the driver's loop after such an exit copies it out to the VMM."""
+        reason = self._enter(vcpu, run)
+        struct.pack_into("<I", run, RUN_EXIT_REASON, reason)  # behaviour: hypervisor-writes-exit-reason
+        return reason
+
+    def _enter(self, vcpu: ModelVcpu, run: bytearray) -> int:
         vm, hv = vcpu.vm, vcpu.hv
         self.model.stats.hypervisor_entries += 1
         if vm.protected:
@@ -999,7 +1009,6 @@ class Hypervisor:
             data = bytes(exit_.data[: exit_.size]) if exit_.is_write else bytes(run[RUN_MMIO_DATA : RUN_MMIO_DATA + 8])
             # reg_nr: the model does not decode the access's register (0).
             MMIO_LAYOUT.pack_into(run, RUN_UNION, exit_.address, data.ljust(8, b"\0"), exit_.size, 0, exit_.is_write)
-            struct.pack_into("<I", run, RUN_EXIT_REASON, EXIT_MMIO)
             if not exit_.is_write:
                 hv.pending = ("mmio", exit_.size)
             return EXIT_MMIO
@@ -1010,7 +1019,6 @@ class Hypervisor:
             else:
                 HYPERCALL_ARGS.pack_into(run, RUN_UNION, *(a & _U64 for a in exit_.args))
                 hv.pending = ("hypercall", 0)
-            struct.pack_into("<I", run, RUN_EXIT_REASON, exit_.reason)
             return exit_.reason
         if exit_ is _POWERED_OFF or exit_.kind is ExitKind.HLT:
             return EXIT_IDLE  # WFI or PSCI CPU_OFF: the hypervisor reports the vCPU idle

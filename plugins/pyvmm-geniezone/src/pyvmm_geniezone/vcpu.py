@@ -13,8 +13,10 @@ pending, copies the struct back out, and returns 0 or an error
   ``-ERESTARTSYS`` (``EINTR`` here: Python's handlers have no ``SA_RESTART``)
   -- with the exit the hypervisor just made in it, if it made one.  So the run
   writes a sentinel ``exit_reason`` (0: no GenieZone exit reason is 0) before
-  each ``GZVM_RUN`` and, after ``EINTR``, returns the exit if the field changed
-  instead of dropping a write or leaving a read's completion unanswered;
+  each ``GZVM_RUN`` and, after ``EINTR``, returns the exit if the field holds
+  one the driver hands to userspace, instead of dropping a write or leaving a
+  read's completion unanswered.  IRQ, GZ and IDLE -- the exits the driver
+  loops on, the usual ones a signal interrupts -- are no exit: EINTR alone;
 * the copy back overwrites ``immediate_exit`` with the value copied in: a kick
   that lands while the guest runs would be wiped out.  The kick therefore also
   sets a flag of this object's own, and the run puts ``immediate_exit`` back
@@ -80,6 +82,10 @@ _CORE_U64 = g.GZVM_REG_ARCH_ARM64 | g.GZVM_REG_SIZE_U64 | g.GZVM_REG_TYPE_GENERA
 _EINTR = -errno.EINTR
 #: What the run writes into ``exit_reason`` before each ``GZVM_RUN``.
 _NO_EXIT = 0
+#: Exit reasons the driver keeps and loops on (``gzvm_vcpu.c gzvm_vcpu_run``):
+#: the hypervisor writes them into the run struct, so a signal ending the loop
+#: right after one copies it out with EINTR -- no exit for the VMM.
+_DRIVER_KEPT = frozenset({_NO_EXIT, g.GZVM_EXIT_IRQ, g.GZVM_EXIT_GZ, g.GZVM_EXIT_IDLE})
 
 #: ``system_event.type`` as crosvm maps it (``GeniezoneVcpu::run``).
 SYSTEM_EVENTS: dict[int, SystemEvent] = {
@@ -166,7 +172,7 @@ class GenieZoneVcpu:
                 raise HypervisorError("GZVM_RUN", -result)
             self._exit_requested = False
             self.page.clear_immediate_exit()
-            if _U32.unpack_from(view, _OFF_EXIT_REASON)[0] == _NO_EXIT:
+            if _U32.unpack_from(view, _OFF_EXIT_REASON)[0] in _DRIVER_KEPT:
                 return self._interrupted
             # EINTR with an exit copied out: a signal came as the hypervisor made it.
             # The signal was delivered, so the kick may signal again.
