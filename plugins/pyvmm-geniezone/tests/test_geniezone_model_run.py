@@ -195,3 +195,19 @@ def test_a_kick_that_ends_a_wfi_sleep_is_an_interruption(geniezone: Backend, mod
         assert isinstance(exit_, InterruptedExit)
         assert model.stats.idle_sleeps >= 1, "the vCPU was asleep in the driver when the kick came"
     model.assert_no_rejections()
+
+
+def test_a_write_an_ioeventfd_took_is_not_delivered_again(geniezone: Backend, model: gm.GenieZoneModel) -> None:
+    """A signal as the hypervisor returns a write the driver hands to an
+    ioeventfd: the driver signals the eventfd, its loop ends, and the copy out
+    carries that MMIO write with EINTR.  The VMM must not perform it twice."""
+    event = Event()
+    with booted(geniezone, IOEVENT) as (vm, (vcpu,)):
+        vm.register_ioevent(event, IoEventAddress.mmio(IOEVENT_ADDRESS), datamatch=0x2A, length=4)
+        model.signal_at(gm.HYPERVISOR_RETURNED)
+        assert isinstance(vcpu.run(), InterruptedExit), "0x2a went to the eventfd only"
+        assert model.stats.ioevents_signalled == 1 and event.consume() == 1
+        assert written(vcpu.run(), IOEVENT_ADDRESS) == 0x2B
+        powers_off(vcpu)
+    model.assert_no_rejections()
+    event.close()

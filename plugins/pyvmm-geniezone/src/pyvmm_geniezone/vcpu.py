@@ -17,6 +17,8 @@ pending, copies the struct back out, and returns 0 or an error
   one the driver hands to userspace, instead of dropping a write or leaving a
   read's completion unanswered.  IRQ, GZ and IDLE -- the exits the driver
   loops on, the usual ones a signal interrupts -- are no exit: EINTR alone;
+  and so is an MMIO write one of the VM's ioeventfds takes (the driver
+  signalled the eventfd and looped: delivering it again would repeat it);
 * the copy back overwrites ``immediate_exit`` with the value copied in: a kick
   that lands while the guest runs would be wiped out.  The kick therefore also
   sets a flag of this object's own, and the run puts ``immediate_exit`` back
@@ -172,7 +174,7 @@ class GenieZoneVcpu:
                 raise HypervisorError("GZVM_RUN", -result)
             self._exit_requested = False
             self.page.clear_immediate_exit()
-            if _U32.unpack_from(view, _OFF_EXIT_REASON)[0] in _DRIVER_KEPT:
+            if _U32.unpack_from(view, _OFF_EXIT_REASON)[0] in _DRIVER_KEPT or self._write_taken():
                 return self._interrupted
             # EINTR with an exit copied out: a signal came as the hypervisor made it.
             # The signal was delivered, so the kick may signal again.
@@ -181,6 +183,17 @@ class GenieZoneVcpu:
             # The copy back wrote the entry value over a kick's immediate_exit.
             self.page.request_immediate_exit()
         return self._decode()
+
+    def _write_taken(self) -> bool:
+        """The copied-out exit is an MMIO write the driver already gave an
+        ioeventfd (it loops on those; a signal ended the loop just then)."""
+        view = self._view
+        if _U32.unpack_from(view, _OFF_EXIT_REASON)[0] != g.GZVM_EXIT_MMIO:
+            return False
+        address, size, _, is_write = _MMIO.unpack_from(view, _OFF_UNION)
+        if not is_write or not 0 < size <= 8:
+            return False
+        return bool(self.vm.ioevents.take_write(address, bytes(view[_OFF_MMIO_DATA : _OFF_MMIO_DATA + size])))
 
     def _decode(self) -> VcpuExit:
         view = self._view

@@ -23,6 +23,7 @@ from pyvmm.memory import RamRegion
 from pyvmm.vcpu_state import AddressSpace, IoEventAddress
 from pyvmm_geniezone import bindings as g
 from pyvmm_geniezone.bindings import ffi
+from pyvmm_geniezone.ioevents import IoEvent, IoEvents
 from pyvmm_geniezone.system import GenieZoneSystem, system
 from pyvmm_geniezone.vcpu import GenieZoneVcpu
 from pyvmm_geniezone.vma import claim_own_vma
@@ -96,6 +97,8 @@ class GenieZoneVm:
         self.regions: dict[int, RamRegion] = {}
         self.vcpus: list[GenieZoneVcpu] = []
         self.irqchip = False
+        #: The ioeventfds the driver holds for this VM.
+        self.ioevents = IoEvents()
         self._protection_set = False
         #: ``(address, size)`` handed over with GZVM_SET_DTB_CONFIG, once.
         self.dtb: tuple[int, int] | None = None
@@ -267,6 +270,11 @@ class GenieZoneVm:
             {"datamatch": datamatch or 0, "addr": address.address, "len": length, "fd": fd, "flags": flags},
         )
         self.host.ioctl(self.fd, g.GZVM_IOEVENTFD, raw)
+        registered = IoEvent(fd, address.address, length, datamatch)
+        if flags & g.GZVM_IOEVENTFD_FLAG_DEASSIGN:
+            self.ioevents.remove(registered)
+        else:
+            self.ioevents.add(registered)
 
     # --- teardown -------------------------------------------------------------------
     def close(self) -> None:
