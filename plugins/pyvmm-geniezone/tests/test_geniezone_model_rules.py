@@ -167,22 +167,40 @@ def test_irqfd_eventfd_used_once(gz: Gzvm) -> None:
     assert gz.irqfd(event, 7, gm.IRQFD_DEASSIGN) == 0, "deassigning nothing is not an error"
 
 
-def test_irqfd_ignores_a_count_written_before_it(gz: Gzvm) -> None:
-    """The driver does not look at what ``vfs_poll`` finds at assign: a count
-    already in the eventfd raises the SPI only with the next write."""
-    event = eventfd()
-    os.eventfd_write(event, 1)
+def test_irqfd_raises_a_count_written_before_it(gz: Gzvm) -> None:
+    """``gzvm_irqfd_assign``: what ``vfs_poll`` finds in the eventfd at assign
+    raises the SPI at once; an empty eventfd raises nothing until written."""
     assert gz.create_device(gm.DEV_VGIC_V3_DIST, 0x0800_0000, 0x1_0000) == 0
     assert gz.create_device(gm.DEV_VGIC_V3_REDIST, 0x080A_0000, 0x2_0000) == 0
     gz.vcpu(0)
-    assert gz.irqfd(event, 3) == 0
     vm = gz.model.files[gz.vm]
     assert isinstance(vm, gm.ModelVm)
-    assert vm.poll_irqfds() is False
-    assert gz.model.stats.spis_raised == 0
+    quiet = eventfd()
+    assert gz.irqfd(quiet, 2) == 0
+    assert gz.model.stats.spis_raised == 0, "nothing written: nothing raised"
+    event = eventfd()
+    os.eventfd_write(event, 1)
+    woken = vm.wake_generation
+    assert gz.irqfd(event, 3) == 0
+    assert gz.model.stats.spis_raised == 1, "the earlier count raised the line at assign"
+    assert vm.wake_generation > woken, "and woke the idle vCPUs (gzvm_vcpu_wakeup_all)"
+    assert vm.poll_irqfds() is False, "that count is not raised a second time"
     os.eventfd_write(event, 1)
     assert vm.poll_irqfds() is True
-    assert gz.model.stats.spis_raised == 1
+    assert gz.model.stats.spis_raised == 2
+
+
+def test_an_interrupt_line_wakes_every_idle_vcpu(gz: Gzvm) -> None:
+    """``gzvm_irqchip_inject_irq`` bumps every vCPU's ``virtio_irq`` before the
+    line goes to the hypervisor, lowered or raised."""
+    assert gz.create_device(gm.DEV_VGIC_V3_DIST, 0x0800_0000, 0x1_0000) == 0
+    assert gz.create_device(gm.DEV_VGIC_V3_REDIST, 0x080A_0000, 0x2_0000) == 0
+    gz.vcpu(0)
+    vm = gz.model.files[gz.vm]
+    assert isinstance(vm, gm.ModelVm)
+    woken = vm.wake_generation
+    assert gz.call(gm.GZVM_IRQ_LINE, gm.IRQ_LEVEL.pack(5, 0)) == 0
+    assert vm.wake_generation == woken + 1
 
 
 # --- ioeventfds ----------------------------------------------------------------------------

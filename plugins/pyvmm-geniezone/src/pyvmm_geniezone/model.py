@@ -655,8 +655,18 @@ class ModelVm(FileObject):
         number = irq & 0xFFFF
         if vcpu_index:
             raise self.model.not_modelled(f"an interrupt line aimed at vCPU {vcpu_index}")
-        self.raise_spi(number, bool(level))
+        self.inject_irq(number, bool(level))
         return 0
+
+    def inject_irq(self, number: int, level: bool) -> None:
+        """``gzvm_vm.c gzvm_irqchip_inject_irq``, for ``GZVM_IRQ_LINE`` and
+        irqfds alike: every vCPU's ``idle_events.virtio_irq`` is bumped
+        (``gzvm_vcpu_wakeup_all``) -- whatever the level -- then the line goes to
+        the hypervisor."""
+        with self.model.lock:
+            self.wake_generation += 1  # behaviour: injection-wakes-idle-vcpus
+        self.model.notify()
+        self.raise_spi(number, level)
 
     def raise_spi(self, number: int, level: bool) -> None:
         """``gzvm_arch_inject_irq``: SPI index ``number`` (the hypervisor adds 32).
@@ -693,12 +703,16 @@ class ModelVm(FileObject):
                 return 0
             if any(i.eventfd_id == identity for i in self.irqfds):
                 raise RuleViolation(R_IRQFD_BUSY, f"fd {fd}")
-            # RESAMPLE is accepted and ignored: the line is only ever raised.
-            # A count already in the eventfd is not seen until the next write
-            # (vfs_poll's answer is not looked at); the next write's wake-up reads
-            # both: the model holds it back until then.
-            self.model.drain_eventfd(fd)  # behaviour: irqfd-ignores-earlier-count
+            # RESAMPLE is accepted; nothing ever lowers the line or signals the
+            # resample fd (gzvm_notify_acked_irq has no caller).
             self.irqfds.append(Irqfd(fd, identity, gsi))
+            # gzvm_irqfd_assign: a count already in the eventfd (vfs_poll says
+            # EPOLLIN) raises the SPI now.  The driver leaves the count in place
+            # and the next write's irqfd_wakeup reads both; the model reads it
+            # here, which raises the line the same number of times.
+            earlier = self.model.drain_eventfd(fd)
+        if earlier:  # behaviour: irqfd-raises-earlier-count
+            self.inject_irq(gsi, True)
         return 0
 
     def poll_irqfds(self) -> bool:
@@ -707,13 +721,9 @@ class ModelVm(FileObject):
         wakes (``idle_events.virtio_irq``).  True if any was written."""
         written = False
         for irqfd in list(self.irqfds):
-            if self.model.drain_eventfd(irqfd.fd):
+            if self.model.drain_eventfd(irqfd.fd):  # behaviour: irqfd-write-injects
                 written = True
-                self.raise_spi(irqfd.gsi, True)
-        if written:  # behaviour: irqfd-wakes-idle-vcpus
-            with self.model.lock:
-                self.wake_generation += 1
-            self.model.notify()
+                self.inject_irq(irqfd.gsi, True)
         return written
 
     @handles(GZVM_IOEVENTFD, "GZVM_IOEVENTFD")
@@ -917,7 +927,7 @@ class ModelVcpu(FileObject):
 
     def _wake_pending(self, hv: HvVcpu) -> bool:
         self.vm.poll_irqfds()
-        if self.vm.wake_generation != self._seen_wake:  # behaviour: idle-wakes-on-irqfd
+        if self.vm.wake_generation != self._seen_wake:  # behaviour: idle-wakes-on-virtio-irq
             self._seen_wake = self.vm.wake_generation
             return True
         if self._interrupt.is_set():
