@@ -143,8 +143,35 @@ def test_irqfd_pad_must_be_zero(gz: Gzvm) -> None:
 
 
 def test_irqfd_flags(gz: Gzvm) -> None:
-    assert gz.irqfd(eventfd(), 1, gm.IRQFD_RESAMPLE) == 0, "RESAMPLE is accepted (and ignored)"
+    assert gz.irqfd(eventfd(), 1, gm.IRQFD_RESAMPLE, resamplefd=eventfd()) == 0, "RESAMPLE is accepted"
     refused(gz.model, gz.irqfd(eventfd(), 2, 4), gm.R_IRQFD_FLAGS)
+
+
+def closed_fd() -> int:
+    """An fd number nothing holds (call it after opening what the test needs)."""
+    fd = eventfd()
+    os.close(fd)
+    return fd
+
+
+def test_irqfd_resamplefd_must_be_an_open_eventfd(gz: Gzvm) -> None:
+    event = eventfd()
+    refused(gz.model, gz.irqfd(event, 1, gm.IRQFD_RESAMPLE, resamplefd=closed_fd()), gm.R_RESAMPLEFD_BADF)
+    with open(os.devnull, "rb") as null:
+        refused(gz.model, gz.irqfd(event, 1, gm.IRQFD_RESAMPLE, resamplefd=null.fileno()), gm.R_RESAMPLEFD_NOT_EVENTFD)
+    vm = gz.model.files[gz.vm]
+    assert isinstance(vm, gm.ModelVm) and vm.irqfds == [], "nothing was assigned"
+
+
+def test_irqfd_checks_in_the_drivers_order(gz: Gzvm) -> None:
+    """``gzvm_irqfd_assign``: the eventfd, then the resamplefd, then EBUSY;
+    DEASSIGN never looks at the resamplefd."""
+    event = eventfd()
+    closed = closed_fd()
+    refused(gz.model, gz.irqfd(closed, 1, gm.IRQFD_RESAMPLE, resamplefd=closed), gm.R_EVENTFD_BADF)
+    assert gz.irqfd(event, 1) == 0
+    refused(gz.model, gz.irqfd(event, 2, gm.IRQFD_RESAMPLE, resamplefd=closed), gm.R_RESAMPLEFD_BADF)
+    assert gz.irqfd(event, 1, gm.IRQFD_DEASSIGN | gm.IRQFD_RESAMPLE, resamplefd=closed) == 0
 
 
 def test_irqfd_needs_an_open_fd(gz: Gzvm) -> None:

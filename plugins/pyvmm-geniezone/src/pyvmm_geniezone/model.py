@@ -245,6 +245,18 @@ R_NOT_EVENTFD = Rule(
     "the fd of an irqfd or ioeventfd must be an eventfd",
     f"{_S} §7.3, §7.4; gzvm_irqfd.c gzvm_irqfd_assign (eventfd_ctx_fileget), gzvm_ioeventfd.c",
 )
+R_RESAMPLEFD_BADF = Rule(
+    "GZ-RESAMPLEFD-BADF",
+    errno.EBADF,
+    "an irqfd with RESAMPLE names a resamplefd that is not open",
+    f"{_S} §7.3; gzvm_irqfd.c gzvm_irqfd_assign (eventfd_ctx_fdget(args->resamplefd))",
+)
+R_RESAMPLEFD_NOT_EVENTFD = Rule(
+    "GZ-RESAMPLEFD-NOT-EVENTFD",
+    errno.EINVAL,
+    "an irqfd with RESAMPLE needs an eventfd as its resamplefd",
+    f"{_S} §7.3; gzvm_irqfd.c gzvm_irqfd_assign (eventfd_ctx_fdget(args->resamplefd))",
+)
 R_IRQFD_BUSY = Rule(
     "GZ-IRQFD-BUSY",
     errno.EBUSY,
@@ -490,15 +502,15 @@ def _eventfd_id(fd: int) -> str | None:
     return f"fd{fd}" if DeviceFileModel.is_eventfd(fd) else None
 
 
-def _eventfd_ctx(fd: int) -> str:
+def _eventfd_ctx(fd: int, not_open: Rule = R_EVENTFD_BADF, not_eventfd: Rule = R_NOT_EVENTFD) -> str:
     """``eventfd_ctx_fdget``: the identity, or the rule it breaks."""
     try:
         os.fstat(fd)
     except OSError:
-        raise RuleViolation(R_EVENTFD_BADF, f"fd {fd}") from None
+        raise RuleViolation(not_open, f"fd {fd}") from None
     identity = _eventfd_id(fd)
     if identity is None:
-        raise RuleViolation(R_NOT_EVENTFD, f"fd {fd}")
+        raise RuleViolation(not_eventfd, f"fd {fd}")
     return identity
 
 
@@ -690,21 +702,26 @@ class ModelVm(FileObject):
 
     @handles(GZVM_IRQFD, "GZVM_IRQFD")
     def irqfd(self, arg: int) -> int:
-        fd, gsi, flags, _, pad = IRQFD.unpack(self.model.copy_from_user(arg, IRQFD.size))
+        fd, gsi, flags, resamplefd, pad = IRQFD.unpack(self.model.copy_from_user(arg, IRQFD.size))
         if any(pad):
             raise RuleViolation(R_IRQFD_PAD, "pad")
         if flags & ~(IRQFD_DEASSIGN | IRQFD_RESAMPLE):
             raise RuleViolation(R_IRQFD_FLAGS, f"flags {flags:#x}")
         identity = _eventfd_ctx(fd)
-        with self.model.lock:
-            if flags & IRQFD_DEASSIGN:
+        if flags & IRQFD_DEASSIGN:
+            with self.model.lock:
                 # Every irqfd of this eventfd and gsi goes; none is not an error.
                 self.irqfds = [i for i in self.irqfds if not (i.eventfd_id == identity and i.gsi == gsi)]
-                return 0
+            return 0
+        if flags & IRQFD_RESAMPLE:
+            # Looked up before the busy check: its errors win over EBUSY.
+            _eventfd_ctx(resamplefd, R_RESAMPLEFD_BADF, R_RESAMPLEFD_NOT_EVENTFD)
+        with self.model.lock:
             if any(i.eventfd_id == identity for i in self.irqfds):
                 raise RuleViolation(R_IRQFD_BUSY, f"fd {fd}")
-            # RESAMPLE is accepted; nothing ever lowers the line or signals the
-            # resample fd (gzvm_notify_acked_irq has no caller).
+            # RESAMPLE is accepted; nothing lowers the line or signals the
+            # resample fd: the ACK driver never calls gzvm_notify_acked_irq
+            # (earlier versions of the series did, from gzvm_sync_vgic_state).
             self.irqfds.append(Irqfd(fd, identity, gsi))
             # gzvm_irqfd_assign: a count already in the eventfd (vfs_poll says
             # EPOLLIN) raises the SPI now.  The driver leaves the count in place
