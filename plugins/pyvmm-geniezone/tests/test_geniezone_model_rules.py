@@ -15,7 +15,7 @@ import pytest
 from gzvm_raw import PAGE, Gzvm
 
 from pyvmm.arch.aarch64 import PC_ID
-from pyvmm.testing.driver_model import EFAULT_RULE, NO_MMAP, NO_SUCH_IOCTL, Rule
+from pyvmm.testing.driver_model import EFAULT_RULE, NO_MMAP, NO_SUCH_IOCTL, ModelGap, Rule
 from pyvmm_geniezone import model as gm
 
 
@@ -128,9 +128,18 @@ def test_device_attributes_are_at_most_a_page(gz: Gzvm) -> None:
     )
 
 
-def test_enable_cap_knows_three_capabilities(gz: Gzvm) -> None:
+def test_enable_cap_knows_four_capabilities(gz: Gzvm) -> None:
     assert gz.enable_cap(gm.CAP_PROTECTED_VM, gm.PVM_SET_PROTECTED_VM) == 0
     refused(gz.model, gz.enable_cap(0x1234), gm.R_ENABLE_CAP)
+
+
+@pytest.mark.parametrize("cap", [gm.CAP_ENABLE_DEMAND_PAGING, gm.CAP_BLOCK_BASED_DEMAND_PAGING, gm.CAP_ENABLE_IDLE])
+def test_enable_cap_forwards_the_others_to_the_hypervisor(gz: Gzvm, cap: int) -> None:
+    """``gzvm_vm_ioctl_arch_enable_cap`` hands these to the hypervisor (not
+    EINVAL): its answer is not the model's to make."""
+    with pytest.raises(ModelGap, match="the hypervisor's answer"):
+        gz.enable_cap(cap)
+    assert gz.model.rejections == []
 
 
 def test_protected_vm_subcommands(gz: Gzvm) -> None:

@@ -33,7 +33,7 @@ hypervisor's and the driver does not show it, the model raises
 :class:`~pyvmm.testing.driver_model.ModelGap`: a VM type other than 0, a memory
 slot registered twice or overlapping another, memory after the guest ran, a
 duplicate vCPU id, device attributes, a protected VM's run, demand paging
-asked for by the VMM, registers other than the core ones, PTP and
+or idle support asked for by the VMM, registers other than the core ones, PTP and
 MEM_RELINQUISH hypercalls, PSCI calls other than VERSION, CPU_ON/OFF,
 AFFINITY_INFO, SYSTEM_OFF and SYSTEM_RESET, a guest exception, running a vCPU
 again after its VM shut down.
@@ -135,6 +135,7 @@ CAP_VM_GPA_SIZE = 0xA5
 CAP_PROTECTED_VM = 0xFFBADAB1
 CAP_BLOCK_BASED_DEMAND_PAGING = 0x9201
 CAP_ENABLE_DEMAND_PAGING = 0x9202
+CAP_ENABLE_IDLE = 0x9203
 PVM_SET_PVMFW_GPA, PVM_GET_PVMFW_SIZE, PVM_SET_PROTECTED_VM = 0, 1, 2
 
 MAX_VCPUS = 8  # GZVM_MAX_VCPUS
@@ -212,7 +213,7 @@ R_DEVICE_ATTR_SIZE = Rule(
 R_ENABLE_CAP = Rule(
     "GZ-ENABLE-CAP",
     errno.EINVAL,
-    "GZVM_ENABLE_CAP knows PROTECTED_VM, ENABLE_DEMAND_PAGING and BLOCK_BASED_DEMAND_PAGING only",
+    "GZVM_ENABLE_CAP knows PROTECTED_VM, ENABLE_DEMAND_PAGING, BLOCK_BASED_DEMAND_PAGING and ENABLE_IDLE only",
     f"{_S} §5.2; arch/arm64/geniezone/vm.c gzvm_vm_ioctl_arch_enable_cap",
 )
 R_PVM_SUBCOMMAND = Rule(
@@ -561,6 +562,10 @@ class ModelVm(FileObject):
         cap, *args = ENABLE_CAP.unpack(self.model.copy_from_user(arg, ENABLE_CAP.size))
         if cap in (CAP_ENABLE_DEMAND_PAGING, CAP_BLOCK_BASED_DEMAND_PAGING):
             raise self.model.not_modelled("demand paging asked for by the VMM (the hypervisor's answer)")
+        if cap == CAP_ENABLE_IDLE:
+            # Forwarded like demand paging; the driver already asks at VM creation
+            # (gzvm_vm.c enable_idle_support).
+            raise self.model.not_modelled("ENABLE_IDLE asked for by the VMM (the hypervisor's answer)")
         if cap != CAP_PROTECTED_VM:
             raise RuleViolation(R_ENABLE_CAP, f"cap {cap:#x}")
         command = args[0]
