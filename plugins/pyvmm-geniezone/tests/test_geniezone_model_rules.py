@@ -105,6 +105,15 @@ def test_vcpu_ids_stop_at_seven(gz: Gzvm) -> None:
     refused(gz.model, gz.vcpu(8), gm.R_VCPU_ID)
 
 
+def test_vcpu_id_is_the_arguments_low_32_bits(gz: Gzvm) -> None:
+    """``gzvm_vm_ioctl_create_vcpu(gzvm, u32 cpuid)`` gets the ioctl's unsigned
+    long argument: the high half is dropped before the range check."""
+    assert gz.vcpu((1 << 32) + 3) >= 0
+    refused(gz.model, gz.vcpu((1 << 32) + 8), gm.R_VCPU_ID)
+    vm = gz.model.files[gz.vm]
+    assert isinstance(vm, gm.ModelVm) and sorted(vm.vcpus) == [3]
+
+
 def test_registers_cannot_be_read(gz: Gzvm) -> None:
     vcpu = gz.vcpu(0)
     assert gz.set_reg(vcpu, PC_ID, 0x4008_0000) == 0

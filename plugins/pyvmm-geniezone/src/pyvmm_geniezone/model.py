@@ -615,15 +615,17 @@ class ModelVm(FileObject):
     # --- vCPUs and devices ------------------------------------------------------------
     @handles(GZVM_CREATE_VCPU, "GZVM_CREATE_VCPU")
     def create_vcpu(self, arg: int) -> int:
-        if arg >= MAX_VCPUS:
-            raise RuleViolation(R_VCPU_ID, f"id {arg}")
+        # gzvm_vm_ioctl_create_vcpu takes the ioctl's argument as a u32 cpuid.
+        cpuid = arg & 0xFFFFFFFF
+        if cpuid >= MAX_VCPUS:
+            raise RuleViolation(R_VCPU_ID, f"id {cpuid}")
         with self.model.lock:
-            if arg in self.vcpus:
-                raise self.model.not_modelled(f"vCPU id {arg} created twice (the hypervisor's answer)")
+            if cpuid in self.vcpus:
+                raise self.model.not_modelled(f"vCPU id {cpuid} created twice (the hypervisor's answer)")
             if self.gic is not None:
                 raise self.model.not_modelled("a vCPU created after the vGIC was laid out (the guest ran)")
-            vcpu = ModelVcpu(self, arg)
-            self.vcpus[arg] = vcpu
+            vcpu = ModelVcpu(self, cpuid)
+            self.vcpus[cpuid] = vcpu
         return self.model.install(vcpu)
 
     @handles(GZVM_CREATE_DEVICE, "GZVM_CREATE_DEVICE")
