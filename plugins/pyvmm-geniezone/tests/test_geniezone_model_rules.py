@@ -4,6 +4,7 @@ test starts from a call the driver accepts, so the refusal is the rule's alone."
 
 from __future__ import annotations
 
+import ctypes
 import errno
 import mmap
 import os
@@ -53,8 +54,6 @@ def test_check_extension_answers_through_the_pointer(gz: Gzvm) -> None:
 
 
 def ctypes_bytes(address: int, size: int) -> bytes:
-    import ctypes
-
     return ctypes.string_at(address, size)
 
 
@@ -96,7 +95,27 @@ def ctypes_address(area: mmap.mmap) -> int:
 def test_slot_must_be_exactly_its_mapping(gz: Gzvm) -> None:
     uva = gz.own_vma(2 * PAGE)
     refused(gz.model, gz.region(0, 0x4000_0000, PAGE, uva), gm.R_MEM_VMA_SIZE)
-    assert gz.region(0, 0x4000_0000, 2 * PAGE, uva + PAGE) == 0, "any address inside the mapping is looked up"
+    refused(gz.model, gz.region(0, 0x4000_0000, 2 * PAGE, uva + PAGE), gm.R_MEM_PIN)  # runs into the guard page
+
+
+def test_slot_pages_are_pinned_from_userspace_addr(gz: Gzvm) -> None:
+    """Any address inside the mapping is looked up, but the pages pinned are the
+    slot's own, ``userspace_addr`` onwards: past the mapping's end they must
+    still be mapped writable (``pin_one_page``, FOLL_WRITE)."""
+    base = gz.mapping(4 * PAGE)
+    libc = ctypes.CDLL(None)
+    assert libc.madvise(ctypes.c_void_p(base), 2 * PAGE, 10) == 0  # MADV_DONTFORK: its own VMA
+    assert gz.region(0, 0x4000_0000, 2 * PAGE, base + PAGE) == 0, "the next page is writable"
+    assert libc.mprotect(ctypes.c_void_p(base + 2 * PAGE), PAGE, mmap.PROT_READ) == 0
+    refused(gz.model, gz.region(1, 0x5000_0000, 2 * PAGE, base + PAGE), gm.R_MEM_PIN)
+
+
+def test_slot_mapping_must_be_writable(gz: Gzvm) -> None:
+    uva = gz.own_vma(PAGE)
+    assert ctypes.CDLL(None).mprotect(ctypes.c_void_p(uva), PAGE, mmap.PROT_READ) == 0
+    refused(gz.model, gz.region(0, 0x4000_0000, PAGE, uva), gm.R_MEM_PIN)
+    vm = gz.model.files[gz.vm]
+    assert isinstance(vm, gm.ModelVm) and 0 in vm.slots, "the driver leaves the slot registered"
 
 
 # --- vCPUs, registers, devices, capabilities --------------------------------------------

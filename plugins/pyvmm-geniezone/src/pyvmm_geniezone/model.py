@@ -198,6 +198,12 @@ R_MEM_VMA_SIZE = Rule(
     "the mapping holding userspace_addr must be exactly memory_size long",
     f"{_S} §4.2; gzvm_vm.c gzvm_vm_ioctl_set_memory_region (vm_end - vm_start != memory_size)",
 )
+R_MEM_PIN = Rule(
+    "GZ-MEM-PIN",
+    errno.EFAULT,
+    "a fully populated slot's pages, userspace_addr onwards, are pinned for writing: all must be mapped writable",
+    f"{_S} §4.2; arch/arm64/geniezone/vm.c gzvm_vm_populate_mem_region, gzvm_mmu.c pin_one_page (FOLL_WRITE)",
+)
 R_VCPU_ID = Rule(
     "GZ-VCPU-ID",
     errno.EINVAL,
@@ -515,16 +521,36 @@ def _eventfd_ctx(fd: int, not_open: Rule = R_EVENTFD_BADF, not_eventfd: Rule = R
     return identity
 
 
-def vma_holding(address: int) -> tuple[int, int] | None:
-    """``vma_lookup`` on this process: the mapping holding ``address``."""
+def _mappings() -> Iterator[tuple[int, int, str]]:
+    """This process's mappings: start, end and permissions (``rw-p``...)."""
     with open("/proc/self/maps", encoding="ascii") as maps:
         for line in maps:
             start_text, _, rest = line.partition("-")
-            end_text = rest.split(maxsplit=1)[0]
-            start, end = int(start_text, 16), int(end_text, 16)
-            if start <= address < end:
-                return start, end
+            end_text, perms = rest.split(maxsplit=2)[:2]
+            yield int(start_text, 16), int(end_text, 16), perms
+
+
+def vma_holding(address: int) -> tuple[int, int] | None:
+    """``vma_lookup`` on this process: the mapping holding ``address``."""
+    for start, end, _ in _mappings():
+        if start <= address < end:
+            return start, end
     return None
+
+
+def first_unpinnable(address: int, size: int) -> int | None:
+    """``pin_user_pages(FOLL_WRITE)`` page by page over ``[address, address +
+    size)``: the first address no writable mapping covers, or None."""
+    stop = address + size
+    for start, end, perms in _mappings():
+        if address >= stop:
+            return None
+        if end <= address:
+            continue
+        if start > address or "w" not in perms:
+            return address
+        address = end
+    return address if address < stop else None
 
 
 class ModelVm(FileObject):
@@ -608,8 +634,13 @@ class ModelVm(FileObject):
             for other in self.slots.values():
                 if gpa < other.end and other.gpa < gpa + size:
                     raise self.model.not_modelled(f"slot {slot} overlapping slot {other.slot} (hypervisor's answer)")
-            # The driver pins the pages and hands them over now (fully populated).
+            # The driver records the slot and registers it with the hypervisor,
+            # then pins the pages and hands them over (fully populated).
             self.slots[slot] = Slot(slot, flags, gpa, size, uva)
+        unpinnable = first_unpinnable(uva, size)
+        if unpinnable is not None:
+            # The slot stays recorded and registered: the driver does not undo it.
+            raise RuleViolation(R_MEM_PIN, f"{unpinnable:#x} is not mapped writable")
         return 0
 
     # --- vCPUs and devices ------------------------------------------------------------
