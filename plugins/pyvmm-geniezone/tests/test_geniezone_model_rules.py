@@ -254,6 +254,18 @@ def test_irqfd_raises_a_count_written_before_it(gz: Gzvm) -> None:
     assert gz.model.stats.spis_raised == 2
 
 
+def test_lowering_a_pending_line_is_the_vgics_answer(gz: Gzvm) -> None:
+    """Whether lowering an SPI still pending clears it depends on its edge/level
+    configuration in the hypervisor's vGIC: the model does not guess."""
+    assert gz.create_device(gm.DEV_VGIC_V3_DIST, 0x0800_0000, 0x1_0000) == 0
+    assert gz.create_device(gm.DEV_VGIC_V3_REDIST, 0x080A_0000, 0x2_0000) == 0
+    gz.vcpu(0)
+    assert gz.call(gm.GZVM_IRQ_LINE, gm.IRQ_LEVEL.pack(4, 0)) == 0, "a line not pending: lowering changes nothing"
+    assert gz.call(gm.GZVM_IRQ_LINE, gm.IRQ_LEVEL.pack(3, 1)) == 0
+    with pytest.raises(ModelGap, match="while it is pending"):
+        gz.call(gm.GZVM_IRQ_LINE, gm.IRQ_LEVEL.pack(3, 0))
+
+
 def test_an_interrupt_line_wakes_every_idle_vcpu(gz: Gzvm) -> None:
     """``gzvm_irqchip_inject_irq`` bumps every vCPU's ``virtio_irq`` before the
     line goes to the hypervisor, lowered or raised."""

@@ -720,14 +720,18 @@ class ModelVm(FileObject):
 
     def raise_spi(self, number: int, level: bool) -> None:
         """``gzvm_arch_inject_irq``: SPI index ``number`` (the hypervisor adds 32).
-        Raising makes it pending; lowering changes nothing the model can see (its
-        SPIs are edge-triggered: a pending interrupt stays until acknowledged)."""
+        Raising makes it pending.  Lowering a line that is not pending changes
+        nothing, edge- or level-sensitive (GICv3); lowering one still pending
+        clears it if the guest made it level-sensitive and not if edge -- a
+        configuration the model's vGIC does not keep: a ModelGap."""
         gic = self.vgic()
         if gic is None:
             raise self.model.not_modelled("an interrupt injected into a VM without a vGIC")
         if number >= VGIC_SPIS:
             raise self.model.not_modelled(f"SPI index {number} beyond the {VGIC_SPIS} the model's vGIC has")
         if not level:
+            if gic.spis[number].pending:  # behaviour: lowering-a-pending-spi-is-a-gap
+                raise self.model.not_modelled(f"lowering SPI index {number} while it is pending (edge or level?)")
             return
         target = gic.set_spi(32 + number)
         self.model.stats.spis_raised += 1
