@@ -232,7 +232,7 @@ class GenieZoneVm:
 
     def register_irqfd(self, event: Event, line: int, level: bool) -> None:
         """An edge-triggered irqfd on SPI index ``line``.  The driver only ever
-        raises an irqfd's line (``gzvm_irqfd.c irqfd_set_irq``) and accepts
+        raises an irqfd's line (``gzvm_irqfd.c irqfd_set_spi``) and accepts
         ``RESAMPLE`` without ever lowering the line or signalling the resample
         fd, so a level-triggered irqfd cannot be honoured."""
         if level:
