@@ -509,16 +509,13 @@ def _eventfd_id(fd: int) -> str | None:
     return f"fd{fd}" if DeviceFileModel.is_eventfd(fd) else None
 
 
-def _eventfd_ctx(fd: int, not_open: Rule = R_EVENTFD_BADF, not_eventfd: Rule = R_NOT_EVENTFD) -> str:
-    """``eventfd_ctx_fdget``: the identity, or the rule it breaks."""
+def _fd_open(fd: int) -> bool:
+    """``fdget``: whether ``fd`` is open in this process."""
     try:
         os.fstat(fd)
     except OSError:
-        raise RuleViolation(not_open, f"fd {fd}") from None
-    identity = _eventfd_id(fd)
-    if identity is None:
-        raise RuleViolation(not_eventfd, f"fd {fd}")
-    return identity
+        return False
+    return True
 
 
 def _mappings() -> Iterator[tuple[int, int, str]]:
@@ -749,15 +746,23 @@ class ModelVm(FileObject):
             raise RuleViolation(R_IRQFD_PAD, "pad")
         if flags & ~(IRQFD_DEASSIGN | IRQFD_RESAMPLE):
             raise RuleViolation(R_IRQFD_FLAGS, f"flags {flags:#x}")
-        identity = _eventfd_ctx(fd)
+        # gzvm_irqfd_assign: fdget + eventfd_ctx_fileget; deassign: eventfd_ctx_fdget.
+        if not _fd_open(fd):
+            raise RuleViolation(R_EVENTFD_BADF, f"irqfd fd {fd}")
+        identity = _eventfd_id(fd)
+        if identity is None:
+            raise RuleViolation(R_NOT_EVENTFD, f"irqfd fd {fd}")
         if flags & IRQFD_DEASSIGN:
             with self.model.lock:
                 # Every irqfd of this eventfd and gsi goes; none is not an error.
                 self.irqfds = [i for i in self.irqfds if not (i.eventfd_id == identity and i.gsi == gsi)]
             return 0
         if flags & IRQFD_RESAMPLE:
-            # Looked up before the busy check: its errors win over EBUSY.
-            _eventfd_ctx(resamplefd, R_RESAMPLEFD_BADF, R_RESAMPLEFD_NOT_EVENTFD)
+            # eventfd_ctx_fdget, before the busy check: its errors win over EBUSY.
+            if not _fd_open(resamplefd):
+                raise RuleViolation(R_RESAMPLEFD_BADF, f"resamplefd {resamplefd}")
+            if _eventfd_id(resamplefd) is None:
+                raise RuleViolation(R_RESAMPLEFD_NOT_EVENTFD, f"resamplefd {resamplefd}")
         with self.model.lock:
             if any(i.eventfd_id == identity for i in self.irqfds):
                 raise RuleViolation(R_IRQFD_BUSY, f"fd {fd}")
@@ -798,7 +803,12 @@ class ModelVm(FileObject):
             raise RuleViolation(R_IOEVENTFD_DATAMATCH_LEN, f"addr {addr:#x}")
         if flags & IOEVENTFD_PIO:
             raise RuleViolation(R_IOEVENTFD_PIO, f"addr {addr:#x}")
-        identity = _eventfd_ctx(fd)
+        # eventfd_ctx_fdget, in both gzvm_assign_ioeventfd and gzvm_deassign_ioeventfd.
+        if not _fd_open(fd):
+            raise RuleViolation(R_EVENTFD_BADF, f"ioeventfd fd {fd}")
+        identity = _eventfd_id(fd)
+        if identity is None:
+            raise RuleViolation(R_NOT_EVENTFD, f"ioeventfd fd {fd}")
         wildcard = not flags & IOEVENTFD_DATAMATCH
         event = IoEvent(addr, length, identity, fd, 0 if wildcard else datamatch, wildcard)
         with self.model.lock:
