@@ -33,8 +33,8 @@ hypervisor's and the driver does not show it, the model raises
 :class:`~pyvmm.testing.driver_model.ModelGap`: a VM type other than 0, a memory
 slot registered twice or overlapping another, memory after the guest ran, a
 duplicate vCPU id, device attributes, a protected VM's run, demand paging
-or idle support asked for by the VMM, registers other than the core ones, PTP and
-MEM_RELINQUISH hypercalls, PSCI calls other than VERSION, CPU_ON/OFF,
+or idle support asked for by the VMM, registers other than the core ones, the PTP
+hypercall and what the hypervisor makes of MEM_RELINQUISH, PSCI calls other than VERSION, CPU_ON/OFF,
 AFFINITY_INFO, SYSTEM_OFF and SYSTEM_RESET, a guest exception, running a vCPU
 again after its VM shut down.
 
@@ -972,8 +972,12 @@ class ModelVcpu(FileObject):
             return not self.vm.ioevent_write(address, size, value)  # behaviour: ioevent-absorbs-write
         if reason == EXIT_HYPERCALL:
             function = HYPERCALL_ARGS.unpack_from(run, RUN_UNION)[0]
-            if function in (HVC_PTP, HVC_MEM_RELINQUISH):
-                raise self.model.not_modelled(f"the driver's own hypercall {function:#x} (PTP / MEM_RELINQUISH)")
+            if function == HVC_MEM_RELINQUISH:
+                # gzvm_handle_guest_hvc -> gzvm_handle_relinquish: forgets the
+                # pinned page at args[1] and always returns 0: handled, loop on.
+                return False  # behaviour: relinquish-stays-in-driver
+            if function == HVC_PTP:
+                raise self.model.not_modelled("the driver's PTP answer (the host's wall clock and counters)")
             return True
         if reason in (EXIT_IRQ, EXIT_GZ):
             return False
@@ -1161,6 +1165,8 @@ class Hypervisor:
         function = call.function & 0xFFFFFFFF
         if call.conduit.name != "HVC":
             raise self.model.not_modelled(f"an SMC from the guest (function {function:#x})")
+        if function == HVC_MEM_RELINQUISH:
+            raise self.model.not_modelled("MEM_RELINQUISH from the guest (what the hypervisor does with the page)")
         if not _is_psci(function):  # behaviour: non-psci-goes-to-vmm
             # Not the hypervisor's: the driver sees GZVM_EXIT_HYPERCALL with X0..X7.
             return _Stop(EXIT_HYPERCALL, args=(call.function, *call.args))
