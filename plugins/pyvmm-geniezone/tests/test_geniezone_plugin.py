@@ -261,3 +261,16 @@ def test_ioevents_match_writes_as_the_driver_does() -> None:
     assert not events.take_write(0x1004, bytes(4)), "the address must be exact"
     events.remove(exact)
     assert not events.take_write(0x1000, (0x2A).to_bytes(4, "little"))
+
+
+def test_slots_follow_the_host_page_size(
+    geniezone: Backend, model: gm.GenieZoneModel, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The driver aligns slots to the kernel's page size, which on arm64 may be
+    16 KiB: a guest address aligned to 4 KiB only is refused before the driver."""
+    from pyvmm_geniezone import vm as gz_vm
+
+    monkeypatch.setattr(gz_vm, "HOST_PAGE_SIZE", 16384)
+    with geniezone.create_vm({"arch": "aarch64"}) as vm, pytest.raises(ConfigError, match="16 KiB pages"):
+        vm.add_memory(0x4000_1000, 0x4000)
+    assert not [c for c in model.calls if c.name == "GZVM_SET_USER_MEMORY_REGION"]

@@ -13,11 +13,12 @@ forwards ``pyvmm_map_memory(vm, region)`` to :meth:`GenieZoneVm.map_memory`, ...
 
 from __future__ import annotations
 
+import mmap
 import struct
 from typing import TYPE_CHECKING, Any
 
 from pyvmm.backend import install_kick_handler
-from pyvmm.config import PAGE_SIZE, Arch, Protection, VmConfig
+from pyvmm.config import Arch, Protection, VmConfig
 from pyvmm.errors import ConfigError
 from pyvmm.memory import RamRegion
 from pyvmm.vcpu_state import AddressSpace, IoEventAddress
@@ -41,8 +42,14 @@ GIC_REDISTRIBUTOR_SIZE = 0x2_0000
 GIC_DISTRIBUTOR_SIZE = 0x1_0000
 
 
+#: The host kernel's page size: the driver aligns slots to it (``PAGE_ALIGNED``
+#: in ``gzvm_vm.c memory_region_pre_check``), and arm64 kernels run 4, 16 or
+#: 64 KiB pages.
+HOST_PAGE_SIZE = mmap.PAGESIZE
+
+
 def _page_round(size: int) -> int:
-    return (size + PAGE_SIZE - 1) // PAGE_SIZE * PAGE_SIZE
+    return (size + HOST_PAGE_SIZE - 1) // HOST_PAGE_SIZE * HOST_PAGE_SIZE
 
 
 def _int_option(options: dict[str, Any], key: str, field: str) -> int:
@@ -119,6 +126,11 @@ class GenieZoneVm:
         if region.slot >= g.GZVM_MAX_MEM_REGION:
             raise ConfigError(
                 f"memory: GenieZone has {g.GZVM_MAX_MEM_REGION} memory slots; slot {region.slot} is past them"
+            )
+        if region.guest_phys_addr % HOST_PAGE_SIZE:
+            raise ConfigError(
+                f"memory: guest address {region.guest_phys_addr:#x} is not aligned to this host's "
+                f"{HOST_PAGE_SIZE // 1024} KiB pages (GenieZone slots are)"
             )
         size = _page_round(region.size)
         claim_own_vma(region.host_addr, size, f"pyvmm-gzvm:{self.fd}:{region.slot}")
