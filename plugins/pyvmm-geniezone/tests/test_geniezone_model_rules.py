@@ -68,6 +68,12 @@ def test_slot_must_be_page_aligned(gz: Gzvm, gpa: int, size: int) -> None:
     refused(gz.model, gz.region(0, gpa, size, gz.own_vma(2 * PAGE)), gm.R_MEM_ALIGN)
 
 
+def test_slot_alignment_is_the_host_kernels_page(gz: Gzvm, monkeypatch: pytest.MonkeyPatch) -> None:
+    """``PAGE_ALIGNED`` is the kernel's page: on a 16 KiB kernel, 4 KiB is not enough."""
+    monkeypatch.setattr(gm, "HOST_PAGE", 16384)
+    refused(gz.model, gz.region(0, 0x4000_1000, 0x4000, gz.own_vma(0x4000)), gm.R_MEM_ALIGN)
+
+
 def test_slot_must_not_wrap(gz: Gzvm) -> None:
     refused(gz.model, gz.region(0, (1 << 64) - PAGE, 2 * PAGE, gz.own_vma(2 * PAGE)), gm.R_MEM_WRAP)
 

@@ -46,6 +46,7 @@ must catch every such mutant.
 from __future__ import annotations
 
 import errno
+import mmap
 import os
 import struct
 import threading
@@ -62,7 +63,6 @@ from pyvmm.softcpu.gic import GICD_SIZE, GICR_STRIDE, Gic
 from pyvmm.testing.driver_model import (
     ERESTARTSYS,
     NO_SUCH_IOCTL,
-    PAGE_SIZE,
     DeviceFileModel,
     FileObject,
     GuestCpu,
@@ -138,6 +138,9 @@ CAP_ENABLE_DEMAND_PAGING = 0x9202
 CAP_ENABLE_IDLE = 0x9203
 PVM_SET_PVMFW_GPA, PVM_GET_PVMFW_SIZE, PVM_SET_PROTECTED_VM = 0, 1, 2
 
+#: The kernel's PAGE_SIZE, which the driver's alignment and page counts use: the
+#: host's (arm64 kernels run 4, 16 or 64 KiB pages).
+HOST_PAGE = mmap.PAGESIZE
 MAX_VCPUS = 8  # GZVM_MAX_VCPUS
 MAX_MEM_REGION = 10  # GZVM_MAX_MEM_REGION
 MEM_MAX_NR_PAGES = (1 << 31) - 1  # GZVM_MEM_MAX_NR_PAGES
@@ -612,12 +615,13 @@ class ModelVm(FileObject):
         slot, flags, gpa, size, uva = MEM_REGION.unpack(self.model.copy_from_user(arg, MEM_REGION.size))
         if slot >= MAX_MEM_REGION:
             raise RuleViolation(R_MEM_SLOT, f"slot {slot}")
-        if gpa % PAGE_SIZE or size % PAGE_SIZE:
+        page = HOST_PAGE
+        if gpa % page or size % page:
             raise RuleViolation(R_MEM_ALIGN, f"gpa {gpa:#x} size {size:#x}")
         if gpa + size > _U64:
             raise RuleViolation(R_MEM_WRAP, f"{gpa:#x}+{size:#x}")
-        if size // PAGE_SIZE > MEM_MAX_NR_PAGES:
-            raise RuleViolation(R_MEM_PAGES, f"{size // PAGE_SIZE} pages")
+        if size // page > MEM_MAX_NR_PAGES:
+            raise RuleViolation(R_MEM_PAGES, f"{size // page} pages")
         vma = vma_holding(uva)
         if vma is None:
             raise RuleViolation(R_MEM_NO_VMA, f"userspace_addr {uva:#x}")
@@ -662,7 +666,7 @@ class ModelVm(FileObject):
             self.model.copy_from_user(arg, CREATE_DEVICE.size)
         )
         if attr_addr and attr_size:
-            if attr_size > PAGE_SIZE:
+            if attr_size > HOST_PAGE:
                 raise RuleViolation(R_DEVICE_ATTR_SIZE, f"attr_size {attr_size:#x}")
             self.model.copy_from_user(attr_addr, attr_size)
             raise self.model.not_modelled("device attributes (what the hypervisor does with them)")
