@@ -8,18 +8,21 @@ Android Common Kernel's GenieZone driver does, with the hypervisor folded in:
 * the **driver** (``drivers/virt/geniezone/gzvm_main.c``, ``gzvm_vm.c``,
   ``gzvm_vcpu.c``, ``gzvm_irqfd.c``, ``gzvm_ioeventfd.c``,
   ``gzvm_exception.c``; ``arch/arm64/geniezone/vm.c``, ``vgic.c``, ``hvc.c``):
-  argument checks and errnos, the memory-slot rules (slot count, alignment,
-  the one VMA of exactly the slot's size, looked up in this process's
-  ``/proc/self/maps`` as ``vma_lookup`` finds it), the run ioctl's copy in /
+  argument checks and errnos, the memory-slot rules (slot count, alignment to
+  the host's page, the one VMA of exactly the slot's size, looked up in this
+  process's ``/proc/self/maps`` as ``vma_lookup`` finds it, and every page
+  pinned for writing), the run ioctl's copy in /
   copy out of the VMM's ``gzvm_vcpu_run``, ``immediate_exit`` at entry only,
   a pending signal turning any result into ``-ERESTARTSYS`` *after* the copy
-  out, the in-kernel exits (ioeventfd writes, IRQ, GZ, IDLE), irqfds that only
-  ever raise their SPI, and what it does at close;
+  out, the in-kernel exits (ioeventfd writes, MEM_RELINQUISH, IRQ, GZ, IDLE),
+  irqfds that only ever raise their SPI (also for a count found at assign),
+  every injection waking the idle vCPUs, and what it does at close;
 * the **hypervisor**: the guest runs on pyvmm's software CPU (fully populated
   memory), starting from the registers ``GZVM_SET_ONE_REG`` set; vCPU 0 is on
   and the others wait for PSCI ``CPU_ON``; PSCI ``SYSTEM_OFF``/``SYSTEM_RESET``
   end the run with a ``SYSTEM_EVENT`` exit; any other HVC goes to the VMM as a
-  ``HYPERCALL`` exit whose ``args[0..3]`` come back in X0..X3; the vGICv3
+  ``HYPERCALL`` exit whose ``args[0..3]`` come back in X0..X3; every exit
+  reason is written into the run struct; the vGICv3
   (:mod:`pyvmm.softcpu.gic`) sits where ``GZVM_CREATE_DEVICE`` put it, its MMIO
   emulated without an exit, its SPIs raised by ``GZVM_IRQ_LINE`` and irqfds,
   the virtual timer its PPI; a vCPU in WFI sleeps in the driver until an
@@ -33,10 +36,11 @@ hypervisor's and the driver does not show it, the model raises
 :class:`~pyvmm.testing.driver_model.ModelGap`: a VM type other than 0, a memory
 slot registered twice or overlapping another, memory after the guest ran, a
 duplicate vCPU id, device attributes, a protected VM's run, demand paging
-or idle support asked for by the VMM, registers other than the core ones, the PTP
-hypercall and what the hypervisor makes of MEM_RELINQUISH, PSCI calls other than VERSION, CPU_ON/OFF,
-AFFINITY_INFO, SYSTEM_OFF and SYSTEM_RESET, a guest exception, running a vCPU
-again after its VM shut down.
+or idle support asked for by the VMM, lowering an SPI still pending (edge or
+level), registers other than the core ones, the PTP hypercall and what the
+hypervisor makes of a guest's MEM_RELINQUISH, PSCI calls other than VERSION,
+CPU_ON/OFF, AFFINITY_INFO, SYSTEM_OFF and SYSTEM_RESET, a guest exception,
+running a vCPU again after its VM shut down.
 
 Branches marked ``# behaviour:`` are flipped one at a time by
 ``tools/mutate_model.py``, which also removes each rule's ``raise``; the tests
@@ -992,7 +996,8 @@ class ModelVcpu(FileObject):
 
     def _idle(self) -> None:
         """``gzvm_handle_guest_idle``: the vCPU sleeps until an interrupt for it,
-        the virtual timer, an irqfd's wake-up or a signal.  (With no timer armed
+        the virtual timer, an injection's wake-up (``virtio_irq``: an irqfd or
+        ``GZVM_IRQ_LINE``) or a signal.  (With no timer armed
         the driver goes straight back to the hypervisor, which reports IDLE again:
         the vCPU stays in the driver either way; the model sleeps instead of
         spinning.)"""
