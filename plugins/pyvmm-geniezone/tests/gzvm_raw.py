@@ -72,8 +72,8 @@ class Gzvm:
     def vcpu(self, index: int = 0) -> int:
         return self.call(gm.GZVM_CREATE_VCPU, index)
 
-    def irqfd(self, fd: int, gsi: int, flags: int = 0, pad: bytes = bytes(16)) -> int:
-        return self.call(gm.GZVM_IRQFD, gm.IRQFD.pack(fd, gsi, flags, 0, pad))
+    def irqfd(self, fd: int, gsi: int, flags: int = 0, pad: bytes = bytes(16), resamplefd: int = 0) -> int:
+        return self.call(gm.GZVM_IRQFD, gm.IRQFD.pack(fd, gsi, flags, resamplefd, pad))
 
     def ioeventfd(self, fd: int, addr: int, length: int, flags: int = 0, datamatch: int = 0) -> int:
         return self.call(gm.GZVM_IOEVENTFD, gm.IOEVENTFD.pack(datamatch, addr, length, fd, flags, bytes(36)))

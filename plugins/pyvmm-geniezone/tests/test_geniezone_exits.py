@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import errno
 import struct
+import threading
 from collections.abc import Callable, Iterator
 
 import pytest
@@ -16,6 +17,7 @@ from pyvmm.errors import HypervisorError, UnknownExitError
 from pyvmm.exits import (
     FailEntryExit,
     InternalErrorExit,
+    InterruptedExit,
     ShutdownExit,
     ShutdownReason,
     SystemEvent,
@@ -108,3 +110,70 @@ def test_an_unknown_exit_is_an_error(scripted: Callable[[Callable[[bytearray], i
 def test_an_mmio_exit_of_a_bad_size_is_an_error(scripted: Callable[[Callable[[bytearray], int]], VcpuExit]) -> None:
     with pytest.raises(HypervisorError, match="an MMIO exit of 16 bytes"):
         scripted(fill(gm.EXIT_MMIO, struct.pack("<Q8sQIB", 0x0A00_0000, bytes(8), 16, 0, 1)))
+
+
+def signalled(reason: int, model: gm.GenieZoneModel) -> Callable[[bytearray], int]:
+    """An exit the driver keeps (it loops), made as a signal arrives: the loop
+    ends and the copy out carries ``reason`` to the VMM with ERESTARTSYS."""
+
+    def write(run: bytearray) -> int:
+        struct.pack_into("<I", run, 0, reason)
+        model.post_signal(threading.get_ident())
+        return reason
+
+    return write
+
+
+@pytest.mark.parametrize("reason", [gm.EXIT_IRQ, gm.EXIT_GZ, gm.EXIT_IDLE])
+def test_an_exit_the_driver_keeps_is_an_interruption(reason: int) -> None:
+    model = gm.GenieZoneModel()
+    model.hypervisor = _OneExit(model, signalled(reason, model))
+    with model.installed(), booted(geniezone_backend(), p.PSCI_OFF) as (_, (vcpu,)):
+        exit_ = vcpu.run()
+        runs = [c for c in model.calls if c.name == "GZVM_RUN"]
+        assert runs[-1].errno == errno.EINTR
+        assert isinstance(exit_, InterruptedExit), exit_
+    model.assert_no_rejections()
+
+
+class _Script(gm.Hypervisor):
+    """A hypervisor that makes the given exits in turn."""
+
+    def __init__(self, model: gm.GenieZoneModel, *makes: Callable[[bytearray], int]) -> None:
+        super().__init__(model)
+        self.makes = list(makes)
+
+    def vcpu_run(self, vcpu: gm.ModelVcpu, run: bytearray) -> int:
+        return self.makes.pop(0)(run)
+
+
+RELINQUISH = struct.pack("<2Q", gm.HVC_MEM_RELINQUISH, 0x4000_1000)
+
+
+def test_mem_relinquish_stays_in_the_driver() -> None:
+    """``gzvm_handle_relinquish`` always succeeds: the driver loops on, and the
+    VMM sees the next exit only."""
+    model = gm.GenieZoneModel()
+    model.hypervisor = _Script(
+        model, fill(gm.EXIT_HYPERCALL, RELINQUISH), fill(gm.EXIT_SYSTEM_EVENT, struct.pack("<II", 1, 0))
+    )
+    with model.installed(), booted(geniezone_backend(), p.PSCI_OFF) as (_, (vcpu,)):
+        exit_ = vcpu.run()
+        assert isinstance(exit_, SystemEventExit) and exit_.event is SystemEvent.SHUTDOWN, exit_
+    model.assert_no_rejections()
+
+
+def test_a_relinquish_ended_by_a_signal_is_an_interruption() -> None:
+    """The copy out carries the relinquish hypercall the driver already handled:
+    it is no hypercall for the VMM."""
+    model = gm.GenieZoneModel()
+
+    def relinquish_then_signal(run: bytearray) -> int:
+        model.post_signal(threading.get_ident())
+        return fill(gm.EXIT_HYPERCALL, RELINQUISH)(run)
+
+    model.hypervisor = _Script(model, relinquish_then_signal)
+    with model.installed(), booted(geniezone_backend(), p.PSCI_OFF) as (_, (vcpu,)):
+        exit_ = vcpu.run()
+        assert isinstance(exit_, InterruptedExit), exit_
+    model.assert_no_rejections()

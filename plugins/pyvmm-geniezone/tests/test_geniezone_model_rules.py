@@ -4,6 +4,7 @@ test starts from a call the driver accepts, so the refusal is the rule's alone."
 
 from __future__ import annotations
 
+import ctypes
 import errno
 import mmap
 import os
@@ -15,7 +16,7 @@ import pytest
 from gzvm_raw import PAGE, Gzvm
 
 from pyvmm.arch.aarch64 import PC_ID
-from pyvmm.testing.driver_model import EFAULT_RULE, NO_MMAP, NO_SUCH_IOCTL, Rule
+from pyvmm.testing.driver_model import EFAULT_RULE, NO_MMAP, NO_SUCH_IOCTL, ModelGap, Rule
 from pyvmm_geniezone import model as gm
 
 
@@ -53,8 +54,6 @@ def test_check_extension_answers_through_the_pointer(gz: Gzvm) -> None:
 
 
 def ctypes_bytes(address: int, size: int) -> bytes:
-    import ctypes
-
     return ctypes.string_at(address, size)
 
 
@@ -67,6 +66,12 @@ def test_slot_numbers_stop_at_nine(gz: Gzvm) -> None:
 @pytest.mark.parametrize(("gpa", "size"), [(0x4000_0800, PAGE), (0x4000_0000, PAGE + 0x800)])
 def test_slot_must_be_page_aligned(gz: Gzvm, gpa: int, size: int) -> None:
     refused(gz.model, gz.region(0, gpa, size, gz.own_vma(2 * PAGE)), gm.R_MEM_ALIGN)
+
+
+def test_slot_alignment_is_the_host_kernels_page(gz: Gzvm, monkeypatch: pytest.MonkeyPatch) -> None:
+    """``PAGE_ALIGNED`` is the kernel's page: on a 16 KiB kernel, 4 KiB is not enough."""
+    monkeypatch.setattr(gm, "HOST_PAGE", 16384)
+    refused(gz.model, gz.region(0, 0x4000_1000, 0x4000, gz.own_vma(0x4000)), gm.R_MEM_ALIGN)
 
 
 def test_slot_must_not_wrap(gz: Gzvm) -> None:
@@ -96,13 +101,42 @@ def ctypes_address(area: mmap.mmap) -> int:
 def test_slot_must_be_exactly_its_mapping(gz: Gzvm) -> None:
     uva = gz.own_vma(2 * PAGE)
     refused(gz.model, gz.region(0, 0x4000_0000, PAGE, uva), gm.R_MEM_VMA_SIZE)
-    assert gz.region(0, 0x4000_0000, 2 * PAGE, uva + PAGE) == 0, "any address inside the mapping is looked up"
+    refused(gz.model, gz.region(0, 0x4000_0000, 2 * PAGE, uva + PAGE), gm.R_MEM_PIN)  # runs into the guard page
+
+
+def test_slot_pages_are_pinned_from_userspace_addr(gz: Gzvm) -> None:
+    """Any address inside the mapping is looked up, but the pages pinned are the
+    slot's own, ``userspace_addr`` onwards: past the mapping's end they must
+    still be mapped writable (``pin_one_page``, FOLL_WRITE)."""
+    base = gz.mapping(4 * PAGE)
+    libc = ctypes.CDLL(None)
+    assert libc.madvise(ctypes.c_void_p(base), 2 * PAGE, 10) == 0  # MADV_DONTFORK: its own VMA
+    assert gz.region(0, 0x4000_0000, 2 * PAGE, base + PAGE) == 0, "the next page is writable"
+    assert libc.mprotect(ctypes.c_void_p(base + 2 * PAGE), PAGE, mmap.PROT_READ) == 0
+    refused(gz.model, gz.region(1, 0x5000_0000, 2 * PAGE, base + PAGE), gm.R_MEM_PIN)
+
+
+def test_slot_mapping_must_be_writable(gz: Gzvm) -> None:
+    uva = gz.own_vma(PAGE)
+    assert ctypes.CDLL(None).mprotect(ctypes.c_void_p(uva), PAGE, mmap.PROT_READ) == 0
+    refused(gz.model, gz.region(0, 0x4000_0000, PAGE, uva), gm.R_MEM_PIN)
+    vm = gz.model.files[gz.vm]
+    assert isinstance(vm, gm.ModelVm) and 0 in vm.slots, "the driver leaves the slot registered"
 
 
 # --- vCPUs, registers, devices, capabilities --------------------------------------------
 def test_vcpu_ids_stop_at_seven(gz: Gzvm) -> None:
     assert gz.vcpu(7) >= 0
     refused(gz.model, gz.vcpu(8), gm.R_VCPU_ID)
+
+
+def test_vcpu_id_is_the_arguments_low_32_bits(gz: Gzvm) -> None:
+    """``gzvm_vm_ioctl_create_vcpu(gzvm, u32 cpuid)`` gets the ioctl's unsigned
+    long argument: the high half is dropped before the range check."""
+    assert gz.vcpu((1 << 32) + 3) >= 0
+    refused(gz.model, gz.vcpu((1 << 32) + 8), gm.R_VCPU_ID)
+    vm = gz.model.files[gz.vm]
+    assert isinstance(vm, gm.ModelVm) and sorted(vm.vcpus) == [3]
 
 
 def test_registers_cannot_be_read(gz: Gzvm) -> None:
@@ -128,9 +162,18 @@ def test_device_attributes_are_at_most_a_page(gz: Gzvm) -> None:
     )
 
 
-def test_enable_cap_knows_three_capabilities(gz: Gzvm) -> None:
+def test_enable_cap_knows_four_capabilities(gz: Gzvm) -> None:
     assert gz.enable_cap(gm.CAP_PROTECTED_VM, gm.PVM_SET_PROTECTED_VM) == 0
     refused(gz.model, gz.enable_cap(0x1234), gm.R_ENABLE_CAP)
+
+
+@pytest.mark.parametrize("cap", [gm.CAP_ENABLE_DEMAND_PAGING, gm.CAP_BLOCK_BASED_DEMAND_PAGING, gm.CAP_ENABLE_IDLE])
+def test_enable_cap_forwards_the_others_to_the_hypervisor(gz: Gzvm, cap: int) -> None:
+    """``gzvm_vm_ioctl_arch_enable_cap`` hands these to the hypervisor (not
+    EINVAL): its answer is not the model's to make."""
+    with pytest.raises(ModelGap, match="the hypervisor's answer"):
+        gz.enable_cap(cap)
+    assert gz.model.rejections == []
 
 
 def test_protected_vm_subcommands(gz: Gzvm) -> None:
@@ -143,8 +186,35 @@ def test_irqfd_pad_must_be_zero(gz: Gzvm) -> None:
 
 
 def test_irqfd_flags(gz: Gzvm) -> None:
-    assert gz.irqfd(eventfd(), 1, gm.IRQFD_RESAMPLE) == 0, "RESAMPLE is accepted (and ignored)"
+    assert gz.irqfd(eventfd(), 1, gm.IRQFD_RESAMPLE, resamplefd=eventfd()) == 0, "RESAMPLE is accepted"
     refused(gz.model, gz.irqfd(eventfd(), 2, 4), gm.R_IRQFD_FLAGS)
+
+
+def closed_fd() -> int:
+    """An fd number nothing holds (call it after opening what the test needs)."""
+    fd = eventfd()
+    os.close(fd)
+    return fd
+
+
+def test_irqfd_resamplefd_must_be_an_open_eventfd(gz: Gzvm) -> None:
+    event = eventfd()
+    refused(gz.model, gz.irqfd(event, 1, gm.IRQFD_RESAMPLE, resamplefd=closed_fd()), gm.R_RESAMPLEFD_BADF)
+    with open(os.devnull, "rb") as null:
+        refused(gz.model, gz.irqfd(event, 1, gm.IRQFD_RESAMPLE, resamplefd=null.fileno()), gm.R_RESAMPLEFD_NOT_EVENTFD)
+    vm = gz.model.files[gz.vm]
+    assert isinstance(vm, gm.ModelVm) and vm.irqfds == [], "nothing was assigned"
+
+
+def test_irqfd_checks_in_the_drivers_order(gz: Gzvm) -> None:
+    """``gzvm_irqfd_assign``: the eventfd, then the resamplefd, then EBUSY;
+    DEASSIGN never looks at the resamplefd."""
+    event = eventfd()
+    closed = closed_fd()
+    refused(gz.model, gz.irqfd(closed, 1, gm.IRQFD_RESAMPLE, resamplefd=closed), gm.R_EVENTFD_BADF)
+    assert gz.irqfd(event, 1) == 0
+    refused(gz.model, gz.irqfd(event, 2, gm.IRQFD_RESAMPLE, resamplefd=closed), gm.R_RESAMPLEFD_BADF)
+    assert gz.irqfd(event, 1, gm.IRQFD_DEASSIGN | gm.IRQFD_RESAMPLE, resamplefd=closed) == 0
 
 
 def test_irqfd_needs_an_open_fd(gz: Gzvm) -> None:
@@ -167,22 +237,52 @@ def test_irqfd_eventfd_used_once(gz: Gzvm) -> None:
     assert gz.irqfd(event, 7, gm.IRQFD_DEASSIGN) == 0, "deassigning nothing is not an error"
 
 
-def test_irqfd_ignores_a_count_written_before_it(gz: Gzvm) -> None:
-    """The driver does not look at what ``vfs_poll`` finds at assign: a count
-    already in the eventfd raises the SPI only with the next write."""
-    event = eventfd()
-    os.eventfd_write(event, 1)
+def test_irqfd_raises_a_count_written_before_it(gz: Gzvm) -> None:
+    """``gzvm_irqfd_assign``: what ``vfs_poll`` finds in the eventfd at assign
+    raises the SPI at once; an empty eventfd raises nothing until written."""
     assert gz.create_device(gm.DEV_VGIC_V3_DIST, 0x0800_0000, 0x1_0000) == 0
     assert gz.create_device(gm.DEV_VGIC_V3_REDIST, 0x080A_0000, 0x2_0000) == 0
     gz.vcpu(0)
-    assert gz.irqfd(event, 3) == 0
     vm = gz.model.files[gz.vm]
     assert isinstance(vm, gm.ModelVm)
-    assert vm.poll_irqfds() is False
-    assert gz.model.stats.spis_raised == 0
+    quiet = eventfd()
+    assert gz.irqfd(quiet, 2) == 0
+    assert gz.model.stats.spis_raised == 0, "nothing written: nothing raised"
+    event = eventfd()
+    os.eventfd_write(event, 1)
+    woken = vm.wake_generation
+    assert gz.irqfd(event, 3) == 0
+    assert gz.model.stats.spis_raised == 1, "the earlier count raised the line at assign"
+    assert vm.wake_generation > woken, "and woke the idle vCPUs (gzvm_vcpu_wakeup_all)"
+    assert vm.poll_irqfds() is False, "that count is not raised a second time"
     os.eventfd_write(event, 1)
     assert vm.poll_irqfds() is True
-    assert gz.model.stats.spis_raised == 1
+    assert gz.model.stats.spis_raised == 2
+
+
+def test_lowering_a_pending_line_is_the_vgics_answer(gz: Gzvm) -> None:
+    """Whether lowering an SPI still pending clears it depends on its edge/level
+    configuration in the hypervisor's vGIC: the model does not guess."""
+    assert gz.create_device(gm.DEV_VGIC_V3_DIST, 0x0800_0000, 0x1_0000) == 0
+    assert gz.create_device(gm.DEV_VGIC_V3_REDIST, 0x080A_0000, 0x2_0000) == 0
+    gz.vcpu(0)
+    assert gz.call(gm.GZVM_IRQ_LINE, gm.IRQ_LEVEL.pack(4, 0)) == 0, "a line not pending: lowering changes nothing"
+    assert gz.call(gm.GZVM_IRQ_LINE, gm.IRQ_LEVEL.pack(3, 1)) == 0
+    with pytest.raises(ModelGap, match="while it is pending"):
+        gz.call(gm.GZVM_IRQ_LINE, gm.IRQ_LEVEL.pack(3, 0))
+
+
+def test_an_interrupt_line_wakes_every_idle_vcpu(gz: Gzvm) -> None:
+    """``gzvm_irqchip_inject_irq`` bumps every vCPU's ``virtio_irq`` before the
+    line goes to the hypervisor, lowered or raised."""
+    assert gz.create_device(gm.DEV_VGIC_V3_DIST, 0x0800_0000, 0x1_0000) == 0
+    assert gz.create_device(gm.DEV_VGIC_V3_REDIST, 0x080A_0000, 0x2_0000) == 0
+    gz.vcpu(0)
+    vm = gz.model.files[gz.vm]
+    assert isinstance(vm, gm.ModelVm)
+    woken = vm.wake_generation
+    assert gz.call(gm.GZVM_IRQ_LINE, gm.IRQ_LEVEL.pack(5, 0)) == 0
+    assert vm.wake_generation == woken + 1
 
 
 # --- ioeventfds ----------------------------------------------------------------------------

@@ -180,3 +180,34 @@ def test_the_guest_sees_the_memory_the_vmm_wrote(geniezone: Backend, model: gm.G
     with booted(geniezone, READ_THEN_WRITE) as (vm, (vcpu,)):
         assert vm.memory.read(p.CODE_ADDRESS, len(READ_THEN_WRITE.code)) == READ_THEN_WRITE.code
         assert vcpu.run().kind is ExitKind.MMIO
+
+
+def test_a_kick_that_ends_a_wfi_sleep_is_an_interruption(geniezone: Backend, model: gm.GenieZoneModel) -> None:
+    """The hypervisor wrote IDLE into the run struct; the signal ends the driver's
+    loop and the copy out hands that reason to the VMM with EINTR: no exit."""
+    with booted(geniezone, WFI_THEN_WRITE) as (_, (vcpu,)):
+        kicker = threading.Timer(0.2, vcpu.kick)
+        kicker.start()
+        try:
+            exit_ = vcpu.run()
+        finally:
+            kicker.join()
+        assert isinstance(exit_, InterruptedExit)
+        assert model.stats.idle_sleeps >= 1, "the vCPU was asleep in the driver when the kick came"
+    model.assert_no_rejections()
+
+
+def test_a_write_an_ioeventfd_took_is_not_delivered_again(geniezone: Backend, model: gm.GenieZoneModel) -> None:
+    """A signal as the hypervisor returns a write the driver hands to an
+    ioeventfd: the driver signals the eventfd, its loop ends, and the copy out
+    carries that MMIO write with EINTR.  The VMM must not perform it twice."""
+    event = Event()
+    with booted(geniezone, IOEVENT) as (vm, (vcpu,)):
+        vm.register_ioevent(event, IoEventAddress.mmio(IOEVENT_ADDRESS), datamatch=0x2A, length=4)
+        model.signal_at(gm.HYPERVISOR_RETURNED)
+        assert isinstance(vcpu.run(), InterruptedExit), "0x2a went to the eventfd only"
+        assert model.stats.ioevents_signalled == 1 and event.consume() == 1
+        assert written(vcpu.run(), IOEVENT_ADDRESS) == 0x2B
+        powers_off(vcpu)
+    model.assert_no_rejections()
+    event.close()

@@ -243,3 +243,34 @@ def test_only_64_bit_core_registers_are_set(geniezone: Backend, model: gm.GenieZ
         with pytest.raises(ConfigError, match="64-bit core registers only"):
             vcpu.init(Aarch64VcpuInit(regs={PC_ID: p.CODE_ADDRESS, reg_id: 0}))
     assert "GZVM_SET_ONE_REG" not in vm_calls(model), "nothing was set"
+
+
+def test_ioevents_match_writes_as_the_driver_does() -> None:
+    from pyvmm_geniezone.ioevents import IoEvent, IoEvents
+
+    events = IoEvents()
+    exact = IoEvent(5, 0x1000, 4, 0x2A)
+    events.add(exact)
+    events.add(IoEvent(6, 0x2000, 0, None))
+    events.add(IoEvent(7, 0x3000, 2, None))
+    assert events.take_write(0x1000, (0x2A).to_bytes(4, "little"))
+    assert not events.take_write(0x1000, (0x2B).to_bytes(4, "little")), "another value"
+    assert not events.take_write(0x1000, (0x2A).to_bytes(8, "little")), "another length"
+    assert events.take_write(0x2000, bytes(8)), "length 0: any write at the address"
+    assert events.take_write(0x3000, b"\1\2") and not events.take_write(0x3000, b"\1"), "any value, its length"
+    assert not events.take_write(0x1004, bytes(4)), "the address must be exact"
+    events.remove(exact)
+    assert not events.take_write(0x1000, (0x2A).to_bytes(4, "little"))
+
+
+def test_slots_follow_the_host_page_size(
+    geniezone: Backend, model: gm.GenieZoneModel, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The driver aligns slots to the kernel's page size, which on arm64 may be
+    16 KiB: a guest address aligned to 4 KiB only is refused before the driver."""
+    from pyvmm_geniezone import vm as gz_vm
+
+    monkeypatch.setattr(gz_vm, "HOST_PAGE_SIZE", 16384)
+    with geniezone.create_vm({"arch": "aarch64"}) as vm, pytest.raises(ConfigError, match="16 KiB pages"):
+        vm.add_memory(0x4000_1000, 0x4000)
+    assert not [c for c in model.calls if c.name == "GZVM_SET_USER_MEMORY_REGION"]

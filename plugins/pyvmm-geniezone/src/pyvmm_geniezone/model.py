@@ -8,18 +8,21 @@ Android Common Kernel's GenieZone driver does, with the hypervisor folded in:
 * the **driver** (``drivers/virt/geniezone/gzvm_main.c``, ``gzvm_vm.c``,
   ``gzvm_vcpu.c``, ``gzvm_irqfd.c``, ``gzvm_ioeventfd.c``,
   ``gzvm_exception.c``; ``arch/arm64/geniezone/vm.c``, ``vgic.c``, ``hvc.c``):
-  argument checks and errnos, the memory-slot rules (slot count, alignment,
-  the one VMA of exactly the slot's size, looked up in this process's
-  ``/proc/self/maps`` as ``vma_lookup`` finds it), the run ioctl's copy in /
+  argument checks and errnos, the memory-slot rules (slot count, alignment to
+  the host's page, the one VMA of exactly the slot's size, looked up in this
+  process's ``/proc/self/maps`` as ``vma_lookup`` finds it, and every page
+  pinned for writing), the run ioctl's copy in /
   copy out of the VMM's ``gzvm_vcpu_run``, ``immediate_exit`` at entry only,
   a pending signal turning any result into ``-ERESTARTSYS`` *after* the copy
-  out, the in-kernel exits (ioeventfd writes, IRQ, GZ, IDLE), irqfds that only
-  ever raise their SPI, and what it does at close;
+  out, the in-kernel exits (ioeventfd writes, MEM_RELINQUISH, IRQ, GZ, IDLE),
+  irqfds that only ever raise their SPI (also for a count found at assign),
+  every injection waking the idle vCPUs, and what it does at close;
 * the **hypervisor**: the guest runs on pyvmm's software CPU (fully populated
   memory), starting from the registers ``GZVM_SET_ONE_REG`` set; vCPU 0 is on
   and the others wait for PSCI ``CPU_ON``; PSCI ``SYSTEM_OFF``/``SYSTEM_RESET``
   end the run with a ``SYSTEM_EVENT`` exit; any other HVC goes to the VMM as a
-  ``HYPERCALL`` exit whose ``args[0..3]`` come back in X0..X3; the vGICv3
+  ``HYPERCALL`` exit whose ``args[0..3]`` come back in X0..X3; every exit
+  reason is written into the run struct; the vGICv3
   (:mod:`pyvmm.softcpu.gic`) sits where ``GZVM_CREATE_DEVICE`` put it, its MMIO
   emulated without an exit, its SPIs raised by ``GZVM_IRQ_LINE`` and irqfds,
   the virtual timer its PPI; a vCPU in WFI sleeps in the driver until an
@@ -33,10 +36,11 @@ hypervisor's and the driver does not show it, the model raises
 :class:`~pyvmm.testing.driver_model.ModelGap`: a VM type other than 0, a memory
 slot registered twice or overlapping another, memory after the guest ran, a
 duplicate vCPU id, device attributes, a protected VM's run, demand paging
-asked for by the VMM, registers other than the core ones, PTP and
-MEM_RELINQUISH hypercalls, PSCI calls other than VERSION, CPU_ON/OFF,
-AFFINITY_INFO, SYSTEM_OFF and SYSTEM_RESET, a guest exception, running a vCPU
-again after its VM shut down.
+or idle support asked for by the VMM, lowering an SPI still pending (edge or
+level), registers other than the core ones, the PTP hypercall and what the
+hypervisor makes of a guest's MEM_RELINQUISH, PSCI calls other than VERSION,
+CPU_ON/OFF, AFFINITY_INFO, SYSTEM_OFF and SYSTEM_RESET, a guest exception,
+running a vCPU again after its VM shut down.
 
 Branches marked ``# behaviour:`` are flipped one at a time by
 ``tools/mutate_model.py``, which also removes each rule's ``raise``; the tests
@@ -46,6 +50,7 @@ must catch every such mutant.
 from __future__ import annotations
 
 import errno
+import mmap
 import os
 import struct
 import threading
@@ -62,7 +67,6 @@ from pyvmm.softcpu.gic import GICD_SIZE, GICR_STRIDE, Gic
 from pyvmm.testing.driver_model import (
     ERESTARTSYS,
     NO_SUCH_IOCTL,
-    PAGE_SIZE,
     DeviceFileModel,
     FileObject,
     GuestCpu,
@@ -135,8 +139,12 @@ CAP_VM_GPA_SIZE = 0xA5
 CAP_PROTECTED_VM = 0xFFBADAB1
 CAP_BLOCK_BASED_DEMAND_PAGING = 0x9201
 CAP_ENABLE_DEMAND_PAGING = 0x9202
+CAP_ENABLE_IDLE = 0x9203
 PVM_SET_PVMFW_GPA, PVM_GET_PVMFW_SIZE, PVM_SET_PROTECTED_VM = 0, 1, 2
 
+#: The kernel's PAGE_SIZE, which the driver's alignment and page counts use: the
+#: host's (arm64 kernels run 4, 16 or 64 KiB pages).
+HOST_PAGE = mmap.PAGESIZE
 MAX_VCPUS = 8  # GZVM_MAX_VCPUS
 MAX_MEM_REGION = 10  # GZVM_MAX_MEM_REGION
 MEM_MAX_NR_PAGES = (1 << 31) - 1  # GZVM_MEM_MAX_NR_PAGES
@@ -197,6 +205,12 @@ R_MEM_VMA_SIZE = Rule(
     "the mapping holding userspace_addr must be exactly memory_size long",
     f"{_S} §4.2; gzvm_vm.c gzvm_vm_ioctl_set_memory_region (vm_end - vm_start != memory_size)",
 )
+R_MEM_PIN = Rule(
+    "GZ-MEM-PIN",
+    errno.EFAULT,
+    "a fully populated slot's pages, userspace_addr onwards, are pinned for writing: all must be mapped writable",
+    f"{_S} §4.2; arch/arm64/geniezone/vm.c gzvm_vm_populate_mem_region, gzvm_mmu.c pin_one_page (FOLL_WRITE)",
+)
 R_VCPU_ID = Rule(
     "GZ-VCPU-ID",
     errno.EINVAL,
@@ -212,7 +226,7 @@ R_DEVICE_ATTR_SIZE = Rule(
 R_ENABLE_CAP = Rule(
     "GZ-ENABLE-CAP",
     errno.EINVAL,
-    "GZVM_ENABLE_CAP knows PROTECTED_VM, ENABLE_DEMAND_PAGING and BLOCK_BASED_DEMAND_PAGING only",
+    "GZVM_ENABLE_CAP knows PROTECTED_VM, ENABLE_DEMAND_PAGING, BLOCK_BASED_DEMAND_PAGING and ENABLE_IDLE only",
     f"{_S} §5.2; arch/arm64/geniezone/vm.c gzvm_vm_ioctl_arch_enable_cap",
 )
 R_PVM_SUBCOMMAND = Rule(
@@ -244,6 +258,18 @@ R_NOT_EVENTFD = Rule(
     errno.EINVAL,
     "the fd of an irqfd or ioeventfd must be an eventfd",
     f"{_S} §7.3, §7.4; gzvm_irqfd.c gzvm_irqfd_assign (eventfd_ctx_fileget), gzvm_ioeventfd.c",
+)
+R_RESAMPLEFD_BADF = Rule(
+    "GZ-RESAMPLEFD-BADF",
+    errno.EBADF,
+    "an irqfd with RESAMPLE names a resamplefd that is not open",
+    f"{_S} §7.3; gzvm_irqfd.c gzvm_irqfd_assign (eventfd_ctx_fdget(args->resamplefd))",
+)
+R_RESAMPLEFD_NOT_EVENTFD = Rule(
+    "GZ-RESAMPLEFD-NOT-EVENTFD",
+    errno.EINVAL,
+    "an irqfd with RESAMPLE needs an eventfd as its resamplefd",
+    f"{_S} §7.3; gzvm_irqfd.c gzvm_irqfd_assign (eventfd_ctx_fdget(args->resamplefd))",
 )
 R_IRQFD_BUSY = Rule(
     "GZ-IRQFD-BUSY",
@@ -490,28 +516,45 @@ def _eventfd_id(fd: int) -> str | None:
     return f"fd{fd}" if DeviceFileModel.is_eventfd(fd) else None
 
 
-def _eventfd_ctx(fd: int) -> str:
-    """``eventfd_ctx_fdget``: the identity, or the rule it breaks."""
+def _fd_open(fd: int) -> bool:
+    """``fdget``: whether ``fd`` is open in this process."""
     try:
         os.fstat(fd)
     except OSError:
-        raise RuleViolation(R_EVENTFD_BADF, f"fd {fd}") from None
-    identity = _eventfd_id(fd)
-    if identity is None:
-        raise RuleViolation(R_NOT_EVENTFD, f"fd {fd}")
-    return identity
+        return False
+    return True
+
+
+def _mappings() -> Iterator[tuple[int, int, str]]:
+    """This process's mappings: start, end and permissions (``rw-p``...)."""
+    with open("/proc/self/maps", encoding="ascii") as maps:
+        for line in maps:
+            start_text, _, rest = line.partition("-")
+            end_text, perms = rest.split(maxsplit=2)[:2]
+            yield int(start_text, 16), int(end_text, 16), perms
 
 
 def vma_holding(address: int) -> tuple[int, int] | None:
     """``vma_lookup`` on this process: the mapping holding ``address``."""
-    with open("/proc/self/maps", encoding="ascii") as maps:
-        for line in maps:
-            start_text, _, rest = line.partition("-")
-            end_text = rest.split(maxsplit=1)[0]
-            start, end = int(start_text, 16), int(end_text, 16)
-            if start <= address < end:
-                return start, end
+    for start, end, _ in _mappings():
+        if start <= address < end:
+            return start, end
     return None
+
+
+def first_unpinnable(address: int, size: int) -> int | None:
+    """``pin_user_pages(FOLL_WRITE)`` page by page over ``[address, address +
+    size)``: the first address no writable mapping covers, or None."""
+    stop = address + size
+    for start, end, perms in _mappings():
+        if address >= stop:
+            return None
+        if end <= address:
+            continue
+        if start > address or "w" not in perms:
+            return address
+        address = end
+    return address if address < stop else None
 
 
 class ModelVm(FileObject):
@@ -549,6 +592,10 @@ class ModelVm(FileObject):
         cap, *args = ENABLE_CAP.unpack(self.model.copy_from_user(arg, ENABLE_CAP.size))
         if cap in (CAP_ENABLE_DEMAND_PAGING, CAP_BLOCK_BASED_DEMAND_PAGING):
             raise self.model.not_modelled("demand paging asked for by the VMM (the hypervisor's answer)")
+        if cap == CAP_ENABLE_IDLE:
+            # Forwarded like demand paging; the driver already asks at VM creation
+            # (gzvm_vm.c enable_idle_support).
+            raise self.model.not_modelled("ENABLE_IDLE asked for by the VMM (the hypervisor's answer)")
         if cap != CAP_PROTECTED_VM:
             raise RuleViolation(R_ENABLE_CAP, f"cap {cap:#x}")
         command = args[0]
@@ -572,12 +619,13 @@ class ModelVm(FileObject):
         slot, flags, gpa, size, uva = MEM_REGION.unpack(self.model.copy_from_user(arg, MEM_REGION.size))
         if slot >= MAX_MEM_REGION:
             raise RuleViolation(R_MEM_SLOT, f"slot {slot}")
-        if gpa % PAGE_SIZE or size % PAGE_SIZE:
+        page = HOST_PAGE
+        if gpa % page or size % page:
             raise RuleViolation(R_MEM_ALIGN, f"gpa {gpa:#x} size {size:#x}")
         if gpa + size > _U64:
             raise RuleViolation(R_MEM_WRAP, f"{gpa:#x}+{size:#x}")
-        if size // PAGE_SIZE > MEM_MAX_NR_PAGES:
-            raise RuleViolation(R_MEM_PAGES, f"{size // PAGE_SIZE} pages")
+        if size // page > MEM_MAX_NR_PAGES:
+            raise RuleViolation(R_MEM_PAGES, f"{size // page} pages")
         vma = vma_holding(uva)
         if vma is None:
             raise RuleViolation(R_MEM_NO_VMA, f"userspace_addr {uva:#x}")
@@ -591,22 +639,29 @@ class ModelVm(FileObject):
             for other in self.slots.values():
                 if gpa < other.end and other.gpa < gpa + size:
                     raise self.model.not_modelled(f"slot {slot} overlapping slot {other.slot} (hypervisor's answer)")
-            # The driver pins the pages and hands them over now (fully populated).
+            # The driver records the slot and registers it with the hypervisor,
+            # then pins the pages and hands them over (fully populated).
             self.slots[slot] = Slot(slot, flags, gpa, size, uva)
+        unpinnable = first_unpinnable(uva, size)
+        if unpinnable is not None:
+            # The slot stays recorded and registered: the driver does not undo it.
+            raise RuleViolation(R_MEM_PIN, f"{unpinnable:#x} is not mapped writable")
         return 0
 
     # --- vCPUs and devices ------------------------------------------------------------
     @handles(GZVM_CREATE_VCPU, "GZVM_CREATE_VCPU")
     def create_vcpu(self, arg: int) -> int:
-        if arg >= MAX_VCPUS:
-            raise RuleViolation(R_VCPU_ID, f"id {arg}")
+        # gzvm_vm_ioctl_create_vcpu takes the ioctl's argument as a u32 cpuid.
+        cpuid = arg & 0xFFFFFFFF
+        if cpuid >= MAX_VCPUS:
+            raise RuleViolation(R_VCPU_ID, f"id {cpuid}")
         with self.model.lock:
-            if arg in self.vcpus:
-                raise self.model.not_modelled(f"vCPU id {arg} created twice (the hypervisor's answer)")
+            if cpuid in self.vcpus:
+                raise self.model.not_modelled(f"vCPU id {cpuid} created twice (the hypervisor's answer)")
             if self.gic is not None:
                 raise self.model.not_modelled("a vCPU created after the vGIC was laid out (the guest ran)")
-            vcpu = ModelVcpu(self, arg)
-            self.vcpus[arg] = vcpu
+            vcpu = ModelVcpu(self, cpuid)
+            self.vcpus[cpuid] = vcpu
         return self.model.install(vcpu)
 
     @handles(GZVM_CREATE_DEVICE, "GZVM_CREATE_DEVICE")
@@ -615,7 +670,7 @@ class ModelVm(FileObject):
             self.model.copy_from_user(arg, CREATE_DEVICE.size)
         )
         if attr_addr and attr_size:
-            if attr_size > PAGE_SIZE:
+            if attr_size > HOST_PAGE:
                 raise RuleViolation(R_DEVICE_ATTR_SIZE, f"attr_size {attr_size:#x}")
             self.model.copy_from_user(attr_addr, attr_size)
             raise self.model.not_modelled("device attributes (what the hypervisor does with them)")
@@ -655,19 +710,33 @@ class ModelVm(FileObject):
         number = irq & 0xFFFF
         if vcpu_index:
             raise self.model.not_modelled(f"an interrupt line aimed at vCPU {vcpu_index}")
-        self.raise_spi(number, bool(level))
+        self.inject_irq(number, bool(level))
         return 0
+
+    def inject_irq(self, number: int, level: bool) -> None:
+        """``gzvm_vm.c gzvm_irqchip_inject_irq``, for ``GZVM_IRQ_LINE`` and
+        irqfds alike: every vCPU's ``idle_events.virtio_irq`` is bumped
+        (``gzvm_vcpu_wakeup_all``) -- whatever the level -- then the line goes to
+        the hypervisor."""
+        with self.model.lock:
+            self.wake_generation += 1  # behaviour: injection-wakes-idle-vcpus
+        self.model.notify()
+        self.raise_spi(number, level)
 
     def raise_spi(self, number: int, level: bool) -> None:
         """``gzvm_arch_inject_irq``: SPI index ``number`` (the hypervisor adds 32).
-        Raising makes it pending; lowering changes nothing the model can see (its
-        SPIs are edge-triggered: a pending interrupt stays until acknowledged)."""
+        Raising makes it pending.  Lowering a line that is not pending changes
+        nothing, edge- or level-sensitive (GICv3); lowering one still pending
+        clears it if the guest made it level-sensitive and not if edge -- a
+        configuration the model's vGIC does not keep: a ModelGap."""
         gic = self.vgic()
         if gic is None:
             raise self.model.not_modelled("an interrupt injected into a VM without a vGIC")
         if number >= VGIC_SPIS:
             raise self.model.not_modelled(f"SPI index {number} beyond the {VGIC_SPIS} the model's vGIC has")
         if not level:
+            if gic.spis[number].pending:  # behaviour: lowering-a-pending-spi-is-a-gap
+                raise self.model.not_modelled(f"lowering SPI index {number} while it is pending (edge or level?)")
             return
         target = gic.set_spi(32 + number)
         self.model.stats.spis_raised += 1
@@ -680,25 +749,42 @@ class ModelVm(FileObject):
 
     @handles(GZVM_IRQFD, "GZVM_IRQFD")
     def irqfd(self, arg: int) -> int:
-        fd, gsi, flags, _, pad = IRQFD.unpack(self.model.copy_from_user(arg, IRQFD.size))
+        fd, gsi, flags, resamplefd, pad = IRQFD.unpack(self.model.copy_from_user(arg, IRQFD.size))
         if any(pad):
             raise RuleViolation(R_IRQFD_PAD, "pad")
         if flags & ~(IRQFD_DEASSIGN | IRQFD_RESAMPLE):
             raise RuleViolation(R_IRQFD_FLAGS, f"flags {flags:#x}")
-        identity = _eventfd_ctx(fd)
-        with self.model.lock:
-            if flags & IRQFD_DEASSIGN:
+        # gzvm_irqfd_assign: fdget + eventfd_ctx_fileget; deassign: eventfd_ctx_fdget.
+        if not _fd_open(fd):
+            raise RuleViolation(R_EVENTFD_BADF, f"irqfd fd {fd}")
+        identity = _eventfd_id(fd)
+        if identity is None:
+            raise RuleViolation(R_NOT_EVENTFD, f"irqfd fd {fd}")
+        if flags & IRQFD_DEASSIGN:
+            with self.model.lock:
                 # Every irqfd of this eventfd and gsi goes; none is not an error.
                 self.irqfds = [i for i in self.irqfds if not (i.eventfd_id == identity and i.gsi == gsi)]
-                return 0
+            return 0
+        if flags & IRQFD_RESAMPLE:
+            # eventfd_ctx_fdget, before the busy check: its errors win over EBUSY.
+            if not _fd_open(resamplefd):
+                raise RuleViolation(R_RESAMPLEFD_BADF, f"resamplefd {resamplefd}")
+            if _eventfd_id(resamplefd) is None:
+                raise RuleViolation(R_RESAMPLEFD_NOT_EVENTFD, f"resamplefd {resamplefd}")
+        with self.model.lock:
             if any(i.eventfd_id == identity for i in self.irqfds):
                 raise RuleViolation(R_IRQFD_BUSY, f"fd {fd}")
-            # RESAMPLE is accepted and ignored: the line is only ever raised.
-            # A count already in the eventfd is not seen until the next write
-            # (vfs_poll's answer is not looked at); the next write's wake-up reads
-            # both: the model holds it back until then.
-            self.model.drain_eventfd(fd)  # behaviour: irqfd-ignores-earlier-count
+            # RESAMPLE is accepted; nothing lowers the line or signals the
+            # resample fd: the ACK driver never calls gzvm_notify_acked_irq
+            # (earlier versions of the series did, from gzvm_sync_vgic_state).
             self.irqfds.append(Irqfd(fd, identity, gsi))
+            # gzvm_irqfd_assign: a count already in the eventfd (vfs_poll says
+            # EPOLLIN) raises the SPI now.  The driver leaves the count in place
+            # and the next write's irqfd_wakeup reads both; the model reads it
+            # here, which raises the line the same number of times.
+            earlier = self.model.drain_eventfd(fd)
+        if earlier:  # behaviour: irqfd-raises-earlier-count
+            self.inject_irq(gsi, True)
         return 0
 
     def poll_irqfds(self) -> bool:
@@ -707,13 +793,9 @@ class ModelVm(FileObject):
         wakes (``idle_events.virtio_irq``).  True if any was written."""
         written = False
         for irqfd in list(self.irqfds):
-            if self.model.drain_eventfd(irqfd.fd):
+            if self.model.drain_eventfd(irqfd.fd):  # behaviour: irqfd-write-injects
                 written = True
-                self.raise_spi(irqfd.gsi, True)
-        if written:  # behaviour: irqfd-wakes-idle-vcpus
-            with self.model.lock:
-                self.wake_generation += 1
-            self.model.notify()
+                self.inject_irq(irqfd.gsi, True)
         return written
 
     @handles(GZVM_IOEVENTFD, "GZVM_IOEVENTFD")
@@ -729,7 +811,12 @@ class ModelVm(FileObject):
             raise RuleViolation(R_IOEVENTFD_DATAMATCH_LEN, f"addr {addr:#x}")
         if flags & IOEVENTFD_PIO:
             raise RuleViolation(R_IOEVENTFD_PIO, f"addr {addr:#x}")
-        identity = _eventfd_ctx(fd)
+        # eventfd_ctx_fdget, in both gzvm_assign_ioeventfd and gzvm_deassign_ioeventfd.
+        if not _fd_open(fd):
+            raise RuleViolation(R_EVENTFD_BADF, f"ioeventfd fd {fd}")
+        identity = _eventfd_id(fd)
+        if identity is None:
+            raise RuleViolation(R_NOT_EVENTFD, f"ioeventfd fd {fd}")
         wildcard = not flags & IOEVENTFD_DATAMATCH
         event = IoEvent(addr, length, identity, fd, 0 if wildcard else datamatch, wildcard)
         with self.model.lock:
@@ -893,8 +980,12 @@ class ModelVcpu(FileObject):
             return not self.vm.ioevent_write(address, size, value)  # behaviour: ioevent-absorbs-write
         if reason == EXIT_HYPERCALL:
             function = HYPERCALL_ARGS.unpack_from(run, RUN_UNION)[0]
-            if function in (HVC_PTP, HVC_MEM_RELINQUISH):
-                raise self.model.not_modelled(f"the driver's own hypercall {function:#x} (PTP / MEM_RELINQUISH)")
+            if function == HVC_MEM_RELINQUISH:
+                # gzvm_handle_guest_hvc -> gzvm_handle_relinquish: forgets the
+                # pinned page at args[1] and always returns 0: handled, loop on.
+                return False  # behaviour: relinquish-stays-in-driver
+            if function == HVC_PTP:
+                raise self.model.not_modelled("the driver's PTP answer (the host's wall clock and counters)")
             return True
         if reason in (EXIT_IRQ, EXIT_GZ):
             return False
@@ -905,7 +996,8 @@ class ModelVcpu(FileObject):
 
     def _idle(self) -> None:
         """``gzvm_handle_guest_idle``: the vCPU sleeps until an interrupt for it,
-        the virtual timer, an irqfd's wake-up or a signal.  (With no timer armed
+        the virtual timer, an injection's wake-up (``virtio_irq``: an irqfd or
+        ``GZVM_IRQ_LINE``) or a signal.  (With no timer armed
         the driver goes straight back to the hypervisor, which reports IDLE again:
         the vCPU stays in the driver either way; the model sleeps instead of
         spinning.)"""
@@ -917,7 +1009,7 @@ class ModelVcpu(FileObject):
 
     def _wake_pending(self, hv: HvVcpu) -> bool:
         self.vm.poll_irqfds()
-        if self.vm.wake_generation != self._seen_wake:  # behaviour: idle-wakes-on-irqfd
+        if self.vm.wake_generation != self._seen_wake:  # behaviour: idle-wakes-on-virtio-irq
             self._seen_wake = self.vm.wake_generation
             return True
         if self._interrupt.is_set():
@@ -964,6 +1056,16 @@ class Hypervisor:
         self.model = model
 
     def vcpu_run(self, vcpu: ModelVcpu, run: bytearray) -> int:
+        """One ``MT_HVC_GZVM_RUN``: the exit reason, also written into the run
+        struct -- for the exits the driver keeps (IRQ, IDLE) too: the struct is
+        the hypervisor's to fill (``gzvm_vcpu.c gzvm_vcpu_run``), and crosvm's
+        ``GeniezoneVcpu::run`` reads ``GZVM_EXIT_IRQ`` from it.  A signal that
+        ends the driver's loop after such an exit copies it out to the VMM."""
+        reason = self._enter(vcpu, run)
+        struct.pack_into("<I", run, RUN_EXIT_REASON, reason)  # behaviour: hypervisor-writes-exit-reason
+        return reason
+
+    def _enter(self, vcpu: ModelVcpu, run: bytearray) -> int:
         vm, hv = vcpu.vm, vcpu.hv
         self.model.stats.hypervisor_entries += 1
         if vm.protected:
@@ -999,7 +1101,6 @@ class Hypervisor:
             data = bytes(exit_.data[: exit_.size]) if exit_.is_write else bytes(run[RUN_MMIO_DATA : RUN_MMIO_DATA + 8])
             # reg_nr: the model does not decode the access's register (0).
             MMIO_LAYOUT.pack_into(run, RUN_UNION, exit_.address, data.ljust(8, b"\0"), exit_.size, 0, exit_.is_write)
-            struct.pack_into("<I", run, RUN_EXIT_REASON, EXIT_MMIO)
             if not exit_.is_write:
                 hv.pending = ("mmio", exit_.size)
             return EXIT_MMIO
@@ -1010,7 +1111,6 @@ class Hypervisor:
             else:
                 HYPERCALL_ARGS.pack_into(run, RUN_UNION, *(a & _U64 for a in exit_.args))
                 hv.pending = ("hypercall", 0)
-            struct.pack_into("<I", run, RUN_EXIT_REASON, exit_.reason)
             return exit_.reason
         if exit_ is _POWERED_OFF or exit_.kind is ExitKind.HLT:
             return EXIT_IDLE  # WFI or PSCI CPU_OFF: the hypervisor reports the vCPU idle
@@ -1074,6 +1174,8 @@ class Hypervisor:
         function = call.function & 0xFFFFFFFF
         if call.conduit.name != "HVC":
             raise self.model.not_modelled(f"an SMC from the guest (function {function:#x})")
+        if function == HVC_MEM_RELINQUISH:
+            raise self.model.not_modelled("MEM_RELINQUISH from the guest (what the hypervisor does with the page)")
         if not _is_psci(function):  # behaviour: non-psci-goes-to-vmm
             # Not the hypervisor's: the driver sees GZVM_EXIT_HYPERCALL with X0..X7.
             return _Stop(EXIT_HYPERCALL, args=(call.function, *call.args))

@@ -13,8 +13,15 @@ pending, copies the struct back out, and returns 0 or an error
   ``-ERESTARTSYS`` (``EINTR`` here: Python's handlers have no ``SA_RESTART``)
   -- with the exit the hypervisor just made in it, if it made one.  So the run
   writes a sentinel ``exit_reason`` (0: no GenieZone exit reason is 0) before
-  each ``GZVM_RUN`` and, after ``EINTR``, returns the exit if the field changed
-  instead of dropping a write or leaving a read's completion unanswered;
+  each ``GZVM_RUN`` and, after ``EINTR``, returns the exit if the field holds
+  one the driver hands to userspace, instead of dropping a write or leaving a
+  read's completion unanswered.  IRQ, GZ and IDLE -- the exits the driver
+  loops on, the usual ones a signal interrupts -- are no exit: EINTR alone;
+  and so is an MMIO write one of the VM's ioeventfds takes (the driver
+  signalled the eventfd and looped: delivering it again would repeat it), and
+  a ``MEM_RELINQUISH`` hypercall (the driver always handles it).  A ``PTP``
+  hypercall the driver answered cannot be told apart (its handler overwrites
+  ``args[0..3]``): after EINTR it would reach the VMM as a hypercall;
 * the copy back overwrites ``immediate_exit`` with the value copied in: a kick
   that lands while the guest runs would be wiped out.  The kick therefore also
   sets a flag of this object's own, and the run puts ``immediate_exit`` back
@@ -66,6 +73,7 @@ _OFF_MMIO_DATA = ffi.offsetof(_RUN, "mmio", "data")
 _OFF_HYPERCALL_ARGS = ffi.offsetof(_RUN, "hypercall", "args")
 
 _U32 = struct.Struct("<I")
+_U64 = struct.Struct("<Q")
 _MMIO = struct.Struct("<Q8xQIB")  # phys_addr, (data), size, reg_nr, is_write
 _FAIL_ENTRY = struct.Struct("<QI")  # hardware_entry_failure_reason, cpu
 _EXCEPTION = struct.Struct("<IIQ")  # exception, error_code, fault_gpa
@@ -80,6 +88,10 @@ _CORE_U64 = g.GZVM_REG_ARCH_ARM64 | g.GZVM_REG_SIZE_U64 | g.GZVM_REG_TYPE_GENERA
 _EINTR = -errno.EINTR
 #: What the run writes into ``exit_reason`` before each ``GZVM_RUN``.
 _NO_EXIT = 0
+#: Exit reasons the driver keeps and loops on (``gzvm_vcpu.c gzvm_vcpu_run``):
+#: the hypervisor writes them into the run struct, so a signal ending the loop
+#: right after one copies it out with EINTR -- no exit for the VMM.
+_DRIVER_KEPT = frozenset({_NO_EXIT, g.GZVM_EXIT_IRQ, g.GZVM_EXIT_GZ, g.GZVM_EXIT_IDLE})
 
 #: ``system_event.type`` as crosvm maps it (``GeniezoneVcpu::run``).
 SYSTEM_EVENTS: dict[int, SystemEvent] = {
@@ -166,7 +178,7 @@ class GenieZoneVcpu:
                 raise HypervisorError("GZVM_RUN", -result)
             self._exit_requested = False
             self.page.clear_immediate_exit()
-            if _U32.unpack_from(view, _OFF_EXIT_REASON)[0] == _NO_EXIT:
+            if _U32.unpack_from(view, _OFF_EXIT_REASON)[0] in _DRIVER_KEPT or self._handled_in_driver():
                 return self._interrupted
             # EINTR with an exit copied out: a signal came as the hypervisor made it.
             # The signal was delivered, so the kick may signal again.
@@ -175,6 +187,21 @@ class GenieZoneVcpu:
             # The copy back wrote the entry value over a kick's immediate_exit.
             self.page.request_immediate_exit()
         return self._decode()
+
+    def _handled_in_driver(self) -> bool:
+        """The copied-out exit is one the driver already handled and looped on
+        (a signal ended the loop just then): an MMIO write an ioeventfd took, or
+        a ``MEM_RELINQUISH`` hypercall (``gzvm_handle_relinquish`` never fails)."""
+        view = self._view
+        reason = _U32.unpack_from(view, _OFF_EXIT_REASON)[0]
+        if reason == g.GZVM_EXIT_HYPERCALL:
+            return bool(_U64.unpack_from(view, _OFF_HYPERCALL_ARGS)[0] == g.GZVM_HVC_MEM_RELINQUISH)
+        if reason != g.GZVM_EXIT_MMIO:
+            return False
+        address, size, _, is_write = _MMIO.unpack_from(view, _OFF_UNION)
+        if not is_write or not 0 < size <= 8:
+            return False
+        return bool(self.vm.ioevents.take_write(address, bytes(view[_OFF_MMIO_DATA : _OFF_MMIO_DATA + size])))
 
     def _decode(self) -> VcpuExit:
         view = self._view

@@ -13,16 +13,18 @@ forwards ``pyvmm_map_memory(vm, region)`` to :meth:`GenieZoneVm.map_memory`, ...
 
 from __future__ import annotations
 
+import mmap
 import struct
 from typing import TYPE_CHECKING, Any
 
 from pyvmm.backend import install_kick_handler
-from pyvmm.config import PAGE_SIZE, Arch, Protection, VmConfig
+from pyvmm.config import Arch, Protection, VmConfig
 from pyvmm.errors import ConfigError
 from pyvmm.memory import RamRegion
 from pyvmm.vcpu_state import AddressSpace, IoEventAddress
 from pyvmm_geniezone import bindings as g
 from pyvmm_geniezone.bindings import ffi
+from pyvmm_geniezone.ioevents import IoEvent, IoEvents
 from pyvmm_geniezone.system import GenieZoneSystem, system
 from pyvmm_geniezone.vcpu import GenieZoneVcpu
 from pyvmm_geniezone.vma import claim_own_vma
@@ -40,8 +42,14 @@ GIC_REDISTRIBUTOR_SIZE = 0x2_0000
 GIC_DISTRIBUTOR_SIZE = 0x1_0000
 
 
+#: The host kernel's page size: the driver aligns slots to it (``PAGE_ALIGNED``
+#: in ``gzvm_vm.c memory_region_pre_check``), and arm64 kernels run 4, 16 or
+#: 64 KiB pages.
+HOST_PAGE_SIZE = mmap.PAGESIZE
+
+
 def _page_round(size: int) -> int:
-    return (size + PAGE_SIZE - 1) // PAGE_SIZE * PAGE_SIZE
+    return (size + HOST_PAGE_SIZE - 1) // HOST_PAGE_SIZE * HOST_PAGE_SIZE
 
 
 def _int_option(options: dict[str, Any], key: str, field: str) -> int:
@@ -96,6 +104,8 @@ class GenieZoneVm:
         self.regions: dict[int, RamRegion] = {}
         self.vcpus: list[GenieZoneVcpu] = []
         self.irqchip = False
+        #: The ioeventfds the driver holds for this VM.
+        self.ioevents = IoEvents()
         self._protection_set = False
         #: ``(address, size)`` handed over with GZVM_SET_DTB_CONFIG, once.
         self.dtb: tuple[int, int] | None = None
@@ -116,6 +126,11 @@ class GenieZoneVm:
         if region.slot >= g.GZVM_MAX_MEM_REGION:
             raise ConfigError(
                 f"memory: GenieZone has {g.GZVM_MAX_MEM_REGION} memory slots; slot {region.slot} is past them"
+            )
+        if region.guest_phys_addr % HOST_PAGE_SIZE:
+            raise ConfigError(
+                f"memory: guest address {region.guest_phys_addr:#x} is not aligned to this host's "
+                f"{HOST_PAGE_SIZE // 1024} KiB pages (GenieZone slots are)"
             )
         size = _page_round(region.size)
         claim_own_vma(region.host_addr, size, f"pyvmm-gzvm:{self.fd}:{region.slot}")
@@ -229,7 +244,7 @@ class GenieZoneVm:
 
     def register_irqfd(self, event: Event, line: int, level: bool) -> None:
         """An edge-triggered irqfd on SPI index ``line``.  The driver only ever
-        raises an irqfd's line (``gzvm_irqfd.c irqfd_set_irq``) and accepts
+        raises an irqfd's line (``gzvm_irqfd.c irqfd_set_spi``) and accepts
         ``RESAMPLE`` without ever lowering the line or signalling the resample
         fd, so a level-triggered irqfd cannot be honoured."""
         if level:
@@ -267,6 +282,11 @@ class GenieZoneVm:
             {"datamatch": datamatch or 0, "addr": address.address, "len": length, "fd": fd, "flags": flags},
         )
         self.host.ioctl(self.fd, g.GZVM_IOEVENTFD, raw)
+        registered = IoEvent(fd, address.address, length, datamatch)
+        if flags & g.GZVM_IOEVENTFD_FLAG_DEASSIGN:
+            self.ioevents.remove(registered)
+        else:
+            self.ioevents.add(registered)
 
     # --- teardown -------------------------------------------------------------------
     def close(self) -> None:
