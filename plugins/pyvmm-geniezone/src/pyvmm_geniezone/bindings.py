@@ -22,8 +22,7 @@ from __future__ import annotations
 
 from typing import Final
 
-import cffi
-
+from pyvmm.backend.ffi_cache import declared_ffi
 from pyvmm.backend.ioctl import IoctlRequest, linux, request_names
 
 _CDEF: Final = """
@@ -132,8 +131,7 @@ struct gzvm_dtb_config {
 };
 """
 
-ffi: Final = cffi.FFI()
-ffi.cdef(_CDEF)
+ffi: Final = declared_ffi(_CDEF)
 
 #: Every struct the bindings declare (for the layout test's compiled check).
 STRUCTS: Final = (
