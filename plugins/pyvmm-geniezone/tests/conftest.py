@@ -14,11 +14,11 @@ from __future__ import annotations
 
 import importlib.util
 from collections.abc import Iterator
-from contextlib import ExitStack
 
 import pytest
 
 from pyvmm.plugins import PluginRegistry
+from pyvmm.testing.model_session import SessionModel
 from pyvmm.vm import Backend
 
 #: tox envs of other backends collect every plugin's tests: without the
@@ -29,43 +29,16 @@ if INSTALLED:
 else:
     collect_ignore_glob = ["test_*.py"]
 
-_MODEL = pytest.StashKey["GenieZoneModel"]()
-_INSTALLED = pytest.StashKey[ExitStack]()
-
-
-class _NoRuleBroken:
-    """An autouse fixture for every test of the session: the session model
-    recorded no rejection while it ran."""
-
-    def __init__(self, model: GenieZoneModel) -> None:
-        self.model = model
-
-    @pytest.fixture(autouse=True)
-    def _geniezone_rules_kept(self) -> Iterator[None]:
-        first = len(self.model.rejections)
-        yield
-        broken = self.model.rejections[first:]
-        del self.model.rejections[first:]
-        if broken:
-            listing = "\n".join(f"  {r.call.name}: {r.rule} {r.detail}" for r in broken)
-            pytest.fail(f"pyvmm-geniezone broke {len(broken)} rule(s) of the GenieZone driver:\n{listing}")
+SESSION: SessionModel[GenieZoneModel] = SessionModel("geniezone", "the GenieZone driver", lambda: GenieZoneModel())  # noqa: PLW0108 - unbound where the plugin is not installed
 
 
 def pytest_configure(config: pytest.Config) -> None:
-    if not INSTALLED:
-        return
-    model = GenieZoneModel()
-    installed = ExitStack()
-    installed.enter_context(model.installed())
-    config.stash[_MODEL] = model
-    config.stash[_INSTALLED] = installed
-    config.pluginmanager.register(_NoRuleBroken(model), "pyvmm-geniezone-rules-kept")
+    if INSTALLED:
+        SESSION.configure(config)
 
 
 def pytest_unconfigure(config: pytest.Config) -> None:
-    installed = config.stash.get(_INSTALLED, None)
-    if installed is not None:
-        installed.close()
+    SESSION.unconfigure(config)
 
 
 def pytest_report_header(config: pytest.Config) -> list[str]:
@@ -76,16 +49,13 @@ def pytest_report_header(config: pytest.Config) -> list[str]:
 
 @pytest.fixture(scope="session")
 def session_model(pytestconfig: pytest.Config) -> GenieZoneModel:
-    return pytestconfig.stash[_MODEL]
+    return SESSION.model(pytestconfig)
 
 
 @pytest.fixture
 def model() -> Iterator[GenieZoneModel]:
     """A fresh model for this test alone."""
-    fresh = GenieZoneModel()
-    with fresh.installed():
-        yield fresh
-    fresh.close_all()
+    yield from SESSION.fresh()
 
 
 def geniezone_backend() -> Backend:

@@ -16,12 +16,11 @@ from __future__ import annotations
 
 import importlib.util
 from collections.abc import Iterator
-from contextlib import ExitStack
-from typing import Any
 
 import pytest
 
 from pyvmm.plugins import PluginRegistry
+from pyvmm.testing.model_session import SessionModel
 from pyvmm.vm import Backend
 
 #: An environment without the distribution (tox's envs for other backends that
@@ -32,57 +31,28 @@ if INSTALLED:
 else:
     collect_ignore_glob = ["test_*.py"]
 
-_SESSION_KEY = pytest.StashKey["GunyahModel"]()
-_STACK_KEY = pytest.StashKey[ExitStack]()
-
-
-class _RuleGuard:
-    """After each test: the session model saw no rule broken."""
-
-    def __init__(self, model: GunyahModel) -> None:
-        self.model = model
-
-    @pytest.fixture(autouse=True)
-    def _gunyah_session_model_stays_clean(self) -> Iterator[None]:
-        before = len(self.model.rejections)
-        yield
-        broken = self.model.rejections[before:]
-        del self.model.rejections[before:]
-        if broken:
-            lines = "\n".join(f"  {r.call.name}: {r.rule} {r.detail}" for r in broken)
-            pytest.fail(f"pyvmm-gunyah broke {len(broken)} rule(s) of the Gunyah interface:\n{lines}")
+SESSION: SessionModel[GunyahModel] = SessionModel("gunyah", "the Gunyah interface", lambda: GunyahModel())  # noqa: PLW0108 - unbound where the plugin is not installed
 
 
 def pytest_configure(config: pytest.Config) -> None:
-    if not INSTALLED:
-        return
-    model = GunyahModel()
-    stack = ExitStack()
-    stack.enter_context(model.installed())
-    config.stash[_SESSION_KEY] = model
-    config.stash[_STACK_KEY] = stack
-    config.pluginmanager.register(_RuleGuard(model), "pyvmm-gunyah-rule-guard")
+    if INSTALLED:
+        SESSION.configure(config)
 
 
 def pytest_unconfigure(config: pytest.Config) -> None:
-    stack = config.stash.get(_STACK_KEY, None)
-    if stack is not None:
-        stack.close()
+    SESSION.unconfigure(config)
 
 
 @pytest.fixture(scope="session")
 def session_model(pytestconfig: pytest.Config) -> GunyahModel:
     """The model the whole session runs on (the conformance suite's too)."""
-    return pytestconfig.stash[_SESSION_KEY]
+    return SESSION.model(pytestconfig)
 
 
 @pytest.fixture
 def model() -> Iterator[GunyahModel]:
     """A fresh model of this test's own, installed for the test."""
-    fresh = GunyahModel()
-    with fresh.installed():
-        yield fresh
-    fresh.close_all()
+    yield from SESSION.fresh()
 
 
 def make_backend() -> Backend:
@@ -104,5 +74,5 @@ def gunyah(model: GunyahModel) -> Backend:
 def pytest_report_header(config: pytest.Config) -> list[str]:
     if not INSTALLED:
         return ["pyvmm-gunyah: not installed here, its tests are not collected"]
-    model: Any = config.stash.get(_SESSION_KEY, None)
+    model = SESSION.installed_model(config)
     return [f"pyvmm-gunyah: driver model {type(model).__name__} (ABI {model.abi}) installed"] if model else []
