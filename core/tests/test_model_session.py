@@ -7,7 +7,7 @@ import pytest
 
 pytest_plugins = ["pytester"]
 
-CONFTEST = '''
+CONFTEST = """
 from contextlib import contextmanager
 from dataclasses import dataclass
 
@@ -64,9 +64,9 @@ def session_model(pytestconfig):
 @pytest.fixture
 def model():
     yield from SESSION.fresh()
-'''
+"""
 
-TESTS = '''
+TESTS = """
 import conftest
 
 
@@ -81,7 +81,7 @@ def test_breaks_one(session_model):
 def test_fresh_model_is_installed_over_the_session_one(session_model, model):
     assert conftest.INSTALLS == [session_model, model]
     model.rejections.append(conftest.Rejection(conftest.Call("ACME_RUN"), "ACME-2", "on purpose"))
-'''
+"""
 
 
 def test_the_guard_fails_only_the_test_that_broke_a_session_rule(pytester: pytest.Pytester) -> None:
