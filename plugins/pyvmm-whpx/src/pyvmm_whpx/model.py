@@ -642,14 +642,19 @@ class WhpxModel(DllModel):
         regs = engine.get_regs()
         sregs = engine.get_sregs()
         pending, _, _, shadow = engine.x86_events()
+        # WHV_X64_VP_EXECUTION_STATE: Cpl:2, Cr0Pe:1, Cr0Am:1, EferLma:1, DebugActive:1,
+        # InterruptionPending:1, Reserved:5, InterruptShadow:1 (WinHvPlatformDefs.h).
         state = (
             sregs.cs.dpl & 3
             | (sregs.cr0 & 1) << 2
+            | ((sregs.cr0 >> 18) & 1) << 3
             | ((sregs.efer >> 10) & 1) << 4
             | (pending is not None) << 6
             | bool(shadow) << 12
         )
-        return _VP_CONTEXT.pack(state, instruction_length & 0xF, 0, 0, _pack_segment(sregs.cs), regs.rip, regs.rflags)
+        # WHV_X64_VP_EXIT_CONTEXT: InstructionLength:4 and Cr8:4 share the byte at offset 2.
+        length_and_cr8 = instruction_length & 0xF | (sregs.cr8 & 0xF) << 4
+        return _VP_CONTEXT.pack(state, length_and_cr8, 0, 0, _pack_segment(sregs.cs), regs.rip, regs.rflags)
 
     @staticmethod
     def _io_context(engine: Any, exit_: IoExit) -> bytes:
