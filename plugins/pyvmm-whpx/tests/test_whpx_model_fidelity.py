@@ -111,3 +111,35 @@ def test_an_unaligned_map_before_setup_is_invalid_argument(guest_page: tuple[mma
     result = call(model, "WHvMapGpaRange", handle, guest_page[1], 0, 1024, 1)
     assert unsigned(result) == m.E_INVALIDARG
     assert model.last_rejection is not None and model.last_rejection.rule is m.R_MAP_ALIGNMENT
+
+
+@pytest.mark.parametrize("code", [0x0006, 0x000D, 0x1001, 0x1006, 0x100F, 0x1011])
+def test_a_property_the_header_defines_but_the_model_does_not_know_is_a_gap(code: int) -> None:
+    """WHvSetPartitionProperty.md: WHV_E_UNKNOWN_PROPERTY is for a property "not
+    available on the current system".  Whether a property WinHvPlatformDefs.h
+    defines is available depends on the Windows build, and what it does to the
+    guest the model cannot show: it refuses to guess."""
+    model = WhpxModel()
+    handle = new_partition(model, setup=False)
+    value = ctypes.create_string_buffer(32)
+    with pytest.raises(ModelGap):
+        model.set_partition_property(handle, code, ctypes.addressof(value), 32)
+
+
+@pytest.mark.parametrize(("code", "value"), [(0x1004, bytes(32)), (0x0004, b"\x01")])
+def test_a_property_whose_effect_the_engine_cannot_show_is_a_gap(code: int, value: bytes) -> None:
+    """CpuidResultList changes what CPUID answers and NestedVirtualization what
+    VMX instructions do; the software CPU would silently do neither."""
+    model = WhpxModel()
+    handle = new_partition(model, setup=False)
+    buffer = ctypes.create_string_buffer(value, 32)
+    with pytest.raises(ModelGap):
+        model.set_partition_property(handle, code, ctypes.addressof(buffer), len(value))
+
+
+def test_a_property_the_header_does_not_define_is_unknown() -> None:
+    model = WhpxModel()
+    handle = new_partition(model, setup=False)
+    value = ctypes.create_string_buffer(32)
+    result = call(model, "WHvSetPartitionProperty", handle, 0x1012, ctypes.addressof(value), 32)
+    assert unsigned(result) == m.WHV_E_UNKNOWN_PROPERTY, "0x1012 is Arm64's interrupt-controller property"

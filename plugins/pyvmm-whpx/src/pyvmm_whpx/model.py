@@ -93,7 +93,8 @@ R_UNKNOWN_CAPABILITY = _rule(
 R_UNKNOWN_PROPERTY = _rule(
     "WHV-UNKNOWN-PROPERTY",
     WHV_E_UNKNOWN_PROPERTY,
-    "WHvSetPartitionProperty of a property not available on this system",
+    "WHvSetPartitionProperty of a property code WinHvPlatformDefs.h does not define (one it defines may or may "
+    "not be available on a given build: the model does not say it is not)",
     "funcs/WHvSetPartitionProperty.md (Return Value)",
 )
 R_PROPERTY_AFTER_SETUP = _rule(
@@ -225,7 +226,11 @@ R_DOORBELL_NOT_FOUND = _rule(
 
 # --- numbers (WinHvPlatformDefs.h, WinHvEmulation.h) --------------------------------------
 _FEATURE_DIRTY_PAGE_TRACKING = 1 << 3
-_PROPERTIES_SETUP_ONLY = {0x1FFF, 0x1004, 0x1005, 0x0003, 0x0004, 0x1001, 0x1002}
+#: The x64 WHV_PARTITION_PROPERTY_CODEs WinHvPlatformDefs.h defines.  Whether one is available
+#: depends on the Windows build, so only a code outside this set is WHV_E_UNKNOWN_PROPERTY.
+_PROPERTIES_DEFINED = {*range(0x0001, 0x000E), *range(0x1001, 0x1012), 0x1FFF}
+#: The properties the model gives an effect (or knows has none it must show).
+_PROPERTIES_SETUP_ONLY = {0x1FFF, 0x1004, 0x1005, 0x0003, 0x0004}
 _PROPERTIES_ANY_TIME = {0x0001, 0x0002, 0x0005, 0x1003}
 _MAP_READ, _MAP_WRITE, _MAP_TRACK_DIRTY = 0x1, 0x2, 0x8
 _EXIT_MEMORY, _EXIT_IO, _EXIT_UNRECOVERABLE = 0x1, 0x2, 0x4
@@ -437,11 +442,17 @@ class WhpxModel(DllModel):
     def set_partition_property(self, handle: Any, code: int, buffer: Any, size: int) -> int:
         partition = self._partition(handle)
         code = int(code)
-        if code not in _PROPERTIES_SETUP_ONLY | _PROPERTIES_ANY_TIME:
+        if code not in _PROPERTIES_DEFINED:
             raise RuleViolation(R_UNKNOWN_PROPERTY, f"code {code:#x}")
         if partition.set_up and code not in _PROPERTIES_ANY_TIME:  # behaviour: setup-only-properties
             raise RuleViolation(R_PROPERTY_AFTER_SETUP, f"code {code:#x}")
+        if code not in _PROPERTIES_SETUP_ONLY | _PROPERTIES_ANY_TIME:  # behaviour: unmodelled-property
+            raise self.not_modelled(f"partition property {code:#x} (its effect on the guest)")
         value = self.copy_from_user(pointer_value(buffer), int(size))
+        if code == 0x1004 and size:
+            raise self.not_modelled("CpuidResultList (the software CPU answers CPUID itself)")
+        if code == 0x0004 and any(value):
+            raise self.not_modelled("nested virtualization")
         if code == 0x1FFF:
             partition.processor_count = struct.unpack_from("<I", value)[0]
         elif code == 0x0001 and struct.unpack_from("<Q", value)[0]:
