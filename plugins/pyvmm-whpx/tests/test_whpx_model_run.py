@@ -171,3 +171,25 @@ def test_an_unregistered_doorbell_no_longer_rings(whpx: Backend, model: WhpxMode
         vm.unregister_ioevent(event, IoEventAddress.mmio(p.MMIO_BASE), datamatch=7, length=4)
         assert bytes(expect_mmio(vcpu).data) == struct.pack("<I", 7)
         assert event.consume() == 0
+
+
+def test_a_real_mode_string_output_counts_cx_and_keeps_the_upper_bits(whpx: Backend) -> None:
+    """In 16-bit code ``rep outsb`` counts CX and steps SI (Intel SDM vol. 2,
+    OUTS/REP: the address size picks the registers): RCX's bits above 16 are no
+    part of the count and stay as they were."""
+    from dataclasses import replace
+
+    with whpx.create_vm({"arch": "x86_64"}) as vm:
+        vm.add_memory(0, 0x10_0000)
+        vm.memory.write(0x7C00, bytes.fromhex("f36e f4"))  # rep outsb; hlt
+        vm.memory.write(0x500, b"abc")
+        vcpu = vm.create_vcpu()
+        sregs = vcpu.get_sregs()
+        vcpu.set_sregs(replace(sregs, cs=replace(sregs.cs, selector=0, base=0), ds=replace(sregs.ds, base=0)))
+        regs = vcpu.get_regs()
+        vcpu.set_regs(replace(regs, rip=0x7C00, rcx=0x1_0000_0003, rsi=0xABCD_0000_0500, rdx=0x3F8))
+        out = expect_io(vcpu)
+        assert (out.port, out.count, bytes(out.data)) == (0x3F8, 3, b"abc")
+        assert vcpu.run().kind is ExitKind.HLT
+        regs = vcpu.get_regs()
+        assert (regs.rcx, regs.rsi) == (0x1_0000_0000, 0xABCD_0000_0503)

@@ -927,6 +927,16 @@ class WhpxModel(DllModel):
         return 0
 
 
+def _code_bits(state: int, cs: Segment) -> int:
+    """The default operand and address size of the code the VpContext describes:
+    64 in long mode with CS.L, else 32 with CS.D in protected mode, else 16."""
+    if state >> 4 & 1 and cs.l:  # ExecutionState.EferLma
+        return 64
+    if state >> 2 & 1:  # ExecutionState.Cr0Pe
+        return 32 if cs.db else 16
+    return 16
+
+
 class _Emulation:
     """One ``WHvEmulatorTry*Emulation`` call: the instruction emulated through
     the plugin's callbacks, as WinHvEmulation.dll does it."""
@@ -986,7 +996,7 @@ class _Emulation:
 
     # --- instructions -----------------------------------------------------------------------
     def io(self, vp: tuple[Any, ...], io: tuple[Any, ...]) -> None:
-        _state, length_byte, _, _, _cs, rip, _rflags = vp
+        state, length_byte, _, _, cs_raw, rip, _rflags = vp
         count, code, info, port, _rax, _rcx, _rsi, _rdi, ds_raw, es_raw = io
         size = (info >> 1) & 7
         is_write = bool(info & 1)
@@ -1002,46 +1012,55 @@ class _Emulation:
                 merged = value if size == 4 else rax & ~mask | value
                 self.set({0: merged, _REG_RIP: next_rip})
             return
-        self.string_io(code[:count], is_write, port, size, next_rip, ds_raw, es_raw, bool(info & (1 << 5)))
+        address_bits = _code_bits(state, _unpack_segment(cs_raw))
+        self.string_io(
+            code[:count], is_write, port, size, next_rip, ds_raw, es_raw, bool(info & (1 << 5)), address_bits
+        )
 
     def string_io(  # noqa: PLR0917 - the parts of one string instruction
-        self, code: bytes, is_write: bool, port: int, size: int, next_rip: int, ds: bytes, es: bytes, rep: bool
+        self,
+        code: bytes,
+        is_write: bool,
+        port: int,
+        size: int,
+        next_rip: int,
+        ds: bytes,
+        es: bytes,
+        rep: bool,
+        address_bits: int,
     ) -> None:
         if 0x67 in code or any(b in (0x26, 0x2E, 0x36, 0x64, 0x65) for b in code):
             raise self.model.not_modelled("string I/O with an address-size or segment-override prefix")
+        # The address size (16, 32 or 64 bits by the code segment) picks CX/ECX/RCX and SI/ESI/RSI,
+        # DI/EDI/RDI (Intel SDM vol. 2, INS/OUTS and REP); the register bits above it are left alone.
+        mask = (1 << address_bits) - 1
         rcx, rsi, rdi, rflags = self.get((1, 6, 7, _REG_RFLAGS))
-        count = rcx if rep else 1
+        count = rcx & mask if rep else 1
         if count > MAX_STRING_ITEMS:
             raise self.model.not_modelled(f"string I/O of {count} items")
         step = -size if rflags & (1 << 10) else size
         base = _unpack_segment(ds).base if is_write else _unpack_segment(es).base
         for _ in range(count):
-            offset = rsi if is_write else rdi
+            offset = (rsi if is_write else rdi) & mask
             gva = (base + offset) & ((1 << 64) - 1)
             if (gva & (PAGE - 1)) + size > PAGE:
                 raise self.model.not_modelled("a string I/O item crossing a page")
             gpa = self.translate(gva, write=not is_write)
             if is_write:
                 self.port(True, port, size, self.memory(False, gpa, size))
-                rsi = (rsi + step) & ((1 << 64) - 1)
+                rsi = rsi & ~mask | (rsi + step) & mask
             else:
                 self.memory(True, gpa, size, self.port(False, port, size))
-                rdi = (rdi + step) & ((1 << 64) - 1)
+                rdi = rdi & ~mask | (rdi + step) & mask
         registers = {6: rsi, 7: rdi, _REG_RIP: next_rip}
         if rep:
-            registers[1] = 0
+            registers[1] = rcx & ~mask
         self.set(registers)
 
     def mmio(self, vp: tuple[Any, ...], memory: tuple[Any, ...]) -> None:
         state, _length, _, _, cs_raw, _rip, _ = vp
         count, code, _info, gpa, _gva = memory
-        cs = _unpack_segment(cs_raw)
-        if state >> 4 & 1 and cs.l:
-            bits = 64
-        elif state >> 2 & 1:
-            bits = 32 if cs.db else 16
-        else:
-            bits = 16
+        bits = _code_bits(state, _unpack_segment(cs_raw))
         insn = x86_emulate.decode(code[:count], bits=bits)
         names = (*range(16), _REG_RIP, _REG_RFLAGS)
         values = self.get(names)
