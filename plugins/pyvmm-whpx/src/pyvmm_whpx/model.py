@@ -108,19 +108,20 @@ R_SETUP_INCOMPLETE = _rule(
     "WHV-SETUP-INCOMPLETE",
     WHV_E_INVALID_PARTITION_CONFIG,
     "WHvSetupPartition without a property required before setup (the processor count)",
-    "funcs/WHvSetupPartition.md (Return Value); samples/WinHvSampleAmd64.cpp sets ProcessorCount first",
+    "funcs/WHvSetupPartition.md (Return Value); samples/WinHvSampleAmd64.cpp sets ProcessorCount first; "
+    "github.com/insula-rs/libwhp src/platform.rs test_setup_partition_fail saw it on Windows",
 )
 R_NOT_SET_UP = _rule(
     "WHV-NOT-SET-UP",
     WHV_E_INVALID_PARTITION_CONFIG,
-    "a call that needs the hypervisor partition before WHvSetupPartition made it (code not documented: "
-    "the WHV_E_* for a partition in the wrong configuration)",
+    "a call that needs the hypervisor partition before WHvSetupPartition made it (code not documented, "
+    "unverified on Windows: the WHV_E_* for a partition in the wrong configuration)",
     "funcs/WHvCreatePartition.md (Remarks: the object only; WHvSetupPartition creates the partition)",
 )
 R_SETUP_TWICE = _rule(
     "WHV-SETUP-TWICE",
     WHV_E_INVALID_PARTITION_CONFIG,
-    "WHvSetupPartition of a partition already set up (code not documented)",
+    "WHvSetupPartition of a partition already set up (code not documented, unverified on Windows)",
     "funcs/WHvSetupPartition.md (creates the partition in the hypervisor, once)",
 )
 R_MAP_ALIGNMENT = _rule(
@@ -141,26 +142,29 @@ R_RANGE_NOT_FOUND = _rule(
 R_DIRTY_BITMAP_SIZE = _rule(
     "WHV-DIRTY-BITMAP-SIZE",
     WHV_E_INSUFFICIENT_BUFFER,
-    "a dirty bitmap smaller than one bit per page rounded up to 8 bytes (code not documented)",
+    "a dirty bitmap smaller than one bit per page rounded up to 8 bytes (code not documented, and unverified: "
+    "WHvGetInterruptTargetVpSet.md shows one undersized buffer answered E_INVALIDARG instead)",
     "funcs/WHvQueryGpaRangeDirtyBitmap.md (Parameters: BitmapSizeInBytes)",
 )
 R_FLAGS_NOT_ZERO = _rule(
     "WHV-FLAGS-NOT-ZERO",
     E_INVALIDARG,
-    "Flags of WHvCreateVirtualProcessor / WHvCancelRunVirtualProcessor not zero (code not documented)",
+    "Flags of WHvCreateVirtualProcessor / WHvCancelRunVirtualProcessor not zero (code not documented, "
+    "unverified on Windows)",
     "funcs/WHvCreateVirtualProcessor.md, funcs/WHvCancelRunVirtualProcessor.md ('Unused, must be zero')",
 )
 R_VP_INDEX = _rule(
     "WHV-VP-INDEX",
     E_INVALIDARG,
-    "a virtual processor index not below the partition's ProcessorCount (code not documented)",
-    "funcs/WHvPartitionPropertyDataTypes.md (ProcessorCount); funcs/WHvCreateVirtualProcessor.md",
+    "a virtual processor index not below the partition's ProcessorCount",
+    "funcs/WHvCreateVirtualProcessor2.md (Return Value: E_INVALIDARG; Remarks: WHvCreateVirtualProcessor(p, i, 0) "
+    "is WHvCreateVirtualProcessor2(p, i, NULL, 0))",
 )
 R_VP_EXISTS = _rule(
     "WHV-VP-ALREADY-EXISTS",
     WHV_E_VP_ALREADY_EXISTS,
     "WHvCreateVirtualProcessor of an index that already has a virtual processor",
-    "funcs/WHvCreateVirtualProcessor.md; winerror.h WHV_E_VP_ALREADY_EXISTS",
+    "funcs/WHvCreateVirtualProcessor2.md (Return Value; the same call as WHvCreateVirtualProcessor with no properties)",
 )
 R_NO_VP = _rule(
     "WHV-VP-DOES-NOT-EXIST",
@@ -171,13 +175,17 @@ R_NO_VP = _rule(
 R_EXIT_BUFFER = _rule(
     "WHV-EXIT-BUFFER",
     WHV_E_INSUFFICIENT_BUFFER,
-    "WHvRunVirtualProcessor with an exit-context buffer smaller than WHV_RUN_VP_EXIT_CONTEXT (224 bytes)",
-    "funcs/WHvRunVirtualProcessor.md (ExitContextSizeInBytes); WinHvPlatformDefs.h",
+    "WHvRunVirtualProcessor with an exit-context buffer smaller than WHV_RUN_VP_EXIT_CONTEXT (224 bytes); the page "
+    "names no code: WHV_E_INSUFFICIENT_BUFFER is what libwhp's test_run_vcpu saw on Windows for a 1-byte buffer",
+    "funcs/WHvRunVirtualProcessor.md (ExitContextSizeInBytes); WinHvPlatformDefs.h; github.com/insula-rs/libwhp "
+    "src/win_hv_platform.rs test_run_vcpu",
 )
 R_VP_RUNNING = _rule(
     "WHV-VP-RUNNING",
     WHV_E_INVALID_VP_STATE,
-    "registers of a virtual processor read or written while another thread runs it",
+    "registers of a virtual processor read or written while another thread runs it (the register pages name no "
+    "code; the interrupt-controller state pages give this one for a running virtual processor)",
+    "funcs/WHvSetVirtualProcessorInterruptControllerState.md ('If the virtual processor is currently running'); "
     "funcs/WHvGetVirtualProcessorInterruptControllerState2.md ('cannot be accessed in its current state')",
 )
 R_REGISTER_NAME = _rule(
@@ -190,15 +198,15 @@ R_CALLBACKS_SIZE = _rule(
     "WHV-EMULATOR-CALLBACKS",
     E_INVALIDARG,
     "WHV_EMULATOR_CALLBACKS whose Size is not sizeof(WHV_EMULATOR_CALLBACKS) or with a NULL callback "
-    "(code not documented)",
+    "(code not documented, unverified on Windows)",
     "headers/WinHvEmulation.h (WHV_EMULATOR_CALLBACKS.Size)",
 )
 
 R_INSUFFICIENT_BUFFER = _rule(
     "WHV-INSUFFICIENT-BUFFER",
     WHV_E_INSUFFICIENT_BUFFER,
-    "a WHvGetCapability buffer smaller than the capability's value (code not documented: the WHV_E_* "
-    "that names the constraint)",
+    "a WHvGetCapability buffer smaller than the capability's value (code not documented, and unverified: the "
+    "WHV_E_* that names the constraint, which the state and XSAVE calls document for theirs)",
     "funcs/WHvGetCapability.md (CapabilityBufferSizeInBytes); winerror.h WHV_E_INSUFFICIENT_BUFFER",
 )
 
