@@ -143,3 +143,94 @@ def test_a_property_the_header_does_not_define_is_unknown() -> None:
     value = ctypes.create_string_buffer(32)
     result = call(model, "WHvSetPartitionProperty", handle, 0x1012, ctypes.addressof(value), 32)
     assert unsigned(result) == m.WHV_E_UNKNOWN_PROPERTY, "0x1012 is Arm64's interrupt-controller property"
+
+
+class _ScriptedCallbacks:
+    """The five emulator callbacks as ctypes functions, with the translation
+    answer under the test's control: a raw WHvEmulatorCreateEmulator caller."""
+
+    IO = ctypes.CFUNCTYPE(ctypes.c_int32, ctypes.c_void_p, ctypes.c_void_p)
+    MEMORY = ctypes.CFUNCTYPE(ctypes.c_int32, ctypes.c_void_p, ctypes.c_void_p)
+    REGISTERS = ctypes.CFUNCTYPE(ctypes.c_int32, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_uint32, ctypes.c_void_p)
+    TRANSLATE = ctypes.CFUNCTYPE(
+        ctypes.c_int32, ctypes.c_void_p, ctypes.c_uint64, ctypes.c_uint32, ctypes.c_void_p, ctypes.c_void_p
+    )
+
+    def __init__(self, registers: dict[int, int], *, result_code: int = 0, gpa_offset: int = 0) -> None:
+        self.registers = registers
+        self.result_code = result_code
+        self.gpa_offset = gpa_offset
+        self.memory_accesses: list[tuple[int, int, int]] = []
+        self.functions = (
+            self.IO(lambda _c, _info: 0),
+            self.MEMORY(self._memory),
+            self.REGISTERS(self._get),
+            self.REGISTERS(lambda _c, _names, _count, _values: 0),
+            self.TRANSLATE(self._translate),
+        )
+        pointers = [ctypes.cast(f, ctypes.c_void_p).value for f in self.functions]
+        self.table = ctypes.create_string_buffer(struct.pack("<II5Q", 48, 0, *pointers))
+
+    def _memory(self, _context: Any, info: Any) -> int:
+        gpa, direction, size = struct.unpack_from("<QBB", ctypes.string_at(info, 10))
+        self.memory_accesses.append((gpa, direction, size))
+        return 0
+
+    def _get(self, _context: Any, names: Any, count: int, values: Any) -> int:
+        wanted = struct.unpack(f"<{count}I", ctypes.string_at(names, 4 * count))
+        raw = b"".join(struct.pack("<QQ", self.registers.get(n, 0), 0) for n in wanted)
+        ctypes.memmove(values, raw, len(raw))
+        return 0
+
+    def _translate(self, _context: Any, gva: int, _flags: int, result: Any, gpa: Any) -> int:
+        ctypes.memmove(result, struct.pack("<II", self.result_code, 0), 8)
+        ctypes.memmove(gpa, struct.pack("<Q", gva + self.gpa_offset), 8)
+        return 0
+
+
+_MMIO_ADDRESS = 0xD000_0000
+
+
+def _emulate_mmio_read(model: WhpxModel, callbacks: _ScriptedCallbacks) -> int:
+    """``mov eax, [rbx]`` (8b 03) in 64-bit code, RBX at an MMIO page: the
+    WHV_EMULATOR_STATUS of WHvEmulatorTryMmioEmulation."""
+    out = ctypes.c_uint64()
+    assert call(model, "WHvEmulatorCreateEmulator", ctypes.addressof(callbacks.table), ctypes.addressof(out)) == 0
+    long_mode_cs = struct.pack("<QIHH", 0, 0xFFFF_FFFF, 0x8, 0x209B)
+    vp_context = ctypes.create_string_buffer(struct.pack("<HBBI16sQQ", 0x14, 2, 0, 0, long_mode_cs, 0x1000, 2))
+    access = struct.pack("<B3x16sIQQ", 2, bytes.fromhex("8b03").ljust(16, b"\0"), 0x8, _MMIO_ADDRESS, _MMIO_ADDRESS)
+    memory_context = ctypes.create_string_buffer(access)
+    status = ctypes.c_uint32()
+    model.try_mmio_emulation(
+        out.value, 0, ctypes.addressof(vp_context), ctypes.addressof(memory_context), ctypes.addressof(status)
+    )
+    return status.value
+
+
+def test_the_emulator_reads_mmio_through_the_callbacks() -> None:
+    model = WhpxModel()
+    callbacks = _ScriptedCallbacks({3: _MMIO_ADDRESS, 0x10: 0x1000})
+    assert _emulate_mmio_read(model, callbacks) == 1, "EmulationSuccessful"
+    assert callbacks.memory_accesses == [(_MMIO_ADDRESS, 0, 4)]
+
+
+def test_a_translated_gpa_page_that_is_not_aligned_fails_the_emulation() -> None:
+    """WHvEmulatorTranslateGVAPageCallback.md: "GpaPage must be 4K aligned or the
+    current emulation call will fail, with extended status
+    TranslateGvaPageCallbackGpaPageIsNotAligned bit set" (bit 5,
+    WinHvEmulation.h WHV_EMULATOR_STATUS)."""
+    model = WhpxModel()
+    callbacks = _ScriptedCallbacks({3: _MMIO_ADDRESS, 0x10: 0x1000}, gpa_offset=0x10)
+    status = _emulate_mmio_read(model, callbacks)
+    assert status & 1 == 0 and status >> 5 & 1 == 1
+    assert callbacks.memory_accesses == []
+
+
+def test_a_failed_translation_result_is_a_gap() -> None:
+    """The callback hands back "exactly what WHvTranslateGva returned"; what the
+    emulator then does with a page fault (inject it?) is not documented --
+    TranslateGvaPageCallbackFailed is for a callback that did not return S_OK."""
+    model = WhpxModel()
+    callbacks = _ScriptedCallbacks({3: _MMIO_ADDRESS, 0x10: 0x1000}, result_code=1)
+    with pytest.raises(ModelGap):
+        _emulate_mmio_read(model, callbacks)

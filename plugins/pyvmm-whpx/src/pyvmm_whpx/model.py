@@ -252,7 +252,7 @@ _SCALARS = {0x1C: "cr0", 0x1D: "cr2", 0x1E: "cr3", 0x1F: "cr4", 0x20: "cr8", 0x2
 _PENDING_INTERRUPTION, _INTERRUPT_STATE, _DELIVERABILITY = 0x8000_0000, 0x8000_0001, 0x8000_0004
 _STATUS_SUCCESS, _STATUS_INTERNAL_FAILURE = 1 << 0, 1 << 1
 _STATUS_IO_FAILED, _STATUS_MEMORY_FAILED, _STATUS_TRANSLATE_FAILED = 1 << 2, 1 << 3, 1 << 4
-_STATUS_GET_FAILED, _STATUS_SET_FAILED = 1 << 6, 1 << 7
+_STATUS_GPA_NOT_ALIGNED, _STATUS_GET_FAILED, _STATUS_SET_FAILED = 1 << 5, 1 << 6, 1 << 7
 
 _SEGMENT = struct.Struct("<QIHH")
 _VP_CONTEXT = struct.Struct("<HBBI16sQQ")
@@ -983,11 +983,21 @@ class _Emulation:
             raise CallbackFailed(_STATUS_SET_FAILED)
 
     def translate(self, gva: int, write: bool) -> int:
+        """The GPA of ``gva`` through the TranslateGvaPage callback, which gets the
+        page and hands back "exactly what WHvTranslateGva returned"
+        (hypervisor-instruction-emulator ``WHvEmulatorTranslateGVAPageCallback.md``)."""
         code = self.ffi.new("uint32_t *")
         gpa = self.ffi.new("uint64_t *")
         page = gva & ~(PAGE - 1)
-        if self.emulator.translate(self.context, page, 0x2 if write else 0x1, code, gpa) < 0 or code[0] != 0:
+        if self.emulator.translate(self.context, page, 0x2 if write else 0x1, code, gpa) < 0:
             raise CallbackFailed(_STATUS_TRANSLATE_FAILED)
+        if code[0] != 0:  # behaviour: translation-result
+            raise self.model.not_modelled(
+                f"what the emulator does with the translation result {code[0]} (a fault to inject?)"
+            )
+        if gpa[0] % PAGE:  # behaviour: gpa-page-aligned
+            # "GpaPage must be 4K aligned or the current emulation call will fail" (same page).
+            raise CallbackFailed(_STATUS_GPA_NOT_ALIGNED)
         return int(gpa[0]) | gva & (PAGE - 1)
 
     def port(self, is_write: bool, port: int, size: int, value: int = 0) -> int:
