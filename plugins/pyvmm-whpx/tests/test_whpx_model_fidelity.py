@@ -191,14 +191,14 @@ class _ScriptedCallbacks:
 _MMIO_ADDRESS = 0xD000_0000
 
 
-def _emulate_mmio_read(model: WhpxModel, callbacks: _ScriptedCallbacks) -> int:
+def _emulate_mmio_read(model: WhpxModel, callbacks: _ScriptedCallbacks, gpa: int = _MMIO_ADDRESS) -> int:
     """``mov eax, [rbx]`` (8b 03) in 64-bit code, RBX at an MMIO page: the
     WHV_EMULATOR_STATUS of WHvEmulatorTryMmioEmulation."""
     out = ctypes.c_uint64()
     assert call(model, "WHvEmulatorCreateEmulator", ctypes.addressof(callbacks.table), ctypes.addressof(out)) == 0
     long_mode_cs = struct.pack("<QIHH", 0, 0xFFFF_FFFF, 0x8, 0x209B)
     vp_context = ctypes.create_string_buffer(struct.pack("<HBBI16sQQ", 0x14, 2, 0, 0, long_mode_cs, 0x1000, 2))
-    access = struct.pack("<B3x16sIQQ", 2, bytes.fromhex("8b03").ljust(16, b"\0"), 0x8, _MMIO_ADDRESS, _MMIO_ADDRESS)
+    access = struct.pack("<B3x16sIQQ", 2, bytes.fromhex("8b03").ljust(16, b"\0"), 0x8, gpa, gpa)
     memory_context = ctypes.create_string_buffer(access)
     status = ctypes.c_uint32()
     model.try_mmio_emulation(
@@ -234,3 +234,13 @@ def test_a_failed_translation_result_is_a_gap() -> None:
     callbacks = _ScriptedCallbacks({3: _MMIO_ADDRESS, 0x10: 0x1000}, result_code=1)
     with pytest.raises(ModelGap):
         _emulate_mmio_read(model, callbacks)
+
+
+def test_an_mmio_operand_crossing_a_page_is_a_gap() -> None:
+    """WhvEmulatorMemoryCallback.md: an access spanning a page boundary is two
+    memory callbacks (``movq [0xffe], rax``: 2 bytes and 6); the model's decoder
+    makes one, so it refuses rather than answer differently."""
+    model = WhpxModel()
+    callbacks = _ScriptedCallbacks({3: _MMIO_ADDRESS + 0xFFE, 0x10: 0x1000})
+    with pytest.raises(ModelGap):
+        _emulate_mmio_read(model, callbacks, _MMIO_ADDRESS + 0xFFE)

@@ -1087,6 +1087,9 @@ class _Emulation:
         if bits == 64 and insn.segment in ("fs", "gs"):
             raise self.model.not_modelled("MMIO through an FS/GS override")
         linear = x86_emulate.effective_address(insn, regs, bases)
+        if (linear & (PAGE - 1)) + insn.operand_size > PAGE:  # behaviour: mmio-page-crossing
+            # The emulator splits it into two memory callbacks (WhvEmulatorMemoryCallback.md).
+            raise self.model.not_modelled("an MMIO operand crossing a page")
         is_write = insn.opcode in (0x88, 0x89, 0xA2, 0xA3, 0xC6, 0xC7)
         physical = self.translate(linear, write=is_write)
         if physical != gpa:
