@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import struct
 import threading
+from typing import Any
 
 import pytest
 
@@ -193,3 +194,31 @@ def test_a_real_mode_string_output_counts_cx_and_keeps_the_upper_bits(whpx: Back
         assert vcpu.run().kind is ExitKind.HLT
         regs = vcpu.get_regs()
         assert (regs.rcx, regs.rsi) == (0x1_0000_0000, 0xABCD_0000_0503)
+
+
+@pytest.mark.parametrize("program", [p.MMIO_ROUND_TRIP, p.PIO_ROUND_TRIP])
+def test_the_instruction_is_its_own_bytes_when_the_hypervisor_hands_more(
+    whpx: Backend, model: WhpxModel, monkeypatch: pytest.MonkeyPatch, program: GuestProgram
+) -> None:
+    """``InstructionBytes`` are what the hypervisor fetched: the emulator pages say
+    it may not hand them all, and nothing promises it stops at the instruction's
+    end.  Here the model hands all 16 bytes at RIP; the exit's ``instruction``
+    is still that instruction (pyvmm: its length is ``len(instruction)``)."""
+    exit_context = model._exit_context
+
+    def with_the_whole_window(vp: Any, exit_: Any) -> bytes:
+        raw = bytearray(exit_context(vp, exit_))
+        if struct.unpack_from("<I", raw)[0] in (1, 2):  # MemoryAccess, X64IoPortAccess
+            rip = struct.unpack_from("<Q", raw, 8 + 24)[0]
+            window = vp.engine.read_virtual(rip, 16)
+            assert window is not None
+            raw[48] = 16
+            raw[52:68] = window
+        return bytes(raw)
+
+    monkeypatch.setattr(model, "_exit_context", with_the_whole_window)
+    with booted(whpx, program) as (_, vcpu):
+        first = vcpu.run()
+        assert isinstance(first, (IoExit, MmioExit))
+        expected = bytes.fromhex("8b03") if isinstance(first, MmioExit) else bytes.fromhex("ed")
+        assert first.instruction == expected
