@@ -595,7 +595,10 @@ class WhpxModel(DllModel):
         _, vp = self._vp(handle, index)
         if flags:
             raise RuleViolation(R_FLAGS_NOT_ZERO, f"Flags {flags:#x}")
-        # A cancel ends the current run, or the next one if none is under way.
+        # A cancel ends the current run, or the next one if none is under way.  The page does not
+        # say; Microsoft's openvmm relies on it (github.com/microsoft/openvmm pull 4033, virt_whp:
+        # a cancel "ensures the VP returns to the host loop ... whether the target VTL is
+        # currently running or runs later").
         vp.engine.kick()  # behaviour: cancel
         return 0
 
