@@ -244,3 +244,22 @@ def test_an_mmio_operand_crossing_a_page_is_a_gap() -> None:
     callbacks = _ScriptedCallbacks({3: _MMIO_ADDRESS + 0xFFE, 0x10: 0x1000})
     with pytest.raises(ModelGap):
         _emulate_mmio_read(model, callbacks, _MMIO_ADDRESS + 0xFFE)
+
+
+@pytest.mark.parametrize("code", [0x0003, 0x0006, 0x1001, 0x1004, 0x100A, 0x2000, 0x2010])
+def test_a_capability_the_header_defines_but_the_model_does_not_answer_is_a_gap(code: int) -> None:
+    """WHvGetCapability.md: WHV_E_UNKNOWN_CAPABILITY means "not available on the
+    system"; for a capability WinHvPlatformDefs.h defines (processor features,
+    clock frequency, the VMX capabilities...) that depends on the build and the
+    processor, which the model does not pretend to know."""
+    model = WhpxModel()
+    buffer = ctypes.create_string_buffer(64)
+    with pytest.raises(ModelGap):
+        model.get_capability(code, ctypes.addressof(buffer), 64, 0)
+
+
+def test_a_capability_the_header_does_not_define_is_unknown() -> None:
+    model = WhpxModel()
+    buffer = ctypes.create_string_buffer(8)
+    result = call(model, "WHvGetCapability", 0x2011, ctypes.addressof(buffer), 8, 0)
+    assert unsigned(result) == m.WHV_E_UNKNOWN_CAPABILITY, "0x2011 is an Arm64 capability"

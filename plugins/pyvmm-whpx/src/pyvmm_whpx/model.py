@@ -87,7 +87,8 @@ HRESULT_ERROR_NOT_FOUND = 0x8007_0490
 R_UNKNOWN_CAPABILITY = _rule(
     "WHV-UNKNOWN-CAPABILITY",
     WHV_E_UNKNOWN_CAPABILITY,
-    "WHvGetCapability of a capability code the platform does not know",
+    "WHvGetCapability of a capability code WinHvPlatformDefs.h does not define (one it defines but the "
+    "model does not answer is a ModelGap)",
     "funcs/WHvGetCapability.md (Return Value)",
 )
 R_UNKNOWN_PROPERTY = _rule(
@@ -233,6 +234,8 @@ R_DOORBELL_NOT_FOUND = _rule(
 )
 
 # --- numbers (WinHvPlatformDefs.h, WinHvEmulation.h) --------------------------------------
+#: The x64 WHV_CAPABILITY_CODEs the header defines: only a code outside them is "unknown".
+_CAPABILITIES_DEFINED = {*range(0x0000, 0x0007), *range(0x1000, 0x100B), *range(0x2000, 0x2011)}
 _FEATURE_DIRTY_PAGE_TRACKING = 1 << 3
 #: The x64 WHV_PARTITION_PROPERTY_CODEs WinHvPlatformDefs.h defines.  Whether one is available
 #: depends on the Windows build, so only a code outside this set is WHV_E_UNKNOWN_PROPERTY.
@@ -430,6 +433,8 @@ class WhpxModel(DllModel):
             0x1000: struct.pack("<I", 1),  # ProcessorVendor: Intel
         }
         answer = answers.get(int(code))
+        if answer is None and int(code) in _CAPABILITIES_DEFINED:  # behaviour: unanswered-capability
+            raise self.not_modelled(f"capability {code:#x} (its value on a given build and processor)")
         if answer is None:  # behaviour: unknown-capability
             raise RuleViolation(R_UNKNOWN_CAPABILITY, f"code {code:#x}")
         if size < len(answer):
