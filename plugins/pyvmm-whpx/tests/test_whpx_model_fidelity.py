@@ -263,3 +263,26 @@ def test_a_capability_the_header_does_not_define_is_unknown() -> None:
     buffer = ctypes.create_string_buffer(8)
     result = call(model, "WHvGetCapability", 0x2011, ctypes.addressof(buffer), 8, 0)
     assert unsigned(result) == m.WHV_E_UNKNOWN_CAPABILITY, "0x2011 is an Arm64 capability"
+
+
+@pytest.mark.parametrize(
+    ("function", "name"),
+    [
+        ("WHvGetVirtualProcessorRegisters", 0x1000),  # WHvX64RegisterXmm0
+        ("WHvGetVirtualProcessorRegisters", 0x2002),  # WHvX64RegisterKernelGsBase
+        ("WHvSetVirtualProcessorRegisters", 0x80000001),  # WHvRegisterInterruptState
+        ("WHvSetVirtualProcessorRegisters", 0x2008),  # WHvX64RegisterStar
+    ],
+)
+def test_a_register_the_header_names_but_the_model_does_not_hold_is_a_gap(function: str, name: int) -> None:
+    """WHV_E_INVALID_VP_REGISTER_NAME says the platform has no such register; for a
+    name WinHvPlatformDefs.h defines (XMM, FP, MSRs, the interrupt state...) that
+    is false, so the model refuses rather than answer it."""
+    model = WhpxModel()
+    handle = new_partition(model)
+    assert call(model, "WHvCreateVirtualProcessor", handle, 0, 0) == 0
+    names = (ctypes.c_uint32 * 1)(name)
+    values = ctypes.create_string_buffer(16)
+    method = model.get_registers if function.startswith("WHvGet") else model.set_registers
+    with pytest.raises(ModelGap):
+        method(handle, 0, ctypes.addressof(names), 1, ctypes.addressof(values))

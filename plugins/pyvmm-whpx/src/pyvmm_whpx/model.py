@@ -192,7 +192,8 @@ R_VP_RUNNING = _rule(
 R_REGISTER_NAME = _rule(
     "WHV-REGISTER-NAME",
     WHV_E_INVALID_VP_REGISTER_NAME,
-    "a WHV_REGISTER_NAME this platform does not have",
+    "a WHV_REGISTER_NAME WinHvPlatformDefs.h does not define for x64 (one it defines that the model does not "
+    "hold is a ModelGap)",
     "WinHvPlatformDefs.h WHV_REGISTER_NAME; winerror.h WHV_E_INVALID_VP_REGISTER_NAME",
 )
 R_CALLBACKS_SIZE = _rule(
@@ -234,6 +235,15 @@ R_DOORBELL_NOT_FOUND = _rule(
 )
 
 # --- numbers (WinHvPlatformDefs.h, WinHvEmulation.h) --------------------------------------
+#: The x64 WHV_REGISTER_NAMEs the header defines: only a name outside them is invalid.
+_REGISTERS_DEFINED = {
+    *range(0x0, 0x2C), *range(0x1000, 0x101A), *range(0x2000, 0x200F), *range(0x2010, 0x2020),
+    *range(0x2040, 0x2050), *range(0x2070, 0x207D), *range(0x207E, 0x2080), *range(0x2084, 0x2086),
+    *range(0x2087, 0x2089), *range(0x208B, 0x2094), *range(0x2095, 0x2097), *range(0x2098, 0x209B),
+    *range(0x20A0, 0x20B5), *range(0x3002, 0x3004), 0x3008, *range(0x300A, 0x300C), 0x300D,
+    *range(0x300F, 0x3029), 0x3030, *range(0x3032, 0x303A), *range(0x303E, 0x3040), *range(0x4000, 0x4015),
+    *range(0x5000, 0x5003), 0x5013, 0x5017, 0x501A, *range(0x5050, 0x5054), *range(0x8000_0000, 0x8000_0009),
+}  # fmt: skip
 #: The x64 WHV_CAPABILITY_CODEs the header defines: only a code outside them is "unknown".
 _CAPABILITIES_DEFINED = {*range(0x0000, 0x0007), *range(0x1000, 0x100B), *range(0x2000, 0x2011)}
 _FEATURE_DIRTY_PAGE_TRACKING = 1 << 3
@@ -753,6 +763,8 @@ class WhpxModel(DllModel):
             return struct.pack("<QQ", int(bool(shadow)) | int(masked) << 1, 0)
         if name == _DELIVERABILITY:
             return struct.pack("<QQ", int(vp.window_requested) << 1, 0)
+        if name in _REGISTERS_DEFINED:  # behaviour: unheld-register-read
+            raise self.not_modelled(f"register {name:#x} (the model does not hold it)")
         raise RuleViolation(R_REGISTER_NAME, f"{name:#x}")
 
     @exported("WHvSetVirtualProcessorRegisters")
@@ -764,8 +776,10 @@ class WhpxModel(DllModel):
         known = set(range(16)) | {_REG_RIP, _REG_RFLAGS, _PENDING_INTERRUPTION, _DELIVERABILITY}
         known |= set(_SEGMENTS) | set(_TABLES) | set(_SCALARS)
         for name in wanted:
+            if name not in known and name in _REGISTERS_DEFINED:  # behaviour: unheld-register-write
+                raise self.not_modelled(f"writing register {name:#x} (the model does not hold it)")
             if name not in known:
-                raise RuleViolation(R_REGISTER_NAME, f"{name:#x} (or not writable here)")
+                raise RuleViolation(R_REGISTER_NAME, f"{name:#x}")
         engine = vp.engine
         regs = engine.get_regs()
         sregs = engine.get_sregs() if any(n in _SEGMENTS or n in _TABLES or n in _SCALARS for n in wanted) else None
