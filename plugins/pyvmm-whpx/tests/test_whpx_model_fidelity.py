@@ -286,3 +286,19 @@ def test_a_register_the_header_names_but_the_model_does_not_hold_is_a_gap(functi
     method = model.get_registers if function.startswith("WHvGet") else model.set_registers
     with pytest.raises(ModelGap):
         method(handle, 0, ctypes.addressof(names), 1, ctypes.addressof(values))
+
+
+def test_a_doorbell_straddling_a_page_is_a_gap() -> None:
+    """WHvRegisterPartitionDoorbellEvent.md: "The registered write must not
+    straddle a page boundary" -- with no code named for one that does."""
+    import os
+
+    model = WhpxModel()
+    handle = new_partition(model)
+    match = ctypes.create_string_buffer(struct.pack("<QQII", 0xD000_0FFE, 0, 4, 2))
+    event = os.eventfd(0)
+    try:
+        with pytest.raises(ModelGap):
+            model.register_doorbell(handle, ctypes.addressof(match), event)
+    finally:
+        os.close(event)

@@ -858,6 +858,8 @@ class WhpxModel(DllModel):
             identical = (other.value, other.length, other.flags) == (doorbell.value, doorbell.length, doorbell.flags)
             if identical or other.length != doorbell.length or not (other.flags & doorbell.flags & 1):
                 raise RuleViolation(R_DOORBELL_CONFLICT, f"GuestAddress {doorbell.gpa:#x}")
+        if (doorbell.gpa & (PAGE - 1)) + doorbell.length > PAGE:  # behaviour: doorbell-straddle
+            raise self.not_modelled("a doorbell write straddling a page (the page forbids it, naming no code)")
         page = doorbell.gpa & ~(PAGE - 1)
         if any(m.gpa <= page < m.gpa + m.size for m in partition.mappings):
             raise self.not_modelled("a doorbell in a mapped page (the page is unmapped while it is registered)")
