@@ -302,3 +302,71 @@ def test_a_doorbell_straddling_a_page_is_a_gap() -> None:
             model.register_doorbell(handle, ctypes.addressof(match), event)
     finally:
         os.close(event)
+
+
+@pytest.fixture
+def tracked(model: WhpxModel) -> Iterator[tuple[int, int]]:
+    """A set-up partition with 4 pages at GPA 0x10000 mapped with TrackDirtyPages."""
+    area = mmap.mmap(-1, 4 * PAGE)
+    anchor = ctypes.c_char.from_buffer(area)
+    address = ctypes.addressof(anchor)
+    del anchor
+    handle = new_partition(model)
+    assert call(model, "WHvMapGpaRange", handle, address, 0x10000, 4 * PAGE, 7 | 8) == 0
+    yield handle, address
+    area.close()
+
+
+def mark_dirty(model: WhpxModel, handle: int, code_page: tuple[mmap.mmap, int], *pages: int) -> None:
+    """The guest writes one byte into each of ``pages`` of the tracked range:
+    real-mode ``mov byte [page * 0x1000], 1`` with DS at 0x10000, then ``hlt``."""
+    area, address = code_page
+    code = b"".join(bytes.fromhex("c606") + struct.pack("<H", page * PAGE) + b"\x01" for page in pages) + b"\xf4"
+    area[: len(code)] = code
+    assert call(model, "WHvMapGpaRange", handle, address, 0, PAGE, 7) == 0
+    assert call(model, "WHvCreateVirtualProcessor", handle, 0, 0) == 0
+    segment = struct.pack("<QIHH", 0, 0xFFFF, 0, 0x9B)
+    data_segment = struct.pack("<QIHH", 0x10000, 0xFFFF, 0x1000, 0x93)
+    set_registers(model, handle, {_CS: segment, 0x15: data_segment, _RIP: struct.pack("<Q", 0)})
+    assert struct.unpack_from("<I", run(model, handle))[0] == 8, "the guest halted"
+
+
+def query(model: WhpxModel, handle: int, gpa: int, size: int, bitmap_size: int = 8) -> tuple[int, int]:
+    bitmap = ctypes.c_uint64()
+    address = ctypes.addressof(bitmap) if bitmap_size else 0
+    result = call(model, "WHvQueryGpaRangeDirtyBitmap", handle, gpa, size, address, bitmap_size)
+    return result, bitmap.value
+
+
+def test_a_dirty_query_of_part_of_a_tracked_range_answers_for_that_part(
+    model: WhpxModel, tracked: tuple[int, int], guest_page: tuple[mmap.mmap, int]
+) -> None:
+    """WHvQueryGpaRangeDirtyBitmap.md: WHV_E_GPA_RANGE_NOT_FOUND is for a range
+    "not mapped or not registered for dirty range tracking"; two pages inside a
+    tracked mapping are both.  Bit n is page n of the queried range."""
+    handle, _ = tracked
+    mark_dirty(model, handle, guest_page, 1, 3)
+    assert query(model, handle, 0x10000 + 2 * PAGE, 2 * PAGE) == (0, 0b10)
+    assert query(model, handle, 0x10000, 4 * PAGE) == (0, 0b0010), "the query cleared pages 2-3 only"
+    assert model.rejections == []
+
+
+def test_a_dirty_query_of_no_bitmap_clears_without_reading(
+    model: WhpxModel, tracked: tuple[int, int], guest_page: tuple[mmap.mmap, int]
+) -> None:
+    """WHvQueryGpaRangeDirtyBitmap.md: "If zero, then Bitmap can be NULL. This
+    indicates that the range's dirty state should be cleared without querying
+    the current state."""
+    handle, _ = tracked
+    mark_dirty(model, handle, guest_page, 0, 2)
+    assert query(model, handle, 0x10000, 4 * PAGE, bitmap_size=0)[0] == 0
+    assert query(model, handle, 0x10000, 4 * PAGE) == (0, 0)
+    assert model.rejections == []
+
+
+def test_a_dirty_query_at_an_unaligned_address_is_a_gap(model: WhpxModel, tracked: tuple[int, int]) -> None:
+    """The page says GuestAddress "must be page-aligned" and names no code."""
+    handle, _ = tracked
+    bitmap = ctypes.c_uint64()
+    with pytest.raises(ModelGap):
+        model.query_dirty_bitmap(handle, 0x10010, PAGE, ctypes.addressof(bitmap), 8)

@@ -143,7 +143,8 @@ R_RANGE_NOT_FOUND = _rule(
 R_DIRTY_BITMAP_SIZE = _rule(
     "WHV-DIRTY-BITMAP-SIZE",
     WHV_E_INSUFFICIENT_BUFFER,
-    "a dirty bitmap smaller than one bit per page rounded up to 8 bytes (code not documented, and unverified: "
+    "a nonzero dirty bitmap smaller than one bit per page rounded up to 8 bytes (size 0 only clears the "
+    "range: the page) (code not documented, and unverified: "
     "WHvGetInterruptTargetVpSet.md shows one undersized buffer answered E_INVALIDARG instead)",
     "funcs/WHvQueryGpaRangeDirtyBitmap.md (Parameters: BitmapSizeInBytes)",
 )
@@ -321,6 +322,8 @@ class Mapping:
     size: int
     host: int
     flags: int
+    #: Pages (indexes in the mapping) written since the part of the range holding them was queried.
+    dirty: set[int] = field(default_factory=set)
 
 
 @dataclass(frozen=True)
@@ -558,18 +561,32 @@ class WhpxModel(DllModel):
     @exported("WHvQueryGpaRangeDirtyBitmap")
     def query_dirty_bitmap(self, handle: Any, gpa: int, size: int, bitmap: Any, bitmap_size: int) -> int:
         partition = self._set_up(handle, "WHvQueryGpaRangeDirtyBitmap")
-        mapping = self._mapping(partition, int(gpa), int(size))
+        gpa, size, bitmap_size = int(gpa), int(size), int(bitmap_size)
+        if gpa % PAGE or size % PAGE or size == 0:
+            raise self.not_modelled("a dirty-bitmap query of an unaligned range (the page names no code)")
+        mapping = next((m for m in partition.mappings if m.gpa <= gpa and gpa + size <= m.gpa + m.size), None)
+        if mapping is None and any(m.gpa < gpa + size and gpa < m.gpa + m.size for m in partition.mappings):
+            raise self.not_modelled("a dirty-bitmap query across more than one mapping")
+        if mapping is None:
+            raise RuleViolation(R_RANGE_NOT_FOUND, f"{gpa:#x}+{size:#x}")
         if not mapping.flags & _MAP_TRACK_DIRTY:  # behaviour: dirty-needs-tracking
             raise RuleViolation(R_RANGE_NOT_FOUND, "the range is not mapped with TrackDirtyPages")
-        pages = mapping.size // PAGE
+        pages = size // PAGE
         needed = (pages + 63) // 64 * 8
-        if bitmap_size < needed:
+        if bitmap_size and bitmap_size < needed:
             raise RuleViolation(R_DIRTY_BITMAP_SIZE, f"{bitmap_size} bytes for {pages} pages")
-        dirty = bytearray(needed)
         for vp in partition.vps.values():
             for i, byte in enumerate(vp.engine.dirty_log(mapping.gpa)):
-                dirty[i] |= byte
-        self.copy_to_user(pointer_value(bitmap), bytes(dirty))
+                mapping.dirty |= {8 * i + bit for bit in range(8) if byte >> bit & 1}
+        first = (gpa - mapping.gpa) // PAGE
+        queried = {page for page in mapping.dirty if first <= page < first + pages}
+        # A query reads and clears the range; a zero-sized bitmap only clears it (the page).
+        mapping.dirty -= queried
+        if bitmap_size:  # behaviour: dirty-clear-only
+            dirty = bytearray(needed)
+            for page in queried:
+                dirty[(page - first) // 8] |= 1 << (page - first) % 8
+            self.copy_to_user(pointer_value(bitmap), bytes(dirty))
         return 0
 
     # --- virtual processors ------------------------------------------------------------------
