@@ -370,3 +370,12 @@ def test_a_dirty_query_at_an_unaligned_address_is_a_gap(model: WhpxModel, tracke
     bitmap = ctypes.c_uint64()
     with pytest.raises(ModelGap):
         model.query_dirty_bitmap(handle, 0x10010, PAGE, ctypes.addressof(bitmap), 8)
+
+
+def test_unmapping_part_of_a_mapping_is_a_gap(model: WhpxModel, tracked: tuple[int, int]) -> None:
+    """Partial unmapping is an optional feature (WHV_CAPABILITY_FEATURES.PartialUnmap)
+    whose absence the pages give no code for: the range is mapped, so "not
+    found" would be wrong, and the model does not split mappings."""
+    handle, _ = tracked
+    with pytest.raises(ModelGap):
+        model.unmap_gpa_range(handle, 0x10000 + PAGE, PAGE)

@@ -543,6 +543,9 @@ class WhpxModel(DllModel):
         for mapping in partition.mappings:
             if (mapping.gpa, mapping.size) == (gpa, size):
                 return mapping
+        if any(m.gpa < gpa + size and gpa < m.gpa + m.size for m in partition.mappings):
+            # Features.PartialUnmap, which the model does not offer, is what this would need.
+            raise self.not_modelled(f"unmapping {gpa:#x}+{size:#x}, which is not one whole mapping")
         raise RuleViolation(R_RANGE_NOT_FOUND, f"{gpa:#x}+{size:#x}")
 
     @exported("WHvUnmapGpaRange")
