@@ -264,7 +264,7 @@ _SEGMENTS = {0x12: "es", 0x13: "cs", 0x14: "ss", 0x15: "ds", 0x16: "fs", 0x17: "
 _TABLES = {0x1A: "idt", 0x1B: "gdt"}
 _SCALARS = {0x1C: "cr0", 0x1D: "cr2", 0x1E: "cr3", 0x1F: "cr4", 0x20: "cr8", 0x2001: "efer", 0x2003: "apic_base"}
 _PENDING_INTERRUPTION, _INTERRUPT_STATE, _DELIVERABILITY = 0x8000_0000, 0x8000_0001, 0x8000_0004
-_STATUS_SUCCESS, _STATUS_INTERNAL_FAILURE = 1 << 0, 1 << 1
+_STATUS_SUCCESS = 1 << 0
 _STATUS_IO_FAILED, _STATUS_MEMORY_FAILED, _STATUS_TRANSLATE_FAILED = 1 << 2, 1 << 3, 1 << 4
 _STATUS_GPA_NOT_ALIGNED, _STATUS_GET_FAILED, _STATUS_SET_FAILED = 1 << 5, 1 << 6, 1 << 7
 
@@ -1006,8 +1006,11 @@ class _Emulation:
             emulate()
         except CallbackFailed as failed:
             return failed.status
-        except x86_emulate.NotEmulated:
-            return _STATUS_INTERNAL_FAILURE
+        except x86_emulate.NotEmulated as why:
+            # Windows' emulator knows far more instructions than this decoder, and which it
+            # refuses (InternalEmulationFailure) is not documented.
+            gap = self.model.not_modelled(f"emulating an instruction the model's decoder does not know ({why})")
+            raise gap from why  # behaviour: undecoded-instruction
         return _STATUS_SUCCESS
 
     # --- callbacks ---------------------------------------------------------------------
