@@ -392,3 +392,19 @@ def test_an_instruction_the_models_decoder_does_not_know_is_a_gap() -> None:
     callbacks = _ScriptedCallbacks({3: _MMIO_ADDRESS, 0x10: 0x1000})
     with pytest.raises(ModelGap):
         _emulate_mmio_read(model, callbacks, code="830301")
+
+
+def test_a_new_vp_with_nothing_mapped_exits_with_an_execute_memory_access(model: WhpxModel) -> None:
+    """libwhp's ``test_run_vcpu`` (run on Windows): a new virtual processor of a
+    partition with no memory exits with ``WHvRunVpExitReasonMemoryAccess`` --
+    its first fetch, at the reset vector 0xFFFFFFF0, finds no memory.  The access
+    is an Execute (WHV_MEMORY_ACCESS_TYPE 2) of an unmapped GPA."""
+    handle = new_partition(model)
+    assert call(model, "WHvCreateVirtualProcessor", handle, 0, 0) == 0
+    context = run(model, handle)
+    assert struct.unpack_from("<I", context)[0] == 1
+    access_info, gpa, gva = struct.unpack_from("<IQQ", context, 48 + 20)
+    assert access_info & 3 == 2, "AccessType Execute"
+    assert access_info >> 2 & 1 == 1, "GpaUnmapped"
+    assert (gpa, gva) == (0xFFFF_FFF0, 0xFFFF_FFF0)
+    assert model.rejections == []

@@ -229,3 +229,15 @@ def test_the_instruction_is_its_own_bytes_when_the_hypervisor_hands_more(
         assert isinstance(first, (IoExit, MmioExit))
         expected = bytes.fromhex("8b03") if isinstance(first, MmioExit) else bytes.fromhex("ed")
         assert first.instruction == expected
+
+
+def test_an_instruction_fetch_from_unbacked_memory_is_an_internal_error(whpx: Backend) -> None:
+    """A memory-access exit whose AccessType is Execute is the guest running where
+    no memory is: no device access to hand the VMM, and nothing the emulator can
+    decode (its bytes are not there)."""
+    jump = GuestProgram("jump_to_mmio", Arch.X86_64, "mov eax, 0xd0000000; jmp rax", bytes.fromhex("b8000000d0ffe0"))
+    with booted(whpx, jump) as (_, vcpu):
+        exit_ = vcpu.run()
+        assert isinstance(exit_, InternalErrorExit)
+        assert "0xd0000000" in exit_.description
+        assert vcpu.get_regs().rip == p.MMIO_BASE

@@ -27,9 +27,8 @@ name states the constraint.  What the model cannot answer faithfully raises
 * overlapping GPA mappings, mappings without read access;
 * string I/O with an address-size or segment-override prefix, an item that
   crosses a page, or more than :data:`MAX_STRING_ITEMS` items;
-* a guest the engine cannot run (an instruction fetch from unbacked memory,
-  a debug exit): real WHPX would give a memory-access or exception exit the
-  engine cannot produce.
+* a guest the engine cannot run (a debug exit...), other than an instruction
+  fetch from unbacked memory, which is a memory-access exit (Execute).
 """
 
 from __future__ import annotations
@@ -699,11 +698,24 @@ class WhpxModel(DllModel):
         elif isinstance(exit_, ShutdownExit):
             reason = _EXIT_UNRECOVERABLE
         elif isinstance(exit_, InternalErrorExit):
-            raise self.not_modelled(f"what WHPX reports for a guest the engine cannot run ({exit_.description})")
+            reason, body = _EXIT_MEMORY, self._unbacked_fetch(engine, exit_)
         else:
             raise self.not_modelled(f"the exit {type(exit_).__name__}")
         head = struct.pack("<II", reason, 0) + self._vp_context(engine, len(instruction))
         return (head + body).ljust(EXIT_CONTEXT_SIZE, b"\0")
+
+    def _unbacked_fetch(self, engine: Any, exit_: InternalErrorExit) -> bytes:
+        """The memory-access context of an instruction fetch from a GPA no memory
+        backs: AccessType Execute, GpaUnmapped, no instruction bytes.  libwhp's
+        test_run_vcpu saw a new VP with nothing mapped exit as a memory access."""
+        from pyvmm.softcpu import _uc
+
+        linear = (engine.get_sregs().cs.base + engine.get_regs().rip) & ((1 << 64) - 1)
+        gpa = _uc.vmem_translate(engine._uc, linear, engine._u.UC_PROT_EXEC)
+        if gpa is None or engine.read_physical(gpa, 1) is not None:
+            raise self.not_modelled(f"what WHPX reports for a guest the engine cannot run ({exit_.description})")
+        info = 2 | 1 << 2 | 1 << 3  # behaviour: unbacked-fetch
+        return _MEMORY_CONTEXT.pack(0, bytes(16), info, gpa, linear)
 
     @staticmethod
     def _vp_context(engine: Any, instruction_length: int) -> bytes:

@@ -205,6 +205,14 @@ class WhpxVcpu:
 
     def _memory_exit(self) -> VcpuExit:
         memory = self.context.MemoryAccess
+        if int(memory.AccessInfo) & 3 == w.MEMORY_ACCESS_EXECUTE:
+            # The guest runs where no memory is: no device access to hand over, and no
+            # instruction the emulator could fetch (WHV_MEMORY_ACCESS_TYPE Execute).
+            self._awaiting = _NOTHING
+            gpa = int(memory.Gpa)
+            return InternalErrorExit(
+                0, b"", (int(self.context.VpContext.Rip), gpa), f"whpx: instruction fetch from GPA {gpa:#x}"
+            )
         is_write = int(memory.AccessInfo) & 3 == w.MEMORY_ACCESS_WRITE
         accesses = self._emulate(Pass.COMPLETE if is_write else Pass.PROBE, [])
         if accesses.failure or len(accesses.items) != 1:
