@@ -139,6 +139,13 @@ def test_dirty_bitmap_of_an_untracked_range(model: WhpxModel, page: int) -> None
     refused(model, m.R_RANGE_NOT_FOUND, result)
 
 
+def test_dirty_bitmap_of_a_range_never_mapped(model: WhpxModel) -> None:
+    handle = new_partition(model)
+    bitmap = ctypes.c_uint64()
+    result = call(model, "WHvQueryGpaRangeDirtyBitmap", handle, 0x40000, PAGE, ctypes.addressof(bitmap), 8)
+    refused(model, m.R_RANGE_NOT_FOUND, result)
+
+
 def test_dirty_bitmap_too_small(model: WhpxModel, page: int) -> None:
     handle = new_partition(model)
     assert call(model, "WHvMapGpaRange", handle, page, 0, PAGE, 7 | 8) == 0

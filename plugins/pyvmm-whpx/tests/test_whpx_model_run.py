@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import struct
 import threading
+from typing import Any
 
 import pytest
 
@@ -125,9 +126,16 @@ MMIO_ADD = GuestProgram(
 )
 
 
-def test_an_instruction_the_emulator_cannot_do_is_an_internal_error(whpx: Backend, model: WhpxModel) -> None:
+def test_an_instruction_the_emulator_cannot_do_is_an_internal_error(
+    whpx: Backend, model: WhpxModel, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """WHV_EMULATOR_STATUS without EmulationSuccessful: the exit says so and
-    carries the instruction's bytes; nothing is half-done."""
+    carries the instruction's bytes; nothing is half-done.  Which instructions
+    Windows' emulator refuses is not documented, so this Windows is scripted to
+    answer ``InternalEmulationFailure`` (WinHvEmulation.h) for every one."""
+    from pyvmm_whpx import model as model_module
+
+    monkeypatch.setattr(model_module._Emulation, "outcome", lambda _self, _emulate: 1 << 1)
     assert MMIO_ADD.assembled() in (None, MMIO_ADD.code)
     with booted(whpx, MMIO_ADD) as (_, vcpu):
         exit_ = vcpu.run()
@@ -171,3 +179,65 @@ def test_an_unregistered_doorbell_no_longer_rings(whpx: Backend, model: WhpxMode
         vm.unregister_ioevent(event, IoEventAddress.mmio(p.MMIO_BASE), datamatch=7, length=4)
         assert bytes(expect_mmio(vcpu).data) == struct.pack("<I", 7)
         assert event.consume() == 0
+
+
+def test_a_real_mode_string_output_counts_cx_and_keeps_the_upper_bits(whpx: Backend) -> None:
+    """In 16-bit code ``rep outsb`` counts CX and steps SI (Intel SDM vol. 2,
+    OUTS/REP: the address size picks the registers): RCX's bits above 16 are no
+    part of the count and stay as they were."""
+    from dataclasses import replace
+
+    with whpx.create_vm({"arch": "x86_64"}) as vm:
+        vm.add_memory(0, 0x10_0000)
+        vm.memory.write(0x7C00, bytes.fromhex("f36e f4"))  # rep outsb; hlt
+        vm.memory.write(0x500, b"abc")
+        vcpu = vm.create_vcpu()
+        sregs = vcpu.get_sregs()
+        vcpu.set_sregs(replace(sregs, cs=replace(sregs.cs, selector=0, base=0), ds=replace(sregs.ds, base=0)))
+        regs = vcpu.get_regs()
+        vcpu.set_regs(replace(regs, rip=0x7C00, rcx=0x1_0000_0003, rsi=0xABCD_0000_0500, rdx=0x3F8))
+        out = expect_io(vcpu)
+        assert (out.port, out.count, bytes(out.data)) == (0x3F8, 3, b"abc")
+        assert vcpu.run().kind is ExitKind.HLT
+        regs = vcpu.get_regs()
+        assert (regs.rcx, regs.rsi) == (0x1_0000_0000, 0xABCD_0000_0503)
+
+
+@pytest.mark.parametrize("program", [p.MMIO_ROUND_TRIP, p.PIO_ROUND_TRIP])
+def test_the_instruction_is_its_own_bytes_when_the_hypervisor_hands_more(
+    whpx: Backend, model: WhpxModel, monkeypatch: pytest.MonkeyPatch, program: GuestProgram
+) -> None:
+    """``InstructionBytes`` are what the hypervisor fetched: the emulator pages say
+    it may not hand them all, and nothing promises it stops at the instruction's
+    end.  Here the model hands all 16 bytes at RIP; the exit's ``instruction``
+    is still that instruction (pyvmm: its length is ``len(instruction)``)."""
+    exit_context = model._exit_context
+
+    def with_the_whole_window(vp: Any, exit_: Any) -> bytes:
+        raw = bytearray(exit_context(vp, exit_))
+        if struct.unpack_from("<I", raw)[0] in (1, 2):  # MemoryAccess, X64IoPortAccess
+            rip = struct.unpack_from("<Q", raw, 8 + 24)[0]
+            window = vp.engine.read_virtual(rip, 16)
+            assert window is not None
+            raw[48] = 16
+            raw[52:68] = window
+        return bytes(raw)
+
+    monkeypatch.setattr(model, "_exit_context", with_the_whole_window)
+    with booted(whpx, program) as (_, vcpu):
+        first = vcpu.run()
+        assert isinstance(first, (IoExit, MmioExit))
+        expected = bytes.fromhex("8b03") if isinstance(first, MmioExit) else bytes.fromhex("ed")
+        assert first.instruction == expected
+
+
+def test_an_instruction_fetch_from_unbacked_memory_is_an_internal_error(whpx: Backend) -> None:
+    """A memory-access exit whose AccessType is Execute is the guest running where
+    no memory is: no device access to hand the VMM, and nothing the emulator can
+    decode (its bytes are not there)."""
+    jump = GuestProgram("jump_to_mmio", Arch.X86_64, "mov eax, 0xd0000000; jmp rax", bytes.fromhex("b8000000d0ffe0"))
+    with booted(whpx, jump) as (_, vcpu):
+        exit_ = vcpu.run()
+        assert isinstance(exit_, InternalErrorExit)
+        assert "0xd0000000" in exit_.description
+        assert vcpu.get_regs().rip == p.MMIO_BASE

@@ -56,6 +56,8 @@ class Accesses:
     #: Answers for the device reads of a complete pass, in order.
     answers: list[int] = field(default_factory=list)
     failure: str = ""
+    #: The RIP the emulator set (past the instruction), in either pass; None until it sets one.
+    next_rip: int | None = None
 
 
 class Emulation:
@@ -159,6 +161,11 @@ class Emulation:
         return self._registers("WHvGetVirtualProcessorRegisters", names, count, values)
 
     def _set_registers(self, _context: Any, names: Any, count: int, values: Any) -> int:
+        # The new RIP tells the instruction's length, which the exit context's
+        # InstructionBytes do not: the hypervisor may hand fewer or more bytes.
+        for i in range(count):
+            if int(names[i]) == w.RIP:
+                self.accesses.next_rip = int(values[i].Low64)
         if self.mode is Pass.PROBE:
             return 0  # the probe pass changes nothing
         return self._registers("WHvSetVirtualProcessorRegisters", names, count, values)

@@ -27,9 +27,8 @@ name states the constraint.  What the model cannot answer faithfully raises
 * overlapping GPA mappings, mappings without read access;
 * string I/O with an address-size or segment-override prefix, an item that
   crosses a page, or more than :data:`MAX_STRING_ITEMS` items;
-* a guest the engine cannot run (an instruction fetch from unbacked memory,
-  a debug exit): real WHPX would give a memory-access or exception exit the
-  engine cannot produce.
+* a guest the engine cannot run (a debug exit...), other than an instruction
+  fetch from unbacked memory, which is a memory-access exit (Execute).
 """
 
 from __future__ import annotations
@@ -87,13 +86,15 @@ HRESULT_ERROR_NOT_FOUND = 0x8007_0490
 R_UNKNOWN_CAPABILITY = _rule(
     "WHV-UNKNOWN-CAPABILITY",
     WHV_E_UNKNOWN_CAPABILITY,
-    "WHvGetCapability of a capability code the platform does not know",
+    "WHvGetCapability of a capability code WinHvPlatformDefs.h does not define (one it defines but the "
+    "model does not answer is a ModelGap)",
     "funcs/WHvGetCapability.md (Return Value)",
 )
 R_UNKNOWN_PROPERTY = _rule(
     "WHV-UNKNOWN-PROPERTY",
     WHV_E_UNKNOWN_PROPERTY,
-    "WHvSetPartitionProperty of a property not available on this system",
+    "WHvSetPartitionProperty of a property code WinHvPlatformDefs.h does not define (one it defines may or may "
+    "not be available on a given build: the model does not say it is not)",
     "funcs/WHvSetPartitionProperty.md (Return Value)",
 )
 R_PROPERTY_AFTER_SETUP = _rule(
@@ -107,26 +108,30 @@ R_SETUP_INCOMPLETE = _rule(
     "WHV-SETUP-INCOMPLETE",
     WHV_E_INVALID_PARTITION_CONFIG,
     "WHvSetupPartition without a property required before setup (the processor count)",
-    "funcs/WHvSetupPartition.md (Return Value); samples/WinHvSampleAmd64.cpp sets ProcessorCount first",
+    "funcs/WHvSetupPartition.md (Return Value); samples/WinHvSampleAmd64.cpp sets ProcessorCount first; "
+    "github.com/insula-rs/libwhp src/platform.rs test_setup_partition_fail saw it on Windows",
 )
 R_NOT_SET_UP = _rule(
     "WHV-NOT-SET-UP",
     WHV_E_INVALID_PARTITION_CONFIG,
-    "a call that needs the hypervisor partition before WHvSetupPartition made it (code not documented: "
-    "the WHV_E_* for a partition in the wrong configuration)",
+    "a call that needs the hypervisor partition before WHvSetupPartition made it (code not documented, "
+    "unverified on Windows: the WHV_E_* for a partition in the wrong configuration)",
     "funcs/WHvCreatePartition.md (Remarks: the object only; WHvSetupPartition creates the partition)",
 )
 R_SETUP_TWICE = _rule(
     "WHV-SETUP-TWICE",
     WHV_E_INVALID_PARTITION_CONFIG,
-    "WHvSetupPartition of a partition already set up (code not documented)",
+    "WHvSetupPartition of a partition already set up (code not documented, unverified on Windows)",
     "funcs/WHvSetupPartition.md (creates the partition in the hypervisor, once)",
 )
 R_MAP_ALIGNMENT = _rule(
     "WHV-MAP-ALIGNMENT",
     E_INVALIDARG,
-    "WHvMapGpaRange of a source address, guest address or size that is not page-aligned (code not documented)",
-    "funcs/WHvMapGpaRange.md (Parameters: 'page-aligned address')",
+    "WHvMapGpaRange of a source address, guest address or size that is not page-aligned (code not documented; "
+    "E_INVALIDARG is what libwhp's test_map_gpa_range saw on Windows for a 1024-byte map into a partition "
+    "not set up)",
+    "funcs/WHvMapGpaRange.md (Parameters: 'page-aligned address'); github.com/insula-rs/libwhp src/platform.rs, "
+    "src/win_hv_platform.rs test_map_gpa_range",
 )
 R_RANGE_NOT_FOUND = _rule(
     "WHV-GPA-RANGE-NOT-FOUND",
@@ -137,26 +142,30 @@ R_RANGE_NOT_FOUND = _rule(
 R_DIRTY_BITMAP_SIZE = _rule(
     "WHV-DIRTY-BITMAP-SIZE",
     WHV_E_INSUFFICIENT_BUFFER,
-    "a dirty bitmap smaller than one bit per page rounded up to 8 bytes (code not documented)",
+    "a nonzero dirty bitmap smaller than one bit per page rounded up to 8 bytes (size 0 only clears the "
+    "range: the page) (code not documented, and unverified: "
+    "WHvGetInterruptTargetVpSet.md shows one undersized buffer answered E_INVALIDARG instead)",
     "funcs/WHvQueryGpaRangeDirtyBitmap.md (Parameters: BitmapSizeInBytes)",
 )
 R_FLAGS_NOT_ZERO = _rule(
     "WHV-FLAGS-NOT-ZERO",
     E_INVALIDARG,
-    "Flags of WHvCreateVirtualProcessor / WHvCancelRunVirtualProcessor not zero (code not documented)",
+    "Flags of WHvCreateVirtualProcessor / WHvCancelRunVirtualProcessor not zero (code not documented, "
+    "unverified on Windows)",
     "funcs/WHvCreateVirtualProcessor.md, funcs/WHvCancelRunVirtualProcessor.md ('Unused, must be zero')",
 )
 R_VP_INDEX = _rule(
     "WHV-VP-INDEX",
     E_INVALIDARG,
-    "a virtual processor index not below the partition's ProcessorCount (code not documented)",
-    "funcs/WHvPartitionPropertyDataTypes.md (ProcessorCount); funcs/WHvCreateVirtualProcessor.md",
+    "a virtual processor index not below the partition's ProcessorCount",
+    "funcs/WHvCreateVirtualProcessor2.md (Return Value: E_INVALIDARG; Remarks: WHvCreateVirtualProcessor(p, i, 0) "
+    "is WHvCreateVirtualProcessor2(p, i, NULL, 0))",
 )
 R_VP_EXISTS = _rule(
     "WHV-VP-ALREADY-EXISTS",
     WHV_E_VP_ALREADY_EXISTS,
     "WHvCreateVirtualProcessor of an index that already has a virtual processor",
-    "funcs/WHvCreateVirtualProcessor.md; winerror.h WHV_E_VP_ALREADY_EXISTS",
+    "funcs/WHvCreateVirtualProcessor2.md (Return Value; the same call as WHvCreateVirtualProcessor with no properties)",
 )
 R_NO_VP = _rule(
     "WHV-VP-DOES-NOT-EXIST",
@@ -167,34 +176,39 @@ R_NO_VP = _rule(
 R_EXIT_BUFFER = _rule(
     "WHV-EXIT-BUFFER",
     WHV_E_INSUFFICIENT_BUFFER,
-    "WHvRunVirtualProcessor with an exit-context buffer smaller than WHV_RUN_VP_EXIT_CONTEXT (224 bytes)",
-    "funcs/WHvRunVirtualProcessor.md (ExitContextSizeInBytes); WinHvPlatformDefs.h",
+    "WHvRunVirtualProcessor with an exit-context buffer smaller than WHV_RUN_VP_EXIT_CONTEXT (224 bytes); the page "
+    "names no code: WHV_E_INSUFFICIENT_BUFFER is what libwhp's test_run_vcpu saw on Windows for a 1-byte buffer",
+    "funcs/WHvRunVirtualProcessor.md (ExitContextSizeInBytes); WinHvPlatformDefs.h; github.com/insula-rs/libwhp "
+    "src/win_hv_platform.rs test_run_vcpu",
 )
 R_VP_RUNNING = _rule(
     "WHV-VP-RUNNING",
     WHV_E_INVALID_VP_STATE,
-    "registers of a virtual processor read or written while another thread runs it",
+    "registers of a virtual processor read or written while another thread runs it (the register pages name no "
+    "code; the interrupt-controller state pages give this one for a running virtual processor)",
+    "funcs/WHvSetVirtualProcessorInterruptControllerState.md ('If the virtual processor is currently running'); "
     "funcs/WHvGetVirtualProcessorInterruptControllerState2.md ('cannot be accessed in its current state')",
 )
 R_REGISTER_NAME = _rule(
     "WHV-REGISTER-NAME",
     WHV_E_INVALID_VP_REGISTER_NAME,
-    "a WHV_REGISTER_NAME this platform does not have",
+    "a WHV_REGISTER_NAME WinHvPlatformDefs.h does not define for x64 (one it defines that the model does not "
+    "hold is a ModelGap)",
     "WinHvPlatformDefs.h WHV_REGISTER_NAME; winerror.h WHV_E_INVALID_VP_REGISTER_NAME",
 )
 R_CALLBACKS_SIZE = _rule(
     "WHV-EMULATOR-CALLBACKS",
     E_INVALIDARG,
     "WHV_EMULATOR_CALLBACKS whose Size is not sizeof(WHV_EMULATOR_CALLBACKS) or with a NULL callback "
-    "(code not documented)",
+    "(code not documented, unverified on Windows)",
     "headers/WinHvEmulation.h (WHV_EMULATOR_CALLBACKS.Size)",
 )
 
 R_INSUFFICIENT_BUFFER = _rule(
     "WHV-INSUFFICIENT-BUFFER",
     WHV_E_INSUFFICIENT_BUFFER,
-    "a WHvGetCapability buffer smaller than the capability's value (code not documented: the WHV_E_* "
-    "that names the constraint)",
+    "a WHvGetCapability buffer smaller than the capability's value (code not documented, and unverified: the "
+    "WHV_E_* that names the constraint, which the state and XSAVE calls document for theirs)",
     "funcs/WHvGetCapability.md (CapabilityBufferSizeInBytes); winerror.h WHV_E_INSUFFICIENT_BUFFER",
 )
 
@@ -221,8 +235,23 @@ R_DOORBELL_NOT_FOUND = _rule(
 )
 
 # --- numbers (WinHvPlatformDefs.h, WinHvEmulation.h) --------------------------------------
+#: The x64 WHV_REGISTER_NAMEs the header defines: only a name outside them is invalid.
+_REGISTERS_DEFINED = {
+    *range(0x0, 0x2C), *range(0x1000, 0x101A), *range(0x2000, 0x200F), *range(0x2010, 0x2020),
+    *range(0x2040, 0x2050), *range(0x2070, 0x207D), *range(0x207E, 0x2080), *range(0x2084, 0x2086),
+    *range(0x2087, 0x2089), *range(0x208B, 0x2094), *range(0x2095, 0x2097), *range(0x2098, 0x209B),
+    *range(0x20A0, 0x20B5), *range(0x3002, 0x3004), 0x3008, *range(0x300A, 0x300C), 0x300D,
+    *range(0x300F, 0x3029), 0x3030, *range(0x3032, 0x303A), *range(0x303E, 0x3040), *range(0x4000, 0x4015),
+    *range(0x5000, 0x5003), 0x5013, 0x5017, 0x501A, *range(0x5050, 0x5054), *range(0x8000_0000, 0x8000_0009),
+}  # fmt: skip
+#: The x64 WHV_CAPABILITY_CODEs the header defines: only a code outside them is "unknown".
+_CAPABILITIES_DEFINED = {*range(0x0000, 0x0007), *range(0x1000, 0x100B), *range(0x2000, 0x2011)}
 _FEATURE_DIRTY_PAGE_TRACKING = 1 << 3
-_PROPERTIES_SETUP_ONLY = {0x1FFF, 0x1004, 0x1005, 0x0003, 0x0004, 0x1001, 0x1002}
+#: The x64 WHV_PARTITION_PROPERTY_CODEs WinHvPlatformDefs.h defines.  Whether one is available
+#: depends on the Windows build, so only a code outside this set is WHV_E_UNKNOWN_PROPERTY.
+_PROPERTIES_DEFINED = {*range(0x0001, 0x000E), *range(0x1001, 0x1012), 0x1FFF}
+#: The properties the model gives an effect (or knows has none it must show).
+_PROPERTIES_SETUP_ONLY = {0x1FFF, 0x1004, 0x1005, 0x0003, 0x0004}
 _PROPERTIES_ANY_TIME = {0x0001, 0x0002, 0x0005, 0x1003}
 _MAP_READ, _MAP_WRITE, _MAP_TRACK_DIRTY = 0x1, 0x2, 0x8
 _EXIT_MEMORY, _EXIT_IO, _EXIT_UNRECOVERABLE = 0x1, 0x2, 0x4
@@ -234,9 +263,9 @@ _SEGMENTS = {0x12: "es", 0x13: "cs", 0x14: "ss", 0x15: "ds", 0x16: "fs", 0x17: "
 _TABLES = {0x1A: "idt", 0x1B: "gdt"}
 _SCALARS = {0x1C: "cr0", 0x1D: "cr2", 0x1E: "cr3", 0x1F: "cr4", 0x20: "cr8", 0x2001: "efer", 0x2003: "apic_base"}
 _PENDING_INTERRUPTION, _INTERRUPT_STATE, _DELIVERABILITY = 0x8000_0000, 0x8000_0001, 0x8000_0004
-_STATUS_SUCCESS, _STATUS_INTERNAL_FAILURE = 1 << 0, 1 << 1
+_STATUS_SUCCESS = 1 << 0
 _STATUS_IO_FAILED, _STATUS_MEMORY_FAILED, _STATUS_TRANSLATE_FAILED = 1 << 2, 1 << 3, 1 << 4
-_STATUS_GET_FAILED, _STATUS_SET_FAILED = 1 << 6, 1 << 7
+_STATUS_GPA_NOT_ALIGNED, _STATUS_GET_FAILED, _STATUS_SET_FAILED = 1 << 5, 1 << 6, 1 << 7
 
 _SEGMENT = struct.Struct("<QIHH")
 _VP_CONTEXT = struct.Struct("<HBBI16sQQ")
@@ -292,6 +321,8 @@ class Mapping:
     size: int
     host: int
     flags: int
+    #: Pages (indexes in the mapping) written since the part of the range holding them was queried.
+    dirty: set[int] = field(default_factory=set)
 
 
 @dataclass(frozen=True)
@@ -414,6 +445,8 @@ class WhpxModel(DllModel):
             0x1000: struct.pack("<I", 1),  # ProcessorVendor: Intel
         }
         answer = answers.get(int(code))
+        if answer is None and int(code) in _CAPABILITIES_DEFINED:  # behaviour: unanswered-capability
+            raise self.not_modelled(f"capability {code:#x} (its value on a given build and processor)")
         if answer is None:  # behaviour: unknown-capability
             raise RuleViolation(R_UNKNOWN_CAPABILITY, f"code {code:#x}")
         if size < len(answer):
@@ -434,11 +467,17 @@ class WhpxModel(DllModel):
     def set_partition_property(self, handle: Any, code: int, buffer: Any, size: int) -> int:
         partition = self._partition(handle)
         code = int(code)
-        if code not in _PROPERTIES_SETUP_ONLY | _PROPERTIES_ANY_TIME:
+        if code not in _PROPERTIES_DEFINED:
             raise RuleViolation(R_UNKNOWN_PROPERTY, f"code {code:#x}")
         if partition.set_up and code not in _PROPERTIES_ANY_TIME:  # behaviour: setup-only-properties
             raise RuleViolation(R_PROPERTY_AFTER_SETUP, f"code {code:#x}")
+        if code not in _PROPERTIES_SETUP_ONLY | _PROPERTIES_ANY_TIME:  # behaviour: unmodelled-property
+            raise self.not_modelled(f"partition property {code:#x} (its effect on the guest)")
         value = self.copy_from_user(pointer_value(buffer), int(size))
+        if code == 0x1004 and size:
+            raise self.not_modelled("CpuidResultList (the software CPU answers CPUID itself)")
+        if code == 0x0004 and any(value):
+            raise self.not_modelled("nested virtualization")
         if code == 0x1FFF:
             partition.processor_count = struct.unpack_from("<I", value)[0]
         elif code == 0x0001 and struct.unpack_from("<Q", value)[0]:
@@ -469,10 +508,14 @@ class WhpxModel(DllModel):
     # --- memory -------------------------------------------------------------------------
     @exported("WHvMapGpaRange")
     def map_gpa_range(self, handle: Any, source: Any, gpa: int, size: int, flags: int) -> int:
-        partition = self._set_up(handle, "WHvMapGpaRange")
+        partition = self._partition(handle)
         host = pointer_value(source)
+        # Alignment is checked before the partition's state: libwhp's test_map_gpa_range
+        # saw E_INVALIDARG on Windows for 1024 bytes mapped into a partition never set up.
         if (host | gpa | size) % PAGE or size == 0:  # behaviour: map-alignment
             raise RuleViolation(R_MAP_ALIGNMENT, f"source {host:#x} guest {gpa:#x} size {size:#x}")
+        if not partition.set_up:
+            raise RuleViolation(R_NOT_SET_UP, "WHvMapGpaRange before WHvSetupPartition")
         if not flags & _MAP_READ:
             raise self.not_modelled("a GPA mapping without read access")
         if any(m.gpa < gpa + size and gpa < m.gpa + m.size for m in partition.mappings):
@@ -499,11 +542,18 @@ class WhpxModel(DllModel):
         for mapping in partition.mappings:
             if (mapping.gpa, mapping.size) == (gpa, size):
                 return mapping
+        if any(m.gpa < gpa + size and gpa < m.gpa + m.size for m in partition.mappings):
+            # Features.PartialUnmap, which the model does not offer, is what this would need.
+            raise self.not_modelled(f"unmapping {gpa:#x}+{size:#x}, which is not one whole mapping")
         raise RuleViolation(R_RANGE_NOT_FOUND, f"{gpa:#x}+{size:#x}")
 
     @exported("WHvUnmapGpaRange")
     def unmap_gpa_range(self, handle: Any, gpa: int, size: int) -> int:
-        partition = self._set_up(handle, "WHvUnmapGpaRange")
+        partition = self._partition(handle)
+        if not partition.set_up:
+            # libwhp's test_unmap_gpa_range saw WHV_E_GPA_RANGE_NOT_FOUND here on early Windows 10
+            # builds, and its later versions no longer run that test: today's answer is not known.
+            raise self.not_modelled("WHvUnmapGpaRange before WHvSetupPartition")
         mapping = self._mapping(partition, int(gpa), int(size))
         for vp in partition.vps.values():
             vp.engine.unmap(mapping.gpa, mapping.size)
@@ -513,18 +563,32 @@ class WhpxModel(DllModel):
     @exported("WHvQueryGpaRangeDirtyBitmap")
     def query_dirty_bitmap(self, handle: Any, gpa: int, size: int, bitmap: Any, bitmap_size: int) -> int:
         partition = self._set_up(handle, "WHvQueryGpaRangeDirtyBitmap")
-        mapping = self._mapping(partition, int(gpa), int(size))
+        gpa, size, bitmap_size = int(gpa), int(size), int(bitmap_size)
+        if gpa % PAGE or size % PAGE or size == 0:
+            raise self.not_modelled("a dirty-bitmap query of an unaligned range (the page names no code)")
+        mapping = next((m for m in partition.mappings if m.gpa <= gpa and gpa + size <= m.gpa + m.size), None)
+        if mapping is None and any(m.gpa < gpa + size and gpa < m.gpa + m.size for m in partition.mappings):
+            raise self.not_modelled("a dirty-bitmap query across more than one mapping")
+        if mapping is None:
+            raise RuleViolation(R_RANGE_NOT_FOUND, f"{gpa:#x}+{size:#x}")
         if not mapping.flags & _MAP_TRACK_DIRTY:  # behaviour: dirty-needs-tracking
             raise RuleViolation(R_RANGE_NOT_FOUND, "the range is not mapped with TrackDirtyPages")
-        pages = mapping.size // PAGE
+        pages = size // PAGE
         needed = (pages + 63) // 64 * 8
-        if bitmap_size < needed:
+        if bitmap_size and bitmap_size < needed:
             raise RuleViolation(R_DIRTY_BITMAP_SIZE, f"{bitmap_size} bytes for {pages} pages")
-        dirty = bytearray(needed)
         for vp in partition.vps.values():
             for i, byte in enumerate(vp.engine.dirty_log(mapping.gpa)):
-                dirty[i] |= byte
-        self.copy_to_user(pointer_value(bitmap), bytes(dirty))
+                mapping.dirty |= {8 * i + bit for bit in range(8) if byte >> bit & 1}
+        first = (gpa - mapping.gpa) // PAGE
+        queried = {page for page in mapping.dirty if first <= page < first + pages}
+        # A query reads and clears the range; a zero-sized bitmap only clears it (the page).
+        mapping.dirty -= queried
+        if bitmap_size:  # behaviour: dirty-clear-only
+            dirty = bytearray(needed)
+            for page in queried:
+                dirty[(page - first) // 8] |= 1 << (page - first) % 8
+            self.copy_to_user(pointer_value(bitmap), bytes(dirty))
         return 0
 
     # --- virtual processors ------------------------------------------------------------------
@@ -565,7 +629,10 @@ class WhpxModel(DllModel):
         _, vp = self._vp(handle, index)
         if flags:
             raise RuleViolation(R_FLAGS_NOT_ZERO, f"Flags {flags:#x}")
-        # A cancel ends the current run, or the next one if none is under way.
+        # A cancel ends the current run, or the next one if none is under way.  The page does not
+        # say; Microsoft's openvmm relies on it (github.com/microsoft/openvmm pull 4033, virt_whp:
+        # a cancel "ensures the VP returns to the host loop ... whether the target VTL is
+        # currently running or runs later").
         vp.engine.kick()  # behaviour: cancel
         return 0
 
@@ -631,25 +698,43 @@ class WhpxModel(DllModel):
         elif isinstance(exit_, ShutdownExit):
             reason = _EXIT_UNRECOVERABLE
         elif isinstance(exit_, InternalErrorExit):
-            raise self.not_modelled(f"what WHPX reports for a guest the engine cannot run ({exit_.description})")
+            reason, body = _EXIT_MEMORY, self._unbacked_fetch(engine, exit_)
         else:
             raise self.not_modelled(f"the exit {type(exit_).__name__}")
         head = struct.pack("<II", reason, 0) + self._vp_context(engine, len(instruction))
         return (head + body).ljust(EXIT_CONTEXT_SIZE, b"\0")
+
+    def _unbacked_fetch(self, engine: Any, exit_: InternalErrorExit) -> bytes:
+        """The memory-access context of an instruction fetch from a GPA no memory
+        backs: AccessType Execute, GpaUnmapped, no instruction bytes.  libwhp's
+        test_run_vcpu saw a new VP with nothing mapped exit as a memory access."""
+        from pyvmm.softcpu import _uc
+
+        linear = (engine.get_sregs().cs.base + engine.get_regs().rip) & ((1 << 64) - 1)
+        gpa = _uc.vmem_translate(engine._uc, linear, engine._u.UC_PROT_EXEC)
+        if gpa is None or engine.read_physical(gpa, 1) is not None:
+            raise self.not_modelled(f"what WHPX reports for a guest the engine cannot run ({exit_.description})")
+        info = 2 | 1 << 2 | 1 << 3  # behaviour: unbacked-fetch
+        return _MEMORY_CONTEXT.pack(0, bytes(16), info, gpa, linear)
 
     @staticmethod
     def _vp_context(engine: Any, instruction_length: int) -> bytes:
         regs = engine.get_regs()
         sregs = engine.get_sregs()
         pending, _, _, shadow = engine.x86_events()
+        # WHV_X64_VP_EXECUTION_STATE: Cpl:2, Cr0Pe:1, Cr0Am:1, EferLma:1, DebugActive:1,
+        # InterruptionPending:1, Reserved:5, InterruptShadow:1 (WinHvPlatformDefs.h).
         state = (
             sregs.cs.dpl & 3
             | (sregs.cr0 & 1) << 2
+            | ((sregs.cr0 >> 18) & 1) << 3
             | ((sregs.efer >> 10) & 1) << 4
             | (pending is not None) << 6
             | bool(shadow) << 12
         )
-        return _VP_CONTEXT.pack(state, instruction_length & 0xF, 0, 0, _pack_segment(sregs.cs), regs.rip, regs.rflags)
+        # WHV_X64_VP_EXIT_CONTEXT: InstructionLength:4 and Cr8:4 share the byte at offset 2.
+        length_and_cr8 = instruction_length & 0xF | (sregs.cr8 & 0xF) << 4
+        return _VP_CONTEXT.pack(state, length_and_cr8, 0, 0, _pack_segment(sregs.cs), regs.rip, regs.rflags)
 
     @staticmethod
     def _io_context(engine: Any, exit_: IoExit) -> bytes:
@@ -710,6 +795,8 @@ class WhpxModel(DllModel):
             return struct.pack("<QQ", int(bool(shadow)) | int(masked) << 1, 0)
         if name == _DELIVERABILITY:
             return struct.pack("<QQ", int(vp.window_requested) << 1, 0)
+        if name in _REGISTERS_DEFINED:  # behaviour: unheld-register-read
+            raise self.not_modelled(f"register {name:#x} (the model does not hold it)")
         raise RuleViolation(R_REGISTER_NAME, f"{name:#x}")
 
     @exported("WHvSetVirtualProcessorRegisters")
@@ -721,8 +808,10 @@ class WhpxModel(DllModel):
         known = set(range(16)) | {_REG_RIP, _REG_RFLAGS, _PENDING_INTERRUPTION, _DELIVERABILITY}
         known |= set(_SEGMENTS) | set(_TABLES) | set(_SCALARS)
         for name in wanted:
+            if name not in known and name in _REGISTERS_DEFINED:  # behaviour: unheld-register-write
+                raise self.not_modelled(f"writing register {name:#x} (the model does not hold it)")
             if name not in known:
-                raise RuleViolation(R_REGISTER_NAME, f"{name:#x} (or not writable here)")
+                raise RuleViolation(R_REGISTER_NAME, f"{name:#x}")
         engine = vp.engine
         regs = engine.get_regs()
         sregs = engine.get_sregs() if any(n in _SEGMENTS or n in _TABLES or n in _SCALARS for n in wanted) else None
@@ -801,6 +890,8 @@ class WhpxModel(DllModel):
             identical = (other.value, other.length, other.flags) == (doorbell.value, doorbell.length, doorbell.flags)
             if identical or other.length != doorbell.length or not (other.flags & doorbell.flags & 1):
                 raise RuleViolation(R_DOORBELL_CONFLICT, f"GuestAddress {doorbell.gpa:#x}")
+        if (doorbell.gpa & (PAGE - 1)) + doorbell.length > PAGE:  # behaviour: doorbell-straddle
+            raise self.not_modelled("a doorbell write straddling a page (the page forbids it, naming no code)")
         page = doorbell.gpa & ~(PAGE - 1)
         if any(m.gpa <= page < m.gpa + m.size for m in partition.mappings):
             raise self.not_modelled("a doorbell in a mapped page (the page is unmapped while it is registered)")
@@ -900,6 +991,16 @@ class WhpxModel(DllModel):
         return 0
 
 
+def _code_bits(state: int, cs: Segment) -> int:
+    """The default operand and address size of the code the VpContext describes:
+    64 in long mode with CS.L, else 32 with CS.D in protected mode, else 16."""
+    if state >> 4 & 1 and cs.l:  # ExecutionState.EferLma
+        return 64
+    if state >> 2 & 1:  # ExecutionState.Cr0Pe
+        return 32 if cs.db else 16
+    return 16
+
+
 class _Emulation:
     """One ``WHvEmulatorTry*Emulation`` call: the instruction emulated through
     the plugin's callbacks, as WinHvEmulation.dll does it."""
@@ -917,8 +1018,11 @@ class _Emulation:
             emulate()
         except CallbackFailed as failed:
             return failed.status
-        except x86_emulate.NotEmulated:
-            return _STATUS_INTERNAL_FAILURE
+        except x86_emulate.NotEmulated as why:
+            # Windows' emulator knows far more instructions than this decoder, and which it
+            # refuses (InternalEmulationFailure) is not documented.
+            gap = self.model.not_modelled(f"emulating an instruction the model's decoder does not know ({why})")
+            raise gap from why  # behaviour: undecoded-instruction
         return _STATUS_SUCCESS
 
     # --- callbacks ---------------------------------------------------------------------
@@ -938,11 +1042,21 @@ class _Emulation:
             raise CallbackFailed(_STATUS_SET_FAILED)
 
     def translate(self, gva: int, write: bool) -> int:
+        """The GPA of ``gva`` through the TranslateGvaPage callback, which gets the
+        page and hands back "exactly what WHvTranslateGva returned"
+        (hypervisor-instruction-emulator ``WHvEmulatorTranslateGVAPageCallback.md``)."""
         code = self.ffi.new("uint32_t *")
         gpa = self.ffi.new("uint64_t *")
         page = gva & ~(PAGE - 1)
-        if self.emulator.translate(self.context, page, 0x2 if write else 0x1, code, gpa) < 0 or code[0] != 0:
+        if self.emulator.translate(self.context, page, 0x2 if write else 0x1, code, gpa) < 0:
             raise CallbackFailed(_STATUS_TRANSLATE_FAILED)
+        if code[0] != 0:  # behaviour: translation-result
+            raise self.model.not_modelled(
+                f"what the emulator does with the translation result {code[0]} (a fault to inject?)"
+            )
+        if gpa[0] % PAGE:  # behaviour: gpa-page-aligned
+            # "GpaPage must be 4K aligned or the current emulation call will fail" (same page).
+            raise CallbackFailed(_STATUS_GPA_NOT_ALIGNED)
         return int(gpa[0]) | gva & (PAGE - 1)
 
     def port(self, is_write: bool, port: int, size: int, value: int = 0) -> int:
@@ -959,7 +1073,7 @@ class _Emulation:
 
     # --- instructions -----------------------------------------------------------------------
     def io(self, vp: tuple[Any, ...], io: tuple[Any, ...]) -> None:
-        _state, length_byte, _, _, _cs, rip, _rflags = vp
+        state, length_byte, _, _, cs_raw, rip, _rflags = vp
         count, code, info, port, _rax, _rcx, _rsi, _rdi, ds_raw, es_raw = io
         size = (info >> 1) & 7
         is_write = bool(info & 1)
@@ -975,46 +1089,55 @@ class _Emulation:
                 merged = value if size == 4 else rax & ~mask | value
                 self.set({0: merged, _REG_RIP: next_rip})
             return
-        self.string_io(code[:count], is_write, port, size, next_rip, ds_raw, es_raw, bool(info & (1 << 5)))
+        address_bits = _code_bits(state, _unpack_segment(cs_raw))
+        self.string_io(
+            code[:count], is_write, port, size, next_rip, ds_raw, es_raw, bool(info & (1 << 5)), address_bits
+        )
 
     def string_io(  # noqa: PLR0917 - the parts of one string instruction
-        self, code: bytes, is_write: bool, port: int, size: int, next_rip: int, ds: bytes, es: bytes, rep: bool
+        self,
+        code: bytes,
+        is_write: bool,
+        port: int,
+        size: int,
+        next_rip: int,
+        ds: bytes,
+        es: bytes,
+        rep: bool,
+        address_bits: int,
     ) -> None:
         if 0x67 in code or any(b in (0x26, 0x2E, 0x36, 0x64, 0x65) for b in code):
             raise self.model.not_modelled("string I/O with an address-size or segment-override prefix")
+        # The address size (16, 32 or 64 bits by the code segment) picks CX/ECX/RCX and SI/ESI/RSI,
+        # DI/EDI/RDI (Intel SDM vol. 2, INS/OUTS and REP); the register bits above it are left alone.
+        mask = (1 << address_bits) - 1
         rcx, rsi, rdi, rflags = self.get((1, 6, 7, _REG_RFLAGS))
-        count = rcx if rep else 1
+        count = rcx & mask if rep else 1
         if count > MAX_STRING_ITEMS:
             raise self.model.not_modelled(f"string I/O of {count} items")
         step = -size if rflags & (1 << 10) else size
         base = _unpack_segment(ds).base if is_write else _unpack_segment(es).base
         for _ in range(count):
-            offset = rsi if is_write else rdi
+            offset = (rsi if is_write else rdi) & mask
             gva = (base + offset) & ((1 << 64) - 1)
             if (gva & (PAGE - 1)) + size > PAGE:
                 raise self.model.not_modelled("a string I/O item crossing a page")
             gpa = self.translate(gva, write=not is_write)
             if is_write:
                 self.port(True, port, size, self.memory(False, gpa, size))
-                rsi = (rsi + step) & ((1 << 64) - 1)
+                rsi = rsi & ~mask | (rsi + step) & mask
             else:
                 self.memory(True, gpa, size, self.port(False, port, size))
-                rdi = (rdi + step) & ((1 << 64) - 1)
+                rdi = rdi & ~mask | (rdi + step) & mask
         registers = {6: rsi, 7: rdi, _REG_RIP: next_rip}
         if rep:
-            registers[1] = 0
+            registers[1] = rcx & ~mask
         self.set(registers)
 
     def mmio(self, vp: tuple[Any, ...], memory: tuple[Any, ...]) -> None:
         state, _length, _, _, cs_raw, _rip, _ = vp
         count, code, _info, gpa, _gva = memory
-        cs = _unpack_segment(cs_raw)
-        if state >> 4 & 1 and cs.l:
-            bits = 64
-        elif state >> 2 & 1:
-            bits = 32 if cs.db else 16
-        else:
-            bits = 16
+        bits = _code_bits(state, _unpack_segment(cs_raw))
         insn = x86_emulate.decode(code[:count], bits=bits)
         names = (*range(16), _REG_RIP, _REG_RFLAGS)
         values = self.get(names)
@@ -1023,6 +1146,9 @@ class _Emulation:
         if bits == 64 and insn.segment in ("fs", "gs"):
             raise self.model.not_modelled("MMIO through an FS/GS override")
         linear = x86_emulate.effective_address(insn, regs, bases)
+        if (linear & (PAGE - 1)) + insn.operand_size > PAGE:  # behaviour: mmio-page-crossing
+            # The emulator splits it into two memory callbacks (WhvEmulatorMemoryCallback.md).
+            raise self.model.not_modelled("an MMIO operand crossing a page")
         is_write = insn.opcode in (0x88, 0x89, 0xA2, 0xA3, 0xC6, 0xC7)
         physical = self.translate(linear, write=is_write)
         if physical != gpa:

@@ -54,6 +54,8 @@ if TYPE_CHECKING:
 
 _RFLAGS_IF = 1 << 9
 _MASK64 = (1 << 64) - 1
+#: The longest x86 instruction (Intel SDM vol. 2, 2.3.11).
+_MAX_INSTRUCTION_LENGTH = 15
 #: What the vCPU waits for the VMM to supply before it can go on.
 _NOTHING, _IO_READ, _MMIO_READ, _CPUID, _MSR = range(5)
 #: Exit reasons with nothing to complete, as :class:`GenericExit` kinds.
@@ -197,12 +199,20 @@ class WhpxVcpu:
         exit_.data = memoryview(b"".join(v.to_bytes(s, "little") for _, _, s, v in accesses.items)).cast("B")
         if not exit_.is_write:
             exit_.data = memoryview(bytearray(exit_.size * exit_.count))
-        exit_.instruction = bytes(port.InstructionBytes[0 : port.InstructionByteCount])
+        exit_.instruction = self._instruction(port, accesses)
         self._awaiting = awaiting
         return exit_
 
     def _memory_exit(self) -> VcpuExit:
         memory = self.context.MemoryAccess
+        if int(memory.AccessInfo) & 3 == w.MEMORY_ACCESS_EXECUTE:
+            # The guest runs where no memory is: no device access to hand over, and no
+            # instruction the emulator could fetch (WHV_MEMORY_ACCESS_TYPE Execute).
+            self._awaiting = _NOTHING
+            gpa = int(memory.Gpa)
+            return InternalErrorExit(
+                0, b"", (int(self.context.VpContext.Rip), gpa), f"whpx: instruction fetch from GPA {gpa:#x}"
+            )
         is_write = int(memory.AccessInfo) & 3 == w.MEMORY_ACCESS_WRITE
         accesses = self._emulate(Pass.COMPLETE if is_write else Pass.PROBE, [])
         if accesses.failure or len(accesses.items) != 1:
@@ -213,10 +223,21 @@ class WhpxVcpu:
         exit_.size = size
         exit_.is_write = written
         exit_.data = memoryview(bytearray(value.to_bytes(8, "little")[:size]))
-        exit_.instruction = bytes(memory.InstructionBytes[0 : memory.InstructionByteCount])
+        exit_.instruction = self._instruction(memory, accesses)
         exit_.gva = int(memory.Gva) if int(memory.AccessInfo) & w.MEMORY_GVA_VALID else None
         self._awaiting = _NOTHING if written else _MMIO_READ
         return exit_
+
+    def _instruction(self, access: Any, accesses: Accesses) -> bytes:
+        """The exiting instruction's bytes: those the hypervisor handed, cut at the
+        length the emulator found (the RIP it set less the exit's RIP).  The
+        hypervisor may hand fewer bytes than that or more (the emulator fetches
+        what is missing itself; Microsoft, ``WHvEmulatorTryEmulation``)."""
+        handed = bytes(access.InstructionBytes[0 : access.InstructionByteCount])
+        if accesses.next_rip is None:
+            return handed
+        length = (accesses.next_rip - int(self.context.VpContext.Rip)) & _MASK64
+        return handed[:length] if length <= _MAX_INSTRUCTION_LENGTH else handed
 
     def _emulate(self, mode: Pass, answers: list[int]) -> Accesses:
         context = self.context
