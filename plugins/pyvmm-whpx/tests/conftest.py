@@ -13,11 +13,11 @@ from __future__ import annotations
 
 import importlib.util
 from collections.abc import Iterator
-from contextlib import ExitStack
 
 import pytest
 
 from pyvmm.plugins import PluginRegistry
+from pyvmm.testing.model_session import SessionModel
 from pyvmm.vm import Backend
 
 INSTALLED = importlib.util.find_spec("pyvmm_whpx") is not None
@@ -26,56 +26,27 @@ if INSTALLED:
 else:
     collect_ignore_glob = ["test_*.py"]
 
-_SESSION_KEY = pytest.StashKey["WhpxModel"]()
-_STACK_KEY = pytest.StashKey[ExitStack]()
-
-
-class _RuleGuard:
-    """After each test: the session model saw no rule broken."""
-
-    def __init__(self, model: WhpxModel) -> None:
-        self.model = model
-
-    @pytest.fixture(autouse=True)
-    def _whpx_session_model_stays_clean(self) -> Iterator[None]:
-        before = len(self.model.rejections)
-        yield
-        broken = self.model.rejections[before:]
-        del self.model.rejections[before:]
-        if broken:
-            lines = "\n".join(f"  {r.call.name}: {r.rule} {r.detail}" for r in broken)
-            pytest.fail(f"pyvmm-whpx broke {len(broken)} rule(s) of the WHPX API:\n{lines}")
+SESSION: SessionModel[WhpxModel] = SessionModel("whpx", "the WHPX API", lambda: WhpxModel())  # noqa: PLW0108 - unbound where the plugin is not installed
 
 
 def pytest_configure(config: pytest.Config) -> None:
-    if not INSTALLED:
-        return
-    model = WhpxModel()
-    stack = ExitStack()
-    stack.enter_context(model.installed())
-    config.stash[_SESSION_KEY] = model
-    config.stash[_STACK_KEY] = stack
-    config.pluginmanager.register(_RuleGuard(model), "pyvmm-whpx-rule-guard")
+    if INSTALLED:
+        SESSION.configure(config)
 
 
 def pytest_unconfigure(config: pytest.Config) -> None:
-    stack = config.stash.get(_STACK_KEY, None)
-    if stack is not None:
-        stack.close()
+    SESSION.unconfigure(config)
 
 
 @pytest.fixture(scope="session")
 def session_model(pytestconfig: pytest.Config) -> WhpxModel:
-    return pytestconfig.stash[_SESSION_KEY]
+    return SESSION.model(pytestconfig)
 
 
 @pytest.fixture
 def model() -> Iterator[WhpxModel]:
     """A fresh model of this test's own, installed for the test."""
-    fresh = WhpxModel()
-    with fresh.installed():
-        yield fresh
-    fresh.close_all()
+    yield from SESSION.fresh()
 
 
 def make_backend() -> Backend:

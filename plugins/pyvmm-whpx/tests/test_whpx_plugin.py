@@ -9,12 +9,13 @@ from pathlib import Path
 
 import pytest
 
+from pyvmm.backend import DllSwitch
 from pyvmm.capabilities import Capability
 from pyvmm.errors import ConfigError, HypervisorError
 from pyvmm.plugins import PluginRegistry
 from pyvmm.vm import Backend
 from pyvmm_whpx import system
-from pyvmm_whpx.host import HOST, DllSwitch, WindowsDlls
+from pyvmm_whpx.host import HOST, WindowsDlls
 from pyvmm_whpx.model import WhpxModel
 
 
@@ -29,7 +30,7 @@ def test_the_real_dlls_are_refused_off_windows_with_the_reason() -> None:
     with pytest.raises(HypervisorError, match=r"WinHvPlatform\.dll") as info:
         WindowsDlls()
     assert "Windows" in str(info.value)
-    switch = DllSwitch(WindowsDlls)
+    switch = DllSwitch("whpx", WindowsDlls)
     with pytest.raises(HypervisorError):
         switch.current()
 

@@ -24,9 +24,8 @@ from __future__ import annotations
 
 import ctypes
 
-from cffi import FFI
-
 from pyvmm.backend import DllFunction
+from pyvmm.backend.ffi_cache import declared_ffi
 
 CDEF = """
 typedef struct { uint64_t Low64; uint64_t High64; } WHV_REGISTER_VALUE;
@@ -194,8 +193,7 @@ typedef struct {
 } WHV_EMULATOR_CALLBACKS;
 """
 
-ffi = FFI()
-ffi.cdef(CDEF)
+ffi = declared_ffi(CDEF)
 
 #: The documented sizes (``C_ASSERT``\\ s of the SDK headers and
 #: ``WHvGetRunExitContextSize``): what every structure the plugin passes must be.

@@ -6,21 +6,17 @@ both DLLs loaded with ``ctypes.WinDLL`` on first use (never at import, so the
 plugin imports on every host); tests and ``pyvmm run --model`` route new
 objects to the driver model with ``HOST.use(model)``.
 
-The kit's :class:`~pyvmm.backend.HostSwitch` hands out a ``DeviceHost``; this
-is the same switch for a DLL host (a VM keeps the host it was made with, so
-switching never reroutes a live object).
+:data:`HOST` is the kit's :class:`~pyvmm.backend.DllSwitch` (a VM keeps the host
+it was made with, so switching never reroutes a live object).
 """
 
 from __future__ import annotations
 
-import contextlib
 import ctypes
 import sys
-import threading
-from collections.abc import Callable, Iterator
 from typing import Any
 
-from pyvmm.backend import DllHost, DllSeam, LoadedDll
+from pyvmm.backend import DllSwitch, LoadedDll
 from pyvmm.errors import ErrorSpace, HypervisorError
 from pyvmm_whpx.bindings import EMULATION_FUNCTIONS, PLATFORM_FUNCTIONS
 
@@ -69,33 +65,4 @@ class WindowsDlls:
         return int(self.dlls[0].last_error())
 
 
-class DllSwitch:
-    """The one switch between the real DLLs and a driver model."""
-
-    def __init__(self, make_seam: Callable[[], DllSeam]) -> None:
-        self._make_seam = make_seam
-        self._host: DllHost | None = None
-        self._lock = threading.Lock()
-
-    def current(self) -> DllHost:
-        """The host new objects are created on (loads the DLLs on first use;
-        a host that cannot load them raises :class:`HypervisorError`)."""
-        with self._lock:
-            if self._host is None:
-                self._host = DllHost(self._make_seam())
-            return self._host
-
-    @contextlib.contextmanager
-    def use(self, seam: DllSeam) -> Iterator[DllHost]:
-        """Route the objects created inside the block to ``seam`` (tests, models)."""
-        with self._lock:
-            previous, self._host = self._host, DllHost(seam)
-            installed = self._host
-        try:
-            yield installed
-        finally:
-            with self._lock:
-                self._host = previous
-
-
-HOST = DllSwitch(WindowsDlls)
+HOST = DllSwitch("whpx", WindowsDlls)

@@ -4,9 +4,9 @@ The hooks are the methods of :class:`~pyvmm_whpx.vm.WhpxVm` and
 :class:`~pyvmm_whpx.vcpu.WhpxVcpu`; :func:`pyvmm.backend.backend_plugin`
 generates the pluggy implementations that forward to them.
 
-``host_os`` names Linux as well as Windows only so that the driver model
-(:mod:`pyvmm_whpx.model`, ``pyvmm run --model``) can stand in for the DLLs on a
-development machine: without it the probe answers "not Windows" there.
+``host_os`` is Windows alone: the driver model (:mod:`pyvmm_whpx.model`,
+``pyvmm run --model``) runs on other hosts because a stand-in behind the switch
+lifts that limit (:mod:`pyvmm.backend.stand_in`).
 """
 
 from __future__ import annotations
@@ -46,7 +46,7 @@ def manifest() -> BackendManifest:
         version=__version__,
         contract_version=CONTRACT_VERSION,
         description="the Windows Hypervisor Platform (WinHvPlatform.dll + WinHvEmulation.dll)",
-        host_os=("win32", "linux"),
+        host_os=("win32",),
         guest_arches=(Arch.X86_64,),
         capabilities=CAPABILITIES,
         priority=80,
