@@ -13,8 +13,11 @@ Usage, from the checkout's ``tools`` directory (or with it on PYTHONPATH)::
     python3 -m testbed arm64 [--mode vhe|nvhe|protected] [--cpus N] [PATHS...] [-- PYTEST ARGS]
     python3 -m testbed amd64 [PATHS...] [-- PYTEST ARGS]
 
+    python3 -m testbed amd64 --command 'python3.11 -m pyvmm backends'
+
     options: --timeout SECONDS (hard, default 1800), --cache-dir DIR (default
-    ~/.cache/pyvmm-testbed or $PYVMM_TESTBED_CACHE), --junit FILE, --quiet
+    ~/.cache/pyvmm-testbed or $PYVMM_TESTBED_CACHE), --junit FILE, --quiet,
+    --command SHELL (run it in the guest instead of pytest: a look around)
 
 PATHS are test paths in the checkout (default ``plugins/pyvmm-kvm/tests``); the
 conformance suite is added by ``--pyvmm-backend kvm`` itself.  Exit status 0 when

@@ -38,6 +38,10 @@ class Arch:
     #: pytest options (``--pyvmm-backend kvm`` adds the conformance suite itself).
     default_selection: tuple[str, ...]
     default_pytest_args: tuple[str, ...] = ()
+    #: Debian packages of the anchor, QEMU with KVM inside the guest (empty: none).
+    anchor_packages: tuple[str, ...] = ()
+    #: The name of QEMU's binary inside the guest.
+    guest_qemu: str = ""
 
     @property
     def wheel_platforms(self) -> tuple[str, ...]:
@@ -104,6 +108,8 @@ AMD64 = Arch(
     ),
     modes=(KvmMode("amd", (), "kvm: Nested Paging enabled"),),
     default_selection=("plugins/pyvmm-kvm/tests", "tools/testbed/guest_tests"),
+    anchor_packages=("qemu-system-x86",),
+    guest_qemu="qemu-system-x86_64",
 )
 
 ARCHES = {arch.name: arch for arch in (ARM64, AMD64)}

@@ -92,25 +92,30 @@ def run_bed(
     checkout: Path = CHECKOUT,
     echo: Callable[[str], None] | None = None,
     log: Callable[[str], None] = print,
+    command: str | None = None,
 ) -> BedResult:
     """Boot ``arch``'s bed in KVM mode ``mode_name`` and run
-    ``pytest --pyvmm-backend kvm SELECTION PYTEST_ARGS`` inside it."""
+    ``pytest --pyvmm-backend kvm SELECTION PYTEST_ARGS`` inside it (or the shell
+    ``command`` instead, its output on the console)."""
     mode = arch.mode(mode_name)
     qemu.qemu_binary(arch)  # missing QEMU is said before anything is downloaded
     cache = cache_dir or default_cache()
     checkout_layer, checkout_wheels = image.build_checkout_layer(cache, checkout)
     base = image.build_base(arch, cache, checkout_wheels, log)
+    anchor = image.build_anchor(arch, cache, log)
     settings = {
         "mode": mode.name,
         "kvm_marker": mode.dmesg_marker,
         "pytest": ["--pyvmm-backend", "kvm", *selection, *pytest_args],
+        "command": command,
     }
     with tempfile.TemporaryDirectory(prefix="pyvmm-testbed-run-") as scratch:
         run_layer = image.build_run_layer(
             arch, base, checkout, selection=selection, settings=settings, into=Path(scratch)
         )
         initrd = Path(scratch) / "initrd.cpio"
-        image.concatenate([base.archive, checkout_layer, run_layer], initrd)
+        layers = [base.archive, checkout_layer, *([anchor] if anchor else []), run_layer]
+        image.concatenate(layers, initrd)
         argv = qemu.command(arch, mode, base.kernel, initrd, cpus=cpus)
         log(f"testbed: booting the {arch.name} bed ({mode.name}): {' '.join(argv)}")
         booted = qemu.boot(argv, timeout, echo)

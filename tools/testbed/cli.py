@@ -28,6 +28,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--timeout", type=float, default=1800, help="hard timeout of the boot, seconds")
     parser.add_argument("--cache-dir", type=Path, default=None, help=f"image cache (default {default_cache()})")
     parser.add_argument("--junit", type=Path, help="write the guest's junit XML here")
+    parser.add_argument("--command", help="run this shell command in the guest instead of pytest")
     parser.add_argument("--quiet", action="store_true", help="do not echo the guest's console")
     parser.add_argument(
         "selection", nargs="*", help="test paths in the checkout (default: the bed's own selection, see --help)"
@@ -48,13 +49,18 @@ def main(argv: list[str] | None = None) -> int:
             timeout=args.timeout,
             cache_dir=args.cache_dir,
             echo=None if args.quiet else _echo,
+            command=args.command,
         )
     except TestbedError as error:
         print(f"testbed: {error}", file=sys.stderr)
         return 2
     if args.junit and result.junit:
         args.junit.write_text(result.junit)
+    if args.command:
+        print(result.payload.get("output", ""), end="")
     print(f"testbed: {result.arch} ({result.mode}): KVM reported: {result.kvm_mode_line.strip()}")
     print(f"testbed: QEMU ran {result.boot_seconds:.1f} s; guest pytest exited {result.exit_status}")
+    for line in result.payload.get("notes", []):
+        print(f"testbed: {line}")
     print(f"testbed: {result.counts.line()}")
     return 0 if result.ok else 1

@@ -90,13 +90,19 @@ class AptRoot:
         self._run("apt-get", "update", "-qq")
         stamp.touch()
 
-    def candidate(self, name: str) -> Package:
-        """The version apt would download, as ``apt-cache show`` names it."""
-        text = self._run("apt-cache", "show", "--no-all-versions", name)
-        match = re.search(r"^Version: (\S+)", text, re.MULTILINE)
-        if not match:
-            raise TestbedError(f"Debian has no {name} for {self.arch}")
-        return Package(name, match.group(1))
+    def candidates(self, names: list[str]) -> list[Package]:
+        """The versions apt would download, as ``apt-cache show`` names them."""
+        text = self._run("apt-cache", "show", "--no-all-versions", *names)
+        versions: dict[str, str] = {}
+        for stanza in text.split("\n\n"):
+            name = re.search(r"^Package: (\S+)", stanza, re.MULTILINE)
+            version = re.search(r"^Version: (\S+)", stanza, re.MULTILINE)
+            if name and version:
+                versions.setdefault(name.group(1), version.group(1))
+        missing = [name for name in names if name not in versions]
+        if missing:
+            raise TestbedError(f"Debian has no {', '.join(missing)} for {self.arch}")
+        return [Package(name, versions[name]) for name in names]
 
     def first_dependency(self, name: str) -> str:
         """The first package a meta package depends on (the kernel image behind
@@ -106,6 +112,17 @@ class AptRoot:
         if not match:
             raise TestbedError(f"{name} ({self.arch}) depends on nothing")
         return match.group(1)
+
+    def closure(self, names: tuple[str, ...], leave_out: frozenset[str]) -> list[Package]:
+        """``names`` and everything they depend on (Depends and Pre-Depends, every
+        alternative), without the packages in ``leave_out`` (tools that only
+        package maintainer scripts run)."""
+        text = self._run(
+            "apt-cache", "depends", "--recurse", "--no-recommends", "--no-suggests", "--no-conflicts",
+            "--no-breaks", "--no-replaces", "--no-enhances", *names,
+        )  # fmt: skip
+        found = sorted({line.strip() for line in text.splitlines() if line and not line.startswith((" ", "<"))})
+        return self.candidates([name for name in found if name not in leave_out])
 
     def download(self, packages: list[Package], into: Path) -> list[Path]:
         into.mkdir(parents=True, exist_ok=True)

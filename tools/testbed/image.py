@@ -9,6 +9,7 @@ only its own layer."""
 
 from __future__ import annotations
 
+import hashlib
 import json
 import shutil
 import tempfile
@@ -42,8 +43,22 @@ GUEST_PACKAGES = (
 TRIMMED = ("usr/share/doc", "usr/share/man", "usr/share/locale", "usr/share/lintian", "usr/lib/python3.11/idlelib",
            "usr/lib/python3.11/tkinter", "usr/lib/python3.11/lib2to3", "usr/lib/python3.11/ensurepip",
            "usr/lib/python3.11/pydoc_data")  # fmt: skip
+#: Packages QEMU depends on that only maintainer scripts use: left out of the anchor.
+NOT_FOR_QEMU = frozenset({
+    "adduser", "cdebconf", "debconf", "dpkg", "install-info", "passwd", "tar", "libdebian-installer4",
+    "libnewt0.52", "libslang2", "libtextwrap1", "iso-codes", "readline-common", "libpam-modules",
+    "libpam-modules-bin", "libpam0g", "libsemanage-common", "libsemanage2", "libsepol2", "libaudit-common",
+    "libaudit1", "libcap2-bin",
+})  # fmt: skip
+#: Where the guest finds a kernel and a busybox initramfs to boot under pyvmm and
+#: under QEMU (the kernel is the bed's own: the same stock Debian kernel).
+LINUX_DIR = "opt/linux"
+#: What the busybox initramfs prints once userspace runs, with the online CPU count.
+USERSPACE_MARKER = "PYVMM-USERSPACE-MARKER"
 TESTBED_PACKAGE = Path(__file__).resolve().parent
 GUEST_CHECKOUT = "/checkout"
+#: Set in the guest: what emulates the CPU that the guest's KVM runs on.
+EMULATOR_VARIABLE = "PYVMM_TESTBED_EMULATOR"
 
 
 @dataclass(frozen=True)
@@ -52,6 +67,14 @@ class BaseImage:
     kernel: Path
     kernel_version: str
     key: str
+
+
+def _builder_key() -> str:
+    """A hash of the code that lays out the base image: a change to it rebuilds."""
+    digest = hashlib.sha256()
+    for module in ("image.py", "cpio.py", "wheels.py"):
+        digest.update((TESTBED_PACKAGE / module).read_bytes())
+    return digest.hexdigest()[:8]
 
 
 def _cache(cache_dir: Path, arch: Arch) -> Path:
@@ -68,12 +91,12 @@ def build_base(
     apt = debian.AptRoot(cache / "apt", arch.name)
     apt.update()
     kernel_image = apt.first_dependency(arch.kernel_package)
-    packages = [apt.candidate(name) for name in (*GUEST_PACKAGES, kernel_image)]
+    packages = apt.candidates([*GUEST_PACKAGES, kernel_image])
     deps_key = wheels.dependencies_key(checkout_wheels, arch.wheel_platforms)
-    key = f"{debian.versions_key(packages)}-{deps_key}"
+    key = f"{debian.versions_key(packages)}-{deps_key}-{_builder_key()}"
     done = cache / f"base-{key}"
     kernel_version = kernel_image.removeprefix("linux-image-")
-    if (done / "base.cpio").is_file() and (done / "vmlinuz").is_file():
+    if (done / "base.cpio").is_file() and (done / "vmlinuz").is_file():  # written last, by one rename
         return BaseImage(done / "base.cpio", done / "vmlinuz", kernel_version, key)
     say(f"testbed: building the {arch.name} base image {key} (Debian packages and PyPI wheels)")
     debs = apt.download(packages, cache / "debs")
@@ -96,12 +119,60 @@ def build_base(
             shutil.copyfile(kernel_root / modules / module, target)
         if not (root / "bin/busybox").is_file():
             raise TestbedError("busybox-static did not provide /bin/busybox")
+        linux = root / LINUX_DIR
+        linux.mkdir(parents=True)
+        shutil.copyfile(kernel_root / "boot" / f"vmlinuz-{kernel_version}", linux / "vmlinuz")
+        _userspace_initrd(root / "bin/busybox", linux / "initrd.cpio", Path(scratch) / "userspace")
         stage = Path(scratch) / "done"
         stage.mkdir()
         cpio.archive(root, stage / "base.cpio")
         shutil.copyfile(kernel_root / "boot" / f"vmlinuz-{kernel_version}", stage / "vmlinuz")
         stage.replace(done)
     return BaseImage(done / "base.cpio", done / "vmlinuz", kernel_version, key)
+
+
+def _userspace_initrd(busybox: Path, target: Path, scratch: Path) -> None:
+    """A busybox initramfs whose /init prints the marker with the online CPU count
+    and powers off: Linux reached userspace on every CPU it brought up."""
+    (scratch / "bin").mkdir(parents=True)
+    for directory in ("proc", "sys", "dev"):
+        (scratch / directory).mkdir()
+    shutil.copyfile(busybox, scratch / "bin/busybox")
+    (scratch / "bin/busybox").chmod(0o755)
+    init = scratch / "init"
+    init.write_text(
+        "#!/bin/busybox sh\n"
+        "/bin/busybox mount -t proc proc /proc\n"
+        "/bin/busybox mount -t sysfs sysfs /sys\n"
+        f'echo "{USERSPACE_MARKER} cpus=$(/bin/busybox nproc)"\n'
+        "/bin/busybox poweroff -f\n"
+    )
+    init.chmod(0o755)
+    cpio.archive(scratch, target)
+
+
+def build_anchor(arch: Arch, cache_dir: Path, say: Callable[[str], None] = print) -> Path | None:
+    """The archive of QEMU (and what it links) for the guest, cached on its
+    packages' versions; None for a bed without one."""
+    if not arch.anchor_packages:
+        return None
+    cache = _cache(cache_dir, arch)
+    apt = debian.AptRoot(cache / "apt", arch.name)
+    apt.update()
+    packages = apt.closure(arch.anchor_packages, NOT_FOR_QEMU)
+    done = cache / f"anchor-{debian.versions_key(packages)}.cpio"
+    if done.is_file():
+        return done
+    say(f"testbed: building the {arch.name} anchor (QEMU inside the guest: {len(packages)} Debian packages)")
+    debs = apt.download(packages, cache / "debs")
+    with tempfile.TemporaryDirectory(prefix="pyvmm-testbed-", dir=cache) as scratch:
+        root = Path(scratch) / "root"
+        for deb in debs:
+            debian.extract(deb, root)
+        for trimmed in TRIMMED:
+            shutil.rmtree(root / trimmed, ignore_errors=True)
+        cpio.archive(root, done)
+    return done
 
 
 def build_checkout_layer(cache_dir: Path, checkout: Path) -> tuple[Path, list[Path]]:
@@ -132,12 +203,26 @@ def init_script(arch: Arch, kernel_version: str) -> str:
         "mount -t sysfs sysfs /sys",
         "mount -t devtmpfs devtmpfs /dev",
         "mount -t tmpfs tmpfs /tmp",
+        # ptys for the console tests, loopback for the gdb stub's TCP socket
+        "mkdir -p /dev/pts /dev/shm",
+        "mount -t devpts devpts /dev/pts",
+        "mount -t tmpfs tmpfs /dev/shm",
+        "ifconfig lo 127.0.0.1 up",
     ]
+    if arch.guest_qemu:
+        lines.append(f"[ -x /usr/bin/{arch.guest_qemu} ] && export PYVMM_TESTBED_QEMU=/usr/bin/{arch.guest_qemu}")
     for module, parameters in arch.kvm_modules:
         path = f"/lib/modules/{kernel_version}/kernel/{module}"
         lines.append(f"insmod {path} {' '.join(parameters)}".rstrip())
     lines += [
         "export HOME=/tmp PYTHONDONTWRITEBYTECODE=1 PYTHONPATH=/opt/testbed",
+        # Tests read this to know that the CPU under this KVM is QEMU's emulation.
+        f"export {EMULATOR_VARIABLE}=qemu-tcg",
+        # Importing a backend (cffi parsing its declarations) takes seconds under
+        # emulation, longer than pyvmm's default plugin timeout allows.
+        "export PYVMM_PLUGIN_TIMEOUT=120",
+        f"export PYVMM_TESTBED_LINUX_KERNEL=/{LINUX_DIR}/vmlinuz PYVMM_TESTBED_LINUX_INITRD=/{LINUX_DIR}/initrd.cpio",
+        f"export PYVMM_TESTBED_USERSPACE_MARKER={USERSPACE_MARKER}",
         "cd " + GUEST_CHECKOUT,
         "python3.11 -m testbed.guest /opt/testbed/run.json",
         # The guest program powers off itself; this is for when Python could not start.

@@ -149,6 +149,12 @@ def test_the_sti_shadow_is_reported(kvm: Backend) -> None:
         expect_port_write(vcpu, p.TEST_PORT, 1)
         vcpu.set_guest_debug(single_step=True)
         run_to(vcpu, ExitKind.DEBUG)
+        if vcpu.get_regs().rip == p.CODE_ADDRESS + STI_DONE - 1:
+            # Upstream KVM completes a port write when the vCPU next runs, and a
+            # single step reports that completion on its own (x86.c:
+            # complete_fast_pio_out -> kvm_skip_emulated_instruction): the sti is
+            # the next step.  kvm_pvm completes the write before it exits.
+            run_to(vcpu, ExitKind.DEBUG)
         assert vcpu.get_regs().rip == p.CODE_ADDRESS + STI_DONE
         assert not vcpu.ready_for_interrupt()
         assert vcpu.get_events().interrupt.shadow == InterruptShadow.STI
