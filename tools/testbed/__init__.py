@@ -19,8 +19,10 @@ Usage, from the checkout's ``tools`` directory (or with it on PYTHONPATH)::
     ~/.cache/pyvmm-testbed or $PYVMM_TESTBED_CACHE), --junit FILE, --quiet,
     --command SHELL (run it in the guest instead of pytest: a look around)
 
-PATHS are test paths in the checkout (default ``plugins/pyvmm-kvm/tests``); the
-conformance suite is added by ``--pyvmm-backend kvm`` itself.  Exit status 0 when
+PATHS are test paths in the checkout, before or after the options (default: the
+bed's own, ``Arch.default_selection``: on amd64 ``plugins/pyvmm-kvm/tests`` and
+``tools/testbed/guest_tests``); the conformance suite is added by
+``--pyvmm-backend kvm`` itself.  Exit status 0 when
 the guest's pytest passed, 1 when it failed, 2 when the bed could not run (QEMU
 or a package missing, the guest did not finish in time, KVM not in the mode asked).
 

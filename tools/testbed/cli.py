@@ -33,12 +33,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "selection", nargs="*", help="test paths in the checkout (default: the bed's own selection, see --help)"
     )
-    args, pytest_args = parser.parse_known_args(argv)
-    if "--" in pytest_args:
-        pytest_args.remove("--")
+    argv = sys.argv[1:] if argv is None else argv
+    split = argv.index("--") if "--" in argv else len(argv)
+    # Intermixed: test paths may come before or after the options (plain
+    # parse_args would take an empty selection at the first positional).
+    args = parser.parse_intermixed_args(argv[:split])
+    pytest_args = argv[split + 1 :]
     arch = arch_named(args.arch)
-    if not args.selection and not pytest_args:
-        args.selection, pytest_args = list(arch.default_selection), list(arch.default_pytest_args)
+    if not args.selection:
+        args.selection, pytest_args = list(arch.default_selection), [*arch.default_pytest_args, *pytest_args]
     try:
         result = run_bed(
             arch,
