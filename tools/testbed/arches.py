@@ -88,7 +88,8 @@ ARM64 = Arch(
     # An arm64 KVM runs no x86 guests, but the KVM backend does not yet narrow
     # its architectures to the host's (issue 17, part 2): its x86 scenarios are
     # left out here by name rather than failed.
-    default_pytest_args=("--ignore-glob=*/conformance/test_x86_64.py",),
+    # (Absolute: pytest anchors a relative glob at the guest's working directory.)
+    default_pytest_args=("--ignore-glob=/*/pyvmm/testing/conformance/test_x86_64.py",),
 )
 
 AMD64 = Arch(

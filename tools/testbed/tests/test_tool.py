@@ -3,6 +3,7 @@ QEMU's command line and the messages for what is missing."""
 
 from __future__ import annotations
 
+import fnmatch
 import io
 import os
 from pathlib import Path
@@ -128,3 +129,14 @@ def test_a_selection_outside_the_checkout_is_refused(tmp_path: Path) -> None:
     base = image.BaseImage(tmp_path / "b.cpio", tmp_path / "k", "6.1", "key")
     with pytest.raises(Exception, match="not a path inside the checkout"):
         image.build_run_layer(AMD64, base, checkout, selection=["../elsewhere"], settings={}, into=tmp_path / "run")
+
+
+def test_the_arm64_bed_leaves_out_the_installed_x86_scenarios_only() -> None:
+    """pytest anchors a relative --ignore-glob at the working directory, the guest's
+    /checkout, which the installed suite is not under: the glob must be absolute."""
+    (option,) = ARM64.default_pytest_args
+    glob = option.removeprefix("--ignore-glob=")
+    assert glob.startswith("/")
+    installed = "/usr/lib/python3/dist-packages/pyvmm/testing/conformance"
+    assert fnmatch.fnmatch(f"{installed}/test_x86_64.py", glob)
+    assert not fnmatch.fnmatch(f"{installed}/test_aarch64.py", glob)
