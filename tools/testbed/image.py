@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from . import cpio, debian, wheels
-from .arches import Arch
+from .arches import AMD64, Arch
 from .errors import TestbedError
 
 #: Debian's Python 3.11 without its optional extension modules' libraries
@@ -209,6 +209,8 @@ def init_script(arch: Arch, kernel_version: str) -> str:
         "mount -t tmpfs tmpfs /dev/shm",
         "ifconfig lo 127.0.0.1 up",
     ]
+    if arch is AMD64:  # plugins/pyvmm-kvm/tests/test_kvm_linux.py boots an x86 kernel to its end
+        lines.append(f"export PYVMM_LINUX_BOOT=1 PYVMM_LINUX_KERNEL=/{LINUX_DIR}/vmlinuz")
     if arch.guest_qemu:
         lines.append(f"[ -x /usr/bin/{arch.guest_qemu} ] && export PYVMM_TESTBED_QEMU=/usr/bin/{arch.guest_qemu}")
     for module, parameters in arch.kvm_modules:

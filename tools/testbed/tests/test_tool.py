@@ -121,6 +121,8 @@ def test_init_loads_kvm_amd_without_next_rip_saving() -> None:
     assert [line.split()[1].rsplit("/", 1)[1] for line in loads] == ["irqbypass.ko", "kvm.ko", "kvm-amd.ko"]
     assert loads[-1].endswith("nrips=0")
     assert "insmod" not in image.init_script(ARM64, "6.1.0-0-cloud-arm64")
+    assert "PYVMM_LINUX_BOOT=1" in script  # the x86 kernel boot test runs in the amd64 bed only
+    assert "PYVMM_LINUX_BOOT" not in image.init_script(ARM64, "6.1.0-0-cloud-arm64")
 
 
 def test_a_selection_outside_the_checkout_is_refused(tmp_path: Path) -> None:
