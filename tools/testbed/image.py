@@ -17,9 +17,10 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
-from . import cpio, debian, wheels
-from .arches import AMD64, Arch
+from . import cpio, debian, guest_init, wheels
+from .arches import Arch
 from .errors import TestbedError
+from .guest_init import GUEST_CHECKOUT, LINUX_DIR, USERSPACE_MARKER
 
 #: Debian's Python 3.11 without its optional extension modules' libraries
 #: (ncurses, readline, sqlite, gdbm, tk), plus busybox for /init and the tools.
@@ -50,15 +51,7 @@ NOT_FOR_QEMU = frozenset({
     "libpam-modules-bin", "libpam0g", "libsemanage-common", "libsemanage2", "libsepol2", "libaudit-common",
     "libaudit1", "libcap2-bin",
 })  # fmt: skip
-#: Where the guest finds a kernel and a busybox initramfs to boot under pyvmm and
-#: under QEMU (the kernel is the bed's own: the same stock Debian kernel).
-LINUX_DIR = "opt/linux"
-#: What the busybox initramfs prints once userspace runs, with the online CPU count.
-USERSPACE_MARKER = "PYVMM-USERSPACE-MARKER"
 TESTBED_PACKAGE = Path(__file__).resolve().parent
-GUEST_CHECKOUT = "/checkout"
-#: Set in the guest: what emulates the CPU that the guest's KVM runs on.
-EMULATOR_VARIABLE = "PYVMM_TESTBED_EMULATOR"
 
 
 @dataclass(frozen=True)
@@ -192,47 +185,6 @@ def build_checkout_layer(cache_dir: Path, checkout: Path) -> tuple[Path, list[Pa
     return done / "checkout.cpio", sorted((done / "wheels").glob("*.whl"))
 
 
-def init_script(arch: Arch, kernel_version: str) -> str:
-    """/init: mounts, KVM's modules, then the bed's guest program (``testbed.guest``)."""
-    lines = [
-        "#!/bin/busybox sh",
-        "/bin/busybox --install -s /bin",
-        "export PATH=/bin:/usr/bin:/sbin:/usr/sbin",
-        "mkdir -p /proc /sys /dev /tmp",
-        "mount -t proc proc /proc",
-        "mount -t sysfs sysfs /sys",
-        "mount -t devtmpfs devtmpfs /dev",
-        "mount -t tmpfs tmpfs /tmp",
-        # ptys for the console tests, loopback for the gdb stub's TCP socket
-        "mkdir -p /dev/pts /dev/shm",
-        "mount -t devpts devpts /dev/pts",
-        "mount -t tmpfs tmpfs /dev/shm",
-        "ifconfig lo 127.0.0.1 up",
-    ]
-    if arch is AMD64:  # plugins/pyvmm-kvm/tests/test_kvm_linux.py boots an x86 kernel to its end
-        lines.append(f"export PYVMM_LINUX_BOOT=1 PYVMM_LINUX_KERNEL=/{LINUX_DIR}/vmlinuz")
-    if arch.guest_qemu:
-        lines.append(f"[ -x /usr/bin/{arch.guest_qemu} ] && export PYVMM_TESTBED_QEMU=/usr/bin/{arch.guest_qemu}")
-    for module, parameters in arch.kvm_modules:
-        path = f"/lib/modules/{kernel_version}/kernel/{module}"
-        lines.append(f"insmod {path} {' '.join(parameters)}".rstrip())
-    lines += [
-        "export HOME=/tmp PYTHONDONTWRITEBYTECODE=1 PYTHONPATH=/opt/testbed",
-        # Tests read this to know that the CPU under this KVM is QEMU's emulation.
-        f"export {EMULATOR_VARIABLE}=qemu-tcg",
-        # Importing a backend (cffi parsing its declarations) takes seconds under
-        # emulation, longer than pyvmm's default plugin timeout allows.
-        "export PYVMM_PLUGIN_TIMEOUT=120",
-        f"export PYVMM_TESTBED_LINUX_KERNEL=/{LINUX_DIR}/vmlinuz PYVMM_TESTBED_LINUX_INITRD=/{LINUX_DIR}/initrd.cpio",
-        f"export PYVMM_TESTBED_USERSPACE_MARKER={USERSPACE_MARKER}",
-        "cd " + GUEST_CHECKOUT,
-        "python3.11 -m testbed.guest /opt/testbed/run.json",
-        # The guest program powers off itself; this is for when Python could not start.
-        "echo 'testbed: the guest program did not run'; poweroff -f",
-    ]
-    return "\n".join(lines) + "\n"
-
-
 def build_run_layer(
     arch: Arch, base: BaseImage, checkout: Path, *, selection: list[str], settings: Mapping[str, object], into: Path
 ) -> Path:
@@ -240,7 +192,7 @@ def build_run_layer(
     root = into / "run-root"
     init = root / "init"
     init.parent.mkdir(parents=True)
-    init.write_text(init_script(arch, base.kernel_version))
+    init.write_text(guest_init.init_script(arch, base.kernel_version))
     init.chmod(0o755)
     own_code = shutil.ignore_patterns("__pycache__", "tests")  # the host's tests stay on the host
     shutil.copytree(TESTBED_PACKAGE, root / "opt/testbed/testbed", ignore=own_code)

@@ -9,7 +9,7 @@ import os
 from pathlib import Path
 
 import pytest
-from testbed import cpio, image
+from testbed import cpio, guest_init, image
 from testbed.arches import AMD64, ARM64, arch_named
 from testbed.bed import junit_counts
 from testbed.errors import MissingTool, UsageError
@@ -116,13 +116,13 @@ def test_qemu_command_line(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> N
 
 
 def test_init_loads_kvm_amd_without_next_rip_saving() -> None:
-    script = image.init_script(AMD64, "6.1.0-0-cloud-amd64")
+    script = guest_init.init_script(AMD64, "6.1.0-0-cloud-amd64")
     loads = [line for line in script.splitlines() if line.startswith("insmod")]
     assert [line.split()[1].rsplit("/", 1)[1] for line in loads] == ["irqbypass.ko", "kvm.ko", "kvm-amd.ko"]
     assert loads[-1].endswith("nrips=0")
-    assert "insmod" not in image.init_script(ARM64, "6.1.0-0-cloud-arm64")
+    assert "insmod" not in guest_init.init_script(ARM64, "6.1.0-0-cloud-arm64")
     assert "PYVMM_LINUX_BOOT=1" in script  # the x86 kernel boot test runs in the amd64 bed only
-    assert "PYVMM_LINUX_BOOT" not in image.init_script(ARM64, "6.1.0-0-cloud-arm64")
+    assert "PYVMM_LINUX_BOOT" not in guest_init.init_script(ARM64, "6.1.0-0-cloud-arm64")
 
 
 def test_a_selection_outside_the_checkout_is_refused(tmp_path: Path) -> None:
