@@ -165,7 +165,7 @@ FADT_FLAGS = (1 << 0) | (1 << 2) | (1 << 4) | (1 << 5)
 MADT_PCAT_COMPAT = 1
 MADT_LOCAL_APIC, MADT_IO_APIC, MADT_INTERRUPT_OVERRIDE = 0, 1, 2
 MADT_ENABLED = 1
-#: The in-kernel IOAPIC's ID after reset (KVM's kvm_ioapic_reset(); QEMU's MADT says 0 too).
+#: The ID an in-kernel IOAPIC has after reset, and the one QEMU's MADT gives it too.
 IOAPIC_ID = 0
 #: The SCI as ACPI defines it: active high, level-triggered (MPS INTI flags 01, 11).
 SCI_INTI_FLAGS = 0b1101
@@ -239,10 +239,10 @@ def rsdt(with_madt: bool = False) -> bytes:
 
 def madt(cpus: int) -> bytes:
     """The MADT of a machine whose hypervisor runs the local APICs and the IOAPIC:
-    local APIC IDs 0..cpus-1 (the vCPU indexes, as KVM gives them), the IOAPIC
+    local APIC IDs 0..cpus-1 (the vCPU indexes, which the hypervisor uses as
+    APIC IDs), the IOAPIC
     with GSIs from 0, and the SCI's override to level-triggered.  ISA IRQ n is
-    GSI n otherwise: the hypervisor wires IRQ n to IOAPIC pin n (KVM's default
-    routing, kvm_setup_default_irq_routing())."""
+    GSI n otherwise: a hypervisor's default routing wires IRQ n to IOAPIC pin n."""
     body = bytearray(struct.pack("<II", LAPIC_BASE, MADT_PCAT_COMPAT))
     for cpu in range(cpus):
         body += struct.pack("<BBBBI", MADT_LOCAL_APIC, 8, cpu, cpu, MADT_ENABLED)
