@@ -251,6 +251,20 @@ NEEDS = (
         "a Linux host with KVM (the kvm_intel or kvm_amd module, or nested virtualisation)",
         _dev_kvm,
     ),
+    Need(
+        "the arm64 test bed (real KVM in an emulated arm64 guest)",
+        frozenset({"arm64"}),
+        "qemu-system-arm",
+        "",
+        _which_all("qemu-system-aarch64"),
+    ),
+    Need(
+        "the amd64 test bed (real kvm_amd in an emulated x86 guest)",
+        frozenset({"amd"}),
+        "qemu-system-x86",
+        "",
+        _which_all("qemu-system-x86_64"),
+    ),
 )
 
 

@@ -7,14 +7,16 @@ from __future__ import annotations
 import struct
 import time
 from collections.abc import Iterator
+from pathlib import Path
 from typing import cast
 
 import pytest
 from coretests_support import MakeBackend
-from machinetests_support import IRQCHIP_CAPS, TINY_IMAGE, io_exit, machine_config, value_of
+from machinetests_support import IRQCHIP_CAPS, MACHINE_CAPS, TINY_IMAGE, io_exit, machine_config, value_of
 
 from pyvmm.arch.x86_64 import CR0_ET
 from pyvmm.boot import BootSpec, X86Mode, X86VcpuInit
+from pyvmm.capabilities import Capability
 from pyvmm.config import Arch, MemoryRegionSpec
 from pyvmm.devices import acpi_pm, rtc
 from pyvmm.devices.rtc import Rtc
@@ -163,6 +165,51 @@ def test_acpi_tables_are_where_and_what_an_os_looks_for(memory: GuestMemory) -> 
         assert dsdt[at + 3] == sleep_type  # ZeroOp / OneOp: SLP_TYPa
 
 
+def _madt_entries(madt: bytes) -> list[tuple[int, bytes]]:
+    entries, at = [], 44
+    while at < len(madt):
+        kind, length = madt[at], madt[at + 1]
+        entries.append((kind, madt[at : at + length]))
+        at += length
+    return entries
+
+
+def test_the_madt_lists_each_vcpu_and_the_ioapic(memory: GuestMemory) -> None:
+    firmware = fw.LegacyFirmware(
+        Rtc(), current_vcpu=_no_vcpu, wait=lambda s: True, poweroff=lambda: None, reset=lambda: None, apic_cpus=3
+    )
+    firmware.install(memory, PortBus(), spec(rax=0x2BADB002))
+    rsdt = _table(memory, fw.RSDT_ADDRESS, b"RSDT")
+    fadt_address, madt_address = struct.unpack_from("<II", rsdt, 36)
+    assert len(rsdt) == 44 and memory.read(fadt_address, 4) == b"FACP"
+    madt = _table(memory, madt_address, b"APIC")
+    assert struct.unpack_from("<II", madt, 36) == (0xFEE00000, 1)  # local APIC address, PCAT_COMPAT
+    entries = _madt_entries(madt)
+    lapics = [struct.unpack("<BBBBI", e) for kind, e in entries if kind == 0]
+    assert [(uid, apic_id, flags) for _, _, uid, apic_id, flags in lapics] == [(0, 0, 1), (1, 1, 1), (2, 2, 1)]
+    ioapics = [struct.unpack("<BBBBII", e) for kind, e in entries if kind == 1]
+    assert [(ident, address, gsi_base) for _, _, ident, _, address, gsi_base in ioapics] == [(0, 0xFEC00000, 0)]
+    overrides = [struct.unpack("<BBBBIH", e) for kind, e in entries if kind == 2]
+    assert [(bus, irq, gsi, flags) for _, _, bus, irq, gsi, flags in overrides] == [(0, 9, 9, 0b1101)]  # SCI
+    assert fw.MADT_ADDRESS + len(madt) <= fw.FIRMWARE_BASE + fw.HANDLERS_OFFSET
+
+
+def test_no_madt_without_the_hypervisors_apics(memory: GuestMemory) -> None:
+    install(memory)
+    rsdt = _table(memory, fw.RSDT_ADDRESS, b"RSDT")
+    assert len(rsdt) == 40  # the FADT only
+    assert memory.read(fw.MADT_ADDRESS, 4) == bytes(4)
+
+
+@pytest.mark.parametrize("cpus", [0, fw.MAX_MADT_CPUS + 1])
+def test_a_madt_beyond_its_room_is_refused(cpus: int) -> None:
+    with pytest.raises(ConfigError, match=f"1 to {fw.MAX_MADT_CPUS} vCPUs, not {cpus}"):
+        fw.LegacyFirmware(
+            Rtc(), current_vcpu=_no_vcpu, wait=lambda s: True, poweroff=lambda: None, reset=lambda: None, apic_cpus=cpus
+        )
+    assert len(fw.madt(fw.MAX_MADT_CPUS)) + fw.MADT_ADDRESS <= fw.FIRMWARE_BASE + fw.HANDLERS_OFFSET
+
+
 def test_an_image_in_the_bios_area_is_refused(memory: GuestMemory) -> None:
     memory.write(0xFFFF0, b"\xea")
     with pytest.raises(ConfigError, match=r"0xf0000\.\.0xfffff"):
@@ -303,6 +350,45 @@ def test_the_option_decides_otherwise(
         assert any(machine.vm.memory.read(fw.FIRMWARE_BASE, fw.FIRMWARE_SIZE)) is through_firmware
     expected = fw.BOOT_STUB_ADDRESS if through_firmware else image.entry
     assert boot_rip(test_backend.calls_of("pyvmm_init_vcpu")) == expected
+
+
+def _tiny_bzimage(path: Path) -> Path:
+    """The smallest file pyvmm loads as a Linux bzImage (boot protocol 2.15, 64-bit entry)."""
+    kernel = b"\xf4" * 0x2000
+    setup = bytearray(5 * 512)
+    setup[0x1F1] = 4  # setup sectors
+    struct.pack_into("<I", setup, 0x1F4, len(kernel) // 16)
+    struct.pack_into("<H", setup, 0x1FE, 0xAA55)
+    setup[0x200:0x202] = bytes([0xEB, 0x6A])
+    setup[0x202:0x206] = b"HdrS"
+    struct.pack_into("<H", setup, 0x206, 0x020F)
+    setup[0x211] = 0x01  # LOADED_HIGH
+    struct.pack_into("<III", setup, 0x22C, 0x7FFFFFFF, 0x200000, 0)
+    setup[0x234] = 1  # relocatable
+    struct.pack_into("<HI", setup, 0x236, 1, 2047)  # XLF_KERNEL_64, cmdline size
+    struct.pack_into("<QI", setup, 0x258, 0x1000000, 0x400000)  # pref_address, init_size
+    path.write_bytes(bytes(setup) + kernel)
+    return path
+
+
+@pytest.mark.parametrize(
+    ("caps", "cpus", "apic_cpus"), [(IRQCHIP_CAPS, 2, 2), (IRQCHIP_CAPS, 1, 1), (MACHINE_CAPS, 1, None)]
+)
+def test_linux_boots_through_it_for_the_madt_where_the_hypervisor_has_the_apics(
+    make_backend: MakeBackend, tmp_path: Path, caps: tuple[Capability, ...], cpus: int, apic_cpus: int | None
+) -> None:
+    test_backend, backend = make_backend(caps)
+    test_backend.script_exits(io_exit(0xF4, 1, write=True))
+    config = machine_config(kernel=_tiny_bzimage(tmp_path / "bzImage"), memory="64M", cpus=cpus)
+    with Machine(config, backend=backend) as machine:
+        machine.run()
+        firmware = machine.firmware
+        assert (firmware.apic_cpus if firmware is not None else None) == apic_cpus
+        rsdp = machine.vm.memory.read(fw.RSDP_ADDRESS, 8)
+        assert rsdp == (b"RSD PTR " if apic_cpus else bytes(8))
+        if apic_cpus:
+            madt = _table(machine.vm.memory, fw.MADT_ADDRESS, b"APIC")
+            assert sum(kind == 0 for kind, _ in _madt_entries(madt)) == cpus
 
 
 def test_a_real_mode_image_cannot_have_it(make_backend: MakeBackend) -> None:

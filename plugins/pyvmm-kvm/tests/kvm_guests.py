@@ -71,7 +71,7 @@ JUMP_TO_MMIO = GuestProgram(
 )
 
 #: XGETBV in kernel mode is one of the instructions this machine's software KVM
-#: (kvm_pvm) fails to emulate; hardware KVM executes it.
+#: (kvm_pvm) fails to emulate; hardware KVM executes it (#UD: CR4.OSXSAVE is clear).
 XGETBV = GuestProgram(
     "xgetbv",
     Arch.X86_64,

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import os
 import struct
 import threading
+from pathlib import Path
 
 import pytest
 
@@ -17,6 +19,10 @@ from pyvmm.vcpu_state import StateKind
 from pyvmm.vm import Backend, Vm
 
 CODE = 0x1000
+#: This machine's KVM is kvm_pvm, a software one (test_kvm_interrupts.py says how it differs).
+SOFTWARE_KVM = Path("/sys/module/kvm_pvm").is_dir()
+#: Set by the test beds (tools/testbed): the CPU under this KVM is QEMU's TCG emulation.
+UNDER_QEMU_TCG = os.environ.get("PYVMM_TESTBED_EMULATOR") == "qemu-tcg"
 RAM = 0x10000
 
 
@@ -161,6 +167,12 @@ def test_single_step(kvm: Backend) -> None:
         assert vcpu.get_regs().rax == 3
 
 
+@pytest.mark.xfail(
+    UNDER_QEMU_TCG,
+    strict=True,
+    reason="QEMU's TCG loads DR7 from the VMCB at VMRUN without arming its breakpoints"
+    " (target/i386/tcg/sysemu/svm_helper.c, helper_vmrun): KVM's breakpoint never fires under it",
+)
 def test_hardware_breakpoint(kvm: Backend) -> None:
     with kvm.create_vm({"arch": "x86_64"}) as vm:
         vm.add_memory(0, RAM)
@@ -193,8 +205,10 @@ def test_emulation_failure_carries_instruction_bytes(vm: Vm) -> None:
     vcpu = vm.create_vcpu()
     vm.boot(BootSpec(arch="x86_64", entry=CODE, boot_tables=0x2000))
     exit_ = vcpu.run()
-    if exit_.kind is ExitKind.HLT:
-        pytest.skip("this KVM executes XGETBV (hardware virtualisation): no emulation failure to observe")
+    if not SOFTWARE_KVM:
+        # Executed in hardware: #UD (CR4.OSXSAVE is clear), and with no IDT a triple fault.
+        assert exit_.kind is ExitKind.SHUTDOWN, exit_
+        pytest.skip("this KVM executes XGETBV in hardware: no emulation failure to observe")
     assert isinstance(exit_, InternalErrorExit), exit_
     assert exit_.suberror == 1 and exit_.description == "emulation failure"
     assert exit_.instruction.startswith(bytes.fromhex("0f01d0")), exit_.instruction.hex()

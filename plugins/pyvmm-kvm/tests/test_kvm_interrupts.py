@@ -22,6 +22,7 @@ they do not wait for a window exit (``pyvmm.machine.userspace_irqchip``).
 from __future__ import annotations
 
 import errno
+import os
 import struct
 from pathlib import Path
 
@@ -55,6 +56,8 @@ from pyvmm_kvm import bindings as k
 
 #: This machine's KVM is kvm_pvm, the software one (see the module docstring).
 SOFTWARE_KVM = Path("/sys/module/kvm_pvm").is_dir()
+#: Set by the test beds (tools/testbed): the CPU under this KVM is QEMU's TCG emulation.
+UNDER_QEMU_TCG = os.environ.get("PYVMM_TESTBED_EMULATOR") == "qemu-tcg"
 
 REAL_MODE_CODE = 0x8000
 REAL_MODE_HANDLERS = 0x9000
@@ -138,6 +141,12 @@ def test_kvm_interrupt_is_refused_by_kvm_with_its_irqchip(kvm: Backend) -> None:
 # --- the STI shadow and the interrupt window ----------------------------------------
 
 
+@pytest.mark.xfail(
+    UNDER_QEMU_TCG,
+    strict=True,
+    reason="in the amd64 test bed (kvm_amd under QEMU's TCG) a single step over sti stops only after the "
+    "instruction in its shadow: no step ends inside the shadow",
+)
 def test_the_sti_shadow_is_reported(kvm: Backend) -> None:
     """Single-stepped past ``sti``, the vCPU is in its shadow: not ready, and the
     events say STI; one instruction later it is ready."""
@@ -146,6 +155,12 @@ def test_the_sti_shadow_is_reported(kvm: Backend) -> None:
         expect_port_write(vcpu, p.TEST_PORT, 1)
         vcpu.set_guest_debug(single_step=True)
         run_to(vcpu, ExitKind.DEBUG)
+        if vcpu.get_regs().rip == p.CODE_ADDRESS + STI_DONE - 1:
+            # Upstream KVM completes a port write when the vCPU next runs, and a
+            # single step reports that completion on its own (x86.c:
+            # complete_fast_pio_out -> kvm_skip_emulated_instruction): the sti is
+            # the next step.  kvm_pvm completes the write before it exits.
+            run_to(vcpu, ExitKind.DEBUG)
         assert vcpu.get_regs().rip == p.CODE_ADDRESS + STI_DONE
         assert not vcpu.ready_for_interrupt()
         assert vcpu.get_events().interrupt.shadow == InterruptShadow.STI

@@ -22,7 +22,10 @@ the waking vector.  This module provides the same state, written by pyvmm:
   BIOS's default handlers do.
 * **ACPI tables** (ACPI 1.0: RSDP, RSDT, FADT, FACS and a DSDT that holds only
   the ``\\_S3`` and ``\\_S5`` sleep types) in the F segment, describing the
-  PM registers of :mod:`pyvmm.devices.acpi_pm` and the RTC's century byte.
+  PM registers of :mod:`pyvmm.devices.acpi_pm` and the RTC's century byte; on a
+  machine with the hypervisor's interrupt controllers also a MADT: one local APIC
+  per vCPU and the IOAPIC, which is how an SMP Linux finds its CPUs (Debian's
+  kernels have no MP-table parser, ``CONFIG_X86_MPPARSE`` is off).
 * **S3 resume**: when the guest suspends to RAM (PM1_CNT), the vCPU that wrote
   it sleeps until the RTC alarm (if PM1_EN.RTC_EN and RTC B.AIE allow it to
   wake the machine) and then starts in real mode at the FACS waking vector,
@@ -33,9 +36,10 @@ the waking vector.  This module provides the same state, written by pyvmm:
   code": the machine then resets, which ends the run.
 
 The machine applies it to Multiboot kernels by default (``legacy_bios`` unset):
-they are written for a BIOS-initialised PC and QEMU always has one.  Other
-images get it only when asked; for a kernel that reads ACPI (Linux) these
-tables, without a MADT or real AML, would be worse than none.
+they are written for a BIOS-initialised PC and QEMU always has one; and to Linux
+bzImages where the hypervisor's interrupt controllers run, for the MADT (with
+pyvmm's userspace 8259s there is no local APIC or IOAPIC to describe, and Linux
+does without ACPI).  Other images get it only when asked.
 
 Memory used: the vector table (0-0x3ff) and 0xf0000-0xfffff, both inside what
 the E820 map marks as not RAM or what a kernel expects a BIOS to own; loading
@@ -55,6 +59,7 @@ from pyvmm.devices.acpi_pm import AcpiPm, SleepEvents
 from pyvmm.devices.rtc import REG_CENTURY, Rtc
 from pyvmm.errors import ConfigError
 from pyvmm.machine.bus import PortBus
+from pyvmm.machine.layout import IOAPIC_BASE, LAPIC_BASE
 from pyvmm.memory import GuestMemory
 from pyvmm.vm import Vcpu
 
@@ -75,9 +80,13 @@ FACS_ADDRESS = 0xF0040  # the FACS must be 64-byte aligned
 RSDT_ADDRESS = 0xF0080
 FADT_ADDRESS = 0xF00C0
 DSDT_ADDRESS = 0xF0140
+MADT_ADDRESS = 0xF0200  # after the DSDT; 8 bytes a vCPU fit below the handlers
 FACS_WAKING_VECTOR = FACS_ADDRESS + 12
 
 BOOT_STUB_ADDRESS = 0xFF000
+#: The vCPUs a MADT at MADT_ADDRESS can list before it reaches the boot stub
+#: (8-bit xAPIC IDs stop at 255 anyway).
+MAX_MADT_CPUS = 255
 HANDLERS_OFFSET = 0xFE00  # in the F segment
 MASTER_HANDLER = HANDLERS_OFFSET
 SLAVE_HANDLER = HANDLERS_OFFSET + 0x10
@@ -152,6 +161,14 @@ _HEADER = struct.Struct("<4sIBB6s8sI4sI")
 SCI_IRQ = 9
 #: FADT flags: WBINVD works, C1 supported, no fixed power or sleep button.
 FADT_FLAGS = (1 << 0) | (1 << 2) | (1 << 4) | (1 << 5)
+#: MADT flags: PCAT_COMPAT, the PC's 8259s are there too (masked by an OS that uses the IOAPIC).
+MADT_PCAT_COMPAT = 1
+MADT_LOCAL_APIC, MADT_IO_APIC, MADT_INTERRUPT_OVERRIDE = 0, 1, 2
+MADT_ENABLED = 1
+#: The ID an in-kernel IOAPIC has after reset, and the one QEMU's MADT gives it too.
+IOAPIC_ID = 0
+#: The SCI as ACPI defines it: active high, level-triggered (MPS INTI flags 01, 11).
+SCI_INTI_FLAGS = 0b1101
 #: C2/C3 latencies over 100/1000 us: "not supported".
 _NO_C2, _NO_C3 = 101, 1001
 
@@ -215,8 +232,23 @@ def rsdp() -> bytes:
     return bytes(pointer)
 
 
-def rsdt() -> bytes:
-    return _table(b"RSDT", 1, struct.pack("<I", FADT_ADDRESS))
+def rsdt(with_madt: bool = False) -> bytes:
+    entries = (FADT_ADDRESS, MADT_ADDRESS) if with_madt else (FADT_ADDRESS,)
+    return _table(b"RSDT", 1, struct.pack(f"<{len(entries)}I", *entries))
+
+
+def madt(cpus: int) -> bytes:
+    """The MADT of a machine whose hypervisor runs the local APICs and the IOAPIC:
+    local APIC IDs 0..cpus-1 (the vCPU indexes, which the hypervisor uses as
+    APIC IDs), the IOAPIC
+    with GSIs from 0, and the SCI's override to level-triggered.  ISA IRQ n is
+    GSI n otherwise: a hypervisor's default routing wires IRQ n to IOAPIC pin n."""
+    body = bytearray(struct.pack("<II", LAPIC_BASE, MADT_PCAT_COMPAT))
+    for cpu in range(cpus):
+        body += struct.pack("<BBBBI", MADT_LOCAL_APIC, 8, cpu, cpu, MADT_ENABLED)
+    body += struct.pack("<BBBBII", MADT_IO_APIC, 12, IOAPIC_ID, 0, IOAPIC_BASE, 0)
+    body += struct.pack("<BBBBIH", MADT_INTERRUPT_OVERRIDE, 10, 0, SCI_IRQ, SCI_IRQ, SCI_INTI_FLAGS)
+    return _table(b"APIC", 1, bytes(body))
 
 
 def facs() -> bytes:
@@ -289,15 +321,19 @@ def dsdt() -> bytes:
     return _table(b"DSDT", 1, aml)
 
 
-def acpi_tables() -> dict[int, bytes]:
-    """Every table, by guest-physical address."""
-    return {
+def acpi_tables(apic_cpus: int | None = None) -> dict[int, bytes]:
+    """Every table, by guest-physical address; with ``apic_cpus``, the MADT of a
+    machine with that many vCPUs and the hypervisor's interrupt controllers."""
+    tables = {
         RSDP_ADDRESS: rsdp(),
         FACS_ADDRESS: facs(),
-        RSDT_ADDRESS: rsdt(),
+        RSDT_ADDRESS: rsdt(with_madt=apic_cpus is not None),
         FADT_ADDRESS: fadt(),
         DSDT_ADDRESS: dsdt(),
     }
+    if apic_cpus is not None:
+        tables[MADT_ADDRESS] = madt(apic_cpus)
+    return tables
 
 
 def resume_state(vector: int) -> X86VcpuInit:
@@ -317,6 +353,8 @@ class LegacyFirmware:
         ever); returns False as soon as the run is stopping.
     :param poweroff: the guest entered S5.
     :param reset: the guest resumed with no waking vector.
+    :param apic_cpus: the vCPU count of a machine whose hypervisor runs the local
+        APICs and IOAPIC (its tables then include the MADT), else None.
     """
 
     def __init__(
@@ -327,7 +365,11 @@ class LegacyFirmware:
         wait: Callable[[float | None], bool],
         poweroff: Callable[[], None],
         reset: Callable[[], None],
+        apic_cpus: int | None = None,
     ) -> None:
+        if apic_cpus is not None and not 1 <= apic_cpus <= MAX_MADT_CPUS:
+            raise ConfigError(f"legacy_bios: a MADT describes 1 to {MAX_MADT_CPUS} vCPUs, not {apic_cpus}")
+        self.apic_cpus = apic_cpus
         self.rtc = rtc
         self.pm = AcpiPm(SleepEvents(suspend=self._suspend, poweroff=poweroff))
         self._current_vcpu = current_vcpu
@@ -351,7 +393,7 @@ class LegacyFirmware:
                 raise ConfigError(f"legacy_bios: the image has bytes at {start:#x}..{start + size - 1:#x}, the BIOS's")
         memory.write(IVT_BASE, vector_table())
         memory.write(FIRMWARE_BASE + HANDLERS_OFFSET, HANDLERS)
-        for address, table in acpi_tables().items():
+        for address, table in acpi_tables(self.apic_cpus).items():
             memory.write(address, table)
         memory.write(BOOT_STUB_ADDRESS, stub)
         pio.register(acpi_pm.PM_BASE, acpi_pm.PORT_COUNT, self.pm)

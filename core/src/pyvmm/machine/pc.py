@@ -75,6 +75,16 @@ log = logging.getLogger("pyvmm.machine")
 ENOSYS_U64 = (1 << 64) - errno.ENOSYS
 
 
+def _is_linux(source: BootSource) -> bool:
+    """Whether ``source`` is a Linux bzImage file (read after it loaded: it exists)."""
+    if not isinstance(source, KernelFile):
+        return False
+    from pyvmm.machine.loaders.bzimage import HDRS_MAGIC, HDRS_OFFSET, is_bzimage  # loaded with the kernel
+
+    with open(source.path, "rb") as file:
+        return is_bzimage(file.read(HDRS_OFFSET + len(HDRS_MAGIC)))
+
+
 @dataclass(frozen=True)
 class PcDevices:
     uart: Uart16550
@@ -192,7 +202,8 @@ class PcBoard(Board):
             raise ConfigError(f"{image.description}: not an x86_64 image")
         source = cast(BootSource, image) if image is not None else self._default_image()
         self.image = source
-        self.vm.set_boot(self._legacy_firmware(source.load(self.vm.memory, ram_size=cfg.memory, cpus=cfg.cpus)))
+        boot = source.load(self.vm.memory, ram_size=cfg.memory, cpus=cfg.cpus)
+        self.vm.set_boot(self._legacy_firmware(boot, linux=_is_linux(source)))
         self._cpuid_base = self._supported_cpuid()
 
     def _install_userspace_irqchip(self) -> None:
@@ -265,10 +276,13 @@ class PcBoard(Board):
 
         return demo_image()
 
-    def _legacy_firmware(self, boot: BootSpec) -> BootSpec:
-        """``boot`` through the legacy firmware, where the config or a Multiboot kernel wants it."""
+    def _legacy_firmware(self, boot: BootSpec, *, linux: bool) -> BootSpec:
+        """``boot`` through the legacy firmware, where the config or the kernel wants
+        it: a Multiboot kernel, or a Linux one that needs the MADT to find its CPUs
+        and IOAPIC (:mod:`pyvmm.machine.legacy_firmware`)."""
         wanted = self.config.legacy_bios
-        if wanted is False or (wanted is None and not is_multiboot(boot)):
+        by_default = is_multiboot(boot) or (linux and self.irqchip)
+        if wanted is False or (wanted is None and not by_default):
             return boot
         events = self.events
         self.firmware = LegacyFirmware(
@@ -277,6 +291,7 @@ class PcBoard(Board):
             wait=events.wait,
             poweroff=events.poweroff,
             reset=events.reset,
+            apic_cpus=self.config.cpus if self.irqchip else None,
         )
         return self.firmware.install(self.vm.memory, self.pio, boot)
 

@@ -1,0 +1,123 @@
+"""What differs between the two beds: the emulated machine, the Debian kernel and
+architecture, the wheels' platform, and how KVM comes up inside."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from .errors import UsageError
+
+
+@dataclass(frozen=True)
+class KvmMode:
+    """One way the guest's KVM can come up, and the line its dmesg then shows."""
+
+    name: str
+    #: Kernel command-line words that select the mode.
+    cmdline: tuple[str, ...]
+    #: A substring of the dmesg line KVM prints once it runs in this mode.
+    dmesg_marker: str
+
+
+@dataclass(frozen=True)
+class Arch:
+    name: str  # "arm64" or "amd64", Debian's names
+    qemu: str
+    qemu_package: str
+    #: QEMU options before -kernel: the machine, CPU and accelerator.
+    machine_args: tuple[str, ...]
+    console: str  # the guest's serial console device
+    kernel_package: str  # the meta package; its dependency names the real image
+    #: The machine part of the wheels' platform tags (manylinux_2_X_<machine>).
+    wheel_machine: str
+    #: KVM modules to load in order (path below /lib/modules/<version>/kernel),
+    #: each with its parameters; empty where KVM is built in.
+    kvm_modules: tuple[tuple[str, tuple[str, ...]], ...]
+    modes: tuple[KvmMode, ...]
+    #: What the guest's pytest runs by default: test paths in the checkout, then
+    #: pytest options (``--pyvmm-backend kvm`` adds the conformance suite itself).
+    default_selection: tuple[str, ...]
+    default_pytest_args: tuple[str, ...] = ()
+    #: Debian packages of the anchor, QEMU with KVM inside the guest (empty: none).
+    anchor_packages: tuple[str, ...] = ()
+    #: The name of QEMU's binary inside the guest.
+    guest_qemu: str = ""
+
+    @property
+    def wheel_platforms(self) -> tuple[str, ...]:
+        """pip's --platform values: every manylinux that Debian 12's glibc (2.36)
+        satisfies (pip does not infer the older ones from the newest)."""
+        return tuple(f"manylinux_2_{minor}_{self.wheel_machine}" for minor in range(36, 16, -1))
+
+    def mode(self, name: str | None) -> KvmMode:
+        if name is None:
+            return self.modes[0]
+        for mode in self.modes:
+            if mode.name == name:
+                return mode
+        known = ", ".join(m.name for m in self.modes)
+        raise UsageError(f"the {self.name} bed has no KVM mode {name!r}: choose one of {known}")
+
+
+ARM64 = Arch(
+    name="arm64",
+    qemu="qemu-system-aarch64",
+    qemu_package="qemu-system-arm",
+    # virtualization=on: the emulated CPU boots the kernel at EL2, so KVM comes up.
+    # pauth-impdef=on: QEMU's own pointer-authentication hash instead of QARMA,
+    # which is several times cheaper to emulate (boot ~3 s instead of ~10 s).
+    machine_args=(
+        "-M",
+        "virt,virtualization=on,gic-version=3",
+        "-cpu",
+        "max,pauth-impdef=on",
+        "-accel",
+        "tcg",
+    ),
+    console="ttyAMA0",
+    kernel_package="linux-image-cloud-arm64",
+    wheel_machine="aarch64",
+    kvm_modules=(),  # arm64's KVM is built into Debian's kernel
+    modes=(
+        # Debian's kernel picks VHE when it boots at EL2 on a CPU with VHE (-cpu max has it).
+        KvmMode("vhe", (), "VHE mode initialized successfully"),
+        KvmMode("nvhe", ("kvm-arm.mode=nvhe",), "Hyp mode initialized successfully"),
+        KvmMode("protected", ("kvm-arm.mode=protected",), "Protected nVHE mode initialized successfully"),
+    ),
+    default_selection=("tools/testbed/guest_tests",),
+    # An arm64 KVM runs no x86 guests, but the KVM backend does not yet narrow
+    # its architectures to the host's (issue 17, part 2): its x86 scenarios are
+    # left out here by name rather than failed.
+    # (Absolute: pytest anchors a relative glob at the guest's working directory.)
+    default_pytest_args=("--ignore-glob=/*/pyvmm/testing/conformance/test_x86_64.py",),
+)
+
+AMD64 = Arch(
+    name="amd64",
+    qemu="qemu-system-x86_64",
+    qemu_package="qemu-system-x86",
+    # QEMU's TCG emulates AMD's SVM with nested paging, not Intel's VMX: kvm_amd.
+    machine_args=("-M", "q35", "-cpu", "EPYC", "-accel", "tcg"),
+    console="ttyS0",
+    kernel_package="linux-image-cloud-amd64",
+    wheel_machine="x86_64",
+    kvm_modules=(
+        ("virt/lib/irqbypass.ko", ()),
+        ("arch/x86/kvm/kvm.ko", ()),
+        # TCG does not emulate next-RIP saving; kvm_amd must not rely on it.
+        ("arch/x86/kvm/kvm-amd.ko", ("nrips=0",)),
+    ),
+    modes=(KvmMode("amd", (), "kvm: Nested Paging enabled"),),
+    default_selection=("plugins/pyvmm-kvm/tests", "tools/testbed/guest_tests"),
+    anchor_packages=("qemu-system-x86",),
+    guest_qemu="qemu-system-x86_64",
+)
+
+ARCHES = {arch.name: arch for arch in (ARM64, AMD64)}
+
+
+def arch_named(name: str) -> Arch:
+    try:
+        return ARCHES[name]
+    except KeyError:
+        raise UsageError(f"no test bed for {name!r}: choose one of {', '.join(ARCHES)}") from None

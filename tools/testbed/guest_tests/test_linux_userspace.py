@@ -1,0 +1,117 @@
+"""Run inside the amd64 bed: a stock Debian kernel and a busybox initramfs
+(``tools/testbed/image.py``) boot to userspace under pyvmm on real KVM, with 1 and
+2 vCPUs, and -- the anchor -- under QEMU with ``-accel kvm`` in the same guest, so
+that the two boot times are measured side by side.  The times go to the bed's
+closing summary (``$PYVMM_TESTBED_NOTES``), not into an assertion."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from pyvmm.machine.config import MachineConfig
+from pyvmm.machine.machine import Machine
+from pyvmm.machine.outcome import StopReason
+from pyvmm.vm import Backend
+
+KERNEL = os.environ.get("PYVMM_TESTBED_LINUX_KERNEL", "")
+INITRD = os.environ.get("PYVMM_TESTBED_LINUX_INITRD", "")
+MARKER = os.environ.get("PYVMM_TESTBED_USERSPACE_MARKER", "").encode()
+QEMU = os.environ.get("PYVMM_TESTBED_QEMU", "")
+#: The same for both VMMs: quiet, so the console's cost (one exit a byte) does not dominate.
+APPEND = "console=ttyS0 panic=-1 quiet"
+MEMORY_MIB = 256
+TIMEOUT = 900.0
+
+pytestmark = pytest.mark.skipif(
+    not (KERNEL and Path(KERNEL).is_file() and os.uname().machine == "x86_64"),
+    reason="not in the amd64 test bed (no $PYVMM_TESTBED_LINUX_KERNEL)",
+)
+
+
+def note(line: str) -> None:
+    """A line for the bed's summary on the host."""
+    print(line)
+    notes = os.environ.get("PYVMM_TESTBED_NOTES")
+    if notes:
+        with open(notes, "a") as file:
+            file.write(line + "\n")
+
+
+class MarkerWatcher:
+    """The serial console's output: keeps it, and stops the machine at the marker."""
+
+    def __init__(self) -> None:
+        self.text = bytearray()
+        self.machine: Machine | None = None
+        self.seen_at: float | None = None
+
+    def write(self, data: bytes) -> int:
+        self.text += data
+        if self.seen_at is None and b"\n" in data and MARKER in self.text:
+            self.seen_at = time.monotonic()
+            if self.machine is not None:
+                self.machine.request_stop(StopReason.INTERRUPTED, 0, "userspace reached")
+        return len(data)
+
+    def flush(self) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
+def _cpus_reported(console: bytes) -> int:
+    line = next(line for line in console.splitlines() if line.startswith(MARKER))
+    return int(line.split(b"cpus=")[1])
+
+
+@pytest.mark.parametrize("cpus", [1, 2])
+def test_linux_reaches_userspace_under_pyvmm(pyvmm_backend: Backend, cpus: int) -> None:
+    watcher = MarkerWatcher()
+    settings = {"kernel": KERNEL, "initrd": INITRD, "append": APPEND, "memory": f"{MEMORY_MIB}M", "cpus": cpus}
+    config = MachineConfig.model_validate({**settings, "timeout": TIMEOUT})
+    started = time.monotonic()
+    with Machine(config, backend=pyvmm_backend, serial_output=watcher) as machine:  # type: ignore[arg-type]
+        watcher.machine = machine
+        result = machine.run()
+    tail = bytes(watcher.text[-800:])
+    assert watcher.seen_at is not None, f"no {MARKER!r} on the console; the run ended {result}; tail: {tail!r}"
+    assert _cpus_reported(bytes(watcher.text)) == cpus, "Linux did not bring up every vCPU"
+    note(f"pyvmm {cpus} vCPU: Linux to userspace in {watcher.seen_at - started:.2f} s")
+
+
+@pytest.mark.skipif(not QEMU, reason="no QEMU in this bed ($PYVMM_TESTBED_QEMU)")
+@pytest.mark.parametrize("cpus", [1, 2])
+def test_qemu_with_kvm_boots_the_same_to_userspace(cpus: int) -> None:
+    argv = [
+        QEMU, "-accel", "kvm", "-cpu", "host", "-M", "pc", "-m", str(MEMORY_MIB), "-smp", str(cpus),
+        "-nodefaults", "-display", "none", "-serial", "stdio", "-no-reboot",
+        "-kernel", KERNEL, "-initrd", INITRD, "-append", APPEND,
+    ]  # fmt: skip
+    started = time.monotonic()
+    process = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    assert process.stdout is not None
+    console = bytearray()
+    seen_at: float | None = None
+    timer = threading.Timer(TIMEOUT, process.kill)
+    timer.start()
+    try:
+        for line in iter(process.stdout.readline, b""):
+            console += line
+            if line.startswith(MARKER):
+                seen_at = time.monotonic()
+                break
+    finally:
+        timer.cancel()
+        process.kill()
+        process.wait()
+        process.stdout.close()
+    assert seen_at is not None, f"QEMU never printed {MARKER!r}; its output: {bytes(console[-800:])!r}"
+    assert _cpus_reported(bytes(console)) == cpus
+    note(f"QEMU  {cpus} vCPU: Linux to userspace in {seen_at - started:.2f} s")
