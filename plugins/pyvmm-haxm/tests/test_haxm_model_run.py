@@ -13,7 +13,7 @@ from typing import Any
 
 import pytest
 from conftest import make_model
-from haxm_raw import PAGE, HostBuffer, RawVcpu, RawVm
+from haxm_raw import PAGE, HostBuffer, RawVcpu, RawVm, ffi
 
 from pyvmm_haxm import bindings as b
 
@@ -264,6 +264,36 @@ def test_msr_batch_done(model: Any, vm: RawVm) -> None:
         assert result.done == 0x77, "the Linux driver does not copy SET_MSRS back (components.c)"
     else:
         assert result.done == 1
+
+
+def test_get_regs_leaves_the_fields_vcpu_get_regs_does_not_write(model: Any, vm: RawVm) -> None:
+    """``vcpu_get_regs`` writes no ``_pde``, ``_efer``, SYSENTER MSRs, activity or
+    interruptibility state: GET_REGS hands back what its buffer held -- Linux's
+    stack ``vc_state`` (never the vCPU's values), macOS's copied-in argument,
+    Windows' system buffer (the input bytes where there are any)."""
+    from pyvmm_haxm.host import INOUT, OUT
+
+    vcpu = vm.vcpu()
+    vcpu.msrs("SET_MSRS", [(MSR_EFER, 0x100), (0x174, 0x10)])
+    sent = (0x5A5A_0001, 0x5A5A_0002, 0x5A5A_0003)
+
+    def get_regs(direction: Any) -> Any:
+        state = ffi.new("struct vcpu_state_t *")
+        state._pde, state._efer, state._sysenter_cs = sent
+        vcpu.control("GET_REGS", state, direction)
+        return state
+
+    state = get_regs(OUT)
+    assert state._rip == 0xFFF0, "the written fields are the vCPU's"
+    unwritten = (state._pde, state._efer, state._sysenter_cs)
+    if model.host_os == "darwin":
+        assert unwritten == sent, "BSD ioctl copied the argument in and back"
+    else:
+        assert state._efer != 0x100 and state._sysenter_cs != 0x10, "not the vCPU's EFER or SYSENTER_CS"
+        assert unwritten != sent, "not the caller's bytes either: the kernel's buffer"
+    if model.host_os == "win32":
+        state = get_regs(INOUT)
+        assert (state._pde, state._efer, state._sysenter_cs) == sent, "METHOD_BUFFERED: the input stays"
 
 
 def test_movs_touching_mmio_is_a_model_gap(model: Any, vm: RawVm) -> None:

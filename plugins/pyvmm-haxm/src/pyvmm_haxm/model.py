@@ -372,6 +372,11 @@ _MSR_DATA_SIZE = 8 + 32 * 16
 _SEGMENT = struct.Struct("<HHIQII")
 _STATE = struct.Struct("<16QQQ240s4Q7QIIQQIIQ")
 _FX_SIZE = 512
+#: ``vcpu_state_t._pde``: vcpu_get_regs writes nothing from here to the end.
+_OFF_STATE_UNWRITTEN = 16 * 8 + 8 + 8 + 10 * 24 + 4 * 8 + 6 * 8
+#: What an uninitialised kernel buffer holds in the model: never the vCPU's values
+#: (Linux's GET_REGS copies a stack ``vcpu_state_t``, Windows' system buffer past the input).
+_UNINITIALISED = b"\xa5" * 512
 # hax_tunnel: _exit_reason, pad0, _exit_status, user_event_pending, ready, request_window
 _TUNNEL_HEAD = struct.Struct("<IIIIii")
 _TUNNEL_IO = struct.Struct("<BBHHHB3x4xQ")
@@ -546,8 +551,11 @@ class ModelVcpu:
         return memoryview(self.iobuf.mapping)
 
     # --- state ---------------------------------------------------------------------
-    def get_state(self) -> bytes:
-        """``vcpu_get_regs``: a packed ``vcpu_state_t``."""
+    def get_state(self, buffer: bytes) -> bytes:
+        """``vcpu_get_regs`` into ``buffer``, the ``vcpu_state_t`` the front end hands
+        it: the GPRs, RIP, RFLAGS, the segments and descriptor tables, CR0-CR4 and
+        DR0-3/6/7 are written; ``_pde``, ``_efer``, the SYSENTER MSRs, the activity
+        and the interruptibility state are not, and keep what ``buffer`` held."""
         engine = self.cpu.engine
         regs, sregs = engine.get_regs(), engine.get_sregs()
         gprs = [getattr(regs, name) for name in _HAX_GPRS]
@@ -556,7 +564,7 @@ class ModelVcpu:
         segments += _SEGMENT.pack(0, 0, sregs.gdt.limit, sregs.gdt.base, 0, 0)
         segments += _SEGMENT.pack(0, 0, sregs.idt.limit, sregs.idt.base, 0, 0)
         shadow = engine.x86_events()[3]
-        return _STATE.pack(
+        full = _STATE.pack(
             *gprs,
             regs.rip,
             regs.rflags,
@@ -577,6 +585,7 @@ class ModelVcpu:
             0,
             1 if shadow else 0,
         )
+        return full[:_OFF_STATE_UNWRITTEN] + bytes(buffer[_OFF_STATE_UNWRITTEN : _STATE.size])
 
     def set_state(self, raw: bytes) -> None:
         """``vcpu_set_regs``: everything but ``_efer``, activity and interruptibility
@@ -1350,7 +1359,13 @@ class VcpuFile(_HaxFile):
         return 0
 
     def get_regs(self, arg: int) -> int:
-        self.model.copy_to_user(arg, self.vcpu.get_state())
+        # Linux: hax_vcpu_ioctl's vc_state is an uninitialised stack variable.
+        buffer = _UNINITIALISED
+        if self.hax.host_os == "darwin":  # behaviour: get-regs-copyin
+            # BSD ioctl copies an _IOWR argument in: the fields vcpu_get_regs
+            # skips come back as the caller sent them.
+            buffer = self.model.copy_from_user(arg, _STATE.size)
+        self.model.copy_to_user(arg, self.vcpu.get_state(buffer))
         return 0
 
     def interrupt(self, arg: int) -> int:
@@ -1615,7 +1630,9 @@ class WinVcpuHandle(_HaxHandle):
 
     def get_regs(self, data: bytes, out_size: int) -> bytes:
         self.need(out_size, _STATE.size, "HAX_VCPU_GET_REGS out")
-        return self.vcpu.get_state()
+        # The system buffer: the input bytes, then pool memory nobody wrote.
+        buffer = (bytes(data) + _UNINITIALISED)[: _STATE.size]
+        return self.vcpu.get_state(buffer)
 
     def interrupt(self, data: bytes, out_size: int) -> bytes:
         self.need(len(data), 4, "HAX_VCPU_IOCTL_INTERRUPT in")

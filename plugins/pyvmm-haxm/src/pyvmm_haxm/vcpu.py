@@ -297,9 +297,10 @@ class HaxmVcpu:
         if kind is StateKind.SREGS:
             self._get_state()
             # The tunnel's apic_base is written only at the end of a RUN
-            # (vcpu_execute); the MSR is there from vcpu_init on.
-            (apic_base,) = self.get_msrs([MSR_APIC_BASE])
-            return regs.sregs_from_state(self._state, apic_base.data)
+            # (vcpu_execute); the MSR is there from vcpu_init on.  GET_REGS never
+            # writes _efer (core/vcpu.c vcpu_get_regs): EFER is read as an MSR.
+            apic_base, efer = self.get_msrs([MSR_APIC_BASE, MSR_EFER])
+            return regs.sregs_from_state(self._state, apic_base.data, efer.data)
         if kind is StateKind.FPU:
             fx = ffi.new("struct fx_layout *")
             self.channel.control(self.handle, "GET_FPU", fx, OUT)
