@@ -216,6 +216,39 @@ def test_the_kick_ends_a_spinning_guest(model: Any, vm: RawVm) -> None:
     assert run_within(model, vcpu, before=kick) == b.HAX_EXIT_INTERRUPT
 
 
+def test_interrupt_and_triple_fault_exits_leave_exit_reason(model: Any, vm: RawVm) -> None:
+    """``exit_interrupt`` and ``exit_triple_fault`` (core/vcpu.c) never write
+    ``_exit_reason``: it keeps the last handler's (here exit_io_access's 30)."""
+    vcpu = guest(vm, "e610ebfe")  # out 0x10, al; jmp $
+    assert vcpu.run() == b.HAX_EXIT_IO
+    assert vcpu.tunnel._exit_reason == 30
+    hax_vcpu = next(iter(model.driver.vms[vm.vm_id].vcpus.values()))
+    hax_vcpu.cpu.kick()  # what the signal's or KICKOFF's IPI does: an external-interrupt exit
+    assert run_within(model, vcpu) == b.HAX_EXIT_INTERRUPT
+    assert vcpu.tunnel._exit_reason == 30, "exit_interrupt writes only _exit_status"
+    vm.mem.write(CODE + 0x10, bytes.fromhex("e6100f0b"))  # type: ignore[attr-defined]
+    vcpu.real_mode_at(CODE + 0x10)
+    state = vcpu.get_state()
+    state._idt.limit = 0  # #UD has nowhere to go: a triple fault
+    vcpu.set_state(state)
+    assert vcpu.run() == b.HAX_EXIT_IO
+    assert vcpu.run() == b.HAX_EXIT_STATECHANGE
+    assert vcpu.tunnel._exit_reason == 30, "exit_triple_fault writes no _exit_reason"
+
+
+def test_plain_io_keeps_the_last_string_vaddr(model: Any, vm: RawVm) -> None:
+    """``exit_io_access`` clears direction, df, port, size and count and
+    ``handle_io`` sets count and flags; ``_vaddr`` keeps the last string exit's."""
+    vm.mem.write(0x100, b"ab")  # type: ignore[attr-defined]
+    vcpu = guest(vm, "f36ee410f4", rcx=2, rsi=0x100, rdx=0x10)
+    assert vcpu.run() == b.HAX_EXIT_IO
+    assert (vcpu.tunnel.io._flags, vcpu.tunnel.io._vaddr) == (1, 0x100)
+    assert vcpu.run() == b.HAX_EXIT_IO
+    io = vcpu.tunnel.io
+    assert (io._direction, io._port, io._count, io._flags, io._df) == (b.HAX_IO_IN, 0x10, 1, 0, 0)
+    assert io._vaddr == 0x100, "handle_io does not touch _vaddr"
+
+
 def test_hlt_says_ready_whatever_if_is(model: Any, vm: RawVm) -> None:
     vcpu = guest(vm, "faf4")
     assert vcpu.run() == b.HAX_EXIT_HLT

@@ -354,7 +354,7 @@ EXIT_IO, EXIT_MMIO, EXIT_REALMODE, EXIT_INTERRUPT, EXIT_HLT, EXIT_STATECHANGE, E
     9,
 )
 # VMX basic exit reasons the driver leaves in _exit_reason (IA SDM Vol. 3D appendix C).
-VMX_EXTERNAL_INTERRUPT, VMX_TRIPLE_FAULT, VMX_INTERRUPT_WINDOW, VMX_HLT, VMX_IO, VMX_EPT_VIOLATION = 1, 2, 7, 12, 30, 48
+VMX_INTERRUPT_WINDOW, VMX_HLT, VMX_IO, VMX_EPT_VIOLATION = 7, 12, 30, 48
 MAX_VMS, MAX_VCPUS, MAX_MSRS, IOS_MAX_BUFFER = 8, 16, 0x20, 64
 
 _VERSION = struct.Struct("<II")
@@ -716,10 +716,10 @@ class ModelVcpu:
         if self.pending_mmio is not None:
             self._mmio_post(self.pending_mmio)
         if reason == EXIT_PAUSED:  # behaviour: paused
-            self._status(EXIT_PAUSED, reason)
+            self._status(EXIT_PAUSED, None)
             return
         if self.panicked:  # behaviour: panicked
-            self._status(EXIT_STATECHANGE, reason)
+            self._status(EXIT_STATECHANGE, None)
             return
         if self.dr[5] & 0xFF:
             raise self.driver.model.not_modelled("hardware breakpoints in DR7 (the software CPU does not take them)")
@@ -744,24 +744,28 @@ class ModelVcpu:
             # A signal's or KICKOFF's IPI: an external-interrupt exit, returned as
             # HAX_EXIT_INTERRUPT (exit_interrupt); a pending user event is consumed
             # by the check in cpu_vmexit_handler.
+            # exit_interrupt writes no _exit_reason: the last handler's stays.
             if event:
                 _U32.pack_into(self.tunnel_view(), 12, 0)
-            self._exit(EXIT_INTERRUPT, VMX_EXTERNAL_INTERRUPT)
+            self._exit(EXIT_INTERRUPT, None)
         elif isinstance(exit_, ShutdownExit):
-            self.panicked = True  # exit_triple_fault: vcpu_set_panic
-            self._exit(EXIT_STATECHANGE, VMX_TRIPLE_FAULT)
+            # exit_triple_fault: vcpu_set_panic, and no _exit_reason either.
+            self.panicked = True
+            self._exit(EXIT_STATECHANGE, None)
         else:
             raise self.driver.model.not_modelled(f"what HAXM does after the software CPU's {exit_!r}")
 
-    def _status(self, status: int, reason: int) -> None:
+    def _status(self, status: int, reason: int | None) -> None:
         """An exit taken before entering the guest: ``ready_for_interrupt_injection``
-        keeps what the last VM exit left (vcpu_execute's early ``goto out``)."""
+        keeps what the last VM exit left (vcpu_execute's early ``goto out``).
+        ``reason`` None: the handler leaves ``_exit_reason`` as it was."""
         tunnel = self.tunnel_view()
-        _U32.pack_into(tunnel, 0, reason)
+        if reason is not None:  # behaviour: exit-reason-kept
+            _U32.pack_into(tunnel, 0, reason)
         _U32.pack_into(tunnel, 8, status)
         struct.pack_into("<Q", tunnel, _OFF_APIC_BASE, self.msrs[0x1B])
 
-    def _exit(self, status: int, reason: int, *, ready: bool | None = None) -> None:
+    def _exit(self, status: int, reason: int | None, *, ready: bool | None = None) -> None:
         """A VM exit: ``cpu_vmx_execute`` sets ``ready_for_interrupt_injection``
         (no interrupt pending or blocked), ``exit_hlt`` forces it to 1."""
         if ready is None:
@@ -787,7 +791,9 @@ class ModelVcpu:
             if exit_.is_write:
                 io[:size] = bytes(exit_.data[:size])
             new.rip = regs.rip + insn.length
-            count, vaddr, df = 1, 0, 0
+            # handle_io leaves _vaddr as the last string exit left it.
+            vaddr = struct.unpack_from("<Q", self.tunnel_view(), _OFF_TUNNEL_IO + 16)[0]
+            count, df = 1, 0
         else:
             # handle_string_io: up to IOS_MAX_BUFFER bytes, lowest address first.
             count_all = regs.rcx if insn.rep else 1
