@@ -254,9 +254,9 @@ def test_capability_code_is_notify_on_a_vm_handle(windows: HaxmWindowsModel) -> 
         info = ffi.new("struct hax_capabilityinfo *")
         vm.channel.control(vm.system, "CAPABILITY", info, OUT)
         assert info.wstatus & b.HAX_CAP_STATUS_WORKING
-        assert not windows.driver.vms[vm.vm_id].fastmmio
+        assert windows.driver.vms[vm.vm_id].features == 0
         version = ffi.new("struct hax_qemu_version *", {"cur_version": 4, "least_version": 4})
         vm.control("CAPABILITY", version)
-        assert windows.driver.vms[vm.vm_id].fastmmio
+        assert windows.driver.vms[vm.vm_id].features == 3, "VM_FEATURES_FASTMMIO_BASIC | _EXTRA"
     finally:
         vm.close()

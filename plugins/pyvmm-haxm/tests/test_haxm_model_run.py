@@ -167,15 +167,73 @@ def test_rom_write_is_mmio(model: Any) -> None:
         raw.close()
 
 
-def test_mmio_is_legacy_without_notify_qemu_version(model: Any) -> None:
+def test_mmio_is_fast_without_notify_qemu_version(model: Any) -> None:
+    """HAXM 7.8 never gives the legacy HAX_EXIT_MMIO: hax_vm_set_qemuversion's
+    feature bits are read by nothing, every MMIO access is emulate.c's fast exit."""
     raw = RawVm(notify=None)
     try:
         ram = raw.map_ram(0, 0x2000)
-        ram.write(CODE, bytes.fromhex("a00030e610f4"))
+        ram.write(CODE, bytes.fromhex("a00030e610f4"))  # mov al, [0x3000]; out 0x10, al; hlt
         vcpu = raw.vcpu()
         vcpu.real_mode_at(CODE)
-        assert vcpu.run() == b.HAX_EXIT_MMIO
-        assert vcpu.tunnel.mmio.gla == 0x3000
+        assert vcpu.run() == b.HAX_EXIT_FAST_MMIO
+        assert (vcpu.fastmmio.gpa, vcpu.fastmmio.size, vcpu.fastmmio.direction) == (0x3000, 1, 0)
+        vcpu.fastmmio.value = 0x5C
+        assert vcpu.run() == b.HAX_EXIT_IO
+        assert vcpu.io_bytes(1) == b"\x5c"
+    finally:
+        raw.close()
+
+
+def test_fast_mmio_writes_only_gpa_size_direction_and_a_written_value(model: Any, vm: RawVm) -> None:
+    """vcpu_read_memory/vcpu_write_memory fill gpa, size, direction (and value for
+    a write); reg_index and the _cr0.._cr4 fields keep what the I/O buffer held."""
+    vcpu = guest(vm, "a00050a20060f4", rax=0x99)  # mov al, [0x5000]; mov [0x6000], al; hlt
+    vcpu.set_io_bytes(b"\xee" * 56)
+    assert vcpu.run() == b.HAX_EXIT_FAST_MMIO
+    mmio = vcpu.fastmmio
+    assert (mmio.gpa, mmio.size, mmio.direction) == (0x5000, 1, 0)
+    assert mmio.value == 0xEEEE_EEEE_EEEE_EEEE, "a read leaves value for the VMM"
+    assert (mmio.reg_index, mmio._cr0, mmio._cr3) == (0xEEEE, 0xEEEE_EEEE_EEEE_EEEE, 0xEEEE_EEEE_EEEE_EEEE)
+    mmio.value = 0x42
+    assert vcpu.run() == b.HAX_EXIT_FAST_MMIO
+    assert (mmio.gpa, mmio.size, mmio.direction, mmio.value & 0xFF) == (0x6000, 1, 1, 0x42)
+    assert mmio._cr0 == 0xEEEE_EEEE_EEEE_EEEE
+    assert vcpu.run() == b.HAX_EXIT_HLT
+
+
+def test_movs_between_mmio_is_a_read_then_a_write(model: Any, vm: RawVm) -> None:
+    """em_emulate_insn reads MOVS's source, then writes its destination: two fast
+    exits, RSI/RDI stepped and RIP moved once both are done."""
+    vcpu = guest(vm, "a4f4", rsi=0x5000, rdi=0x6000)  # movsb; hlt
+    assert vcpu.run() == b.HAX_EXIT_FAST_MMIO
+    mmio = vcpu.fastmmio
+    assert (mmio.gpa, mmio.direction) == (0x5000, 0)
+    assert vcpu.get_state()._rip == CODE, "the instruction is not done yet"
+    mmio.value = 0x3C
+    assert vcpu.run() == b.HAX_EXIT_FAST_MMIO
+    assert (mmio.gpa, mmio.direction, mmio.value & 0xFF) == (0x6000, 1, 0x3C)
+    assert vcpu.run() == b.HAX_EXIT_HLT
+    state = vcpu.get_state()
+    assert (state._regs[6], state._regs[7], state._rip) == (0x5001, 0x6001, CODE + 2)
+
+
+def test_movs_into_rom_is_a_model_gap(model: Any) -> None:
+    """MOVS translates its addresses (emulate.c is_translation_required) and a ROM
+    memslot is no MMIO to is_mmio_address: HAXM writes the ROM's pages itself."""
+    from pyvmm.testing.driver_model import ModelGap
+
+    raw = RawVm()
+    try:
+        ram = raw.map_ram(0, 0x2000)
+        rom = HostBuffer(PAGE)
+        raw.add_ramblock(rom.address, PAGE)
+        raw.set_ram2(0x3000, PAGE, rom.address, b.HAX_RAM_INFO_ROM)
+        ram.write(CODE, bytes.fromhex("a4f4"))
+        vcpu = raw.vcpu()
+        vcpu.real_mode_at(CODE, rsi=0x100, rdi=0x3000)
+        with pytest.raises(ModelGap, match="ROM"):
+            vcpu.run()
     finally:
         raw.close()
 
@@ -329,13 +387,13 @@ def test_get_regs_leaves_the_fields_vcpu_get_regs_does_not_write(model: Any, vm:
         assert (state._pde, state._efer, state._sysenter_cs) == sent, "METHOD_BUFFERED: the input stays"
 
 
-def test_movs_touching_mmio_is_a_model_gap(model: Any, vm: RawVm) -> None:
-    """HAXM emulates MOVS itself (a guest-to-guest copy between two MMIO
-    addresses is one exit): the model does not guess which exits it would give."""
+def test_rep_string_touching_mmio_is_a_model_gap(model: Any, vm: RawVm) -> None:
+    """em_emulate_insn runs a REP instruction's iterations itself, flushing
+    RCX/RSI/RDI between accesses: the model does not guess that protocol."""
     from pyvmm.testing.driver_model import ModelGap
 
-    vcpu = guest(vm, "a4f4", rsi=0x5000, rdi=0x100)  # movsb from no RAM to RAM
-    with pytest.raises(ModelGap, match="MOVS"):
+    vcpu = guest(vm, "f3a4f4", rcx=2, rsi=0x5000, rdi=0x100)  # rep movsb from no RAM to RAM
+    with pytest.raises(ModelGap, match="REP"):
         vcpu.run()
 
 

@@ -292,9 +292,10 @@ def test_long_string_in_64_byte_batches(haxm: Backend, model: Any) -> None:
 
 
 def test_fast_mmio_copy_is_a_read_then_a_write(haxm: Backend, model: Any) -> None:
-    """Direction 2 (API v4): the driver asks the VMM to copy ``gpa`` to ``gpa2``.
-    The model never produces it (it would need MOVS between two MMIO addresses),
-    so the exit is written into the I/O buffer the way the driver writes it."""
+    """Direction 2 (``hax_fastmmio.gpa2``, "since API v4" in hax_interface.h): copy
+    ``gpa`` to ``gpa2``.  HAXM 7.8's emulator never produces it (MOVS between two
+    MMIO addresses is a read exit, then a write exit: core/emulate.c), nor does
+    the model, so the exit is written into the I/O buffer by hand."""
     with booted(haxm, p.HLT) as (_, vcpu):
         handle = vcpu.handle
         real_run = handle._run_request

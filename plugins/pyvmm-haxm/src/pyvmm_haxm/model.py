@@ -19,9 +19,9 @@ Behind both front ends is one model of the driver core (``core/hax.c``,
 ``vm.c``, ``memory.c``, ``memslot.c``, ``ramblock.c``, ``vcpu.c``, ``cpu.c``):
 at most 8 VMs and vCPU ids below 16; RAM blocks and memslots with their
 argument checks (a mapping's host address must lie in a block unless the
-mapping is stand-alone; ROM writes are MMIO, ``ept2.c``); fast MMIO only after
-``NOTIFY_QEMU_VERSION`` >= 2 (``vm.c hax_vm_set_qemuversion``, else the legacy
-MMIO exit); a vCPU starting in the real-mode reset state (``vcpu.c
+mapping is stand-alone; ROM writes are MMIO, ``ept2.c``); every MMIO access a
+``HAX_EXIT_FAST_MMIO`` of HAXM 7.8's instruction emulator (``emulate.c``;
+NOTIFY_QEMU_VERSION's feature bits are read by nothing); a vCPU starting in the real-mode reset state (``vcpu.c
 vcpu_init``: CS F000 base FFFF0000, RIP FFF0); the tunnel protocol of
 ``vcpu_execute``/``cpu_vmx_execute``/``cpu_vmexit_handler`` -- a pending I/O read
 is loaded on the next RUN (``handle_io_post``), a pre-set ``_exit_reason =
@@ -34,7 +34,8 @@ The guest runs on pyvmm's software CPU with HAXM's exit timing: port I/O
 retires the instruction at the exit (RIP past it; a string instruction moves up
 to 64 bytes through the I/O buffer and steps RCX/RSI/RDI, ``handle_string_io``
 -- including its unconditional ``RCX -= n``, which the model keeps), an MMIO
-access is completed by the next RUN.  The model decodes the port instruction
+access is completed by the next RUN (MOVS/CMPS: one exit per MMIO operand, in
+order, as ``em_emulate_insn`` reads, then writes).  The model decodes the port instruction
 itself from guest memory and walks the guest's 4-level page tables for ``INS``
 (``vcpu_write_guest_virtual``).
 
@@ -43,8 +44,8 @@ citing ``docs/backends/haxm.md`` and the driver function; each has a POSIX and a
 Windows form (:class:`RuleSet`).  The model reads the plugin's structs with its
 own ``struct`` formats and imports nothing of the plugin but its host switch.
 Where it cannot be faithful it raises
-:class:`~pyvmm.testing.driver_model.ModelGap`: legacy (non-fast) MMIO
-completion, string I/O under 32-bit or PAE paging, string I/O touching MMIO, a
+:class:`~pyvmm.testing.driver_model.ModelGap`: a REP string instruction
+touching MMIO, MOVS into ROM (HAXM writes the ROM), string I/O under 32-bit or PAE paging, string I/O touching MMIO, a
 second vector injected before the first was taken (HAXM keeps a bitmap, the
 software CPU one vector), an FPU image the software CPU would have to load,
 MSRs outside the few the software CPU carries, guest debugging, CPUID tables,
@@ -382,7 +383,6 @@ _TUNNEL_HEAD = struct.Struct("<IIIIii")
 _TUNNEL_IO = struct.Struct("<BBHHHB3x4xQ")
 _OFF_TUNNEL_IO = 24
 _OFF_APIC_BASE = 48
-_FASTMMIO = struct.Struct("<QQBBH4xQQQQ")
 
 MSR_EFER, MSR_FS_BASE, MSR_GS_BASE = 0xC0000080, 0xC0000100, 0xC0000101
 #: EFER bits a host may set (core/vcpu.c handle_msr_write IA32_EFER: SCE, LME, LMA, NXE).
@@ -467,11 +467,9 @@ class ModelVm:
     blocks: list[RamBlock] = field(default_factory=list)
     slots: list[Memslot] = field(default_factory=list)
     vcpus: dict[int, ModelVcpu] = field(default_factory=dict)
-    #: VM_FEATURES_FASTMMIO_BASIC / _EXTRA (core/vm.c hax_vm_set_qemuversion).  The
-    #: copy direction (_EXTRA) is recorded only: the software CPU reports a MOVS
-    #: between two MMIO addresses as a read and a write, never as one copy.
-    fastmmio: bool = False
-    fastmmio_copy: bool = False
+    #: VM_FEATURES_FASTMMIO_BASIC / _EXTRA (core/vm.c hax_vm_set_qemuversion): set,
+    #: but read by nothing in HAXM 7.8 (vcpu.c qemu_support_fastmmio has no caller).
+    features: int = 0
     handles: int = 0
 
 
@@ -892,41 +890,41 @@ class ModelVcpu:
 
     # --- MMIO -----------------------------------------------------------------------------
     def _mmio_exit(self, exit_: MmioExit) -> None:
-        if not self.vm.fastmmio:  # behaviour: legacy-mmio
-            # Without NOTIFY_QEMU_VERSION >= 2 the driver reports the legacy exit,
-            # whose instruction the VMM emulates (handle_mem_fault).
-            struct.pack_into("<Q", self.tunnel_view(), _OFF_TUNNEL_IO, exit_.address)
-            self.pending_mmio = exit_
-            self._exit(EXIT_MMIO, VMX_EPT_VIOLATION)
-            return
-        sregs = self.cpu.engine.get_sregs()
-        if _is_movs(self.cpu.engine.read_virtual(sregs.cs.base + self.cpu.engine.pc, 15) or b""):
-            # HAXM emulates MOVS itself and, between two MMIO addresses, reports one
-            # guest-to-guest copy (direction 2); the software CPU reports a read and
-            # a write, so the model cannot tell which HAXM would give.
-            raise self.driver.model.not_modelled("MOVS touching MMIO (HAXM's copy exit)")
-        value = int.from_bytes(bytes(exit_.data[: exit_.size]), "little") if exit_.is_write else 0
-        _FASTMMIO.pack_into(
-            self.io_view(),
-            0,
-            exit_.address,
-            value,
-            exit_.size,
-            1 if exit_.is_write else 0,
-            0,
-            sregs.cr0,
-            sregs.cr2,
-            sregs.cr3,
-            sregs.cr4,
-        )
+        """``exit_ept_violation`` -> ``vcpu_emulate_insn``: HAXM 7.8's emulator
+        (core/emulate.c ``em_emulate_insn``) stops at each MMIO access with
+        ``HAX_EXIT_FAST_MMIO``, whatever NOTIFY_QEMU_VERSION said (vm.c records
+        the VM_FEATURES_FASTMMIO bits, nothing reads them; ``handle_mem_fault``,
+        the legacy ``HAX_EXIT_MMIO``, has no caller).  ``vcpu_read_memory`` /
+        ``vcpu_write_memory`` write ``gpa``, ``size``, ``direction`` and, for a
+        write, ``value`` into the I/O buffer -- nothing else of ``hax_fastmmio``."""
+        engine = self.cpu.engine
+        sregs = engine.get_sregs()
+        insn = _string_insn(engine.read_virtual(sregs.cs.base + engine.pc, 15) or b"")
+        if insn is not None:
+            rep, two_memory = insn
+            if rep:
+                # em_emulate_insn runs every iteration itself, flushing RCX/RSI/RDI
+                # between two accesses; the software CPU does not promise that.
+                raise self.driver.model.not_modelled("a REP string instruction touching MMIO")
+            slot = self.driver.slot_at(self.vm, exit_.address)
+            if two_memory and exit_.is_write and slot is not None:  # behaviour: twomem-rom-write
+                # MOVS/CMPS translate their addresses (is_translation_required) and
+                # is_mmio_address sees a memslot: HAXM writes the ROM's pages.
+                raise self.driver.model.not_modelled("MOVS into ROM (HAXM writes the ROM's host pages)")
+        io = self.io_view()
+        struct.pack_into("<Q", io, 0, exit_.address)
+        if exit_.is_write:
+            value = int.from_bytes(bytes(exit_.data[: exit_.size]), "little")
+            struct.pack_into("<Q", io, 8, value)
+        struct.pack_into("<BB", io, 16, exit_.size, 1 if exit_.is_write else 0)
         self.pending_mmio = exit_
         self._exit(EXIT_FAST_MMIO, VMX_EPT_VIOLATION)
 
     def _mmio_post(self, exit_: MmioExit) -> None:
-        """The next RUN finishes the instruction with ``hax_fastmmio.value``."""
+        """The next RUN finishes the instruction (vcpu_execute's ``em_emulate_insn``
+        while ``!em_ctxt->finished``); a read takes ``hax_fastmmio.value``
+        (``vcpu_read_memory_post``)."""
         self.pending_mmio = None
-        if not self.vm.fastmmio:
-            raise self.driver.model.not_modelled("completing the legacy HAX_EXIT_MMIO (the VMM emulates it)")
         if not exit_.is_write:
             value = struct.unpack_from("<Q", self.io_view(), 8)[0]
             self.cpu.complete_read(value.to_bytes(8, "little"))
@@ -989,14 +987,19 @@ def _same_sregs(a: Sregs, b: Sregs) -> bool:
     return all(getattr(a, k) == getattr(b, k) for k in keys)
 
 
-def _is_movs(code: bytes) -> bool:
-    """Whether ``code`` starts with MOVS (A4/A5 after prefixes and REX)."""
-    at = 0
+def _string_insn(code: bytes) -> tuple[bool, bool] | None:
+    """For a string instruction at the start of ``code`` (MOVS, CMPS, STOS, LODS,
+    SCAS: A4-A7, AA-AF after prefixes and REX): whether it has a REP prefix and
+    whether it has two memory operands (MOVS/CMPS, core/emulate.c INSN_TWOMEM)."""
+    at, rep = 0, False
     while at < len(code) and (code[at] in _SEGMENT_PREFIXES or code[at] in (0x66, 0x67, 0xF0, 0xF2, 0xF3)):
+        rep = rep or code[at] in (0xF2, 0xF3)
         at += 1
     if at < len(code) and 0x40 <= code[at] <= 0x4F:
         at += 1
-    return at < len(code) and code[at] in (0xA4, 0xA5)
+    if at >= len(code) or not (0xA4 <= code[at] <= 0xA7 or 0xAA <= code[at] <= 0xAF):
+        return None
+    return rep, code[at] <= 0xA7
 
 
 def _code_bits(sregs: Sregs) -> int:
@@ -1148,8 +1151,9 @@ class Driver:
     def notify_version(self, vm: ModelVm, cur_version: int) -> None:
         """``hax_vm_set_qemuversion``."""
         if cur_version >= 2:
-            vm.fastmmio = True
-            vm.fastmmio_copy = cur_version >= 4
+            vm.features |= 1
+            if cur_version >= 4:
+                vm.features |= 2
 
     def destroy_vcpu(self, vcpu: ModelVcpu) -> None:
         vcpu.vm.vcpus.pop(vcpu.vcpu_id, None)
