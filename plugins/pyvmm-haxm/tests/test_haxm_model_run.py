@@ -307,6 +307,27 @@ def test_plain_io_keeps_the_last_string_vaddr(model: Any, vm: RawVm) -> None:
     assert io._vaddr == 0x100, "handle_io does not touch _vaddr"
 
 
+def test_interrupts_queue_in_a_bitmap_highest_first(model: Any, vm: RawVm) -> None:
+    """hax_set_pending_intr keeps every vector queued with INTERRUPT;
+    vcpu_inject_intr enters the highest first and, while one is pending, the
+    interrupt window does not reach userspace (cpu_vmexit_handler)."""
+    from pyvmm_haxm.host import IN
+
+    mem = vm.mem  # type: ignore[attr-defined]
+    mem.write(0x80, bytes.fromhex("0011000000120000"))  # IVT: 0x20 -> 0:1100, 0x21 -> 0:1200
+    mem.write(0x1100, bytes.fromhex("c6072043cf"))  # mov byte [bx], 0x20; inc bx; iret
+    mem.write(0x1200, bytes.fromhex("c6072143cf"))  # mov byte [bx], 0x21; inc bx; iret
+    vcpu = guest(vm, "bb0003fb9090e610f4", rsp=0x3000)  # mov bx, 0x300; sti; nop; nop; out 0x10, al; hlt
+    for vector in (0x20, 0x21, 0x20):
+        vcpu.control("INTERRUPT", ffi.new("uint32_t *", vector), IN)
+    vcpu.tunnel.request_interrupt_window = 1
+    assert vcpu.run() == b.HAX_EXIT_INTERRUPT, "the window reaches userspace once nothing is pending"
+    assert mem.read(0x300, 3) == b"\x21\x20\x00", "0x21 first, 0x20 once (a bitmap)"
+    assert vcpu.tunnel.ready_for_interrupt_injection == 1
+    vcpu.tunnel.request_interrupt_window = 0
+    assert vcpu.run() == b.HAX_EXIT_IO
+
+
 def test_hlt_says_ready_whatever_if_is(model: Any, vm: RawVm) -> None:
     vcpu = guest(vm, "faf4")
     assert vcpu.run() == b.HAX_EXIT_HLT

@@ -28,7 +28,9 @@ is loaded on the next RUN (``handle_io_post``), a pre-set ``_exit_reason =
 PAUSED`` returns ``HAX_EXIT_PAUSED``, ``user_event_pending`` and
 ``request_interrupt_window`` turn into ``HAX_EXIT_INTERRUPT``, a panicked vCPU
 returns ``HAX_EXIT_STATECHANGE`` forever; ``ready_for_interrupt_injection`` as
-``cpu_vmx_execute`` and ``exit_hlt`` set it.
+``cpu_vmx_execute`` and ``exit_hlt`` set it; injected vectors queue in HAXM's
+bitmap and enter highest first (``intr_exc.c``), a pending one keeping the
+guest from stopping at HLT or at an interrupt window.
 
 The guest runs on pyvmm's software CPU with HAXM's exit timing: port I/O
 retires the instruction at the exit (RIP past it; a string instruction moves up
@@ -45,9 +47,8 @@ Windows form (:class:`RuleSet`).  The model reads the plugin's structs with its
 own ``struct`` formats and imports nothing of the plugin but its host switch.
 Where it cannot be faithful it raises
 :class:`~pyvmm.testing.driver_model.ModelGap`: a REP string instruction
-touching MMIO, MOVS into ROM (HAXM writes the ROM), string I/O under 32-bit or PAE paging, string I/O touching MMIO, a
-second vector injected before the first was taken (HAXM keeps a bitmap, the
-software CPU one vector), an FPU image the software CPU would have to load,
+touching MMIO, MOVS into ROM (HAXM writes the ROM), string I/O under 32-bit or
+PAE paging, string I/O touching MMIO, an FPU image the software CPU would have to load,
 MSRs outside the few the software CPU carries, guest debugging, CPUID tables,
 RAM protection, memslot splits.
 
@@ -509,7 +510,10 @@ class ModelVcpu:
         self.pending_io: PendingIo | None = None
         self.pending_mmio: MmioExit | None = None
         self.running_thread: int | None = None
-        self.injected: int | None = None
+        #: hax_set_pending_intr's bitmap (intr_exc.c): vectors queued with
+        #: HAX_VCPU_IOCTL_INTERRUPT and not yet handed to the software CPU, which
+        #: holds one vector at a time.
+        self.pending_vectors: set[int] = set()
         self._reset()
         for slot in vm.slots:
             self.cpu.map(slot.gpa, slot.size, slot.uva, writable=not slot.rom)
@@ -685,10 +689,10 @@ class ModelVcpu:
         return bytes(out)
 
     def interrupt(self, vector: int) -> None:
-        """``vcpu_interrupt``: ``hax_set_pending_intr`` (a bitmap of pending vectors)."""
-        if self.cpu.engine.x86_events()[0] is not None:
-            raise self.driver.model.not_modelled("a second vector before the first was taken (HAXM queues a bitmap)")
-        self.cpu.engine.inject_interrupt(vector & 0xFF)
+        """``vcpu_interrupt``: ``hax_set_pending_intr`` sets the vector's bit (again:
+        no change); the next RUN injects the highest pending one."""
+        if vector != self.cpu.engine.x86_events()[0]:
+            self.pending_vectors.add(vector & 0xFF)
 
     # --- run -----------------------------------------------------------------------
     def run(self) -> None:
@@ -723,11 +727,37 @@ class ModelVcpu:
             raise self.driver.model.not_modelled("hardware breakpoints in DR7 (the software CPU does not take them)")
         if bytes(self.fx) != self.fx_loaded:
             raise self.driver.model.not_modelled("an FPU image set with SET_FPU (the software CPU cannot load one)")
-        engine.request_interrupt_window(bool(window))
         if event:  # behaviour: user-event
             # An exit the driver handles itself will find the event pending.
             self.cpu.kick()
-        self._report(self.cpu.run(), bool(event))
+        while True:
+            self._inject_pending()
+            # vcpu_inject_intr: a pending vector turns the interrupt window on too.
+            engine.request_interrupt_window(bool(window) or bool(self.pending_vectors))
+            exit_ = self.cpu.run()
+            if self.pending_vectors and isinstance(exit_, (IrqWindowOpenExit, HltExit)):  # behaviour: pending-resume
+                # exit_interrupt_window resumes and the next entry injects (no
+                # HAX_EXIT_INTERRUPT while nr_pending_intrs); exit_hlt with a
+                # pending vector advances RIP and resumes.
+                continue
+            break
+        self._report(exit_, bool(event))
+
+    def _inject_pending(self) -> None:
+        """``vcpu_inject_intr``: the highest pending vector goes first
+        (``vcpu_get_pending_intrs``); one the software CPU holds but has not
+        delivered is still pending and goes back into the bitmap."""
+        if not self.pending_vectors:
+            return
+        engine = self.cpu.engine
+        top = max(self.pending_vectors)
+        held = engine.x86_events()[0]
+        if held is not None:
+            if held > top:
+                return
+            self.pending_vectors.add(held)
+        self.pending_vectors.discard(top)
+        engine.inject_interrupt(top)
 
     def _report(self, exit_: VcpuExit, event: bool) -> None:
         if isinstance(exit_, IoExit):
@@ -767,7 +797,8 @@ class ModelVcpu:
         """A VM exit: ``cpu_vmx_execute`` sets ``ready_for_interrupt_injection``
         (no interrupt pending or blocked), ``exit_hlt`` forces it to 1."""
         if ready is None:
-            ready = self.cpu.engine.ready_for_interrupt()
+            # cpu_vmx_execute: 0 while nr_pending_intrs or interrupts blocked.
+            ready = self.cpu.engine.ready_for_interrupt() and not self.pending_vectors
         self._status(status, reason)
         _U32.pack_into(self.tunnel_view(), 16, 1 if ready else 0)
 
