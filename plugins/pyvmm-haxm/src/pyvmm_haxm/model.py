@@ -322,6 +322,14 @@ W_CREATE_VM_BUFFER = _rule(
     f"{DOC} §8; {_WIN} HaxDeviceControl HAX_IOCTL_CREATE_VM (STATUS_BUFFER_TOO_SMALL)",
     windows=True,
 )
+#: Windows only: the VM device's default case.
+W_UNKNOWN_VM_REQUEST = _rule(
+    "HAX-VM-REQUEST",
+    ERROR_INVALID_PARAMETER,
+    "the VM device knows the control code",
+    f"{DOC} §8; {_WIN} HaxVmControl default case (STATUS_INVALID_PARAMETER)",
+    windows=True,
+)
 #: Windows only: the system device's default case.
 W_UNKNOWN_SYSTEM_REQUEST = _rule(
     "HAX-SYSTEM-REQUEST",
@@ -367,6 +375,7 @@ _ALLOC_RAM = struct.Struct("<I4xQ")
 _SET_RAM = struct.Struct("<QIB3xQ")
 _SET_RAM2 = struct.Struct("<QQQIIQ")
 _QEMU_VERSION = struct.Struct("<II")
+_PROTECT_RAM_SIZE = 24  # hax_protect_ram_info
 _U32 = struct.Struct("<I")
 _MSR_HEAD = struct.Struct("<HH4x")
 _MSR_ENTRY = struct.Struct("<QQ")
@@ -1561,6 +1570,13 @@ class WinVmHandle(_HaxHandle):
         self.hax.driver.check_owner(self.vm)
         return super().dispatch(code, data, out_size)
 
+    def unknown(self, code: int) -> bytes:
+        raise RuleViolation(W_UNKNOWN_VM_REQUEST, f"control {code:#x}")
+
+    def protect_ram(self, data: bytes, out_size: int) -> bytes:
+        self.need(len(data), _PROTECT_RAM_SIZE, "HAX_VM_IOCTL_PROTECT_RAM in")
+        raise self.hax.not_modelled("HAX_VM_IOCTL_PROTECT_RAM")
+
     def vcpu_create(self, data: bytes, out_size: int) -> bytes:
         self.need(len(data), 4, "HAX_VM_IOCTL_VCPU_CREATE in")
         (vcpu_id,) = _U32.unpack_from(data)
@@ -1609,6 +1625,7 @@ class WinVmHandle(_HaxHandle):
         "ALLOC_RAM": "alloc_ram",
         "SET_RAM": "set_ram",
         "SET_RAM2": "set_ram2",
+        "PROTECT_RAM": "protect_ram",
         # 0x910 on a VM handle is NOTIFY_QEMU_VERSION (CAPABILITY on the system one).
         "NOTIFY_QEMU_VERSION": "notify_qemu_version",
         "CAPABILITY": "notify_qemu_version",
