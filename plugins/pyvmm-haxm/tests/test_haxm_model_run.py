@@ -378,6 +378,19 @@ def test_msr_batch_done(model: Any, vm: RawVm) -> None:
         assert result.done == 1
 
 
+def test_apic_base_bsp_and_vcpu_set_apic_base(model: Any, vm: RawVm) -> None:
+    """vcpu_init gives APIC_BASE_BSP to vCPU 0 only (vm->bsp_vcpu_id stays 0);
+    vcpu_set_apic_base refuses reserved bits, a relocation and BSP on an AP."""
+    bsp, ap = vm.vcpu(0), vm.vcpu(1)
+    assert bsp.msrs("GET_MSRS", [(0x1B, 0)]).entries[0].value == 0xFEE0_0900
+    assert ap.msrs("GET_MSRS", [(0x1B, 0)]).entries[0].value == 0xFEE0_0800
+    for vcpu, value in ((ap, 0xFEE0_0900), (bsp, 0xFED0_0900), (bsp, 0xFEE0_0901)):
+        vcpu.msrs("SET_MSRS", [(0x1B, value)])
+        assert vcpu.msrs("GET_MSRS", [(0x1B, 0)]).entries[0].value != value, f"{value:#x} refused"
+    bsp.msrs("SET_MSRS", [(0x1B, 0xFEE0_0100)])  # the APIC disabled: allowed
+    assert bsp.msrs("GET_MSRS", [(0x1B, 0)]).entries[0].value == 0xFEE0_0100
+
+
 def test_get_regs_leaves_the_fields_vcpu_get_regs_does_not_write(model: Any, vm: RawVm) -> None:
     """``vcpu_get_regs`` writes no ``_pde``, ``_efer``, SYSENTER MSRs, activity or
     interruptibility state: GET_REGS hands back what its buffer held -- Linux's

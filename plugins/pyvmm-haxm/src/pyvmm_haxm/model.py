@@ -394,7 +394,11 @@ _TUNNEL_IO = struct.Struct("<BBHHHB3x4xQ")
 _OFF_TUNNEL_IO = 24
 _OFF_APIC_BASE = 48
 
-MSR_EFER, MSR_FS_BASE, MSR_GS_BASE = 0xC0000080, 0xC0000100, 0xC0000101
+MSR_EFER, MSR_FS_BASE, MSR_GS_BASE, MSR_APIC_BASE = 0xC0000080, 0xC0000100, 0xC0000101, 0x1B
+#: core/include/ia32_defs.h: APIC_BASE_BSP, APIC_BASE_ADDR_MASK, APIC_BASE_MASK.
+APIC_BASE_BSP = 1 << 8
+_APIC_BASE_ADDR_MASK = ((1 << 24) - 1) << 12
+_APIC_BASE_MASK = APIC_BASE_BSP | (1 << 11) | _APIC_BASE_ADDR_MASK
 #: EFER bits a host may set (core/vcpu.c handle_msr_write IA32_EFER: SCE, LME, LMA, NXE).
 _EFER_ALLOWED = 0x1 | 0x100 | 0x400 | 0x800
 #: MSRs core/vcpu.c handle_msr_write/handle_msr_read take that the model keeps itself
@@ -510,6 +514,10 @@ class ModelVcpu:
         self.dr = [0, 0, 0, 0, 0xFFFF0FF0, 0x400]
         self.sysenter = [0, 0, 0]
         self.msrs = dict(_STORED_MSRS)
+        # vcpu_init: APIC_BASE_BSP only where vcpu_is_bsp, i.e. vm->bsp_vcpu_id,
+        # which nothing sets from its 0.
+        if vcpu_id != 0:  # behaviour: bsp-is-vcpu-0
+            self.msrs[MSR_APIC_BASE] &= ~APIC_BASE_BSP
         self.fx = bytearray(_FX_SIZE)
         # vcpu_init_fx: FCW 0x37F, MXCSR 0x1F80.
         self.fx[0:2] = (0x37F).to_bytes(2, "little")
@@ -663,10 +671,19 @@ class ModelVcpu:
             seg = dataclasses.replace(getattr(current, name), base=value)
             self._apply_sregs(dataclasses.replace(current, **{name: seg}), current)
             return True
+        if index == MSR_APIC_BASE and not self._apic_base_allowed(value):  # behaviour: apic-base-checks
+            return False
         if index in self.msrs:
             self.msrs[index] = value
             return True
         return False
+
+    def _apic_base_allowed(self, value: int) -> bool:
+        """``vcpu_set_apic_base``: no bits outside APIC_BASE_MASK, no relocation
+        from FEE00000, the BSP bit only on the BSP (vCPU 0)."""
+        if value & ~_APIC_BASE_MASK or value & _APIC_BASE_ADDR_MASK != 0xFEE0_0000:
+            return False
+        return not (value & APIC_BASE_BSP and self.vcpu_id != 0)
 
     def get_msr(self, index: int) -> int | None:
         if index == MSR_EFER:
