@@ -391,6 +391,22 @@ def test_apic_base_bsp_and_vcpu_set_apic_base(model: Any, vm: RawVm) -> None:
     assert bsp.msrs("GET_MSRS", [(0x1B, 0)]).entries[0].value == 0xFEE0_0100
 
 
+def test_fpu_image_is_all_zero_until_set_fpu(model: Any, vm: RawVm) -> None:
+    """vcpu_create clears the guest FXSAVE page and vcpu_init_fx writes none of it:
+    a RUN would FXRSTOR FCW 0 and MXCSR 0, which the software CPU cannot load."""
+    from pyvmm.testing.driver_model import ModelGap
+    from pyvmm_haxm.host import OUT
+
+    vm.mem.write(CODE, bytes.fromhex("f4"))  # type: ignore[attr-defined]
+    vcpu = vm.vcpu(power_up_fpu=False)
+    fx = ffi.new("struct fx_layout *", {"fcw": 0x1234, "mxcsr": 0x5678})
+    vcpu.control("GET_FPU", fx, OUT)
+    assert bytes(ffi.buffer(fx)) == bytes(512)
+    vcpu.real_mode_at(CODE)
+    with pytest.raises(ModelGap, match="FPU"):
+        vcpu.run()
+
+
 def test_get_regs_leaves_the_fields_vcpu_get_regs_does_not_write(model: Any, vm: RawVm) -> None:
     """``vcpu_get_regs`` writes no ``_pde``, ``_efer``, SYSENTER MSRs, activity or
     interruptibility state: GET_REGS hands back what its buffer held -- Linux's

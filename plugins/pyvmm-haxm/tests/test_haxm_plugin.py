@@ -217,6 +217,14 @@ def test_registers_round_trip(haxm: Backend, model: Any) -> None:
         assert (again.r15, again.rbp) == (0xF00D, 0xBEEF)
 
 
+def test_a_new_vcpu_has_the_power_up_fpu(haxm: Backend, model: Any) -> None:
+    """HAXM's image is all zero (FCW 0: every exception unmasked); pyvmm-haxm
+    loads FCW 0x37F and MXCSR 0x1F80 when it makes the vCPU."""
+    with haxm.create_vm({"arch": "x86_64"}) as vm:
+        fpu = vm.create_vcpu().get_fpu()
+        assert (fpu.fcw, fpu.mxcsr) == (0x37F, 0x1F80)
+
+
 def test_fpu_round_trip(haxm: Backend, model: Any) -> None:
     with booted(haxm, p.HLT) as (_, vcpu):
         fpu = vcpu.get_fpu()

@@ -48,7 +48,8 @@ own ``struct`` formats and imports nothing of the plugin but its host switch.
 Where it cannot be faithful it raises
 :class:`~pyvmm.testing.driver_model.ModelGap`: a REP string instruction
 touching MMIO, MOVS into ROM (HAXM writes the ROM), string I/O under 32-bit or
-PAE paging, string I/O touching MMIO, an FPU image the software CPU would have to load,
+PAE paging, string I/O touching MMIO, an FPU image the software CPU would have to load
+(HAXM's own is all zero until SET_FPU),
 MSRs outside the few the software CPU carries, guest debugging, CPUID tables,
 RAM protection, memslot splits.
 
@@ -518,11 +519,10 @@ class ModelVcpu:
         # which nothing sets from its 0.
         if vcpu_id != 0:  # behaviour: bsp-is-vcpu-0
             self.msrs[MSR_APIC_BASE] &= ~APIC_BASE_BSP
+        # vcpu_create clears the guest FXSAVE page (hax_clear_page(gfxpage));
+        # vcpu_init_fx sets only XCR0 and CR0.ET: GET_FPU reads zeros until
+        # SET_FPU, and vcpu_enter_fpu_state FXRSTORs that page at every entry.
         self.fx = bytearray(_FX_SIZE)
-        # vcpu_init_fx: FCW 0x37F, MXCSR 0x1F80.
-        self.fx[0:2] = (0x37F).to_bytes(2, "little")
-        self.fx[24:28] = (0x1F80).to_bytes(4, "little")
-        self.fx_loaded = bytes(self.fx)
         self.panicked = False
         self.pending_io: PendingIo | None = None
         self.pending_mmio: MmioExit | None = None
@@ -751,8 +751,11 @@ class ModelVcpu:
             return
         if self.dr[5] & 0xFF:
             raise self.driver.model.not_modelled("hardware breakpoints in DR7 (the software CPU does not take them)")
-        if bytes(self.fx) != self.fx_loaded:
-            raise self.driver.model.not_modelled("an FPU image set with SET_FPU (the software CPU cannot load one)")
+        if _differs_from_softcpu_fpu(bytes(self.fx)):
+            raise self.driver.model.not_modelled(
+                "an FPU image other than the software CPU's power-up one (FCW 0x37F, MXCSR 0x1F80; "
+                "a vCPU never given SET_FPU has HAXM's all-zero image)"
+            )
         if event:  # behaviour: user-event
             # An exit the driver handles itself will find the event pending.
             self.cpu.kick()
@@ -1000,6 +1003,16 @@ def _architectural_efer(sregs: Sregs) -> int:
     if efer & EFER_LME and sregs.cr0 & CR0_PG:
         efer |= EFER_LMA
     return efer
+
+
+#: The software CPU's own FPU state as an FXSAVE image: FCW 0x37F, MXCSR 0x1F80.
+_SOFTCPU_FX = (0x37F).to_bytes(2, "little") + bytes(22) + (0x1F80).to_bytes(4, "little") + bytes(_FX_SIZE - 28)
+
+
+def _differs_from_softcpu_fpu(image: bytes) -> bool:
+    """Whether FXRSTOR of ``image`` gives the guest another FPU than the software
+    CPU holds (which cannot load one).  FXRSTOR ignores MXCSR_MASK (bytes 28-31)."""
+    return image[:28] + image[32:] != _SOFTCPU_FX[:28] + _SOFTCPU_FX[32:]
 
 
 def _mask(bits: int) -> int:
