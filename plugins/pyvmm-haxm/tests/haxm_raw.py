@@ -93,8 +93,8 @@ class RawVm:
         self.set_ram2(gpa, size, buffer.address)
         return buffer
 
-    def vcpu(self, index: int = 0) -> RawVcpu:
-        vcpu = RawVcpu(self, index)
+    def vcpu(self, index: int = 0, *, power_up_fpu: bool = True) -> RawVcpu:
+        vcpu = RawVcpu(self, index, power_up_fpu=power_up_fpu)
         self.vcpus.append(vcpu)
         return vcpu
 
@@ -106,7 +106,7 @@ class RawVm:
 
 
 class RawVcpu:
-    def __init__(self, vm: RawVm, index: int) -> None:
+    def __init__(self, vm: RawVm, index: int, *, power_up_fpu: bool = True) -> None:
         self.vm = vm
         self.channel = vm.channel
         vm.control("VCPU_CREATE", ffi.new("uint32_t *", index))
@@ -117,6 +117,10 @@ class RawVcpu:
         self.tunnel: Any = ffi.cast("struct hax_tunnel *", int(info.va))
         self.fastmmio: Any = ffi.cast("struct hax_fastmmio *", int(info.io_va))
         self.io_address = int(info.io_va)
+        if power_up_fpu:
+            # HAXM's image is all zero until SET_FPU: give it the power-up FCW/MXCSR.
+            fx = ffi.new("struct fx_layout *", {"fcw": 0x37F, "mxcsr": 0x1F80})
+            self.control("SET_FPU", fx, IN)
 
     def control(self, op: str, arg: Any = None, direction: Any = IN) -> int:
         return self.channel.control(self.handle, op, arg, direction)

@@ -20,6 +20,7 @@ from pyvmm_haxm.model import (
     W_CREATE_VM_BUFFER,
     W_SHORT_BUFFER,
     W_UNKNOWN_SYSTEM_REQUEST,
+    W_UNKNOWN_VM_REQUEST,
     HaxmWindowsModel,
 )
 
@@ -129,10 +130,20 @@ def test_unknown_vm_request_is_ignored_on_posix(model: Any, vm: RawVm) -> None:
     if model.host_os == "win32":
         with pytest.raises(HypervisorError) as info:
             model_call(model, vm.handle, unknown, arg, 4)
-        assert info.value.code == vm.rules.UNKNOWN_VCPU_REQUEST.errno
+        assert info.value.code == W_UNKNOWN_VM_REQUEST.errno
+        assert model.last_rejection.rule is W_UNKNOWN_VM_REQUEST, "HaxVmControl's default case"
     else:
         assert model_call(model, vm.handle, unknown, arg, 4) == 0
         assert model.last_rejection is None
+
+
+def test_protect_ram_is_a_model_gap(model: Any, vm: RawVm) -> None:
+    """Every host's driver handles PROTECT_RAM (hax_vm_protect_ram); the model does not."""
+    from pyvmm.testing.driver_model import ModelGap
+
+    info = ffi.new("struct hax_protect_ram_info *", {"pa_start": 0, "size": 0x1000, "flags": 0})
+    with pytest.raises(ModelGap, match="PROTECT_RAM"):
+        vm.control("PROTECT_RAM", info)
 
 
 def model_call(model: Any, handle: int, request: int, address: int, size: int) -> int:
@@ -254,9 +265,9 @@ def test_capability_code_is_notify_on_a_vm_handle(windows: HaxmWindowsModel) -> 
         info = ffi.new("struct hax_capabilityinfo *")
         vm.channel.control(vm.system, "CAPABILITY", info, OUT)
         assert info.wstatus & b.HAX_CAP_STATUS_WORKING
-        assert not windows.driver.vms[vm.vm_id].fastmmio
+        assert windows.driver.vms[vm.vm_id].features == 0
         version = ffi.new("struct hax_qemu_version *", {"cur_version": 4, "least_version": 4})
         vm.control("CAPABILITY", version)
-        assert windows.driver.vms[vm.vm_id].fastmmio
+        assert windows.driver.vms[vm.vm_id].features == 3, "VM_FEATURES_FASTMMIO_BASIC | _EXTRA"
     finally:
         vm.close()

@@ -13,7 +13,7 @@ from typing import Any
 
 import pytest
 from conftest import make_model
-from haxm_raw import PAGE, HostBuffer, RawVcpu, RawVm
+from haxm_raw import PAGE, HostBuffer, RawVcpu, RawVm, ffi
 
 from pyvmm_haxm import bindings as b
 
@@ -167,15 +167,73 @@ def test_rom_write_is_mmio(model: Any) -> None:
         raw.close()
 
 
-def test_mmio_is_legacy_without_notify_qemu_version(model: Any) -> None:
+def test_mmio_is_fast_without_notify_qemu_version(model: Any) -> None:
+    """HAXM 7.8 never gives the legacy HAX_EXIT_MMIO: hax_vm_set_qemuversion's
+    feature bits are read by nothing, every MMIO access is emulate.c's fast exit."""
     raw = RawVm(notify=None)
     try:
         ram = raw.map_ram(0, 0x2000)
-        ram.write(CODE, bytes.fromhex("a00030e610f4"))
+        ram.write(CODE, bytes.fromhex("a00030e610f4"))  # mov al, [0x3000]; out 0x10, al; hlt
         vcpu = raw.vcpu()
         vcpu.real_mode_at(CODE)
-        assert vcpu.run() == b.HAX_EXIT_MMIO
-        assert vcpu.tunnel.mmio.gla == 0x3000
+        assert vcpu.run() == b.HAX_EXIT_FAST_MMIO
+        assert (vcpu.fastmmio.gpa, vcpu.fastmmio.size, vcpu.fastmmio.direction) == (0x3000, 1, 0)
+        vcpu.fastmmio.value = 0x5C
+        assert vcpu.run() == b.HAX_EXIT_IO
+        assert vcpu.io_bytes(1) == b"\x5c"
+    finally:
+        raw.close()
+
+
+def test_fast_mmio_writes_only_gpa_size_direction_and_a_written_value(model: Any, vm: RawVm) -> None:
+    """vcpu_read_memory/vcpu_write_memory fill gpa, size, direction (and value for
+    a write); reg_index and the _cr0.._cr4 fields keep what the I/O buffer held."""
+    vcpu = guest(vm, "a00050a20060f4", rax=0x99)  # mov al, [0x5000]; mov [0x6000], al; hlt
+    vcpu.set_io_bytes(b"\xee" * 56)
+    assert vcpu.run() == b.HAX_EXIT_FAST_MMIO
+    mmio = vcpu.fastmmio
+    assert (mmio.gpa, mmio.size, mmio.direction) == (0x5000, 1, 0)
+    assert mmio.value == 0xEEEE_EEEE_EEEE_EEEE, "a read leaves value for the VMM"
+    assert (mmio.reg_index, mmio._cr0, mmio._cr3) == (0xEEEE, 0xEEEE_EEEE_EEEE_EEEE, 0xEEEE_EEEE_EEEE_EEEE)
+    mmio.value = 0x42
+    assert vcpu.run() == b.HAX_EXIT_FAST_MMIO
+    assert (mmio.gpa, mmio.size, mmio.direction, mmio.value & 0xFF) == (0x6000, 1, 1, 0x42)
+    assert mmio._cr0 == 0xEEEE_EEEE_EEEE_EEEE
+    assert vcpu.run() == b.HAX_EXIT_HLT
+
+
+def test_movs_between_mmio_is_a_read_then_a_write(model: Any, vm: RawVm) -> None:
+    """em_emulate_insn reads MOVS's source, then writes its destination: two fast
+    exits, RSI/RDI stepped and RIP moved once both are done."""
+    vcpu = guest(vm, "a4f4", rsi=0x5000, rdi=0x6000)  # movsb; hlt
+    assert vcpu.run() == b.HAX_EXIT_FAST_MMIO
+    mmio = vcpu.fastmmio
+    assert (mmio.gpa, mmio.direction) == (0x5000, 0)
+    assert vcpu.get_state()._rip == CODE, "the instruction is not done yet"
+    mmio.value = 0x3C
+    assert vcpu.run() == b.HAX_EXIT_FAST_MMIO
+    assert (mmio.gpa, mmio.direction, mmio.value & 0xFF) == (0x6000, 1, 0x3C)
+    assert vcpu.run() == b.HAX_EXIT_HLT
+    state = vcpu.get_state()
+    assert (state._regs[6], state._regs[7], state._rip) == (0x5001, 0x6001, CODE + 2)
+
+
+def test_movs_into_rom_is_a_model_gap(model: Any) -> None:
+    """MOVS translates its addresses (emulate.c is_translation_required) and a ROM
+    memslot is no MMIO to is_mmio_address: HAXM writes the ROM's pages itself."""
+    from pyvmm.testing.driver_model import ModelGap
+
+    raw = RawVm()
+    try:
+        ram = raw.map_ram(0, 0x2000)
+        rom = HostBuffer(PAGE)
+        raw.add_ramblock(rom.address, PAGE)
+        raw.set_ram2(0x3000, PAGE, rom.address, b.HAX_RAM_INFO_ROM)
+        ram.write(CODE, bytes.fromhex("a4f4"))
+        vcpu = raw.vcpu()
+        vcpu.real_mode_at(CODE, rsi=0x100, rdi=0x3000)
+        with pytest.raises(ModelGap, match="ROM"):
+            vcpu.run()
     finally:
         raw.close()
 
@@ -214,6 +272,60 @@ def test_the_kick_ends_a_spinning_guest(model: Any, vm: RawVm) -> None:
             model.signal_thread(hax_vcpu.running_thread, 0)
 
     assert run_within(model, vcpu, before=kick) == b.HAX_EXIT_INTERRUPT
+
+
+def test_interrupt_and_triple_fault_exits_leave_exit_reason(model: Any, vm: RawVm) -> None:
+    """``exit_interrupt`` and ``exit_triple_fault`` (core/vcpu.c) never write
+    ``_exit_reason``: it keeps the last handler's (here exit_io_access's 30)."""
+    vcpu = guest(vm, "e610ebfe")  # out 0x10, al; jmp $
+    assert vcpu.run() == b.HAX_EXIT_IO
+    assert vcpu.tunnel._exit_reason == 30
+    hax_vcpu = next(iter(model.driver.vms[vm.vm_id].vcpus.values()))
+    hax_vcpu.cpu.kick()  # what the signal's or KICKOFF's IPI does: an external-interrupt exit
+    assert run_within(model, vcpu) == b.HAX_EXIT_INTERRUPT
+    assert vcpu.tunnel._exit_reason == 30, "exit_interrupt writes only _exit_status"
+    vm.mem.write(CODE + 0x10, bytes.fromhex("e6100f0b"))  # type: ignore[attr-defined]
+    vcpu.real_mode_at(CODE + 0x10)
+    state = vcpu.get_state()
+    state._idt.limit = 0  # #UD has nowhere to go: a triple fault
+    vcpu.set_state(state)
+    assert vcpu.run() == b.HAX_EXIT_IO
+    assert vcpu.run() == b.HAX_EXIT_STATECHANGE
+    assert vcpu.tunnel._exit_reason == 30, "exit_triple_fault writes no _exit_reason"
+
+
+def test_plain_io_keeps_the_last_string_vaddr(model: Any, vm: RawVm) -> None:
+    """``exit_io_access`` clears direction, df, port, size and count and
+    ``handle_io`` sets count and flags; ``_vaddr`` keeps the last string exit's."""
+    vm.mem.write(0x100, b"ab")  # type: ignore[attr-defined]
+    vcpu = guest(vm, "f36ee410f4", rcx=2, rsi=0x100, rdx=0x10)
+    assert vcpu.run() == b.HAX_EXIT_IO
+    assert (vcpu.tunnel.io._flags, vcpu.tunnel.io._vaddr) == (1, 0x100)
+    assert vcpu.run() == b.HAX_EXIT_IO
+    io = vcpu.tunnel.io
+    assert (io._direction, io._port, io._count, io._flags, io._df) == (b.HAX_IO_IN, 0x10, 1, 0, 0)
+    assert io._vaddr == 0x100, "handle_io does not touch _vaddr"
+
+
+def test_interrupts_queue_in_a_bitmap_highest_first(model: Any, vm: RawVm) -> None:
+    """hax_set_pending_intr keeps every vector queued with INTERRUPT;
+    vcpu_inject_intr enters the highest first and, while one is pending, the
+    interrupt window does not reach userspace (cpu_vmexit_handler)."""
+    from pyvmm_haxm.host import IN
+
+    mem = vm.mem  # type: ignore[attr-defined]
+    mem.write(0x80, bytes.fromhex("0011000000120000"))  # IVT: 0x20 -> 0:1100, 0x21 -> 0:1200
+    mem.write(0x1100, bytes.fromhex("c6072043cf"))  # mov byte [bx], 0x20; inc bx; iret
+    mem.write(0x1200, bytes.fromhex("c6072143cf"))  # mov byte [bx], 0x21; inc bx; iret
+    vcpu = guest(vm, "bb0003fb9090e610f4", rsp=0x3000)  # mov bx, 0x300; sti; nop; nop; out 0x10, al; hlt
+    for vector in (0x20, 0x21, 0x20):
+        vcpu.control("INTERRUPT", ffi.new("uint32_t *", vector), IN)
+    vcpu.tunnel.request_interrupt_window = 1
+    assert vcpu.run() == b.HAX_EXIT_INTERRUPT, "the window reaches userspace once nothing is pending"
+    assert mem.read(0x300, 3) == b"\x21\x20\x00", "0x21 first, 0x20 once (a bitmap)"
+    assert vcpu.tunnel.ready_for_interrupt_injection == 1
+    vcpu.tunnel.request_interrupt_window = 0
+    assert vcpu.run() == b.HAX_EXIT_IO
 
 
 def test_hlt_says_ready_whatever_if_is(model: Any, vm: RawVm) -> None:
@@ -266,13 +378,72 @@ def test_msr_batch_done(model: Any, vm: RawVm) -> None:
         assert result.done == 1
 
 
-def test_movs_touching_mmio_is_a_model_gap(model: Any, vm: RawVm) -> None:
-    """HAXM emulates MOVS itself (a guest-to-guest copy between two MMIO
-    addresses is one exit): the model does not guess which exits it would give."""
+def test_apic_base_bsp_and_vcpu_set_apic_base(model: Any, vm: RawVm) -> None:
+    """vcpu_init gives APIC_BASE_BSP to vCPU 0 only (vm->bsp_vcpu_id stays 0);
+    vcpu_set_apic_base refuses reserved bits, a relocation and BSP on an AP."""
+    bsp, ap = vm.vcpu(0), vm.vcpu(1)
+    assert bsp.msrs("GET_MSRS", [(0x1B, 0)]).entries[0].value == 0xFEE0_0900
+    assert ap.msrs("GET_MSRS", [(0x1B, 0)]).entries[0].value == 0xFEE0_0800
+    for vcpu, value in ((ap, 0xFEE0_0900), (bsp, 0xFED0_0900), (bsp, 0xFEE0_0901)):
+        vcpu.msrs("SET_MSRS", [(0x1B, value)])
+        assert vcpu.msrs("GET_MSRS", [(0x1B, 0)]).entries[0].value != value, f"{value:#x} refused"
+    bsp.msrs("SET_MSRS", [(0x1B, 0xFEE0_0100)])  # the APIC disabled: allowed
+    assert bsp.msrs("GET_MSRS", [(0x1B, 0)]).entries[0].value == 0xFEE0_0100
+
+
+def test_fpu_image_is_all_zero_until_set_fpu(model: Any, vm: RawVm) -> None:
+    """vcpu_create clears the guest FXSAVE page and vcpu_init_fx writes none of it:
+    a RUN would FXRSTOR FCW 0 and MXCSR 0, which the software CPU cannot load."""
+    from pyvmm.testing.driver_model import ModelGap
+    from pyvmm_haxm.host import OUT
+
+    vm.mem.write(CODE, bytes.fromhex("f4"))  # type: ignore[attr-defined]
+    vcpu = vm.vcpu(power_up_fpu=False)
+    fx = ffi.new("struct fx_layout *", {"fcw": 0x1234, "mxcsr": 0x5678})
+    vcpu.control("GET_FPU", fx, OUT)
+    assert bytes(ffi.buffer(fx)) == bytes(512)
+    vcpu.real_mode_at(CODE)
+    with pytest.raises(ModelGap, match="FPU"):
+        vcpu.run()
+
+
+def test_get_regs_leaves_the_fields_vcpu_get_regs_does_not_write(model: Any, vm: RawVm) -> None:
+    """``vcpu_get_regs`` writes no ``_pde``, ``_efer``, SYSENTER MSRs, activity or
+    interruptibility state: GET_REGS hands back what its buffer held -- Linux's
+    stack ``vc_state`` (never the vCPU's values), macOS's copied-in argument,
+    Windows' system buffer (the input bytes where there are any)."""
+    from pyvmm_haxm.host import INOUT, OUT
+
+    vcpu = vm.vcpu()
+    vcpu.msrs("SET_MSRS", [(MSR_EFER, 0x100), (0x174, 0x10)])
+    sent = (0x5A5A_0001, 0x5A5A_0002, 0x5A5A_0003)
+
+    def get_regs(direction: Any) -> Any:
+        state = ffi.new("struct vcpu_state_t *")
+        state._pde, state._efer, state._sysenter_cs = sent
+        vcpu.control("GET_REGS", state, direction)
+        return state
+
+    state = get_regs(OUT)
+    assert state._rip == 0xFFF0, "the written fields are the vCPU's"
+    unwritten = (state._pde, state._efer, state._sysenter_cs)
+    if model.host_os == "darwin":
+        assert unwritten == sent, "BSD ioctl copied the argument in and back"
+    else:
+        assert state._efer != 0x100 and state._sysenter_cs != 0x10, "not the vCPU's EFER or SYSENTER_CS"
+        assert unwritten != sent, "not the caller's bytes either: the kernel's buffer"
+    if model.host_os == "win32":
+        state = get_regs(INOUT)
+        assert (state._pde, state._efer, state._sysenter_cs) == sent, "METHOD_BUFFERED: the input stays"
+
+
+def test_rep_string_touching_mmio_is_a_model_gap(model: Any, vm: RawVm) -> None:
+    """em_emulate_insn runs a REP instruction's iterations itself, flushing
+    RCX/RSI/RDI between accesses: the model does not guess that protocol."""
     from pyvmm.testing.driver_model import ModelGap
 
-    vcpu = guest(vm, "a4f4", rsi=0x5000, rdi=0x100)  # movsb from no RAM to RAM
-    with pytest.raises(ModelGap, match="MOVS"):
+    vcpu = guest(vm, "f3a4f4", rcx=2, rsi=0x5000, rdi=0x100)  # rep movsb from no RAM to RAM
+    with pytest.raises(ModelGap, match="REP"):
         vcpu.run()
 
 

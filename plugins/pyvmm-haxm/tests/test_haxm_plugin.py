@@ -204,7 +204,8 @@ def test_bad_options_and_too_many_vcpus(haxm: Backend, model: Any) -> None:
 def test_registers_round_trip(haxm: Backend, model: Any) -> None:
     with booted(haxm, p.SET_RAX) as (_, vcpu):
         sregs = vcpu.get_sregs()
-        assert sregs.cs.l == 1 and sregs.efer & (1 << 10)
+        # EFER as the MSR has it (GET_REGS never writes _efer): LME | LMA, SCE as booted.
+        assert sregs.cs.l == 1 and sregs.efer & ~0x1 == 0x500
         assert sregs.apic_base == 0xFEE00900
         sregs.cr2 = 0x1234000
         vcpu.set_sregs(sregs)
@@ -214,6 +215,14 @@ def test_registers_round_trip(haxm: Backend, model: Any) -> None:
         vcpu.set_regs(regs)
         again = vcpu.get_regs()
         assert (again.r15, again.rbp) == (0xF00D, 0xBEEF)
+
+
+def test_a_new_vcpu_has_the_power_up_fpu(haxm: Backend, model: Any) -> None:
+    """HAXM's image is all zero (FCW 0: every exception unmasked); pyvmm-haxm
+    loads FCW 0x37F and MXCSR 0x1F80 when it makes the vCPU."""
+    with haxm.create_vm({"arch": "x86_64"}) as vm:
+        fpu = vm.create_vcpu().get_fpu()
+        assert (fpu.fcw, fpu.mxcsr) == (0x37F, 0x1F80)
 
 
 def test_fpu_round_trip(haxm: Backend, model: Any) -> None:
@@ -291,9 +300,10 @@ def test_long_string_in_64_byte_batches(haxm: Backend, model: Any) -> None:
 
 
 def test_fast_mmio_copy_is_a_read_then_a_write(haxm: Backend, model: Any) -> None:
-    """Direction 2 (API v4): the driver asks the VMM to copy ``gpa`` to ``gpa2``.
-    The model never produces it (it would need MOVS between two MMIO addresses),
-    so the exit is written into the I/O buffer the way the driver writes it."""
+    """Direction 2 (``hax_fastmmio.gpa2``, "since API v4" in hax_interface.h): copy
+    ``gpa`` to ``gpa2``.  HAXM 7.8's emulator never produces it (MOVS between two
+    MMIO addresses is a read exit, then a write exit: core/emulate.c), nor does
+    the model, so the exit is written into the I/O buffer by hand."""
     with booted(haxm, p.HLT) as (_, vcpu):
         handle = vcpu.handle
         real_run = handle._run_request

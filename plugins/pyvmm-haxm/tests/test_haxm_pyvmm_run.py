@@ -18,6 +18,7 @@ from pyvmm.cli import main
 from pyvmm.machine import GuestImage, Machine, MachineConfig, StopReason
 from pyvmm.testing.conformance import programs as p
 from pyvmm.testing.conformance.harness import interrupt_gate
+from pyvmm.testing.guests.multiboot_pic import EXPECTED_STATUS, multiboot_pic_kernel
 
 #: The 8259s at vectors 0x20/0x28 with only IRQ 0 open, PIT counter 0 at 100 Hz
 #: (mode 2, 11932 counts), the IDT's IDTR at 0x122000; sleep in hlt until the
@@ -98,6 +99,21 @@ def test_demo_guest_through_pyvmm_run_model(tmp_path: Path, monkeypatch: pytest.
     assert status == 0, output  # 5 would mean a rule of the HAXM interface was broken
     assert "hello from 64-bit long mode" in output
     assert "all good: powering off" in output
+
+
+def test_multiboot_pic_kernel_through_pyvmm_run_model(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The Multiboot kernel that programs the 8259s and the PIT, counts timer
+    ticks and takes a COM1 interrupt boots on the model (its handlers' far
+    returns reload CS from the boot GDT: the software CPU must hold the
+    descriptor caches SET_REGS gave it)."""
+    monkeypatch.setattr(plugins, "_default", None)
+    kernel = tmp_path / "pic.bin"
+    kernel.write_bytes(multiboot_pic_kernel())
+    status = main(
+        ["run", "--backend", "haxm", "--model", "--kernel", str(kernel), "--irqchip", "userspace",
+         "--serial", "none", "--timeout", "60"]
+    )  # fmt: skip
+    assert status == EXPECTED_STATUS
 
 
 def test_timer_interrupts_from_the_userspace_pic(model: Any) -> None:

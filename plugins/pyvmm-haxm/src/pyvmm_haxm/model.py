@@ -19,22 +19,25 @@ Behind both front ends is one model of the driver core (``core/hax.c``,
 ``vm.c``, ``memory.c``, ``memslot.c``, ``ramblock.c``, ``vcpu.c``, ``cpu.c``):
 at most 8 VMs and vCPU ids below 16; RAM blocks and memslots with their
 argument checks (a mapping's host address must lie in a block unless the
-mapping is stand-alone; ROM writes are MMIO, ``ept2.c``); fast MMIO only after
-``NOTIFY_QEMU_VERSION`` >= 2 (``vm.c hax_vm_set_qemuversion``, else the legacy
-MMIO exit); a vCPU starting in the real-mode reset state (``vcpu.c
+mapping is stand-alone; ROM writes are MMIO, ``ept2.c``); every MMIO access a
+``HAX_EXIT_FAST_MMIO`` of HAXM 7.8's instruction emulator (``emulate.c``;
+NOTIFY_QEMU_VERSION's feature bits are read by nothing); a vCPU starting in the real-mode reset state (``vcpu.c
 vcpu_init``: CS F000 base FFFF0000, RIP FFF0); the tunnel protocol of
 ``vcpu_execute``/``cpu_vmx_execute``/``cpu_vmexit_handler`` -- a pending I/O read
 is loaded on the next RUN (``handle_io_post``), a pre-set ``_exit_reason =
 PAUSED`` returns ``HAX_EXIT_PAUSED``, ``user_event_pending`` and
 ``request_interrupt_window`` turn into ``HAX_EXIT_INTERRUPT``, a panicked vCPU
 returns ``HAX_EXIT_STATECHANGE`` forever; ``ready_for_interrupt_injection`` as
-``cpu_vmx_execute`` and ``exit_hlt`` set it.
+``cpu_vmx_execute`` and ``exit_hlt`` set it; injected vectors queue in HAXM's
+bitmap and enter highest first (``intr_exc.c``), a pending one keeping the
+guest from stopping at HLT or at an interrupt window.
 
 The guest runs on pyvmm's software CPU with HAXM's exit timing: port I/O
 retires the instruction at the exit (RIP past it; a string instruction moves up
 to 64 bytes through the I/O buffer and steps RCX/RSI/RDI, ``handle_string_io``
 -- including its unconditional ``RCX -= n``, which the model keeps), an MMIO
-access is completed by the next RUN.  The model decodes the port instruction
+access is completed by the next RUN (MOVS/CMPS: one exit per MMIO operand, in
+order, as ``em_emulate_insn`` reads, then writes).  The model decodes the port instruction
 itself from guest memory and walks the guest's 4-level page tables for ``INS``
 (``vcpu_write_guest_virtual``).
 
@@ -43,10 +46,10 @@ citing ``docs/backends/haxm.md`` and the driver function; each has a POSIX and a
 Windows form (:class:`RuleSet`).  The model reads the plugin's structs with its
 own ``struct`` formats and imports nothing of the plugin but its host switch.
 Where it cannot be faithful it raises
-:class:`~pyvmm.testing.driver_model.ModelGap`: legacy (non-fast) MMIO
-completion, string I/O under 32-bit or PAE paging, string I/O touching MMIO, a
-second vector injected before the first was taken (HAXM keeps a bitmap, the
-software CPU one vector), an FPU image the software CPU would have to load,
+:class:`~pyvmm.testing.driver_model.ModelGap`: a REP string instruction
+touching MMIO, MOVS into ROM (HAXM writes the ROM), string I/O under 32-bit or
+PAE paging, string I/O touching MMIO, an FPU image the software CPU would have to load
+(HAXM's own is all zero until SET_FPU),
 MSRs outside the few the software CPU carries, guest debugging, CPUID tables,
 RAM protection, memslot splits.
 
@@ -320,6 +323,14 @@ W_CREATE_VM_BUFFER = _rule(
     f"{DOC} §8; {_WIN} HaxDeviceControl HAX_IOCTL_CREATE_VM (STATUS_BUFFER_TOO_SMALL)",
     windows=True,
 )
+#: Windows only: the VM device's default case.
+W_UNKNOWN_VM_REQUEST = _rule(
+    "HAX-VM-REQUEST",
+    ERROR_INVALID_PARAMETER,
+    "the VM device knows the control code",
+    f"{DOC} §8; {_WIN} HaxVmControl default case (STATUS_INVALID_PARAMETER)",
+    windows=True,
+)
 #: Windows only: the system device's default case.
 W_UNKNOWN_SYSTEM_REQUEST = _rule(
     "HAX-SYSTEM-REQUEST",
@@ -354,7 +365,7 @@ EXIT_IO, EXIT_MMIO, EXIT_REALMODE, EXIT_INTERRUPT, EXIT_HLT, EXIT_STATECHANGE, E
     9,
 )
 # VMX basic exit reasons the driver leaves in _exit_reason (IA SDM Vol. 3D appendix C).
-VMX_EXTERNAL_INTERRUPT, VMX_TRIPLE_FAULT, VMX_INTERRUPT_WINDOW, VMX_HLT, VMX_IO, VMX_EPT_VIOLATION = 1, 2, 7, 12, 30, 48
+VMX_INTERRUPT_WINDOW, VMX_HLT, VMX_IO, VMX_EPT_VIOLATION = 7, 12, 30, 48
 MAX_VMS, MAX_VCPUS, MAX_MSRS, IOS_MAX_BUFFER = 8, 16, 0x20, 64
 
 _VERSION = struct.Struct("<II")
@@ -365,6 +376,7 @@ _ALLOC_RAM = struct.Struct("<I4xQ")
 _SET_RAM = struct.Struct("<QIB3xQ")
 _SET_RAM2 = struct.Struct("<QQQIIQ")
 _QEMU_VERSION = struct.Struct("<II")
+_PROTECT_RAM_SIZE = 24  # hax_protect_ram_info
 _U32 = struct.Struct("<I")
 _MSR_HEAD = struct.Struct("<HH4x")
 _MSR_ENTRY = struct.Struct("<QQ")
@@ -372,14 +384,22 @@ _MSR_DATA_SIZE = 8 + 32 * 16
 _SEGMENT = struct.Struct("<HHIQII")
 _STATE = struct.Struct("<16QQQ240s4Q7QIIQQIIQ")
 _FX_SIZE = 512
+#: ``vcpu_state_t._pde``: vcpu_get_regs writes nothing from here to the end.
+_OFF_STATE_UNWRITTEN = 16 * 8 + 8 + 8 + 10 * 24 + 4 * 8 + 6 * 8
+#: What an uninitialised kernel buffer holds in the model: never the vCPU's values
+#: (Linux's GET_REGS copies a stack ``vcpu_state_t``, Windows' system buffer past the input).
+_UNINITIALISED = b"\xa5" * 512
 # hax_tunnel: _exit_reason, pad0, _exit_status, user_event_pending, ready, request_window
 _TUNNEL_HEAD = struct.Struct("<IIIIii")
 _TUNNEL_IO = struct.Struct("<BBHHHB3x4xQ")
 _OFF_TUNNEL_IO = 24
 _OFF_APIC_BASE = 48
-_FASTMMIO = struct.Struct("<QQBBH4xQQQQ")
 
-MSR_EFER, MSR_FS_BASE, MSR_GS_BASE = 0xC0000080, 0xC0000100, 0xC0000101
+MSR_EFER, MSR_FS_BASE, MSR_GS_BASE, MSR_APIC_BASE = 0xC0000080, 0xC0000100, 0xC0000101, 0x1B
+#: core/include/ia32_defs.h: APIC_BASE_BSP, APIC_BASE_ADDR_MASK, APIC_BASE_MASK.
+APIC_BASE_BSP = 1 << 8
+_APIC_BASE_ADDR_MASK = ((1 << 24) - 1) << 12
+_APIC_BASE_MASK = APIC_BASE_BSP | (1 << 11) | _APIC_BASE_ADDR_MASK
 #: EFER bits a host may set (core/vcpu.c handle_msr_write IA32_EFER: SCE, LME, LMA, NXE).
 _EFER_ALLOWED = 0x1 | 0x100 | 0x400 | 0x800
 #: MSRs core/vcpu.c handle_msr_write/handle_msr_read take that the model keeps itself
@@ -462,11 +482,9 @@ class ModelVm:
     blocks: list[RamBlock] = field(default_factory=list)
     slots: list[Memslot] = field(default_factory=list)
     vcpus: dict[int, ModelVcpu] = field(default_factory=dict)
-    #: VM_FEATURES_FASTMMIO_BASIC / _EXTRA (core/vm.c hax_vm_set_qemuversion).  The
-    #: copy direction (_EXTRA) is recorded only: the software CPU reports a MOVS
-    #: between two MMIO addresses as a read and a write, never as one copy.
-    fastmmio: bool = False
-    fastmmio_copy: bool = False
+    #: VM_FEATURES_FASTMMIO_BASIC / _EXTRA (core/vm.c hax_vm_set_qemuversion): set,
+    #: but read by nothing in HAXM 7.8 (vcpu.c qemu_support_fastmmio has no caller).
+    features: int = 0
     handles: int = 0
 
 
@@ -497,16 +515,22 @@ class ModelVcpu:
         self.dr = [0, 0, 0, 0, 0xFFFF0FF0, 0x400]
         self.sysenter = [0, 0, 0]
         self.msrs = dict(_STORED_MSRS)
+        # vcpu_init: APIC_BASE_BSP only where vcpu_is_bsp, i.e. vm->bsp_vcpu_id,
+        # which nothing sets from its 0.
+        if vcpu_id != 0:  # behaviour: bsp-is-vcpu-0
+            self.msrs[MSR_APIC_BASE] &= ~APIC_BASE_BSP
+        # vcpu_create clears the guest FXSAVE page (hax_clear_page(gfxpage));
+        # vcpu_init_fx sets only XCR0 and CR0.ET: GET_FPU reads zeros until
+        # SET_FPU, and vcpu_enter_fpu_state FXRSTORs that page at every entry.
         self.fx = bytearray(_FX_SIZE)
-        # vcpu_init_fx: FCW 0x37F, MXCSR 0x1F80.
-        self.fx[0:2] = (0x37F).to_bytes(2, "little")
-        self.fx[24:28] = (0x1F80).to_bytes(4, "little")
-        self.fx_loaded = bytes(self.fx)
         self.panicked = False
         self.pending_io: PendingIo | None = None
         self.pending_mmio: MmioExit | None = None
         self.running_thread: int | None = None
-        self.injected: int | None = None
+        #: hax_set_pending_intr's bitmap (intr_exc.c): vectors queued with
+        #: HAX_VCPU_IOCTL_INTERRUPT and not yet handed to the software CPU, which
+        #: holds one vector at a time.
+        self.pending_vectors: set[int] = set()
         self._reset()
         for slot in vm.slots:
             self.cpu.map(slot.gpa, slot.size, slot.uva, writable=not slot.rom)
@@ -546,8 +570,11 @@ class ModelVcpu:
         return memoryview(self.iobuf.mapping)
 
     # --- state ---------------------------------------------------------------------
-    def get_state(self) -> bytes:
-        """``vcpu_get_regs``: a packed ``vcpu_state_t``."""
+    def get_state(self, buffer: bytes) -> bytes:
+        """``vcpu_get_regs`` into ``buffer``, the ``vcpu_state_t`` the front end hands
+        it: the GPRs, RIP, RFLAGS, the segments and descriptor tables, CR0-CR4 and
+        DR0-3/6/7 are written; ``_pde``, ``_efer``, the SYSENTER MSRs, the activity
+        and the interruptibility state are not, and keep what ``buffer`` held."""
         engine = self.cpu.engine
         regs, sregs = engine.get_regs(), engine.get_sregs()
         gprs = [getattr(regs, name) for name in _HAX_GPRS]
@@ -556,7 +583,7 @@ class ModelVcpu:
         segments += _SEGMENT.pack(0, 0, sregs.gdt.limit, sregs.gdt.base, 0, 0)
         segments += _SEGMENT.pack(0, 0, sregs.idt.limit, sregs.idt.base, 0, 0)
         shadow = engine.x86_events()[3]
-        return _STATE.pack(
+        full = _STATE.pack(
             *gprs,
             regs.rip,
             regs.rflags,
@@ -577,6 +604,7 @@ class ModelVcpu:
             0,
             1 if shadow else 0,
         )
+        return full[:_OFF_STATE_UNWRITTEN] + bytes(buffer[_OFF_STATE_UNWRITTEN : _STATE.size])
 
     def set_state(self, raw: bytes) -> None:
         """``vcpu_set_regs``: everything but ``_efer``, activity and interruptibility
@@ -643,10 +671,19 @@ class ModelVcpu:
             seg = dataclasses.replace(getattr(current, name), base=value)
             self._apply_sregs(dataclasses.replace(current, **{name: seg}), current)
             return True
+        if index == MSR_APIC_BASE and not self._apic_base_allowed(value):  # behaviour: apic-base-checks
+            return False
         if index in self.msrs:
             self.msrs[index] = value
             return True
         return False
+
+    def _apic_base_allowed(self, value: int) -> bool:
+        """``vcpu_set_apic_base``: no bits outside APIC_BASE_MASK, no relocation
+        from FEE00000, the BSP bit only on the BSP (vCPU 0)."""
+        if value & ~_APIC_BASE_MASK or value & _APIC_BASE_ADDR_MASK != 0xFEE0_0000:
+            return False
+        return not (value & APIC_BASE_BSP and self.vcpu_id != 0)
 
     def get_msr(self, index: int) -> int | None:
         if index == MSR_EFER:
@@ -678,10 +715,10 @@ class ModelVcpu:
         return bytes(out)
 
     def interrupt(self, vector: int) -> None:
-        """``vcpu_interrupt``: ``hax_set_pending_intr`` (a bitmap of pending vectors)."""
-        if self.cpu.engine.x86_events()[0] is not None:
-            raise self.driver.model.not_modelled("a second vector before the first was taken (HAXM queues a bitmap)")
-        self.cpu.engine.inject_interrupt(vector & 0xFF)
+        """``vcpu_interrupt``: ``hax_set_pending_intr`` sets the vector's bit (again:
+        no change); the next RUN injects the highest pending one."""
+        if vector != self.cpu.engine.x86_events()[0]:
+            self.pending_vectors.add(vector & 0xFF)
 
     # --- run -----------------------------------------------------------------------
     def run(self) -> None:
@@ -707,20 +744,49 @@ class ModelVcpu:
         if self.pending_mmio is not None:
             self._mmio_post(self.pending_mmio)
         if reason == EXIT_PAUSED:  # behaviour: paused
-            self._status(EXIT_PAUSED, reason)
+            self._status(EXIT_PAUSED, None)
             return
         if self.panicked:  # behaviour: panicked
-            self._status(EXIT_STATECHANGE, reason)
+            self._status(EXIT_STATECHANGE, None)
             return
         if self.dr[5] & 0xFF:
             raise self.driver.model.not_modelled("hardware breakpoints in DR7 (the software CPU does not take them)")
-        if bytes(self.fx) != self.fx_loaded:
-            raise self.driver.model.not_modelled("an FPU image set with SET_FPU (the software CPU cannot load one)")
-        engine.request_interrupt_window(bool(window))
+        if _differs_from_softcpu_fpu(bytes(self.fx)):
+            raise self.driver.model.not_modelled(
+                "an FPU image other than the software CPU's power-up one (FCW 0x37F, MXCSR 0x1F80; "
+                "a vCPU never given SET_FPU has HAXM's all-zero image)"
+            )
         if event:  # behaviour: user-event
             # An exit the driver handles itself will find the event pending.
             self.cpu.kick()
-        self._report(self.cpu.run(), bool(event))
+        while True:
+            self._inject_pending()
+            # vcpu_inject_intr: a pending vector turns the interrupt window on too.
+            engine.request_interrupt_window(bool(window) or bool(self.pending_vectors))
+            exit_ = self.cpu.run()
+            if self.pending_vectors and isinstance(exit_, (IrqWindowOpenExit, HltExit)):  # behaviour: pending-resume
+                # exit_interrupt_window resumes and the next entry injects (no
+                # HAX_EXIT_INTERRUPT while nr_pending_intrs); exit_hlt with a
+                # pending vector advances RIP and resumes.
+                continue
+            break
+        self._report(exit_, bool(event))
+
+    def _inject_pending(self) -> None:
+        """``vcpu_inject_intr``: the highest pending vector goes first
+        (``vcpu_get_pending_intrs``); one the software CPU holds but has not
+        delivered is still pending and goes back into the bitmap."""
+        if not self.pending_vectors:
+            return
+        engine = self.cpu.engine
+        top = max(self.pending_vectors)
+        held = engine.x86_events()[0]
+        if held is not None:
+            if held > top:
+                return
+            self.pending_vectors.add(held)
+        self.pending_vectors.discard(top)
+        engine.inject_interrupt(top)
 
     def _report(self, exit_: VcpuExit, event: bool) -> None:
         if isinstance(exit_, IoExit):
@@ -735,28 +801,33 @@ class ModelVcpu:
             # A signal's or KICKOFF's IPI: an external-interrupt exit, returned as
             # HAX_EXIT_INTERRUPT (exit_interrupt); a pending user event is consumed
             # by the check in cpu_vmexit_handler.
+            # exit_interrupt writes no _exit_reason: the last handler's stays.
             if event:
                 _U32.pack_into(self.tunnel_view(), 12, 0)
-            self._exit(EXIT_INTERRUPT, VMX_EXTERNAL_INTERRUPT)
+            self._exit(EXIT_INTERRUPT, None)
         elif isinstance(exit_, ShutdownExit):
-            self.panicked = True  # exit_triple_fault: vcpu_set_panic
-            self._exit(EXIT_STATECHANGE, VMX_TRIPLE_FAULT)
+            # exit_triple_fault: vcpu_set_panic, and no _exit_reason either.
+            self.panicked = True
+            self._exit(EXIT_STATECHANGE, None)
         else:
             raise self.driver.model.not_modelled(f"what HAXM does after the software CPU's {exit_!r}")
 
-    def _status(self, status: int, reason: int) -> None:
+    def _status(self, status: int, reason: int | None) -> None:
         """An exit taken before entering the guest: ``ready_for_interrupt_injection``
-        keeps what the last VM exit left (vcpu_execute's early ``goto out``)."""
+        keeps what the last VM exit left (vcpu_execute's early ``goto out``).
+        ``reason`` None: the handler leaves ``_exit_reason`` as it was."""
         tunnel = self.tunnel_view()
-        _U32.pack_into(tunnel, 0, reason)
+        if reason is not None:  # behaviour: exit-reason-kept
+            _U32.pack_into(tunnel, 0, reason)
         _U32.pack_into(tunnel, 8, status)
         struct.pack_into("<Q", tunnel, _OFF_APIC_BASE, self.msrs[0x1B])
 
-    def _exit(self, status: int, reason: int, *, ready: bool | None = None) -> None:
+    def _exit(self, status: int, reason: int | None, *, ready: bool | None = None) -> None:
         """A VM exit: ``cpu_vmx_execute`` sets ``ready_for_interrupt_injection``
         (no interrupt pending or blocked), ``exit_hlt`` forces it to 1."""
         if ready is None:
-            ready = self.cpu.engine.ready_for_interrupt()
+            # cpu_vmx_execute: 0 while nr_pending_intrs or interrupts blocked.
+            ready = self.cpu.engine.ready_for_interrupt() and not self.pending_vectors
         self._status(status, reason)
         _U32.pack_into(self.tunnel_view(), 16, 1 if ready else 0)
 
@@ -778,7 +849,9 @@ class ModelVcpu:
             if exit_.is_write:
                 io[:size] = bytes(exit_.data[:size])
             new.rip = regs.rip + insn.length
-            count, vaddr, df = 1, 0, 0
+            # handle_io leaves _vaddr as the last string exit left it.
+            vaddr = struct.unpack_from("<Q", self.tunnel_view(), _OFF_TUNNEL_IO + 16)[0]
+            count, df = 1, 0
         else:
             # handle_string_io: up to IOS_MAX_BUFFER bytes, lowest address first.
             count_all = regs.rcx if insn.rep else 1
@@ -877,41 +950,41 @@ class ModelVcpu:
 
     # --- MMIO -----------------------------------------------------------------------------
     def _mmio_exit(self, exit_: MmioExit) -> None:
-        if not self.vm.fastmmio:  # behaviour: legacy-mmio
-            # Without NOTIFY_QEMU_VERSION >= 2 the driver reports the legacy exit,
-            # whose instruction the VMM emulates (handle_mem_fault).
-            struct.pack_into("<Q", self.tunnel_view(), _OFF_TUNNEL_IO, exit_.address)
-            self.pending_mmio = exit_
-            self._exit(EXIT_MMIO, VMX_EPT_VIOLATION)
-            return
-        sregs = self.cpu.engine.get_sregs()
-        if _is_movs(self.cpu.engine.read_virtual(sregs.cs.base + self.cpu.engine.pc, 15) or b""):
-            # HAXM emulates MOVS itself and, between two MMIO addresses, reports one
-            # guest-to-guest copy (direction 2); the software CPU reports a read and
-            # a write, so the model cannot tell which HAXM would give.
-            raise self.driver.model.not_modelled("MOVS touching MMIO (HAXM's copy exit)")
-        value = int.from_bytes(bytes(exit_.data[: exit_.size]), "little") if exit_.is_write else 0
-        _FASTMMIO.pack_into(
-            self.io_view(),
-            0,
-            exit_.address,
-            value,
-            exit_.size,
-            1 if exit_.is_write else 0,
-            0,
-            sregs.cr0,
-            sregs.cr2,
-            sregs.cr3,
-            sregs.cr4,
-        )
+        """``exit_ept_violation`` -> ``vcpu_emulate_insn``: HAXM 7.8's emulator
+        (core/emulate.c ``em_emulate_insn``) stops at each MMIO access with
+        ``HAX_EXIT_FAST_MMIO``, whatever NOTIFY_QEMU_VERSION said (vm.c records
+        the VM_FEATURES_FASTMMIO bits, nothing reads them; ``handle_mem_fault``,
+        the legacy ``HAX_EXIT_MMIO``, has no caller).  ``vcpu_read_memory`` /
+        ``vcpu_write_memory`` write ``gpa``, ``size``, ``direction`` and, for a
+        write, ``value`` into the I/O buffer -- nothing else of ``hax_fastmmio``."""
+        engine = self.cpu.engine
+        sregs = engine.get_sregs()
+        insn = _string_insn(engine.read_virtual(sregs.cs.base + engine.pc, 15) or b"")
+        if insn is not None:
+            rep, two_memory = insn
+            if rep:
+                # em_emulate_insn runs every iteration itself, flushing RCX/RSI/RDI
+                # between two accesses; the software CPU does not promise that.
+                raise self.driver.model.not_modelled("a REP string instruction touching MMIO")
+            slot = self.driver.slot_at(self.vm, exit_.address)
+            if two_memory and exit_.is_write and slot is not None:  # behaviour: twomem-rom-write
+                # MOVS/CMPS translate their addresses (is_translation_required) and
+                # is_mmio_address sees a memslot: HAXM writes the ROM's pages.
+                raise self.driver.model.not_modelled("MOVS into ROM (HAXM writes the ROM's host pages)")
+        io = self.io_view()
+        struct.pack_into("<Q", io, 0, exit_.address)
+        if exit_.is_write:
+            value = int.from_bytes(bytes(exit_.data[: exit_.size]), "little")
+            struct.pack_into("<Q", io, 8, value)
+        struct.pack_into("<BB", io, 16, exit_.size, 1 if exit_.is_write else 0)
         self.pending_mmio = exit_
         self._exit(EXIT_FAST_MMIO, VMX_EPT_VIOLATION)
 
     def _mmio_post(self, exit_: MmioExit) -> None:
-        """The next RUN finishes the instruction with ``hax_fastmmio.value``."""
+        """The next RUN finishes the instruction (vcpu_execute's ``em_emulate_insn``
+        while ``!em_ctxt->finished``); a read takes ``hax_fastmmio.value``
+        (``vcpu_read_memory_post``)."""
         self.pending_mmio = None
-        if not self.vm.fastmmio:
-            raise self.driver.model.not_modelled("completing the legacy HAX_EXIT_MMIO (the VMM emulates it)")
         if not exit_.is_write:
             value = struct.unpack_from("<Q", self.io_view(), 8)[0]
             self.cpu.complete_read(value.to_bytes(8, "little"))
@@ -930,6 +1003,16 @@ def _architectural_efer(sregs: Sregs) -> int:
     if efer & EFER_LME and sregs.cr0 & CR0_PG:
         efer |= EFER_LMA
     return efer
+
+
+#: The software CPU's own FPU state as an FXSAVE image: FCW 0x37F, MXCSR 0x1F80.
+_SOFTCPU_FX = (0x37F).to_bytes(2, "little") + bytes(22) + (0x1F80).to_bytes(4, "little") + bytes(_FX_SIZE - 28)
+
+
+def _differs_from_softcpu_fpu(image: bytes) -> bool:
+    """Whether FXRSTOR of ``image`` gives the guest another FPU than the software
+    CPU holds (which cannot load one).  FXRSTOR ignores MXCSR_MASK (bytes 28-31)."""
+    return image[:28] + image[32:] != _SOFTCPU_FX[:28] + _SOFTCPU_FX[32:]
 
 
 def _mask(bits: int) -> int:
@@ -974,14 +1057,19 @@ def _same_sregs(a: Sregs, b: Sregs) -> bool:
     return all(getattr(a, k) == getattr(b, k) for k in keys)
 
 
-def _is_movs(code: bytes) -> bool:
-    """Whether ``code`` starts with MOVS (A4/A5 after prefixes and REX)."""
-    at = 0
+def _string_insn(code: bytes) -> tuple[bool, bool] | None:
+    """For a string instruction at the start of ``code`` (MOVS, CMPS, STOS, LODS,
+    SCAS: A4-A7, AA-AF after prefixes and REX): whether it has a REP prefix and
+    whether it has two memory operands (MOVS/CMPS, core/emulate.c INSN_TWOMEM)."""
+    at, rep = 0, False
     while at < len(code) and (code[at] in _SEGMENT_PREFIXES or code[at] in (0x66, 0x67, 0xF0, 0xF2, 0xF3)):
+        rep = rep or code[at] in (0xF2, 0xF3)
         at += 1
     if at < len(code) and 0x40 <= code[at] <= 0x4F:
         at += 1
-    return at < len(code) and code[at] in (0xA4, 0xA5)
+    if at >= len(code) or not (0xA4 <= code[at] <= 0xA7 or 0xAA <= code[at] <= 0xAF):
+        return None
+    return rep, code[at] <= 0xA7
 
 
 def _code_bits(sregs: Sregs) -> int:
@@ -1133,8 +1221,9 @@ class Driver:
     def notify_version(self, vm: ModelVm, cur_version: int) -> None:
         """``hax_vm_set_qemuversion``."""
         if cur_version >= 2:
-            vm.fastmmio = True
-            vm.fastmmio_copy = cur_version >= 4
+            vm.features |= 1
+            if cur_version >= 4:
+                vm.features |= 2
 
     def destroy_vcpu(self, vcpu: ModelVcpu) -> None:
         vcpu.vm.vcpus.pop(vcpu.vcpu_id, None)
@@ -1350,7 +1439,13 @@ class VcpuFile(_HaxFile):
         return 0
 
     def get_regs(self, arg: int) -> int:
-        self.model.copy_to_user(arg, self.vcpu.get_state())
+        # Linux: hax_vcpu_ioctl's vc_state is an uninitialised stack variable.
+        buffer = _UNINITIALISED
+        if self.hax.host_os == "darwin":  # behaviour: get-regs-copyin
+            # BSD ioctl copies an _IOWR argument in: the fields vcpu_get_regs
+            # skips come back as the caller sent them.
+            buffer = self.model.copy_from_user(arg, _STATE.size)
+        self.model.copy_to_user(arg, self.vcpu.get_state(buffer))
         return 0
 
     def interrupt(self, arg: int) -> int:
@@ -1505,6 +1600,13 @@ class WinVmHandle(_HaxHandle):
         self.hax.driver.check_owner(self.vm)
         return super().dispatch(code, data, out_size)
 
+    def unknown(self, code: int) -> bytes:
+        raise RuleViolation(W_UNKNOWN_VM_REQUEST, f"control {code:#x}")
+
+    def protect_ram(self, data: bytes, out_size: int) -> bytes:
+        self.need(len(data), _PROTECT_RAM_SIZE, "HAX_VM_IOCTL_PROTECT_RAM in")
+        raise self.hax.not_modelled("HAX_VM_IOCTL_PROTECT_RAM")
+
     def vcpu_create(self, data: bytes, out_size: int) -> bytes:
         self.need(len(data), 4, "HAX_VM_IOCTL_VCPU_CREATE in")
         (vcpu_id,) = _U32.unpack_from(data)
@@ -1553,6 +1655,7 @@ class WinVmHandle(_HaxHandle):
         "ALLOC_RAM": "alloc_ram",
         "SET_RAM": "set_ram",
         "SET_RAM2": "set_ram2",
+        "PROTECT_RAM": "protect_ram",
         # 0x910 on a VM handle is NOTIFY_QEMU_VERSION (CAPABILITY on the system one).
         "NOTIFY_QEMU_VERSION": "notify_qemu_version",
         "CAPABILITY": "notify_qemu_version",
@@ -1615,7 +1718,9 @@ class WinVcpuHandle(_HaxHandle):
 
     def get_regs(self, data: bytes, out_size: int) -> bytes:
         self.need(out_size, _STATE.size, "HAX_VCPU_GET_REGS out")
-        return self.vcpu.get_state()
+        # The system buffer: the input bytes, then pool memory nobody wrote.
+        buffer = (bytes(data) + _UNINITIALISED)[: _STATE.size]
+        return self.vcpu.get_state(buffer)
 
     def interrupt(self, data: bytes, out_size: int) -> bytes:
         self.need(len(data), 4, "HAX_VCPU_IOCTL_INTERRUPT in")

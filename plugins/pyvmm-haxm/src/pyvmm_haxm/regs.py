@@ -6,9 +6,11 @@ limit and the VMX access-rights word ``ar``), GDTR/IDTR, CR0-CR4 and the debug
 registers.  What it does not carry, and where pyvmm-haxm takes it from
 (``docs/backends/haxm.md`` §6):
 
-* **EFER**: ``_efer`` is reported by GET_REGS but ignored by SET_REGS
-  (``core/vcpu.c vcpu_set_regs`` copies no ``_efer``); it is written with
-  ``SET_MSRS(IA32_EFER)``, as crosvm does;
+* **EFER**: ``_efer`` is in the struct but neither ``core/vcpu.c
+  vcpu_get_regs`` nor ``vcpu_set_regs`` touches it (GET_REGS hands back
+  whatever the buffer held: kernel stack on Linux, the caller's bytes on
+  macOS); EFER is read and written with ``GET_MSRS``/``SET_MSRS(IA32_EFER)``
+  (``handle_msr_read``/``handle_msr_write``);
 * **CR8**: not in the state (HAXM keeps no TPR for userspace): read as 0;
 * **APIC base**: read as ``IA32_APIC_BASE`` with GET_MSRS (the tunnel's copy is
   written only at the end of a RUN).
@@ -79,7 +81,9 @@ def segment_to_desc(seg: Segment, desc: Any) -> None:
     desc.ar = segment_ar(seg)
 
 
-def sregs_from_state(state: Any, apic_base: int) -> Sregs:
+def sregs_from_state(state: Any, apic_base: int, efer: int) -> Sregs:
+    """``state``'s segments, tables and control registers; EFER and the APIC base
+    come from GET_MSRS (GET_REGS does not write ``_efer``)."""
     segments = {name: segment_from_desc(getattr(state, f"_{name}")) for name in _SEGMENTS}
     return Sregs(
         **segments,
@@ -92,7 +96,7 @@ def sregs_from_state(state: Any, apic_base: int) -> Sregs:
         cr3=int(state._cr3),
         cr4=int(state._cr4),
         cr8=0,
-        efer=int(state._efer),
+        efer=efer,
         apic_base=apic_base,
     )
 
@@ -106,7 +110,6 @@ def sregs_to_state(sregs: Sregs, state: Any) -> None:
         desc = getattr(state, f"_{name}")
         desc.base, desc.limit = table.base, table.limit
     state._cr0, state._cr2, state._cr3, state._cr4 = sregs.cr0, sregs.cr2, sregs.cr3, sregs.cr4
-    state._efer = sregs.efer & 0xFFFF_FFFF
 
 
 def fpu_from_fx(fx: Any, raw: bytes) -> Fpu:

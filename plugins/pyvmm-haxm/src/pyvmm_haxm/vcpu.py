@@ -101,6 +101,13 @@ class HaxmVcpu:
                     f"the driver gave a {int(info.size)}-byte tunnel at {int(info.va):#x}, I/O buffer at "
                     f"{int(info.io_va):#x}; pyvmm-haxm needs {_TUNNEL_SIZE} bytes at non-NULL addresses",
                 )
+            # vcpu_create leaves the guest's FXSAVE image all zero (FCW 0 and MXCSR 0:
+            # every x87 and SSE exception unmasked); load the power-up FCW 0x37F and
+            # MXCSR 0x1F80 (IA SDM Vol. 3A, 10.1.1) before the guest runs.
+            fx = ffi.new("struct fx_layout *")
+            channel.control(self.handle, "GET_FPU", fx, OUT)
+            fx.fcw, fx.mxcsr = 0x37F, 0x1F80
+            channel.control(self.handle, "SET_FPU", fx, IN)
         except BaseException:
             channel.close(self.handle)
             raise
@@ -297,9 +304,10 @@ class HaxmVcpu:
         if kind is StateKind.SREGS:
             self._get_state()
             # The tunnel's apic_base is written only at the end of a RUN
-            # (vcpu_execute); the MSR is there from vcpu_init on.
-            (apic_base,) = self.get_msrs([MSR_APIC_BASE])
-            return regs.sregs_from_state(self._state, apic_base.data)
+            # (vcpu_execute); the MSR is there from vcpu_init on.  GET_REGS never
+            # writes _efer (core/vcpu.c vcpu_get_regs): EFER is read as an MSR.
+            apic_base, efer = self.get_msrs([MSR_APIC_BASE, MSR_EFER])
+            return regs.sregs_from_state(self._state, apic_base.data, efer.data)
         if kind is StateKind.FPU:
             fx = ffi.new("struct fx_layout *")
             self.channel.control(self.handle, "GET_FPU", fx, OUT)
