@@ -85,6 +85,18 @@ def test_changed_declarations_get_their_own_entry(tmp_path: Path) -> None:
     assert len(_cache_files(tmp_path)) == 2
 
 
+def test_packed_declarations_keep_their_packing_through_the_cache(tmp_path: Path) -> None:
+    """HAXM's structs are PACKED: a packed cdef gets an entry of its own, and the
+    layout loaded from the cache is the packed one, not the natural one."""
+    natural = declared_ffi(CDEF, _env(tmp_path))
+    assert declaration_key(CDEF, packed=True) != declaration_key(CDEF)
+    for _ in range(2):  # parsed and stored, then loaded from the cache
+        packed = declared_ffi(CDEF, _env(tmp_path), packed=True)
+        assert (packed.sizeof("struct probe_pair"), packed.offsetof("struct probe_pair", "b")) == (12, 4)
+    assert (natural.sizeof("struct probe_pair"), natural.offsetof("struct probe_pair", "b")) == (16, 8)
+    assert len(_cache_files(tmp_path)) == 2
+
+
 @pytest.mark.parametrize(
     "content",
     [b"", b"ffi = None\n", b"raise SystemError('boom')\n", b"this is not python(", b"\xff\xfe\x00"],

@@ -18,12 +18,12 @@ from __future__ import annotations
 import importlib.util
 import os
 from collections.abc import Iterator
-from contextlib import ExitStack
 from typing import Any
 
 import pytest
 
 from pyvmm.plugins import PluginRegistry
+from pyvmm.testing.model_session import SessionModel
 from pyvmm.vm import Backend
 
 INSTALLED = importlib.util.find_spec("pyvmm_haxm") is not None
@@ -32,8 +32,6 @@ if INSTALLED:
 else:
     collect_ignore_glob = ["test_*.py"]
 
-_SESSION_KEY = pytest.StashKey[Any]()
-_STACK_KEY = pytest.StashKey[ExitStack]()
 SESSION_OS = os.environ.get("PYVMM_HAXM_MODEL_OS", "linux")
 
 
@@ -44,44 +42,22 @@ def make_model(host_os: str, **options: Any) -> HaxmModel | HaxmWindowsModel:
     return HaxmModel(host_os, **options)
 
 
-class _RuleGuard:
-    """After each test: the session model saw no rule broken."""
-
-    def __init__(self, model: Any) -> None:
-        self.model = model
-
-    @pytest.fixture(autouse=True)
-    def _haxm_session_model_stays_clean(self) -> Iterator[None]:
-        before = len(self.model.rejections)
-        yield
-        broken = self.model.rejections[before:]
-        del self.model.rejections[before:]
-        if broken:
-            lines = "\n".join(f"  {r.call.name}: {r.rule} {r.detail}" for r in broken)
-            pytest.fail(f"pyvmm-haxm broke {len(broken)} rule(s) of the HAXM interface:\n{lines}")
+SESSION: SessionModel[Any] = SessionModel("haxm", "the HAXM interface", lambda: make_model(SESSION_OS))
 
 
 def pytest_configure(config: pytest.Config) -> None:
-    if not INSTALLED:
-        return
-    model = make_model(SESSION_OS)
-    stack = ExitStack()
-    stack.enter_context(model.installed())
-    config.stash[_SESSION_KEY] = model
-    config.stash[_STACK_KEY] = stack
-    config.pluginmanager.register(_RuleGuard(model), "pyvmm-haxm-rule-guard")
+    if INSTALLED:
+        SESSION.configure(config)
 
 
 def pytest_unconfigure(config: pytest.Config) -> None:
-    stack = config.stash.get(_STACK_KEY, None)
-    if stack is not None:
-        stack.close()
+    SESSION.unconfigure(config)
 
 
 @pytest.fixture(scope="session")
 def session_model(pytestconfig: pytest.Config) -> Any:
     """The model the whole session runs on (the conformance suite's too)."""
-    return pytestconfig.stash[_SESSION_KEY]
+    return SESSION.model(pytestconfig)
 
 
 @pytest.fixture(params=["linux", "darwin", "win32"])
@@ -93,10 +69,7 @@ def host_os(request: pytest.FixtureRequest) -> str:
 @pytest.fixture
 def model(host_os: str) -> Iterator[Any]:
     """A fresh model of this test's own, of each host OS, installed for the test."""
-    fresh = make_model(host_os)
-    with fresh.installed():
-        yield fresh
-    fresh.close_all()
+    yield from SESSION.fresh(lambda: make_model(host_os))
 
 
 def make_backend() -> Backend:
@@ -118,5 +91,5 @@ def haxm(model: Any) -> Backend:
 def pytest_report_header(config: pytest.Config) -> list[str]:
     if not INSTALLED:
         return ["pyvmm-haxm: not installed here, its tests are not collected"]
-    model = config.stash.get(_SESSION_KEY, None)
+    model = SESSION.installed_model(config)
     return [f"pyvmm-haxm: driver model {type(model).__name__} ({SESSION_OS}) installed"] if model else []

@@ -67,18 +67,20 @@ def cache_directory(environ: Mapping[str, str] | None = None) -> Path | None:
     return root / "pyvmm" / "cffi"
 
 
-def declaration_key(cdef: str) -> str:
-    """The cache key of ``cdef``: its text, the cffi runtime and the interpreter,
-    so a different cffi or Python never loads another's file."""
+def declaration_key(cdef: str, packed: bool = False) -> str:
+    """The cache key of ``cdef``: its text (and packing), the cffi runtime and the
+    interpreter, so a different cffi or Python never loads another's file."""
     digest = hashlib.sha256()
-    for part in (_FORMAT, _cffi_backend.__version__, sys.implementation.cache_tag or "", sys.platform, cdef):
+    layout = "packed" if packed else "natural"
+    for part in (_FORMAT, _cffi_backend.__version__, sys.implementation.cache_tag or "", sys.platform, layout, cdef):
         digest.update(part.encode())
         digest.update(b"\0")
     return digest.hexdigest()[:32]
 
 
-def declared_ffi(cdef: str, environ: Mapping[str, str] | None = None) -> Any:
-    """An FFI object holding ``cdef``'s declarations.
+def declared_ffi(cdef: str, environ: Mapping[str, str] | None = None, *, packed: bool = False) -> Any:
+    """An FFI object holding ``cdef``'s declarations (``packed``: every struct
+    laid out without padding, cffi's ``cdef(..., packed=True)``).
 
     From the cache when it holds them, else parsed in process (and written to
     the cache for the next process).  Either way the object answers ``new``,
@@ -90,23 +92,23 @@ def declared_ffi(cdef: str, environ: Mapping[str, str] | None = None) -> Any:
     """
     directory = cache_directory(environ)
     if directory is None:
-        return _parsed(cdef)
-    key = declaration_key(cdef)
+        return _parsed(cdef, packed)
+    key = declaration_key(cdef, packed)
     path = directory / f"ffi_{key}.py"
     loaded = _load(path)
     if loaded is not None:
         return loaded
-    ffi = _parsed(cdef)
+    ffi = _parsed(cdef, packed)
     _store(ffi, key, directory, path)
     return ffi
 
 
-def _parsed(cdef: str) -> Any:
+def _parsed(cdef: str, packed: bool = False) -> Any:
     """The in-process parse: the fallback, and what fills the cache."""
     import cffi
 
     ffi = cffi.FFI()
-    ffi.cdef(cdef)
+    ffi.cdef(cdef, packed=packed)
     return ffi
 
 

@@ -19,8 +19,7 @@ from __future__ import annotations
 from dataclasses import dataclass, fields
 from typing import Final, Protocol
 
-import cffi
-
+from pyvmm.backend.ffi_cache import declared_ffi
 from pyvmm.backend.ioctl import IoctlRequest, bsd, ctl_code, linux
 
 _CDEF: Final = """
@@ -245,8 +244,7 @@ struct hax_cpuid {
 };
 """
 
-ffi = cffi.FFI()
-ffi.cdef(_CDEF, packed=True)
+ffi = declared_ffi(_CDEF, packed=True)
 
 # --- versions and capabilities (hax.h, hax_interface.h) --------------------------------
 #: The API version pyvmm-haxm speaks; QEMU 2.12+ asked for the same (hax-all.c).
