@@ -27,13 +27,12 @@ The page, the kick and the thread rules are the backend kit's
 
 from __future__ import annotations
 
-import contextlib
 import errno
 import struct
 from typing import Any
 
 from pyvmm.arch.aarch64 import MPIDR_EL1_ID, CoreRegs
-from pyvmm.backend import RunPage, SignalKicker, address_of
+from pyvmm.backend import address_of
 from pyvmm.boot import Aarch64VcpuInit, VcpuInit
 from pyvmm.errors import ConfigError, HypervisorError, UnknownExitError
 from pyvmm.exits import (
@@ -49,12 +48,11 @@ from pyvmm.vcpu_state import StateKind
 from pyvmm_kvm import arm64_regs
 from pyvmm_kvm import bindings as k
 from pyvmm_kvm.bindings import ffi_aarch64 as ffi
+from pyvmm_kvm.vcpu_common import RUN_STRUCT, KvmVcpuCommon
 
-_RUN = "struct kvm_run"
-_OFF_IMMEDIATE_EXIT = ffi.offsetof(_RUN, "immediate_exit")
+_RUN = RUN_STRUCT
 _OFF_EXIT_REASON = ffi.offsetof(_RUN, "exit_reason")
 _OFF_UNION = ffi.offsetof(_RUN, "mmio")
-_OFF_MMIO_DATA = ffi.offsetof(_RUN, "mmio", "data")
 _GAP = _OFF_UNION - _OFF_EXIT_REASON - 4
 _HEAD_MMIO = struct.Struct(f"<I{_GAP}xQ8xIB")  # reason; phys_addr, (data), len, is_write
 _EXIT_MMIO = k.KVM_EXIT_MMIO
@@ -68,38 +66,20 @@ SYSTEM_EVENTS = {
 }
 
 
-class KvmArm64Vcpu:
+class KvmArm64Vcpu(KvmVcpuCommon):
     """One vCPU of a :class:`pyvmm_kvm.arm64_vm.KvmArm64Vm`."""
 
     def __init__(self, vm: Any, index: int, mmap_size: int) -> None:
-        self.vm = vm
-        self.index = index
-        self.host = host = vm.host
-        self.fd = host.ioctl(vm.fd, k.KVM_CREATE_VCPU, index)
-        page: RunPage | None = None
-        try:
-            mapping = host.map_shared(self.fd, mmap_size, f"vCPU {index} kvm_run")
-            page = RunPage(mapping, immediate_exit=_OFF_IMMEDIATE_EXIT, mmio_data=_OFF_MMIO_DATA)
-            self._run = ffi.from_buffer(f"{_RUN} *", page.view)
-            self.kicker = SignalKicker(page.request_immediate_exit, host.signal_thread, "KVM")
-            self._ioctl, self._errno_of = host.fast_ioctl()
-            #: Whether KVM_ARM_VCPU_INIT started this vCPU powered off.
-            self.started_powered_off = index != 0
-            self._vcpu_init(vm.target, powered_off=self.started_powered_off)
-        except BaseException:
-            # Nothing half-made: the run page and the descriptor go with the error.
-            if page is not None:
-                with contextlib.suppress(Exception):
-                    ffi.release(self._run)
-                page.release()
-            host.close(self.fd)
-            raise
-        self.page = page
+        #: Whether KVM_ARM_VCPU_INIT started this vCPU powered off.
+        self.started_powered_off = index != 0
+        page = self._open(
+            vm, index, mmap_size, ffi, lambda: self._vcpu_init(vm.target, powered_off=self.started_powered_off)
+        )
         self._view = page.view
         self._mmio = MmioExit()
         self._interrupted = InterruptedExit()
         self._mmio_views = page.mmio_views
-        self.run = self.kicker.guard_run(self._run_once, self._interrupted)  # type: ignore[method-assign]
+        self._guard_run(self._interrupted)
 
     def _vcpu_init(self, target: int, *, powered_off: bool) -> None:
         features = 1 << k.KVM_ARM_VCPU_PSCI_0_2
@@ -109,11 +89,6 @@ class KvmArm64Vcpu:
         self.host.ioctl(self.fd, k.KVM_ARM_VCPU_INIT, init, detail=f"target {target}, features {features:#x}")
 
     # --- run ------------------------------------------------------------------
-    def run(self) -> VcpuExit:
-        """``pyvmm_run_vcpu``: run until the next exit.  (Each instance replaces
-        this with its guarded :meth:`_run_once` in ``__init__``.)"""
-        return self.run()
-
     def _run_once(self) -> VcpuExit:
         result = self._ioctl(self.fd, _RUN_REQUEST, 0)
         if result < 0:
@@ -163,10 +138,6 @@ class KvmArm64Vcpu:
                 f"MMIO at {nisv.fault_ipa:#x} without a valid instruction syndrome (ESR ISS {nisv.esr_iss:#x})",
             )
         raise UnknownExitError("KVM_RUN", reason)
-
-    def kick(self) -> None:
-        """Any thread: make the current or next KVM_RUN return EINTR."""
-        self.kicker.kick()
 
     # --- one-reg access -------------------------------------------------------------
     def get_one_reg(self, reg_id: int) -> int:
@@ -241,20 +212,5 @@ class KvmArm64Vcpu:
             raise ConfigError(f"CORE_REGS takes CoreRegs, not {type(value).__name__}")
         arm64_regs.write_core_regs(value, self.set_one_reg)
 
-    def enable_raw_capability(self, capability: int, flags: int, args: tuple[int, ...]) -> int:
-        """``KVM_ENABLE_CAP`` on the vCPU fd."""
-        cap = ffi.new("struct kvm_enable_cap *", {"cap": capability, "flags": flags, "args": list(args)})
-        return int(self.host.ioctl(self.fd, k.KVM_ENABLE_CAP, cap))
-
-    def close(self) -> None:
-        """``pyvmm_destroy_vcpu``: returns once no run is under way (a running vCPU
-        is kicked out first); no kick or run reaches the vCPU afterwards."""
-        if self.fd < 0:
-            return
-        self.kicker.close()
-        self.vm.remove_vcpu(self)
+    def _drop_exit_views(self) -> None:
         self._mmio.data = memoryview(b"")
-        ffi.release(self._run)
-        self.page.release()
-        self.host.close(self.fd)
-        self.fd = -1

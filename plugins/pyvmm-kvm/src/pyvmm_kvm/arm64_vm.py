@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from pyvmm.backend import install_kick_handler
-from pyvmm.config import PAGE_SIZE, VmConfig
+from pyvmm.config import VmConfig
 from pyvmm.errors import ConfigError, HypervisorError, VmStateError
 from pyvmm.machine.virt import GIC_DISTRIBUTOR_BASE, GIC_REDISTRIBUTOR_BASE
 from pyvmm.memory import RamRegion
@@ -27,6 +27,7 @@ from pyvmm_kvm.arm64_vcpu import KvmArm64Vcpu
 from pyvmm_kvm.arm64_vgic import Vgic3, spi_irq_line
 from pyvmm_kvm.bindings import ffi_aarch64 as ffi
 from pyvmm_kvm.system import KvmSystem, system
+from pyvmm_kvm.vm_common import KvmVmCommon
 
 if TYPE_CHECKING:
     from pyvmm.host import Event
@@ -43,8 +44,10 @@ class _Irqfd:
     resamplefd: int = 0
 
 
-class KvmArm64Vm:
+class KvmArm64Vm(KvmVmCommon):
     """The arm64 backend's VM handle."""
+
+    _ffi = ffi
 
     @classmethod
     def create(cls, backend: Any, config: VmConfig) -> KvmArm64Vm:
@@ -97,42 +100,14 @@ class KvmArm64Vm:
             raise ConfigError(f"backend_options.ipa_bits: this KVM offers at most {max(limit, DEFAULT_IPA_BITS)} bits")
         return ipa_bits & a.KVM_VM_TYPE_ARM_IPA_SIZE_MASK
 
-    # --- memory (the same ioctls as on x86) ----------------------------------------
-    def _set_region(self, slot: int, flags: int, gpa: int, size: int, host_addr: int) -> None:
-        region = ffi.new(
-            "struct kvm_userspace_memory_region *",
-            {"slot": slot, "flags": flags, "guest_phys_addr": gpa, "memory_size": size, "userspace_addr": host_addr},
-        )
-        self.host.ioctl(self.fd, k.KVM_SET_USER_MEMORY_REGION, region)
-
-    def map_memory(self, region: RamRegion) -> None:
+    # --- memory: the slots are KvmVmCommon's, the IPA limit is arm64's -------------
+    def _check_region(self, region: RamRegion) -> None:
         if region.end > 1 << self.ipa_bits:
             raise ConfigError(
                 f"memory at {region.guest_phys_addr:#x}+{region.size:#x} ends beyond this VM's "
                 f"{self.ipa_bits}-bit guest-physical space (backend_options.ipa_bits)"
             )
-        flags = 0
-        if region.read_only:
-            flags |= k.KVM_MEM_READONLY
-        if region.log_dirty:
-            flags |= k.KVM_MEM_LOG_DIRTY_PAGES
-        self._set_region(region.slot, flags, region.guest_phys_addr, region.size, region.host_addr)
-        self.regions[region.slot] = region
 
-    def unmap_memory(self, region: RamRegion) -> None:
-        self._set_region(region.slot, 0, region.guest_phys_addr, 0, region.host_addr)
-        del self.regions[region.slot]
-
-    def get_dirty_log(self, region: RamRegion) -> bytes:
-        pages = region.size // PAGE_SIZE
-        # KVM writes whole longs: the buffer is rounded up to 64 pages.
-        bitmap = ffi.new("uint8_t[]", (pages + 63) // 64 * 8)
-        log = ffi.new("struct kvm_dirty_log *", {"slot": region.slot})
-        log.dirty_bitmap = bitmap
-        self.host.ioctl(self.fd, k.KVM_GET_DIRTY_LOG, log)
-        return bytes(ffi.buffer(bitmap, (pages + 7) // 8))
-
-    # --- vCPUs ------------------------------------------------------------------
     def create_vcpu(self, index: int) -> KvmArm64Vcpu:
         if self.vgic is not None and self.vgic.initialized:
             raise VmStateError(f"vCPU {index}: the VM has started; KVM's initialised vGIC takes no new vCPUs")
@@ -216,43 +191,11 @@ class KvmArm64Vm:
         self.host.ioctl(self.fd, k.KVM_IRQFD, raw)
 
     # --- ioeventfds (MMIO only: arm64 has no port I/O) ----------------------------------
-    def register_ioevent(self, event: Event, address: IoEventAddress, datamatch: int | None, length: int) -> None:
-        self._ioeventfd(event.fileno(), address, datamatch, length, remove=False)
-
-    def unregister_ioevent(self, event: Event, address: IoEventAddress, datamatch: int | None, length: int) -> None:
-        self._ioeventfd(event.fileno(), address, datamatch, length, remove=True)
-
-    def _ioeventfd(self, fd: int, address: IoEventAddress, datamatch: int | None, length: int, *, remove: bool) -> None:
+    def _check_ioevent(self, address: IoEventAddress) -> None:
         if address.space is not AddressSpace.MMIO:
             raise ConfigError("ioevents on arm64 are MMIO addresses: the architecture has no port I/O")
-        if length == 0 and not self.kvm.check_extension(k.KVM_CAP_IOEVENTFD_ANY_LENGTH):
-            raise ConfigError("this KVM needs an explicit ioevent length")
-        flags = (k.KVM_IOEVENTFD_FLAG_DATAMATCH if datamatch is not None else 0) | (
-            k.KVM_IOEVENTFD_FLAG_DEASSIGN if remove else 0
-        )
-        raw = ffi.new(
-            "struct kvm_ioeventfd *",
-            {"datamatch": datamatch or 0, "addr": address.address, "len": length, "fd": fd, "flags": flags},
-        )
-        self.host.ioctl(self.fd, k.KVM_IOEVENTFD, raw)
 
-    # --- the escape hatch ---------------------------------------------------------------
-    def check_raw_capability(self, capability: int) -> int:
-        """``KVM_CHECK_EXTENSION`` on the VM fd: the answer for this VM."""
-        return int(self.host.ioctl(self.fd, k.KVM_CHECK_EXTENSION, capability))
-
-    def enable_raw_capability(self, capability: int, flags: int, args: tuple[int, ...]) -> int:
-        cap = ffi.new("struct kvm_enable_cap *", {"cap": capability, "flags": flags, "args": list(args)})
-        return int(self.host.ioctl(self.fd, k.KVM_ENABLE_CAP, cap))
-
-    def read_guest(self, gpa: int, size: int) -> bytes:
-        """Up to ``size`` bytes at ``gpa`` from the region holding it, for error reports."""
-        for region in self.regions.values():
-            if region.guest_phys_addr <= gpa < region.end:
-                offset = gpa - region.guest_phys_addr
-                return region.view(offset, min(size, region.size - offset)).tobytes()
-        return b""
-
+    # --- teardown -------------------------------------------------------------------
     def close(self) -> None:
         for vcpu in list(self.vcpus):
             vcpu.close()

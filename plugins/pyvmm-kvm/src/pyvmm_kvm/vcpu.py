@@ -13,13 +13,11 @@ Its public methods are the backend's vCPU hooks (``docs/backends/kvm.md`` §4).
 
 from __future__ import annotations
 
-import contextlib
 import errno
 import struct
 from typing import Any
 
 from pyvmm.arch.x86_64 import CpuidEntry, Lapic, MpState, MsrEntry, VcpuEvents, Xcr
-from pyvmm.backend import RunPage, SignalKicker
 from pyvmm.boot import VcpuInit, X86VcpuInit
 from pyvmm.errors import ConfigError, HypervisorError, MsrAccessError, UnknownExitError
 from pyvmm.exits import (
@@ -46,12 +44,11 @@ from pyvmm.vcpu_state import StateKind
 from pyvmm_kvm import bindings as k
 from pyvmm_kvm import regs
 from pyvmm_kvm.bindings import ffi
+from pyvmm_kvm.vcpu_common import RUN_STRUCT, KvmVcpuCommon
 
-_RUN = "struct kvm_run"
-_OFF_IMMEDIATE_EXIT = ffi.offsetof(_RUN, "immediate_exit")
+_RUN = RUN_STRUCT
 _OFF_EXIT_REASON = ffi.offsetof(_RUN, "exit_reason")
 _OFF_UNION = ffi.offsetof(_RUN, "io")
-_OFF_MMIO_DATA = ffi.offsetof(_RUN, "mmio", "data")
 _OFF_REQUEST_INTERRUPT_WINDOW = ffi.offsetof(_RUN, "request_interrupt_window")
 _OFF_READY_FOR_INTERRUPT = ffi.offsetof(_RUN, "ready_for_interrupt_injection")
 _OFF_IF_FLAG = ffi.offsetof(_RUN, "if_flag")
@@ -74,30 +71,11 @@ _SYSTEM_EVENTS = {
 }
 
 
-class KvmVcpu:
+class KvmVcpu(KvmVcpuCommon):
     """One vCPU of a :class:`pyvmm_kvm.vm.KvmVm`."""
 
     def __init__(self, vm: Any, index: int, mmap_size: int) -> None:
-        self.vm = vm
-        self.index = index
-        self.host = host = vm.host
-        self.fd = host.ioctl(vm.fd, k.KVM_CREATE_VCPU, index)
-        page: RunPage | None = None
-        try:
-            mapping = host.map_shared(self.fd, mmap_size, f"vCPU {index} kvm_run")
-            page = RunPage(mapping, immediate_exit=_OFF_IMMEDIATE_EXIT, mmio_data=_OFF_MMIO_DATA)
-            self._run = ffi.from_buffer(f"{_RUN} *", page.view)
-            self.kicker = SignalKicker(page.request_immediate_exit, host.signal_thread, "KVM")
-            self._ioctl, self._errno_of = host.fast_ioctl()
-        except BaseException:
-            # Nothing half-made: the run page and the descriptor go with the error.
-            if page is not None:
-                with contextlib.suppress(Exception):
-                    ffi.release(self._run)
-                page.release()
-            host.close(self.fd)
-            raise
-        self.page = page
+        page = self._open(vm, index, mmap_size, ffi, lambda: None)
         self._view = page.view
         # One exit object per kind, refilled on every run.
         self._io = IoExit()
@@ -111,16 +89,9 @@ class KvmVcpu:
         self._io_views: dict[int, memoryview] = {}
         self._mmio_views = self.page.mmio_views
         self._pending: VcpuExit | None = None
-        # The exit path: one KVM_RUN under the kit's thread rules (the kick follows
-        # the running thread; close waits for the run to leave the kernel).
-        self.run = self.kicker.guard_run(self._run_once, self._interrupted)  # type: ignore[method-assign]
+        self._guard_run(self._interrupted)
 
     # --- run ------------------------------------------------------------------
-    def run(self) -> VcpuExit:
-        """``pyvmm_run_vcpu``: run until the next exit.  (Each instance replaces
-        this with its guarded :meth:`_run_once` in ``__init__``.)"""
-        return self.run()
-
     def _run_once(self) -> VcpuExit:
         pending = self._pending
         if pending is not None:
@@ -251,10 +222,6 @@ class KvmVcpu:
             run.msr.error = 1 if self._msr.error else 0
             if not self._msr.is_write:
                 run.msr.data = self._msr.value
-
-    def kick(self) -> None:
-        """Any thread: make the current or next KVM_RUN return EINTR."""
-        self.kicker.kick()
 
     # --- init and state -------------------------------------------------------
     def init(self, boot: VcpuInit) -> None:
@@ -399,12 +366,7 @@ class KvmVcpu:
     def set_tsc_offset(self, offset: int) -> None:
         self._tsc_offset_attribute(k.KVM_SET_DEVICE_ATTR, offset)
 
-    # --- the escape hatch (docs/backends/kvm.md §8.1) ------------------------------------
-    def enable_raw_capability(self, capability: int, flags: int, args: tuple[int, ...]) -> int:
-        """``KVM_ENABLE_CAP`` on the vCPU fd."""
-        cap = ffi.new("struct kvm_enable_cap *", {"cap": capability, "flags": flags, "args": list(args)})
-        return int(self.host.ioctl(self.fd, k.KVM_ENABLE_CAP, cap))
-
+    # --- guest debugging (the raw-capability escape hatch: KvmVcpuCommon) --------------
     def set_guest_debug(self, single_step: bool, breakpoints: list[int]) -> None:
         raw = ffi.new("struct kvm_guest_debug *")
         control = 0
@@ -422,23 +384,6 @@ class KvmVcpu:
         raw.control = control
         self.host.ioctl(self.fd, k.KVM_SET_GUEST_DEBUG, raw)
 
-    def close(self) -> None:
-        """``pyvmm_destroy_vcpu``: returns once no run is under way (a running vCPU
-        is kicked out first); no kick or run reaches the vCPU afterwards.
-
-        :raises VmStateError: the vCPU did not leave KVM_RUN in time; nothing is
-            released then.
-        """
-        if self.fd < 0:
-            return
-        self.kicker.close()
-        self.vm.remove_vcpu(self)
-        # Drop our own references to the run page; a view a caller still holds keeps
-        # the mapping alive until it goes (never a dangling pointer).
-        empty = memoryview(b"")
-        self._io.data = self._mmio.data = empty
+    def _drop_exit_views(self) -> None:
+        self._io.data = self._mmio.data = memoryview(b"")
         self._io_views.clear()
-        ffi.release(self._run)
-        self.page.release()
-        self.host.close(self.fd)
-        self.fd = -1

@@ -16,13 +16,14 @@ from pyvmm.coalesced import CoalescedWrite
 from pyvmm.config import PAGE_SIZE, VmConfig
 from pyvmm.errors import ConfigError, HypervisorError
 from pyvmm.memory import RamRegion
-from pyvmm.vcpu_state import AddressSpace, IoEventAddress
+from pyvmm.vcpu_state import IoEventAddress
 from pyvmm_kvm import bindings as k
 from pyvmm_kvm import regs
 from pyvmm_kvm.bindings import ffi
 from pyvmm_kvm.coalesced import CoalescedZones
 from pyvmm_kvm.system import KvmSystem, system
 from pyvmm_kvm.vcpu import KvmVcpu
+from pyvmm_kvm.vm_common import KvmVmCommon
 
 if TYPE_CHECKING:
     from pyvmm.host import Event
@@ -34,7 +35,7 @@ DEFAULT_TSS_ADDRESS = 0xFFFBD000
 DEFAULT_IDENTITY_MAP_ADDRESS = 0xFFFBC000
 
 
-class KvmVm:
+class KvmVm(KvmVmCommon):
     """The backend's VM handle."""
 
     @classmethod
@@ -75,46 +76,7 @@ class KvmVm:
         self._cpuid: list[CpuidEntry] | None = None
         self._zones: CoalescedZones | None = None
 
-    # --- memory -----------------------------------------------------------------
-    def _set_region(self, slot: int, flags: int, gpa: int, size: int, host_addr: int) -> None:
-        region = ffi.new(
-            "struct kvm_userspace_memory_region *",
-            {"slot": slot, "flags": flags, "guest_phys_addr": gpa, "memory_size": size, "userspace_addr": host_addr},
-        )
-        self.host.ioctl(self.fd, k.KVM_SET_USER_MEMORY_REGION, region)
-
-    def map_memory(self, region: RamRegion) -> None:
-        flags = 0
-        if region.read_only:
-            flags |= k.KVM_MEM_READONLY
-        if region.log_dirty:
-            flags |= k.KVM_MEM_LOG_DIRTY_PAGES
-        self._set_region(region.slot, flags, region.guest_phys_addr, region.size, region.host_addr)
-        self.regions[region.slot] = region
-
-    def unmap_memory(self, region: RamRegion) -> None:
-        # A size of 0 deletes the slot.
-        self._set_region(region.slot, 0, region.guest_phys_addr, 0, region.host_addr)
-        del self.regions[region.slot]
-
-    def read_guest(self, gpa: int, size: int) -> bytes:
-        """Up to ``size`` bytes at ``gpa`` from the region holding it (fewer at the
-        region's end, none outside RAM), for error reports."""
-        for region in self.regions.values():
-            if region.guest_phys_addr <= gpa < region.end:
-                offset = gpa - region.guest_phys_addr
-                return region.view(offset, min(size, region.size - offset)).tobytes()
-        return b""
-
-    def get_dirty_log(self, region: RamRegion) -> bytes:
-        pages = region.size // PAGE_SIZE
-        # KVM writes whole longs: the buffer must be rounded up to 64 pages.
-        bitmap = ffi.new("uint8_t[]", (pages + 63) // 64 * 8)
-        log = ffi.new("struct kvm_dirty_log *", {"slot": region.slot})
-        log.dirty_bitmap = bitmap
-        self.host.ioctl(self.fd, k.KVM_GET_DIRTY_LOG, log)
-        return bytes(ffi.buffer(bitmap, (pages + 7) // 8))
-
+    # (memory, the dirty log, ioeventfds and the escape hatch: KvmVmCommon)
     # --- vCPUs ------------------------------------------------------------------
     def create_vcpu(self, index: int) -> KvmVcpu:
         vcpu = KvmVcpu(self, index, self.kvm.vcpu_mmap_size)
@@ -194,43 +156,12 @@ class KvmVm:
                 raise
             raise HypervisorError(exc.operation, exc.code, "KVM's -1: no vCPU accepted the MSI") from exc
 
-    # --- MSR lists and the escape hatch ------------------------------------------------
+    # --- MSR lists ------------------------------------------------------------------
     def get_msr_index_list(self) -> list[int]:
         return self.kvm.msr_index_list()
 
     def get_feature_msrs(self) -> list[MsrEntry]:
         return self.kvm.feature_msrs()
-
-    def check_raw_capability(self, capability: int) -> int:
-        """``KVM_CHECK_EXTENSION`` on the VM fd: the answer for this VM."""
-        return int(self.host.ioctl(self.fd, k.KVM_CHECK_EXTENSION, capability))
-
-    def enable_raw_capability(self, capability: int, flags: int, args: tuple[int, ...]) -> int:
-        """``KVM_ENABLE_CAP`` on the VM fd."""
-        cap = ffi.new("struct kvm_enable_cap *", {"cap": capability, "flags": flags, "args": list(args)})
-        return int(self.host.ioctl(self.fd, k.KVM_ENABLE_CAP, cap))
-
-    def register_ioevent(self, event: Event, address: IoEventAddress, datamatch: int | None, length: int) -> None:
-        self._ioeventfd(event.fileno(), address, datamatch, length, remove=False)
-
-    def unregister_ioevent(self, event: Event, address: IoEventAddress, datamatch: int | None, length: int) -> None:
-        self._ioeventfd(event.fileno(), address, datamatch, length, remove=True)
-
-    def _ioeventfd(self, fd: int, address: IoEventAddress, datamatch: int | None, length: int, *, remove: bool) -> None:
-        flags = 0
-        if address.space is AddressSpace.PIO:
-            flags |= k.KVM_IOEVENTFD_FLAG_PIO
-        if datamatch is not None:
-            flags |= k.KVM_IOEVENTFD_FLAG_DATAMATCH
-        if remove:
-            flags |= k.KVM_IOEVENTFD_FLAG_DEASSIGN
-        if length == 0 and not self.kvm.check_extension(k.KVM_CAP_IOEVENTFD_ANY_LENGTH):
-            raise HypervisorError("KVM_IOEVENTFD", errno.EINVAL, "this KVM needs an explicit ioevent length")
-        raw = ffi.new(
-            "struct kvm_ioeventfd *",
-            {"datamatch": datamatch or 0, "addr": address.address, "len": length, "fd": fd, "flags": flags},
-        )
-        self.host.ioctl(self.fd, k.KVM_IOEVENTFD, raw)
 
     # --- clock ------------------------------------------------------------------
     def get_clock(self) -> int:
