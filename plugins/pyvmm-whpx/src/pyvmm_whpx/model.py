@@ -396,12 +396,16 @@ class WhpxModel(DllModel):
     """Both WHPX DLLs, as one :class:`~pyvmm.testing.driver_model.DllModel`.
 
     :param dirty_tracking: whether ``Features.DirtyPageTracking`` is offered.
+    :param extended_exits: whether the CPUID and MSR exits are offered (``ExtendedVmExits``).
     :param missing: exports this "Windows build" lacks.
     """
 
-    def __init__(self, *, dirty_tracking: bool = True, missing: frozenset[str] = frozenset()) -> None:
+    def __init__(
+        self, *, dirty_tracking: bool = True, extended_exits: bool = True, missing: frozenset[str] = frozenset()
+    ) -> None:
         super().__init__()
         self.features = _FEATURE_DIRTY_PAGE_TRACKING if dirty_tracking else 0
+        self.extended_exits = _EXTENDED_EXITS_MODELLED if extended_exits else 0
         self.missing = missing
         self.partitions: dict[int, ModelPartition] = {}
         self.emulators: dict[int, ModelEmulator] = {}
@@ -460,7 +464,7 @@ class WhpxModel(DllModel):
         answers = {
             0x0000: struct.pack("<I", 1),  # HypervisorPresent
             0x0001: struct.pack("<Q", self.features),  # Features
-            0x0002: struct.pack("<Q", _EXTENDED_EXITS_MODELLED),  # ExtendedVmExits: CPUID and MSR exits
+            0x0002: struct.pack("<Q", self.extended_exits),  # ExtendedVmExits: CPUID and MSR exits
             0x1000: struct.pack("<I", 1),  # ProcessorVendor: Intel
         }
         answer = answers.get(int(code))
@@ -513,8 +517,8 @@ class WhpxModel(DllModel):
         exit of their own (funcs/WHvPartitionPropertyDataTypes.md, Remarks); CPUID and
         MSR exits "are only generated if they are enabled" so (CPUIDAccess.md,
         MSRAccess.md)."""
-        if bits & ~_EXTENDED_EXITS_MODELLED:
-            raise self.not_modelled(f"extended VM exits {bits:#x} (only CPUID and MSR exits are modelled)")
+        if bits & ~self.extended_exits:
+            raise self.not_modelled(f"extended VM exits {bits:#x} beyond those offered ({self.extended_exits:#x})")
         if partition.vps and bits != partition.extended_exits:
             raise self.not_modelled(
                 "ExtendedVmExits changed while virtual processors exist (their intercepts are fixed)"
