@@ -3,7 +3,8 @@
 It answers the exports pyvmm-whpx calls as Microsoft documents them, runs each
 virtual processor on pyvmm's x86 software CPU with WHPX's exit timing
 (``exit_timing="before"``: port and MMIO exits before the instruction, with its
-bytes, length, GVA and GPA), and emulates instructions for
+bytes, length, GVA and GPA; with ``ExtendedVmExits``, CPUID and MSR exits before
+the instruction with their access contexts), and emulates instructions for
 ``WHvEmulatorTry*Emulation`` by calling back into the plugin through the
 callbacks it registered -- registers, GVA translation, port and memory
 accesses all go through the plugin, as with the real emulator.
