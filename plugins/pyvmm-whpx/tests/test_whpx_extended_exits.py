@@ -60,6 +60,20 @@ def test_the_vmm_answers_cpuid_rdmsr_and_wrmsr(whpx: Backend, model: WhpxModel) 
     assert model.rejections == []
 
 
+def test_a_refused_msr_is_an_error_and_the_access_exits_again(whpx: Backend) -> None:
+    with booted(whpx, {"msr_exits": True}) as vcpu:
+        out(vcpu)
+        out(vcpu)
+        read = vcpu.run()
+        assert isinstance(read, MsrAccessExit)
+        read.error = True
+        with pytest.raises(ConfigError, match=r"MsrAccessExit.error for MSR 0x1234"):
+            vcpu.run()
+        again = vcpu.run()
+        assert isinstance(again, MsrAccessExit) and again.index == 0x1234 and not again.is_write
+        assert vcpu.get_regs().rip == CODE + 20, "nothing was completed"
+
+
 def test_without_the_options_cpuid_and_msrs_do_not_exit(whpx: Backend) -> None:
     with booted(whpx, {}) as vcpu:
         assert out(vcpu) & 0xF00, "the hypervisor answered CPUID itself"
