@@ -22,12 +22,14 @@ from pyvmm.boot import BootSpec, X86Mode
 from pyvmm.config import Arch, MemoryRegionSpec
 from pyvmm.errors import ConfigError
 from pyvmm.exits import (
+    CpuidExit,
     DebugExit,
     ExitKind,
     InternalErrorExit,
     InterruptedExit,
     IoExit,
     MmioExit,
+    MsrAccessExit,
     ShutdownExit,
     ShutdownReason,
     VcpuExit,
@@ -482,6 +484,73 @@ def test_rdtsc_without_the_intercept_is_the_cpus_own(machines: list[Machine]) ->
     high = struct.unpack("<I", io(m.cpu).data[:4])[0]
     assert high << 32 | low, "unicorn's TSC runs"
     assert struct.unpack("<I", io(m.cpu).data[:4])[0] == 7, "RDTSCP's ECX is IA32_TSC_AUX"
+
+
+#: mov eax, 1 / xor ecx, ecx / cpuid (+7) / out 0x10, eax / mov eax, ebx / out 0x10, eax /
+#: mov ecx, 0x1234 / rdmsr (+20) / out 0x10, eax /
+#: mov eax, 0x55 / mov edx, 0x66 / wrmsr (+34) / hlt
+CPUID_MSR_GUEST = "b80100000031c90fa2e71089d8e710b9341200000f32e710b855000000ba660000000f30f4"
+
+
+def out_value(cpu: SoftCpu) -> int:
+    return int(struct.unpack("<I", io(cpu).data[:4])[0])
+
+
+def out_value_before(cpu: SoftCpu) -> int:
+    """An OUT with exits before the instruction: the VMM moves RIP past it."""
+    value = out_value(cpu)
+    advance(cpu)
+    return value
+
+
+def advance(cpu: SoftCpu, **gprs: int) -> None:
+    """What a WHPX VMM does after an exit before the instruction: write the
+    results and move RIP past the 2-byte instruction."""
+    regs = cpu.get_regs()
+    for name, value in gprs.items():
+        setattr(regs, name, value)
+    regs.rip += 2
+    cpu.set_regs(regs)
+
+
+def test_cpuid_and_msr_exits_before_the_instruction(machines: list[Machine]) -> None:
+    own = boot(machines, CPUID_MSR_GUEST)
+    own_eax, own_ebx = out_value(own.cpu), out_value(own.cpu)
+    m = boot(machines, CPUID_MSR_GUEST, intercept=["cpuid", "msr"], exit_timing="before")
+    exit_ = m.cpu.run()
+    assert isinstance(exit_, CpuidExit) and (exit_.function, exit_.index) == (1, 0)
+    regs = m.cpu.get_regs()
+    assert regs.rip == CODE + 7, "RIP stays on the CPUID"
+    assert (regs.rax, regs.rcx) == (1, 0), "the registers are the ones before it"
+    assert (exit_.eax, exit_.ebx) == (own_eax, own_ebx), "the CPU model's own answer is the default"
+    assert own_eax, "leaf 1 has a signature"
+    again = m.cpu.run()
+    assert again is exit_ and m.cpu.get_regs().rip == CODE + 7, "not advanced: it exits again"
+    advance(m.cpu, rax=0xAAAA, rbx=0xBBBB)
+    assert (out_value_before(m.cpu), out_value_before(m.cpu)) == (0xAAAA, 0xBBBB), "the VMM's registers stay"
+    exit_ = m.cpu.run()
+    assert isinstance(exit_, MsrAccessExit) and exit_.index == 0x1234 and not exit_.is_write
+    assert m.cpu.get_regs().rip == CODE + 20
+    advance(m.cpu, rax=0x77, rdx=0)
+    assert out_value_before(m.cpu) == 0x77
+    exit_ = m.cpu.run()
+    assert isinstance(exit_, MsrAccessExit) and exit_.is_write and exit_.value == 0x66_0000_0055
+    regs = m.cpu.get_regs()
+    assert (regs.rip, regs.rax, regs.rdx) == (CODE + 34, 0x55, 0x66)
+    advance(m.cpu)
+    run_to(m.cpu, ExitKind.HLT)
+
+
+def test_cpuid_and_msr_exits_after_the_instruction_stay_the_default(machines: list[Machine]) -> None:
+    m = boot(machines, CPUID_MSR_GUEST, intercept=["cpuid", "msr"])
+    exit_ = m.cpu.run()
+    assert isinstance(exit_, CpuidExit) and m.cpu.get_regs().rip == CODE + 9, "taken after the instruction"
+    exit_.eax, exit_.ebx = 0x1111, 0x2222
+    assert (out_value(m.cpu), out_value(m.cpu)) == (0x1111, 0x2222), "the next run writes the answer"
+    exit_ = m.cpu.run()
+    assert isinstance(exit_, MsrAccessExit) and m.cpu.get_regs().rip == CODE + 22
+    exit_.value = 0x33
+    assert out_value(m.cpu) == 0x33
 
 
 def test_unknown_intercepts_are_refused() -> None:

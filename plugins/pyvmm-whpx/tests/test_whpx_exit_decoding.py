@@ -1,5 +1,6 @@
-"""Exit reasons the model never produces (the extended exits are not enabled
-there, APIC and feature exits need a real hypervisor): the plugin's decoding of
+"""Exit reasons the model never produces (exception and RDTSC exits are not
+modelled, APIC and feature exits need a real hypervisor; CPUID and MSR exits
+are also run on the model in ``test_whpx_extended_exits.py``): the plugin's decoding of
 each, from a ``WHV_RUN_VP_EXIT_CONTEXT`` packed here with :mod:`struct` at the
 header's offsets, and the completion of CPUID and MSR exits (registers written
 and RIP moved past the instruction, through the model's register calls)."""

@@ -126,10 +126,10 @@ def test_a_property_the_header_defines_but_the_model_does_not_know_is_a_gap(code
         model.set_partition_property(handle, code, ctypes.addressof(value), 32)
 
 
-@pytest.mark.parametrize(("code", "value"), [(0x1004, bytes(32)), (0x0004, b"\x01")])
+@pytest.mark.parametrize(("code", "value"), [(0x0001, struct.pack("<Q", 1 << 2)), (0x0004, b"\x01")])
 def test_a_property_whose_effect_the_engine_cannot_show_is_a_gap(code: int, value: bytes) -> None:
-    """CpuidResultList changes what CPUID answers and NestedVirtualization what
-    VMX instructions do; the software CPU would silently do neither."""
+    """ExtendedVmExits.ExceptionExit makes exceptions exits and NestedVirtualization
+    changes what VMX instructions do; the software CPU would silently do neither."""
     model = WhpxModel()
     handle = new_partition(model, setup=False)
     buffer = ctypes.create_string_buffer(value, 32)

@@ -75,7 +75,11 @@ What it models
   as KVM and HAXM do.  ``exit_timing="before"`` stops *before* the instruction
   (WHPX's timing): the exit carries the instruction bytes, the GVA and the
   GPA, and the VMM finishes the access itself -- :mod:`pyvmm.softcpu.x86_emulate`
-  computes the registers after it -- and advances RIP.
+  computes the registers after it -- and advances RIP.  Intercepted CPUID and
+  RDMSR/WRMSR exit before the instruction too: registers unchanged, a
+  ``CpuidExit`` carrying unicorn's own answer as the default (the instruction
+  is executed for it and rolled back), an ``MsrAccessExit`` the index and, for
+  a write, the value; the VMM writes the results and moves RIP.
 * **aarch64 GICv3** (:mod:`pyvmm.softcpu.gic`): a distributor, a redistributor
   per vCPU, the CPU interface through the ICC system registers and the virtual
   timer on PPI 27; IRQs enter the guest through VBAR_EL1.

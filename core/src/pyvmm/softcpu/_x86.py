@@ -227,6 +227,9 @@ class X86Isa(Isa):
         self._msr = MsrAccessExit()
         self._rdtsc = RdtscExit()
         self._rdtsc_hooks: tuple[_uc.InstructionHook, ...] = ()
+        #: With exits before the instruction: RIP, RAX, RBX, RCX, RDX as they were
+        #: when the CPUID hook let unicorn compute its default answer.
+        self._cpuid_before: tuple[int, ...] | None = None
         self._isa_exit: VcpuExit | None = None
         self._awaiting: VcpuExit | None = None
         #: Port and MMIO exits before the instruction (SoftCpu's ``exit_timing``).
@@ -641,6 +644,7 @@ class X86Isa(Isa):
     def before_slice(self) -> None:
         # An access recorded by a slice that then faulted never became an exit.
         self._current = None
+        self._cpuid_before = None
         if self._iret_hook is not None and not self._nmi_masked:
             self.uc.hook_del(self._iret_hook)
             self._iret_hook = None
@@ -929,7 +933,18 @@ class X86Isa(Isa):
         exit_.index = self._read(self.c.UC_X86_REG_RCX) & 0xFFFFFFFF
         exit_.eax = exit_.ebx = exit_.ecx = exit_.edx = 0
         self._isa_stop(exit_)
+        if self.exits_before:
+            # The exit carries the CPU model's own answer (WHPX's DefaultResult*),
+            # which only executing the instruction computes: it runs, and
+            # isa_exit() takes the answer and puts the registers and RIP back.
+            ids = self._cpuid_ids()
+            self._cpuid_before = tuple(self._read(reg) for reg in ids)
+            return 0
         return 1  # skipped: the VMM's answer goes in on the next run
+
+    def _cpuid_ids(self) -> tuple[int, ...]:
+        c = self.c
+        return (c.UC_X86_REG_RIP, c.UC_X86_REG_RAX, c.UC_X86_REG_RBX, c.UC_X86_REG_RCX, c.UC_X86_REG_RDX)
 
     def _on_rdtsc(self, *, rdtscp: bool) -> bool:
         exit_ = self._rdtsc
@@ -955,13 +970,20 @@ class X86Isa(Isa):
         high, low = self._read(c.UC_X86_REG_RDX) & 0xFFFFFFFF, self._read(c.UC_X86_REG_RAX) & 0xFFFFFFFF
         exit_.value = high << 32 | low if exit_.is_write else 0
         exit_.error = False
-        # Skip the instruction (a PC written in a hook restarts there): the
-        # access is complete, as the VMM answers it, on the next run.
-        self.regs.write(self.rip_id, self.pc() + 2)
+        # A PC written in a hook restarts there.  After: skip the instruction,
+        # the access is complete, as the VMM answers it, on the next run.
+        # Before: restart on it, so the stop lands before it executes.
+        self.regs.write(self.rip_id, self.pc() + (0 if self.exits_before else 2))
         self._isa_stop(exit_)
 
     def isa_exit(self) -> VcpuExit | None:
         exit_, self._isa_exit = self._isa_exit, None
+        before, self._cpuid_before = self._cpuid_before, None
+        if before is not None and exit_ is self._cpuid:
+            ids = self._cpuid_ids()
+            exit_.eax, exit_.ebx, exit_.ecx, exit_.edx = (self._read(reg) & 0xFFFFFFFF for reg in ids[1:])
+            for reg, value in zip(ids, before, strict=True):
+                self.regs.write(reg, value)
         self._awaiting = exit_
         return exit_
 
@@ -970,6 +992,8 @@ class X86Isa(Isa):
             return False
         self._awaiting = None
         c = self.c
+        if self.exits_before and last in (self._cpuid, self._msr):
+            return True  # the VMM wrote the registers and moved RIP itself
         if last is self._cpuid:
             for reg, value in (
                 (c.UC_X86_REG_RAX, last.eax),

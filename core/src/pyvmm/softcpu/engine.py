@@ -47,14 +47,19 @@ _MAX_IDLE_SLICES = 4
 #: What ``SoftCpu(intercept=...)`` can turn into exits (x86_64): CPUID as a
 #: :class:`~pyvmm.exits.CpuidExit`, RDMSR/WRMSR as a
 #: :class:`~pyvmm.exits.MsrAccessExit`, RDTSC/RDTSCP as a
-#: :class:`~pyvmm.softcpu.exits.RdtscExit`, all completed on the next run.
+#: :class:`~pyvmm.softcpu.exits.RdtscExit`, all completed on the next run --
+#: except CPUID and RDMSR/WRMSR with ``exit_timing="before"`` (see there).
 INTERCEPTS = frozenset({"cpuid", "msr", "rdtsc"})
 
 #: ``SoftCpu(exit_timing=...)``: when an MMIO or port access exits.  ``"after"``
 #: the access (KVM, HAXM): the next run completes it.  ``"before"`` the
 #: instruction (WHPX): the exit carries the instruction's bytes (and an MMIO
 #: exit the GVA), RIP stays on it, and the VMM completes it itself -- see
-#: :mod:`pyvmm.softcpu.x86_emulate`.  x86_64 only.
+#: :mod:`pyvmm.softcpu.x86_emulate`.  The same holds for intercepted CPUID
+#: and RDMSR/WRMSR: RIP on the instruction, registers as before it (a CPUID
+#: exit's ``eax``..``edx`` hold the CPU model's own answer, WHPX's default
+#: result), and the VMM writes the results and moves RIP past it.  RDTSC exits
+#: stay after the instruction.  x86_64 only.
 EXIT_TIMINGS = frozenset({"after", "before"})
 
 
@@ -150,8 +155,11 @@ class SoftCpu:
         (``"cpuid"``, ``"msr"``, ``"rdtsc"``) instead of being answered by
         unicorn's CPU model -- the exit is taken after the instruction and the
         VMM's answer (``CpuidExit.eax``.., ``MsrAccessExit.value``/``error``,
-        ``RdtscExit.tsc``/``aux``) goes in on the next run.  ``"msr"`` looks at every instruction (unicorn cannot hook
-        RDMSR/WRMSR), so it is slow.
+        ``RdtscExit.tsc``/``aux``) goes in on the next run; with
+        ``exit_timing="before"`` CPUID and MSR exits come before the
+        instruction instead.  ``"msr"`` looks at every instruction (unicorn
+        2.1 cannot hook RDMSR/WRMSR), so it is slow, and sees only RDMSR/WRMSR
+        without prefixes.
     :param exit_timing: x86_64: ``"after"`` (default) or ``"before"``, see
         :data:`EXIT_TIMINGS`.
     :param string_batch: x86_64 with exits after the access: the most bytes

@@ -3,7 +3,8 @@
 It answers the exports pyvmm-whpx calls as Microsoft documents them, runs each
 virtual processor on pyvmm's x86 software CPU with WHPX's exit timing
 (``exit_timing="before"``: port and MMIO exits before the instruction, with its
-bytes, length, GVA and GPA), and emulates instructions for
+bytes, length, GVA and GPA; with ``ExtendedVmExits``, CPUID and MSR exits before
+the instruction with their access contexts), and emulates instructions for
 ``WHvEmulatorTry*Emulation`` by calling back into the plugin through the
 callbacks it registered -- registers, GVA translation, port and memory
 accesses all go through the plugin, as with the real emulator.
@@ -18,9 +19,11 @@ for that kind of error (``E_INVALIDARG``) or the winerror.h ``WHV_E_*`` whose
 name states the constraint.  What the model cannot answer faithfully raises
 :class:`~pyvmm.testing.driver_model.ModelGap`:
 
-* ``LocalApicEmulationMode`` other than None, CPUID/MSR/exception extended
-  exits (the software CPU reports CPUID and MSR accesses *after* the
-  instruction; WHPX before), and RDTSC exits (the engine has none);
+* ``LocalApicEmulationMode`` other than None, extended exits other than CPUID
+  and MSR accesses (exception, RDTSC, APIC and hypercall exits),
+  ``ExtendedVmExits`` changed once a virtual processor exists, a nonempty
+  ``CpuidExitList`` with CPUID exits on, and a CPUID of a ``CpuidResultList``
+  leaf with CPUID exits on (which leaves exit then is not documented);
 * an injected interruption the vCPU cannot take when it runs, an NMI made
   pending while NMIs are blocked (WHPX's answers are not documented), pending
   exceptions, and NMI deliverability notifications;
@@ -44,12 +47,14 @@ from typing import Any
 from pyvmm.arch.x86_64 import DescriptorTable, Regs, Segment, Sregs
 from pyvmm.errors import ErrorSpace
 from pyvmm.exits import (
+    CpuidExit,
     HltExit,
     InternalErrorExit,
     InterruptedExit,
     IoExit,
     IrqWindowOpenExit,
     MmioExit,
+    MsrAccessExit,
     ShutdownExit,
     VcpuExit,
 )
@@ -256,6 +261,11 @@ _PROPERTIES_ANY_TIME = {0x0001, 0x0002, 0x0005, 0x1003}
 _MAP_READ, _MAP_WRITE, _MAP_TRACK_DIRTY = 0x1, 0x2, 0x8
 _EXIT_MEMORY, _EXIT_IO, _EXIT_UNRECOVERABLE = 0x1, 0x2, 0x4
 _EXIT_WINDOW, _EXIT_HALT, _EXIT_CANCELED = 0x7, 0x8, 0x2001
+_EXIT_MSR, _EXIT_CPUID = 0x1000, 0x1001
+#: WHV_EXTENDED_VM_EXITS: X64CpuidExit is bit 0, X64MsrExit bit 1 (WinHvPlatformDefs.h);
+#: the other bits (exception, RDTSC, APIC, hypercall exits) the model cannot give.
+_X64_CPUID_EXIT, _X64_MSR_EXIT = 1 << 0, 1 << 1
+_EXTENDED_EXITS_MODELLED = _X64_CPUID_EXIT | _X64_MSR_EXIT
 _GPRS = ("rax", "rcx", "rdx", "rbx", "rsp", "rbp", "rsi", "rdi",
          "r8", "r9", "r10", "r11", "r12", "r13", "r14", "r15")  # fmt: skip
 _REG_RIP, _REG_RFLAGS = 0x10, 0x11
@@ -271,6 +281,12 @@ _SEGMENT = struct.Struct("<QIHH")
 _VP_CONTEXT = struct.Struct("<HBBI16sQQ")
 _IO_CONTEXT = struct.Struct("<B3x16sIH6xQQQQ16s16s")
 _MEMORY_CONTEXT = struct.Struct("<B3x16sIQQ")
+#: WHV_X64_CPUID_ACCESS_CONTEXT: Rax, Rcx, Rdx, Rbx, then DefaultResultRax, -Rcx, -Rdx, -Rbx.
+_CPUID_CONTEXT = struct.Struct("<8Q")
+#: WHV_X64_MSR_ACCESS_CONTEXT: AccessInfo (IsWrite is bit 0), MsrNumber, Rax, Rdx.
+_MSR_CONTEXT = struct.Struct("<IIQQ")
+#: WHV_X64_CPUID_RESULT: Function, Reserved[3], Eax, Ebx, Ecx, Edx.
+_CPUID_RESULT = struct.Struct("<I12xIIII")
 
 
 class CallbackFailed(Exception):
@@ -359,6 +375,10 @@ class ModelPartition:
     set_up: bool = False
     processor_count: int | None = None
     properties: dict[int, bytes] = field(default_factory=dict)
+    extended_exits: int = 0
+    cpuid_exit_list: bool = False
+    #: CpuidResultList: Function -> (Eax, Ebx, Ecx, Edx).
+    cpuid_results: dict[int, tuple[int, int, int, int]] = field(default_factory=dict)
     mappings: list[Mapping] = field(default_factory=list)
     vps: dict[int, ModelVp] = field(default_factory=dict)
     doorbells: list[Doorbell] = field(default_factory=list)
@@ -377,12 +397,16 @@ class WhpxModel(DllModel):
     """Both WHPX DLLs, as one :class:`~pyvmm.testing.driver_model.DllModel`.
 
     :param dirty_tracking: whether ``Features.DirtyPageTracking`` is offered.
+    :param extended_exits: whether the CPUID and MSR exits are offered (``ExtendedVmExits``).
     :param missing: exports this "Windows build" lacks.
     """
 
-    def __init__(self, *, dirty_tracking: bool = True, missing: frozenset[str] = frozenset()) -> None:
+    def __init__(
+        self, *, dirty_tracking: bool = True, extended_exits: bool = True, missing: frozenset[str] = frozenset()
+    ) -> None:
         super().__init__()
         self.features = _FEATURE_DIRTY_PAGE_TRACKING if dirty_tracking else 0
+        self.extended_exits = _EXTENDED_EXITS_MODELLED if extended_exits else 0
         self.missing = missing
         self.partitions: dict[int, ModelPartition] = {}
         self.emulators: dict[int, ModelEmulator] = {}
@@ -441,7 +465,7 @@ class WhpxModel(DllModel):
         answers = {
             0x0000: struct.pack("<I", 1),  # HypervisorPresent
             0x0001: struct.pack("<Q", self.features),  # Features
-            0x0002: struct.pack("<Q", 0),  # ExtendedVmExits: none the model can give
+            0x0002: struct.pack("<Q", self.extended_exits),  # ExtendedVmExits: CPUID and MSR exits
             0x1000: struct.pack("<I", 1),  # ProcessorVendor: Intel
         }
         answer = answers.get(int(code))
@@ -474,18 +498,50 @@ class WhpxModel(DllModel):
         if code not in _PROPERTIES_SETUP_ONLY | _PROPERTIES_ANY_TIME:  # behaviour: unmodelled-property
             raise self.not_modelled(f"partition property {code:#x} (its effect on the guest)")
         value = self.copy_from_user(pointer_value(buffer), int(size))
-        if code == 0x1004 and size:
-            raise self.not_modelled("CpuidResultList (the software CPU answers CPUID itself)")
+        if code == 0x1004:
+            partition.cpuid_results = self._cpuid_result_list(value)
+        elif code == 0x1003:
+            self._set_cpuid_exit_list(partition, value)
         if code == 0x0004 and any(value):
             raise self.not_modelled("nested virtualization")
         if code == 0x1FFF:
             partition.processor_count = struct.unpack_from("<I", value)[0]
-        elif code == 0x0001 and struct.unpack_from("<Q", value)[0]:
-            raise self.not_modelled("extended VM exits (CPUID, MSR, exception exits before the instruction)")
+        elif code == 0x0001:
+            self._set_extended_exits(partition, struct.unpack_from("<Q", value)[0])
         elif code == 0x1005 and struct.unpack_from("<I", value)[0]:
             raise self.not_modelled("local APIC emulation")
         partition.properties[code] = value
         return 0
+
+    def _set_extended_exits(self, partition: ModelPartition, bits: int) -> None:
+        """ExtendedVmExits: the operations that end WHvRunVirtualProcessor with an
+        exit of their own (funcs/WHvPartitionPropertyDataTypes.md, Remarks); CPUID and
+        MSR exits "are only generated if they are enabled" so (CPUIDAccess.md,
+        MSRAccess.md)."""
+        if bits & ~self.extended_exits:
+            raise self.not_modelled(f"extended VM exits {bits:#x} beyond those offered ({self.extended_exits:#x})")
+        if partition.vps and bits != partition.extended_exits:
+            raise self.not_modelled(
+                "ExtendedVmExits changed while virtual processors exist (their intercepts are fixed)"
+            )
+        if bits & _X64_CPUID_EXIT and partition.cpuid_exit_list:
+            raise self.not_modelled("CPUID exits with a CpuidExitList (which leaves exit then is not documented)")
+        partition.extended_exits = bits
+
+    def _set_cpuid_exit_list(self, partition: ModelPartition, value: bytes) -> None:
+        listed = any(value)
+        if listed and partition.extended_exits & _X64_CPUID_EXIT:
+            raise self.not_modelled("a CpuidExitList with CPUID exits on (which leaves exit then is not documented)")
+        partition.cpuid_exit_list = listed
+
+    def _cpuid_result_list(self, value: bytes) -> dict[int, tuple[int, int, int, int]]:
+        """CpuidResultList: WHV_X64_CPUID_RESULT elements (funcs/WHvPartitionPropertyDataTypes.md)."""
+        if len(value) % _CPUID_RESULT.size:
+            raise self.not_modelled(f"a CpuidResultList of {len(value)} bytes (not whole WHV_X64_CPUID_RESULTs)")
+        results: dict[int, tuple[int, int, int, int]] = {}
+        for function, *registers in _CPUID_RESULT.iter_unpack(value):
+            results[function] = (registers[0], registers[1], registers[2], registers[3])
+        return results
 
     @exported("WHvSetupPartition")
     def setup_partition(self, handle: Any) -> int:
@@ -603,7 +659,10 @@ class WhpxModel(DllModel):
             raise RuleViolation(R_VP_EXISTS, f"VpIndex {index}")
         from pyvmm.softcpu import SoftCpu
 
-        engine = SoftCpu("x86_64", exit_timing="before")
+        # CPUID is intercepted for CPUID exits and to answer CpuidResultList leaves.
+        intercept = {"cpuid"} if partition.extended_exits & _X64_CPUID_EXIT or partition.cpuid_results else set()
+        intercept |= {"msr"} if partition.extended_exits & _X64_MSR_EXIT else set()
+        engine = SoftCpu("x86_64", exit_timing="before", intercept=intercept)
         try:
             # The architectural reset state: real mode, CS F000 base FFFF0000, RIP FFF0.
             engine.set_sregs(Sregs())  # behaviour: reset-state
@@ -645,7 +704,9 @@ class WhpxModel(DllModel):
         vp.running_thread = threading.get_ident()
         try:
             exit_ = vp.engine.run()
-            while isinstance(exit_, MmioExit) and self._ring_doorbell(partition, vp, exit_):
+            while (isinstance(exit_, MmioExit) and self._ring_doorbell(partition, vp, exit_)) or (
+                isinstance(exit_, CpuidExit) and self._answer_cpuid(partition, vp, exit_)
+            ):
                 exit_ = vp.engine.run()
         finally:
             vp.running_thread = None
@@ -671,9 +732,39 @@ class WhpxModel(DllModel):
                 return True
         return False
 
+    def _answer_cpuid(self, partition: ModelPartition, vp: ModelVp, exit_: CpuidExit) -> bool:
+        """A CPUID without a CPUID exit: the hypervisor's own answer, "based on the
+        partition properties" (CPUIDAccess.md, DefaultResult*) -- a CpuidResultList
+        element for its Function (any subleaf: the element has none), else the
+        CPU's.  The vCPU goes on past the instruction."""
+        listed = partition.cpuid_results.get(exit_.function)
+        exits = partition.extended_exits & _X64_CPUID_EXIT
+        if exits and listed is not None:
+            raise self.not_modelled(f"CPUID {exit_.function:#x}, in CpuidResultList, with CPUID exits on")
+        if exits:  # behaviour: cpuid-exit
+            return False
+        answer = (exit_.eax, exit_.ebx, exit_.ecx, exit_.edx)
+        if listed is not None:  # behaviour: cpuid-result-list
+            answer = listed
+        engine = vp.engine
+        regs = engine.get_regs()
+        eax, ebx, ecx, edx = answer
+        length = self._cpuid_or_msr_length(engine)
+        engine.set_regs(replace(regs, rax=eax, rbx=ebx, rcx=ecx, rdx=edx, rip=regs.rip + length))
+        return True
+
+    @staticmethod
+    def _cpuid_or_msr_length(engine: Any) -> int:
+        """CPUID, RDMSR and WRMSR are 0F xx after their prefixes."""
+        linear = (engine.get_sregs().cs.base + engine.get_regs().rip) & ((1 << 64) - 1)
+        code = engine.read_virtual(linear, 15) or b""
+        prefixes = code.find(b"\x0f")
+        return (prefixes if prefixes >= 0 else 0) + 2
+
     def _exit_context(self, vp: ModelVp, exit_: VcpuExit) -> bytes:
         engine = vp.engine
         instruction = b""
+        length: int | None = None  # of an instruction whose bytes the context does not carry
         body = b""
         if isinstance(exit_, IoExit):
             reason = _EXIT_IO
@@ -687,6 +778,21 @@ class WhpxModel(DllModel):
             body = _MEMORY_CONTEXT.pack(
                 len(instruction), instruction.ljust(16, b"\0"), info, exit_.address, exit_.gva or 0
             )
+        elif isinstance(exit_, CpuidExit):
+            # Before the instruction: the registers it reads, and the answer the
+            # hypervisor would give (CPUIDAccess.md).
+            reason = _EXIT_CPUID
+            length = self._cpuid_or_msr_length(engine)
+            regs = engine.get_regs()
+            body = _CPUID_CONTEXT.pack(
+                regs.rax, regs.rcx, regs.rdx, regs.rbx, exit_.eax, exit_.ecx, exit_.edx, exit_.ebx
+            )
+        elif isinstance(exit_, MsrAccessExit):
+            # Before the instruction: its MSR, direction and EDX:EAX (MSRAccess.md).
+            reason = _EXIT_MSR
+            length = self._cpuid_or_msr_length(engine)
+            regs = engine.get_regs()
+            body = _MSR_CONTEXT.pack(int(exit_.is_write), exit_.index, regs.rax, regs.rdx)  # behaviour: msr-exit
         elif isinstance(exit_, HltExit):
             reason = _EXIT_HALT
         elif isinstance(exit_, InterruptedExit):
@@ -701,7 +807,7 @@ class WhpxModel(DllModel):
             reason, body = _EXIT_MEMORY, self._unbacked_fetch(engine, exit_)
         else:
             raise self.not_modelled(f"the exit {type(exit_).__name__}")
-        head = struct.pack("<II", reason, 0) + self._vp_context(engine, len(instruction))
+        head = struct.pack("<II", reason, 0) + self._vp_context(engine, len(instruction) if length is None else length)
         return (head + body).ljust(EXIT_CONTEXT_SIZE, b"\0")
 
     def _unbacked_fetch(self, engine: Any, exit_: InternalErrorExit) -> bytes:

@@ -22,7 +22,8 @@ from pyvmm_whpx.vm import WhpxVm
 
 #: What this backend does; DIRTY_LOG is withdrawn by the probe on a Windows
 #: without dirty-page tracking.  IOEVENTS are withdrawn without the doorbell exports.  Not (yet): the
-#: local APIC emulation (IRQCHIP/MSI), VCPU_EVENTS, MSRs/CPUID tables, XSAVE/FPU state.
+#: local APIC emulation (IRQCHIP/MSI), VCPU_EVENTS, MSRs/CPUID tables, XSAVE/FPU state.  CPUID and
+#: MSR *exits* are backend options (pyvmm_whpx.options), not the CPUID/MSRS table hooks.
 CAPABILITIES = (
     Capability.USER_MEMORY,
     Capability.IMMEDIATE_EXIT,

@@ -272,6 +272,14 @@ class WhpxVcpu:
         if awaiting == _CPUID:
             c = self._cpuid
             self._set_and_advance({0: c.eax, 3: c.ebx, 1: c.ecx, 2: c.edx})
+        elif awaiting == _MSR and self._msr.error:
+            # WHPX leaves the #GP to the VMM (a pending exception), which this
+            # backend does not inject: refuse rather than complete the access.
+            # RIP is still on the instruction, so the next run exits on it again.
+            raise ConfigError(
+                f"MsrAccessExit.error for MSR {self._msr.index:#x}: the whpx backend cannot inject the #GP "
+                "a refused MSR access needs; answer it instead"
+            )
         elif awaiting == _MSR and not self._msr.is_write:
             value = self._msr.value
             self._set_and_advance({0: value & 0xFFFF_FFFF, 2: value >> 32})

@@ -3,7 +3,8 @@
 Lifecycle (Microsoft, ``WHvCreatePartition`` / ``WHvSetupPartition``):
 ``WHvCreatePartition`` makes only the partition *object*; its setup-time
 properties (the processor count, the extended exits) are set with
-``WHvSetPartitionProperty``; ``WHvSetupPartition`` then creates the partition
+``WHvSetPartitionProperty`` (:mod:`pyvmm_whpx.options` says which
+``backend_options`` ask for which); ``WHvSetupPartition`` then creates the partition
 in the hypervisor, after which memory is mapped and virtual processors are
 created.  :meth:`WhpxVm.create` does all of that, and deletes the partition
 again if any step fails, so a failed create leaves nothing behind.
@@ -24,6 +25,7 @@ from pyvmm_whpx import bindings as w
 from pyvmm_whpx.bindings import address, ffi
 from pyvmm_whpx.bindings import address as address_of
 from pyvmm_whpx.host import HOST
+from pyvmm_whpx.options import parse as parse_options
 from pyvmm_whpx.system import Platform, query
 
 
@@ -35,20 +37,22 @@ class WhpxVm:
         """``pyvmm_create_vm``."""
         if config.arch is not Arch.X86_64:
             raise ConfigError(f"arch: WHPX runs x86_64 guests here, not {config.arch.value}")
-        if config.backend_options:
-            raise ConfigError(
-                f"backend_options: unknown option(s) {', '.join(sorted(config.backend_options))} "
-                "(the whpx backend has none)"
-            )
         host = HOST.current()
         found = query(host)
         if not found.hypervisor_present:
             raise ConfigError("the Windows Hypervisor Platform reports no hypervisor (HypervisorPresent is FALSE)")
+        options = parse_options(config.backend_options, found.extended_exits)
         slot = ffi.new("void **")
         host.call_hresult("WHvCreatePartition", address(slot))
         handle = int(ffi.cast("uintptr_t", slot[0]))
         try:
             set_property(host, handle, w.PROPERTY_PROCESSOR_COUNT, struct.pack("<I", config.vcpus))
+            # Both before setup: CpuidResultList may only be set then, and the
+            # exits are wanted from the first instruction.
+            if options.extended_exits:
+                set_property(host, handle, w.PROPERTY_EXTENDED_VM_EXITS, struct.pack("<Q", options.extended_exits))
+            if options.cpuid_results:
+                set_property(host, handle, w.PROPERTY_CPUID_RESULT_LIST, options.cpuid_result_list())
             host.call_hresult("WHvSetupPartition", handle)
         except BaseException:
             host.call_hresult("WHvDeletePartition", handle)
