@@ -234,6 +234,8 @@ class X86Isa(Isa):
         self._awaiting: VcpuExit | None = None
         #: Port and MMIO exits before the instruction (SoftCpu's ``exit_timing``).
         self.exits_before = False
+        #: Intercepted CPUID and RDMSR/WRMSR before the instruction (``intercept_timing``).
+        self.intercepts_before = False
         #: Most bytes of one INS/OUTS exit; 0: an item per exit (SoftCpu's ``string_batch``).
         self.string_batch = 0
         self._string_io = StringIoExit()
@@ -933,7 +935,7 @@ class X86Isa(Isa):
         exit_.index = self._read(self.c.UC_X86_REG_RCX) & 0xFFFFFFFF
         exit_.eax = exit_.ebx = exit_.ecx = exit_.edx = 0
         self._isa_stop(exit_)
-        if self.exits_before:
+        if self.intercepts_before:
             # The exit carries the CPU model's own answer (WHPX's DefaultResult*),
             # which only executing the instruction computes: it runs, and
             # isa_exit() takes the answer and puts the registers and RIP back.
@@ -973,7 +975,7 @@ class X86Isa(Isa):
         # A PC written in a hook restarts there.  After: skip the instruction,
         # the access is complete, as the VMM answers it, on the next run.
         # Before: restart on it, so the stop lands before it executes.
-        self.regs.write(self.rip_id, self.pc() + (0 if self.exits_before else 2))
+        self.regs.write(self.rip_id, self.pc() + (0 if self.intercepts_before else 2))
         self._isa_stop(exit_)
 
     def isa_exit(self) -> VcpuExit | None:
@@ -992,7 +994,7 @@ class X86Isa(Isa):
             return False
         self._awaiting = None
         c = self.c
-        if self.exits_before and last in (self._cpuid, self._msr):
+        if self.intercepts_before and last in (self._cpuid, self._msr):
             return True  # the VMM wrote the registers and moved RIP itself
         if last is self._cpuid:
             for reg, value in (

@@ -48,18 +48,24 @@ _MAX_IDLE_SLICES = 4
 #: :class:`~pyvmm.exits.CpuidExit`, RDMSR/WRMSR as a
 #: :class:`~pyvmm.exits.MsrAccessExit`, RDTSC/RDTSCP as a
 #: :class:`~pyvmm.softcpu.exits.RdtscExit`, all completed on the next run --
-#: except CPUID and RDMSR/WRMSR with ``exit_timing="before"`` (see there).
+#: except CPUID and RDMSR/WRMSR with ``intercept_timing="before"`` (see there).
 INTERCEPTS = frozenset({"cpuid", "msr", "rdtsc"})
 
 #: ``SoftCpu(exit_timing=...)``: when an MMIO or port access exits.  ``"after"``
 #: the access (KVM, HAXM): the next run completes it.  ``"before"`` the
 #: instruction (WHPX): the exit carries the instruction's bytes (and an MMIO
 #: exit the GVA), RIP stays on it, and the VMM completes it itself -- see
-#: :mod:`pyvmm.softcpu.x86_emulate`.  The same holds for intercepted CPUID
-#: and RDMSR/WRMSR: RIP on the instruction, registers as before it (a CPUID
-#: exit's ``eax``..``edx`` hold the CPU model's own answer, WHPX's default
-#: result), and the VMM writes the results and moves RIP past it.  RDTSC exits
-#: stay after the instruction.  x86_64 only.
+#: :mod:`pyvmm.softcpu.x86_emulate`.  x86_64 only.
+#:
+#: ``SoftCpu(intercept_timing=...)`` is the same choice for intercepted CPUID
+#: and RDMSR/WRMSR.  ``"after"``: the VMM fills the exit (``CpuidExit.eax``..,
+#: ``MsrAccessExit.value``) and the next run completes it -- pyvmm's exit
+#: contract, what a backend hands its users.  ``"before"`` (WHPX's
+#: extended exits, for a model of them): RIP on the instruction, registers as
+#: before it (a CPUID exit's ``eax``..``edx`` hold the CPU model's own answer,
+#: WHPX's default result), and the VMM writes the results and moves RIP past
+#: it; an exit whose RIP was not moved comes again.  RDTSC exits stay after the
+#: instruction.
 EXIT_TIMINGS = frozenset({"after", "before"})
 
 
@@ -156,12 +162,14 @@ class SoftCpu:
         unicorn's CPU model -- the exit is taken after the instruction and the
         VMM's answer (``CpuidExit.eax``.., ``MsrAccessExit.value``/``error``,
         ``RdtscExit.tsc``/``aux``) goes in on the next run; with
-        ``exit_timing="before"`` CPUID and MSR exits come before the
+        ``intercept_timing="before"`` CPUID and MSR exits come before the
         instruction instead.  ``"msr"`` looks at every instruction (unicorn
         2.1 cannot hook RDMSR/WRMSR), so it is slow, and sees only RDMSR/WRMSR
         without prefixes.
     :param exit_timing: x86_64: ``"after"`` (default) or ``"before"``, see
         :data:`EXIT_TIMINGS`.
+    :param intercept_timing: x86_64: the same for intercepted CPUID and
+        RDMSR/WRMSR, see :data:`EXIT_TIMINGS`.
     :param string_batch: x86_64 with exits after the access: the most bytes
         one ``INS``/``OUTS`` exit carries.  0 (default): one item per exit, a
         plain :class:`~pyvmm.exits.IoExit`.  Above 0: a
@@ -180,6 +188,7 @@ class SoftCpu:
         intercept: Iterable[str] = (),
         exit_timing: str = "after",
         string_batch: int = 0,
+        intercept_timing: str = "after",
     ) -> None:
         self.arch = Arch(arch)
         wanted = frozenset(intercept)
@@ -191,6 +200,11 @@ class SoftCpu:
             raise ConfigError(
                 f"softcpu: exit_timing {exit_timing!r}: one of {sorted(EXIT_TIMINGS)}, and 'before' for x86_64 only"
             )
+        if intercept_timing not in EXIT_TIMINGS or (intercept_timing == "before" and self.arch is not Arch.X86_64):
+            raise ConfigError(
+                f"softcpu: intercept_timing {intercept_timing!r}: one of {sorted(EXIT_TIMINGS)}, "
+                "and 'before' for x86_64 only"
+            )
         if isinstance(string_batch, bool) or not isinstance(string_batch, int) or string_batch < 0:
             raise ConfigError(f"softcpu: string_batch {string_batch!r}: a byte count, 0 or more")
         if string_batch and (self.arch is not Arch.X86_64 or exit_timing != "after"):
@@ -200,6 +214,8 @@ class SoftCpu:
             )
         #: True: MMIO and port exits come before the instruction (WHPX).
         self.exits_before = exit_timing == "before"
+        #: True: intercepted CPUID and RDMSR/WRMSR exit before the instruction (WHPX).
+        self.intercepts_before = intercept_timing == "before"
         uc = _uc.unicorn()
         self._u = uc
         self._closed = False
@@ -247,6 +263,7 @@ class SoftCpu:
             x86 = X86Isa(_Link(self), uc, self._uc)
             x86.intercept = wanted
             x86.exits_before = self.exits_before
+            x86.intercepts_before = self.intercepts_before
             x86.string_batch = string_batch
             self._isa: Isa = x86
         else:

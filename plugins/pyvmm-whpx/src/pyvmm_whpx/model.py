@@ -662,7 +662,7 @@ class WhpxModel(DllModel):
         # CPUID is intercepted for CPUID exits and to answer CpuidResultList leaves.
         intercept = {"cpuid"} if partition.extended_exits & _X64_CPUID_EXIT or partition.cpuid_results else set()
         intercept |= {"msr"} if partition.extended_exits & _X64_MSR_EXIT else set()
-        engine = SoftCpu("x86_64", exit_timing="before", intercept=intercept)
+        engine = SoftCpu("x86_64", exit_timing="before", intercept=intercept, intercept_timing="before")
         try:
             # The architectural reset state: real mode, CS F000 base FFFF0000, RIP FFF0.
             engine.set_sregs(Sregs())  # behaviour: reset-state
