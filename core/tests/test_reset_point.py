@@ -9,8 +9,9 @@ import pytest
 from coretests_support import MakeBackend
 
 from pyvmm.capabilities import Capability
-from pyvmm.errors import ConfigError, UnsupportedCapability
-from pyvmm.reset_point import ResetPoint, _runs
+from pyvmm.errors import ConfigError, UnsupportedCapability, VmStateError
+from pyvmm.exits import InterruptedExit
+from pyvmm.reset_point import ResetPoint, _runs, settle
 
 
 def _reference(bitmap: bytes) -> list[tuple[int, int]]:
@@ -68,3 +69,24 @@ def test_capture_needs_the_capabilities_and_logged_ram(make_backend: MakeBackend
         vm.add_memory(0, 0x10000)
         with pytest.raises(ConfigError, match=r"log_dirty=True; not: 0x0\+0x10000"):
             ResetPoint.capture(vm)
+
+
+def test_settle_kicks_each_vcpu_and_wants_it_to_stop_before_the_guest_runs(make_backend: MakeBackend) -> None:
+    """What a hypervisor left pending after the last exit (KVM completes an OUT
+    on the next KVM_RUN) is finished by a kicked run; a run that goes on into
+    the guest instead means the state cannot be taken as it stands."""
+    _, unkickable = make_backend((Capability.VCPU_REGISTERS,), name="unkickable")
+    with unkickable.create_vm() as vm:
+        vm.create_vcpu()
+        settle(vm)  # no IMMEDIATE_EXIT: nothing to finish, nothing run
+    recording, backend = make_backend((Capability.VCPU_REGISTERS, Capability.IMMEDIATE_EXIT), name="settling")
+    with backend.create_vm() as vm:
+        vm.create_vcpu()
+        recording.script_exits(InterruptedExit())
+        settle(vm)
+        assert [c for c in recording.calls if c[0] in ("pyvmm_kick_vcpu", "pyvmm_run_vcpu")][-2:] == [
+            ("pyvmm_kick_vcpu", 0),
+            ("pyvmm_run_vcpu", 0),
+        ]
+        with pytest.raises(VmStateError, match=r"vCPU 0: a kicked run should stop before the guest runs.*HLT"):
+            settle(vm)  # nothing scripted: the test backend's vCPU halts

@@ -111,7 +111,8 @@ AMD64 = Arch(
         ("arch/x86/kvm/kvm-amd.ko", ("nrips=0",)),
     ),
     modes=(KvmMode("amd", (), "kvm: Nested Paging enabled"),),
-    default_selection=("plugins/pyvmm-kvm/tests", "tools/testbed/guest_tests"),
+    # examples/fuzzing holds no tests: it is there for the KVM test that runs it.
+    default_selection=("plugins/pyvmm-kvm/tests", "tools/testbed/guest_tests", "examples/fuzzing"),
     anchor_packages=("qemu-system-x86",),
     guest_qemu="qemu-system-x86_64",
 )

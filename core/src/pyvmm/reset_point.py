@@ -45,7 +45,8 @@ from typing import Any
 from pyvmm.arch.x86_64 import MsrEntry, VcpuEvents
 from pyvmm.capabilities import Capability
 from pyvmm.config import PAGE_SIZE, Arch
-from pyvmm.errors import ConfigError, MsrAccessError
+from pyvmm.errors import ConfigError, MsrAccessError, VmStateError
+from pyvmm.exits import ExitKind
 from pyvmm.memory import RamRegion
 from pyvmm.vcpu_state import StateKind
 from pyvmm.vm import Vcpu, Vm
@@ -67,6 +68,35 @@ class _SavedVcpu:
     states: list[tuple[StateKind, Any]]
     events: VcpuEvents | None
     msrs: list[MsrEntry] | None = None
+
+
+def settle(vm: Vm) -> None:
+    """Let every vCPU of ``vm`` finish what its last exit left to the hypervisor,
+    without running guest code, before its state is read or written.
+
+    KVM completes a port or MMIO exit -- the RIP past an OUT, the data of an IN,
+    a string instruction's next item -- only on the next ``KVM_RUN``
+    (``Documentation/virt/kvm/api.rst``, ``KVM_EXIT_IO``: "userspace should ensure
+    that the operation is completed before performing a live migration ... with
+    the immediate_exit field set").  State read before that is mid-instruction: a
+    snapshot taken at an OUT exit restored the OUT and ran it twice, on upstream
+    KVM (this machine's software KVM advances RIP at the exit and hid it).  A kick
+    before a run is that re-entry: the run completes the pending operation and
+    returns interrupted.  A backend without ``IMMEDIATE_EXIT`` cannot be kicked:
+    its exits are taken as complete when they are reported.
+
+    :raises VmStateError: a vCPU ran into another exit instead of stopping.
+    """
+    if not vm.backend.supports(Capability.IMMEDIATE_EXIT):
+        return
+    for vcpu in vm.vcpus:
+        vcpu.kick()
+        exit_ = vcpu.run()
+        if exit_.kind is not ExitKind.INTERRUPTED:
+            raise VmStateError(
+                f"vCPU {vcpu.index}: a kicked run should stop before the guest runs, but it exited with "
+                f"{exit_.kind.name}: its state cannot be saved or restored consistently"
+            )
 
 
 def saves_msrs(vm: Vm) -> bool:
@@ -163,6 +193,7 @@ class ResetPoint:
         chosen = tuple(default_kinds(vm) if kinds is None else kinds)
         with_events = vm.backend.supports(Capability.VCPU_EVENTS) and vm.config.arch is Arch.X86_64
         msr_indices = vm.msr_index_list() if saves_msrs(vm) else None
+        settle(vm)
         saved_vcpus = [
             _SavedVcpu(
                 vcpu,
@@ -182,6 +213,8 @@ class ResetPoint:
         """Copy back every page written since the capture or the last reset, and
         set the saved registers again; the number of pages copied."""
         vm = self.vm
+        # What the last exit left pending lands now, in the dirty log, and is undone.
+        settle(vm)
         pages = 0
         vmm_dirty, self._vmm_dirty = self._vmm_dirty, {}
         for index, saved in enumerate(self._regions):
@@ -217,6 +250,7 @@ class ResetPoint:
         """Copy back the whole of guest RAM (and the registers), whatever the
         dirty log says: the full restore a dirty-page reset is measured against."""
         vm = self.vm
+        settle(vm)
         self._vmm_dirty = {}
         for saved in self._regions:
             vm.dirty_log(saved.region)

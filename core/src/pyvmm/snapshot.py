@@ -45,7 +45,7 @@ from pyvmm.arch import aarch64, x86_64
 from pyvmm.capabilities import Capability
 from pyvmm.config import PAGE_SIZE, Arch
 from pyvmm.errors import PyvmmError
-from pyvmm.reset_point import default_kinds, restorable_msrs, saves_msrs
+from pyvmm.reset_point import default_kinds, restorable_msrs, saves_msrs, settle
 from pyvmm.vcpu_state import StateKind
 from pyvmm.vm import Backend, Vm
 
@@ -112,6 +112,7 @@ def save(vm: Vm, path: str | os.PathLike[str], kinds: Sequence[StateKind] | None
     chosen = tuple(default_kinds(vm) if kinds is None else kinds)
     with_events = vm.backend.supports(Capability.VCPU_EVENTS) and vm.config.arch is Arch.X86_64
     msr_indices = vm.msr_index_list() if saves_msrs(vm) else None
+    settle(vm)  # no exit half-done in the hypervisor: the state read is whole
     regions = list(vm.memory)
     header = {
         "arch": vm.config.arch.value,

@@ -88,7 +88,12 @@ def test_a_full_ring_exits_and_loses_nothing(kvm: Backend) -> None:
         for _ in range(3):
             exit_ = vcpu.run()  # the write that found the ring full
             taken = vm.take_coalesced_io()
-            assert len(taken) == RING_ENTRIES - 1  # one entry always stays empty
+            # At most RING_ENTRIES - 1 (one entry always stays empty); upstream 6.1's
+            # coalesced_mmio_has_room computes (first - last - 1) % MAX in unsigned
+            # arithmetic and reads "full" early whenever first < last (85 entries
+            # from an empty ring at index 0 in the amd64 bed): when the exit comes is
+            # the kernel's, that nothing is lost or reordered is ours.
+            assert 0 < len(taken) <= RING_ENTRIES - 1
             seen += [w.data[0] for w in taken]
             assert exit_.kind is ExitKind.MMIO and exit_.is_write  # type: ignore[attr-defined]
             seen.append(exit_.data[0])  # type: ignore[attr-defined]
