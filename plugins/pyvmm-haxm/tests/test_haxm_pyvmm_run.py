@@ -5,7 +5,6 @@ pyvmm-haxm injects (HAXM has no interrupt controller of its own)."""
 
 from __future__ import annotations
 
-import struct
 from pathlib import Path
 from typing import Any
 
@@ -13,80 +12,10 @@ import pytest
 from conftest import make_backend
 
 from pyvmm import plugins
-from pyvmm.boot import X86Mode
 from pyvmm.cli import main
-from pyvmm.machine import GuestImage, Machine, MachineConfig, StopReason
-from pyvmm.testing.conformance import programs as p
-from pyvmm.testing.conformance.harness import interrupt_gate
+from pyvmm.machine import Machine, MachineConfig, StopReason
+from pyvmm.testing.guests import pit_ticks
 from pyvmm.testing.guests.multiboot_pic import EXPECTED_STATUS, multiboot_pic_kernel
-
-#: The 8259s at vectors 0x20/0x28 with only IRQ 0 open, PIT counter 0 at 100 Hz
-#: (mode 2, 11932 counts), the IDT's IDTR at 0x122000; sleep in hlt until the
-#: tick handler counted 5 at 0x124000, then exit 0x21 through port 0xf4.
-PIT_GUEST = p.GuestProgram(
-    "haxm_pit_ticks",
-    p.Arch.X86_64,
-    """
-    mov al, 0x11
-    out 0x20, al
-    out 0xa0, al
-    mov al, 0x20
-    out 0x21, al
-    mov al, 0x28
-    out 0xa1, al
-    mov al, 0x04
-    out 0x21, al
-    mov al, 0x02
-    out 0xa1, al
-    mov al, 0x01
-    out 0x21, al
-    out 0xa1, al
-    mov al, 0xfe
-    out 0x21, al
-    mov al, 0xff
-    out 0xa1, al
-    mov al, 0x34
-    out 0x43, al
-    mov al, 0x9c
-    out 0x40, al
-    mov al, 0x2e
-    out 0x40, al
-    lidt [0x122000]
-    sti
-1:  hlt
-    cmp dword ptr [0x124000], 5
-    jb 1b
-    mov eax, 0x21
-    out 0xf4, eax
-""",
-    bytes.fromhex(
-        "b011e620e6a0b020e621b028e6a1b004e621b002e6a1b001e621e6a1b0fee621b0ffe6a1b034e643b09ce640b02ee6400f011c"
-        "2500201200fbf4833c25004012000572f5b821000000e7f4"
-    ),
-)
-#: IRQ 0 at vector 0x20: count at 0x124000, non-specific EOI to the master 8259.
-TICK_HANDLER = p.GuestProgram(
-    "haxm_tick_handler",
-    p.Arch.X86_64,
-    """
-    push rax
-    inc dword ptr [0x124000]
-    mov al, 0x20
-    out 0x20, al
-    pop rax
-    iretq
-""",
-    bytes.fromhex("50ff042500401200b020e6205848cf"),
-)
-HANDLER, IDTR, IDT = 0x121000, 0x122000, 0x123000
-
-
-@pytest.mark.parametrize("program", [PIT_GUEST, TICK_HANDLER], ids=lambda g: g.name)
-def test_guest_sources(program: p.GuestProgram) -> None:
-    assembled = program.assembled()
-    if assembled is None:
-        pytest.skip("no GNU as here")
-    assert assembled == program.code
 
 
 def test_demo_guest_through_pyvmm_run_model(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -117,21 +46,10 @@ def test_multiboot_pic_kernel_through_pyvmm_run_model(tmp_path: Path, monkeypatc
 
 
 def test_timer_interrupts_from_the_userspace_pic(model: Any) -> None:
-    idt = bytes(16 * 0x20) + interrupt_gate(HANDLER)
-    image = GuestImage(
-        "haxm_pit_ticks",
-        ((p.CODE_ADDRESS, PIT_GUEST.code), (HANDLER, TICK_HANDLER.code), (IDT, idt),
-         (IDTR, struct.pack("<HQ", len(idt) - 1, IDT))),
-        p.CODE_ADDRESS,
-        X86Mode.LONG,
-        stack=0x90000,
-    )  # fmt: skip
     config = MachineConfig.model_validate({"serial": "none", "timeout": 30, "irqchip": "userspace"})
-    with Machine(config, backend=make_backend(), image=image) as machine:
+    with Machine(config, backend=make_backend(), image=pit_ticks.pit_ticks_image()) as machine:
         result = machine.run()
-        assert (result.reason, result.code) == (StopReason.DEBUG_EXIT, 0x21), result.detail
+        assert (result.reason, result.code) == (StopReason.DEBUG_EXIT, pit_ticks.EXIT_CODE), result.detail
         assert machine.userspace_irqchip
         chip = machine._board.userspace
-        assert chip is not None and chip.injected >= 5
-    assert model.rejections == [], [str(r.rule) for r in model.rejections]
-    assert model.calls_named("HAX_INTERRUPT"), "the ticks went in through HAX_VCPU_IOCTL_INTERRUPT"
+        assert chip is not None and chip.injected >= pit_ticks.TICKS

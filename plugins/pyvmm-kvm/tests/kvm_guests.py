@@ -161,66 +161,6 @@ STI_THEN_NOPS = GuestProgram(
 #: Offsets in STI_THEN_NOPS: after sti (in its shadow), after the first nop.
 STI_DONE, SHADOW_DONE = 14, 15
 
-#: Long mode, for ``--irqchip userspace``: the 8259s at vectors 0x20/0x28 with only
-#: IRQ 0 open, PIT counter 0 at 1 kHz (mode 2, 1193 counts), the IDT at 0x102000;
-#: sleep in hlt until the tick handler counted 10 at 0x104000, then exit 0x21.
-PIT_TICKS = GuestProgram(
-    "pit_ticks",
-    Arch.X86_64,
-    """
-    mov al, 0x11
-    out 0x20, al
-    out 0xa0, al
-    mov al, 0x20
-    out 0x21, al
-    mov al, 0x28
-    out 0xa1, al
-    mov al, 0x04
-    out 0x21, al
-    mov al, 0x02
-    out 0xa1, al
-    mov al, 0x01
-    out 0x21, al
-    out 0xa1, al
-    mov al, 0xfe
-    out 0x21, al
-    mov al, 0xff
-    out 0xa1, al
-    mov al, 0x34
-    out 0x43, al
-    mov al, 0xa9
-    out 0x40, al
-    mov al, 0x04
-    out 0x40, al
-    lidt [0x102000]
-    sti
-1:  hlt
-    cmp dword ptr [0x104000], 10
-    jb 1b
-    mov eax, 0x21
-    out 0xf4, eax
-""",
-    bytes.fromhex(
-        "b011e620e6a0b020e621b028e6a1b004e621b002e6a1b001e621e6a1b0fee621b0ffe6a1b034e643b0a9e640b004e6400f011c"
-        "2500201000fbf4833c25004010000a72f5b821000000e7f4"
-    ),
-)
-
-#: IRQ 0 at vector 0x20: count at 0x104000, non-specific EOI to the master 8259.
-PIT_TICK_HANDLER = GuestProgram(
-    "pit_tick_handler",
-    Arch.X86_64,
-    """
-    push rax
-    inc dword ptr [0x104000]
-    mov al, 0x20
-    out 0x20, al
-    pop rax
-    iretq
-""",
-    bytes.fromhex("50ff042500401000b020e6205848cf"),
-)
-
 #: The escape-hatch test's guest: rdmsr of an MSR KVM does not know, AL to port 0x10.
 UNKNOWN_MSR = 0x4B564D99
 READ_UNKNOWN_MSR = GuestProgram(
@@ -246,7 +186,5 @@ ALL = (
     REAL_MODE_INTERRUPTS,
     REAL_MODE_REPORT_VECTOR,
     STI_THEN_NOPS,
-    PIT_TICKS,
-    PIT_TICK_HANDLER,
     READ_UNKNOWN_MSR,
 )

@@ -29,8 +29,6 @@ from pathlib import Path
 import pytest
 
 from kvm_guests import (
-    PIT_TICK_HANDLER,
-    PIT_TICKS,
     READ_UNKNOWN_MSR,
     REAL_MODE_INTERRUPTS,
     REAL_MODE_REPORT_VECTOR,
@@ -49,7 +47,8 @@ from pyvmm.host import Event
 from pyvmm.interrupts import IrqChip, IrqchipRoute
 from pyvmm.machine import GuestImage, Machine, MachineConfig, StopReason
 from pyvmm.testing.conformance import programs as p
-from pyvmm.testing.conformance.harness import booted, expect_port_write, install_idt, interrupt_gate, run_to
+from pyvmm.testing.conformance.harness import booted, expect_port_write, install_idt, run_to
+from pyvmm.testing.guests import pit_ticks
 from pyvmm.testing.guests.multiboot_pic import EXPECTED_STATUS, multiboot_pic_kernel
 from pyvmm.vm import Backend
 from pyvmm_kvm import bindings as k
@@ -62,7 +61,6 @@ UNDER_QEMU_TCG = os.environ.get("PYVMM_TESTBED_EMULATOR") == "qemu-tcg"
 REAL_MODE_CODE = 0x8000
 REAL_MODE_HANDLERS = 0x9000
 #: Where PIT_TICKS expects its IDTR, IDT and tick handler.
-TICK_IDTR, TICK_IDT, TICK_HANDLER = 0x102000, 0x103000, 0x101000
 
 
 def _software_kvm_differs(why: str) -> pytest.MarkDecorator:
@@ -373,21 +371,12 @@ def _run(kvm: Backend, image: GuestImage, **settings: object) -> tuple[object, M
 def test_userspace_pit_ticks_through_the_userspace_pic(kvm: Backend) -> None:
     """A long-mode guest programs the 8259s and the PIT (1 kHz) and sleeps in hlt
     until ten ticks: each tick is injected by pyvmm, on KVM without its irqchip."""
-    idt = bytes(16 * 0x20) + interrupt_gate(TICK_HANDLER)
-    image = GuestImage(
-        "pit_ticks",
-        ((p.CODE_ADDRESS, PIT_TICKS.code), (TICK_HANDLER, PIT_TICK_HANDLER.code), (TICK_IDT, idt),
-         (TICK_IDTR, struct.pack("<HQ", len(idt) - 1, TICK_IDT))),
-        p.CODE_ADDRESS,
-        X86Mode.LONG,
-        stack=0x90000,
-    )  # fmt: skip
-    result, machine = _run(kvm, image)
-    assert (result.reason, result.code) == (StopReason.DEBUG_EXIT, 0x21), result.detail
+    result, machine = _run(kvm, pit_ticks.pit_ticks_image())
+    assert (result.reason, result.code) == (StopReason.DEBUG_EXIT, pit_ticks.EXIT_CODE), result.detail
     assert not machine.irqchip and machine.userspace_irqchip
     assert not machine.vm.handle.irqchip, "no KVM_CREATE_IRQCHIP"
     chip = machine._board.userspace
-    assert chip is not None and chip.injected >= 10
+    assert chip is not None and chip.injected >= pit_ticks.TICKS
 
 
 def test_a_multiboot_kernel_with_the_pic_runs_under_irqchip_userspace(kvm: Backend, tmp_path: Path) -> None:

@@ -1,0 +1,102 @@
+"""A long-mode guest woken from ``hlt`` by timer ticks the VMM's userspace 8259s
+and 8254 raise (``--irqchip userspace``): the guest of that test on every x86
+backend without an in-kernel interrupt controller (KVM without its irqchip,
+HAXM, the software CPU).
+
+:func:`pit_ticks_image` builds it; it exits through port 0xf4 with 0x21 after
+:data:`TICKS` ticks.  The bytes of each program are checked against its assembly
+where GNU as exists (``core/tests/test_softcpu_shared_guests.py``).
+"""
+
+from __future__ import annotations
+
+import struct
+
+from pyvmm.boot import X86Mode
+from pyvmm.config import Arch
+from pyvmm.machine import GuestImage
+from pyvmm.testing.conformance import programs as p
+from pyvmm.testing.conformance.harness import interrupt_gate
+from pyvmm.testing.conformance.programs import GuestProgram
+
+#: The ticks the guest waits for, and the value it writes to port 0xf4 then.
+TICKS = 10
+EXIT_CODE = 0x21
+#: Where the tick handler, the IDT and its IDTR go.
+HANDLER, IDTR, IDT = 0x101000, 0x102000, 0x103000
+
+#: Long mode, for ``--irqchip userspace``: the 8259s at vectors 0x20/0x28 with only
+#: IRQ 0 open, PIT counter 0 at 1 kHz (mode 2, 1193 counts), the IDTR at 0x102000;
+#: sleep in hlt until the tick handler counted 10 at 0x104000, then exit 0x21.
+PIT_TICKS = GuestProgram(
+    "pit_ticks",
+    Arch.X86_64,
+    """
+    mov al, 0x11
+    out 0x20, al
+    out 0xa0, al
+    mov al, 0x20
+    out 0x21, al
+    mov al, 0x28
+    out 0xa1, al
+    mov al, 0x04
+    out 0x21, al
+    mov al, 0x02
+    out 0xa1, al
+    mov al, 0x01
+    out 0x21, al
+    out 0xa1, al
+    mov al, 0xfe
+    out 0x21, al
+    mov al, 0xff
+    out 0xa1, al
+    mov al, 0x34
+    out 0x43, al
+    mov al, 0xa9
+    out 0x40, al
+    mov al, 0x04
+    out 0x40, al
+    lidt [0x102000]
+    sti
+1:  hlt
+    cmp dword ptr [0x104000], 10
+    jb 1b
+    mov eax, 0x21
+    out 0xf4, eax
+""",
+    bytes.fromhex(
+        "b011e620e6a0b020e621b028e6a1b004e621b002e6a1b001e621e6a1b0fee621b0ffe6a1b034e643b0a9e640b004e6400f011c"
+        "2500201000fbf4833c25004010000a72f5b821000000e7f4"
+    ),
+)
+
+#: IRQ 0 at vector 0x20: count at 0x104000, non-specific EOI to the master 8259.
+PIT_TICK_HANDLER = GuestProgram(
+    "pit_tick_handler",
+    Arch.X86_64,
+    """
+    push rax
+    inc dword ptr [0x104000]
+    mov al, 0x20
+    out 0x20, al
+    pop rax
+    iretq
+""",
+    bytes.fromhex("50ff042500401000b020e6205848cf"),
+)
+
+
+PROGRAMS = (PIT_TICKS, PIT_TICK_HANDLER)
+
+
+def pit_ticks_image() -> GuestImage:
+    """The guest, its tick handler at vector 0x20 and its IDT, in long mode."""
+    idt = bytes(16 * 0x20) + interrupt_gate(HANDLER)
+    return GuestImage(
+        "pit_ticks",
+        ((p.CODE_ADDRESS, PIT_TICKS.code), (HANDLER, PIT_TICK_HANDLER.code), (IDT, idt),
+         (IDTR, struct.pack("<HQ", len(idt) - 1, IDT))),
+        p.CODE_ADDRESS,
+        X86Mode.LONG,
+        stack=0x90000,
+    )  # fmt: skip
