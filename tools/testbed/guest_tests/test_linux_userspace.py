@@ -1,15 +1,21 @@
-"""Run inside the amd64 bed: a stock Debian kernel and a busybox initramfs
+"""Run inside either bed: a stock Debian kernel and a busybox initramfs
 (``tools/testbed/image.py``) boot to userspace under pyvmm on real KVM, with 1 and
 2 vCPUs, and -- the anchor -- under QEMU with ``-accel kvm`` in the same guest, so
 that the two boot times are measured side by side.  The times go to the bed's
-closing summary (``$PYVMM_TESTBED_NOTES``), not into an assertion."""
+closing summary (``$PYVMM_TESTBED_NOTES``), not into an assertion.
+
+The bed's architecture picks the machine: the PC with its 8250 console on amd64,
+``virt`` with a GICv3 and the PL011 console on arm64 (:data:`GUEST_MACHINES`)."""
 
 from __future__ import annotations
 
+import gzip
 import os
+import shutil
 import subprocess
 import threading
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -23,15 +29,52 @@ KERNEL = os.environ.get("PYVMM_TESTBED_LINUX_KERNEL", "")
 INITRD = os.environ.get("PYVMM_TESTBED_LINUX_INITRD", "")
 MARKER = os.environ.get("PYVMM_TESTBED_USERSPACE_MARKER", "").encode()
 QEMU = os.environ.get("PYVMM_TESTBED_QEMU", "")
-#: The same for both VMMs: quiet, so the console's cost (one exit a byte) does not dominate.
-APPEND = "console=ttyS0 panic=-1 quiet"
 MEMORY_MIB = 256
 TIMEOUT = 900.0
 
+
+@dataclass(frozen=True)
+class GuestMachine:
+    """What differs between the beds' Linux guests, for pyvmm and QEMU alike."""
+
+    pyvmm_arch: str
+    console: str
+    #: QEMU's machine and CPU options, the counterpart of pyvmm's board.
+    qemu_machine: tuple[str, ...]
+
+    @property
+    def append(self) -> str:
+        """The same for both VMMs: quiet, so the console's cost (one exit a byte) does not dominate."""
+        return f"console={self.console} panic=-1 quiet"
+
+
+#: By the bed's ``uname -m``.
+GUEST_MACHINES = {
+    "x86_64": GuestMachine("x86_64", "ttyS0", ("-M", "pc", "-cpu", "host")),
+    "aarch64": GuestMachine("aarch64", "ttyAMA0", ("-M", "virt,gic-version=3", "-cpu", "host")),
+}
+GUEST = GUEST_MACHINES.get(os.uname().machine)
+
 pytestmark = pytest.mark.skipif(
-    not (KERNEL and Path(KERNEL).is_file() and os.uname().machine == "x86_64"),
-    reason="not in the amd64 test bed (no $PYVMM_TESTBED_LINUX_KERNEL)",
+    not (KERNEL and Path(KERNEL).is_file() and GUEST is not None),
+    reason="not in a test bed (no $PYVMM_TESTBED_LINUX_KERNEL)",
 )
+
+
+@pytest.fixture(scope="module")
+def kernel(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The kernel both VMMs boot.  Debian's arm64 ``vmlinuz`` is a gzip'd
+    ``Image``, which the bootloader (here: the VMM) must unpack: pyvmm's arm64
+    loader takes the ``Image`` itself, so it is unpacked once, here, and QEMU
+    gets the same file."""
+    packed = Path(KERNEL)
+    with packed.open("rb") as file:
+        if file.read(2) != b"\x1f\x8b":
+            return packed
+    image = tmp_path_factory.mktemp("linux") / "Image"
+    with gzip.open(packed) as source, image.open("wb") as target:
+        shutil.copyfileobj(source, target, 1 << 20)
+    return image
 
 
 def note(line: str) -> None:
@@ -72,9 +115,17 @@ def _cpus_reported(console: bytes) -> int:
 
 
 @pytest.mark.parametrize("cpus", [1, 2])
-def test_linux_reaches_userspace_under_pyvmm(pyvmm_backend: Backend, cpus: int) -> None:
+def test_linux_reaches_userspace_under_pyvmm(pyvmm_backend: Backend, kernel: Path, cpus: int) -> None:
+    assert GUEST is not None
     watcher = MarkerWatcher()
-    settings = {"kernel": KERNEL, "initrd": INITRD, "append": APPEND, "memory": f"{MEMORY_MIB}M", "cpus": cpus}
+    settings = {
+        "arch": GUEST.pyvmm_arch,
+        "kernel": str(kernel),
+        "initrd": INITRD,
+        "append": GUEST.append,
+        "memory": f"{MEMORY_MIB}M",
+        "cpus": cpus,
+    }
     config = MachineConfig.model_validate({**settings, "timeout": TIMEOUT})
     started = time.monotonic()
     with Machine(config, backend=pyvmm_backend, serial_output=watcher) as machine:  # type: ignore[arg-type]
@@ -88,11 +139,12 @@ def test_linux_reaches_userspace_under_pyvmm(pyvmm_backend: Backend, cpus: int) 
 
 @pytest.mark.skipif(not QEMU, reason="no QEMU in this bed ($PYVMM_TESTBED_QEMU)")
 @pytest.mark.parametrize("cpus", [1, 2])
-def test_qemu_with_kvm_boots_the_same_to_userspace(cpus: int) -> None:
+def test_qemu_with_kvm_boots_the_same_to_userspace(kernel: Path, cpus: int) -> None:
+    assert GUEST is not None
     argv = [
-        QEMU, "-accel", "kvm", "-cpu", "host", "-M", "pc", "-m", str(MEMORY_MIB), "-smp", str(cpus),
+        QEMU, "-accel", "kvm", *GUEST.qemu_machine, "-m", str(MEMORY_MIB), "-smp", str(cpus),
         "-nodefaults", "-display", "none", "-serial", "stdio", "-no-reboot",
-        "-kernel", KERNEL, "-initrd", INITRD, "-append", APPEND,
+        "-kernel", str(kernel), "-initrd", INITRD, "-append", GUEST.append,
     ]  # fmt: skip
     started = time.monotonic()
     process = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
