@@ -93,6 +93,8 @@ ARM64 = Arch(
     # scenarios skip there too: the arm64 backend declares aarch64 guests only.
     default_selection=("plugins/pyvmm-kvm/tests", "tools/testbed/guest_tests"),
     default_pytest_args=(),
+    anchor_packages=("qemu-system-arm",),
+    guest_qemu="qemu-system-aarch64",
 )
 
 AMD64 = Arch(

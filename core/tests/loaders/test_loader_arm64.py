@@ -128,6 +128,7 @@ def test_detection() -> None:
         (b"", {}, "kernel file is empty"),
         (b"\x00" * 100, {}, r"not an arm64 Image \(no ARM\\x64 magic at 0x38\); give load_address"),
         (build_elf(64, [], BASE, machine=183), {}, "an ELF file; give load_address to load it as a flat binary"),
+        (b"\x1f\x8b\x08" + bytes(100), {}, r"a gzip-compressed kernel \(Image.gz\): unpack it first"),
         (image(), {"load_address": BASE}, "load_address applies to flat binaries only; this is an arm64 Image"),
         (image(flags=1), {}, "big-endian arm64 Image"),
         (image(text_offset=0x123), {}, "text_offset 0x123 is not a page offset"),

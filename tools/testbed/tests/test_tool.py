@@ -124,6 +124,15 @@ def test_init_loads_kvm_amd_without_next_rip_saving() -> None:
     assert "PYVMM_LINUX_BOOT" not in guest_init.init_script(ARM64, "6.1.0-0-cloud-arm64")
 
 
+def test_both_beds_carry_the_qemu_anchor_and_tell_the_guest_where_it_is() -> None:
+    # The Linux-to-userspace tests compare pyvmm with QEMU -accel kvm in the same bed.
+    for arch, package, binary in ((ARM64, "qemu-system-arm", "qemu-system-aarch64"),
+                                  (AMD64, "qemu-system-x86", "qemu-system-x86_64")):  # fmt: skip
+        assert arch.anchor_packages == (package,) and arch.guest_qemu == binary
+        script = guest_init.init_script(arch, "6.1.0-0-cloud")
+        assert f"export PYVMM_TESTBED_QEMU=/usr/bin/{binary}" in script
+
+
 def test_a_selection_outside_the_checkout_is_refused(tmp_path: Path) -> None:
     checkout = tmp_path / "checkout"
     checkout.mkdir()

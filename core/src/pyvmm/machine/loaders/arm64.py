@@ -52,6 +52,8 @@ from pyvmm.machine.loaders.common import (
 from pyvmm.memory import GuestMemory
 
 ARM64_MAGIC = 0x644D5241  # "ARM\x64" little-endian, at offset 0x38
+#: A gzip stream: how distributions often ship the arm64 kernel (Image.gz).
+GZIP_MAGIC = b"\x1f\x8b"
 #: code0, code1, text_offset, image_size, flags, res2, res3, res4, magic, res5
 HEADER = struct.Struct("<IIQQQQQQII")
 #: ``text_offset`` of kernels before 3.17, whose header has image_size 0.
@@ -171,6 +173,9 @@ def load_arm64_bytes(
     if header is not None and load_address is not None:
         raise ImageError(path, "load_address applies to flat binaries only; this is an arm64 Image")
     if header is None and load_address is None:
+        if data[:2] == GZIP_MAGIC:
+            # What a bootloader unpacks for the kernel (Image.gz); the boot protocol starts only the Image.
+            raise ImageError(path, "a gzip-compressed kernel (Image.gz): unpack it first (zcat); pyvmm boots the Image")
         what = "an ELF file" if data[:4] == b"\x7fELF" else "not an arm64 Image (no ARM\\x64 magic at 0x38)"
         raise ImageError(path, f"{what}; give load_address to load it as a flat binary")
     raw_cmdline = utf8_cmdline(path, cmdline)
