@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import os
 import subprocess
-import sys
 import threading
 import time
 from dataclasses import dataclass
@@ -146,20 +145,6 @@ def _time_to_marker(argv: list[str], who: str, cpus: int) -> float:
     assert seen_at is not None, f"{who} never printed {MARKER!r}; its output: {bytes(console[-800:])!r}"
     assert _cpus_reported(bytes(console)) == cpus, "Linux did not bring up every vCPU"
     return seen_at - started
-
-
-@pytest.mark.parametrize("cpus", [1, 2])
-def test_pyvmm_run_boots_the_same_to_userspace(cpus: int) -> None:
-    """The command line, a process started cold like QEMU's: its time includes
-    Python's start and the backend's import, which the in-process test above leaves out."""
-    assert GUEST is not None
-    argv = [
-        sys.executable, "-m", "pyvmm", "run", "-q", "--arch", GUEST.pyvmm_arch, "--backend", "kvm",
-        "--memory", f"{MEMORY_MIB}M", "--cpus", str(cpus), "--timeout", str(TIMEOUT), "--serial", "stdio",
-        "--kernel", KERNEL, "--initrd", INITRD, "--append", GUEST.append,
-    ]  # fmt: skip
-    seconds = _time_to_marker(argv, "pyvmm run", cpus)
-    note(f"pyvmm run {cpus} vCPU (a cold process): Linux to userspace in {seconds:.2f} s")
 
 
 @pytest.mark.skipif(not QEMU, reason="no QEMU in this bed ($PYVMM_TESTBED_QEMU)")
