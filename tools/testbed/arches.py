@@ -115,6 +115,11 @@ AMD64 = Arch(
     modes=(KvmMode("amd", (), "kvm: Nested Paging enabled"),),
     # examples/fuzzing holds no tests: it is there for the KVM test that runs it.
     default_selection=("plugins/pyvmm-kvm/tests", "tools/testbed/guest_tests", "examples/fuzzing"),
+    # The Linux-to-userspace boot under pyvmm stalled in this bed twice out of about
+    # five runs (the guest idle for 15 minutes, cause not found yet): it runs when
+    # named (`python3 -m testbed amd64 tools/testbed/guest_tests/test_linux_userspace.py`),
+    # not in CI, where a stall would hold the bed for its whole timeout.
+    default_pytest_args=("--ignore=tools/testbed/guest_tests/test_linux_userspace.py",),
     anchor_packages=("qemu-system-x86",),
     guest_qemu="qemu-system-x86_64",
 )
