@@ -29,6 +29,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from pyvmm.devices.base import Device
+from pyvmm.served_io import PmTimerRegister, ServedSpan
 
 log = logging.getLogger("pyvmm.devices")
 
@@ -78,6 +79,10 @@ class AcpiPm(Device):
         self.enable = 0
         self.control = CNT_SCI_EN
         self._lock = threading.Lock()
+        if clock_ns is time.monotonic_ns:
+            # The timer is a pure function of the monotonic clock: the backend
+            # may answer it without an exit (vmexit_inl_from_pmtimer's port read).
+            self.served_spans = (ServedSpan(PM_TMR_OFFSET, PM_TMR_LEN, PmTimerRegister(self._start_ns)),)
 
     def timer(self) -> int:
         ticks = (self._clock_ns() - self._start_ns) * PM_TIMER_HZ // 1_000_000_000

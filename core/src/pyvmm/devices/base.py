@@ -5,6 +5,8 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 
+from pyvmm.served_io import ServedSpan
+
 #: What an absent device answers on a real bus: every data line floats high.
 ALL_ONES = 0xFFFF_FFFF_FFFF_FFFF
 
@@ -52,6 +54,12 @@ class Device:
     #: thread instead of :meth:`write` on the vCPU's.  Where the backend has no
     #: ioevents, the write arrives through :meth:`write` as any other.
     doorbells: tuple[Doorbell, ...] = ()
+    #: Registers simple enough for the backend to answer inside its run, never
+    #: exiting (:mod:`pyvmm.served_io`): where the backend declares
+    #: ``SERVED_IO`` the machine registers them, and their accesses no longer
+    #: reach :meth:`read`/:meth:`write`.  A span's answers must be exactly what
+    #: :meth:`read`/:meth:`write` would give.
+    served_spans: tuple[ServedSpan, ...] = ()
 
     def read(self, offset: int, size: int) -> int:
         return ALL_ONES

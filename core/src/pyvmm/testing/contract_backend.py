@@ -31,6 +31,7 @@ from pyvmm.interrupts import IrqRoute
 from pyvmm.manifest import CONTRACT_VERSION, Availability, BackendManifest
 from pyvmm.memory import RamRegion
 from pyvmm.plugins import REQUIRED_HOOKS
+from pyvmm.served_io import ServedRegister
 from pyvmm.vcpu_state import IoEventAddress, StateKind
 
 if TYPE_CHECKING:
@@ -391,6 +392,10 @@ class ContractTestBackend:
     def pyvmm_take_coalesced_io(self, vm: TestVm) -> list[CoalescedWrite]:
         self._record("pyvmm_take_coalesced_io")
         return []
+
+    @hookimpl
+    def pyvmm_serve_io(self, vm: TestVm, address: IoEventAddress, size: int, register: ServedRegister) -> None:
+        self._record("pyvmm_serve_io", address, size, register)
 
 
 def _known(cap: Capability | str) -> bool:

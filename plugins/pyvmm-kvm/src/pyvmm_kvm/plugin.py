@@ -55,6 +55,8 @@ CAPABILITIES = (
     # Exits avoided (pyvmm_kvm.coalesced).
     Capability.COALESCED_IO,
     Capability.COALESCED_PIO,
+    # Registers answered in the run loop (pyvmm_kvm.served, compiled or pure).
+    Capability.SERVED_IO,
 )
 
 

@@ -14,6 +14,8 @@ Its public methods are the backend's vCPU hooks (``docs/backends/kvm.md`` §4).
 from __future__ import annotations
 
 import errno
+import functools
+import operator
 import struct
 from typing import Any
 
@@ -89,40 +91,72 @@ class KvmVcpu(KvmVcpuCommon):
         self._io_views: dict[int, memoryview] = {}
         self._mmio_views = self.page.mmio_views
         self._pending: VcpuExit | None = None
+        self._pure_served = 0
+        self._enter_guest, self._served_count, self._fast_page = self._entry(vm)
         self._guard_run(self._interrupted)
+
+    def _entry(self, vm: Any) -> tuple[Any, Any, Any]:
+        """How this vCPU enters the guest: ``(enter, served_count, page_pointer)``.
+
+        Compiled (``vm.compiled``): ``fx_run``, which answers the VM's served
+        registers itself and returns 0 or ``-errno`` at the first exit it does
+        not serve, counting the ones it did in ``served_count``.  Pure: the
+        ``KVM_RUN`` ioctl alone, and :meth:`_run_once` answers them."""
+        compiled = vm.compiled
+        if compiled is None:
+            self._served = vm.served
+            return functools.partial(self._ioctl, self.fd, _RUN_REQUEST, 0), None, None
+        self._served = None
+        count = compiled.ffi.new("uint64_t *")
+        page = compiled.ffi.from_buffer(self._view)
+        self._errno_of = operator.neg
+        return functools.partial(compiled.lib.fx_run, self.fd, page, vm.served.table, count), count, page
+
+    @property
+    def served_exits(self) -> int:
+        """Exits answered in the run loop as served registers, never returned."""
+        return self._pure_served + (int(self._served_count[0]) if self._served_count is not None else 0)
 
     # --- run ------------------------------------------------------------------
     def _run_once(self) -> VcpuExit:
         pending = self._pending
         if pending is not None:
             self._complete(pending)
-        result = self._ioctl(self.fd, _RUN_REQUEST, 0)
-        if result < 0:
-            err = self._errno_of(result)
-            if err in (errno.EINTR, errno.EAGAIN):
-                self.page.clear_immediate_exit()
-                return self._interrupted
-            raise HypervisorError("KVM_RUN", err)
-        view = self._view
-        reason, direction, size, port, count, data_offset = _HEAD_IO.unpack_from(view, _OFF_EXIT_REASON)
-        if reason == _EXIT_IO:
-            io = self._io
-            io.port, io.size, io.count = port, size, count
-            io.is_write = direction == _IO_OUT
-            nbytes = size * count
-            key = data_offset << 32 | nbytes
-            data = self._io_views.get(key)
-            if data is None:
-                data = self._io_views[key] = view[data_offset : data_offset + nbytes]
-            io.data = data
-            return io
-        if reason == _EXIT_MMIO:
-            _, address, length, is_write = _HEAD_MMIO.unpack_from(view, _OFF_EXIT_REASON)
-            mmio = self._mmio
-            mmio.address, mmio.size, mmio.is_write = address, length, bool(is_write)
-            mmio.data = self._mmio_views[length]
-            return mmio
-        return self._slow_exit(reason)
+        served = self._served  # the pure path's served registers (None: compiled, answered in C)
+        while True:
+            result = self._enter_guest()
+            if result < 0:
+                err = self._errno_of(result)
+                if err in (errno.EINTR, errno.EAGAIN):
+                    self.page.clear_immediate_exit()
+                    return self._interrupted
+                raise HypervisorError("KVM_RUN", err)
+            view = self._view
+            reason, direction, size, port, count, data_offset = _HEAD_IO.unpack_from(view, _OFF_EXIT_REASON)
+            if reason == _EXIT_IO:
+                io = self._io
+                io.port, io.size, io.count = port, size, count
+                io.is_write = direction == _IO_OUT
+                nbytes = size * count
+                key = data_offset << 32 | nbytes
+                data = self._io_views.get(key)
+                if data is None:
+                    data = self._io_views[key] = view[data_offset : data_offset + nbytes]
+                io.data = data
+                if served is not None and served.ports and served.serve_port(io):
+                    self._pure_served += 1
+                    continue
+                return io
+            if reason == _EXIT_MMIO:
+                _, address, length, is_write = _HEAD_MMIO.unpack_from(view, _OFF_EXIT_REASON)
+                mmio = self._mmio
+                mmio.address, mmio.size, mmio.is_write = address, length, bool(is_write)
+                mmio.data = self._mmio_views[length]
+                if served is not None and served.mmio and served.serve_mmio(mmio):
+                    self._pure_served += 1
+                    continue
+                return mmio
+            return self._slow_exit(reason)
 
     def _slow_exit(self, reason: int) -> VcpuExit:
         run = self._run
@@ -387,3 +421,6 @@ class KvmVcpu(KvmVcpuCommon):
     def _drop_exit_views(self) -> None:
         self._io.data = self._mmio.data = memoryview(b"")
         self._io_views.clear()
+        if self._fast_page is not None:
+            self.vm.compiled.ffi.release(self._fast_page)
+            self._fast_page = None
