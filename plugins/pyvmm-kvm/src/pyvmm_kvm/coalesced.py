@@ -86,8 +86,11 @@ class CoalescedZones:
         base, size = _HEAD.size, _ENTRY.size
         # At most two runs of entries: first..end of ring, then 0..last.
         spans = [(first, last)] if first < last else [(first, RING_ENTRIES), (0, last)]
+        # tuple.__new__ builds each record without a Python frame (CoalescedWrite
+        # is a named tuple); a full-width slice of bytes is the bytes itself.
+        new, record = tuple.__new__, CoalescedWrite
         writes = [
-            CoalescedWrite(_PORT if pio else _MEMORY, address, data[:length] if length < 8 else data)
+            new(record, (_PORT if pio else _MEMORY, address, data[:length]))
             for start, end in spans
             for address, length, pio, data in _ENTRY.iter_unpack(ring[base + start * size : base + end * size])
         ]

@@ -133,8 +133,10 @@ class ServedRanges:
         port = io.port
         for served in self.ports:
             if served.base <= port < served.end:
-                size, data, is_write, offset = io.size, io.data, io.is_write, port - served.base
-                return all(served.answer(offset, size, is_write, data, i * size) for i in range(io.count))
+                size, data, is_write, offset, count = io.size, io.data, io.is_write, port - served.base, io.count
+                if count == 1:
+                    return served.answer(offset, size, is_write, data, 0)
+                return all(served.answer(offset, size, is_write, data, i * size) for i in range(count))
         return False
 
     def serve_mmio(self, mmio: MmioExit) -> bool:

@@ -14,8 +14,6 @@ Its public methods are the backend's vCPU hooks (``docs/backends/kvm.md`` §4).
 from __future__ import annotations
 
 import errno
-import functools
-import operator
 import struct
 from typing import Any
 
@@ -46,6 +44,7 @@ from pyvmm.vcpu_state import StateKind
 from pyvmm_kvm import bindings as k
 from pyvmm_kvm import regs
 from pyvmm_kvm.bindings import ffi
+from pyvmm_kvm.served import ServedRanges
 from pyvmm_kvm.vcpu_common import RUN_STRUCT, KvmVcpuCommon
 
 _RUN = RUN_STRUCT
@@ -92,30 +91,31 @@ class KvmVcpu(KvmVcpuCommon):
         self._mmio_views = self.page.mmio_views
         self._pending: VcpuExit | None = None
         self._pure_served = 0
-        self._enter_guest, self._served_count, self._fast_page = self._entry(vm)
+        self._use_entry(vm)
         self._guard_run(self._interrupted)
 
-    def _entry(self, vm: Any) -> tuple[Any, Any, Any]:
-        """How this vCPU enters the guest: ``(enter, served_count, page_pointer)``.
-
-        Compiled (``vm.compiled``): ``fx_run``, which answers the VM's served
-        registers itself and returns 0 or ``-errno`` at the first exit it does
-        not serve, counting the ones it did in ``served_count``.  Pure: the
-        ``KVM_RUN`` ioctl alone, and :meth:`_run_once` answers them."""
+    def _use_entry(self, vm: Any) -> None:
+        """How this vCPU enters the guest.  Compiled (``vm.compiled``): ``fx_run``,
+        which answers the VM's served registers itself and returns 0 or
+        ``-errno`` at the first exit it does not serve, counting the ones it did.
+        Pure: the ``KVM_RUN`` ioctl alone, and :meth:`_run_once` answers them."""
         compiled = vm.compiled
+        self._fx_run: Any = None
+        self._fx_page: Any = None
+        self._fx_count: Any = None
+        self._served: ServedRanges | None = vm.served
         if compiled is None:
-            self._served = vm.served
-            return functools.partial(self._ioctl, self.fd, _RUN_REQUEST, 0), None, None
+            return
         self._served = None
-        count = compiled.ffi.new("uint64_t *")
-        page = compiled.ffi.from_buffer(self._view)
-        self._errno_of = operator.neg
-        return functools.partial(compiled.lib.fx_run, self.fd, page, vm.served.table, count), count, page
+        self._fx_table = vm.served.table
+        self._fx_count = compiled.ffi.new("uint64_t *")
+        self._fx_page = compiled.ffi.from_buffer(self._view)
+        self._fx_run = compiled.lib.fx_run
 
     @property
     def served_exits(self) -> int:
         """Exits answered in the run loop as served registers, never returned."""
-        return self._pure_served + (int(self._served_count[0]) if self._served_count is not None else 0)
+        return self._pure_served + (int(self._fx_count[0]) if self._fx_count is not None else 0)
 
     # --- run ------------------------------------------------------------------
     def _run_once(self) -> VcpuExit:
@@ -123,10 +123,14 @@ class KvmVcpu(KvmVcpuCommon):
         if pending is not None:
             self._complete(pending)
         served = self._served  # the pure path's served registers (None: compiled, answered in C)
+        fx_run = self._fx_run
         while True:
-            result = self._enter_guest()
+            if fx_run is not None:
+                result = fx_run(self.fd, self._fx_page, self._fx_table, self._fx_count)
+            else:
+                result = self._ioctl(self.fd, _RUN_REQUEST, 0)
             if result < 0:
-                err = self._errno_of(result)
+                err = -result if fx_run is not None else self._errno_of(result)  # fx_run returns -errno
                 if err in (errno.EINTR, errno.EAGAIN):
                     self.page.clear_immediate_exit()
                     return self._interrupted
@@ -421,6 +425,6 @@ class KvmVcpu(KvmVcpuCommon):
     def _drop_exit_views(self) -> None:
         self._io.data = self._mmio.data = memoryview(b"")
         self._io_views.clear()
-        if self._fast_page is not None:
-            self.vm.compiled.ffi.release(self._fast_page)
-            self._fast_page = None
+        if self._fx_page is not None:
+            self.vm.compiled.ffi.release(self._fx_page)
+            self._fx_page = None
