@@ -6,6 +6,7 @@ Both must answer every access the same way and return the same exits."""
 
 from __future__ import annotations
 
+import sys
 import time
 from collections.abc import Iterator
 
@@ -20,7 +21,7 @@ from pyvmm.machine import GuestImage, Machine, MachineConfig, StopReason
 from pyvmm.served_io import ConstantRegister, LatchedBytes, PmTimerRegister, pm_timer_count
 from pyvmm.vcpu_state import IoEventAddress
 from pyvmm.vm import Backend, Vcpu, Vm
-from pyvmm_kvm.fast_exits import ENV_PURE_EXITS, compiled_module
+from pyvmm_kvm.fast_exits import ENV_PURE_EXITS, compiled_module, compiled_module_for
 
 CODE = 0x1000
 DS_SELECTOR = 0x1000  # real mode: DS base 0x10000, just past the 64 KiB of RAM
@@ -199,3 +200,35 @@ def test_the_machine_serves_the_pm_timer(kvm: Backend, exit_path: str) -> None:
     assert result.stats is not None
     assert result.stats.by_kind().get("io", 0) == 0, "no PM timer read reached the VMM"
     assert served == 21
+
+
+# --- choosing the path ---------------------------------------------------------------
+
+
+def test_a_missing_compiled_module_means_the_pure_path(kvm: Backend, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv(ENV_PURE_EXITS, raising=False)
+    monkeypatch.setitem(sys.modules, "pyvmm_kvm._fast_exits", None)  # what an install without a compiler has
+    assert compiled_module() is None
+    vm, vcpu = _vm(kvm, GUEST)
+    with vm:
+        assert vm.handle.compiled is None
+        vm.serve_io(IoEventAddress.pio(0x40), 2, LatchedBytes())
+        assert _report(vcpu) == (1, 0xFF)
+        assert vcpu.handle.served_exits == 2
+
+
+@pytest.mark.parametrize(("value", "pure"), [("1", True), ("yes", True), ("0", False), ("", False)])
+def test_the_environment_chooses_the_pure_path(monkeypatch: pytest.MonkeyPatch, value: str, pure: bool) -> None:
+    if compiled_module() is None:
+        pytest.skip("pyvmm_kvm._fast_exits was not built (no C compiler at install)")
+    monkeypatch.setenv(ENV_PURE_EXITS, value)
+    assert (compiled_module() is None) is pure
+
+
+def test_a_driver_model_always_gets_the_pure_path() -> None:
+    from pyvmm.backend import DeviceHost
+
+    class Model:
+        """Any seam but libc's: the compiled loop would make the real system call."""
+
+    assert compiled_module_for(DeviceHost(Model(), {})) is None  # type: ignore[arg-type]

@@ -11,6 +11,7 @@ loop makes the real system call.
 
 from __future__ import annotations
 
+import importlib
 import os
 from typing import Any
 
@@ -26,10 +27,9 @@ def compiled_module() -> Any | None:
     if os.environ.get(ENV_PURE_EXITS, "").strip() not in ("", "0"):
         return None
     try:
-        from pyvmm_kvm import _fast_exits  # type: ignore[attr-defined]  # built at install, where it can be
+        return importlib.import_module("pyvmm_kvm._fast_exits")  # built at install, where it could be
     except ImportError:
         return None
-    return _fast_exits
 
 
 def compiled_module_for(host: DeviceHost) -> Any | None:
