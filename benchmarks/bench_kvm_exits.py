@@ -13,12 +13,12 @@ Runs, side by side in one process run, the same guest (real mode, a tight
   (``Vm.serve_io``, ``LatchedBytes``): answered inside ``Vcpu.run()``, which a
   kick ends after ``--served-seconds``; the time per answered access.
 
-A further row runs the MMIO guest with its address in a coalesced zone
-(``Vm.register_coalesced_io``): the guest exits to user space only when the
-ring is full, and the cost per write (every write still handed to the device,
-in guest order) is printed as a ratio to the C loop's exit round trip and to
-the C loop's own coalesced write (``kvm_loop coalesced``: each write still
-exits to the kernel, which is the floor).
+Further rows run the MMIO and the PIO guest with the address or port in a
+coalesced zone (``Vm.register_coalesced_io``): the guest exits to user space
+only when the ring is full, and the cost per write (every write still handed
+to the device, in guest order) is printed as a ratio to the C loop's exit
+round trip and to the C loop's own coalesced write (``kvm_loop coalesced`` and
+``coalesced-pio``: each write still exits to the kernel, which is the floor).
 
 Each is measured in several interleaved rounds (the machine is shared) and the
 median is printed with its ratio to C.  Not a test: it prints, it never fails
@@ -165,11 +165,13 @@ def pyvmm_served_loop(backend: Backend, kind: str, seconds: float) -> float:
         vm.close()  # type: ignore[attr-defined]
 
 
-def pyvmm_coalesced_loop(backend: Backend, n: int) -> float:
-    """The MMIO guest's write loop with its address in a coalesced zone: the
+def pyvmm_coalesced_loop(backend: Backend, kind: str, n: int) -> float:
+    """The guest's write loop with its port or address in a coalesced zone: the
     guest exits only when the ring is full; every write still reaches the
     device, in guest order, taken from the ring before the exit is handled."""
-    vm, vcpu = _pyvmm_vm(backend, "mmio")
+    vm, vcpu = _pyvmm_vm(backend, kind)
+    expected = ExitKind.IO if kind == "pio" else ExitKind.MMIO
+    zone = IoEventAddress.pio(raw_kvm_loop.PIO_PORT) if kind == "pio" else IoEventAddress.mmio(raw_kvm_loop.MMIO_GPA)
     latch = bytearray(8)
     run = vcpu.run  # type: ignore[attr-defined]
     take = vm.take_coalesced_io  # type: ignore[attr-defined]
@@ -182,14 +184,14 @@ def pyvmm_coalesced_loop(backend: Backend, n: int) -> float:
             for write in take():
                 latch[0] = write.data[0]
                 writes += 1
-            if exit_.kind is not ExitKind.MMIO:
+            if exit_.kind is not expected:
                 raise RuntimeError(f"unexpected exit {exit_!r}")
             latch[0] = exit_.data[0]
             writes += 1
         return time.perf_counter_ns() - t0, writes
 
     try:
-        vm.register_coalesced_io(IoEventAddress.mmio(raw_kvm_loop.MMIO_GPA), 8)  # type: ignore[attr-defined]
+        vm.register_coalesced_io(zone, 1 if kind == "pio" else 8)  # type: ignore[attr-defined]
         spin(WARMUP)
         elapsed, writes = spin(n)
         return elapsed / writes
@@ -210,9 +212,9 @@ def pyvmm_create(backend: Backend, n: int) -> float:
 def _ratio_rows(label: str, samples: dict[str, list[float]], unit: str) -> list[str]:
     base = statistics.median(samples["C"])
     return [
-        f"{label:5} {name:34} {statistics.median(values):10.0f} {statistics.median(values) / base:7.2f}x"
+        f"{label:6} {name:34} {statistics.median(values):10.0f} {statistics.median(values) / base:7.2f}x"
         for name, values in samples.items()
-    ] + [f"      ({unit})"]
+    ] + [f"       ({unit})"]
 
 
 def main() -> int:
@@ -248,20 +250,22 @@ def main() -> int:
                             pyvmm_served_loop(backend, kind, args.served_seconds)
                         )
             lines += _ratio_rows(kind, samples, "ns per exit round trip; ratio to the C loop")
-        coalesced: dict[str, list[float]] = {"C": [], "C coalesced": []}
-        for path in paths:
-            coalesced[f"pyvmm {path}"] = []
-        for _ in range(args.rounds):
-            coalesced["C"].append(c_loop(binary, "pio", args.exits))
-            coalesced["C coalesced"].append(c_loop(binary, "coalesced", args.exits))
+        for kind, c_kind in (("mmio", "coalesced"), ("pio", "coalesced-pio")):
+            coalesced: dict[str, list[float]] = {"C": [], "C coalesced": []}
             for path in paths:
-                with exit_path(path):
-                    coalesced[f"pyvmm {path}"].append(pyvmm_coalesced_loop(backend, args.exits))
-        lines += _ratio_rows("coal", coalesced, "ns per coalesced MMIO write; ratio to the C PIO exit round trip")
-        floor = statistics.median(coalesced["C coalesced"])
-        for path in paths:
-            ours = statistics.median(coalesced[f"pyvmm {path}"])
-            lines.append(f"      pyvmm {path} / C coalesced write: {ours / floor:.2f}x")
+                coalesced[f"pyvmm {path}"] = []
+            for _ in range(args.rounds):
+                coalesced["C"].append(c_loop(binary, "pio", args.exits))
+                coalesced["C coalesced"].append(c_loop(binary, c_kind, args.exits))
+                for path in paths:
+                    with exit_path(path):
+                        coalesced[f"pyvmm {path}"].append(pyvmm_coalesced_loop(backend, kind, args.exits))
+            unit = f"ns per coalesced {kind.upper()} write; ratio to the C PIO exit round trip"
+            lines += _ratio_rows(f"c-{kind}", coalesced, unit)
+            floor = statistics.median(coalesced["C coalesced"])
+            for path in paths:
+                ours = statistics.median(coalesced[f"pyvmm {path}"])
+                lines.append(f"       pyvmm {path} / C coalesced write (the floor): {ours / floor:.2f}x")
         create: dict[str, list[float]] = {"C": [], "raw Python": [], "pyvmm": []}
         for _ in range(args.rounds):
             create["C"].append(c_loop(binary, "create", args.vms))
@@ -271,7 +275,7 @@ def main() -> int:
 
     load = os.getloadavg()[0]
     print(f"median of {args.rounds} interleaved rounds; {args.exits} exits, {args.vms} VMs per round; load {load:.2f}")
-    print(f"{'':5} {'':34} {'median':>10} {'vs C':>8}")
+    print(f"{'':6} {'':34} {'median':>10} {'vs C':>8}")
     print("\n".join(lines))
     per_second = 1e9 / statistics.median(create["pyvmm"])
     print(f"pyvmm VM create+destroy: {per_second:.0f} per second")

@@ -5,6 +5,9 @@ The run loop reads the exit out of the mmapped ``kvm_run`` page with precompiled
 kernel header by the layout test), and refills one exit object per kind, so a
 port or MMIO exit allocates nothing but what ``struct.unpack_from`` returns.
 Read data is completed in place: ``exit.data`` is a view of the run page itself.
+Accesses to the VM's served registers (:mod:`pyvmm_kvm.served`) are answered in
+the run loop and never returned: by ``fx_run`` in C where
+:mod:`pyvmm_kvm.fast_exits` found the compiled module, else in :meth:`_run_once`.
 The page, the kick and the thread rules are the backend kit's
 (:class:`~pyvmm.backend.RunPage`, :class:`~pyvmm.backend.SignalKicker`).
 
@@ -102,6 +105,7 @@ class KvmVcpu(KvmVcpuCommon):
         compiled = vm.compiled
         self._fx_run: Any = None
         self._fx_page: Any = None
+        self._fx_table: Any = None
         self._fx_count: Any = None
         self._served: ServedRanges | None = vm.served
         if compiled is None:
