@@ -78,7 +78,7 @@ ServedRegister = ConstantRegister | LatchedBytes | PmTimerRegister
 @dataclass(frozen=True)
 class ServedSpan:
     """``size`` bytes at ``offset`` of a device, answered as ``register``: what a
-    device declares in :attr:`pyvmm.devices.base.Device.served_spans`."""
+    device declares in :meth:`pyvmm.devices.base.Device.served_spans`."""
 
     offset: int
     size: int

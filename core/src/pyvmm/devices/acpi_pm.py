@@ -79,10 +79,14 @@ class AcpiPm(Device):
         self.enable = 0
         self.control = CNT_SCI_EN
         self._lock = threading.Lock()
-        if clock_ns is time.monotonic_ns:
-            # The timer is a pure function of the monotonic clock: the backend
-            # may answer it without an exit (vmexit_inl_from_pmtimer's port read).
-            self.served_spans = (ServedSpan(PM_TMR_OFFSET, PM_TMR_LEN, PmTimerRegister(self._start_ns)),)
+
+    def served_spans(self) -> tuple[ServedSpan, ...]:
+        """The timer, a pure function of the monotonic clock: the backend may
+        answer it without an exit (``vmexit_inl_from_pmtimer``'s port read).
+        Not with another clock, which the backend cannot read."""
+        if self._clock_ns is not time.monotonic_ns:
+            return ()
+        return (ServedSpan(PM_TMR_OFFSET, PM_TMR_LEN, PmTimerRegister(self._start_ns)),)
 
     def timer(self) -> int:
         ticks = (self._clock_ns() - self._start_ns) * PM_TIMER_HZ // 1_000_000_000

@@ -54,18 +54,21 @@ class Device:
     #: thread instead of :meth:`write` on the vCPU's.  Where the backend has no
     #: ioevents, the write arrives through :meth:`write` as any other.
     doorbells: tuple[Doorbell, ...] = ()
-    #: Registers simple enough for the backend to answer inside its run, never
-    #: exiting (:mod:`pyvmm.served_io`): where the backend declares
-    #: ``SERVED_IO`` the machine registers them, and their accesses no longer
-    #: reach :meth:`read`/:meth:`write`.  A span's answers must be exactly what
-    #: :meth:`read`/:meth:`write` would give.
-    served_spans: tuple[ServedSpan, ...] = ()
 
     def read(self, offset: int, size: int) -> int:
         return ALL_ONES
 
     def write(self, offset: int, size: int, value: int) -> None:
         return None
+
+    def served_spans(self) -> tuple[ServedSpan, ...]:
+        """Registers simple enough for the backend to answer inside its run,
+        never exiting (:mod:`pyvmm.served_io`), asked once when the machine
+        starts: where the backend declares ``SERVED_IO`` the machine registers
+        them, and their accesses no longer reach :meth:`read`/:meth:`write`.
+        A span's answers must be exactly what :meth:`read`/:meth:`write` would
+        give.  None by default."""
+        return ()
 
     def doorbell_rung(self, doorbell: Doorbell) -> None:
         """One of :attr:`doorbells` was written at least once since the last

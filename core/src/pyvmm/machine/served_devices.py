@@ -1,6 +1,6 @@
 """Served registers for the machine's devices that declare them.
 
-A device lists in :attr:`pyvmm.devices.base.Device.served_spans` the registers
+A device lists in :meth:`pyvmm.devices.base.Device.served_spans` the registers
 the backend may answer without an exit (:mod:`pyvmm.served_io`: the ACPI PM
 timer is one).  Where the backend declares ``SERVED_IO`` the machine registers
 each span before the vCPUs start, and the guest's accesses to it are answered
@@ -25,7 +25,7 @@ def serve_device_registers(vm: Vm, pio: PortBus, mmio: MmioBus) -> int:
     served = 0
     for space, bus in buses:
         for base, _, device in bus.ranges:
-            for span in device.served_spans:
+            for span in device.served_spans():
                 vm.serve_io(IoEventAddress(space, base + span.offset), span.size, span.register)
                 served += 1
     return served
