@@ -153,6 +153,8 @@ def _with_large_xsave(vcpu: KvmVcpu) -> KvmVcpu:
     reading it takes KVM_GET_XSAVE2."""
     vcpu.xsave_size = lambda: 8192  # type: ignore[method-assign]
     return vcpu
+
+
 #: Events made before any descriptor is swapped for a closed one (an Event made
 #: afterwards could get that very number); closed after the module's tests.
 EVENTS = (Event(), Event())

@@ -96,6 +96,11 @@ class Machine:
     ) -> None:
         self.config = config if config is not None else MachineConfig()
         cfg = self.config
+        if restore is not None:
+            from pyvmm.snapshot import Snapshot, load
+
+            # Checked whole before anything is built: a damaged file creates no VM.
+            restore = restore if isinstance(restore, Snapshot) else load(restore)
         self.backend = backend if backend is not None else get_backend(cfg.backend, arch=cfg.arch)
         self.arch = machine_arch(cfg.arch, self.backend)
         #: The hypervisor's interrupt controllers, or the board's own (``irqchip`` setting).

@@ -7,7 +7,8 @@ After 5 ticks it writes port 0x5f0 (a snapshot request, ignored unless the
 machine saves one); after 10 it checksums its own memory (0x100000-0x105000:
 code, handler, IDT and the counter page) and writes, to the debug-exit port,
 the checksum plus ``rbx`` and ``r12``, set before the snapshot point: the
-registers and memory must both cross it.  :func:`expected_code`
+registers and memory must both cross it.  It sets its own stack (0x90000), so
+it also runs as a flat binary (:func:`snapshot_counter_flat`).  :func:`expected_code`
 computes the value from the image alone.
 """
 
@@ -34,6 +35,7 @@ SNAPSHOT_COUNTER = GuestProgram(
     "snapshot_counter",
     Arch.X86_64,
     """
+    mov esp, 0x90000
     mov al, 0x11
     out 0x20, al
     out 0xa0, al
@@ -86,9 +88,9 @@ SNAPSHOT_COUNTER = GuestProgram(
     out 0xf4, eax
 """,
     bytes.fromhex(
-        "b011e620e6a0b020e621b028e6a1b004e621b002e6a1b001e621e6a1b0fee621b0ffe6a1b034e643b0a9e640b004e6400f011c25"
-        "00201000bbed5e00004989dcbb0d600000fbf4833c25004010000572f5c70425044010000100000066baf005eef4833c25004010"
-        "000a72f5fabe0000100031c0c1c00533064883c6044881fe0050100072ee4c89e101c801d8e7f4"
+        "bc00000900b011e620e6a0b020e621b028e6a1b004e621b002e6a1b001e621e6a1b0fee621b0ffe6a1b034e643b0a9e640b004e6"
+        "400f011c2500201000bbed5e00004989dcbb0d600000fbf4833c25004010000572f5c70425044010000100000066baf005eef483"
+        "3c25004010000a72f5fabe0000100031c0c1c00533064883c6044881fe0050100072ee4c89e101c801d8e7f4"
     ),
 )
 
@@ -143,3 +145,13 @@ def expected_code() -> int:
     for (word,) in struct.iter_unpack("<I", memory):
         value = ((value << 5 | value >> 27) & 0xFFFF_FFFF) ^ word
     return (value + R12 + RBX) & 0xFFFF_FFFF
+
+
+def snapshot_counter_flat() -> bytes:
+    """The image as one flat binary to load at 0x100000 (``pyvmm run --kernel
+    FILE --load-address 0x100000``): the segments at their offsets, zeros between."""
+    start = p.CODE_ADDRESS
+    image = bytearray(COUNT - start)
+    for address, data in snapshot_counter_image().segments:
+        image[address - start : address - start + len(data)] = data
+    return bytes(image)
