@@ -179,7 +179,7 @@ def test_userspace_interrupt_controllers_cannot_be_saved_yet(kvm: Backend, tmp_p
     path = tmp_path / "userspace.snap"
     with (
         Machine(config, image=snapshot_counter_image(), snapshot_to=path) as machine,
-        pytest.raises(SnapshotError, match="cannot be snapshotted: .*pic"),
+        pytest.raises(SnapshotError, match=r"cannot be snapshotted: .*pic"),
     ):
         machine.run()
     assert not path.exists()
