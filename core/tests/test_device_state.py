@@ -14,6 +14,8 @@ from pyvmm.devices.acpi_pm import AcpiPm
 from pyvmm.devices.base import Device
 from pyvmm.devices.fw_cfg import FwCfg
 from pyvmm.devices.i8042 import COMMAND_PORT, DATA_PORT, I8042
+from pyvmm.devices.i8254 import Pit8254
+from pyvmm.devices.i8259 import PicPair
 from pyvmm.devices.pci import PciConfigSpace, PciHost
 from pyvmm.devices.poweroff import BochsPoweroff
 from pyvmm.devices.rtc import Rtc
@@ -174,3 +176,53 @@ def test_machine_device_sets_must_match() -> None:
     pio.register(0x700, 1, Device())  # a device that declares no state
     with pytest.raises(SnapshotError, match=r"cannot be snapshotted: pio@0x700:device"):
         save_devices(bus_devices(pio, mmio))
+
+
+def _programmed_pic() -> PicPair:
+    pic = PicPair()
+    master, slave, _ = pic.devices()
+    for port_device, base in ((master, 0x20), (slave, 0x28)):
+        port_device.write(0, 1, 0x11)  # ICW1: edge, cascade, ICW4
+        port_device.write(1, 1, base)  # ICW2: vector base
+        port_device.write(1, 1, 0x04 if base == 0x20 else 0x02)  # ICW3
+        port_device.write(1, 1, 0x01)  # ICW4: 8086 mode
+    master.write(1, 1, 0xFE)  # only IRQ 0 open
+    pic.set_irq(0, True)
+    return pic
+
+
+def test_the_pic_pair_keeps_its_programming_and_a_pending_request() -> None:
+    pic = _programmed_pic()
+    changes: list[int] = []
+    fresh = PicPair(on_change=lambda: changes.append(1))
+    fresh.load_state(pic.save_state())
+    assert fresh.save_state() == pic.save_state()
+    assert changes == [1], "the delivery is told to look at the restored output"
+    assert fresh.has_interrupt() and fresh.acknowledge() == 0x20
+    with pytest.raises(DeviceStateError, match="out of range"):
+        PicPair().load_state({**pic.save_state(), "master_init_step": 9})
+
+
+def test_the_pit_counts_on_from_where_it_was() -> None:
+    now = [1_000_000_000]
+    pit = Pit8254(clock=lambda: now[0])
+    ports, _ = pit.devices()
+    ports.write(3, 1, 0x34)  # counter 0, LSB then MSB, mode 2
+    ports.write(0, 1, 0xA9)
+    ports.write(0, 1, 0x04)  # 1193 counts: 1 kHz
+    now[0] += 300_000  # 0.3 ms into the period
+    state = pit.save_state()
+    later = [now[0] + 50 * 10**9]  # restored 50 s later on the host
+    reprogrammed: list[int] = []
+    restored = Pit8254(clock=lambda: later[0], on_reprogram=lambda: reprogrammed.append(1))
+    restored.load_state(state)
+    assert reprogrammed == [1]
+    assert restored.save_state() == state
+    deadline = restored.next_irq_deadline()
+    assert deadline is not None and 0 < deadline - later[0] <= 1_000_000
+    assert pit.next_irq_deadline() is not None
+    assert deadline - later[0] == pit.next_irq_deadline() - now[0]  # type: ignore[operator]
+    with pytest.raises(DeviceStateError, match="out of range"):
+        Pit8254().load_state({**state, "counter0_latched": b"abc"})
+    with pytest.raises(DeviceStateError, match="counter1_mode"):
+        Pit8254().load_state({**state, "counter1_mode": 9})

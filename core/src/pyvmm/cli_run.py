@@ -85,8 +85,7 @@ when the guest writes any value to port 0x5f0, or after --snapshot-after S
 seconds of running.  --restore FILE continues such a snapshot instead of
 booting: give it the options the snapshot was saved with (memory, cpus,
 irqchip, kernel); a damaged file or another machine's is an error (status 2)
-naming the difference.  Machines with --irqchip userspace or --testdev cannot
-be saved yet.
+naming the difference.  A machine with --testdev cannot be saved yet.
 
 Machine files: examples/machine.toml shows every key, with what it does.
 """

@@ -174,12 +174,26 @@ def test_the_vm_api_and_the_machine_refuse_each_others_snapshots(kvm: Backend, s
         Machine(CONFIG, image=EXIT_AT_ONCE, restore=vm_only)
 
 
-def test_userspace_interrupt_controllers_cannot_be_saved_yet(kvm: Backend, tmp_path: Path) -> None:
+def test_pyvmms_own_8259s_and_8254_are_saved_and_restored(kvm: Backend, tmp_path: Path) -> None:
+    """``irqchip = "userspace"``: the board's PIC pair and PIT are devices of
+    the machine, and their state crosses the snapshot as the in-kernel one does."""
     config = _config(irqchip="userspace")
     path = tmp_path / "userspace.snap"
+    with Machine(config, image=snapshot_counter_image(), snapshot_to=path) as machine:
+        assert machine.run().reason is StopReason.SNAPSHOT
+    image = snapshot.load(path)
+    assert image.vm_states == []
+    assert {"pio@0x20:pic", "pio@0x40:pit"} <= {d.key for d in image.devices or ()}
+    with Machine(config, image=EXIT_AT_ONCE, restore=path) as machine:
+        result = machine.run()
+    assert (result.reason, result.code) == (StopReason.DEBUG_EXIT, expected_code())
+
+
+def test_a_device_without_state_support_is_refused_by_name(kvm: Backend, tmp_path: Path) -> None:
+    path = tmp_path / "testdev.snap"
     with (
-        Machine(config, image=snapshot_counter_image(), snapshot_to=path) as machine,
-        pytest.raises(SnapshotError, match=r"cannot be snapshotted: .*pic"),
+        Machine(_config(testdev=True), image=snapshot_counter_image(), snapshot_to=path) as machine,
+        pytest.raises(SnapshotError, match=r"cannot be snapshotted: .*pc-testdev"),
     ):
         machine.run()
     assert not path.exists()

@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from pyvmm.devices.state import DeviceState, check_fields
+from pyvmm.devices.state import DeviceState, Stateful, check_fields
 
 #: What an absent device answers on a real bus: every data line floats high.
 ALL_ONES = 0xFFFF_FFFF_FFFF_FFFF
@@ -76,7 +76,7 @@ class Device:
         """Flush and release host resources when the machine stops."""
         return None
 
-    def state_holder(self) -> Device:
+    def state_holder(self) -> Stateful:
         """The object whose state this bus entry shows: itself, or the controller
         a port view belongs to (saved once however many views it has)."""
         return self

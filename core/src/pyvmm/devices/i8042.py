@@ -9,7 +9,7 @@ from __future__ import annotations
 from collections.abc import Callable
 
 from pyvmm.devices.base import Device
-from pyvmm.devices.state import DeviceState, DeviceStateError, check_fields, take
+from pyvmm.devices.state import DeviceState, DeviceStateError, Stateful, check_fields, take
 
 DATA_PORT = 0x60
 COMMAND_PORT = 0x64
@@ -138,5 +138,5 @@ class I8042Port(Device):
     def write(self, offset: int, size: int, value: int) -> None:
         self._controller.write_port(self._port, value)
 
-    def state_holder(self) -> Device:
+    def state_holder(self) -> Stateful:
         return self._controller

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import TypeVar
+from typing import Protocol, TypeVar
 
 from pyvmm.errors import PyvmmError
 
@@ -27,6 +27,21 @@ StateValue = int | bool | bytes
 DeviceState = dict[str, StateValue]
 
 _V = TypeVar("_V", int, bool, bytes)
+
+
+class Stateful(Protocol):
+    """What holds a device's state: a bus device, or the controller behind
+    several port views (:meth:`pyvmm.devices.base.Device.state_holder`)."""
+
+    @property
+    def name(self) -> str: ...
+
+    @property
+    def state_version(self) -> int | None: ...
+
+    def save_state(self) -> DeviceState: ...
+
+    def load_state(self, state: DeviceState) -> None: ...
 
 
 class DeviceStateError(PyvmmError):

@@ -22,9 +22,9 @@ Each vCPU's state is read and written on that vCPU's own thread
 (:attr:`Runner.vcpu_stopped`, :attr:`Runner.vcpu_ready`), after
 :func:`~pyvmm.snapshot.settle_vcpu` finished its last exit.  Devices are found
 on the machine's buses and keyed by where they sit, so the restore finds each
-one again: every device must declare its state (:mod:`pyvmm.devices.state`);
-one that cannot be snapshotted (the userspace 8259s and 8254 of
-``--irqchip userspace``, pc-testdev) makes the save refuse by name.
+one again (the 8259 pair and 8254 of ``--irqchip userspace`` too): every device
+must declare its state (:mod:`pyvmm.devices.state`); one that cannot be
+snapshotted (pc-testdev) makes the save refuse by name.
 """
 
 from __future__ import annotations
@@ -35,7 +35,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from pyvmm.devices.base import Device
-from pyvmm.devices.state import DeviceImage, DeviceStateError, check_version
+from pyvmm.devices.state import DeviceImage, DeviceStateError, Stateful, check_version
 from pyvmm.errors import ConfigError
 from pyvmm.machine.bus import MmioBus, PortBus
 from pyvmm.machine.outcome import STATUS_CLEAN, StopReason
@@ -74,10 +74,10 @@ class SnapshotRequestPort(Device):
             self.on_request()
 
 
-def bus_devices(pio: PortBus, mmio: MmioBus) -> dict[str, Device]:
+def bus_devices(pio: PortBus, mmio: MmioBus) -> dict[str, Stateful]:
     """Every device whose state a snapshot holds, keyed by its bus, address and
     name (port views of one controller count once, at their first address)."""
-    found: dict[str, Device] = {}
+    found: dict[str, Stateful] = {}
     seen: set[int] = set()
     for space, bus in (("pio", pio), ("mmio", mmio)):
         for base, _, device in bus.ranges:
@@ -89,7 +89,7 @@ def bus_devices(pio: PortBus, mmio: MmioBus) -> dict[str, Device]:
     return found
 
 
-def save_devices(devices: dict[str, Device]) -> list[DeviceImage]:
+def save_devices(devices: dict[str, Stateful]) -> list[DeviceImage]:
     """Each device's state.
 
     :raises SnapshotError: a device cannot be snapshotted (named).
@@ -100,7 +100,7 @@ def save_devices(devices: dict[str, Device]) -> list[DeviceImage]:
     return [DeviceImage(key, device.state_version or 0, device.save_state()) for key, device in devices.items()]
 
 
-def load_devices(devices: dict[str, Device], images: list[DeviceImage]) -> None:
+def load_devices(devices: dict[str, Stateful], images: list[DeviceImage]) -> None:
     """Give each device its saved state.
 
     :raises SnapshotError: the devices differ from the snapshot's, or a state
