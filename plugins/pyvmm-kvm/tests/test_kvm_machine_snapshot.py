@@ -11,12 +11,14 @@ from pathlib import Path
 import pytest
 
 from pyvmm import cli, snapshot
+from pyvmm.arch.x86_64 import MpState
 from pyvmm.boot import X86Mode
 from pyvmm.devices.state import DeviceImage
 from pyvmm.machine import GuestImage, Machine, MachineConfig
 from pyvmm.machine.outcome import StopReason
 from pyvmm.snapshot import Snapshot, SnapshotError
 from pyvmm.testing.guests.snapshot_counter import expected_code, snapshot_counter_flat, snapshot_counter_image
+from pyvmm.vcpu_state import StateKind
 from pyvmm.vm import Backend, Vm
 from pyvmm.vm_state import VmStateKind
 
@@ -71,6 +73,19 @@ def test_the_snapshot_holds_the_irqchip_pit_clock_and_every_device(saved: Path) 
 
 def test_a_restored_machine_continues_where_it_stopped(saved: Path) -> None:
     with Machine(CONFIG, image=EXIT_AT_ONCE, restore=saved) as machine:
+        result = machine.run()
+    assert (result.reason, result.code) == (StopReason.DEBUG_EXIT, expected_code())
+
+
+def test_a_second_vcpu_waiting_for_its_sipi_is_restored_waiting(kvm: Backend, tmp_path: Path) -> None:
+    config = _config(cpus=2)
+    path = tmp_path / "smp.snap"
+    with Machine(config, image=snapshot_counter_image(), snapshot_to=path) as machine:
+        assert machine.run().reason is StopReason.SNAPSHOT
+    image = snapshot.load(path)
+    mp_states = [dict(states)[StateKind.MP_STATE] for states in image.vcpus]
+    assert mp_states == [MpState.RUNNABLE, MpState.UNINITIALIZED]
+    with Machine(config, image=EXIT_AT_ONCE, restore=path) as machine:
         result = machine.run()
     assert (result.reason, result.code) == (StopReason.DEBUG_EXIT, expected_code())
 
