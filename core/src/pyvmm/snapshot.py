@@ -57,7 +57,7 @@ from pyvmm.config import PAGE_SIZE, Arch
 from pyvmm.devices.state import DeviceImage
 from pyvmm.errors import PyvmmError, VmStateError
 from pyvmm.exits import ExitKind
-from pyvmm.host.residency import resident_pages
+from pyvmm.host.residency import touched_pages
 from pyvmm.reset_point import default_kinds, restorable_msrs, saves_msrs, settle
 from pyvmm.vcpu_state import StateKind
 from pyvmm.vm import Backend, Vcpu, Vm
@@ -247,20 +247,20 @@ def save(vm: Vm, path: str | os.PathLike[str], kinds: Sequence[StateKind] | None
 
 def _nonzero_pages(view: memoryview) -> dict[int, bytes]:
     """The pages of ``view`` that are not all zero.  Guest RAM is mostly zero:
-    pages never touched (not resident, :func:`resident_pages`) are skipped
-    unread; the rest are compared :data:`_SCAN_PAGES` pages at a time, and only
+    pages never touched (:func:`~pyvmm.host.residency.touched_pages`) are
+    skipped unread; the rest are compared :data:`_SCAN_PAGES` pages at a time, and only
     a chunk that is not all zero page by page."""
     pages = {}
     zero_page = bytes(PAGE_SIZE)
     zero_chunk = bytes(_SCAN_PAGES * PAGE_SIZE)
     count = len(view) // PAGE_SIZE
-    resident = resident_pages(view)
+    touched = touched_pages(view)
     host_pages_per_chunk = (_SCAN_PAGES * PAGE_SIZE) // mmap.PAGESIZE
     for first in range(0, count, _SCAN_PAGES):
         end = min(first + _SCAN_PAGES, count)
-        if resident is not None:
+        if touched is not None:
             host_first = first * PAGE_SIZE // mmap.PAGESIZE
-            if not any(resident[host_first : host_first + host_pages_per_chunk]):
+            if not any(touched[host_first : host_first + host_pages_per_chunk]):
                 continue
         # Copied out first: bytes compare with memcmp, a memoryview item by item.
         chunk = view[first * PAGE_SIZE : end * PAGE_SIZE].tobytes()
