@@ -109,3 +109,28 @@ def test_an_irqchip_guest_on_the_vm_api_continues_after_a_restore(kvm: Backend, 
         vcpu2.set_cpuid(restored.supported_cpuid())
         restored_code = int.from_bytes(_run_to(vcpu2, DEBUG_EXIT).data, "little")
     assert never_stopped == restored_code == expected_code()
+
+
+#: Where the upper half of ymm5 lives in the standard XSAVE layout (AVX
+#: component at 576, 16 bytes per register): only XSAVE carries it, not the FPU set.
+YMM5_HIGH = slice(576 + 16 * 5, 576 + 16 * 6)
+
+
+def test_the_upper_half_of_a_ymm_register_crosses_a_snapshot(kvm: Backend, tmp_path: Path) -> None:
+    path = tmp_path / "xsave.snap"
+    vm, vcpu = _counter_vm(kvm)
+    with vm:
+        area = bytearray(vcpu.get_state(StateKind.XSAVE).region)
+        area[YMM5_HIGH] = b"pyvmm-ymm5-upper"
+        area[512] |= 0x4  # XSTATE_BV: the AVX component is in use
+        try:
+            vcpu.set_state(StateKind.XSAVE, Xsave(bytes(area)))
+        except HypervisorError as exc:
+            pytest.skip(f"this KVM gives the guest no AVX state: {exc}")
+        if vcpu.get_state(StateKind.XSAVE).region[YMM5_HIGH] != b"pyvmm-ymm5-upper":
+            pytest.skip("this KVM gives the guest no AVX state")
+        _run_to(vcpu, SNAPSHOT_PORT)
+        snapshot.save(vm, path)
+    with snapshot.restore(kvm, path) as restored:
+        (vcpu2,) = restored.vcpus
+        assert vcpu2.get_state(StateKind.XSAVE).region[YMM5_HIGH] == b"pyvmm-ymm5-upper"
