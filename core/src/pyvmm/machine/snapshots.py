@@ -57,6 +57,8 @@ from pyvmm.vm import Vcpu, Vm
 
 #: The port a guest writes to ask for a snapshot (unused on the PC otherwise).
 SNAPSHOT_PORT = 0x5F0
+#: How long a stopped vCPU waits for the others before the snapshot is given up.
+STOP_WAIT_SECONDS = 10.0
 
 
 class SnapshotRequestPort(Device):
@@ -152,6 +154,8 @@ class MachineSnapshots:
         pio.register(SNAPSHOT_PORT, 1, self.request_port)
         self._images: dict[int, VcpuImage] = {}
         self._lock = threading.Lock()
+        #: Every vCPU thread waits here, settled, before any reads its state.
+        self._all_stopped: threading.Barrier | None = None
         if self.save_to is not None:
             if not self.save_to.parent.is_dir():
                 raise ConfigError(f"snapshot_to: {self.save_to.parent} is not a directory")
@@ -164,9 +168,20 @@ class MachineSnapshots:
         self.runner.request_stop(StopReason.SNAPSHOT, STATUS_CLEAN, f"the guest asked for a snapshot ({self.save_to})")
 
     def _vcpu_stopped(self, vcpu: Vcpu) -> None:
+        """On each vCPU's thread as its loop ends.  The state is read only once
+        every vCPU stopped: a vCPU still running could otherwise change another's
+        after it was read (an IPI landing in a local APIC already saved)."""
         if self.runner.stop_reason is not StopReason.SNAPSHOT:
             return
         settle_vcpu(vcpu)
+        with self._lock:
+            if self._all_stopped is None:
+                self._all_stopped = threading.Barrier(len(self.vm.vcpus))
+            barrier = self._all_stopped
+        try:
+            barrier.wait(STOP_WAIT_SECONDS)
+        except threading.BrokenBarrierError:
+            return  # a vCPU never got here: save() names the vCPUs without an image
         image = capture_vcpu(vcpu)
         with self._lock:
             self._images[vcpu.index] = image
@@ -181,7 +196,10 @@ class MachineSnapshots:
         count = len(self.vm.vcpus)
         missing = [i for i in range(count) if i not in self._images]
         if missing:
-            raise SnapshotError(f"vCPU(s) {missing} stopped before they ran: the machine cannot be saved")
+            raise SnapshotError(
+                f"vCPU(s) {missing} did not stop for the snapshot (never ran, or did not leave the guest in "
+                f"{STOP_WAIT_SECONDS:g} s): the machine cannot be saved"
+            )
         devices = save_devices(bus_devices(self.pio, self.mmio))
         image = capture_vm(self.vm, [self._images[i] for i in range(count)], devices)
         write(image, self.save_to)
