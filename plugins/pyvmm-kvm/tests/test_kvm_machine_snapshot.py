@@ -14,6 +14,7 @@ from pyvmm import cli, snapshot
 from pyvmm.arch.x86_64 import MpState
 from pyvmm.boot import X86Mode
 from pyvmm.devices.state import DeviceImage
+from pyvmm.errors import ConfigError
 from pyvmm.machine import GuestImage, Machine, MachineConfig
 from pyvmm.machine.outcome import StopReason
 from pyvmm.snapshot import Snapshot, SnapshotError
@@ -240,3 +241,23 @@ def test_pyvmm_run_saves_after_a_time(kvm: Backend, tmp_path: Path) -> None:
     if saved != 0:
         pytest.skip("the guest finished before the snapshot time on this (loaded) machine")
     assert cli.main([*base, "--restore", str(path)]) == (expected_code() << 1 | 1) & 0xFF
+
+
+@pytest.mark.parametrize(
+    ("options", "words"),
+    [
+        ({"snapshot_after": 1.0}, "needs a file"),
+        ({"snapshot_to": "snap", "snapshot_after": 0.0}, "above 0 seconds"),
+        ({"snapshot_to": "no/such/directory/snap"}, "is not a directory"),
+    ],
+    ids=["time-without-file", "zero-time", "no-directory"],
+)
+def test_bad_snapshot_options_are_config_errors_and_leave_nothing(
+    kvm: Backend, tmp_path: Path, options: dict[str, object], words: str
+) -> None:
+    if "snapshot_to" in options:
+        options = {**options, "snapshot_to": tmp_path / str(options["snapshot_to"])}
+    before = _fds()
+    with pytest.raises(ConfigError, match=words):
+        Machine(CONFIG, image=EXIT_AT_ONCE, **options)  # type: ignore[arg-type]
+    assert _fds() == before
