@@ -67,6 +67,7 @@ if TYPE_CHECKING:
     from pyvmm.manifest import BackendManifest
     from pyvmm.memory import RamRegion
     from pyvmm.vcpu_state import IoEventAddress, StateKind
+    from pyvmm.vm_state import VmStateKind
 
 PROJECT = "pyvmm"
 hookspec = pluggy.HookspecMarker(PROJECT)
@@ -878,4 +879,39 @@ def pyvmm_take_coalesced_io(vm: Any) -> list[CoalescedWrite]:
 
         def take_coalesced_io(self) -> list[CoalescedWrite]:   # KvmVm
             return self.ring.take()   # entries first..last of the shared ring page
+    """
+
+
+# --- complete snapshots (contract version 3) -------------------------------------
+
+
+@hookspec
+@hook_info(on="vm", capability=Cap.VM_STATE, since=3)
+def pyvmm_get_vm_state(vm: Any, kind: VmStateKind) -> bytes:
+    """``VM_STATE``: the hypervisor's image of one of its VM-wide devices (see
+    :class:`pyvmm.vm_state.VmStateKind`), as bytes core stores unread.
+
+    :raises HypervisorError: the VM has no such device (KVM: no irqchip yet).
+
+    Example::
+
+        def get_vm_state(self, kind: VmStateKind) -> bytes:   # KvmVm
+            if kind is VmStateKind.PIT:
+                return self.get_pit2()            # KVM_GET_PIT2
+            return self.get_irqchip(CHIPS[kind])  # KVM_GET_IRQCHIP
+    """
+
+
+@hookspec
+@hook_info(on="vm", capability=Cap.VM_STATE, since=3)
+def pyvmm_set_vm_state(vm: Any, kind: VmStateKind, data: bytes) -> None:
+    """``VM_STATE``: replace one VM-wide device's state with an image
+    :func:`pyvmm_get_vm_state` returned (on this hypervisor).
+
+    :raises ConfigError: ``data`` is not the size the hypervisor's image has.
+
+    Example::
+
+        def set_vm_state(self, kind: VmStateKind, data: bytes) -> None:   # KvmVm
+            self.set_pit2(data) if kind is VmStateKind.PIT else self.set_irqchip(CHIPS[kind], data)
     """

@@ -40,6 +40,7 @@ from pyvmm.manifest import Availability, BackendManifest
 from pyvmm.memory import GuestMemory, RamRegion
 from pyvmm.plugins import BackendPlugin, PluginRegistry, default_registry
 from pyvmm.vcpu_state import IoEventAddress, StateKind
+from pyvmm.vm_state import VmStateKind
 
 if TYPE_CHECKING:
     from pyvmm.coalesced import CoalescedWrite
@@ -159,6 +160,8 @@ class BackendHooks:
     check_raw_capability: Callable[[Any, int], int]
     enable_raw_capability: Callable[[Any, int, int, tuple[int, ...]], int]
     enable_vcpu_raw_capability: Callable[[Any, int, int, tuple[int, ...]], int]
+    get_vm_state: Callable[[Any, VmStateKind], bytes]
+    set_vm_state: Callable[[Any, VmStateKind, bytes], None]
 
     def __init__(self, plugin: BackendPlugin, capabilities: CapabilitySet) -> None:
         version = plugin.manifest.contract_version
@@ -268,6 +271,8 @@ class Vm:
         self._started = False
         self._closed = False
         self._hooks = backend.hooks
+        #: Set by :meth:`create_irqchip`: the hypervisor's interrupt controllers exist.
+        self.has_irqchip = False
 
     def __enter__(self) -> Vm:
         return self
@@ -460,6 +465,7 @@ class Vm:
         if self.vcpus:
             raise VmStateError("the irqchip must be created before the first vCPU")
         self._hooks.create_irqchip(self.handle)
+        self.has_irqchip = True
 
     def set_irq_line(self, line: int, level: bool) -> None:
         self._check_open()
@@ -615,6 +621,18 @@ class Vm:
             raise ConfigError(f"ioevent length must be 0 (any), 1, 2, 4 or 8, not {length}")
         if datamatch is not None and length == 0:
             raise ConfigError("an ioevent with datamatch needs a length")
+
+    def get_vm_state(self, kind: VmStateKind) -> bytes:
+        """The hypervisor's image of one of its VM-wide devices (``VM_STATE``)."""
+        self._check_open()
+        return bytes(self._hooks.get_vm_state(self.handle, kind))
+
+    def set_vm_state(self, kind: VmStateKind, data: bytes) -> None:
+        """Replace one VM-wide device's state with an image :meth:`get_vm_state` returned."""
+        self._check_open()
+        if not isinstance(data, (bytes, bytearray)):
+            raise ConfigError(f"VM state {kind.value}: bytes are needed, not {type(data).__name__}")
+        self._hooks.set_vm_state(self.handle, kind, bytes(data))
 
     def get_clock(self) -> int:
         self._check_open()

@@ -32,6 +32,7 @@ from pyvmm.manifest import CONTRACT_VERSION, Availability, BackendManifest
 from pyvmm.memory import RamRegion
 from pyvmm.plugins import REQUIRED_HOOKS
 from pyvmm.vcpu_state import IoEventAddress, StateKind
+from pyvmm.vm_state import VmStateKind
 
 if TYPE_CHECKING:
     from pyvmm.host import Event
@@ -391,6 +392,15 @@ class ContractTestBackend:
     def pyvmm_take_coalesced_io(self, vm: TestVm) -> list[CoalescedWrite]:
         self._record("pyvmm_take_coalesced_io")
         return []
+
+    @hookimpl
+    def pyvmm_get_vm_state(self, vm: TestVm, kind: VmStateKind) -> bytes:
+        self._record("pyvmm_get_vm_state", kind)
+        return bytes(16)
+
+    @hookimpl
+    def pyvmm_set_vm_state(self, vm: TestVm, kind: VmStateKind, data: bytes) -> None:
+        self._record("pyvmm_set_vm_state", kind, data)
 
 
 def _known(cap: Capability | str) -> bool:

@@ -55,6 +55,10 @@ CAPABILITIES = (
     # Exits avoided (pyvmm_kvm.coalesced).
     Capability.COALESCED_IO,
     Capability.COALESCED_PIO,
+    # Complete snapshots (pyvmm_kvm.irqchip_state, KvmVcpu.get_xsave).
+    Capability.XSAVE,
+    Capability.MP_STATE,
+    Capability.VM_STATE,
 )
 
 

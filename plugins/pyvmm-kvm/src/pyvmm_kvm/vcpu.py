@@ -17,7 +17,7 @@ import errno
 import struct
 from typing import Any
 
-from pyvmm.arch.x86_64 import CpuidEntry, Lapic, MpState, MsrEntry, VcpuEvents, Xcr
+from pyvmm.arch.x86_64 import CpuidEntry, Lapic, MpState, MsrEntry, VcpuEvents, Xcr, Xsave
 from pyvmm.boot import VcpuInit, X86VcpuInit
 from pyvmm.errors import ConfigError, HypervisorError, MsrAccessError, UnknownExitError
 from pyvmm.exits import (
@@ -257,6 +257,8 @@ class KvmVcpu(KvmVcpuCommon):
         if kind is StateKind.XCRS:
             raw = self._get("struct kvm_xcrs *", k.KVM_GET_XCRS)
             return [Xcr(raw.xcrs[i].xcr, raw.xcrs[i].value) for i in range(raw.nr_xcrs)]
+        if kind is StateKind.XSAVE:
+            return self.get_xsave()
         raise ConfigError(f"KVM x86 vCPUs have no {kind.value} state")
 
     def set_state(self, kind: StateKind, value: Any) -> None:
@@ -288,8 +290,41 @@ class KvmVcpu(KvmVcpuCommon):
             for i, xcr in enumerate(value):
                 raw.xcrs[i].xcr, raw.xcrs[i].value = xcr.index, xcr.value
             self.host.ioctl(self.fd, k.KVM_SET_XCRS, raw)
+        elif kind is StateKind.XSAVE:
+            self.set_xsave(value)
         else:
             raise ConfigError(f"KVM x86 vCPUs have no {kind.value} state")
+
+    # --- XSAVE (docs/backends/kvm.md §4) --------------------------------------------
+    def xsave_size(self) -> int:
+        """The bytes of this VM's XSAVE image: ``KVM_CAP_XSAVE2``'s answer where the
+        kernel has it (larger than 4 KiB with AMX), else ``struct kvm_xsave``'s 4 KiB."""
+        base = int(ffi.sizeof("struct kvm_xsave"))
+        return max(base, int(self.vm.check_raw_capability(k.KVM_CAP_XSAVE2)))
+
+    def get_xsave(self) -> Xsave:
+        """``KVM_GET_XSAVE2`` into a buffer of :meth:`xsave_size` bytes, or
+        ``KVM_GET_XSAVE`` where 4 KiB is all (api.rst: XSAVE2 "with a buffer of the
+        size KVM_CHECK_EXTENSION(KVM_CAP_XSAVE2) returns")."""
+        size = self.xsave_size()
+        raw = ffi.new("char[]", size)
+        request = k.KVM_GET_XSAVE2 if size > ffi.sizeof("struct kvm_xsave") else k.KVM_GET_XSAVE
+        self.host.ioctl(self.fd, request, raw)
+        return Xsave(bytes(ffi.buffer(raw)))
+
+    def set_xsave(self, value: Xsave) -> None:
+        """``KVM_SET_XSAVE``, which reads :meth:`xsave_size` bytes.  A smaller image
+        (from a host with fewer XSAVE components) is padded with zeros: its header's
+        XSTATE_BV says the components past it are in their initial state."""
+        size = self.xsave_size()
+        region = bytes(value.region)
+        if len(region) > size:
+            raise ConfigError(
+                f"an XSAVE image of {len(region)} bytes does not fit this KVM's {size}: it comes from a host "
+                "with XSAVE components this one lacks"
+            )
+        raw = ffi.new("char[]", region.ljust(size, b"\0"))
+        self.host.ioctl(self.fd, k.KVM_SET_XSAVE, raw)
 
     def get_msrs(self, indices: list[int]) -> list[MsrEntry]:
         """``KVM_GET_MSRS``.  KVM returns how many it read and stops at the first it
