@@ -10,6 +10,7 @@ from __future__ import annotations
 import errno
 from typing import TYPE_CHECKING, Any
 
+from pyvmm.backend import address_of
 from pyvmm.config import PAGE_SIZE
 from pyvmm.errors import HypervisorError
 from pyvmm.memory import RamRegion
@@ -34,9 +35,10 @@ class KvmVmCommon:
     host: DeviceHost
     fd: int
     regions: dict[int, RamRegion]
-    #: Per memory slot: the region, its ``struct kvm_dirty_log`` and a view of the
-    #: bitmap it points at (made on the first :meth:`get_dirty_log`).
-    _dirty_logs: dict[int, tuple[RamRegion, Any, Any]]
+    #: Per memory slot: the region, its ``struct kvm_dirty_log`` and bitmap (kept
+    #: alive here), the struct's address and a view of the bitmap (made on the
+    #: first :meth:`get_dirty_log`).
+    _dirty_logs: dict[int, tuple[RamRegion, Any, int, Any]]
 
     # --- memory -----------------------------------------------------------------
     def _set_region(self, slot: int, flags: int, gpa: int, size: int, host_addr: int) -> None:
@@ -85,9 +87,10 @@ class KvmVmCommon:
             bitmap = self._ffi.new("uint8_t[]", (pages + 63) // 64 * 8)
             log = self._ffi.new("struct kvm_dirty_log *", {"slot": region.slot})
             log.dirty_bitmap = bitmap
-            buffers = self._dirty_logs[region.slot] = (region, log, self._ffi.buffer(bitmap, (pages + 7) // 8))
-        _, log, view = buffers
-        self.host.ioctl(self.fd, k.KVM_GET_DIRTY_LOG, log)
+            view = self._ffi.buffer(bitmap, (pages + 7) // 8)
+            buffers = self._dirty_logs[region.slot] = (region, (log, bitmap), address_of(log), view)
+        _, _, address, view = buffers
+        self.host.ioctl(self.fd, k.KVM_GET_DIRTY_LOG, address)
         return bytes(view)
 
     # --- ioeventfds ---------------------------------------------------------------
