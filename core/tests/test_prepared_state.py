@@ -95,6 +95,14 @@ def test_bad_states_are_refused_when_prepared_not_when_restored(make_backend: Ma
         assert not [c for c in test_backend.calls if c[0] in WRITES]
 
 
+def test_events_of_another_type_are_refused(make_backend: MakeBackend) -> None:
+    _, backend = make_backend(REGISTERS)
+    with backend.create_vm() as vm:
+        vcpu = vm.create_vcpu()
+        with pytest.raises(ConfigError, match="VcpuEvents is needed, not dict"):
+            vcpu.prepare_state(SavedVcpuState((), (), {}))  # type: ignore[arg-type]
+
+
 def test_prepare_and_restore_keep_to_the_vcpu_thread(make_backend: MakeBackend) -> None:
     _, backend = make_backend(REGISTERS)
     with backend.create_vm() as vm:

@@ -872,12 +872,12 @@ class Vcpu:
         if state.msrs:
             self._backend.require(Capability.MSRS, "restore MSRs")
             _check_records(list(state.msrs))
-        if state.events is not None:
+        events: object = state.events
+        if events is not None:
             self._backend.require(Capability.VCPU_EVENTS, "restore pending events")
-            if not isinstance(state.events, VcpuEvents):
-                kind = type(state.events).__name__
-                raise ConfigError(f"events: a pyvmm.arch.x86_64.VcpuEvents is needed, not {kind}")
-            state.events.check()
+            if not isinstance(events, VcpuEvents):
+                raise ConfigError(f"events: a pyvmm.arch.x86_64.VcpuEvents is needed, not {type(events).__name__}")
+            events.check()
         if self._backend.supports(Capability.PREPARED_VCPU_STATE):
             return PreparedVcpuState(self, state, self._hooks.prepare_vcpu_state(self.handle, state))
         # Written back through the register hooks: a copy, so that what was

@@ -6,6 +6,7 @@ from __future__ import annotations
 import pytest
 
 from pyvmm.boot import BootSpec, X86Mode
+from pyvmm.config import Arch
 from pyvmm.errors import ConfigError
 from pyvmm.exits import ExitKind, IoExit
 from pyvmm.reset_point import ResetPoint, restorable_msrs
@@ -108,7 +109,7 @@ def test_a_reset_restores_fpu_debug_msr_and_xcr_state_the_guest_changed(kvm: Bac
         vm.memory.write(LONG_CODE, STATE_CHANGER)
         vm.memory.write(LONG_DATA, bytes(range(1, 17)))
         vcpu = vm.create_vcpu()
-        vm.boot(BootSpec(arch="x86_64", entry=LONG_CODE, x86_mode=X86Mode.LONG))
+        vm.boot(BootSpec(arch=Arch.X86_64, entry=LONG_CODE, x86_mode=X86Mode.LONG))
         point = ResetPoint.capture(vm)
         before = (vcpu.get_fpu(), vcpu.get_debug_regs(), vcpu.get_msrs([0xC0000102]), vcpu.get_sregs())
         xcrs = vcpu.get_state(StateKind.XCRS)
