@@ -57,12 +57,12 @@ class Write:
 
 
 class PreparedWrites:
-    """What :func:`prepare` returns: the writes, in order, for one vCPU."""
+    """What :func:`prepare` returns: the writes, in order, for one vCPU (core
+    hands it back to that vCPU only)."""
 
-    __slots__ = ("vcpu", "writes")
+    __slots__ = ("writes",)
 
-    def __init__(self, vcpu: KvmVcpu, writes: list[Write]) -> None:
-        self.vcpu = vcpu
+    def __init__(self, writes: list[Write]) -> None:
         self.writes = tuple(writes)
 
 
@@ -74,7 +74,7 @@ def prepare(vcpu: KvmVcpu, state: SavedVcpuState) -> PreparedWrites:
     writes += [_register_set(vcpu, kind, value) for kind, value in state.states]
     if state.events is not None:
         writes.append(Write(k.KVM_SET_VCPU_EVENTS, regs.events_to_kvm(state.events)))
-    return PreparedWrites(vcpu, writes)
+    return PreparedWrites(writes)
 
 
 def restore(vcpu: KvmVcpu, prepared: PreparedWrites) -> None:
