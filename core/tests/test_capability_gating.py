@@ -265,8 +265,10 @@ def test_declared_capability_reaches_the_backend(make_backend: MakeBackend, gate
 
 def test_every_optional_vm_or_vcpu_hook_has_a_gate() -> None:
     """A new optional hook must get a row in GATES (boot context and start are
-    covered by test_boot_context)."""
+    covered by test_boot_context; the prepared vCPU state, which core writes
+    through the register hooks where the backend lacks it, by test_prepared_state)."""
     covered = {gate.hook for gate in GATES} | {"pyvmm_set_boot_context", "pyvmm_start_vm"}
+    covered |= {"pyvmm_prepare_vcpu_state", "pyvmm_restore_vcpu_state"}
     assert set(CAPABILITY_BY_HOOK) <= covered
 
 

@@ -72,6 +72,13 @@ class Capability(str, enum.Enum):
     """vCPU registers can be read and written (hooks ``pyvmm_get_vcpu_state``/``pyvmm_set_vcpu_state``)."""
     MSRS = "msrs"
     """x86 MSRs can be read and written (hooks ``pyvmm_get_msrs``/``pyvmm_set_msrs``)."""
+    PREPARED_VCPU_STATE = "prepared_vcpu_state"
+    """A vCPU's saved state (register sets, MSRs, pending events: a
+    :class:`pyvmm.prepared_state.SavedVcpuState`) can be made ready once and then
+    written back many times at the cost of the hypervisor's own calls, with no
+    conversion per write (hooks ``pyvmm_prepare_vcpu_state``/
+    ``pyvmm_restore_vcpu_state``; what a dirty-page reset does every iteration).
+    Without it core writes the state back with the register hooks."""
     CPUID = "cpuid"
     """The backend reports its supported CPUID and accepts a vCPU CPUID table
     (hooks ``pyvmm_get_supported_cpuid``/``pyvmm_set_cpuid``)."""

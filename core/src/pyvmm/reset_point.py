@@ -14,7 +14,9 @@ pages those are (``DIRTY_LOG``; KVM clears the log as it hands it over), so::
         point.reset()                  # dirty pages and vCPU registers back
 
 A reset copies each run of consecutive dirty pages back from the saved copy in
-one slice assignment (a ``memcpy``) and sets the saved vCPU register sets again.
+one slice assignment (a ``memcpy``) and writes the saved vCPU state back from
+what :meth:`pyvmm.vm.Vcpu.prepare_state` made of it at the capture (on KVM, the
+``KVM_SET_*`` structs, filled once: a reset costs the ioctls alone).
 What it covers: guest RAM, and per vCPU the register sets of ``kinds`` (by
 default, x86: general, segment/control, FPU/SSE and debug registers, plus XCRs
 where the backend declares ``XCRS``; aarch64: the core registers), the pending
@@ -37,17 +39,16 @@ which records the pages it touches for the next reset::
 
 from __future__ import annotations
 
-import copy
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
 
-from pyvmm.arch.x86_64 import MsrEntry, VcpuEvents
+from pyvmm.arch.x86_64 import MsrEntry
 from pyvmm.capabilities import Capability
 from pyvmm.config import PAGE_SIZE, Arch
 from pyvmm.errors import ConfigError, MsrAccessError, VmStateError
 from pyvmm.exits import ExitKind
 from pyvmm.memory import RamRegion
+from pyvmm.prepared_state import PreparedVcpuState, SavedVcpuState
 from pyvmm.vcpu_state import StateKind
 from pyvmm.vm import Vcpu, Vm
 
@@ -60,14 +61,6 @@ class _SavedRegion:
     region: RamRegion
     #: A view, so that slicing it copies nothing (slicing bytes would copy).
     contents: memoryview
-
-
-@dataclass
-class _SavedVcpu:
-    vcpu: Vcpu
-    states: list[tuple[StateKind, Any]]
-    events: VcpuEvents | None
-    msrs: list[MsrEntry] | None = None
 
 
 def settle(vm: Vm) -> None:
@@ -143,10 +136,21 @@ def default_kinds(vm: Vm) -> tuple[StateKind, ...]:
     return X86_KINDS + extra
 
 
+def _saved_state(
+    vcpu: Vcpu, kinds: Sequence[StateKind], with_events: bool, msr_indices: Sequence[int] | None
+) -> SavedVcpuState:
+    """``vcpu``'s state now: what a reset writes back to it."""
+    return SavedVcpuState(
+        tuple((kind, vcpu.get_state(kind)) for kind in kinds),
+        () if msr_indices is None else tuple(restorable_msrs(vcpu, msr_indices)),
+        vcpu.get_events() if with_events else None,
+    )
+
+
 class ResetPoint:
     """A VM's memory and vCPU registers at one moment, to reset to cheaply."""
 
-    def __init__(self, vm: Vm, regions: list[_SavedRegion], vcpus: list[_SavedVcpu]) -> None:
+    def __init__(self, vm: Vm, regions: list[_SavedRegion], vcpus: list[PreparedVcpuState]) -> None:
         self.vm = vm
         self._regions = regions
         self._vcpus = vcpus
@@ -194,15 +198,7 @@ class ResetPoint:
         with_events = vm.backend.supports(Capability.VCPU_EVENTS) and vm.config.arch is Arch.X86_64
         msr_indices = vm.msr_index_list() if saves_msrs(vm) else None
         settle(vm)
-        saved_vcpus = [
-            _SavedVcpu(
-                vcpu,
-                [(kind, copy.deepcopy(vcpu.get_state(kind))) for kind in chosen],
-                copy.deepcopy(vcpu.get_events()) if with_events else None,
-                None if msr_indices is None else restorable_msrs(vcpu, msr_indices),
-            )
-            for vcpu in vm.vcpus
-        ]
+        saved_vcpus = [vcpu.prepare_state(_saved_state(vcpu, chosen, with_events, msr_indices)) for vcpu in vm.vcpus]
         saved_regions = []
         for region in regions:
             vm.dirty_log(region)  # from here on, the log holds exactly what changed
@@ -235,16 +231,8 @@ class ResetPoint:
         return pages
 
     def _restore_vcpus(self) -> None:
-        for saved in self._vcpus:
-            vcpu = saved.vcpu
-            # MSRs first: the register sets after them win where both hold a
-            # value (EFER is in the segment registers and in the MSRs).
-            if saved.msrs:
-                vcpu.set_msrs(saved.msrs)
-            for kind, value in saved.states:
-                vcpu.set_state(kind, value)
-            if saved.events is not None:
-                vcpu.set_events(saved.events)
+        for prepared in self._vcpus:
+            prepared.vcpu.restore_state(prepared)
 
     def restore_all(self) -> None:
         """Copy back the whole of guest RAM (and the registers), whatever the

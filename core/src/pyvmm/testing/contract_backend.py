@@ -31,6 +31,7 @@ from pyvmm.interrupts import IrqRoute
 from pyvmm.manifest import CONTRACT_VERSION, Availability, BackendManifest
 from pyvmm.memory import RamRegion
 from pyvmm.plugins import REQUIRED_HOOKS
+from pyvmm.prepared_state import SavedVcpuState
 from pyvmm.vcpu_state import IoEventAddress, StateKind
 from pyvmm.vm_state import VmStateKind
 
@@ -234,6 +235,17 @@ class ContractTestBackend:
     def pyvmm_set_vcpu_state(self, vcpu: TestVcpu, kind: StateKind, value: Any) -> None:
         self._record("pyvmm_set_vcpu_state", kind, value)
         setattr(vcpu, kind.value, value)
+
+    @hookimpl
+    def pyvmm_prepare_vcpu_state(self, vcpu: TestVcpu, state: SavedVcpuState) -> tuple[TestVcpu, SavedVcpuState]:
+        self._record("pyvmm_prepare_vcpu_state", state)
+        return (vcpu, state)
+
+    @hookimpl
+    def pyvmm_restore_vcpu_state(self, vcpu: TestVcpu, prepared: tuple[TestVcpu, SavedVcpuState]) -> None:
+        self._record("pyvmm_restore_vcpu_state", prepared)
+        for kind, value in prepared[1].states:
+            setattr(vcpu, kind.value, value)
 
     @hookimpl
     def pyvmm_get_msrs(self, vcpu: TestVcpu, indices: list[int]) -> list[MsrEntry]:

@@ -27,6 +27,7 @@ CAPABILITIES = (
     Capability.PORT_IO,
     Capability.VCPU_REGISTERS,
     Capability.MSRS,
+    Capability.PREPARED_VCPU_STATE,
     Capability.CPUID,
     Capability.XCRS,
     Capability.IOEVENTS,

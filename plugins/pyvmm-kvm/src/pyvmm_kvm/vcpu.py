@@ -40,9 +40,10 @@ from pyvmm.exits import (
     SystemEventExit,
     VcpuExit,
 )
+from pyvmm.prepared_state import SavedVcpuState
 from pyvmm.vcpu_state import StateKind
 from pyvmm_kvm import bindings as k
-from pyvmm_kvm import regs
+from pyvmm_kvm import prepared_state, regs
 from pyvmm_kvm.bindings import ffi
 from pyvmm_kvm.vcpu_common import RUN_STRUCT, KvmVcpuCommon
 
@@ -418,6 +419,13 @@ class KvmVcpu(KvmVcpuCommon):
             raw.arch.debugreg[7] = dr7
         raw.control = control
         self.host.ioctl(self.fd, k.KVM_SET_GUEST_DEBUG, raw)
+
+    # --- prepared state (pyvmm_kvm.prepared_state) ------------------------------------
+    def prepare_state(self, state: SavedVcpuState) -> prepared_state.PreparedWrites:
+        return prepared_state.prepare(self, state)
+
+    def restore_prepared_state(self, prepared: prepared_state.PreparedWrites) -> None:
+        prepared_state.restore(self, prepared)
 
     def _drop_exit_views(self) -> None:
         self._io.data = self._mmio.data = memoryview(b"")

@@ -52,6 +52,7 @@ class KvmVm(KvmVmCommon):
         self.config = config
         self.irqchip = False
         self.regions: dict[int, RamRegion] = {}
+        self._dirty_logs: dict[int, tuple[RamRegion, Any, int, Any]] = {}
         self.vcpus: list[KvmVcpu] = []
         self.cpuid_mode = str(options.pop("cpuid", "host"))
         # KVM_SET_TSS_ADDR takes 3 pages and the identity map 1, both below 4 GiB
