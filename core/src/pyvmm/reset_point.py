@@ -18,13 +18,13 @@ one slice assignment (a ``memcpy``) and writes the saved vCPU state back from
 what :meth:`pyvmm.vm.Vcpu.prepare_state` made of it at the capture (on KVM, the
 ``KVM_SET_*`` structs, filled once: a reset costs the ioctls alone).
 What it covers: guest RAM, and per vCPU the register sets of ``kinds`` (by
-default, x86: general, segment/control, FPU/SSE and debug registers, plus XCRs
+default, x86: general, segment/control, FPU/SSE and debug registers -- the whole
+XSAVE area in place of the FPU where the backend declares ``XSAVE`` -- plus XCRs
 where the backend declares ``XCRS``; aarch64: the core registers), the pending
 events where the backend declares ``VCPU_EVENTS``, and the MSRs the backend
 lists (``MSRS`` and ``MSR_INDEX_LIST``) that the vCPU can have written back
 (:func:`restorable_msrs`).  What it does not: in-kernel interrupt controller,
-PIT and clock state, XSAVE beyond the legacy FPU area, and the state of the
-VMM's own devices -- a harness whose guest uses them
+PIT and clock state, and the state of the VMM's own devices -- a harness whose guest uses them
 must reset them itself.  Pass ``kinds`` to add ``LAPIC``/``MP_STATE`` for a VM
 with an in-kernel irqchip.
 
@@ -132,8 +132,13 @@ def default_kinds(vm: Vm) -> tuple[StateKind, ...]:
     """The register sets a reset restores by default for ``vm``'s backend and arch."""
     if vm.config.arch is Arch.AARCH64:
         return AARCH64_KINDS
+    kinds: tuple[StateKind, ...] = X86_KINDS
+    if vm.backend.supports(Capability.XSAVE):
+        # The XSAVE area holds the legacy FPU/SSE state and the AVX and later
+        # registers a guest may also change: one write instead of FPU's, no less.
+        kinds = tuple(StateKind.XSAVE if kind is StateKind.FPU else kind for kind in kinds)
     extra = (StateKind.XCRS,) if vm.backend.supports(Capability.XCRS) else ()
-    return X86_KINDS + extra
+    return kinds + extra
 
 
 def _saved_state(

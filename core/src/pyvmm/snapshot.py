@@ -164,7 +164,7 @@ def snapshot_kinds(vm: Vm) -> tuple[StateKind, ...]:
     local APIC and the MP state (``MP_STATE``)."""
     kinds = list(default_kinds(vm))
     if vm.config.arch is Arch.X86_64:
-        if vm.backend.supports(Capability.XSAVE):
+        if vm.backend.supports(Capability.XSAVE) and StateKind.XSAVE not in kinds:
             kinds.append(StateKind.XSAVE)
         if vm.has_irqchip:
             kinds.append(StateKind.LAPIC)

@@ -131,6 +131,8 @@ def _register_set(vcpu: KvmVcpu, kind: StateKind, value: Any) -> Write:
         for i, xcr in enumerate(value):
             raw.xcrs[i].xcr, raw.xcrs[i].value = xcr.index, xcr.value
         return Write(k.KVM_SET_XCRS, raw)
+    if kind is StateKind.XSAVE:
+        return Write(k.KVM_SET_XSAVE, vcpu.xsave_argument(value))
     if kind is StateKind.MP_STATE:
         return Write(k.KVM_SET_MP_STATE, ffi.new("struct kvm_mp_state *", {"mp_state": int(value)}))
     if kind is StateKind.LAPIC:

@@ -72,6 +72,13 @@ _SYSTEM_EVENTS = {
 }
 
 
+#: Where the XSAVE header (XSTATE_BV first) starts in the standard-format image,
+#: after the 512-byte legacy FXSAVE area (SDM vol. 1 §13.4).
+XSAVE_HEADER_OFFSET = 512
+#: XSTATE_BV's x87 (bit 0) and SSE (bit 1) components.
+XFEATURE_X87_SSE = 0b11
+
+
 class KvmVcpu(KvmVcpuCommon):
     """One vCPU of a :class:`pyvmm_kvm.vm.KvmVm`."""
 
@@ -317,6 +324,11 @@ class KvmVcpu(KvmVcpuCommon):
         """``KVM_SET_XSAVE``, which reads :meth:`xsave_size` bytes.  A smaller image
         (from a host with fewer XSAVE components) is padded with zeros: its header's
         XSTATE_BV says the components past it are in their initial state."""
+        self.host.ioctl(self.fd, k.KVM_SET_XSAVE, self.xsave_argument(value))
+
+    def xsave_argument(self, value: Xsave) -> Any:
+        """``KVM_SET_XSAVE``'s argument for ``value``: :meth:`xsave_size` bytes,
+        zero-padded; an image larger than this KVM's is a :class:`ConfigError`."""
         size = self.xsave_size()
         region = bytes(value.region)
         if len(region) > size:
@@ -324,8 +336,17 @@ class KvmVcpu(KvmVcpuCommon):
                 f"an XSAVE image of {len(region)} bytes does not fit this KVM's {size}: it comes from a host "
                 "with XSAVE components this one lacks"
             )
-        raw = ffi.new("char[]", region.ljust(size, b"\0"))
-        self.host.ioctl(self.fd, k.KVM_SET_XSAVE, raw)
+        image = bytearray(region.ljust(size, b"\0"))
+        # XSTATE_BV (the header's first word) with x87 or SSE clear says "in the
+        # initial state", and the image's legacy area then holds those initial
+        # values (KVM_GET_XSAVE writes them).  Not every kernel re-initialises a
+        # component whose bit is clear: 6.18 (kvm_pvm) kept the registers the guest
+        # had written since, so a reset left xmm0 changed.  Marking both present
+        # makes the kernel copy the legacy area, which is the state asked for.
+        header = XSAVE_HEADER_OFFSET
+        xstate_bv = int.from_bytes(image[header : header + 8], "little") | XFEATURE_X87_SSE
+        image[header : header + 8] = xstate_bv.to_bytes(8, "little")
+        return ffi.new("char[]", bytes(image))
 
     def get_msrs(self, indices: list[int]) -> list[MsrEntry]:
         """``KVM_GET_MSRS``.  KVM returns how many it read and stops at the first it
