@@ -27,6 +27,7 @@ CAPABILITIES = (
     Capability.PORT_IO,
     Capability.VCPU_REGISTERS,
     Capability.MSRS,
+    Capability.PREPARED_VCPU_STATE,
     Capability.CPUID,
     Capability.XCRS,
     Capability.IOEVENTS,
@@ -57,6 +58,10 @@ CAPABILITIES = (
     Capability.COALESCED_PIO,
     # Registers answered in the run loop (pyvmm_kvm.served, compiled or pure).
     Capability.SERVED_IO,
+    # Complete snapshots (pyvmm_kvm.irqchip_state, KvmVcpu.get_xsave).
+    Capability.XSAVE,
+    Capability.MP_STATE,
+    Capability.VM_STATE,
 )
 
 

@@ -48,6 +48,9 @@ CAPABILITY_EXTENSIONS: dict[Capability, int] = {
     Capability.RAW_CAPABILITIES: k.KVM_CAP_ENABLE_CAP_VM,
     Capability.COALESCED_IO: k.KVM_CAP_COALESCED_MMIO,
     Capability.COALESCED_PIO: k.KVM_CAP_COALESCED_PIO,
+    Capability.XSAVE: k.KVM_CAP_XSAVE,
+    Capability.MP_STATE: k.KVM_CAP_MP_STATE,
+    Capability.VM_STATE: k.KVM_CAP_PIT_STATE2,
 }
 
 
