@@ -7,6 +7,7 @@ Both must answer every access the same way and return the same exits."""
 from __future__ import annotations
 
 import sys
+import threading
 import time
 from collections.abc import Iterator
 
@@ -157,6 +158,32 @@ def test_overlaps_are_refused_and_change_nothing(guest: tuple[Vm, Vcpu]) -> None
     assert [(r.space.value, r.base) for r in vm.handle.served.ranges] == [("pio", 0x40), ("mmio", 0x40)]
     exit_ = vcpu.run()
     assert isinstance(exit_, IoExit) and exit_.port == REPORT_PORT, "the latch still answers, nothing else changed"
+
+
+#: 1: in eax,dx; jmp 1b -- a guest that only ever reads a served register.
+SPIN = bytes.fromhex("ba080666edebfc")
+
+
+def test_a_kick_ends_a_run_that_only_serves(kvm: Backend, exit_path: str) -> None:
+    vm, vcpu = _vm(kvm, SPIN)
+    with vm:
+        vm.serve_io(IoEventAddress.pio(PM_BASE + 8), 4, PmTimerRegister(time.monotonic_ns()))
+        kicker = threading.Timer(0.2, vcpu.kick)
+        kicker.start()
+        try:
+            exit_ = vcpu.run()
+        finally:
+            kicker.join()
+        assert exit_.kind is ExitKind.INTERRUPTED
+        assert vcpu.handle.served_exits > 0
+        served = vcpu.handle.served_exits
+        again = threading.Timer(0.05, vcpu.kick)
+        again.start()
+        try:
+            assert vcpu.run().kind is ExitKind.INTERRUPTED, "the next run serves again until the next kick"
+        finally:
+            again.join()
+        assert vcpu.handle.served_exits > served
 
 
 # --- the machine: the ACPI PM timer is served ----------------------------------------
