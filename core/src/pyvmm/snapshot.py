@@ -90,12 +90,13 @@ STATE_TYPES: dict[StateKind, Any] = {
     StateKind.CORE_REGS: aarch64.CoreRegs,
     StateKind.XSAVE: x86_64.Xsave,
 }
-#: Where a register set goes when a vCPU is restored: the MP state first (KVM
-#: resets pending INIT/SIPI handling with it), the general and control registers,
-#: the FPU and the XSAVE area after it (XSAVE holds the FPU too and wins), then
-#: the local APIC.  Kinds a caller chose keep this relative order.
+#: Where a register set goes when a vCPU is restored: the general and control
+#: registers, the FPU and the XSAVE area after it (XSAVE holds the FPU too and
+#: wins), the local APIC, and the MP state last, after the pending events too
+#: (:func:`apply_vcpu`), as QEMU's ``kvm_arch_put_registers`` does: KVM's
+#: ``__set_sregs`` makes a BSP at the reset vector RUNNABLE, so an MP state set
+#: before the control registers is lost.  Kinds a caller chose keep this order.
 RESTORE_ORDER = (
-    StateKind.MP_STATE,
     StateKind.REGS,
     StateKind.SREGS,
     StateKind.FPU,
@@ -104,6 +105,7 @@ RESTORE_ORDER = (
     StateKind.DEBUG_REGS,
     StateKind.LAPIC,
     StateKind.CORE_REGS,
+    StateKind.MP_STATE,
 )
 
 
@@ -675,14 +677,36 @@ def fill_ram(vm: Vm, image: Snapshot) -> None:
             view[page * PAGE_SIZE : (page + 1) * PAGE_SIZE] = contents
 
 
+#: ``IA32_TSC_DEADLINE``: the local APIC timer's deadline in TSC-deadline mode.
+MSR_TSC_DEADLINE = 0x6E0
+#: MSRs set after the local APIC rather than before the register sets.  KVM
+#: drops a TSC-deadline write while the LVT timer is not in TSC-deadline mode
+#: (``kvm_set_lapic_tscdeadline_msr``, arch/x86/kvm/lapic.c), which it is not in
+#: a fresh vCPU, and ``KVM_SET_LAPIC`` switching the mode clears the deadline
+#: (``apic_update_lvtt``): set before the LAPIC, an armed timer never fires.
+#: QEMU writes it last for this reason (``kvm_put_tscdeadline_msr``).
+MSRS_AFTER_LAPIC = frozenset({MSR_TSC_DEADLINE})
+
+
 def apply_vcpu(vcpu: Vcpu, image: VcpuImage) -> None:
     """Set ``vcpu``'s saved state, on its thread."""
-    if image.msrs:  # first: the register sets after them win where both hold a value
-        vcpu.set_msrs(image.msrs)
-    for kind, value in image.states:
+    msrs = image.msrs or []
+    early = [entry for entry in msrs if entry.index not in MSRS_AFTER_LAPIC]
+    late = [entry for entry in msrs if entry.index in MSRS_AFTER_LAPIC]
+    if early:  # first: the register sets after them win where both hold a value
+        vcpu.set_msrs(early)
+    # The MP state after everything else (RESTORE_ORDER), whatever the file's
+    # order: version 2 files written before this put it first.
+    states = [(kind, value) for kind, value in image.states if kind is not StateKind.MP_STATE]
+    mp_states = [(kind, value) for kind, value in image.states if kind is StateKind.MP_STATE]
+    for kind, value in states:
         vcpu.set_state(kind, value)
+    if late:
+        vcpu.set_msrs(late)
     if image.events is not None:
         vcpu.set_events(image.events)
+    for kind, value in mp_states:
+        vcpu.set_state(kind, value)
 
 
 def apply_vm(vm: Vm, image: Snapshot) -> None:

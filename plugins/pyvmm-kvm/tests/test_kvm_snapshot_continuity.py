@@ -1,0 +1,123 @@
+"""State a snapshot must carry for a restored VM to continue exactly, each put
+into a VM on real KVM without running the guest, captured, restored into a
+fresh VM and read back there: an armed TSC-deadline timer, interrupts pending
+in the local APIC and the 8259, a halted vCPU, and the guest clock (which
+continues from the saved time, not the host's)."""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+
+from pyvmm import snapshot
+from pyvmm.arch.x86_64 import Lapic, MpState, MsrEntry
+from pyvmm.capabilities import Capability
+from pyvmm.snapshot import MSR_TSC_DEADLINE
+from pyvmm.vcpu_state import StateKind
+from pyvmm.vm import Backend, Vcpu, Vm
+from pyvmm.vm_state import VmStateKind
+from pyvmm_kvm.bindings import ffi
+
+MSR_TSC = 0x10
+#: Local APIC registers (Intel SDM vol. 3 table 11-1): spurious vector, the
+#: first 32 bits of the IRR, the LVT timer.
+APIC_SVR, APIC_IRR0, APIC_LVTT = 0xF0, 0x200, 0x320
+LVT_TIMER_TSC_DEADLINE = 2 << 17
+
+
+def _vm(kvm: Backend) -> tuple[Vm, Vcpu]:
+    vm = kvm.create_vm({"arch": "x86_64"})
+    vm.add_memory(0, 0x10000)
+    vm.create_irqchip()
+    vcpu = vm.create_vcpu()
+    # CPUID with the TSC-deadline bit: KVM takes the LVT timer's mode bits only then.
+    vcpu.set_cpuid(vm.supported_cpuid())
+    return vm, vcpu
+
+
+def _set_lapic(vcpu: Vcpu, **registers: int) -> None:
+    regs = bytearray(vcpu.get_state(StateKind.LAPIC).regs)
+    offsets = {"svr": APIC_SVR, "irr0": APIC_IRR0, "lvtt": APIC_LVTT}
+    for name, value in registers.items():
+        regs[offsets[name] : offsets[name] + 4] = value.to_bytes(4, "little")
+    vcpu.set_state(StateKind.LAPIC, Lapic(bytes(regs)))
+
+
+def _lapic_word(vcpu: Vcpu, offset: int) -> int:
+    return int.from_bytes(vcpu.get_state(StateKind.LAPIC).regs[offset : offset + 4], "little")
+
+
+def test_an_armed_tsc_deadline_timer_is_still_armed_after_a_restore(kvm: Backend) -> None:
+    """The deadline MSR must be written after the LAPIC put the timer in
+    TSC-deadline mode (kvm_set_lapic_tscdeadline_msr drops it before): written
+    with the other MSRs first, the restored timer never fires."""
+    vm, vcpu = _vm(kvm)
+    with vm:
+        if MSR_TSC_DEADLINE not in vm.msr_index_list():
+            pytest.skip("this KVM has no TSC-deadline timer")
+        _set_lapic(vcpu, svr=0x1FF, lvtt=0x40 | LVT_TIMER_TSC_DEADLINE)
+        deadline = vcpu.get_msrs([MSR_TSC])[0].data + (1 << 40)  # far away: it does not expire meanwhile
+        vcpu.set_msrs([MsrEntry(MSR_TSC_DEADLINE, deadline)])
+        if vcpu.get_msrs([MSR_TSC_DEADLINE])[0].data != deadline:
+            pytest.skip("this KVM does not take a TSC deadline")
+        image = snapshot.capture(vm)
+    with snapshot.restore(kvm, image) as restored:
+        (vcpu2,) = restored.vcpus
+        assert _lapic_word(vcpu2, APIC_LVTT) & (3 << 17) == LVT_TIMER_TSC_DEADLINE
+        assert vcpu2.get_msrs([MSR_TSC_DEADLINE])[0].data == deadline
+
+
+def test_an_interrupt_pending_in_the_local_apic_stays_pending(kvm: Backend) -> None:
+    vm, vcpu = _vm(kvm)
+    with vm:
+        _set_lapic(vcpu, svr=0x1FF, irr0=1 << 0x1D)  # vector 0x1d requested, not yet delivered
+        assert _lapic_word(vcpu, APIC_IRR0) == 1 << 0x1D
+        image = snapshot.capture(vm)
+    with snapshot.restore(kvm, image) as restored:
+        assert _lapic_word(restored.vcpus[0], APIC_IRR0) == 1 << 0x1D
+
+
+def _pic(vm: Vm) -> tuple[int, int]:
+    raw = ffi.new("struct kvm_pic_state *")
+    ffi.buffer(raw)[:] = vm.get_vm_state(VmStateKind.PIC_PRIMARY)[: ffi.sizeof("struct kvm_pic_state")]
+    return int(raw.irr), int(raw.imr)
+
+
+def test_a_line_raised_at_the_8259_is_still_requested(kvm: Backend) -> None:
+    vm, _vcpu = _vm(kvm)
+    with vm:
+        vm.set_irq_line(3, True)
+        irr, _imr = _pic(vm)
+        assert irr & 1 << 3
+        image = snapshot.capture(vm)
+    with snapshot.restore(kvm, image) as restored:
+        irr2, _ = _pic(restored)
+        assert irr2 == irr
+
+
+def test_a_halted_vcpu_is_restored_halted(kvm: Backend) -> None:
+    if not kvm.supports(Capability.MP_STATE):
+        pytest.skip("no MP_STATE")
+    vm, vcpu = _vm(kvm)
+    with vm:
+        vcpu.set_state(StateKind.MP_STATE, MpState.HALTED)
+        image = snapshot.capture(vm)
+    with snapshot.restore(kvm, image) as restored:
+        assert restored.vcpus[0].get_state(StateKind.MP_STATE) is MpState.HALTED
+
+
+def test_the_guest_clock_goes_on_from_the_saved_time(kvm: Backend) -> None:
+    """KVM_SET_CLOCK without KVM_CLOCK_REALTIME: the time between save and
+    restore does not pass for the guest (as a paused VM's)."""
+    if not kvm.supports(Capability.PVCLOCK):
+        pytest.skip("no PVCLOCK")
+    vm, _vcpu = _vm(kvm)
+    with vm:
+        vm.set_clock(5_000_000_000)
+        image = snapshot.capture(vm)
+    assert image.clock is not None and 5_000_000_000 <= image.clock < 6_000_000_000
+    time.sleep(0.2)
+    with snapshot.restore(kvm, image) as restored:
+        now = restored.get_clock()
+    assert image.clock <= now < image.clock + 150_000_000, "the 200 ms between save and restore passed"
