@@ -313,14 +313,23 @@ def encode(image: Snapshot) -> bytes:
 
 
 def write(image: Snapshot, path: str | os.PathLike[str]) -> None:
-    """Write ``image`` to ``path``, replacing it whole or not at all."""
+    """Write ``image`` to ``path``, replacing it whole or not at all.
+
+    :raises SnapshotError: the file cannot be written (a directory there, no
+        room, no permission); what was there is left as it was.
+    """
     data = encode(image)
     target = Path(path)
-    handle, temporary = tempfile.mkstemp(prefix=f".{target.name}.", dir=target.parent)
+    try:
+        handle, temporary = tempfile.mkstemp(prefix=f".{target.name}.", dir=target.parent)
+    except OSError as exc:
+        raise SnapshotError(f"{target}: cannot write the snapshot: {exc.strerror or exc}") from exc
     try:
         with os.fdopen(handle, "wb") as out:
             out.write(data)
         os.replace(temporary, target)
+    except OSError as exc:
+        raise SnapshotError(f"{target}: cannot write the snapshot: {exc.strerror or exc}") from exc
     finally:
         if os.path.exists(temporary):
             os.unlink(temporary)

@@ -159,6 +159,9 @@ class MachineSnapshots:
         if self.save_to is not None:
             if not self.save_to.parent.is_dir():
                 raise ConfigError(f"snapshot_to: {self.save_to.parent} is not a directory")
+            if self.save_to.is_dir():
+                # Found now, not after the guest ran to its snapshot point.
+                raise ConfigError(f"snapshot_to: {self.save_to} is a directory, not a file to write")
             self.request_port.on_request = self._requested
             runner.snapshot_after = save_after
             runner.vcpu_stopped = self._vcpu_stopped
