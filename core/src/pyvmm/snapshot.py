@@ -35,6 +35,7 @@ failure while restoring closes the VM it was building.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import enum
 import hashlib
@@ -46,7 +47,7 @@ import struct
 import tempfile
 import types
 import typing
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -627,9 +628,10 @@ def restore(backend: Backend, snapshot: Snapshot | str | os.PathLike[str]) -> Vm
     """A new VM on ``backend`` in the state of ``snapshot`` (a loaded one, or a
     path), its vCPUs created on the calling thread and ready to run.
 
-    :raises SnapshotError: the file is not a valid snapshot (nothing created).
-    :raises PyvmmError: the backend refused part of it; the VM being built is
-        closed before this propagates.
+    :raises SnapshotError: the file is not a valid snapshot (nothing created),
+        or the backend refused a part of its state (named, the backend's error
+        as the cause); the VM being built is closed before this propagates.
+    :raises PyvmmError: the backend could not build the VM itself (memory, vCPUs).
     """
     image = snapshot if isinstance(snapshot, Snapshot) else load(snapshot)
     if image.devices is not None:
@@ -698,29 +700,58 @@ MSRS_AFTER_LAPIC = frozenset({MSR_TSC_DEADLINE})
 
 
 def apply_vcpu(vcpu: Vcpu, image: VcpuImage) -> None:
-    """Set ``vcpu``'s saved state, on its thread."""
+    """Set ``vcpu``'s saved state, on its thread.
+
+    :raises SnapshotError: the backend refused a part (named): the snapshot's
+        state does not fit this vCPU (an XSAVE area from a host with more
+        components, an MSR this VM lacks ...).
+    """
     msrs = image.msrs or []
     early = [entry for entry in msrs if entry.index not in MSRS_AFTER_LAPIC]
     late = [entry for entry in msrs if entry.index in MSRS_AFTER_LAPIC]
+    where = f"vCPU {vcpu.index}"
     if early:  # first: the register sets after them win where both hold a value
-        vcpu.set_msrs(early)
+        with _refusal_is_snapshot_error(f"{where} MSRs"):
+            vcpu.set_msrs(early)
     # The MP state after everything else (RESTORE_ORDER), whatever the file's
     # order: version 2 files written before this put it first.
     states = [(kind, value) for kind, value in image.states if kind is not StateKind.MP_STATE]
     mp_states = [(kind, value) for kind, value in image.states if kind is StateKind.MP_STATE]
     for kind, value in states:
-        vcpu.set_state(kind, value)
+        with _refusal_is_snapshot_error(f"{where} {kind.value}"):
+            vcpu.set_state(kind, value)
     if late:
-        vcpu.set_msrs(late)
+        with _refusal_is_snapshot_error(f"{where} MSRs"):
+            vcpu.set_msrs(late)
     if image.events is not None:
-        vcpu.set_events(image.events)
+        with _refusal_is_snapshot_error(f"{where} events"):
+            vcpu.set_events(image.events)
     for kind, value in mp_states:
-        vcpu.set_state(kind, value)
+        with _refusal_is_snapshot_error(f"{where} {kind.value}"):
+            vcpu.set_state(kind, value)
 
 
 def apply_vm(vm: Vm, image: Snapshot) -> None:
-    """Set the VM-wide device state and, last, the clock."""
+    """Set the VM-wide device state and, last, the clock.
+
+    :raises SnapshotError: the backend refused an image (named).
+    """
     for kind, data in image.vm_states:
-        vm.set_vm_state(kind, data)
+        with _refusal_is_snapshot_error(f"VM state {kind.value}"):
+            vm.set_vm_state(kind, data)
     if image.clock is not None and vm.backend.supports(Capability.PVCLOCK):
-        vm.set_clock(image.clock)
+        with _refusal_is_snapshot_error("clock"):
+            vm.set_clock(image.clock)
+
+
+@contextlib.contextmanager
+def _refusal_is_snapshot_error(what: str) -> Iterator[None]:
+    """A backend's refusal of a value read from the file (wrong size, out of
+    range for this host) is the snapshot not fitting: a :class:`SnapshotError`
+    naming the part, with the backend's error as its cause."""
+    try:
+        yield
+    except SnapshotError:
+        raise
+    except PyvmmError as exc:
+        raise SnapshotError(f"the snapshot's {what} does not fit this VM: {exc}") from exc

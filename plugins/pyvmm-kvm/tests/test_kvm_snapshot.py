@@ -120,7 +120,8 @@ def test_a_refused_restore_leaves_no_vm_behind(kvm: Backend, tmp_path: Path, mon
 
     monkeypatch.setattr(Vcpu, "set_state", refuse)
     monkeypatch.setattr(Vm, "close", record_close)
-    with pytest.raises(HypervisorError, match="KVM_SET_SREGS"):
+    with pytest.raises(SnapshotError, match="KVM_SET_SREGS") as refused:
         snapshot.restore(kvm, path)
+    assert isinstance(refused.value.__cause__, HypervisorError)  # the backend's refusal, kept as the cause
     assert len(closed) == 1
     assert len(os.listdir("/proc/self/fd")) == fds_before, "no descriptor of the half-built VM is left open"
