@@ -121,3 +121,62 @@ def test_the_guest_clock_goes_on_from_the_saved_time(kvm: Backend) -> None:
     with snapshot.restore(kvm, image) as restored:
         now = restored.get_clock()
     assert image.clock <= now < image.clock + 150_000_000, "the 200 ms between save and restore passed"
+
+
+#: An IOAPIC pin and vector for a level-triggered line asserted in a snapshot.
+IOAPIC_PIN, IOAPIC_VECTOR = 10, 0x61
+
+
+def _ioapic_with_a_pending_level_line(vm: Vm) -> bytes:
+    """The VM's IOAPIC image, pin 10 level-triggered, unmasked, to APIC 0, its
+    line high and not yet in service: KVM delivers it when the image is set."""
+    raw = ffi.new("struct kvm_ioapic_state *")
+    image = vm.get_vm_state(VmStateKind.IOAPIC)
+    ffi.buffer(raw)[:] = image[: ffi.sizeof("struct kvm_ioapic_state")]
+    entry = raw.redirtbl[IOAPIC_PIN].fields
+    entry.vector, entry.trig_mode, entry.mask, entry.dest_id, entry.remote_irr = IOAPIC_VECTOR, 1, 0, 0, 0
+    raw.irr |= 1 << IOAPIC_PIN
+    return bytes(ffi.buffer(raw)) + image[ffi.sizeof("struct kvm_ioapic_state") :]
+
+
+def _requested(vcpu: Vcpu, vector: int) -> bool:
+    return bool(_lapic_word(vcpu, APIC_IRR0 + 0x10 * (vector // 32)) >> (vector % 32) & 1)
+
+
+def _in_service_at_ioapic(vm: Vm) -> bool:
+    raw = ffi.new("struct kvm_ioapic_state *")
+    ffi.buffer(raw)[:] = vm.get_vm_state(VmStateKind.IOAPIC)[: ffi.sizeof("struct kvm_ioapic_state")]
+    return bool(raw.redirtbl[IOAPIC_PIN].fields.remote_irr)
+
+
+@pytest.mark.parametrize("vcpu_first", [True, False], ids=["vcpu-then-ioapic", "ioapic-then-vcpu"])
+def test_kvm_delivers_a_pending_ioapic_line_only_to_vcpus_that_exist(kvm: Backend, vcpu_first: bool) -> None:
+    """Why a restore sets the irqchip after the vCPUs: set before any vCPU
+    exists, KVM marks the line in service (remote IRR) and delivers it nowhere,
+    so the guest never sees it and never EOIs it (kvm_set_ioapic ->
+    kvm_ioapic_inject_all -> ioapic_service)."""
+    with kvm.create_vm({"arch": "x86_64"}) as vm:
+        vm.add_memory(0, 0x10000)
+        vm.create_irqchip()
+        image = _ioapic_with_a_pending_level_line(vm)
+        if not vcpu_first:
+            vm.set_vm_state(VmStateKind.IOAPIC, image)
+        vcpu = vm.create_vcpu()
+        _set_lapic(vcpu, svr=0x1FF)
+        if vcpu_first:
+            vm.set_vm_state(VmStateKind.IOAPIC, image)
+        assert _in_service_at_ioapic(vm)
+        assert _requested(vcpu, IOAPIC_VECTOR) is vcpu_first
+
+
+def test_a_restored_ioapic_line_reaches_the_restored_local_apic(kvm: Backend) -> None:
+    vm, vcpu = _vm(kvm)
+    with vm:
+        _set_lapic(vcpu, svr=0x1FF)
+        image = snapshot.capture(vm)
+        image.vm_states = [
+            (kind, _ioapic_with_a_pending_level_line(vm) if kind is VmStateKind.IOAPIC else data)
+            for kind, data in image.vm_states
+        ]
+    with snapshot.restore(kvm, image) as restored:
+        assert _requested(restored.vcpus[0], IOAPIC_VECTOR)

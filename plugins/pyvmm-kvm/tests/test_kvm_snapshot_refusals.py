@@ -88,3 +88,22 @@ def test_nothing_is_created_for_a_file_that_is_not_a_snapshot(kvm: Backend, tmp_
         with pytest.raises(SnapshotError):
             attempt()
     assert _leftovers() == before
+
+
+def test_a_machine_sets_the_irqchip_and_clock_after_every_vcpu_state(
+    image: Snapshot, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The machine's vCPUs only exist once run() starts their threads: the
+    VM-wide state must wait for them (see the KVM test of why in
+    test_kvm_snapshot_continuity), and the clock is set as the guest starts."""
+    from pyvmm.machine import snapshots
+
+    order: list[str] = []
+    real_vcpu, real_vm = snapshots.apply_vcpu, snapshots.apply_vm
+    monkeypatch.setattr(snapshots, "apply_vcpu", lambda vcpu, i: (order.append("vcpu"), real_vcpu(vcpu, i))[1])
+    monkeypatch.setattr(snapshots, "apply_vm", lambda vm, i: (order.append("vm"), real_vm(vm, i))[1])
+    with Machine(CONFIG, image=snapshot_counter_image(), restore=image) as machine:
+        assert order == []
+        result = machine.run()
+    assert order == ["vcpu", "vm"]
+    assert result.reason is StopReason.DEBUG_EXIT

@@ -113,6 +113,10 @@ class Runner:
         #: Called on each vCPU's thread when its loop ended (a machine saving a
         #: snapshot reads the vCPU's state there, where its calls must come from).
         self.vcpu_stopped: Callable[[Vcpu], None] | None = None
+        #: Called on the thread of :meth:`run` once every vCPU is ready, before
+        #: any runs (a restored machine sets the hypervisor's irqchip and clock
+        #: there: KVM delivers what an IOAPIC image holds pending to vCPUs that exist).
+        self.vcpus_ready: Callable[[], None] | None = None
         #: Stop with ``StopReason.SNAPSHOT`` after this many seconds (None: never).
         self.snapshot_after: float | None = None
         self.events = MachineEvents(
@@ -153,6 +157,8 @@ class Runner:
             if not self._flag.stopping:
                 try:
                     self.vm.start()
+                    if self.vcpus_ready is not None:
+                        self.vcpus_ready()
                 except BaseException as exc:  # noqa: BLE001 - whatever it is ends the run and is re-raised
                     self._fail(exc)
             with self._cond:

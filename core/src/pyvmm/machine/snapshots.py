@@ -91,6 +91,21 @@ def bus_devices(pio: PortBus, mmio: MmioBus) -> dict[str, Stateful]:
     return found
 
 
+def check_vm_state_sizes(vm: Vm, image: Snapshot) -> None:
+    """Refuse, while the machine is built, VM-wide images of another size than
+    this hypervisor's (they are set only once the vCPUs exist).
+
+    :raises SnapshotError: an image's size differs (named).
+    """
+    for kind, data in image.vm_states:
+        size = len(vm.get_vm_state(kind))
+        if len(data) != size:
+            raise SnapshotError(
+                f"the snapshot's VM state {kind.value} does not fit this VM: {len(data)} bytes, this hypervisor's "
+                f"are {size} (saved by another kernel?)"
+            )
+
+
 def save_devices(devices: dict[str, Stateful]) -> list[DeviceImage]:
     """Each device's state.
 
@@ -230,11 +245,21 @@ class MachineSnapshots:
         if bool(image.vm_states) != self.vm.has_irqchip:
             has = "has" if image.vm_states else "has no"
             raise SnapshotError(f"the snapshot {has} in-kernel irqchip state; this machine's irqchip setting differs")
+        check_vm_state_sizes(self.vm, image)
         load_devices(bus_devices(self.pio, self.mmio), image.devices)
         fill_ram(self.vm, image)
-        apply_vm(self.vm, image)
 
         def ready(vcpu: Vcpu) -> None:
             apply_vcpu(vcpu, image.vcpu_image(vcpu.index))
 
+        def all_ready() -> None:
+            # After every vCPU has its state, as QEMU and crosvm restore the
+            # irqchip: KVM_SET_IRQCHIP delivers a level line the IOAPIC image
+            # holds pending at once (kvm_set_ioapic -> kvm_ioapic_inject_all),
+            # and with no vCPU to take it marks it in service (remote IRR) for
+            # an EOI that never comes.  The clock is set here too, as the guest
+            # is about to run, not while the machine is still being built.
+            apply_vm(self.vm, image)
+
         self.runner.vcpu_ready = ready
+        self.runner.vcpus_ready = all_ready
