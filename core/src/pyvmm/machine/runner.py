@@ -115,7 +115,7 @@ class Runner:
         self.vcpu_stopped: Callable[[Vcpu], None] | None = None
         #: Called on the thread of :meth:`run` once every vCPU is ready, before
         #: any runs (a restored machine sets the hypervisor's irqchip and clock
-        #: there: KVM delivers what an IOAPIC image holds pending to vCPUs that exist).
+        #: there: a hypervisor delivers what an IOAPIC image holds pending to vCPUs that exist).
         self.vcpus_ready: Callable[[], None] | None = None
         #: Stop with ``StopReason.SNAPSHOT`` after this many seconds (None: never).
         self.snapshot_after: float | None = None

@@ -254,11 +254,11 @@ class MachineSnapshots:
 
         def all_ready() -> None:
             # After every vCPU has its state, as QEMU and crosvm restore the
-            # irqchip: KVM_SET_IRQCHIP delivers a level line the IOAPIC image
-            # holds pending at once (kvm_set_ioapic -> kvm_ioapic_inject_all),
-            # and with no vCPU to take it marks it in service (remote IRR) for
-            # an EOI that never comes.  The clock is set here too, as the guest
-            # is about to run, not while the machine is still being built.
+            # irqchip: the hypervisor delivers a level line the IOAPIC image
+            # holds pending as the image is set, and with no vCPU to take it
+            # marks it in service (remote IRR) for an EOI that never comes
+            # (the backend notes, restore order).  The clock is set here too, as
+            # the guest is about to run, not while the machine is being built.
             apply_vm(self.vm, image)
 
         self.runner.vcpu_ready = ready
