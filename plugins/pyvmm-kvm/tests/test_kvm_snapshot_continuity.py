@@ -6,14 +6,19 @@ continues from the saved time, not the host's)."""
 
 from __future__ import annotations
 
+import dataclasses
 import time
+from pathlib import Path
 
 import pytest
 
 from pyvmm import snapshot
 from pyvmm.arch.x86_64 import Lapic, MpState, MsrEntry
 from pyvmm.capabilities import Capability
+from pyvmm.machine import GuestImage, Machine, MachineConfig
+from pyvmm.machine.outcome import StopReason
 from pyvmm.snapshot import MSR_TSC_DEADLINE
+from pyvmm.testing.guests.snapshot_counter import snapshot_counter_image
 from pyvmm.vcpu_state import StateKind
 from pyvmm.vm import Backend, Vcpu, Vm
 from pyvmm.vm_state import VmStateKind
@@ -180,3 +185,43 @@ def test_a_restored_ioapic_line_reaches_the_restored_local_apic(kvm: Backend) ->
         ]
     with snapshot.restore(kvm, image) as restored:
         assert _requested(restored.vcpus[0], IOAPIC_VECTOR)
+
+
+def _sleeper_image() -> GuestImage:
+    """The snapshot counter's set-up (8259s, 8254 mode 2, IDT, the tick handler
+    counting at 0x104000) with the 8254's longest period (~55 ms), then::
+
+        sti
+        hlt                        ; the snapshot is taken here
+        mov eax, [0x104000]        ; the ticks seen: 1 after a real wake-up
+        out 0xf4, eax
+
+    A vCPU resumed past its ``hlt`` without an interrupt reports 0."""
+    counter = snapshot_counter_image()
+    code = counter.segments[0][1]
+    setup = code[: code.index(bytes.fromhex("fb")) + 1]  # up to and including its sti
+    setup = setup.replace(bytes.fromhex("b0a9e640b004e640"), bytes.fromhex("b0ffe640b0ffe640"))  # count 0xffff
+    tail = bytes.fromhex("f4" "8b042500401000" "e7f4")  # fmt: skip
+    return dataclasses.replace(counter, segments=((counter.segments[0][0], setup + tail), *counter.segments[1:]))
+
+
+def test_a_vcpu_halted_in_pyvmms_irqchip_is_restored_halted(kvm: Backend, tmp_path: Path) -> None:
+    """``irqchip = "userspace"``: KVM reports the ``hlt`` with RIP past it and the
+    machine waits for an interrupt; there is no MP state to save.  A snapshot
+    taken then must restore a vCPU that waits for the next tick too, not one
+    that runs on as if woken."""
+    config = MachineConfig(backend="kvm", irqchip="userspace", timeout=20, serial="none")
+    with Machine(config, image=_sleeper_image()) as machine:
+        never_stopped = machine.run()
+    assert (never_stopped.reason, never_stopped.code) == (StopReason.DEBUG_EXIT, 1)
+    path = tmp_path / "halted.snap"
+    with Machine(config, image=_sleeper_image(), snapshot_to=path, snapshot_after=0.015) as machine:
+        saved = machine.run()
+    if saved.reason is not StopReason.SNAPSHOT:
+        pytest.skip("the guest finished before the snapshot time on this (loaded) machine")
+    image = snapshot.load(path)
+    if image.pages[0].get(0x104000 // 4096, bytes(4096))[:4] != bytes(4):
+        pytest.skip("the first tick came before the snapshot on this (loaded) machine")
+    with Machine(config, image=_sleeper_image(), restore=path) as machine:
+        restored = machine.run()
+    assert (restored.reason, restored.code) == (StopReason.DEBUG_EXIT, 1)

@@ -117,6 +117,10 @@ class Runner:
         #: any runs (a restored machine sets the hypervisor's irqchip and clock
         #: there: a hypervisor delivers what an IOAPIC image holds pending to vCPUs that exist).
         self.vcpus_ready: Callable[[], None] | None = None
+        #: The vCPUs whose run was stopped while they waited in ``hlt`` for the
+        #: board's own interrupt controllers (their RIP is past the ``hlt``):
+        #: a snapshot of one must restore it waiting, not running on.
+        self.stopped_in_hlt: set[int] = set()
         #: Stop with ``StopReason.SNAPSHOT`` after this many seconds (None: never).
         self.snapshot_after: float | None = None
         self.events = MachineEvents(
@@ -371,6 +375,8 @@ class Runner:
             assert self._board is not None
             interrupts = self._board.interrupts
             if interrupts is not None and interrupts.wait_for_interrupt(vcpu):
+                if self._flag.stopping:
+                    self.stopped_in_hlt.add(vcpu.index)
                 return False  # woken by an interrupt of the board's own controllers (or the stop)
             with self._cond:
                 self._halted += 1

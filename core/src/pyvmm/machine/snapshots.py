@@ -29,6 +29,7 @@ snapshotted (pc-testdev) makes the save refuse by name.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import threading
 from collections.abc import Callable
@@ -53,6 +54,7 @@ from pyvmm.snapshot import (
     settle_vcpu,
     write,
 )
+from pyvmm.vcpu_state import StateKind
 from pyvmm.vm import Vcpu, Vm
 
 #: The port a guest writes to ask for a snapshot (unused on the PC otherwise).
@@ -89,6 +91,27 @@ def bus_devices(pio: PortBus, mmio: MmioBus) -> dict[str, Stateful]:
             seen.add(id(holder))
             found[f"{space}@{base:#x}:{holder.name}"] = holder
     return found
+
+
+def still_halted(image: VcpuImage) -> VcpuImage:
+    """``image`` of a vCPU stopped while it waited in ``hlt`` for the board's
+    own interrupt controllers, made to wait again when restored.
+
+    x86 hypervisors report a ``hlt`` completed, RIP past it (the backend
+    notes say where each skips the instruction), and without the hypervisor's
+    local APIC there is no MP state to say the vCPU is halted: restored as
+    read, it would run on as if an interrupt had woken it.  RIP is moved back
+    one byte, onto the ``hlt``'s opcode (0xf4, the last byte of any prefixed
+    form too), so the restored vCPU executes it again and waits.  Not when an
+    interrupt is already being injected: the vCPU has then left its halt.
+    """
+    if image.events is not None and image.events.interrupt.injected:
+        return image
+    states = [
+        (kind, dataclasses.replace(value, rip=value.rip - 1) if kind is StateKind.REGS else value)
+        for kind, value in image.states
+    ]
+    return dataclasses.replace(image, states=states)
 
 
 def check_vm_state_sizes(vm: Vm, image: Snapshot) -> None:
@@ -201,6 +224,8 @@ class MachineSnapshots:
         except threading.BrokenBarrierError:
             return  # a vCPU never got here: save() names the vCPUs without an image
         image = capture_vcpu(vcpu)
+        if vcpu.index in self.runner.stopped_in_hlt:
+            image = still_halted(image)
         with self._lock:
             self._images[vcpu.index] = image
 
