@@ -726,9 +726,9 @@ def apply_vcpu(vcpu: Vcpu, image: VcpuImage) -> None:
     if image.events is not None:
         with _refusal_is_snapshot_error(f"{where} events"):
             vcpu.set_events(image.events)
-    for kind, value in mp_states:
-        with _refusal_is_snapshot_error(f"{where} {kind.value}"):
-            vcpu.set_state(kind, value)
+    for _, mp_state in mp_states:
+        with _refusal_is_snapshot_error(f"{where} {StateKind.MP_STATE.value}"):
+            vcpu.set_state(StateKind.MP_STATE, mp_state)
 
 
 def apply_vm(vm: Vm, image: Snapshot) -> None:
