@@ -47,7 +47,7 @@ import struct
 import tempfile
 import types
 import typing
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -624,9 +624,19 @@ def _decode(value: Any, kind: Any, what: str) -> Any:
 # --- restoring ---------------------------------------------------------------------
 
 
-def restore(backend: Backend, snapshot: Snapshot | str | os.PathLike[str]) -> Vm:
+def restore(
+    backend: Backend,
+    snapshot: Snapshot | str | os.PathLike[str],
+    prepare_vcpu: Callable[[Vcpu], None] | None = None,
+) -> Vm:
     """A new VM on ``backend`` in the state of ``snapshot`` (a loaded one, or a
     path), its vCPUs created on the calling thread and ready to run.
+
+    ``prepare_vcpu`` is called with each vCPU as it is created, before any of
+    its state is set: give it its CPUID there (the snapshot holds none).  KVM
+    checks state against the guest's CPUID: an XCR0 with SSE or AVX is EINVAL
+    before ``KVM_SET_CPUID2`` (``__kvm_set_xcr``: only ``guest_supported_xcr0``
+    bits, from the CPUID), and so is an x2APIC base (``kvm_set_apic_base``).
 
     :raises SnapshotError: the file is not a valid snapshot (nothing created),
         or the backend refused a part of its state (named, the backend's error
@@ -656,7 +666,10 @@ def restore(backend: Backend, snapshot: Snapshot | str | os.PathLike[str]) -> Vm
         if image.vm_states:
             vm.create_irqchip()
         for index in range(len(image.vcpus)):
-            apply_vcpu(vm.create_vcpu(), image.vcpu_image(index))
+            vcpu = vm.create_vcpu()
+            if prepare_vcpu is not None:
+                prepare_vcpu(vcpu)
+            apply_vcpu(vcpu, image.vcpu_image(index))
         apply_vm(vm, image)
     except BaseException:
         vm.close()

@@ -225,3 +225,26 @@ def test_a_vcpu_halted_in_pyvmms_irqchip_is_restored_halted(kvm: Backend, tmp_pa
     with Machine(config, image=_sleeper_image(), restore=path) as machine:
         restored = machine.run()
     assert (restored.reason, restored.code) == (StopReason.DEBUG_EXIT, 1)
+
+
+def test_the_vm_api_restore_lets_cpuid_come_before_the_state(kvm: Backend, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Upstream KVM refuses an XCR0 beyond x87, or an x2APIC base, before the
+    vCPU's CPUID is set (``__kvm_set_xcr``, ``kvm_set_apic_base``); this
+    machine's KVM does not check, so the order itself is what is tested."""
+    vm, vcpu = _vm(kvm)
+    with vm:
+        image = snapshot.capture(vm)
+        xcrs = vcpu.get_state(StateKind.XCRS)
+    calls: list[str] = []
+    for name in ("set_cpuid", "set_state", "set_msrs", "set_events"):
+        real = getattr(Vcpu, name)
+
+        def record(self: Vcpu, *args: object, _name: str = name, _real: object = real) -> object:
+            calls.append(_name)
+            return _real(self, *args)  # type: ignore[operator]
+
+        monkeypatch.setattr(Vcpu, name, record)
+    with snapshot.restore(kvm, image, lambda v: v.set_cpuid(v.vm.supported_cpuid())) as restored:
+        assert restored.vcpus[0].get_state(StateKind.XCRS) == xcrs
+    assert calls[0] == "set_cpuid" and calls.count("set_cpuid") == 1
+    assert {"set_state", "set_msrs"} <= set(calls[1:])
