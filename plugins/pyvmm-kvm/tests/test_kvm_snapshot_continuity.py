@@ -248,3 +248,34 @@ def test_the_vm_api_restore_lets_cpuid_come_before_the_state(kvm: Backend, monke
         assert restored.vcpus[0].get_state(StateKind.XCRS) == xcrs
     assert calls[0] == "set_cpuid" and calls.count("set_cpuid") == 1
     assert {"set_state", "set_msrs"} <= set(calls[1:])
+
+
+#: Local APIC timer registers: initial count, current count, divide configuration.
+APIC_TMICT, APIC_TMCCT, APIC_TDCR = 0x380, 0x390, 0x3E0
+
+
+def test_a_running_lapic_timer_counts_on_from_where_it_was(kvm: Backend) -> None:
+    """KVM_GET_LAPIC reads the current count now and KVM_SET_LAPIC restarts the
+    timer from it: the restored count is below the saved one, not the initial
+    count again, and not expired."""
+    vm, vcpu = _vm(kvm)
+    with vm:
+        regs = bytearray(vcpu.get_state(StateKind.LAPIC).regs)
+        regs[APIC_SVR : APIC_SVR + 4] = (0x1FF).to_bytes(4, "little")
+        regs[APIC_LVTT : APIC_LVTT + 4] = (0x40).to_bytes(4, "little")  # one-shot, vector 0x40
+        regs[APIC_TDCR : APIC_TDCR + 4] = (0xB).to_bytes(4, "little")  # divide by 1
+        vcpu.set_state(StateKind.LAPIC, Lapic(bytes(regs)))
+        initial = 0xFFFFFFFF
+        regs = bytearray(vcpu.get_state(StateKind.LAPIC).regs)
+        regs[APIC_TMICT : APIC_TMICT + 4] = initial.to_bytes(4, "little")
+        # KVM_SET_LAPIC starts the timer from the image's current count.
+        regs[APIC_TMCCT : APIC_TMCCT + 4] = initial.to_bytes(4, "little")
+        vcpu.set_state(StateKind.LAPIC, Lapic(bytes(regs)))
+        time.sleep(0.01)
+        image = snapshot.capture(vm)
+    saved = int.from_bytes(dict(image.vcpus[0])[StateKind.LAPIC].regs[APIC_TMCCT : APIC_TMCCT + 4], "little")
+    assert 0 < saved < initial, "the timer was running when saved"
+    time.sleep(0.01)
+    with snapshot.restore(kvm, image) as restored:
+        now = _lapic_word(restored.vcpus[0], APIC_TMCCT)
+    assert 0 < now <= saved
