@@ -90,3 +90,11 @@ def test_saving_onto_a_directory_is_refused_before_the_guest_runs(kernel: Path, 
     target.mkdir()
     _refused(_pyvmm(kernel, "--snapshot-to", str(target)), "directory")
     assert target.is_dir() and not any(target.iterdir())
+
+
+def test_a_snapshot_of_the_hypervisors_irqchip_needs_it_again(kernel: Path, saved: Path) -> None:
+    _refused(_pyvmm(kernel, "--restore", str(saved), "--irqchip", "userspace"), "irqchip")
+
+
+def test_another_memory_size_is_refused(kernel: Path, saved: Path) -> None:
+    _refused(_pyvmm(kernel, "--restore", str(saved), "--memory", "64M"), "memory size")
