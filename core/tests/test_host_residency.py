@@ -155,3 +155,18 @@ def test_the_scan_leaves_no_file_open() -> None:
     finally:
         view.release()
         ram.close()
+
+
+@pytest.mark.skipif(not os.path.exists(PAGEMAP), reason="no /proc/self/pagemap (not Linux)")
+def test_a_mapping_read_in_several_pieces_is_told_whole(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr("pyvmm.host.residency._READ_ENTRIES", 7)  # pieces that end mid-scan-chunk
+    written = {0: b"a", 6: b"b", 7: b"c", 100: b"d", 255: b"e"}
+    ram, view = _written_ram(written)
+    try:
+        touched = touched_pages(view)
+        assert touched is not None and len(touched) == PAGES
+        assert {i for i, t in enumerate(touched) if t} >= set(written)
+        assert sorted(snapshot._nonzero_pages(view)) == sorted(written)
+    finally:
+        view.release()
+        ram.close()
