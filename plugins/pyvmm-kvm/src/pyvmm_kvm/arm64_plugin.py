@@ -137,6 +137,7 @@ def manifest() -> BackendManifest:
         capabilities=CAPABILITIES,
         priority=100,
         probe=probe,
+        plugin="pyvmm_kvm.arm64_plugin:plugin",
     )
 
 
