@@ -11,8 +11,7 @@ Integers are strict at this boundary: a boolean, a float or a numeric string is
 refused, never coerced (``True`` would otherwise pass as 1), and an integer outside
 its field's range is refused with the range in the message, so a value that a
 backend's ``struct.pack`` or ioctl would reject, or silently wrap, never gets
-that far.  The pydantic field types with the same rules, for the files pydantic
-validates, are in :mod:`pyvmm.validation`.
+that far.
 
 :func:`read_input_file` is how pyvmm reads every file a user names (kernel,
 initrd, machine file): it refuses anything but a regular file of bounded size

@@ -255,8 +255,15 @@ AVAILABILITY_FIELDS = tuple(f.name for f in dataclasses.fields(Availability))
 
 def _stored_fields(record: object, cls: type, names: Iterable[str]) -> dict[str, Any]:
     """The values an instance holds, read from ``cls``'s slots: a subclass's
-    property of the same name is not asked."""
-    return {name: getattr(cls, name).__get__(record, cls) for name in names}
+    property of the same name is not asked, and a slot never set (an instance
+    made without ``__init__``) reads as missing."""
+    values: dict[str, Any] = {}
+    for name in names:
+        try:
+            values[name] = getattr(cls, name).__get__(record, cls)
+        except AttributeError:
+            values[name] = MISSING
+    return values
 
 
 def validated_manifest(raw: object) -> BackendManifest:

@@ -5,11 +5,12 @@ These records are built on every ``pyvmm run`` and by ``pyvmm backends``;
 importing pydantic and building its validators costs more than the rest of
 those commands together (issue 19), so the records are slotted dataclasses
 whose ``__post_init__`` checks every field with the helpers here.  pydantic
-stays where files are validated (machine files, the config file's tables).
+stays only for the config file's ``[plugins]`` table (:mod:`pyvmm.config_file`).
 
 A bad value raises :class:`RecordError`, a :class:`~pyvmm.errors.ConfigError`
 whose message is one line, ``field: problem; field: problem``, in the words
-pyvmm uses for pydantic's errors (:mod:`pyvmm.validation`), and whose
+pyvmm uses for pydantic's errors where it still uses pydantic
+(:mod:`pyvmm.validation`), and whose
 :attr:`~RecordError.fields` names the fields at fault.
 """
 
@@ -146,21 +147,36 @@ def _given(value: Any) -> str:
     return f", not {show(value)}" if isinstance(value, (bool, int, float, str, bytes)) else ""
 
 
-def from_mapping(cls: type[_R], data: Any, fields: tuple[str, ...], what: str | None = None) -> _R:
-    """``cls(**data)`` for a mapping of the record's fields: an unknown key, or a
-    value that is no mapping, is a :class:`RecordError` (naming the closest known
-    key), never a ``TypeError``."""
+def from_mapping(
+    cls: type[_R],
+    data: Any,
+    fields: tuple[str, ...],
+    what: str | None = None,
+    error: type[RecordError] = RecordError,
+) -> _R:
+    """``cls(**data)`` for a mapping of the record's fields: a value that is no
+    mapping, or an unknown key (named with the closest known one), is an
+    ``error`` too, never a ``TypeError``; the problems of the known keys are
+    reported with those of the unknown ones."""
     name = what or cls.__name__
     if not isinstance(data, Mapping):
-        raise RecordError(name, [("(record)", f"must be a table (a mapping of {', '.join(fields)}){_given(data)}")])
-    unknown = [str(key) for key in data if key not in fields]
+        raise error(name, [("(record)", f"must be a table{_given(data)}")])
+    unknown = []
+    for key in data:
+        if key not in fields:
+            hint = did_you_mean(str(key), list(fields))
+            unknown.append((str(key), "unknown setting" + (f" (did you mean {hint}?)" if hint else "")))
+    try:
+        record = cls(**{key: value for key, value in data.items() if key in fields})
+    except RecordError as exc:
+        if not unknown:
+            raise
+        # Only the fields' own problems: rules between fields are not checked
+        # on a record that has others.
+        raise error(name, [*[p for p in exc.problems if not p[1].startswith("needs ")], *unknown]) from None
     if unknown:
-        problems = []
-        for key in unknown:
-            hint = did_you_mean(key, list(fields))
-            problems.append((key, "unknown setting" + (f" (did you mean {hint}?)" if hint else "")))
-        raise RecordError(name, problems)
-    return cls(**data)
+        raise error(name, unknown)
+    return record
 
 
 def required(checker: Checker, field: str, value: Any) -> bool:

@@ -1,76 +1,17 @@
-"""pydantic field types with pyvmm's strictness, and pyvmm's wording of
-pydantic's errors: for the files pydantic validates (machine files, the config
-file's tables).
+"""pyvmm's wording of pydantic's errors, for what pydantic still validates:
+the config file's tables (:mod:`pyvmm.config_file`).
 
-The API records (:mod:`pyvmm.config`, :mod:`pyvmm.boot`, :mod:`pyvmm.manifest`)
-do not use pydantic (:mod:`pyvmm.records` says why); importing this module
-imports pydantic.
+The API records and the machine settings do not use pydantic
+(:mod:`pyvmm.records` says why, and words their errors the same way).
 """
 
 from __future__ import annotations
 
-import math
-from typing import Annotated, Any
+from typing import Any
 
-from pydantic import BeforeValidator, ValidationError
+from pydantic import ValidationError
 
-from pyvmm.config import parse_size
-from pyvmm.records import MAX_PROBLEMS, bound, did_you_mean, show
-
-_show = show
-_bound = bound
-
-#: A byte count; accepts ``"128M"``-style strings.
-ByteSize = Annotated[int, BeforeValidator(parse_size)]
-
-
-def int_range(lo: int, hi: int, *, optional: bool = False) -> BeforeValidator:
-    """``Annotated[int, int_range(lo, hi)]``: an integer in ``lo..hi`` inclusive.
-
-    Booleans, floats and strings are refused (pydantic's lax mode would turn
-    ``True`` into 1 and ``"7"`` into 7); the message gives the allowed range.
-    With ``optional``, None passes (for ``int | None`` fields).
-    """
-
-    def check(value: Any) -> Any:
-        if value is None and optional:
-            return value
-        if isinstance(value, bool) or not isinstance(value, int):
-            raise ValueError(f"must be an integer from {_bound(lo)} to {_bound(hi)}, not {_show(value)}")
-        if not lo <= value <= hi:
-            raise ValueError(f"{_bound(value)} is out of range: must be from {_bound(lo)} to {_bound(hi)}")
-        return int(value)  # an IntEnum member becomes its plain value
-
-    return BeforeValidator(check)
-
-
-def float_range(lo_exclusive: float, hi: float, *, optional: bool = False) -> BeforeValidator:
-    """``Annotated[float, float_range(lo, hi)]``: a finite number in ``(lo, hi]``;
-    booleans, strings, infinities and NaN are refused."""
-
-    def check(value: Any) -> Any:
-        if value is None and optional:
-            return value
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise ValueError(f"must be a finite number above {lo_exclusive:g} and at most {hi:g}, not {_show(value)}")
-        if not math.isfinite(value) or not lo_exclusive < value <= hi:
-            raise ValueError(f"{value!r} is out of range: must be above {lo_exclusive:g} and at most {hi:g}")
-        return float(value)
-
-    return BeforeValidator(check)
-
-
-def strict_bool(value: Any) -> Any:
-    """A :class:`BeforeValidator` for bool fields: only ``True`` and ``False``
-    (lax pydantic would take 1, "yes" or "on")."""
-    if not isinstance(value, bool):
-        raise ValueError(f"must be true or false, not {_show(value)}")
-    return value
-
-
-#: ``Annotated[bool, StrictBool]``.
-StrictBool = BeforeValidator(strict_bool)
-
+from pyvmm.records import MAX_PROBLEMS, did_you_mean, show
 
 #: pydantic's wording, by error type, as one clause: "must be ...".
 _PYDANTIC_WORDS = {
@@ -100,7 +41,7 @@ _PYDANTIC_WORDS = {
 
 
 def _given(value: Any) -> str:
-    return f", not {_show(value)}" if isinstance(value, (bool, int, float, str, bytes)) else ""
+    return f", not {show(value)}" if isinstance(value, (bool, int, float, str, bytes)) else ""
 
 
 def error_text(item: Any, known: list[str] | None = None) -> str:

@@ -36,10 +36,9 @@ from __future__ import annotations
 import dataclasses
 import os
 import sys
-from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal, TypeVar
+from typing import Any, Literal
 
 from pyvmm.config import (
     MAX_GUEST_PHYS,
@@ -55,7 +54,7 @@ from pyvmm.config import (
 )
 from pyvmm.errors import ConfigError
 from pyvmm.machine.layout import MIN_RAM
-from pyvmm.records import MAX_PROBLEMS, MISSING, Checker, RecordError, did_you_mean, required, show
+from pyvmm.records import MAX_PROBLEMS, MISSING, Checker, RecordError, from_mapping, required, show
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -222,7 +221,7 @@ class CpuidOverride:
     @classmethod
     def from_mapping(cls, data: Any) -> CpuidOverride:
         """An override from a machine file's table (unknown keys are refused)."""
-        return _record_from_mapping(cls, data, CPUID_OVERRIDE_FIELDS)
+        return from_mapping(cls, data, CPUID_OVERRIDE_FIELDS, error=MachineConfigError)
 
     def apply(self, register: int) -> int:
         if self.mask is None:
@@ -318,7 +317,7 @@ class MachineConfig:
     def from_mapping(cls, data: Any) -> MachineConfig:
         """A config from a mapping of its settings, as a machine file holds them
         (unknown keys are refused, naming the closest known one)."""
-        return _record_from_mapping(cls, data, MACHINE_CONFIG_FIELDS)
+        return from_mapping(cls, data, MACHINE_CONFIG_FIELDS, error=MachineConfigError)
 
 
 MACHINE_CONFIG_FIELDS = tuple(f.name for f in dataclasses.fields(MachineConfig))
@@ -354,24 +353,6 @@ def _overrides(check: Checker, value: Any) -> Any:
                 inner = "" if where == "(record)" else f".{where}"
                 check.fail(f"cpuid_overrides.{i}{inner}", problem)
     return records
-
-
-_R = TypeVar("_R")
-
-
-def _record_from_mapping(cls: type[_R], data: Any, fields: tuple[str, ...]) -> _R:
-    """``cls(**data)``; a value that is no table, or an unknown key, is a
-    :class:`MachineConfigError` naming it (and the closest known key)."""
-    if not isinstance(data, Mapping):
-        raise MachineConfigError(cls.__name__, [("(record)", f"must be a table{_given(data)}")])
-    unknown = [str(key) for key in data if key not in fields]
-    if unknown:
-        problems = []
-        for key in unknown:
-            hint = did_you_mean(key, list(fields))
-            problems.append((key, "unknown setting" + (f" (did you mean {hint}?)" if hint else "")))
-        raise MachineConfigError(cls.__name__, problems)
-    return cls(**data)
 
 
 def read_machine_file(path: Path) -> dict[str, Any]:
