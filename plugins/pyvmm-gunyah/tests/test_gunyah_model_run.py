@@ -7,7 +7,6 @@ the raw seam."""
 from __future__ import annotations
 
 import dataclasses
-
 import errno
 import os
 import struct

@@ -56,11 +56,6 @@ from pyvmm.errors import ConfigError
 from pyvmm.machine.layout import MIN_RAM
 from pyvmm.records import MAX_PROBLEMS, MISSING, Checker, RecordError, from_mapping, required, show
 
-if sys.version_info >= (3, 11):
-    import tomllib
-else:  # pragma: no cover - exercised on 3.10 only
-    import tomli as tomllib  # type: ignore[import-not-found, unused-ignore]
-
 DEFAULT_MEMORY = 128 << 20
 #: xAPIC ids are 8 bits and 0xff is the broadcast id.
 MAX_CPUS = 254
@@ -362,6 +357,12 @@ def read_machine_file(path: Path) -> dict[str, Any]:
         waited on), over :data:`~pyvmm.config.MAX_MACHINE_FILE_SIZE`, not UTF-8
         or not TOML.
     """
+    # Imported here: a run without a machine file parses no TOML.
+    if sys.version_info >= (3, 11):
+        import tomllib
+    else:  # pragma: no cover - exercised on 3.10 only
+        import tomli as tomllib  # type: ignore[import-not-found, unused-ignore]
+
     try:
         raw = read_input_file(
             path, what="machine file", limit=MAX_MACHINE_FILE_SIZE, why="a machine file may have at most {limit}"
