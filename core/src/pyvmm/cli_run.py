@@ -362,7 +362,7 @@ def cmd_run(args: argparse.Namespace) -> int:
 def _run(args: argparse.Namespace) -> int:
     from pyvmm.machine.config import build_config, check_input_files
     from pyvmm.machine.console import open_serial
-    from pyvmm.machine.loaders.common import ImageError  # not the package: it imports every loader
+    from pyvmm.machine.loaders import ImageError
     from pyvmm.machine.machine import Machine
     from pyvmm.machine.outcome import StopReason
 

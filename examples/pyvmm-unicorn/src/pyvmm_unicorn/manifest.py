@@ -1,7 +1,7 @@
 """The unicorn backend's manifest and availability probe (entry point ``unicorn``).
 
 What ``pyvmm backends`` reads of this backend, so it imports nothing of it but
-this module: not the software CPU (:mod:`pyvmm.softcpu`), not unicorn.  The
+this module: not the software CPU (:mod:`pyvmm.softcpu`) nor its engine.  The
 plugin object, :data:`pyvmm_unicorn.plugin.plugin`, is imported when the
 backend is first used.
 
@@ -12,16 +12,11 @@ registration fails if the two ever disagree.
 
 from __future__ import annotations
 
-import importlib.util
-
 from pyvmm.capabilities import Capability
 from pyvmm.config import Arch
-from pyvmm.entry_points import distribution_version
 from pyvmm.manifest import CONTRACT_VERSION, Availability, BackendManifest
+from pyvmm.softcpu_installed import softcpu_installed
 from pyvmm_unicorn import __version__
-
-#: How to get unicorn (pyvmm.softcpu._uc.INSTALL_HINT, not imported: it loads the engine).
-INSTALL_HINT = "pip install 'pyvmm-core[softcpu]'"
 
 CAPABILITIES = (
     Capability.USER_MEMORY,  # guest RAM is core's host memory, mapped zero-copy
@@ -41,21 +36,10 @@ CAPABILITIES = (
 
 
 def probe() -> Availability:
-    """Never raises: whether unicorn 2.x is installed here, asked of the
-    installed packages without importing it (importing it loads its shared
-    library, which costs more than all of ``pyvmm backends``).  A library that
-    is installed but cannot be loaded shows when the first VM is made
-    (:class:`pyvmm.softcpu.SoftCpuUnavailable`)."""
-    try:
-        found = importlib.util.find_spec("unicorn") is not None
-    except (ImportError, ValueError) as exc:
-        return Availability.no(f"unicorn cannot be found: {type(exc).__name__}: {exc}")
-    if not found:
-        return Availability.no(f"the software CPU needs unicorn ({INSTALL_HINT}): it is not installed")
-    version = distribution_version("unicorn") or "?"
-    if not version.startswith("2."):
-        return Availability.no(f"the software CPU needs unicorn 2.x, found {version} ({INSTALL_HINT})")
-    return Availability.yes()
+    """Never raises: whether the software CPU's engine is installed, asked
+    without importing it (:func:`pyvmm.softcpu_installed.softcpu_installed`)."""
+    ok, reason = softcpu_installed()
+    return Availability.yes() if ok else Availability.no(reason)
 
 
 def manifest() -> BackendManifest:
