@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from collections.abc import Sequence
 from typing import Any, NoReturn
@@ -99,6 +98,8 @@ def _print_backends(report: dict[str, Any]) -> None:
 def _cmd_backends(args: argparse.Namespace) -> int:
     report = _backends_report()
     if args.json:
+        import json  # here: a run, or a listing without --json, needs no JSON
+
         json.dump(report, sys.stdout, indent=2)
         print()
     else:
