@@ -35,7 +35,7 @@ denied, refused right after its manifest when its backend name is.
 Who owns a backend name
 -----------------------
 The owner of a backend name is the plugin whose entry-point name equals it
-(``kvm = "pyvmm_kvm.plugin:plugin"`` owns ``kvm``).  Discovery reads every
+(``kvm = "pyvmm_kvm.manifest:manifest"`` owns ``kvm``).  Discovery reads every
 manifest before it registers any, then settles each name:
 
 * one owner among the plugins claiming the name: the owner keeps it, whatever
