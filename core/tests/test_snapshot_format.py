@@ -13,26 +13,42 @@ from typing import Any
 import pytest
 
 from pyvmm.arch import aarch64, x86_64
-from pyvmm.snapshot import MAGIC, STATE_TYPES, VERSION, SnapshotError, _decode, _encode, parse
+from pyvmm.devices.state import DeviceImage
+from pyvmm.snapshot import MAGIC, STATE_TYPES, VERSION, SnapshotError, _decode, _encode, encode, parse
 from pyvmm.vcpu_state import StateKind
+from pyvmm.vm_state import VmStateKind
 
 REGION = {"guest_phys_addr": 0, "size": 0x4000, "read_only": False, "log_dirty": False}
 
 
-def _file(header: Any, runs: list[tuple[int, int, int, bytes]] = (), *, raw_header: bytes | None = None) -> bytes:
+def _file(
+    header: Any,
+    runs: list[tuple[int, int, int, bytes]] = (),
+    *,
+    raw_header: bytes | None = None,
+    version: int = VERSION,
+) -> bytes:
     encoded = raw_header if raw_header is not None else json.dumps(header).encode()
     body = struct.pack("<I", len(encoded)) + encoded
     for region, first, count, data in runs:
         body += struct.pack("<IQI", region, first, count) + data
-    return struct.pack("<8sIIQ32s", MAGIC, VERSION, 0, len(body), hashlib.sha256(body).digest()) + body
+    return struct.pack("<8sIIQ32s", MAGIC, version, 0, len(body), hashlib.sha256(body).digest()) + body
 
 
 def _vcpu(**states: Any) -> dict[str, Any]:
     return {"states": [[k, v] for k, v in states.items()], "events": None, "msrs": None}
 
 
-def _good() -> dict[str, Any]:
+def _good_v1() -> dict[str, Any]:
     return {"arch": "x86_64", "regions": [REGION], "vcpus": [_vcpu(regs=_encode(x86_64.Regs(rax=5)))]}
+
+
+PIT_IMAGE = {"$bytes": "00" * 112}
+DEVICE = {"key": "pio@0x3f8:uart", "version": 1, "state": {"ier": 2, "thre_pending": True, "rx": {"$bytes": "41"}}}
+
+
+def _good() -> dict[str, Any]:
+    return {**_good_v1(), "vm_states": [["pit", PIT_IMAGE]], "clock": 12345, "devices": [DEVICE]}
 
 
 def test_a_well_formed_file_parses() -> None:
@@ -40,6 +56,25 @@ def test_a_well_formed_file_parses() -> None:
     image = parse(_file(_good(), [(0, 2, 1, page)]))
     assert image.pages == [{2: page}]
     assert image.vcpus == [[(StateKind.REGS, x86_64.Regs(rax=5))]]
+    assert image.vm_states == [(VmStateKind.PIT, bytes(112))]
+    assert image.clock == 12345
+    assert image.devices == [DeviceImage("pio@0x3f8:uart", 1, {"ier": 2, "thre_pending": True, "rx": b"A"})]
+
+
+def test_a_version_1_file_is_still_read() -> None:
+    """Version 1 held RAM, registers, events and MSRs only: it reads as a
+    snapshot without VM-wide state, clock or devices."""
+    image = parse(_file(_good_v1(), version=1))
+    assert image.vcpus == [[(StateKind.REGS, x86_64.Regs(rax=5))]]
+    assert (image.vm_states, image.clock, image.devices) == ([], None, None)
+    with pytest.raises(SnapshotError, match="expected the fields"):
+        parse(_file(_good(), version=1))  # a version 1 file has no version 2 fields
+
+
+def test_an_encoded_snapshot_parses_back_equal() -> None:
+    page = bytes(range(256)) * 16
+    image = parse(_file(_good(), [(0, 1, 2, page * 2)]))
+    assert parse(encode(image)) == image
 
 
 @pytest.mark.parametrize(
@@ -54,6 +89,7 @@ def test_a_well_formed_file_parses() -> None:
         (x86_64.MpState.RUNNABLE, STATE_TYPES[StateKind.MP_STATE]),
         (aarch64.CoreRegs(pc=0x4000_0000), STATE_TYPES[StateKind.CORE_REGS]),
         (x86_64.VcpuEvents(), x86_64.VcpuEvents),
+        (x86_64.Xsave(region=bytes(range(256)) * 20), STATE_TYPES[StateKind.XSAVE]),
     ],
     ids=lambda r: type(r).__name__,
 )
@@ -104,6 +140,24 @@ def _with(path: str, value: Any) -> dict[str, Any]:
         (_file(_with("vcpus/0/msrs", [{"index": 1 << 33, "data": 0}])), r"msrs\[0\]: MsrEntry.index"),
         (_file(_with("vcpus/0/msrs", [{"index": 0x10, "data": -1}])), r"msrs\[0\]: MsrEntry.data"),
         (_file(_with("vcpus/0/msrs", [{"index": 0x10}])), "expected the fields"),
+        (_file(_good(), version=3), "reads versions 1 and 2"),
+        (_file(_with("vm_states", [["hpet", PIT_IMAGE]])), "unknown VM state"),
+        (_file(_with("vm_states", [["pit", PIT_IMAGE], ["pit", PIT_IMAGE]])), "repeated"),
+        (_file(_with("vm_states", [["pit"]])), r"expected \[kind, state\]"),
+        (_file(_with("vm_states", [["pit", "00"]])), "expected bytes"),
+        (_file({**_good(), "arch": "aarch64", "vcpus": []}), "not of aarch64"),
+        (_file(_with("clock", -1)), "header.clock"),
+        (_file(_with("clock", "now")), "header.clock"),
+        (_file(_with("devices", {})), "expected a list"),
+        (_file(_with("devices", [DEVICE, DEVICE])), "unique"),
+        (_file(_with("devices", [{**DEVICE, "key": 7}])), "key"),
+        (_file(_with("devices", [{**DEVICE, "version": -1}])), "version"),
+        (_file(_with("devices", [{**DEVICE, "state": []}])), "expected an object"),
+        (_file(_with("devices", [{**DEVICE, "state": {"ier": 1.5}}])), "expected an integer"),
+        (_file(_with("devices", [{**DEVICE, "state": {"ier": 1 << 70}}])), "does not fit 64 bits"),
+        (_file(_with("devices", [{**DEVICE, "state": {"rx": {"$bytes": "x"}}}])), "not hexadecimal"),
+        (_file(_with("devices", [{"key": "a", "version": 1}])), "expected the fields"),
+        (_file(_with("vcpus/0", _vcpu(xsave={"region": {"$bytes": "00" * 100}}))), "Xsave.region"),
     ],
 )
 def test_malformed_bodies_with_a_good_checksum(data: bytes, words: str) -> None:

@@ -9,10 +9,12 @@ import pytest
 from pyvmm.arch.x86_64_boot import CODE32_SELECTOR
 from pyvmm.testing.conformance.programs import GuestProgram
 from pyvmm.testing.conformance.programs_aarch64 import aarch64_assembler, assemble_aarch64
-from pyvmm.testing.guests import gicv3, multiboot_pic, pit_ticks
+from pyvmm.testing.guests import gicv3, multiboot_pic, pit_ticks, snapshot_counter
 
 
-@pytest.mark.parametrize("program", multiboot_pic.PROGRAMS + pit_ticks.PROGRAMS, ids=lambda program: program.name)
+@pytest.mark.parametrize(
+    "program", multiboot_pic.PROGRAMS + pit_ticks.PROGRAMS + snapshot_counter.PROGRAMS, ids=lambda program: program.name
+)
 def test_x86_programs_match_their_source(program: GuestProgram) -> None:
     assembled = program.assembled()
     if assembled is None:

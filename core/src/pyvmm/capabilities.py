@@ -72,6 +72,13 @@ class Capability(str, enum.Enum):
     """vCPU registers can be read and written (hooks ``pyvmm_get_vcpu_state``/``pyvmm_set_vcpu_state``)."""
     MSRS = "msrs"
     """x86 MSRs can be read and written (hooks ``pyvmm_get_msrs``/``pyvmm_set_msrs``)."""
+    PREPARED_VCPU_STATE = "prepared_vcpu_state"
+    """A vCPU's saved state (register sets, MSRs, pending events: a
+    :class:`pyvmm.prepared_state.SavedVcpuState`) can be made ready once and then
+    written back many times at the cost of the hypervisor's own calls, with no
+    conversion per write (hooks ``pyvmm_prepare_vcpu_state``/
+    ``pyvmm_restore_vcpu_state``; what a dirty-page reset does every iteration).
+    Without it core writes the state back with the register hooks."""
     CPUID = "cpuid"
     """The backend reports its supported CPUID and accepts a vCPU CPUID table
     (hooks ``pyvmm_get_supported_cpuid``/``pyvmm_set_cpuid``)."""
@@ -155,6 +162,18 @@ class Capability(str, enum.Enum):
     COALESCED_PIO = "coalesced_pio"
     """Coalesced zones may be port ranges too (KVM: ``KVM_CAP_COALESCED_PIO``)."""
 
+    # --- complete snapshots (issue 19) ----------------------------------------
+    XSAVE = "xsave"
+    """x86: the whole XSAVE area can be read and written as the register set
+    ``StateKind.XSAVE`` (AVX and later state beyond the legacy FPU area)."""
+    MP_STATE = "mp_state"
+    """x86: the multiprocessing state (running, halted, waiting for SIPI) can be
+    read and written as the register set ``StateKind.MP_STATE``."""
+    VM_STATE = "vm_state"
+    """The hypervisor's VM-wide device state -- the in-kernel interrupt controllers
+    and timer (:class:`pyvmm.vm_state.VmStateKind`) -- can be read and written
+    (hooks ``pyvmm_get_vm_state``/``pyvmm_set_vm_state``)."""
+
     # --- the per-backend escape hatch -------------------------------------------
     RAW_CAPABILITIES = "raw_capabilities"
     """The hypervisor's own capabilities can be queried and enabled by their own
@@ -179,6 +198,8 @@ CORE_READS: dict[Capability, str] = {
     Capability.XCRS: "reset_point/snapshot: the XCRs are saved and restored where the backend declares it",
     Capability.EARLY_INIT_CPUID: "Vcpu.set_cpuid refuses; the pc board sets CPUID at VM creation instead",
     Capability.MULTI_VCPU: "Backend.create_vm: more than one vCPU needs it",
+    Capability.XSAVE: "snapshot: the XSAVE area is saved and restored where the backend declares it",
+    Capability.MP_STATE: "snapshot: a VM with an irqchip saves each vCPU's MP state where the backend declares it",
 }
 
 #: Capabilities core never reads: they mirror crosvm's ``HypervisorCap``/``VmCap``

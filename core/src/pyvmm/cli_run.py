@@ -79,6 +79,14 @@ Messages: one line names the backend, why it was chosen and the guest arch;
 on a terminal a status line shows exits/s while the console is quiet.  -q drops
 both, -v/-vv add info/debug messages, --log-level or $PYVMM_LOG sets the level.
 
+Snapshots (x86_64): --snapshot-to FILE saves the whole machine -- RAM, vCPUs,
+the hypervisor's irqchip, PIT and clock, every device -- and stops (status 0)
+when the guest writes any value to port 0x5f0, or after --snapshot-after S
+seconds of running.  --restore FILE continues such a snapshot instead of
+booting: give it the options the snapshot was saved with (memory, cpus,
+irqchip, kernel); a damaged file or another machine's is an error (status 2)
+naming the difference.  A machine with --testdev cannot be saved yet.
+
 Machine files: examples/machine.toml shows every key, with what it does.
 """
 
@@ -212,6 +220,18 @@ def add_run_parser(sub: Any, common: argparse.ArgumentParser | None = None) -> N
         help="the interrupt controllers and timer: the hypervisor's (kernel), pyvmm's 8259s and 8254 "
         "(userspace: x86_64, one vCPU), none, or auto (default: the hypervisor's if it has them, else pyvmm's "
         "where the backend can inject interrupts)",
+    )
+    run.add_argument(
+        "--snapshot-to",
+        type=Path,
+        metavar="FILE",
+        help="x86_64: save a snapshot to FILE and stop when the guest writes port 0x5f0 (or after --snapshot-after)",
+    )
+    run.add_argument(
+        "--snapshot-after", type=float, metavar="S", help="with --snapshot-to: save after S seconds of running"
+    )
+    run.add_argument(
+        "--restore", type=Path, metavar="FILE", help="x86_64: continue the snapshot in FILE instead of booting"
     )
     run.set_defaults(func=cmd_run)
 
@@ -400,6 +420,9 @@ def _run(args: argparse.Namespace) -> int:
                             config,
                             backend=backend,
                             serial_output=cast(BinaryIO, console) if console is not None else None,
+                            restore=args.restore,
+                            snapshot_to=args.snapshot_to,
+                            snapshot_after=args.snapshot_after,
                         )
                     )
                 except ImageError as exc:
@@ -432,7 +455,9 @@ def _run(args: argparse.Namespace) -> int:
                 finally:
                     if gdb is not None:
                         gdb.close()
-    if result.reason not in (StopReason.DEBUG_EXIT, StopReason.POWEROFF):
+    if result.reason is StopReason.SNAPSHOT:
+        _say(f"snapshot saved to {args.snapshot_to}")
+    elif result.reason not in (StopReason.DEBUG_EXIT, StopReason.POWEROFF):
         print(f"pyvmm: {result.reason.value}: {result.detail}", file=sys.stderr)
     if result.stats is not None:
         print(f"pyvmm: stats: backend {machine.backend.name}, {result.stats.exits} exits", file=sys.stderr)

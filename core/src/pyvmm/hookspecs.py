@@ -66,7 +66,9 @@ if TYPE_CHECKING:
     from pyvmm.machine.devicetree import DeviceTree
     from pyvmm.manifest import BackendManifest
     from pyvmm.memory import RamRegion
+    from pyvmm.prepared_state import SavedVcpuState
     from pyvmm.vcpu_state import IoEventAddress, StateKind
+    from pyvmm.vm_state import VmStateKind
 
 PROJECT = "pyvmm"
 hookspec = pluggy.HookspecMarker(PROJECT)
@@ -367,6 +369,47 @@ def pyvmm_set_vcpu_state(vcpu: Any, kind: StateKind, value: Any) -> None:
         def set_state(self, kind: StateKind, value: Any) -> None:  # KvmVcpu
             if kind is StateKind.REGS:
                 self.host.ioctl(self.fd, KVM_SET_REGS, regs_to_kvm(value))
+    """
+
+
+@hookspec
+@hook_info(on="vcpu", method="prepare_state", capability=Cap.PREPARED_VCPU_STATE, since=3)
+def pyvmm_prepare_vcpu_state(vcpu: Any, state: SavedVcpuState) -> Any:
+    """``PREPARED_VCPU_STATE``: make ``state`` ready to be written back to this
+    vCPU by :func:`pyvmm_restore_vcpu_state`, as often as needed, with nothing
+    left to convert or check then (KVM: the ioctl argument structs, filled).
+
+    Fields a register set's record does not carry (KVM's ``interrupt_bitmap`` in
+    ``struct kvm_sregs``) take the values they have now, when the state is
+    prepared.  Core hands the returned object back unread; it belongs to this
+    vCPU only.
+
+    :raises ConfigError: a value the hypervisor cannot take (a register set
+        this vCPU does not have).
+
+    Example::
+
+        def prepare_state(self, state: SavedVcpuState) -> list[tuple[int, Any]]:   # KvmVcpu
+            return [(KVM_SET_REGS, regs_to_kvm(value)) for kind, value in state.states]
+    """
+
+
+@hookspec
+@hook_info(on="vcpu", method="restore_prepared_state", capability=Cap.PREPARED_VCPU_STATE, since=3)
+def pyvmm_restore_vcpu_state(vcpu: Any, prepared: Any) -> None:
+    """``PREPARED_VCPU_STATE``: write back what :func:`pyvmm_prepare_vcpu_state`
+    returned for this vCPU: the MSRs first, then the register sets in the order
+    given, then the pending events (the order of
+    :class:`pyvmm.prepared_state.SavedVcpuState`).
+
+    :raises HypervisorError: a write failed; those before it took effect.
+    :raises MsrAccessError: the hypervisor refused an MSR.
+
+    Example::
+
+        def restore_prepared_state(self, prepared: list[tuple[int, Any]]) -> None:   # KvmVcpu
+            for request, raw in prepared:
+                self.host.ioctl(self.fd, request, raw)
     """
 
 
@@ -878,4 +921,39 @@ def pyvmm_take_coalesced_io(vm: Any) -> list[CoalescedWrite]:
 
         def take_coalesced_io(self) -> list[CoalescedWrite]:   # KvmVm
             return self.ring.take()   # entries first..last of the shared ring page
+    """
+
+
+# --- complete snapshots (contract version 3) -------------------------------------
+
+
+@hookspec
+@hook_info(on="vm", capability=Cap.VM_STATE, since=3)
+def pyvmm_get_vm_state(vm: Any, kind: VmStateKind) -> bytes:
+    """``VM_STATE``: the hypervisor's image of one of its VM-wide devices (see
+    :class:`pyvmm.vm_state.VmStateKind`), as bytes core stores unread.
+
+    :raises HypervisorError: the VM has no such device (KVM: no irqchip yet).
+
+    Example::
+
+        def get_vm_state(self, kind: VmStateKind) -> bytes:   # KvmVm
+            if kind is VmStateKind.PIT:
+                return self.get_pit2()            # KVM_GET_PIT2
+            return self.get_irqchip(CHIPS[kind])  # KVM_GET_IRQCHIP
+    """
+
+
+@hookspec
+@hook_info(on="vm", capability=Cap.VM_STATE, since=3)
+def pyvmm_set_vm_state(vm: Any, kind: VmStateKind, data: bytes) -> None:
+    """``VM_STATE``: replace one VM-wide device's state with an image
+    :func:`pyvmm_get_vm_state` returned (on this hypervisor).
+
+    :raises ConfigError: ``data`` is not the size the hypervisor's image has.
+
+    Example::
+
+        def set_vm_state(self, kind: VmStateKind, data: bytes) -> None:   # KvmVm
+            self.set_pit2(data) if kind is VmStateKind.PIT else self.set_irqchip(CHIPS[kind], data)
     """

@@ -547,8 +547,8 @@ class PluginRegistry:
         except _Raised as raised:
             raise PluginContractError(f"{where}: {what} raised {raised}") from raised.error
         try:
-            # Validated even when it is a BackendManifest: model_copy() and
-            # model_construct() build one without validation.
+            # Validated even when it is a BackendManifest: object.__setattr__
+            # gets past a frozen dataclass, and a subclass may report otherwise.
             manifest = validated_manifest(raw)
         except RecordError as exc:
             raise PluginContractError(f"{where}: invalid manifest: {exc}") from exc

@@ -14,15 +14,17 @@ pages those are (``DIRTY_LOG``; KVM clears the log as it hands it over), so::
         point.reset()                  # dirty pages and vCPU registers back
 
 A reset copies each run of consecutive dirty pages back from the saved copy in
-one slice assignment (a ``memcpy``) and sets the saved vCPU register sets again.
+one slice assignment (a ``memcpy``) and writes the saved vCPU state back from
+what :meth:`pyvmm.vm.Vcpu.prepare_state` made of it at the capture (on KVM, the
+``KVM_SET_*`` structs, filled once: a reset costs the ioctls alone).
 What it covers: guest RAM, and per vCPU the register sets of ``kinds`` (by
-default, x86: general, segment/control, FPU/SSE and debug registers, plus XCRs
+default, x86: general, segment/control, FPU/SSE and debug registers -- the whole
+XSAVE area in place of the FPU where the backend declares ``XSAVE`` -- plus XCRs
 where the backend declares ``XCRS``; aarch64: the core registers), the pending
 events where the backend declares ``VCPU_EVENTS``, and the MSRs the backend
 lists (``MSRS`` and ``MSR_INDEX_LIST``) that the vCPU can have written back
 (:func:`restorable_msrs`).  What it does not: in-kernel interrupt controller,
-PIT and clock state, XSAVE beyond the legacy FPU area, and the state of the
-VMM's own devices -- a harness whose guest uses them
+PIT and clock state, and the state of the VMM's own devices -- a harness whose guest uses them
 must reset them itself.  Pass ``kinds`` to add ``LAPIC``/``MP_STATE`` for a VM
 with an in-kernel irqchip.
 
@@ -37,17 +39,16 @@ which records the pages it touches for the next reset::
 
 from __future__ import annotations
 
-import copy
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
 
-from pyvmm.arch.x86_64 import MsrEntry, VcpuEvents
+from pyvmm.arch.x86_64 import MsrEntry
 from pyvmm.capabilities import Capability
 from pyvmm.config import PAGE_SIZE, Arch
 from pyvmm.errors import ConfigError, MsrAccessError, VmStateError
 from pyvmm.exits import ExitKind
 from pyvmm.memory import RamRegion
+from pyvmm.prepared_state import PreparedVcpuState, SavedVcpuState
 from pyvmm.vcpu_state import StateKind
 from pyvmm.vm import Vcpu, Vm
 
@@ -60,14 +61,6 @@ class _SavedRegion:
     region: RamRegion
     #: A view, so that slicing it copies nothing (slicing bytes would copy).
     contents: memoryview
-
-
-@dataclass
-class _SavedVcpu:
-    vcpu: Vcpu
-    states: list[tuple[StateKind, Any]]
-    events: VcpuEvents | None
-    msrs: list[MsrEntry] | None = None
 
 
 def settle(vm: Vm) -> None:
@@ -139,14 +132,30 @@ def default_kinds(vm: Vm) -> tuple[StateKind, ...]:
     """The register sets a reset restores by default for ``vm``'s backend and arch."""
     if vm.config.arch is Arch.AARCH64:
         return AARCH64_KINDS
+    kinds: tuple[StateKind, ...] = X86_KINDS
+    if vm.backend.supports(Capability.XSAVE):
+        # The XSAVE area holds the legacy FPU/SSE state and the AVX and later
+        # registers a guest may also change: one write instead of FPU's, no less.
+        kinds = tuple(StateKind.XSAVE if kind is StateKind.FPU else kind for kind in kinds)
     extra = (StateKind.XCRS,) if vm.backend.supports(Capability.XCRS) else ()
-    return X86_KINDS + extra
+    return kinds + extra
+
+
+def _saved_state(
+    vcpu: Vcpu, kinds: Sequence[StateKind], with_events: bool, msr_indices: Sequence[int] | None
+) -> SavedVcpuState:
+    """``vcpu``'s state now: what a reset writes back to it."""
+    return SavedVcpuState(
+        tuple((kind, vcpu.get_state(kind)) for kind in kinds),
+        () if msr_indices is None else tuple(restorable_msrs(vcpu, msr_indices)),
+        vcpu.get_events() if with_events else None,
+    )
 
 
 class ResetPoint:
     """A VM's memory and vCPU registers at one moment, to reset to cheaply."""
 
-    def __init__(self, vm: Vm, regions: list[_SavedRegion], vcpus: list[_SavedVcpu]) -> None:
+    def __init__(self, vm: Vm, regions: list[_SavedRegion], vcpus: list[PreparedVcpuState]) -> None:
         self.vm = vm
         self._regions = regions
         self._vcpus = vcpus
@@ -194,15 +203,7 @@ class ResetPoint:
         with_events = vm.backend.supports(Capability.VCPU_EVENTS) and vm.config.arch is Arch.X86_64
         msr_indices = vm.msr_index_list() if saves_msrs(vm) else None
         settle(vm)
-        saved_vcpus = [
-            _SavedVcpu(
-                vcpu,
-                [(kind, copy.deepcopy(vcpu.get_state(kind))) for kind in chosen],
-                copy.deepcopy(vcpu.get_events()) if with_events else None,
-                None if msr_indices is None else restorable_msrs(vcpu, msr_indices),
-            )
-            for vcpu in vm.vcpus
-        ]
+        saved_vcpus = [vcpu.prepare_state(_saved_state(vcpu, chosen, with_events, msr_indices)) for vcpu in vm.vcpus]
         saved_regions = []
         for region in regions:
             vm.dirty_log(region)  # from here on, the log holds exactly what changed
@@ -235,16 +236,8 @@ class ResetPoint:
         return pages
 
     def _restore_vcpus(self) -> None:
-        for saved in self._vcpus:
-            vcpu = saved.vcpu
-            # MSRs first: the register sets after them win where both hold a
-            # value (EFER is in the segment registers and in the MSRs).
-            if saved.msrs:
-                vcpu.set_msrs(saved.msrs)
-            for kind, value in saved.states:
-                vcpu.set_state(kind, value)
-            if saved.events is not None:
-                vcpu.set_events(saved.events)
+        for prepared in self._vcpus:
+            prepared.vcpu.restore_state(prepared)
 
     def restore_all(self) -> None:
         """Copy back the whole of guest RAM (and the registers), whatever the

@@ -1,16 +1,25 @@
-"""VM snapshots in a file: guest RAM (only the pages that are not zero) and every
-vCPU's register sets, saved from a stopped VM and restored into a new one.
+"""VM snapshots in a file: guest RAM (only the pages that are not zero), every
+vCPU's complete state, the hypervisor's VM-wide device state and the clock, and
+-- for a :mod:`pyvmm.machine` -- the state of every device of the machine.
 
-What a snapshot holds is what :mod:`pyvmm.reset_point` restores: RAM and, per
-vCPU, the register sets of ``kinds`` (by default :func:`reset_point.default_kinds`),
-the pending events where the backend declares ``VCPU_EVENTS`` and the MSRs it
-lists and can write back (:func:`reset_point.restorable_msrs`).  It does not
-hold in-kernel interrupt controller, PIT or clock state, XSAVE beyond the legacy
-FPU area, nor the state of a machine's devices: it is for VMs built on the
-VM API without those (fuzzing targets, test guests), and :func:`save` refuses
-nothing it cannot see -- a VM with an in-kernel irqchip restores without it.
+What a snapshot holds, where the backend declares the capability named:
 
-The file::
+* RAM: every region, the pages that are not zero;
+* per vCPU: the register sets of ``kinds`` (by default
+  :func:`reset_point.default_kinds`: x86 general, segment/control, FPU/SSE and
+  debug registers, XCRs with ``XCRS``; aarch64 the core registers), plus the
+  whole XSAVE area (``XSAVE``), and with an in-kernel irqchip the local APIC
+  (``IRQCHIP``) and the MP state (``MP_STATE``); the pending events
+  (``VCPU_EVENTS``); the MSRs the backend lists and can write back
+  (:func:`reset_point.restorable_msrs`);
+* VM-wide, with an in-kernel irqchip: both 8259s, the IOAPIC and the 8254
+  (``VM_STATE``, :class:`pyvmm.vm_state.VmStateKind`), and the clock
+  (``PVCLOCK``);
+* a machine's devices, each as its versioned :mod:`pyvmm.devices.state`
+  (:mod:`pyvmm.machine.snapshots` saves and restores those).
+
+The file (version 2; version 1 files, which have no ``vm_states``, ``clock`` or
+``devices``, are still read)::
 
     magic "PYVMMSNP" | u32 version | u32 0 | u64 body length | 32-byte SHA-256 of the body | body
     body: u32 header length | header (JSON) | page runs
@@ -31,6 +40,7 @@ import enum
 import hashlib
 import itertools
 import json
+import mmap
 import os
 import struct
 import tempfile
@@ -44,13 +54,22 @@ from typing import Any
 from pyvmm.arch import aarch64, x86_64
 from pyvmm.capabilities import Capability
 from pyvmm.config import PAGE_SIZE, Arch
-from pyvmm.errors import PyvmmError
+from pyvmm.devices.state import DeviceImage
+from pyvmm.errors import PyvmmError, VmStateError
+from pyvmm.exits import ExitKind
+from pyvmm.host.residency import touched_pages
 from pyvmm.reset_point import default_kinds, restorable_msrs, saves_msrs, settle
 from pyvmm.vcpu_state import StateKind
-from pyvmm.vm import Backend, Vm
+from pyvmm.vm import Backend, Vcpu, Vm
+from pyvmm.vm_state import X86_IRQCHIP_KINDS, VmStateKind
 
 MAGIC = b"PYVMMSNP"
-VERSION = 1
+#: The version written.  Version 1 (RAM, registers, events, MSRs) is still read:
+#: its files hold a subset of version 2's, so reading them costs one key check.
+VERSION = 2
+READABLE_VERSIONS = (1, 2)
+_V1_KEYS = {"arch", "regions", "vcpus"}
+_V2_KEYS = _V1_KEYS | {"vm_states", "clock", "devices"}
 _PREAMBLE = struct.Struct("<8sIIQ32s")
 _RUN = struct.Struct("<IQI")
 _HEADER_LENGTH = struct.Struct("<I")
@@ -69,7 +88,23 @@ STATE_TYPES: dict[StateKind, Any] = {
     StateKind.LAPIC: x86_64.Lapic,
     StateKind.MP_STATE: x86_64.MpState,
     StateKind.CORE_REGS: aarch64.CoreRegs,
+    StateKind.XSAVE: x86_64.Xsave,
 }
+#: Where a register set goes when a vCPU is restored: the MP state first (KVM
+#: resets pending INIT/SIPI handling with it), the general and control registers,
+#: the FPU and the XSAVE area after it (XSAVE holds the FPU too and wins), then
+#: the local APIC.  Kinds a caller chose keep this relative order.
+RESTORE_ORDER = (
+    StateKind.MP_STATE,
+    StateKind.REGS,
+    StateKind.SREGS,
+    StateKind.FPU,
+    StateKind.XCRS,
+    StateKind.XSAVE,
+    StateKind.DEBUG_REGS,
+    StateKind.LAPIC,
+    StateKind.CORE_REGS,
+)
 
 
 class SnapshotError(PyvmmError):
@@ -85,6 +120,17 @@ class RegionImage:
 
 
 @dataclass
+class VcpuImage:
+    """One vCPU's saved state."""
+
+    #: The register sets, in the order they are set.
+    states: list[tuple[StateKind, Any]]
+    events: x86_64.VcpuEvents | None
+    #: The MSRs to set first, or None.
+    msrs: list[x86_64.MsrEntry] | None
+
+
+@dataclass
 class Snapshot:
     """A loaded, fully checked snapshot."""
 
@@ -97,60 +143,181 @@ class Snapshot:
     events: list[x86_64.VcpuEvents | None]
     #: Per vCPU: the MSRs to set first, or None.
     msrs: list[list[x86_64.MsrEntry] | None]
+    #: The hypervisor's VM-wide device images, in the order they are restored.
+    vm_states: list[tuple[VmStateKind, bytes]] = dataclasses.field(default_factory=list)
+    #: The guest clock (``PVCLOCK``) in nanoseconds, or None.
+    clock: int | None = None
+    #: A machine's devices (:mod:`pyvmm.machine.snapshots`); None for a VM
+    #: saved on the VM API.
+    devices: list[DeviceImage] | None = None
+
+    def vcpu_image(self, index: int) -> VcpuImage:
+        return VcpuImage(self.vcpus[index], self.events[index], self.msrs[index])
 
 
 # --- saving ------------------------------------------------------------------------
+
+
+def snapshot_kinds(vm: Vm) -> tuple[StateKind, ...]:
+    """The register sets a snapshot of ``vm`` holds by default: the reset
+    point's, the XSAVE area (``XSAVE``), and with the hypervisor's irqchip the
+    local APIC and the MP state (``MP_STATE``)."""
+    kinds = list(default_kinds(vm))
+    if vm.config.arch is Arch.X86_64:
+        if vm.backend.supports(Capability.XSAVE) and StateKind.XSAVE not in kinds:
+            kinds.append(StateKind.XSAVE)
+        if vm.has_irqchip:
+            kinds.append(StateKind.LAPIC)
+            if vm.backend.supports(Capability.MP_STATE):
+                kinds.append(StateKind.MP_STATE)
+    return tuple(kinds)
+
+
+def settle_vcpu(vcpu: Vcpu) -> None:
+    """:func:`reset_point.settle` for one vCPU, on its own thread (a machine's
+    vCPU threads each settle theirs): finish what its last exit left to the
+    hypervisor without running guest code."""
+    if not vcpu.vm.backend.supports(Capability.IMMEDIATE_EXIT):
+        return
+    vcpu.kick()
+    exit_ = vcpu.run()
+    if exit_.kind is not ExitKind.INTERRUPTED:
+        raise VmStateError(
+            f"vCPU {vcpu.index}: a kicked run should stop before the guest runs, but it exited with "
+            f"{exit_.kind.name}: its state cannot be saved consistently"
+        )
+
+
+def capture_vcpu(vcpu: Vcpu, kinds: Sequence[StateKind] | None = None) -> VcpuImage:
+    """``vcpu``'s state, read on its thread (settled: :func:`settle_vcpu`)."""
+    vm = vcpu.vm
+    chosen = sorted(snapshot_kinds(vm) if kinds is None else kinds, key=RESTORE_ORDER.index)
+    with_events = vm.backend.supports(Capability.VCPU_EVENTS) and vm.config.arch is Arch.X86_64
+    msrs = restorable_msrs(vcpu, vm.msr_index_list()) if saves_msrs(vm) else None
+    states = [(kind, vcpu.get_state(kind)) for kind in chosen]
+    return VcpuImage(states, vcpu.get_events() if with_events else None, msrs)
+
+
+def capture_vm(vm: Vm, vcpus: Sequence[VcpuImage], devices: list[DeviceImage] | None = None) -> Snapshot:
+    """A snapshot of stopped ``vm`` from its vCPUs' images (in vCPU order): RAM,
+    the VM-wide device state and the clock are read here."""
+    if vm.has_irqchip and vm.config.arch is not Arch.X86_64:
+        # The vGIC's state (KVM_DEV_ARM_VGIC_GRP_*) is not saved yet: a snapshot
+        # without it would restore a guest whose interrupts are lost.
+        raise SnapshotError("a snapshot of an aarch64 VM with the hypervisor's GIC is not supported yet")
+    if vm.has_irqchip:
+        vm.backend.require(Capability.VM_STATE, "a snapshot of a VM with the hypervisor's irqchip")
+    vm_states = [(kind, vm.get_vm_state(kind)) for kind in X86_IRQCHIP_KINDS] if vm.has_irqchip else []
+    clock = vm.get_clock() if vm.backend.supports(Capability.PVCLOCK) else None
+    regions = list(vm.memory)
+    images = [RegionImage(r.guest_phys_addr, r.size, r.read_only, r.log_dirty) for r in regions]
+    return Snapshot(
+        vm.config.arch,
+        images,
+        [_nonzero_pages(region.view()) for region in regions],
+        [v.states for v in vcpus],
+        [v.events for v in vcpus],
+        [v.msrs for v in vcpus],
+        vm_states,
+        clock,
+        devices,
+    )
+
+
+def capture(vm: Vm, kinds: Sequence[StateKind] | None = None) -> Snapshot:
+    """A snapshot of ``vm`` (stopped: no vCPU running), on the thread that
+    created the vCPUs.
+
+    :raises UnsupportedCapability: the backend lacks ``VCPU_REGISTERS``, or
+        ``VM_STATE`` for a VM with the hypervisor's irqchip.
+    """
+    vm.backend.require(Capability.VCPU_REGISTERS, "a snapshot")
+    settle(vm)  # no exit half-done in the hypervisor: the state read is whole
+    return capture_vm(vm, [capture_vcpu(vcpu, kinds) for vcpu in vm.vcpus])
 
 
 def save(vm: Vm, path: str | os.PathLike[str], kinds: Sequence[StateKind] | None = None) -> None:
     """Write ``vm`` (stopped: no vCPU running) to ``path``, replacing it whole or
     not at all.  Call it on the thread that created the vCPUs.
 
-    :raises UnsupportedCapability: the backend lacks ``VCPU_REGISTERS``.
+    :raises UnsupportedCapability: as :func:`capture`.
     """
-    vm.backend.require(Capability.VCPU_REGISTERS, "a snapshot")
-    chosen = tuple(default_kinds(vm) if kinds is None else kinds)
-    with_events = vm.backend.supports(Capability.VCPU_EVENTS) and vm.config.arch is Arch.X86_64
-    msr_indices = vm.msr_index_list() if saves_msrs(vm) else None
-    settle(vm)  # no exit half-done in the hypervisor: the state read is whole
-    regions = list(vm.memory)
+    write(capture(vm, kinds), path)
+
+
+def _nonzero_pages(view: memoryview) -> dict[int, bytes]:
+    """The pages of ``view`` that are not all zero.  Guest RAM is mostly zero:
+    pages never touched (:func:`~pyvmm.host.residency.touched_pages`) are
+    skipped unread; the rest are compared :data:`_SCAN_PAGES` pages at a time, and only
+    a chunk that is not all zero page by page."""
+    pages = {}
+    zero_page = bytes(PAGE_SIZE)
+    zero_chunk = bytes(_SCAN_PAGES * PAGE_SIZE)
+    count = len(view) // PAGE_SIZE
+    touched = touched_pages(view)
+    host_pages_per_chunk = (_SCAN_PAGES * PAGE_SIZE) // mmap.PAGESIZE
+    for first in range(0, count, _SCAN_PAGES):
+        end = min(first + _SCAN_PAGES, count)
+        if touched is not None:
+            host_first = first * PAGE_SIZE // mmap.PAGESIZE
+            if not any(touched[host_first : host_first + host_pages_per_chunk]):
+                continue
+        # Copied out first: bytes compare with memcmp, a memoryview item by item.
+        chunk = view[first * PAGE_SIZE : end * PAGE_SIZE].tobytes()
+        if chunk == zero_chunk[: len(chunk)]:
+            continue
+        for page in range(first, end):
+            contents = chunk[(page - first) * PAGE_SIZE : (page - first + 1) * PAGE_SIZE]
+            if contents != zero_page:
+                pages[page] = contents
+    return pages
+
+
+#: Pages compared at once when looking for the ones that are not zero (256 KiB).
+_SCAN_PAGES = 64
+
+
+def encode(image: Snapshot) -> bytes:
+    """The file's bytes for ``image``."""
     header = {
-        "arch": vm.config.arch.value,
-        "regions": [
-            {"guest_phys_addr": r.guest_phys_addr, "size": r.size, "read_only": r.read_only, "log_dirty": r.log_dirty}
-            for r in regions
-        ],
+        "arch": image.arch.value,
+        "regions": [dataclasses.asdict(r) for r in image.regions],
         "vcpus": [
-            {
-                "states": [[kind.value, _encode(vcpu.get_state(kind))] for kind in chosen],
-                "events": _encode(vcpu.get_events()) if with_events else None,
-                "msrs": None if msr_indices is None else _encode(restorable_msrs(vcpu, msr_indices)),
-            }
-            for vcpu in vm.vcpus
+            {"states": [[kind.value, _encode(value)] for kind, value in states], "events": _encode(events),
+             "msrs": _encode(msrs)}
+            for states, events, msrs in zip(image.vcpus, image.events, image.msrs, strict=True)
         ],
-    }
+        "vm_states": [[kind.value, _encode(data)] for kind, data in image.vm_states],
+        "clock": image.clock,
+        "devices": None if image.devices is None else [
+            {"key": d.key, "version": d.version, "state": {name: _encode(v) for name, v in d.state.items()}}
+            for d in image.devices
+        ],
+    }  # fmt: skip
     encoded = json.dumps(header, separators=(",", ":")).encode()
     parts = [_HEADER_LENGTH.pack(len(encoded)), encoded]
-    zero = bytes(PAGE_SIZE)
-    for index, region in enumerate(regions):
-        view = region.view()
-        page, pages = 0, region.size // PAGE_SIZE
-        while page < pages:
-            if view[page * PAGE_SIZE : (page + 1) * PAGE_SIZE] == zero:
-                page += 1
-                continue
-            first = page
-            while page < pages and view[page * PAGE_SIZE : (page + 1) * PAGE_SIZE] != zero:
-                page += 1
-            parts += [_RUN.pack(index, first, page - first), bytes(view[first * PAGE_SIZE : page * PAGE_SIZE])]
+    for index, pages in enumerate(image.pages):
+        ordered = sorted(pages)
+        i = 0
+        while i < len(ordered):
+            first = j = ordered[i]
+            run = []
+            while i < len(ordered) and ordered[i] == j:
+                run.append(pages[j])
+                i, j = i + 1, j + 1
+            parts += [_RUN.pack(index, first, len(run)), *run]
     body = b"".join(parts)
-    preamble = _PREAMBLE.pack(MAGIC, VERSION, 0, len(body), hashlib.sha256(body).digest())
+    return _PREAMBLE.pack(MAGIC, VERSION, 0, len(body), hashlib.sha256(body).digest()) + body
+
+
+def write(image: Snapshot, path: str | os.PathLike[str]) -> None:
+    """Write ``image`` to ``path``, replacing it whole or not at all."""
+    data = encode(image)
     target = Path(path)
     handle, temporary = tempfile.mkstemp(prefix=f".{target.name}.", dir=target.parent)
     try:
         with os.fdopen(handle, "wb") as out:
-            out.write(preamble)
-            out.write(body)
+            out.write(data)
         os.replace(temporary, target)
     finally:
         if os.path.exists(temporary):
@@ -192,15 +359,16 @@ def parse(data: bytes, where: str = "snapshot") -> Snapshot:
     magic, version, reserved, length, digest = _PREAMBLE.unpack_from(data)
     if magic != MAGIC:
         raise SnapshotError(f"{where}: not a pyvmm snapshot (magic {magic!r})")
-    if version != VERSION or reserved != 0:
-        raise SnapshotError(f"{where}: snapshot format version {version}, this pyvmm reads version {VERSION}")
+    if version not in READABLE_VERSIONS or reserved != 0:
+        readable = " and ".join(map(str, READABLE_VERSIONS))
+        raise SnapshotError(f"{where}: snapshot format version {version}, this pyvmm reads versions {readable}")
     body = memoryview(data)[_PREAMBLE.size :]
     if length != len(body):
         raise SnapshotError(f"{where}: the header says {length} bytes of body, the file has {len(body)}")
     if hashlib.sha256(body).digest() != digest:
         raise SnapshotError(f"{where}: the checksum does not match: the file is damaged")
     try:
-        return _parse_body(body)
+        return _parse_body(body, version)
     except _Bad as bad:
         raise SnapshotError(f"{where}: {bad}") from None
 
@@ -209,7 +377,7 @@ class _Bad(Exception):
     """A damaged part of a body whose checksum matched (written by a broken saver)."""
 
 
-def _parse_body(body: memoryview) -> Snapshot:
+def _parse_body(body: memoryview, version: int) -> Snapshot:
     if len(body) < _HEADER_LENGTH.size:
         raise _Bad("no header")
     (header_length,) = _HEADER_LENGTH.unpack_from(body)
@@ -220,7 +388,7 @@ def _parse_body(body: memoryview) -> Snapshot:
         header = json.loads(bytes(body[_HEADER_LENGTH.size : end]))
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise _Bad(f"the header is not JSON: {exc}") from None
-    fields = _object(header, "header", {"arch", "regions", "vcpus"})
+    fields = _object(header, "header", _V1_KEYS if version == 1 else _V2_KEYS)
     try:
         arch = Arch(fields["arch"])
     except ValueError:
@@ -235,6 +403,11 @@ def _parse_body(body: memoryview) -> Snapshot:
         vcpus.append(states)
         events.append(event)
         msrs.append(vcpu_msrs)
+    vm_states = _vm_states(fields.get("vm_states", []), arch)
+    clock = fields.get("clock")
+    if clock is not None:
+        _int(clock, "header.clock")
+    devices = _devices(fields.get("devices"))
     pages: list[dict[int, bytes]] = [{} for _ in regions]
     offset = end
     while offset < len(body):
@@ -254,7 +427,60 @@ def _parse_body(body: memoryview) -> Snapshot:
                 raise _Bad(f"page {page} of region {index} is given twice")
             pages[index][page] = bytes(body[offset : offset + PAGE_SIZE])
             offset += PAGE_SIZE
-    return Snapshot(arch, regions, pages, vcpus, events, msrs)
+    return Snapshot(arch, regions, pages, vcpus, events, msrs, vm_states, clock, devices)
+
+
+def _vm_states(value: Any, arch: Arch) -> list[tuple[VmStateKind, bytes]]:
+    states = []
+    seen = set()
+    for i, item in enumerate(_list(value, "header.vm_states")):
+        pair = _list(item, f"header.vm_states[{i}]")
+        if len(pair) != 2:
+            raise _Bad(f"header.vm_states[{i}]: expected [kind, state]")
+        try:
+            kind = VmStateKind(pair[0])
+        except ValueError:
+            raise _Bad(f"header.vm_states[{i}]: unknown VM state {pair[0]!r}") from None
+        if kind in seen or arch is not Arch.X86_64:
+            raise _Bad(f"header.vm_states[{i}]: VM state {kind.value!r} is repeated or not of {arch.value}")
+        seen.add(kind)
+        states.append((kind, _decode(pair[1], bytes, f"header.vm_states.{kind.value}")))
+    return states
+
+
+def _devices(value: Any) -> list[DeviceImage] | None:
+    if value is None:
+        return None
+    devices = []
+    keys = set()
+    for i, item in enumerate(_list(value, "header.devices")):
+        what = f"header.devices[{i}]"
+        fields = _object(item, what, {"key", "version", "state"})
+        key = fields["key"]
+        if not isinstance(key, str) or not key or key in keys:
+            raise _Bad(f"{what}.key: expected a device's key, unique, found {key!r}")
+        keys.add(key)
+        version = _int(fields["version"], f"{what}.version", 1 << 16)
+        state = fields["state"]
+        if not isinstance(state, dict):
+            raise _Bad(f"{what}.state: expected an object, found {type(state).__name__}")
+        devices.append(
+            DeviceImage(key, version, {name: _state_value(v, f"{what}.state.{name}") for name, v in state.items()})
+        )
+    return devices
+
+
+def _state_value(value: Any, what: str) -> int | bool | bytes:
+    if isinstance(value, bool):
+        return value
+    if isinstance(value, int):
+        if not -(1 << 64) < value < 1 << 64:
+            raise _Bad(f"{what}: {value} does not fit 64 bits")
+        return value
+    if isinstance(value, dict):
+        decoded: bytes = _decode(value, bytes, what)
+        return decoded
+    raise _Bad(f"{what}: expected an integer, true/false or bytes, found {type(value).__name__}")
 
 
 def _object(value: Any, what: str, keys: set[str]) -> dict[str, Any]:
@@ -395,6 +621,13 @@ def restore(backend: Backend, snapshot: Snapshot | str | os.PathLike[str]) -> Vm
         closed before this propagates.
     """
     image = snapshot if isinstance(snapshot, Snapshot) else load(snapshot)
+    if image.devices is not None:
+        raise SnapshotError(
+            "this snapshot is of a pyvmm machine (it holds device state): restore it with the machine "
+            "(pyvmm run --restore FILE, or pyvmm.machine.Machine(..., restore=...)), not on the VM API"
+        )
+    if image.vm_states:
+        backend.require(Capability.VM_STATE, "restoring the hypervisor's irqchip state")
     vm = backend.create_vm({"arch": image.arch.value, "vcpus": max(1, len(image.vcpus))})
     try:
         for region_image, pages in zip(image.regions, image.pages, strict=True):
@@ -407,15 +640,54 @@ def restore(backend: Backend, snapshot: Snapshot | str | os.PathLike[str]) -> Vm
             view = region.view()
             for page, contents in pages.items():
                 view[page * PAGE_SIZE : (page + 1) * PAGE_SIZE] = contents
-        for states, events, msrs in zip(image.vcpus, image.events, image.msrs, strict=True):
-            vcpu = vm.create_vcpu()
-            if msrs:  # first: the register sets after them win where both hold a value
-                vcpu.set_msrs(msrs)
-            for kind, value in states:
-                vcpu.set_state(kind, value)
-            if events is not None:
-                vcpu.set_events(events)
+        if image.vm_states:
+            vm.create_irqchip()
+        for index in range(len(image.vcpus)):
+            apply_vcpu(vm.create_vcpu(), image.vcpu_image(index))
+        apply_vm(vm, image)
     except BaseException:
         vm.close()
         raise
     return vm
+
+
+def fill_ram(vm: Vm, image: Snapshot) -> None:
+    """Put ``image``'s RAM into ``vm``, whose regions must be the image's (every
+    page written: what a loader left in a fresh machine's RAM is replaced).
+
+    :raises SnapshotError: the regions differ (nothing written).
+    """
+    regions = list(vm.memory)
+    have = [(r.guest_phys_addr, r.size) for r in regions]
+    saved = [(r.guest_phys_addr, r.size) for r in image.regions]
+    if have != saved:
+        shown = ", ".join(f"{a:#x}+{s:#x}" for a, s in saved)
+        mine = ", ".join(f"{a:#x}+{s:#x}" for a, s in have)
+        raise SnapshotError(f"the snapshot's RAM ({shown}) is not this VM's ({mine}): another memory size?")
+    zero = bytes(PAGE_SIZE)
+    for region, pages in zip(regions, image.pages, strict=True):
+        view = region.view()
+        # Only the pages a loader wrote are cleared: writing every page would
+        # make all of guest RAM resident where a fresh mapping shares one zero page.
+        for page in _nonzero_pages(view).keys() - pages.keys():
+            view[page * PAGE_SIZE : (page + 1) * PAGE_SIZE] = zero
+        for page, contents in pages.items():
+            view[page * PAGE_SIZE : (page + 1) * PAGE_SIZE] = contents
+
+
+def apply_vcpu(vcpu: Vcpu, image: VcpuImage) -> None:
+    """Set ``vcpu``'s saved state, on its thread."""
+    if image.msrs:  # first: the register sets after them win where both hold a value
+        vcpu.set_msrs(image.msrs)
+    for kind, value in image.states:
+        vcpu.set_state(kind, value)
+    if image.events is not None:
+        vcpu.set_events(image.events)
+
+
+def apply_vm(vm: Vm, image: Snapshot) -> None:
+    """Set the VM-wide device state and, last, the clock."""
+    for kind, data in image.vm_states:
+        vm.set_vm_state(kind, data)
+    if image.clock is not None and vm.backend.supports(Capability.PVCLOCK):
+        vm.set_clock(image.clock)

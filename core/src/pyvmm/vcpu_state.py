@@ -18,6 +18,7 @@ class StateKind(enum.Enum):
     LAPIC = "lapic"  #: x86 :class:`pyvmm.arch.x86_64.Lapic`
     MP_STATE = "mp_state"  #: x86 :class:`pyvmm.arch.x86_64.MpState`
     CORE_REGS = "core_regs"  #: aarch64 :class:`pyvmm.arch.aarch64.CoreRegs`
+    XSAVE = "xsave"  #: x86 :class:`pyvmm.arch.x86_64.Xsave` (backends declaring ``XSAVE``)
 
 
 class AddressSpace(enum.Enum):

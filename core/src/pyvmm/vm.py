@@ -11,6 +11,7 @@ backend's declared capability first and raises
 from __future__ import annotations
 
 import contextlib
+import copy
 import functools
 import inspect
 import threading
@@ -37,8 +38,10 @@ from pyvmm.interrupts import IrqchipRoute, IrqRoute, MsiRoute
 from pyvmm.manifest import Availability, BackendManifest
 from pyvmm.memory import GuestMemory, RamRegion
 from pyvmm.plugins import BackendPlugin, PluginRegistry, default_registry
+from pyvmm.prepared_state import PreparedVcpuState, SavedVcpuState
 from pyvmm.records import RecordError
 from pyvmm.vcpu_state import IoEventAddress, StateKind
+from pyvmm.vm_state import VmStateKind
 
 if TYPE_CHECKING:
     from pyvmm.coalesced import CoalescedWrite
@@ -125,6 +128,8 @@ class BackendHooks:
     kick_vcpu: Callable[[Any], None]
     get_vcpu_state: Callable[[Any, StateKind], Any]
     set_vcpu_state: Callable[[Any, StateKind, Any], None]
+    prepare_vcpu_state: Callable[[Any, SavedVcpuState], Any]
+    restore_vcpu_state: Callable[[Any, Any], None]
     get_msrs: Callable[[Any, list[int]], list[MsrEntry]]
     set_msrs: Callable[[Any, list[MsrEntry]], None]
     get_supported_cpuid: Callable[[Any], list[CpuidEntry]]
@@ -158,6 +163,8 @@ class BackendHooks:
     check_raw_capability: Callable[[Any, int], int]
     enable_raw_capability: Callable[[Any, int, int, tuple[int, ...]], int]
     enable_vcpu_raw_capability: Callable[[Any, int, int, tuple[int, ...]], int]
+    get_vm_state: Callable[[Any, VmStateKind], bytes]
+    set_vm_state: Callable[[Any, VmStateKind, bytes], None]
 
     def __init__(self, plugin: BackendPlugin, capabilities: CapabilitySet) -> None:
         version = plugin.manifest.contract_version
@@ -267,6 +274,8 @@ class Vm:
         self._started = False
         self._closed = False
         self._hooks = backend.hooks
+        #: Set by :meth:`create_irqchip`: the hypervisor's interrupt controllers exist.
+        self.has_irqchip = False
 
     def __enter__(self) -> Vm:
         return self
@@ -459,6 +468,7 @@ class Vm:
         if self.vcpus:
             raise VmStateError("the irqchip must be created before the first vCPU")
         self._hooks.create_irqchip(self.handle)
+        self.has_irqchip = True
 
     def set_irq_line(self, line: int, level: bool) -> None:
         self._check_open()
@@ -614,6 +624,18 @@ class Vm:
             raise ConfigError(f"ioevent length must be 0 (any), 1, 2, 4 or 8, not {length}")
         if datamatch is not None and length == 0:
             raise ConfigError("an ioevent with datamatch needs a length")
+
+    def get_vm_state(self, kind: VmStateKind) -> bytes:
+        """The hypervisor's image of one of its VM-wide devices (``VM_STATE``)."""
+        self._check_open()
+        return bytes(self._hooks.get_vm_state(self.handle, kind))
+
+    def set_vm_state(self, kind: VmStateKind, data: bytes) -> None:
+        """Replace one VM-wide device's state with an image :meth:`get_vm_state` returned."""
+        self._check_open()
+        if not isinstance(data, (bytes, bytearray)):
+            raise ConfigError(f"VM state {kind.value}: bytes are needed, not {type(data).__name__}")
+        self._hooks.set_vm_state(self.handle, kind, bytes(data))
 
     def get_clock(self) -> int:
         self._check_open()
@@ -847,6 +869,55 @@ class Vcpu:
             raise ConfigError(f"events: a pyvmm.arch.x86_64.VcpuEvents is needed, not {type(events).__name__}")
         events.check()
         self._hooks.set_vcpu_events(self.handle, events)
+
+    # --- a saved state, written back many times (pyvmm.prepared_state) ---------------
+    def prepare_state(self, state: SavedVcpuState) -> PreparedVcpuState:
+        """Check ``state`` and make it ready for :meth:`restore_state` on this
+        vCPU, which then writes it back with nothing left to convert or check
+        (``PREPARED_VCPU_STATE``; elsewhere through the register hooks).  Later
+        changes to the records in ``state`` do not reach what was prepared.
+
+        :raises UnsupportedCapability: ``state`` holds MSRs or events the backend
+            cannot write.
+        :raises ConfigError: a record is out of range, or not a register set.
+        """
+        self._on_thread("prepare_state")
+        for kind, value in state.states:
+            if not isinstance(kind, StateKind):
+                raise ConfigError(f"states: a pyvmm.vcpu_state.StateKind is needed, not {type(kind).__name__}")
+            _check_records(value)
+        if state.msrs:
+            self._backend.require(Capability.MSRS, "restore MSRs")
+            _check_records(list(state.msrs))
+        events: object = state.events
+        if events is not None:
+            self._backend.require(Capability.VCPU_EVENTS, "restore pending events")
+            if not isinstance(events, VcpuEvents):
+                raise ConfigError(f"events: a pyvmm.arch.x86_64.VcpuEvents is needed, not {type(events).__name__}")
+            events.check()
+        if self._backend.supports(Capability.PREPARED_VCPU_STATE):
+            return PreparedVcpuState(self, state, self._hooks.prepare_vcpu_state(self.handle, state))
+        # Written back through the register hooks: a copy, so that what was
+        # checked here is what is written.
+        return PreparedVcpuState(self, copy.deepcopy(state), None)
+
+    def restore_state(self, prepared: PreparedVcpuState) -> None:
+        """Write back a state :meth:`prepare_state` made ready for this vCPU: the
+        MSRs, the register sets in order, then the pending events."""
+        self._on_thread("restore_state")
+        if prepared.vcpu is not self:
+            raise ConfigError(f"the state was prepared for vCPU {prepared.vcpu.index}, not for vCPU {self.index}")
+        hooks, handle = self._hooks, self.handle
+        if prepared.backend_state is not None:
+            hooks.restore_vcpu_state(handle, prepared.backend_state)
+            return
+        state = prepared.state
+        if state.msrs:
+            hooks.set_msrs(handle, list(state.msrs))
+        for kind, value in state.states:
+            hooks.set_vcpu_state(handle, kind, value)
+        if state.events is not None:
+            hooks.set_vcpu_events(handle, state.events)
 
     # --- TSC and raw capabilities -----------------------------------------------
     def get_tsc_khz(self) -> int:

@@ -22,8 +22,9 @@ from pyvmm.machine.virt import VirtBoard
 #: The modules that may place concrete devices: the boards, and the PC's firmware
 #: (which adds the ACPI PM block and reads the RTC).
 BOARD_FILES = {"pc.py", "virt.py", "legacy_firmware.py"}
-#: What every machine module may use: the device protocol and its helpers.
-DEVICE_PROTOCOL = "pyvmm.devices.base"
+#: What every machine module may use: the device protocol and its helpers
+#: (the access protocol, and the state protocol snapshots use).
+DEVICE_PROTOCOL = ("pyvmm.devices.base", "pyvmm.devices.state")
 
 
 def imported_modules(path: Path) -> set[str]:

@@ -18,7 +18,19 @@ from typing import Any
 
 import pytest
 
-from pyvmm.arch.x86_64 import CpuidEntry, DebugRegs, Fpu, Lapic, MpState, MsrEntry, Regs, Sregs, VcpuEvents, Xcr
+from pyvmm.arch.x86_64 import (
+    CpuidEntry,
+    DebugRegs,
+    Fpu,
+    Lapic,
+    MpState,
+    MsrEntry,
+    Regs,
+    Sregs,
+    VcpuEvents,
+    Xcr,
+    Xsave,
+)
 from pyvmm.backend import LibcDeviceSeam
 from pyvmm.boot import X86VcpuInit
 from pyvmm.config import MemoryRegionSpec, VmConfig
@@ -28,7 +40,9 @@ from pyvmm.interrupts import MsiRoute
 from pyvmm.memory import GuestMemory
 from pyvmm.vcpu_state import IoEventAddress, StateKind
 from pyvmm.vm import Backend
+from pyvmm.vm_state import VmStateKind
 from pyvmm_kvm import bindings as k
+from pyvmm_kvm import irqchip_state
 from pyvmm_kvm.host import HOST
 from pyvmm_kvm.system import KvmSystem
 from pyvmm_kvm.vcpu import KvmVcpu
@@ -103,6 +117,9 @@ VCPU_CALLS: dict[str, Callable[[KvmVcpu], object]] = {
     "KVM_GET_DEVICE_ATTR": lambda v: v.get_tsc_offset(),
     "KVM_SET_DEVICE_ATTR": lambda v: v.set_tsc_offset(0),
     "KVM_ENABLE_CAP": lambda v: v.enable_raw_capability(0, 0, (0, 0, 0, 0)),
+    "KVM_GET_XSAVE": lambda v: v.get_state(StateKind.XSAVE),
+    "KVM_SET_XSAVE": lambda v: v.set_state(StateKind.XSAVE, Xsave()),
+    "KVM_GET_XSAVE2": lambda v: _with_large_xsave(v).get_state(StateKind.XSAVE),
 }
 # Setters of state KVM only takes whole: they read it first, and the read fails.
 VCPU_READ_FIRST: dict[str, Callable[[KvmVcpu], object]] = {
@@ -124,7 +141,20 @@ VM_CALLS: dict[str, Callable[[KvmVm], object]] = {
     "KVM_SIGNAL_MSI": lambda vm: vm.signal_msi(0xFEE00000, 0x41),
     "KVM_REGISTER_COALESCED_MMIO": lambda vm: vm.register_coalesced_io(IoEventAddress.mmio(0xD0000000), 0x1000),
     "KVM_UNREGISTER_COALESCED_MMIO": lambda vm: vm.unregister_coalesced_io(IoEventAddress.mmio(0xD0000000), 0x1000),
+    "KVM_GET_IRQCHIP": lambda vm: vm.get_vm_state(VmStateKind.IOAPIC),
+    "KVM_SET_IRQCHIP": lambda vm: vm.set_vm_state(VmStateKind.PIC_PRIMARY, bytes(irqchip_state.CHIP_IMAGE_SIZE)),
+    "KVM_GET_PIT2": lambda vm: vm.get_vm_state(VmStateKind.PIT),
+    "KVM_SET_PIT2": lambda vm: vm.set_vm_state(VmStateKind.PIT, bytes(irqchip_state.PIT_IMAGE_SIZE)),
 }
+
+
+def _with_large_xsave(vcpu: KvmVcpu) -> KvmVcpu:
+    """A vCPU whose KVM reports an XSAVE area past 4 KiB (AMX hosts), so that
+    reading it takes KVM_GET_XSAVE2."""
+    vcpu.xsave_size = lambda: 8192  # type: ignore[method-assign]
+    return vcpu
+
+
 #: Events made before any descriptor is swapped for a closed one (an Event made
 #: afterwards could get that very number); closed after the module's tests.
 EVENTS = (Event(), Event())

@@ -6,9 +6,11 @@ from __future__ import annotations
 import pytest
 
 from pyvmm.boot import BootSpec, X86Mode
+from pyvmm.config import Arch
 from pyvmm.errors import ConfigError
 from pyvmm.exits import ExitKind, IoExit
 from pyvmm.reset_point import ResetPoint, restorable_msrs
+from pyvmm.vcpu_state import StateKind
 from pyvmm.vm import Backend, Vcpu, Vm
 
 CODE = 0x1000
@@ -85,3 +87,39 @@ def test_restorable_msrs_can_all_be_written_back_at_once(kvm: Backend) -> None:
         assert kept and {e.index for e in kept} <= set(listed)
         vcpu.set_msrs(kept)  # what every reset does: no refusal
         assert [e.index for e in vcpu.get_msrs([e.index for e in kept])] == [e.index for e in kept]
+
+
+#: Long mode, at LONG_CODE: mov rax,cr4; or eax,0x40200 (OSFXSR, OSXSAVE); mov cr4,rax;
+#: movdqu xmm0,[LONG_DATA]; mov eax,0x12345678; mov dr0,rax;
+#: mov ecx,0xc0000102 (KERNEL_GS_BASE); xor edx,edx; wrmsr;
+#: xor ecx,ecx; mov eax,3 (x87|SSE); xsetbv; out 0x10,al; hlt
+STATE_CHANGER = bytes.fromhex(
+    "0f20e0" "0d00020400" "0f22e0" "f30f6f042500101000" "b878563412" "0f23c0"
+    "b9020100c0" "31d2" "0f30" "31c9" "b803000000" "0f01d1" "e610f4"
+)  # fmt: skip
+LONG_CODE, LONG_DATA = 0x10_0000, 0x10_1000
+
+
+def test_a_reset_restores_fpu_debug_msr_and_xcr_state_the_guest_changed(kvm: Backend) -> None:
+    """What the prepared writes must cover: state the guest changes without an
+    exit to the VMM (an SSE register, DR0, an MSR, CR4 and XCR0)."""
+    vm = kvm.create_vm({"arch": "x86_64"})
+    with vm:
+        vm.add_memory(0, 0x40_0000, log_dirty=True)
+        vm.memory.write(LONG_CODE, STATE_CHANGER)
+        vm.memory.write(LONG_DATA, bytes(range(1, 17)))
+        vcpu = vm.create_vcpu()
+        vm.boot(BootSpec(arch=Arch.X86_64, entry=LONG_CODE, x86_mode=X86Mode.LONG))
+        point = ResetPoint.capture(vm)
+        before = (vcpu.get_fpu(), vcpu.get_debug_regs(), vcpu.get_msrs([0xC0000102]), vcpu.get_sregs())
+        xcrs = vcpu.get_state(StateKind.XCRS)
+        for _ in range(2):
+            assert _run_once(vm, vcpu)[0] == 0x10
+            changed = (vcpu.get_fpu(), vcpu.get_debug_regs(), vcpu.get_msrs([0xC0000102]), vcpu.get_sregs())
+            assert changed[1].db[0] == 0x12345678 and changed[2][0].data == 0x12345678
+            assert changed[3].cr4 & 0x40000 and vcpu.get_state(StateKind.XCRS)[0].value == 3
+            assert all(a != b for a, b in zip(before, changed, strict=True)), "the guest changed every one of them"
+            point.reset()
+            after = (vcpu.get_fpu(), vcpu.get_debug_regs(), vcpu.get_msrs([0xC0000102]), vcpu.get_sregs())
+            assert after == before
+            assert vcpu.get_state(StateKind.XCRS) == xcrs

@@ -71,7 +71,7 @@ def _damaged(data: bytes) -> list[tuple[str, bytes, str]]:
     return [
         ("empty", b"", "too short"),
         ("magic", b"NOTASNAP" + data[8:], "not a pyvmm snapshot"),
-        ("version", data[:8] + (2).to_bytes(4, "little") + data[12:], "version 2"),
+        ("version", data[:8] + (3).to_bytes(4, "little") + data[12:], "version 3"),
         ("truncated", data[:-1], "the file has"),
         ("extended", data + b"\0", "the file has"),
         ("bit flip", bytes(flipped), "checksum does not match"),

@@ -273,6 +273,25 @@ class Lapic:
         check_bytes(self, "regs", self.regs, 1024)
 
 
+@dataclass(slots=True)
+class Xsave:
+    """The XSAVE area (legacy FPU/SSE region, header and every extended component
+    the hypervisor saves: AVX, AVX-512, PKRU, AMX tiles ...), as the hypervisor
+    stores it: at least 4 KiB, a whole number of KiB (KVM: ``struct kvm_xsave``,
+    larger with ``KVM_CAP_XSAVE2``)."""
+
+    region: bytes = bytes(4096)
+
+    def __post_init__(self) -> None:
+        self.check()
+
+    def check(self) -> None:
+        region = self.region
+        if not isinstance(region, (bytes, bytearray)) or len(region) < 4096 or len(region) % 1024:
+            shown = f"{len(region)} bytes" if isinstance(region, (bytes, bytearray)) else repr(region)
+            raise ConfigError(f"Xsave.region: must be at least 4096 bytes, a multiple of 1024, not {shown}")
+
+
 class InterruptShadow(enum.IntFlag):
     """Why the guest cannot take an interrupt for one instruction: it just
     executed MOV SS / POP SS, or STI with interrupts disabled before."""

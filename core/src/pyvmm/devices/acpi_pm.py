@@ -29,6 +29,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from pyvmm.devices.base import Device
+from pyvmm.devices.state import DeviceState, check_fields, take
 
 log = logging.getLogger("pyvmm.devices")
 
@@ -69,6 +70,7 @@ class SleepEvents:
 
 class AcpiPm(Device):
     name = "acpi-pm"
+    state_version = 1
 
     def __init__(self, events: SleepEvents, clock_ns: Callable[[], int] = time.monotonic_ns) -> None:
         self._events = events
@@ -82,6 +84,26 @@ class AcpiPm(Device):
     def timer(self) -> int:
         ticks = (self._clock_ns() - self._start_ns) * PM_TIMER_HZ // 1_000_000_000
         return ticks & _TIMER_MASK
+
+    def save_state(self) -> DeviceState:
+        # The timer as elapsed time: a restored one counts on from where it was.
+        with self._lock:
+            return {
+                "status": self.status,
+                "enable": self.enable,
+                "control": self.control,
+                "elapsed_ns": self._clock_ns() - self._start_ns,
+            }
+
+    def load_state(self, state: DeviceState) -> None:
+        check_fields(self.name, state, {"status", "enable", "control", "elapsed_ns"})
+        status = take(self.name, state, "status", int, 16)
+        enable = take(self.name, state, "enable", int, 16)
+        control = take(self.name, state, "control", int, 16)
+        elapsed = take(self.name, state, "elapsed_ns", int)
+        with self._lock:
+            self.status, self.enable, self.control = status, enable, control
+            self._start_ns = self._clock_ns() - elapsed
 
     def wake(self, by_rtc: bool) -> None:
         """The machine woke from a sleep state (by the RTC alarm if ``by_rtc``)."""

@@ -5,6 +5,8 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 
+from pyvmm.devices.state import DeviceState, Stateful, check_fields
+
 #: What an absent device answers on a real bus: every data line floats high.
 ALL_ONES = 0xFFFF_FFFF_FFFF_FFFF
 
@@ -53,6 +55,11 @@ class Device:
     #: ioevents, the write arrives through :meth:`write` as any other.
     doorbells: tuple[Doorbell, ...] = ()
 
+    #: The version of :meth:`save_state`'s format (:mod:`pyvmm.devices.state`):
+    #: 0, no state; None (the default: a subclass holds state this class cannot
+    #: know of), the device cannot be snapshotted.
+    state_version: int | None = None
+
     def read(self, offset: int, size: int) -> int:
         return ALL_ONES
 
@@ -68,6 +75,23 @@ class Device:
     def close(self) -> None:
         """Flush and release host resources when the machine stops."""
         return None
+
+    def state_holder(self) -> Stateful:
+        """The object whose state this bus entry shows: itself, or the controller
+        a port view belongs to (saved once however many views it has)."""
+        return self
+
+    def save_state(self) -> DeviceState:
+        """The guest-visible state, for a snapshot (called with every vCPU stopped)."""
+        return {}
+
+    def load_state(self, state: DeviceState) -> None:
+        """Take a state :meth:`save_state` returned (its version already checked);
+        check every field before changing anything.
+
+        :raises DeviceStateError: a field is missing, extra or out of range.
+        """
+        check_fields(self.name, state, set())
 
     def __repr__(self) -> str:
         return f"<{type(self).__name__} {self.name!r}>"

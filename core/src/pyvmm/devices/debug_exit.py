@@ -26,6 +26,7 @@ def debug_exit_status(code: int, size: int) -> int:
 
 class DebugExit(Device):
     name = "debug-exit"
+    state_version = 0
 
     def __init__(self, on_exit: Callable[[int, int], None]) -> None:
         """``on_exit(code, status)`` is called once per write."""

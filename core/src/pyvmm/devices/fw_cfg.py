@@ -16,6 +16,7 @@ from __future__ import annotations
 import struct
 
 from pyvmm.devices.base import Device
+from pyvmm.devices.state import DeviceState, check_fields, take
 
 SELECTOR_PORT = 0x510
 DATA_PORT = 0x511
@@ -37,6 +38,7 @@ ID_TRADITIONAL = 0x1
 
 class FwCfg(Device):
     name = "fw_cfg"
+    state_version = 1
 
     def __init__(self, *, ram_size: int, cpus: int, max_cpus: int | None = None) -> None:
         self.items: dict[int, bytes] = {
@@ -71,3 +73,15 @@ class FwCfg(Device):
         if offset == 0:
             self.select(value)
         # Writes to the data port are ignored, as by QEMU since 2.4.
+
+    def save_state(self) -> DeviceState:
+        # The items are the machine's configuration, rebuilt from it: only the
+        # guest's position among them is state.
+        return {"selector": self.selector, "offset": self._offset}
+
+    def load_state(self, state: DeviceState) -> None:
+        check_fields(self.name, state, {"selector", "offset"})
+        selector = take(self.name, state, "selector", int, 16)
+        offset = take(self.name, state, "offset", int, 32)
+        self.select(selector)
+        self._offset = offset

@@ -9,6 +9,7 @@ from __future__ import annotations
 from collections.abc import Callable
 
 from pyvmm.devices.base import Device
+from pyvmm.devices.state import DeviceState, DeviceStateError, Stateful, check_fields, take
 
 DATA_PORT = 0x60
 COMMAND_PORT = 0x64
@@ -36,6 +37,7 @@ class I8042(Device):
     the machine registers it twice through :class:`I8042Port` views."""
 
     name = "i8042"
+    state_version = 1
 
     def __init__(self, on_reset: Callable[[], None]) -> None:
         self._on_reset = on_reset
@@ -90,6 +92,36 @@ class I8042(Device):
         elif command == CMD_READ_OUTPUT_PORT:
             self._output = self.output_port
 
+    def save_state(self) -> DeviceState:
+        # -1: nothing waiting (a byte is 0..255).
+        return {
+            "command_byte": self.command_byte,
+            "output_port": self.output_port,
+            "status": self._status,
+            "output": -1 if self._output is None else self._output,
+            "pending_command": -1 if self._pending_command is None else self._pending_command,
+        }
+
+    def load_state(self, state: DeviceState) -> None:
+        check_fields(self.name, state, {"command_byte", "output_port", "status", "output", "pending_command"})
+        command_byte = take(self.name, state, "command_byte", int, 8)
+        output_port = take(self.name, state, "output_port", int, 8)
+        status = take(self.name, state, "status", int, 8)
+        output, pending = _byte_or_none(state, "output"), _byte_or_none(state, "pending_command")
+        if pending not in (-1, CMD_WRITE_COMMAND_BYTE, CMD_WRITE_OUTPUT_PORT):
+            raise DeviceStateError(f"device {self.name}: {pending:#x} is not a command that waits for data")
+        self.command_byte, self.output_port, self._status = command_byte, output_port, status
+        self._output = None if output == -1 else output
+        self._pending_command = None if pending == -1 else pending
+
+
+def _byte_or_none(state: DeviceState, field: str) -> int:
+    """A saved byte register that may be empty: 0..255, or -1 for nothing."""
+    value = state.get(field)
+    if isinstance(value, bool) or not isinstance(value, int) or not -1 <= value <= 0xFF:
+        raise DeviceStateError(f"device {I8042.name}: field {field} must be a byte or -1, not {value!r}")
+    return value
+
 
 class I8042Port(Device):
     """One of the controller's two ports, as a bus sees it."""
@@ -105,3 +137,6 @@ class I8042Port(Device):
 
     def write(self, offset: int, size: int, value: int) -> None:
         self._controller.write_port(self._port, value)
+
+    def state_holder(self) -> Stateful:
+        return self._controller

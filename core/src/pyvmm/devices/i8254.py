@@ -35,6 +35,7 @@ import time
 from collections.abc import Callable
 
 from pyvmm.devices.base import Device, IrqLine
+from pyvmm.devices.state import DeviceState, DeviceStateError, Stateful, check_fields, take
 
 PIT_HZ = 1_193_182
 COUNTER_PORT = 0x40
@@ -217,6 +218,31 @@ class _Counter:
             self.latched = [value & 0xFF, value >> 8]
 
 
+#: A counter's state fields and their widths in bits (0: a flag); -1 stands for
+#: None in the optional ones.
+_COUNTER_FIELDS = {
+    "mode": 3,
+    "access": 2,
+    "bcd": 0,
+    "count": 17,
+    "running": 0,
+    "loaded": 0,
+    "null_count": 0,
+    "gate": 0,
+    "out_initial": 0,
+    "read_msb_next": 0,
+    "edges_done": 64,
+}
+_COUNTER_OPTIONAL = {"paused_ticks": 64, "status": 8, "low_written": 8}
+
+
+def _optional(device: str, state: DeviceState, key: str, bits: int) -> int | None:
+    value = state.get(key)
+    if value == -1 and not isinstance(value, bool):
+        return None
+    return take(device, state, key, int, bits)
+
+
 class Pit8254:
     """The 8254 and port 0x61.
 
@@ -350,6 +376,58 @@ class Pit8254:
             self.port_b = value & 0x0F
             self.counters[2].set_gate(bool(value & 1), self.clock())
 
+    # --- snapshots (pyvmm.devices.state) ------------------------------------------
+    name = "pit"
+    state_version = 1
+
+    def save_state(self) -> DeviceState:
+        """Every counter as the guest sees it; a count's start as the time
+        elapsed since, so a restored counter goes on from where it was."""
+        state: DeviceState = {"port_b": self.port_b}
+        with self._lock:
+            now = self.clock()
+            for counter in self.counters:
+                prefix = f"counter{counter.index}_"
+                for field in _COUNTER_FIELDS:
+                    state[prefix + field] = getattr(counter, field)
+                for field in _COUNTER_OPTIONAL:
+                    value = getattr(counter, field)
+                    state[prefix + field] = -1 if value is None else value
+                state[prefix + "elapsed_ns"] = max(0, now - counter.start_ns)
+                state[prefix + "latched"] = bytes(counter.latched)
+        return state
+
+    def load_state(self, state: DeviceState) -> None:
+        prefixes = [f"counter{counter.index}_" for counter in self.counters]
+        names = {"port_b"} | {
+            p + f for p in prefixes for f in [*_COUNTER_FIELDS, *_COUNTER_OPTIONAL, "elapsed_ns", "latched"]
+        }
+        check_fields(self.name, state, names)
+        port_b = take(self.name, state, "port_b", int, 4)
+        fields: dict[str, int | bool | None] = {}
+        latched: dict[str, list[int]] = {}
+        elapsed: dict[str, int] = {}
+        for p in prefixes:
+            for field, bits in _COUNTER_FIELDS.items():
+                key = p + field
+                fields[key] = take(self.name, state, key, bool) if bits == 0 else take(self.name, state, key, int, bits)
+            for field, bits in _COUNTER_OPTIONAL.items():
+                fields[p + field] = _optional(self.name, state, p + field, bits)
+            elapsed[p] = take(self.name, state, p + "elapsed_ns", int)
+            latched[p] = list(take(self.name, state, p + "latched", bytes))
+            if len(latched[p]) > 2 or fields[p + "mode"] not in range(6):
+                raise DeviceStateError(f"device {self.name}: {p[:-1]}: latched bytes or mode out of range")
+        with self._lock:
+            now = self.clock()
+            self.port_b = port_b
+            for counter, p in zip(self.counters, prefixes, strict=True):
+                for field in [*_COUNTER_FIELDS, *_COUNTER_OPTIONAL]:
+                    setattr(counter, field, fields[p + field])
+                counter.latched = latched[p]
+                counter.start_ns = now - elapsed[p]
+        if self.on_reprogram is not None:
+            self.on_reprogram()  # the timer thread looks at the restored deadline
+
     def devices(self) -> tuple[_PitPorts, _PortB]:
         """The port devices: the counters and control word (0x40), port B (0x61)."""
         return _PitPorts(self), _PortB(self)
@@ -362,6 +440,9 @@ class _PitPorts(Device):
         self._pit = pit
         #: Called when the machine stops (the timer thread goes with it).
         self.on_close: Callable[[], None] | None = None
+
+    def state_holder(self) -> Stateful:
+        return self._pit
 
     def read(self, offset: int, size: int) -> int:
         return self._pit.read(offset)
@@ -379,6 +460,9 @@ class _PortB(Device):
 
     def __init__(self, pit: Pit8254) -> None:
         self._pit = pit
+
+    def state_holder(self) -> Stateful:
+        return self._pit
 
     def read(self, offset: int, size: int) -> int:
         return self._pit.read_port_b()

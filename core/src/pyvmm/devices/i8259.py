@@ -36,6 +36,7 @@ import threading
 from collections.abc import Callable
 
 from pyvmm.devices.base import Device
+from pyvmm.devices.state import DeviceState, DeviceStateError, Stateful, check_fields, take
 
 MASTER_PORT = 0x20
 SLAVE_PORT = 0xA0
@@ -221,6 +222,21 @@ class _Chip:
         return self.isr if self.read_isr else self.irr
 
 
+#: A chip's state fields: 8-bit registers, then flags.
+_CHIP_BYTES = ("elcr", "irr", "lines", "isr", "imr", "base", "priority_add", "init_step")
+_CHIP_FLAGS = (
+    "ltim",
+    "read_isr",
+    "poll",
+    "special_mask",
+    "auto_eoi",
+    "rotate_on_auto_eoi",
+    "special_fully_nested",
+    "single",
+    "needs_icw4",
+)
+
+
 class PicPair:
     """The master and slave 8259A of the PC, and their ELCRs.
 
@@ -233,6 +249,40 @@ class PicPair:
         self.slave = _Chip("pic-slave", ELCR_WRITABLE[1])
         self._lock = threading.Lock()
         self.on_change = on_change
+
+    # --- snapshots (pyvmm.devices.state) ------------------------------------------
+    name = "pic"
+    state_version = 1
+
+    def save_state(self) -> DeviceState:
+        state: DeviceState = {}
+        with self._lock:
+            for chip in (self.master, self.slave):
+                prefix = chip.name.removeprefix("pic-")
+                for field in _CHIP_BYTES:
+                    state[f"{prefix}_{field}"] = getattr(chip, field)
+                for field in _CHIP_FLAGS:
+                    state[f"{prefix}_{field}"] = getattr(chip, field)
+        return state
+
+    def load_state(self, state: DeviceState) -> None:
+        chips = (self.master, self.slave)
+        prefixes = [chip.name.removeprefix("pic-") for chip in chips]
+        check_fields(self.name, state, {f"{p}_{f}" for p in prefixes for f in _CHIP_BYTES + _CHIP_FLAGS})
+        values = {
+            key: take(self.name, state, key, int, 8) for p in prefixes for key in (f"{p}_{f}" for f in _CHIP_BYTES)
+        }
+        values |= {
+            key: take(self.name, state, key, bool) for p in prefixes for key in (f"{p}_{f}" for f in _CHIP_FLAGS)
+        }
+        for p in prefixes:
+            if values[f"{p}_init_step"] > 3 or values[f"{p}_priority_add"] > 7:
+                raise DeviceStateError(f"device {self.name}: {p}: init_step or priority_add out of range")
+        with self._lock:
+            for chip, p in zip(chips, prefixes, strict=True):
+                for field in _CHIP_BYTES + _CHIP_FLAGS:
+                    setattr(chip, field, values[f"{p}_{field}"])
+        self._changed()  # the delivery looks at the restored output
 
     # --- what devices and the delivery use -------------------------------------
     def set_irq(self, line: int, level: bool) -> None:
@@ -345,6 +395,9 @@ class _PicPorts(Device):
         self._pair = pair
         self._chip = chip
 
+    def state_holder(self) -> Stateful:
+        return self._pair
+
     def read(self, offset: int, size: int) -> int:
         return self._pair.port_read(self._chip, offset & 1)
 
@@ -357,6 +410,9 @@ class _ElcrPorts(Device):
 
     def __init__(self, pair: PicPair) -> None:
         self._pair = pair
+
+    def state_holder(self) -> Stateful:
+        return self._pair
 
     def read(self, offset: int, size: int) -> int:
         value = 0

@@ -16,6 +16,7 @@ from __future__ import annotations
 from collections.abc import Callable
 
 from pyvmm.devices.base import ALL_ONES, Device
+from pyvmm.devices.state import DeviceState, DeviceStateError, check_fields, take
 
 CONFIG_ADDRESS_PORT = 0xCF8
 CONFIG_DATA_PORT = 0xCFC
@@ -56,6 +57,7 @@ class PciHost(Device):
     """Ports 0xcf8-0xcff: registered as one 8-port range at 0xcf8."""
 
     name = "pci-host"
+    state_version = 1
 
     def __init__(self, config: PciConfigSpace | None = None, *, on_reset: Callable[[], None] | None = None) -> None:
         self.config = config if config is not None else PciConfigSpace()
@@ -92,3 +94,26 @@ class PciHost(Device):
             target = self._target(offset - 4)
             if target is not None:
                 self.config.write(*target, size, value)
+
+    def save_state(self) -> DeviceState:
+        functions = self.config.functions
+        spaces = b"".join(bytes([devfn]) + bytes(functions[devfn]) for devfn in sorted(functions))
+        return {"address": self.address, "reset_control": self.reset_control, "functions": spaces}
+
+    def load_state(self, state: DeviceState) -> None:
+        check_fields(self.name, state, {"address", "reset_control", "functions"})
+        address = take(self.name, state, "address", int, 32)
+        reset_control = take(self.name, state, "reset_control", int, 8)
+        spaces = take(self.name, state, "functions", bytes)
+        record = 1 + CONFIG_SPACE_SIZE
+        if len(spaces) % record:
+            raise DeviceStateError(f"device {self.name}: the config spaces are not whole ({len(spaces)} bytes)")
+        saved = {spaces[i]: spaces[i + 1 : i + record] for i in range(0, len(spaces), record)}
+        if sorted(saved) != sorted(self.config.functions):
+            raise DeviceStateError(
+                f"device {self.name}: the snapshot has PCI functions {sorted(saved)}, this machine "
+                f"{sorted(self.config.functions)}"
+            )
+        self.address, self.reset_control = address, reset_control
+        for devfn, space in saved.items():
+            self.config.functions[devfn][:] = space

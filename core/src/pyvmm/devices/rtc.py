@@ -40,6 +40,7 @@ import time
 from collections.abc import Callable
 
 from pyvmm.devices.base import Device
+from pyvmm.devices.state import DeviceState, DeviceStateError, check_fields, take
 
 INDEX_PORT = 0x70
 PORT_COUNT = 2
@@ -91,6 +92,7 @@ class Rtc(Device):
     """
 
     name = "rtc"
+    state_version = 1
 
     def __init__(self, clock: Callable[[], float] = time.time) -> None:
         self._clock = clock
@@ -268,6 +270,39 @@ class Rtc(Device):
                 return  # read-only
             else:
                 self.cmos[index] = value
+
+    # --- snapshots ------------------------------------------------------------------
+    def save_state(self) -> DeviceState:
+        """The CMOS and the clock as the guest sees it.  Times are guest time in
+        nanoseconds: a restored clock goes on from the time it showed, as the
+        vCPUs' TSC and kvmclock do, not from the host's time now."""
+        with self._lock:
+            return {
+                "cmos": bytes(self.cmos),
+                "index": self.index,
+                "nmi_disabled": self.nmi_disabled,
+                "guest_time_ns": round(self.guest_time() * 1e9),
+                "held": self._held is not None,
+                "flags_since_ns": round(self._flags_since * 1e9),
+            }
+
+    def load_state(self, state: DeviceState) -> None:
+        name = self.name
+        check_fields(name, state, {"cmos", "index", "nmi_disabled", "guest_time_ns", "held", "flags_since_ns"})
+        cmos = take(name, state, "cmos", bytes)
+        if len(cmos) != CMOS_SIZE:
+            raise DeviceStateError(f"device {name}: the CMOS is {CMOS_SIZE} bytes, not {len(cmos)}")
+        index = take(name, state, "index", int, 7)
+        nmi_disabled = take(name, state, "nmi_disabled", bool)
+        guest_time = take(name, state, "guest_time_ns", int) / 1e9
+        held = take(name, state, "held", bool)
+        flags_since = take(name, state, "flags_since_ns", int) / 1e9
+        with self._lock:
+            self.cmos[:] = cmos
+            self.index, self.nmi_disabled = index, nmi_disabled
+            self._held = guest_time if held else None
+            self._offset = guest_time - self._clock()
+            self._flags_since = flags_since
 
     def _write_b(self, value: int) -> None:
         if value & B_SET and self._held is None:

@@ -15,6 +15,7 @@ register and reads it back to show an MMIO round trip through Python.
 from __future__ import annotations
 
 from pyvmm.devices.base import Device
+from pyvmm.devices.state import DeviceState, DeviceStateError, check_fields, take
 
 DEMO_DEVICE_BASE = 0xFEB0_0000
 DEMO_DEVICE_SIZE = 0x1000
@@ -28,6 +29,7 @@ _SCRATCH_END = REG_SCRATCH + 8
 
 class ScratchDevice(Device):
     name = "demo-device"
+    state_version = 1
 
     def __init__(self) -> None:
         self._scratch = bytearray(8)
@@ -53,3 +55,14 @@ class ScratchDevice(Device):
     @property
     def scratch(self) -> int:
         return int.from_bytes(self._scratch, "little")
+
+    def save_state(self) -> DeviceState:
+        return {"scratch": bytes(self._scratch), "accesses": self.accesses}
+
+    def load_state(self, state: DeviceState) -> None:
+        check_fields(self.name, state, {"scratch", "accesses"})
+        scratch = take(self.name, state, "scratch", bytes)
+        accesses = take(self.name, state, "accesses", int)
+        if len(scratch) != len(self._scratch):
+            raise DeviceStateError(f"device {self.name}: the scratch register is 8 bytes, not {len(scratch)}")
+        self._scratch[:], self.accesses = scratch, accesses

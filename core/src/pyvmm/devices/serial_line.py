@@ -51,6 +51,10 @@ class RxBuffer:
             self._room.set()
         return byte
 
+    def peek(self) -> bytes:
+        """What is waiting, without taking it."""
+        return bytes(self._bytes)
+
     def clear(self) -> None:
         self._bytes.clear()
         self._room.set()

@@ -10,6 +10,7 @@ mask write sees the value it wrote; before any write it reads ``initial``.
 from __future__ import annotations
 
 from pyvmm.devices.base import Device
+from pyvmm.devices.state import DeviceState, DeviceStateError, check_fields, take
 
 POST_PORT = 0x80
 PIC_MASTER_PORT = 0x20
@@ -20,6 +21,8 @@ PIT_PORT_COUNT = 4
 
 
 class PortSink(Device):
+    state_version = 1
+
     def __init__(self, name: str, ports: int = 1, initial: int = 0xFF) -> None:
         self.name = name
         self._latched = [initial] * ports
@@ -30,3 +33,15 @@ class PortSink(Device):
     def write(self, offset: int, size: int, value: int) -> None:
         if offset < len(self._latched):
             self._latched[offset] = value & 0xFF
+
+    def save_state(self) -> DeviceState:
+        return {"latched": bytes(self._latched)}
+
+    def load_state(self, state: DeviceState) -> None:
+        check_fields(self.name, state, {"latched"})
+        latched = take(self.name, state, "latched", bytes)
+        if len(latched) != len(self._latched):
+            raise DeviceStateError(
+                f"device {self.name}: {len(latched)} latched ports saved, it has {len(self._latched)}"
+            )
+        self._latched = list(latched)

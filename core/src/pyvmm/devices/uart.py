@@ -32,6 +32,7 @@ from typing import BinaryIO
 
 from pyvmm.devices.base import IrqLine
 from pyvmm.devices.serial_line import SerialLine
+from pyvmm.devices.state import DeviceState, DeviceStateError, check_fields, take
 
 COM1_BASE = 0x3F8
 COM1_IRQ = 4
@@ -69,6 +70,7 @@ RX_TRIGGER = (1, 4, 8, 14)
 
 class Uart16550(SerialLine):
     name = "uart"
+    state_version = 1
 
     def __init__(self, output: BinaryIO | None, *, irq: IrqLine | None = None, flush_lines: bool = True) -> None:
         super().__init__(output, irq=irq, flush_lines=flush_lines)
@@ -187,6 +189,39 @@ class Uart16550(SerialLine):
         if level != self._irq_level:
             self._irq_level = level
             self._irq(level)
+
+    def save_state(self) -> DeviceState:
+        with self._lock:
+            return {
+                "ier": self.ier,
+                "lcr": self.lcr,
+                "mcr": self.mcr,
+                "fcr": self.fcr,
+                "scratch": self.scratch,
+                "divisor": self.divisor,
+                "thre_pending": self._thre_pending,
+                "irq_level": self._irq_level,
+                "rx": self.rx.peek(),
+            }
+
+    def load_state(self, state: DeviceState) -> None:
+        name = self.name
+        check_fields(name, state, {"ier", "lcr", "mcr", "fcr", "scratch", "divisor", "thre_pending", "irq_level", "rx"})
+        registers = {field: take(name, state, field, int, 8) for field in ("ier", "lcr", "mcr", "fcr", "scratch")}
+        divisor = take(name, state, "divisor", int, 16)
+        thre_pending = take(name, state, "thre_pending", bool)
+        irq_level = take(name, state, "irq_level", bool)
+        rx = take(name, state, "rx", bytes)
+        if len(rx) > self.rx.capacity:
+            raise DeviceStateError(f"device {name}: {len(rx)} received bytes exceed the {self.rx.capacity}-byte buffer")
+        with self._lock:
+            self.ier, self.lcr, self.mcr = registers["ier"], registers["lcr"], registers["mcr"]
+            self.fcr, self.scratch, self.divisor = registers["fcr"], registers["scratch"], divisor
+            # The line's level is in the interrupt controller's saved state too:
+            # taken as it was, not driven again.
+            self._thre_pending, self._irq_level = thre_pending, irq_level
+            self.rx.clear()
+            self.rx.put(rx)
 
     def close(self) -> None:
         if self._output is not None:

@@ -43,6 +43,8 @@ class Unhandled(Device):
     """What answers where no device is: reads all ones, ignores writes, and logs
     the first access to each address."""
 
+    state_version = 0  # which addresses were logged is the VMM's business, not the guest's
+
     def __init__(self, space: str) -> None:
         self.name = f"unhandled {space}"
         self.space = space

@@ -19,6 +19,7 @@ the guest once.
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable
 from typing import TYPE_CHECKING, BinaryIO, cast
 
@@ -37,7 +38,9 @@ from pyvmm.vm import Backend, get_backend
 
 if TYPE_CHECKING:
     # The aarch64 board (and the device-tree library under it) loads only when used.
+    from pyvmm.machine.snapshots import MachineSnapshots
     from pyvmm.machine.virt import VirtBoard, VirtDevices
+    from pyvmm.snapshot import Snapshot
 
 
 def machine_arch(arch: Arch | None, backend: Backend) -> Arch:
@@ -73,6 +76,11 @@ class Machine:
         :class:`BootSource` for x86_64, an :class:`Aarch64BootSource` for aarch64.
     :param serial_output: a binary stream for the console (COM1, the PL011)
         instead of ``config.serial``.
+    :param restore: a snapshot (or its file) to continue from instead of
+        booting: saved by a machine of the same configuration
+        (:mod:`pyvmm.machine.snapshots`; x86_64).
+    :param snapshot_to: save a snapshot to this file, and stop, when the guest
+        writes port 0x5f0 or after ``snapshot_after`` seconds.
     """
 
     def __init__(
@@ -82,9 +90,17 @@ class Machine:
         backend: Backend | None = None,
         image: BootSource | Aarch64BootSource | None = None,
         serial_output: BinaryIO | None = None,
+        restore: Snapshot | str | os.PathLike[str] | None = None,
+        snapshot_to: str | os.PathLike[str] | None = None,
+        snapshot_after: float | None = None,
     ) -> None:
         self.config = config if config is not None else MachineConfig()
         cfg = self.config
+        if restore is not None:
+            from pyvmm.snapshot import Snapshot, load
+
+            # Checked whole before anything is built: a damaged file creates no VM.
+            restore = restore if isinstance(restore, Snapshot) else load(restore)
         self.backend = backend if backend is not None else get_backend(cfg.backend, arch=cfg.arch)
         self.arch = machine_arch(cfg.arch, self.backend)
         #: The hypervisor's interrupt controllers, or the board's own (``irqchip`` setting).
@@ -96,6 +112,7 @@ class Machine:
         self._ran = False
         self._closed = False
         self._serial_file: ConsoleOutput | None = None
+        self._snapshots: MachineSnapshots | None = None
         self.vm = self.backend.create_vm(VmConfig(arch=self.arch, vcpus=cfg.cpus))
         self._runner = Runner(self.vm, cfg, self.pio, self.mmio, irqchip=self.irqchip)
         parts = BoardParts(
@@ -106,9 +123,31 @@ class Machine:
             serial = serial_output if serial_output is not None else self._open_serial(cfg.serial)
             self._board.build(image, serial)
             self._connect_console()
+            self._snapshots = self._snapshot_side(restore, snapshot_to, snapshot_after)
         except BaseException:
             self.close()
             raise
+
+    def _snapshot_side(
+        self,
+        restore: Snapshot | str | os.PathLike[str] | None,
+        snapshot_to: str | os.PathLike[str] | None,
+        snapshot_after: float | None,
+    ) -> MachineSnapshots | None:
+        """The snapshot request port on the PC (so a guest that asks runs the
+        same with or without a snapshot being taken), and the restore."""
+        if self.arch is not Arch.X86_64:
+            if restore is not None or snapshot_to is not None:
+                raise ConfigError("machine snapshots (restore, snapshot_to) are for x86_64 machines only")
+            return None
+        from pyvmm.machine.snapshots import MachineSnapshots
+
+        snapshots = MachineSnapshots(
+            self.vm, self._runner, self.pio, self.mmio, save_to=snapshot_to, save_after=snapshot_after
+        )
+        if restore is not None:
+            snapshots.restore(restore, self.config.cpus)
+        return snapshots
 
     @property
     def devices(self) -> PcDevices | VirtDevices:
@@ -149,7 +188,10 @@ class Machine:
         if self._ran:
             raise VmStateError("a machine runs once: build a new one")
         self._ran = True
-        return self._runner.run(self._board)
+        result = self._runner.run(self._board)
+        if result.reason is StopReason.SNAPSHOT and self._snapshots is not None:
+            self._snapshots.save()
+        return result
 
     def attach_debugger(self, debugger: Debugger) -> None:
         """Let ``debugger`` (the gdb stub) hold and release the vCPUs: before

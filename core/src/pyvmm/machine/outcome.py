@@ -43,6 +43,8 @@ class StopReason(str, enum.Enum):
     UNEXPECTED_EXIT = "unexpected-exit"
     TIMEOUT = "timeout"
     INTERRUPTED = "interrupted"
+    #: The machine stopped to save a snapshot (``--snapshot-to``): status 0.
+    SNAPSHOT = "snapshot"
     #: A device or the backend raised; :meth:`Machine.run` re-raises it.
     ERROR = "error"
 

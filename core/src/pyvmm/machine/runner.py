@@ -107,6 +107,14 @@ class Runner:
         self._coalesced: CoalescedDevices | None = None
         #: A vCPU thread did not leave the hypervisor: the VM must stay open.
         self.stuck_threads = False
+        #: Called on each vCPU's thread after its boot state, before it runs
+        #: (a restored machine sets the snapshot's state there).
+        self.vcpu_ready: Callable[[Vcpu], None] | None = None
+        #: Called on each vCPU's thread when its loop ended (a machine saving a
+        #: snapshot reads the vCPU's state there, where its calls must come from).
+        self.vcpu_stopped: Callable[[Vcpu], None] | None = None
+        #: Stop with ``StopReason.SNAPSHOT`` after this many seconds (None: never).
+        self.snapshot_after: float | None = None
         self.events = MachineEvents(
             debug_exit=self._on_debug_exit,
             poweroff=self._on_poweroff,
@@ -150,8 +158,10 @@ class Runner:
             with self._cond:
                 self._go = True
                 self._cond.notify_all()
-                stopped = self._cond.wait_for(lambda: self._flag.stopping, self.timeout)
-            if not stopped:
+                stopped = self._cond.wait_for(lambda: self._flag.stopping, self._first_deadline())
+            if not stopped and self._snapshot_due():
+                self.request_stop(StopReason.SNAPSHOT, STATUS_CLEAN, f"snapshot after {self.snapshot_after:g} s")
+            elif not stopped:
                 self.request_stop(StopReason.TIMEOUT, STATUS_TIMEOUT, f"timeout after {self.timeout:g} s")
         except BaseException as exc:
             self._fail(exc)
@@ -168,6 +178,21 @@ class Runner:
             return replace(self._result, stats=MachineStats(self._stats))
         return self._result
 
+    @property
+    def stop_reason(self) -> StopReason | None:
+        """Why the run is stopping, once a stop was requested."""
+        with self._cond:
+            return None if self._result is None else self._result.reason
+
+    def _first_deadline(self) -> float | None:
+        """Seconds until the run is stopped from here: the timeout, or the
+        snapshot if it comes first."""
+        times = [t for t in (self.timeout, self.snapshot_after) if t is not None]
+        return min(times) if times else None
+
+    def _snapshot_due(self) -> bool:
+        return self.snapshot_after is not None and (self.timeout is None or self.snapshot_after < self.timeout)
+
     def count_exits(self) -> Callable[[], tuple[int, int]]:
         """From the next :meth:`run` on, count exits and time in the guest (as
         ``stats`` does); returns a function that reads (exits, guest ns) so far,
@@ -183,6 +208,8 @@ class Runner:
             vcpu = self.vm.create_vcpu(index)
             self._board.prepare_vcpu(vcpu)
             vcpu.apply_boot()
+            if self.vcpu_ready is not None:
+                self.vcpu_ready(vcpu)
             with self._cond:
                 self._ready += 1
                 self._cond.notify_all()
@@ -194,6 +221,8 @@ class Runner:
                 if self.debugger is not None:
                     self.debugger.vcpu_started(vcpu)  # waits while the debugger holds the guest
                 self._loop(vcpu)
+                if self.vcpu_stopped is not None:
+                    self.vcpu_stopped(vcpu)
             finally:
                 with self._cond:
                     del self._running[index]

@@ -30,7 +30,9 @@ from pyvmm.hookspecs import hookimpl
 from pyvmm.interrupts import IrqRoute
 from pyvmm.manifest import CONTRACT_VERSION, Availability, BackendManifest
 from pyvmm.memory import RamRegion
+from pyvmm.prepared_state import SavedVcpuState
 from pyvmm.vcpu_state import IoEventAddress, StateKind
+from pyvmm.vm_state import VmStateKind
 
 if TYPE_CHECKING:
     from pyvmm.host import Event
@@ -234,6 +236,17 @@ class ContractTestBackend:
         setattr(vcpu, kind.value, value)
 
     @hookimpl
+    def pyvmm_prepare_vcpu_state(self, vcpu: TestVcpu, state: SavedVcpuState) -> tuple[TestVcpu, SavedVcpuState]:
+        self._record("pyvmm_prepare_vcpu_state", state)
+        return (vcpu, state)
+
+    @hookimpl
+    def pyvmm_restore_vcpu_state(self, vcpu: TestVcpu, prepared: tuple[TestVcpu, SavedVcpuState]) -> None:
+        self._record("pyvmm_restore_vcpu_state", prepared)
+        for kind, value in prepared[1].states:
+            setattr(vcpu, kind.value, value)
+
+    @hookimpl
     def pyvmm_get_msrs(self, vcpu: TestVcpu, indices: list[int]) -> list[MsrEntry]:
         self._record("pyvmm_get_msrs", indices)
         return [MsrEntry(i, 0) for i in indices]
@@ -390,6 +403,15 @@ class ContractTestBackend:
     def pyvmm_take_coalesced_io(self, vm: TestVm) -> list[CoalescedWrite]:
         self._record("pyvmm_take_coalesced_io")
         return []
+
+    @hookimpl
+    def pyvmm_get_vm_state(self, vm: TestVm, kind: VmStateKind) -> bytes:
+        self._record("pyvmm_get_vm_state", kind)
+        return bytes(16)
+
+    @hookimpl
+    def pyvmm_set_vm_state(self, vm: TestVm, kind: VmStateKind, data: bytes) -> None:
+        self._record("pyvmm_set_vm_state", kind, data)
 
 
 def _known(cap: Capability | str) -> bool:

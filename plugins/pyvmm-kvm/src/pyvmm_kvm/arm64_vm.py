@@ -61,6 +61,7 @@ class KvmArm64Vm(KvmVmCommon):
         self.host = kvm.host
         self.config = config
         self.regions: dict[int, RamRegion] = {}
+        self._dirty_logs: dict[int, tuple[RamRegion, Any, int, Any]] = {}
         self.vcpus: list[KvmArm64Vcpu] = []
         self.vgic: Vgic3 | None = None
         self._vgic_attempted = False

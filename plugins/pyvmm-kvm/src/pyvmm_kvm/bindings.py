@@ -748,6 +748,7 @@ KVM_SET_XCRS: Final = _iow(0xA7, "struct kvm_xcrs")
 KVM_GET_ONE_REG: Final = _iow(0xAB, "struct kvm_one_reg")  # sic: GET is _IOW too (the struct is only read)
 KVM_SET_ONE_REG: Final = _iow(0xAC, "struct kvm_one_reg")
 KVM_KVMCLOCK_CTRL: Final = _io(0xAD)
+KVM_GET_XSAVE2: Final = _ior(0xCF, "struct kvm_xsave")  # the size is XSAVE's; the buffer is KVM_CAP_XSAVE2's
 KVM_SET_TSC_KHZ: Final = _io(0xA2)  # value: kHz
 KVM_GET_TSC_KHZ: Final = _io(0xA3)  # returns kHz
 KVM_ARM_VCPU_INIT: Final = _iow(0xAE, "struct kvm_vcpu_init", ffi_aarch64)

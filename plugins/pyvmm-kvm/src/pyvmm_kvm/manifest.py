@@ -39,6 +39,7 @@ CAPABILITIES = (
     Capability.PORT_IO,
     Capability.VCPU_REGISTERS,
     Capability.MSRS,
+    Capability.PREPARED_VCPU_STATE,
     Capability.CPUID,
     Capability.XCRS,
     Capability.IOEVENTS,
@@ -67,6 +68,10 @@ CAPABILITIES = (
     # Exits avoided (pyvmm_kvm.coalesced).
     Capability.COALESCED_IO,
     Capability.COALESCED_PIO,
+    # Complete snapshots (pyvmm_kvm.irqchip_state, KvmVcpu.get_xsave).
+    Capability.XSAVE,
+    Capability.MP_STATE,
+    Capability.VM_STATE,
 )
 
 # The requests and extension numbers the probe needs, from <linux/kvm.h> as
@@ -77,14 +82,17 @@ KVM_API_VERSION: Final = 12
 KVM_GET_API_VERSION: Final = linux.io(KVMIO, 0x00)
 KVM_CHECK_EXTENSION: Final = linux.io(KVMIO, 0x03)
 KVM_CAP_IRQCHIP: Final = 0
+KVM_CAP_MP_STATE: Final = 14
 KVM_CAP_COALESCED_MMIO: Final = 15
 KVM_CAP_USER_NMI: Final = 22
 KVM_CAP_SET_GUEST_DEBUG: Final = 23
 KVM_CAP_IRQ_ROUTING: Final = 25
 KVM_CAP_IRQFD: Final = 32
+KVM_CAP_PIT_STATE2: Final = 35
 KVM_CAP_IOEVENTFD: Final = 36
 KVM_CAP_ADJUST_CLOCK: Final = 39
 KVM_CAP_VCPU_EVENTS: Final = 41
+KVM_CAP_XSAVE: Final = 55
 KVM_CAP_XCRS: Final = 56
 KVM_CAP_TSC_CONTROL: Final = 60
 KVM_CAP_GET_TSC_KHZ: Final = 61
@@ -127,6 +135,9 @@ CAPABILITY_EXTENSIONS: dict[Capability, int] = {
     Capability.RAW_CAPABILITIES: KVM_CAP_ENABLE_CAP_VM,
     Capability.COALESCED_IO: KVM_CAP_COALESCED_MMIO,
     Capability.COALESCED_PIO: KVM_CAP_COALESCED_PIO,
+    Capability.XSAVE: KVM_CAP_XSAVE,
+    Capability.MP_STATE: KVM_CAP_MP_STATE,
+    Capability.VM_STATE: KVM_CAP_PIT_STATE2,
 }
 
 

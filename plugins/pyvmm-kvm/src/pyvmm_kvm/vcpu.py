@@ -17,7 +17,7 @@ import errno
 import struct
 from typing import Any
 
-from pyvmm.arch.x86_64 import CpuidEntry, Lapic, MpState, MsrEntry, VcpuEvents, Xcr
+from pyvmm.arch.x86_64 import CpuidEntry, Lapic, MpState, MsrEntry, VcpuEvents, Xcr, Xsave
 from pyvmm.boot import VcpuInit, X86VcpuInit
 from pyvmm.errors import ConfigError, HypervisorError, MsrAccessError, UnknownExitError
 from pyvmm.exits import (
@@ -40,9 +40,10 @@ from pyvmm.exits import (
     SystemEventExit,
     VcpuExit,
 )
+from pyvmm.prepared_state import SavedVcpuState
 from pyvmm.vcpu_state import StateKind
 from pyvmm_kvm import bindings as k
-from pyvmm_kvm import regs
+from pyvmm_kvm import prepared_state, regs
 from pyvmm_kvm.bindings import ffi
 from pyvmm_kvm.vcpu_common import RUN_STRUCT, KvmVcpuCommon
 
@@ -69,6 +70,13 @@ _SYSTEM_EVENTS = {
     k.KVM_SYSTEM_EVENT_RESET: SystemEvent.RESET,
     k.KVM_SYSTEM_EVENT_CRASH: SystemEvent.CRASH,
 }
+
+
+#: Where the XSAVE header (XSTATE_BV first) starts in the standard-format image,
+#: after the 512-byte legacy FXSAVE area (SDM vol. 1 §13.4).
+XSAVE_HEADER_OFFSET = 512
+#: XSTATE_BV's x87 (bit 0) and SSE (bit 1) components.
+XFEATURE_X87_SSE = 0b11
 
 
 class KvmVcpu(KvmVcpuCommon):
@@ -257,6 +265,8 @@ class KvmVcpu(KvmVcpuCommon):
         if kind is StateKind.XCRS:
             raw = self._get("struct kvm_xcrs *", k.KVM_GET_XCRS)
             return [Xcr(raw.xcrs[i].xcr, raw.xcrs[i].value) for i in range(raw.nr_xcrs)]
+        if kind is StateKind.XSAVE:
+            return self.get_xsave()
         raise ConfigError(f"KVM x86 vCPUs have no {kind.value} state")
 
     def set_state(self, kind: StateKind, value: Any) -> None:
@@ -288,8 +298,55 @@ class KvmVcpu(KvmVcpuCommon):
             for i, xcr in enumerate(value):
                 raw.xcrs[i].xcr, raw.xcrs[i].value = xcr.index, xcr.value
             self.host.ioctl(self.fd, k.KVM_SET_XCRS, raw)
+        elif kind is StateKind.XSAVE:
+            self.set_xsave(value)
         else:
             raise ConfigError(f"KVM x86 vCPUs have no {kind.value} state")
+
+    # --- XSAVE (docs/backends/kvm.md §4) --------------------------------------------
+    def xsave_size(self) -> int:
+        """The bytes of this VM's XSAVE image: ``KVM_CAP_XSAVE2``'s answer where the
+        kernel has it (larger than 4 KiB with AMX), else ``struct kvm_xsave``'s 4 KiB."""
+        base = int(ffi.sizeof("struct kvm_xsave"))
+        return max(base, int(self.vm.check_raw_capability(k.KVM_CAP_XSAVE2)))
+
+    def get_xsave(self) -> Xsave:
+        """``KVM_GET_XSAVE2`` into a buffer of :meth:`xsave_size` bytes, or
+        ``KVM_GET_XSAVE`` where 4 KiB is all (api.rst: XSAVE2 "with a buffer of the
+        size KVM_CHECK_EXTENSION(KVM_CAP_XSAVE2) returns")."""
+        size = self.xsave_size()
+        raw = ffi.new("char[]", size)
+        request = k.KVM_GET_XSAVE2 if size > ffi.sizeof("struct kvm_xsave") else k.KVM_GET_XSAVE
+        self.host.ioctl(self.fd, request, raw)
+        return Xsave(bytes(ffi.buffer(raw)))
+
+    def set_xsave(self, value: Xsave) -> None:
+        """``KVM_SET_XSAVE``, which reads :meth:`xsave_size` bytes.  A smaller image
+        (from a host with fewer XSAVE components) is padded with zeros: its header's
+        XSTATE_BV says the components past it are in their initial state."""
+        self.host.ioctl(self.fd, k.KVM_SET_XSAVE, self.xsave_argument(value))
+
+    def xsave_argument(self, value: Xsave) -> Any:
+        """``KVM_SET_XSAVE``'s argument for ``value``: :meth:`xsave_size` bytes,
+        zero-padded; an image larger than this KVM's is a :class:`ConfigError`."""
+        size = self.xsave_size()
+        region = bytes(value.region)
+        if len(region) > size:
+            raise ConfigError(
+                f"an XSAVE image of {len(region)} bytes does not fit this KVM's {size}: it comes from a host "
+                "with XSAVE components this one lacks"
+            )
+        image = bytearray(region.ljust(size, b"\0"))
+        # XSTATE_BV (the header's first word) with x87 or SSE clear says "in the
+        # initial state", and the image's legacy area then holds those initial
+        # values (KVM_GET_XSAVE writes them).  Not every kernel re-initialises a
+        # component whose bit is clear: 6.18 (kvm_pvm) kept the registers the guest
+        # had written since, so a reset left xmm0 changed.  Marking both present
+        # makes the kernel copy the legacy area, which is the state asked for.
+        header = XSAVE_HEADER_OFFSET
+        xstate_bv = int.from_bytes(image[header : header + 8], "little") | XFEATURE_X87_SSE
+        image[header : header + 8] = xstate_bv.to_bytes(8, "little")
+        return ffi.new("char[]", bytes(image))
 
     def get_msrs(self, indices: list[int]) -> list[MsrEntry]:
         """``KVM_GET_MSRS``.  KVM returns how many it read and stops at the first it
@@ -383,6 +440,13 @@ class KvmVcpu(KvmVcpuCommon):
             raw.arch.debugreg[7] = dr7
         raw.control = control
         self.host.ioctl(self.fd, k.KVM_SET_GUEST_DEBUG, raw)
+
+    # --- prepared state (pyvmm_kvm.prepared_state) ------------------------------------
+    def prepare_state(self, state: SavedVcpuState) -> prepared_state.PreparedWrites:
+        return prepared_state.prepare(self, state)
+
+    def restore_prepared_state(self, prepared: prepared_state.PreparedWrites) -> None:
+        prepared_state.restore(self, prepared)
 
     def _drop_exit_views(self) -> None:
         self._io.data = self._mmio.data = memoryview(b"")

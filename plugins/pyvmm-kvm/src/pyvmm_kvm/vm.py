@@ -17,8 +17,9 @@ from pyvmm.config import PAGE_SIZE, VmConfig
 from pyvmm.errors import ConfigError, HypervisorError
 from pyvmm.memory import RamRegion
 from pyvmm.vcpu_state import IoEventAddress
+from pyvmm.vm_state import VmStateKind
 from pyvmm_kvm import bindings as k
-from pyvmm_kvm import regs
+from pyvmm_kvm import irqchip_state, regs
 from pyvmm_kvm.bindings import ffi
 from pyvmm_kvm.coalesced import CoalescedZones
 from pyvmm_kvm.system import KvmSystem, system
@@ -51,6 +52,7 @@ class KvmVm(KvmVmCommon):
         self.config = config
         self.irqchip = False
         self.regions: dict[int, RamRegion] = {}
+        self._dirty_logs: dict[int, tuple[RamRegion, Any, int, Any]] = {}
         self.vcpus: list[KvmVcpu] = []
         self.cpuid_mode = str(options.pop("cpuid", "host"))
         # KVM_SET_TSS_ADDR takes 3 pages and the identity map 1, both below 4 GiB
@@ -171,6 +173,13 @@ class KvmVm(KvmVmCommon):
 
     def set_clock(self, nanoseconds: int) -> None:
         self.host.ioctl(self.fd, k.KVM_SET_CLOCK, ffi.new("struct kvm_clock_data *", {"clock": nanoseconds}))
+
+    # --- VM-wide device state (pyvmm_kvm.irqchip_state) -------------------------------
+    def get_vm_state(self, kind: VmStateKind) -> bytes:
+        return irqchip_state.get_vm_state(self.host, self.fd, kind)
+
+    def set_vm_state(self, kind: VmStateKind, data: bytes) -> None:
+        irqchip_state.set_vm_state(self.host, self.fd, kind, data)
 
     # --- coalesced I/O (pyvmm_kvm.coalesced) ---------------------------------------
     def _coalesced(self) -> CoalescedZones:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import errno
 from typing import TYPE_CHECKING, Any
 
+from pyvmm.backend import address_of
 from pyvmm.config import PAGE_SIZE
 from pyvmm.errors import HypervisorError
 from pyvmm.memory import RamRegion
@@ -25,7 +26,7 @@ if TYPE_CHECKING:
 
 class KvmVmCommon:
     """The architecture-neutral half of a KVM VM; the subclass sets ``kvm``,
-    ``host``, ``fd`` and ``regions`` in its constructor, and ``_ffi`` to the FFI
+    ``host``, ``fd``, ``regions`` and ``_dirty_logs`` (empty) in its constructor, and ``_ffi`` to the FFI
     of its architecture's declarations (the structs here are laid out the same
     in both)."""
 
@@ -34,6 +35,10 @@ class KvmVmCommon:
     host: DeviceHost
     fd: int
     regions: dict[int, RamRegion]
+    #: Per memory slot: the region, its ``struct kvm_dirty_log`` and bitmap (kept
+    #: alive here), the struct's address and a view of the bitmap (made on the
+    #: first :meth:`get_dirty_log`).
+    _dirty_logs: dict[int, tuple[RamRegion, Any, int, Any]]
 
     # --- memory -----------------------------------------------------------------
     def _set_region(self, slot: int, flags: int, gpa: int, size: int, host_addr: int) -> None:
@@ -60,6 +65,7 @@ class KvmVmCommon:
         # A size of 0 deletes the slot.
         self._set_region(region.slot, 0, region.guest_phys_addr, 0, region.host_addr)
         del self.regions[region.slot]
+        self._dirty_logs.pop(region.slot, None)
 
     def read_guest(self, gpa: int, size: int) -> bytes:
         """Up to ``size`` bytes at ``gpa`` from the region holding it (fewer at the
@@ -71,13 +77,21 @@ class KvmVmCommon:
         return b""
 
     def get_dirty_log(self, region: RamRegion) -> bytes:
-        pages = region.size // PAGE_SIZE
-        # KVM writes whole longs: the buffer must be rounded up to 64 pages.
-        bitmap = self._ffi.new("uint8_t[]", (pages + 63) // 64 * 8)
-        log = self._ffi.new("struct kvm_dirty_log *", {"slot": region.slot})
-        log.dirty_bitmap = bitmap
-        self.host.ioctl(self.fd, k.KVM_GET_DIRTY_LOG, log)
-        return bytes(self._ffi.buffer(bitmap, (pages + 7) // 8))
+        # The structs are made once per region and kept: a dirty-page reset
+        # asks for the log every iteration, and building them cost more than
+        # the ioctl.  A region mapped anew (a new RamRegion) gets its own.
+        buffers = self._dirty_logs.get(region.slot)
+        if buffers is None or buffers[0] is not region:
+            pages = region.size // PAGE_SIZE
+            # KVM writes whole longs: the buffer must be rounded up to 64 pages.
+            bitmap = self._ffi.new("uint8_t[]", (pages + 63) // 64 * 8)
+            log = self._ffi.new("struct kvm_dirty_log *", {"slot": region.slot})
+            log.dirty_bitmap = bitmap
+            view = self._ffi.buffer(bitmap, (pages + 7) // 8)
+            buffers = self._dirty_logs[region.slot] = (region, (log, bitmap), address_of(log), view)
+        _, _, address, view = buffers
+        self.host.ioctl(self.fd, k.KVM_GET_DIRTY_LOG, address)
+        return bytes(view)
 
     # --- ioeventfds ---------------------------------------------------------------
     def register_ioevent(self, event: Event, address: IoEventAddress, datamatch: int | None, length: int) -> None:

@@ -1,0 +1,237 @@
+"""Machine snapshots: stop a running machine at a point, save it -- RAM, every
+vCPU, the hypervisor's irqchip, PIT and clock, and every device of the board --
+and build a machine that continues from it.
+
+When to save (``pyvmm run --snapshot-to FILE``):
+
+* the guest asks: a write of any value to port :data:`SNAPSHOT_PORT` (0x5f0) --
+  the point a test guest or a fuzzing harness chooses.  Without
+  ``--snapshot-to`` the port ignores writes, so the same guest also runs
+  unstopped;
+* after a time: ``--snapshot-after SECONDS`` of running.
+
+The machine then stops (``StopReason.SNAPSHOT``, status 0) and writes the file;
+``pyvmm run --restore FILE`` with the same machine options (memory, vCPUs,
+irqchip, kernel) builds the machine, replaces its RAM, vCPU and device state
+with the file's, and runs on from where it stopped.  A file of another machine
+-- other RAM layout, vCPU count, devices or device state versions -- is a
+:class:`~pyvmm.snapshot.SnapshotError` naming the difference, and the machine
+being built is closed.
+
+Each vCPU's state is read and written on that vCPU's own thread
+(:attr:`Runner.vcpu_stopped`, :attr:`Runner.vcpu_ready`), after
+:func:`~pyvmm.snapshot.settle_vcpu` finished its last exit.  Devices are found
+on the machine's buses and keyed by where they sit, so the restore finds each
+one again (the 8259 pair and 8254 of ``--irqchip userspace`` too): every device
+must declare its state (:mod:`pyvmm.devices.state`); one that cannot be
+snapshotted (pc-testdev) makes the save refuse by name.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+from collections.abc import Callable
+from pathlib import Path
+
+from pyvmm.devices.base import Device
+from pyvmm.devices.state import DeviceImage, DeviceStateError, Stateful, check_version
+from pyvmm.errors import ConfigError
+from pyvmm.machine.bus import MmioBus, PortBus
+from pyvmm.machine.outcome import STATUS_CLEAN, StopReason
+from pyvmm.machine.runner import Runner
+from pyvmm.snapshot import (
+    Snapshot,
+    SnapshotError,
+    VcpuImage,
+    apply_vcpu,
+    apply_vm,
+    capture_vcpu,
+    capture_vm,
+    fill_ram,
+    load,
+    settle_vcpu,
+    write,
+)
+from pyvmm.vm import Vcpu, Vm
+
+#: The port a guest writes to ask for a snapshot (unused on the PC otherwise).
+SNAPSHOT_PORT = 0x5F0
+#: How long a stopped vCPU waits for the others before the snapshot is given up.
+STOP_WAIT_SECONDS = 10.0
+
+
+class SnapshotRequestPort(Device):
+    """Port 0x5f0: a write asks for a snapshot when the machine is to save one,
+    and is ignored otherwise; reads all ones.  Stateless."""
+
+    name = "snapshot-request"
+    state_version = 0
+
+    def __init__(self) -> None:
+        self.on_request: Callable[[], None] | None = None
+
+    def write(self, offset: int, size: int, value: int) -> None:
+        if self.on_request is not None:
+            self.on_request()
+
+
+def bus_devices(pio: PortBus, mmio: MmioBus) -> dict[str, Stateful]:
+    """Every device whose state a snapshot holds, keyed by its bus, address and
+    name (port views of one controller count once, at their first address)."""
+    found: dict[str, Stateful] = {}
+    seen: set[int] = set()
+    for space, bus in (("pio", pio), ("mmio", mmio)):
+        for base, _, device in bus.ranges:
+            holder = device.state_holder()
+            if id(holder) in seen:
+                continue
+            seen.add(id(holder))
+            found[f"{space}@{base:#x}:{holder.name}"] = holder
+    return found
+
+
+def save_devices(devices: dict[str, Stateful]) -> list[DeviceImage]:
+    """Each device's state.
+
+    :raises SnapshotError: a device cannot be snapshotted (named).
+    """
+    unsupported = [key for key, device in devices.items() if device.state_version is None]
+    if unsupported:
+        raise SnapshotError(f"these devices cannot be snapshotted: {', '.join(unsupported)}")
+    return [DeviceImage(key, device.state_version or 0, device.save_state()) for key, device in devices.items()]
+
+
+def load_devices(devices: dict[str, Stateful], images: list[DeviceImage]) -> None:
+    """Give each device its saved state.
+
+    :raises SnapshotError: the devices differ from the snapshot's, or a state
+        does not fit its device (the machine is then closed by its builder).
+    """
+    saved = {image.key: image for image in images}
+    if set(saved) != set(devices):
+        missing, extra = sorted(set(saved) - set(devices)), sorted(set(devices) - set(saved))
+        raise SnapshotError(
+            f"the snapshot's devices are not this machine's: only in the snapshot {missing}, only here {extra} "
+            "(restore with the options the snapshot was saved with: memory, vCPUs, irqchip, kernel)"
+        )
+    try:
+        for key, device in devices.items():
+            check_version(key, saved[key].version, device.state_version)
+        for key, device in devices.items():
+            device.load_state(saved[key].state)
+    except DeviceStateError as exc:
+        raise SnapshotError(str(exc)) from exc
+
+
+class MachineSnapshots:
+    """The snapshot side of one machine: saving at a point, or starting from one.
+
+    :param restore: a snapshot (or its path) to start from.
+    :param save_to: where to save when the guest asks or ``save_after`` passes.
+    """
+
+    def __init__(
+        self,
+        vm: Vm,
+        runner: Runner,
+        pio: PortBus,
+        mmio: MmioBus,
+        *,
+        save_to: str | os.PathLike[str] | None = None,
+        save_after: float | None = None,
+    ) -> None:
+        if save_after is not None and save_to is None:
+            raise ConfigError("snapshot_after: a time to save a snapshot needs a file to save it to")
+        if save_after is not None and save_after <= 0:
+            raise ConfigError(f"snapshot_after: must be above 0 seconds, not {save_after:g}")
+        self.vm = vm
+        self.runner = runner
+        self.pio = pio
+        self.mmio = mmio
+        self.save_to = None if save_to is None else Path(save_to)
+        self.request_port = SnapshotRequestPort()
+        pio.register(SNAPSHOT_PORT, 1, self.request_port)
+        self._images: dict[int, VcpuImage] = {}
+        self._lock = threading.Lock()
+        #: Every vCPU thread waits here, settled, before any reads its state.
+        self._all_stopped: threading.Barrier | None = None
+        if self.save_to is not None:
+            if not self.save_to.parent.is_dir():
+                raise ConfigError(f"snapshot_to: {self.save_to.parent} is not a directory")
+            self.request_port.on_request = self._requested
+            runner.snapshot_after = save_after
+            runner.vcpu_stopped = self._vcpu_stopped
+
+    # --- saving -------------------------------------------------------------------
+    def _requested(self) -> None:
+        self.runner.request_stop(StopReason.SNAPSHOT, STATUS_CLEAN, f"the guest asked for a snapshot ({self.save_to})")
+
+    def _vcpu_stopped(self, vcpu: Vcpu) -> None:
+        """On each vCPU's thread as its loop ends.  The state is read only once
+        every vCPU stopped: a vCPU still running could otherwise change another's
+        after it was read (an IPI landing in a local APIC already saved)."""
+        if self.runner.stop_reason is not StopReason.SNAPSHOT:
+            return
+        settle_vcpu(vcpu)
+        with self._lock:
+            if self._all_stopped is None:
+                self._all_stopped = threading.Barrier(len(self.vm.vcpus))
+            barrier = self._all_stopped
+        try:
+            barrier.wait(STOP_WAIT_SECONDS)
+        except threading.BrokenBarrierError:
+            return  # a vCPU never got here: save() names the vCPUs without an image
+        image = capture_vcpu(vcpu)
+        with self._lock:
+            self._images[vcpu.index] = image
+
+    def save(self) -> Snapshot:
+        """Write the snapshot of the machine, stopped for it, to ``save_to``.
+
+        :raises SnapshotError: a vCPU's state was not read (it never ran), or a
+            device cannot be snapshotted; nothing is written then.
+        """
+        assert self.save_to is not None
+        count = len(self.vm.vcpus)
+        missing = [i for i in range(count) if i not in self._images]
+        if missing:
+            raise SnapshotError(
+                f"vCPU(s) {missing} did not stop for the snapshot (never ran, or did not leave the guest in "
+                f"{STOP_WAIT_SECONDS:g} s): the machine cannot be saved"
+            )
+        devices = save_devices(bus_devices(self.pio, self.mmio))
+        image = capture_vm(self.vm, [self._images[i] for i in range(count)], devices)
+        write(image, self.save_to)
+        return image
+
+    # --- restoring -----------------------------------------------------------------
+    def restore(self, snapshot: Snapshot | str | os.PathLike[str], cpus: int) -> None:
+        """Put ``snapshot`` into the machine just built (RAM, VM-wide state and
+        devices now; each vCPU's state on its thread before it runs).
+
+        :raises SnapshotError: the file is damaged or of another machine.
+        """
+        image = snapshot if isinstance(snapshot, Snapshot) else load(snapshot)
+        if image.devices is None:
+            raise SnapshotError(
+                "this snapshot was saved on the VM API (it holds no device state): restore it with "
+                "pyvmm.snapshot.restore, not into a machine"
+            )
+        if image.arch is not self.vm.config.arch:
+            raise SnapshotError(
+                f"the snapshot is of an {image.arch.value} guest, this machine runs {self.vm.config.arch.value}"
+            )
+        if len(image.vcpus) != cpus:
+            raise SnapshotError(f"the snapshot has {len(image.vcpus)} vCPU(s), this machine {cpus}")
+        if bool(image.vm_states) != self.vm.has_irqchip:
+            has = "has" if image.vm_states else "has no"
+            raise SnapshotError(f"the snapshot {has} in-kernel irqchip state; this machine's irqchip setting differs")
+        load_devices(bus_devices(self.pio, self.mmio), image.devices)
+        fill_ram(self.vm, image)
+        apply_vm(self.vm, image)
+
+        def ready(vcpu: Vcpu) -> None:
+            apply_vcpu(vcpu, image.vcpu_image(vcpu.index))
+
+        self.runner.vcpu_ready = ready
