@@ -11,7 +11,7 @@ the time per region of
 * removing them all in random order.
 
 A flat "per region" row across N means O(N log N) overall or better.  The region
-specs are built before the clock starts (pydantic validation is not the layout's
+specs are built before the clock starts (their validation is not the layout's
 cost), and each mapping is a real anonymous mmap.  What growth remains with the
 cyclic garbage collector on is the collector's (it scans every live object, and
 each region is a few); ``--no-gc`` turns it off while timing to show the layout

@@ -6,6 +6,7 @@ when several test directories run in one pytest session.
 
 from __future__ import annotations
 
+import dataclasses
 import types
 from collections.abc import Callable
 from typing import Any
@@ -81,7 +82,7 @@ class ProbeBackend(RecordingBackend):
             update["probe"] = self._probe
         if self._host_os is not None:
             update["host_os"] = self._host_os
-        return super().manifest().model_copy(update=update)
+        return dataclasses.replace(super().manifest(), **update)
 
 
 def register(

@@ -7,6 +7,7 @@ else (KVM-style) core builds the registers and calls ``pyvmm_init_vcpu`` per vCP
 
 from __future__ import annotations
 
+import dataclasses
 import struct
 import threading
 from typing import Any
@@ -114,7 +115,7 @@ def test_set_boot_then_apply_boot_per_vcpu_thread(
     thread.start()
     boot_vcpu = vm.create_vcpu(0)
     created.wait()
-    vm.set_boot(AARCH64_SPEC.model_dump())  # a plain dict is validated into a BootSpec
+    vm.set_boot(dataclasses.asdict(AARCH64_SPEC))  # a plain dict is validated into a BootSpec
     booted.set()
     boot_vcpu.apply_boot()
     thread.join()
@@ -320,7 +321,7 @@ def test_aarch64(make_backend: MakeBackend) -> None:
         vm.add_memory(0x4000_0000, "16M")
         vm.create_vcpu()
         vm.create_vcpu()
-        vm.boot(AARCH64_SPEC.model_copy(update={"stack": 0x4100_0000}))
+        vm.boot(dataclasses.replace(AARCH64_SPEC, stack=0x4100_0000))
         inits = _inits(test_backend)
         boot = inits[0]
         assert isinstance(boot, Aarch64VcpuInit)

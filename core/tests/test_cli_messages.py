@@ -13,9 +13,10 @@ from coretests_support import MakeBackend
 
 from pyvmm import cli
 from pyvmm.capabilities import Capability
-from pyvmm.config import Arch, VmConfig, size_text, validation_message
+from pyvmm.config import Arch, VmConfig, size_text
 from pyvmm.errors import ConfigError
-from pyvmm.machine.config import MachineConfig, build_config
+from pyvmm.machine.config import MACHINE_CONFIG_FIELDS, MachineConfig, build_config
+from pyvmm.records import RecordError
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -80,11 +81,9 @@ def test_nested_unknown_keys_get_a_suggestion_too(tmp_path: Path) -> None:
 
 
 def test_api_records_get_the_same_words() -> None:
-    from pydantic import ValidationError
-
-    with pytest.raises(ValidationError) as info:
-        VmConfig.model_validate({"arch": "x86", "vcpu": 2})
-    text = validation_message(info.value, VmConfig)
+    with pytest.raises(RecordError) as info:
+        VmConfig.from_mapping({"arch": "x86", "vcpu": 2})
+    text = str(info.value)
     assert "arch: must be x86_64 or aarch64, not 'x86'" in text
     assert "vcpu: unknown setting (did you mean vcpus?)" in text
 
@@ -126,10 +125,10 @@ def _keys(text: str) -> tuple[set[str], set[str]]:
 def test_the_example_machine_file_covers_every_key() -> None:
     text = EXAMPLE.read_text()
     active, commented = _keys(text)
-    missing = set(MachineConfig.model_fields) - active - commented
+    missing = set(MACHINE_CONFIG_FIELDS) - active - commented
     assert not missing, f"examples/machine.toml does not show {sorted(missing)}"
-    assert not (active | commented) - set(MachineConfig.model_fields)
-    for key in MachineConfig.model_fields:  # each key is explained in a comment before it
+    assert not (active | commented) - set(MACHINE_CONFIG_FIELDS)
+    for key in MACHINE_CONFIG_FIELDS:  # each key is explained in a comment before it
         setting = rf"(?:#? ?{key} = |\[\[{key}\]\])"
         assert re.search(rf"^#[^\n]*\n(?:#[^\n]*\n)*{setting}", text, re.MULTILINE), key
 

@@ -4,8 +4,10 @@ issue 19).  Checked in fresh interpreters, as a user runs them."""
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pyvmm.cli
 
@@ -44,3 +46,49 @@ def test_the_run_command_gets_its_real_parser() -> None:
     full = pyvmm.cli.build_parser().format_help()
     stand_in = pyvmm.cli.build_parser(with_run=False).format_help()
     assert full == stand_in, "the stand-in lists run exactly as the real parser does"
+
+
+# --- what `pyvmm backends` imports: manifests, never a plugin's code ----------------------
+
+IMPORTED = """
+import json, sys
+from pyvmm.cli import main
+try:
+    main({argv!r})
+except SystemExit:
+    pass
+print(json.dumps(sorted(sys.modules)), file=sys.stderr)
+"""
+
+#: Never imported to list the backends: the validation library, the plugin
+#: manager, the C declarations' parser and runtime, the slow entry-point reader,
+#: the software CPU.
+HEAVY = ("pydantic", "pydantic_core", "pluggy", "cffi", "pycparser", "importlib.metadata", "pyvmm.softcpu", "unicorn")
+#: What a plugin may have imported for ``pyvmm backends``: its package, its
+#: manifest module, and KVM's host-architecture test.
+MANIFEST_ONLY = {"manifest", "host_arch"}
+
+
+def _all_imported(argv: list[str], env: dict[str, str] | None = None) -> list[str]:
+    code = IMPORTED.format(argv=argv)
+    done = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=False, env=env
+    )
+    return list(json.loads(done.stderr.strip().splitlines()[-1]))
+
+
+def test_pyvmm_backends_imports_no_plugin_code_and_no_heavy_library() -> None:
+    modules = _all_imported(["backends", "--json"])
+    heavy = [m for m in modules if any(m == h or m.startswith(h + ".") for h in HEAVY)]
+    assert heavy == []
+    plugin_modules = [m for m in modules if m.startswith("pyvmm_") and "." in m]
+    assert plugin_modules, "the installed plugins' manifests are read"
+    assert [m for m in plugin_modules if m.split(".", 1)[1] not in MANIFEST_ONLY] == []
+
+
+def test_a_config_file_is_validated_with_pydantic_only_when_it_exists(tmp_path: Path) -> None:
+    env = {**os.environ, "PYVMM_CONFIG": str(tmp_path / "absent.toml")}
+    assert "pydantic" not in _all_imported(["backends"], env)
+    (tmp_path / "present.toml").write_text('[plugins]\ndeny = ["haxm"]\n')
+    env["PYVMM_CONFIG"] = str(tmp_path / "present.toml")
+    assert "pydantic" in _all_imported(["backends"], env)

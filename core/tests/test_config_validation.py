@@ -1,7 +1,8 @@
 """Every validation error of the boundary models, through the API a VMM uses.
 
-Through ``Backend``/``Vm`` a bad value is a :class:`ConfigError`; on the model
-itself it is pydantic's ``ValidationError``.  Either way the message names the field.
+Through ``Backend``/``Vm`` a bad value is a :class:`ConfigError`; on the record
+itself it is a :class:`~pyvmm.records.RecordError` (a ConfigError too) whose
+``fields`` name the fields at fault.  Either way the message names the field.
 """
 
 from __future__ import annotations
@@ -9,7 +10,6 @@ from __future__ import annotations
 from collections.abc import Iterator
 from typing import Any
 
-import pydantic
 import pytest
 from coretests_support import MakeBackend
 
@@ -17,6 +17,7 @@ from pyvmm.boot import BootSpec, X86Mode
 from pyvmm.capabilities import Capability
 from pyvmm.config import MAX_GUEST_PHYS, Arch, MemoryRegionSpec, VmConfig, parse_size
 from pyvmm.errors import ConfigError, PyvmmError
+from pyvmm.records import RecordError
 from pyvmm.vm import Backend, Vm
 
 
@@ -60,15 +61,16 @@ def test_vm_config_errors_via_backend(make_backend: MakeBackend, config: dict[st
     assert str(info.value).startswith("invalid VM config: ")
     assert f"{field}:" in str(info.value)
     assert isinstance(info.value, ValueError)  # ConfigError is also a ValueError
-    assert isinstance(info.value.__cause__, pydantic.ValidationError)
+    assert isinstance(info.value.__cause__, RecordError)
+    assert info.value.__cause__.fields == (field,)
     assert test_backend.calls == []
 
 
 @pytest.mark.parametrize(("config", "field"), VM_CONFIG_ERRORS, ids=VM_CONFIG_IDS)
 def test_vm_config_errors_on_the_model(config: dict[str, Any], field: str) -> None:
-    with pytest.raises(pydantic.ValidationError) as info:
-        VmConfig.model_validate(config)
-    assert {str(error["loc"][0]) for error in info.value.errors()} == {field}
+    with pytest.raises(RecordError) as info:
+        VmConfig.from_mapping(config)
+    assert info.value.fields == (field,)
 
 
 def test_vm_config_limits_accepted(backend: Backend) -> None:
@@ -142,7 +144,7 @@ def test_region_errors_via_vm(make_backend: MakeBackend, addr: int, size: Any, f
 
 @pytest.mark.parametrize(("addr", "size", "field"), REGION_ERRORS, ids=REGION_IDS)
 def test_region_errors_on_the_model(addr: int, size: Any, field: str) -> None:
-    with pytest.raises(pydantic.ValidationError) as info:
+    with pytest.raises(RecordError) as info:
         MemoryRegionSpec(guest_phys_addr=addr, size=size)
     assert field in str(info.value)
 
@@ -166,7 +168,7 @@ def test_region_unknown_flag(vm: Vm) -> None:
 )
 def test_size_strings(vm: Vm, size: str | int, expected: int) -> None:
     assert parse_size(size) == expected
-    assert MemoryRegionSpec.model_validate({"guest_phys_addr": 0, "size": size}).size == expected
+    assert MemoryRegionSpec.from_mapping({"guest_phys_addr": 0, "size": size}).size == expected
     if expected <= 1 << 30:  # through the VM too, as long as the mapping stays modest
         region = vm.add_memory(0x1_0000_0000, size)
         assert region.size == expected
@@ -174,7 +176,7 @@ def test_size_strings(vm: Vm, size: str | int, expected: int) -> None:
 
 
 def test_region_spec_object_is_accepted(vm: Vm) -> None:
-    spec = MemoryRegionSpec.model_validate({"guest_phys_addr": 0x2000, "size": "8K"})
+    spec = MemoryRegionSpec.from_mapping({"guest_phys_addr": 0x2000, "size": "8K"})
     region = vm.add_memory(spec)
     assert region.spec is spec
     assert (region.guest_phys_addr, region.end) == (0x2000, 0x4000)
@@ -228,8 +230,8 @@ def test_boot_errors_via_vm(vm: Vm, arm_vm: Vm, spec: dict[str, Any], field: str
 
 @pytest.mark.parametrize(("spec", "field", "detail"), BOOT_ERRORS, ids=BOOT_IDS)
 def test_boot_errors_on_the_model(spec: dict[str, Any], field: str, detail: str) -> None:
-    with pytest.raises(pydantic.ValidationError) as info:
-        BootSpec.model_validate(spec)
+    with pytest.raises(RecordError) as info:
+        BootSpec.from_mapping(spec)
     assert field in str(info.value)
 
 
@@ -238,7 +240,7 @@ def test_boot_limits_accepted() -> None:
     assert BootSpec(arch=Arch.X86_64, entry=top, x86_mode=X86Mode.REAL).entry == top
     assert BootSpec(arch=Arch.X86_64, entry=top, x86_mode=X86Mode.PROTECTED).entry == top
     assert BootSpec(arch=Arch.X86_64, entry=top).entry == top  # long mode: inside the 4 GiB identity map
-    with pytest.raises(pydantic.ValidationError, match="identity map"):
+    with pytest.raises(RecordError, match="identity map"):
         BootSpec(arch=Arch.X86_64, entry=1 << 32)
     assert BootSpec(arch=Arch.AARCH64, entry=0, boot_tables=0x1800).boot_tables == 0x1800  # x86-only rule
 

@@ -74,6 +74,11 @@ SAMPLES: dict[str, tuple[tuple[Any, ...], dict[str, Any]]] = {
         {"because": "a reason"},
     ),
     "pyvmm.errors.MsrAccessError": (("KVM_SET_MSRS", 0xDEAD0000, 1, ((0x10, 5),)), {"write": True}),
+    "pyvmm.records.RecordError": (("VmConfig", [("vcpus", "0 is out of range"), ("arch", "must be x86_64")]), {}),
+    "pyvmm.machine.config.MachineConfigError": (
+        ("MachineConfig", [("cpus", "must be an integer")], (("initrd", "kernel", "the demo guest takes none"),)),
+        {},
+    ),
 }
 
 

@@ -5,8 +5,10 @@ from __future__ import annotations
 import ctypes
 import gc
 import mmap
+import os
 import platform
 import sys
+import types
 import weakref
 from typing import Any
 
@@ -99,9 +101,9 @@ def test_map_noreserve_without_the_constant(monkeypatch: pytest.MonkeyPatch) -> 
     architectures whose mman.h has 0x4000, nothing elsewhere."""
     monkeypatch.delattr(mmap, "MAP_NORESERVE", raising=False)
     monkeypatch.setattr(sys, "platform", "linux")
-    monkeypatch.setattr(platform, "machine", lambda: "x86_64")
+    monkeypatch.setattr(os, "uname", lambda: types.SimpleNamespace(machine="x86_64"))
     assert map_noreserve() == 0x4000
-    monkeypatch.setattr(platform, "machine", lambda: "mips")
+    monkeypatch.setattr(os, "uname", lambda: types.SimpleNamespace(machine="mips"))
     assert map_noreserve() == 0
     monkeypatch.setattr(sys, "platform", "darwin")
     assert map_noreserve() == 0

@@ -21,6 +21,7 @@ from pathlib import Path
 
 import pytest
 
+import pyvmm.entry_points
 from pyvmm import plugins
 from pyvmm.errors import BackendNotFound
 from pyvmm.plugins import ENTRY_POINT_GROUP, PluginRegistry, default_registry, reset_default_registry
@@ -132,11 +133,11 @@ def test_installed_entry_points_are_loaded_once(write_module: WriteModule, monke
     good = write_module(GOOD_MODULE.format(name="installed"))
     lookups: list[str] = []
 
-    def fake_entry_points(*, group: str) -> list[metadata.EntryPoint]:
+    def fake_entry_points(group: str) -> list[metadata.EntryPoint]:
         lookups.append(group)
         return [_ep("installed", f"{good}:plugin")]
 
-    monkeypatch.setattr(metadata, "entry_points", fake_entry_points)  # what pyvmm.plugins calls
+    monkeypatch.setattr(pyvmm.entry_points, "entry_points", fake_entry_points)  # what pyvmm.plugins calls
     monkeypatch.setattr(plugins, "_default", None)
     registry = default_registry()
     assert default_registry() is registry

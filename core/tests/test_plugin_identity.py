@@ -8,6 +8,7 @@ distribution ships which plugin without installing anything.
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from importlib import metadata
@@ -75,7 +76,7 @@ class Tracked(RecordingBackend):
 
     def manifest(self) -> BackendManifest:
         self.manifests += 1
-        return super().manifest().model_copy(update={"probe": self._probe})
+        return dataclasses.replace(super().manifest(), probe=self._probe)
 
     def ran_nothing_but_its_manifest(self) -> bool:
         return self.calls == [] and self.probes == 0
@@ -254,8 +255,33 @@ def test_an_allow_list_admits_only_plugins_allowed_under_both_names() -> None:
 # --- manifests are validated however they were built ---------------------------------------
 
 
-def _good_manifest(**changes: Any) -> BackendManifest:
-    return RecordingBackend("copied").manifest().model_copy(update=changes)
+def _fields(record: Any) -> dict[str, Any]:
+    return {f.name: getattr(record, f.name) for f in dataclasses.fields(record)}
+
+
+def _tampered(record: Any, **changes: Any) -> Any:
+    """A copy of ``record`` with ``changes`` forced in past its checks, as
+    ``object.__setattr__`` (or a plugin's own subclass) can."""
+    copied = dataclasses.replace(record)
+    for key, value in changes.items():
+        object.__setattr__(copied, key, value)
+    return copied
+
+
+def _good_manifest(**changes: Any) -> Any:
+    """A valid manifest with ``changes`` forced in; for a key it has no field
+    for, its fields as a mapping with that key (what a plugin may return too)."""
+    manifest = RecordingBackend("copied").manifest()
+    if set(changes) - set(_fields(manifest)):
+        return _fields(manifest) | changes
+    return _tampered(manifest, **changes)
+
+
+def _half_built_availability() -> Availability:
+    """An Availability made without its constructor: only ``reason`` is set."""
+    record = object.__new__(Availability)
+    object.__setattr__(record, "reason", "never said whether")
+    return record
 
 
 def _info_hook(manifest: object) -> Callable[[], Any]:
@@ -280,9 +306,9 @@ def _plugin_returning(manifest: object) -> object:
         (_good_manifest(priority="high"), ["priority"]),
         (_good_manifest(probe="not callable"), ["probe"]),
         (_good_manifest(nmae="typo"), ["nmae"]),
-        (BackendManifest.model_construct(name="half-built"), ["version"]),
+        ({"name": "half-built"}, ["version"]),
     ],
-    ids=["name", "version", "arches", "contract", "priority", "probe", "unknown-key", "model_construct"],
+    ids=["name", "version", "arches", "contract", "priority", "probe", "unknown-key", "half-built"],
 )
 def test_an_unvalidated_manifest_is_refused(manifest: BackendManifest, words: list[str]) -> None:
     registry = PluginRegistry()
@@ -293,14 +319,14 @@ def test_an_unvalidated_manifest_is_refused(manifest: BackendManifest, words: li
     assert registry.backends == {} and plugin_names(registry) == set()
 
 
-def test_a_model_copy_manifest_with_a_bad_name_is_refused_at_discovery() -> None:
+def test_a_tampered_manifest_with_a_bad_name_is_refused_at_discovery() -> None:
     ep = FakeEntryPoint("copied", _plugin_returning(_good_manifest(name="Not A Name")), FakeDist("pyvmm-copied"))
     registry = discover(ep)
     assert registry.backends == {}
     assert "invalid manifest" in failures(registry)["copied"]
 
 
-def test_a_model_copy_manifest_is_normalised_and_keeps_its_probe() -> None:
+def test_a_tampered_manifest_is_normalised_and_keeps_its_probe() -> None:
     probed: list[bool] = []
 
     def probe() -> Availability:
@@ -330,7 +356,7 @@ class LyingManifest(BackendManifest):
 
 
 def test_core_keeps_an_exact_manifest_not_a_subclass() -> None:
-    lying = LyingManifest(**{**RecordingBackend("liar").manifest().__dict__})
+    lying = LyingManifest(**_fields(RecordingBackend("liar").manifest()))
     plugin = PluginRegistry().register(namespace_plugin(RecordingBackend("liar"), pyvmm_backend_info=_info_hook(lying)))
     assert type(plugin.manifest) is BackendManifest
     assert plugin.manifest.capability_set == CapabilitySet()
@@ -340,16 +366,16 @@ def test_validated_manifest_accepts_what_the_constructor_accepts() -> None:
     manifest = RecordingBackend("plain").manifest()
     again = validated_manifest(manifest)
     assert again == manifest and again.probe is manifest.probe
-    assert validated_manifest(manifest.model_dump() | {"probe": manifest.probe}) == manifest
+    assert validated_manifest(_fields(manifest)) == manifest
 
 
 @pytest.mark.parametrize(
     "result",
     [
-        Availability.yes().model_copy(update={"missing_capabilities": ("no_such_capability",)}),
-        Availability.model_construct(reason="never said whether"),
+        _tampered(Availability.yes(), missing_capabilities=("no_such_capability",)),
+        _half_built_availability(),
     ],
-    ids=["model_copy", "model_construct"],
+    ids=["tampered", "half-built"],
 )
 def test_an_unvalidated_availability_reads_as_unavailable(result: Availability) -> None:
     manifest = _good_manifest(probe=lambda: result)

@@ -12,6 +12,7 @@ contain it (see :mod:`pyvmm.plugins`).
 from __future__ import annotations
 
 import contextvars
+import dataclasses
 import json
 import sys
 import threading
@@ -148,7 +149,7 @@ def info_hook(body: Callable[[], object]) -> Callable[[], Any]:
 def probing(name: str, probe: Callable[[], object], **kwargs: Any) -> tuple[object, RecordingBackend]:
     """A plugin object whose manifest carries ``probe``."""
     backend = RecordingBackend(name, **kwargs)
-    manifest = backend.manifest().model_copy(update={"probe": probe})
+    manifest = dataclasses.replace(backend.manifest(), probe=probe)
     return namespace_plugin(backend, pyvmm_backend_info=info_hook(lambda: manifest)), backend
 
 

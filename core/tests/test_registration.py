@@ -11,11 +11,11 @@ from coretests_support import RecordingBackend, hookimpl_plugins, namespace_plug
 
 from pyvmm.capabilities import HOOKS_BY_CAPABILITY, Capability
 from pyvmm.config import Arch
-from pyvmm.contract import MIN_CONTRACT_VERSION
+from pyvmm.contract import MIN_CONTRACT_VERSION, required_hooks
 from pyvmm.errors import PluginContractError
 from pyvmm.hookspecs import hookimpl
 from pyvmm.manifest import CONTRACT_VERSION, BackendManifest
-from pyvmm.plugins import REQUIRED_HOOKS, PluginRegistry, PluginSource
+from pyvmm.plugins import PluginRegistry, PluginSource
 from pyvmm.vm import Backend
 
 
@@ -69,7 +69,7 @@ def test_hook_without_declaring_its_capability(
     assert f"implements {hooks[0]} but does not declare {cap.name}" in str(error)
 
 
-@pytest.mark.parametrize("hook", REQUIRED_HOOKS)
+@pytest.mark.parametrize("hook", required_hooks())
 def test_missing_required_hook(refused: Callable[[object], PluginContractError], hook: str) -> None:
     error = refused(RecordingBackend("broken").plugin(omit=[hook]))
     assert "required hook(s) not implemented" in str(error)
@@ -274,4 +274,4 @@ def test_module_plugin_registers() -> None:
     plugin = registry.register(module)
     assert plugin.name == "module-style"
     assert plugin.source.entry_point == "pyvmm_module_style_test"
-    assert set(plugin.impls) == set(REQUIRED_HOOKS) | {"pyvmm_init_vcpu"}
+    assert set(plugin.impls) == set(required_hooks()) | {"pyvmm_init_vcpu"}

@@ -182,3 +182,18 @@ def test_random_damage_is_always_a_snapshot_error() -> None:
         data = struct.pack("<8sIIQ32s", MAGIC, VERSION, 0, len(cut), hashlib.sha256(cut).digest()) + cut
         with contextlib.suppress(SnapshotError):
             parse(data)
+
+
+def test_a_file_that_cannot_be_written_is_a_snapshot_error(tmp_path: Any) -> None:
+    """Writing onto a directory or into one that does not exist: a SnapshotError
+    naming the path (the CLI's status 2, not a traceback), and nothing left behind."""
+    from pyvmm.snapshot import write
+
+    image = parse(_file(_good()))
+    occupied = tmp_path / "occupied"
+    occupied.mkdir()
+    for target in (occupied, tmp_path / "missing" / "file.snap"):
+        with pytest.raises(SnapshotError, match="cannot write the snapshot"):
+            write(image, target)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["occupied"]
+    assert not any(occupied.iterdir())

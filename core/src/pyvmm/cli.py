@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import argparse
-import json
+import os
 import sys
 from collections.abc import Sequence
 from typing import Any, NoReturn
@@ -99,6 +99,8 @@ def _print_backends(report: dict[str, Any]) -> None:
 def _cmd_backends(args: argparse.Namespace) -> int:
     report = _backends_report()
     if args.json:
+        import json  # here: a run, or a listing without --json, needs no JSON
+
         json.dump(report, sys.stdout, indent=2)
         print()
     else:
@@ -106,8 +108,43 @@ def _cmd_backends(args: argparse.Namespace) -> int:
     return 0
 
 
+def _terminal_columns() -> int:
+    """What ``shutil.get_terminal_size().columns`` answers ($COLUMNS, else the
+    terminal on stdout, else 80), without importing shutil: it imports bz2, lzma
+    and zlib, a tenth of ``pyvmm backends``, and argparse asks on every option."""
+    try:
+        columns = int(os.environ.get("COLUMNS", "0"))
+    except ValueError:
+        columns = 0
+    if columns <= 0:
+        try:
+            columns = os.get_terminal_size(sys.__stdout__.fileno()).columns  # type: ignore[union-attr]
+        except (AttributeError, ValueError, OSError):
+            columns = 0
+    return columns or 80
+
+
+class HelpFormatter(argparse.HelpFormatter):
+    """argparse's formatter, sized as argparse sizes it (the terminal's width
+    less 2) without importing shutil (:func:`_terminal_columns`)."""
+
+    def __init__(
+        self, prog: str, indent_increment: int = 2, max_help_position: int = 24, width: int | None = None
+    ) -> None:
+        super().__init__(prog, indent_increment, max_help_position, _terminal_columns() - 2 if width is None else width)
+
+
+class RawDescriptionHelpFormatter(HelpFormatter, argparse.RawDescriptionHelpFormatter):
+    """:class:`argparse.RawDescriptionHelpFormatter`, sized as :class:`HelpFormatter`."""
+
+
 class _Parser(argparse.ArgumentParser):
-    """argparse, with "did you mean" for a mistyped option."""
+    """argparse, with "did you mean" for a mistyped option (and
+    :class:`HelpFormatter` unless told otherwise)."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        kwargs.setdefault("formatter_class", HelpFormatter)
+        super().__init__(*args, **kwargs)
 
     def error(self, message: str) -> NoReturn:
         prefix = "unrecognized arguments: "

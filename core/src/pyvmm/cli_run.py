@@ -20,7 +20,7 @@ from pathlib import Path
 from types import FrameType
 from typing import TYPE_CHECKING, Any, BinaryIO, TypeVar, cast
 
-from pyvmm.cli import RUN_HELP
+from pyvmm.cli import RUN_HELP, RawDescriptionHelpFormatter
 from pyvmm.errors import ConfigError
 
 if TYPE_CHECKING:
@@ -154,7 +154,7 @@ def add_run_parser(sub: Any, common: argparse.ArgumentParser | None = None) -> N
         help=RUN_HELP,
         description="Run a guest on pyvmm's x86_64 PC or aarch64 virt machine.",
         epilog=EPILOG,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
+        formatter_class=RawDescriptionHelpFormatter,
         parents=[common] if common is not None else [],
     )
     run.register("action", None, _TypedStore)

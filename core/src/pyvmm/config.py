@@ -1,15 +1,17 @@
-"""Validated configuration records: what a VMM asks a backend for.
+"""The API's configuration records: what a VMM asks a backend for.
 
-These are pydantic models because they sit at the boundary (user input, machine
-files, plugin arguments).  Nothing on the per-exit path is a pydantic model.
-A validation failure raises :class:`pydantic.ValidationError`, whose message
-names the field; :func:`validation_message` turns one into a single line.
+:class:`VmConfig` and :class:`MemoryRegionSpec` sit at the boundary (user
+input, plugin arguments) and are checked when they are made: they are slotted
+dataclasses with hand-written checks (:mod:`pyvmm.records`), not pydantic models,
+so that ``pyvmm run`` and ``pyvmm backends`` never import pydantic.  A bad value
+raises :class:`~pyvmm.records.RecordError` (a :class:`~pyvmm.errors.ConfigError`)
+naming the field.  Nothing on the per-exit path is checked this way.
 
 Integers are strict at this boundary: a boolean, a float or a numeric string is
 refused, never coerced (``True`` would otherwise pass as 1), and an integer outside
-its field's range is refused with the range in the message (:func:`int_range`),
-so a value that a backend's ``struct.pack`` or ioctl would reject, or silently
-wrap, never gets that far.
+its field's range is refused with the range in the message, so a value that a
+backend's ``struct.pack`` or ioctl would reject, or silently wrap, never gets
+that far.
 
 :func:`read_input_file` is how pyvmm reads every file a user names (kernel,
 initrd, machine file): it refuses anything but a regular file of bounded size
@@ -19,17 +21,16 @@ before reading, and never blocks on a FIFO.
 from __future__ import annotations
 
 import enum
-import math
 import os
 import re
 import stat
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Annotated, Any
-
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, model_validator
+from typing import Any
 
 from pyvmm.errors import ConfigError
+from pyvmm.records import Checker, bound, from_mapping, show
 
 PAGE_SIZE = 4096
 #: Guest-physical addresses are at most 52 bits on x86_64 and aarch64.
@@ -57,71 +58,8 @@ def parse_size(value: Any) -> Any:
     if isinstance(value, bool):
         raise ValueError("a size must be a number, not a boolean")
     if not isinstance(value, int):
-        raise ValueError(f"a size must be a whole number of bytes or a string such as '128M', not {_show(value)}")
+        raise ValueError(f"a size must be a whole number of bytes or a string such as '128M', not {show(value)}")
     return value
-
-
-#: A byte count; accepts ``"128M"``-style strings.
-ByteSize = Annotated[int, BeforeValidator(parse_size)]
-
-
-def _show(value: Any) -> str:
-    """``value`` for an error message, cut short: the input may be huge."""
-    text = repr(value) if isinstance(value, (bool, int, float, str, bytes)) else f"a {type(value).__name__}"
-    return text if len(text) <= 40 else text[:37] + "..."
-
-
-def _bound(value: int) -> str:
-    # Addresses and register widths read better in hex, counts in decimal.
-    return f"{value:#x}" if abs(value) >= 0x10000 else str(value)
-
-
-def int_range(lo: int, hi: int, *, optional: bool = False) -> BeforeValidator:
-    """``Annotated[int, int_range(lo, hi)]``: an integer in ``lo..hi`` inclusive.
-
-    Booleans, floats and strings are refused (pydantic's lax mode would turn
-    ``True`` into 1 and ``"7"`` into 7); the message gives the allowed range.
-    With ``optional``, None passes (for ``int | None`` fields).
-    """
-
-    def check(value: Any) -> Any:
-        if value is None and optional:
-            return value
-        if isinstance(value, bool) or not isinstance(value, int):
-            raise ValueError(f"must be an integer from {_bound(lo)} to {_bound(hi)}, not {_show(value)}")
-        if not lo <= value <= hi:
-            raise ValueError(f"{_bound(value)} is out of range: must be from {_bound(lo)} to {_bound(hi)}")
-        return int(value)  # an IntEnum member becomes its plain value
-
-    return BeforeValidator(check)
-
-
-def float_range(lo_exclusive: float, hi: float, *, optional: bool = False) -> BeforeValidator:
-    """``Annotated[float, float_range(lo, hi)]``: a finite number in ``(lo, hi]``;
-    booleans, strings, infinities and NaN are refused."""
-
-    def check(value: Any) -> Any:
-        if value is None and optional:
-            return value
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise ValueError(f"must be a finite number above {lo_exclusive:g} and at most {hi:g}, not {_show(value)}")
-        if not math.isfinite(value) or not lo_exclusive < value <= hi:
-            raise ValueError(f"{value!r} is out of range: must be above {lo_exclusive:g} and at most {hi:g}")
-        return float(value)
-
-    return BeforeValidator(check)
-
-
-def strict_bool(value: Any) -> Any:
-    """A :class:`BeforeValidator` for bool fields: only ``True`` and ``False``
-    (lax pydantic would take 1, "yes" or "on")."""
-    if not isinstance(value, bool):
-        raise ValueError(f"must be true or false, not {_show(value)}")
-    return value
-
-
-#: ``Annotated[bool, StrictBool]``.
-StrictBool = BeforeValidator(strict_bool)
 
 
 class Arch(str, enum.Enum):
@@ -138,64 +76,101 @@ class Protection(str, enum.Enum):
     PROTECTED = "protected"
 
 
-class _Record(BaseModel):
-    # defer_build: the validator is built on the first validation, not at import;
-    # commands that import the types but never validate one (``pyvmm backends``)
-    # do not pay for building it.
-    model_config = ConfigDict(extra="forbid", frozen=True, validate_default=True, defer_build=True)
+@dataclass(frozen=True, slots=True, kw_only=True)
+class VmConfig:
+    """What a VM is created with.  Memory is mapped afterwards, region by region.
 
-
-class VmConfig(_Record):
-    """What a VM is created with.  Memory is mapped afterwards, region by region."""
+    :param arch: guest architecture (an :class:`Arch` or its value).
+    :param vcpus: vCPUs the VM may have, 1 to :data:`MAX_VCPUS`.
+    :param protection: whether the host may access guest memory.
+    :param ipa_bits: guest-physical address width (aarch64), None = backend default.
+    :param backend_options: backend-specific settings, passed through to the
+        backend (which validates them); an integer in them must fit in 64 bits.
+    :raises RecordError: a field is invalid (the message names it).
+    """
 
     arch: Arch = Arch.X86_64
-    vcpus: Annotated[int, int_range(1, MAX_VCPUS)] = Field(default=1, description="vCPUs the VM may have")
+    vcpus: int = 1
     protection: Protection = Protection.UNPROTECTED
-    ipa_bits: Annotated[int | None, int_range(32, 52, optional=True)] = Field(
-        default=None, description="guest-physical address width (aarch64), None = backend default"
-    )
-    backend_options: dict[str, Any] = Field(
-        default_factory=dict,
-        description="backend-specific settings, passed through to the backend (which validates them); "
-        "an integer in them must fit in 64 bits",
-    )
+    ipa_bits: int | None = None
+    backend_options: dict[str, Any] = field(default_factory=dict)
 
-    @model_validator(mode="after")
-    def _check_options(self) -> VmConfig:
-        # Backend options end up in ioctl arguments and C structs: an integer that
-        # fits in no 64-bit field would be wrapped or truncated there, silently.
-        for name, value in self.backend_options.items():
-            if isinstance(value, int) and not isinstance(value, bool) and not -(1 << 63) <= value <= U64_MAX:
-                raise ValueError(
-                    f"backend_options.{name}: {_bound(value)} does not fit in 64 bits "
-                    f"(must be from {_bound(-(1 << 63))} to {_bound(U64_MAX)})"
-                )
-        return self
+    def __post_init__(self) -> None:
+        check = Checker("VmConfig")
+        set_field = object.__setattr__
+        set_field(self, "arch", check.choice("arch", self.arch, Arch))
+        set_field(self, "vcpus", check.integer("vcpus", self.vcpus, 1, MAX_VCPUS))
+        set_field(self, "protection", check.choice("protection", self.protection, Protection))
+        set_field(self, "ipa_bits", check.integer("ipa_bits", self.ipa_bits, 32, 52, optional=True))
+        options: Any = self.backend_options  # as given: the annotation is what the check ensures
+        if not isinstance(options, Mapping):
+            check.fail("backend_options", f"must be a table, not {show(options)}")
+        else:
+            set_field(self, "backend_options", dict(self.backend_options))
+            # Backend options end up in ioctl arguments and C structs: an integer that
+            # fits in no 64-bit field would be wrapped or truncated there, silently.
+            for name, value in self.backend_options.items():
+                if isinstance(value, int) and not isinstance(value, bool) and not -(1 << 63) <= value <= U64_MAX:
+                    check.fail(
+                        f"backend_options.{name}",
+                        f"{bound(value)} does not fit in 64 bits "
+                        f"(must be from {bound(-(1 << 63))} to {bound(U64_MAX)})",
+                    )
+        check.done()
+
+    @classmethod
+    def from_mapping(cls, data: Any) -> VmConfig:
+        """A config from a mapping of its fields (unknown keys are refused)."""
+        return from_mapping(cls, data, VM_CONFIG_FIELDS)
 
 
-class MemoryRegionSpec(_Record):
+VM_CONFIG_FIELDS = ("arch", "vcpus", "protection", "ipa_bits", "backend_options")
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class MemoryRegionSpec:
     """A guest-physical range to back with host memory.
 
     Both the address and the size must be page-aligned: a VMM that passes an odd
-    size almost always has a bug, so it is reported rather than rounded.
+    size almost always has a bug, so it is reported rather than rounded.  The size
+    may be given as a string such as ``"128M"`` (:func:`parse_size`).
+
+    :raises RecordError: a field is invalid (the message names it).
     """
 
-    guest_phys_addr: Annotated[int, int_range(0, MAX_GUEST_PHYS - 1)]
-    size: ByteSize = Field(gt=0)
-    read_only: Annotated[bool, StrictBool] = False
-    log_dirty: Annotated[bool, StrictBool] = False
+    guest_phys_addr: int
+    size: int
+    read_only: bool = False
+    log_dirty: bool = False
 
-    @model_validator(mode="after")
-    def _check_alignment(self) -> MemoryRegionSpec:
-        if self.guest_phys_addr % PAGE_SIZE:
-            raise ValueError(f"guest_phys_addr {self.guest_phys_addr:#x} is not {PAGE_SIZE}-byte aligned")
-        if self.size % PAGE_SIZE:
-            raise ValueError(f"size {self.size:#x} is not a multiple of {PAGE_SIZE}")
-        if self.guest_phys_addr + self.size > MAX_GUEST_PHYS:
-            raise ValueError(
-                f"size: region {self.guest_phys_addr:#x}+{self.size:#x} ends beyond the 52-bit guest-physical space"
-            )
-        return self
+    def __post_init__(self) -> None:
+        check = Checker("MemoryRegionSpec")
+        set_field = object.__setattr__
+        address = check.integer("guest_phys_addr", self.guest_phys_addr, 0, MAX_GUEST_PHYS - 1)
+        set_field(self, "guest_phys_addr", address)
+        try:
+            size = parse_size(self.size)
+        except ValueError as exc:
+            check.fail("size", str(exc))
+            size = None
+        if isinstance(size, int) and size <= 0:
+            check.fail("size", f"must be above 0, not {show(size)}")
+        set_field(self, "size", size)
+        check.boolean("read_only", self.read_only)
+        check.boolean("log_dirty", self.log_dirty)
+        check.done()
+        if address % PAGE_SIZE:
+            check.fail("guest_phys_addr", f"{address:#x} is not {PAGE_SIZE}-byte aligned")
+        elif size % PAGE_SIZE:
+            check.fail("size", f"{size:#x} is not a multiple of {PAGE_SIZE}")
+        elif address + size > MAX_GUEST_PHYS:
+            check.fail("size", f"region {address:#x}+{size:#x} ends beyond the 52-bit guest-physical space")
+        check.done()
+
+    @classmethod
+    def from_mapping(cls, data: Any) -> MemoryRegionSpec:
+        """A region from a mapping of its fields (unknown keys are refused)."""
+        return from_mapping(cls, data, MEMORY_REGION_FIELDS)
 
     @property
     def end(self) -> int:
@@ -203,8 +178,7 @@ class MemoryRegionSpec(_Record):
         return self.guest_phys_addr + self.size
 
 
-#: At most this many problems are listed in one message (a random machine file can have thousands).
-MAX_PROBLEMS = 10
+MEMORY_REGION_FIELDS = ("guest_phys_addr", "size", "read_only", "log_dirty")
 
 
 def size_text(count: int) -> str:
@@ -217,115 +191,6 @@ def size_text(count: int) -> str:
         return f"{count} bytes (about {count / (1 << 40):.1f}T)"
     return f"{count} bytes"
 
-
-#: pydantic's wording, by error type, as one clause: "must be ...".
-_PYDANTIC_WORDS = {
-    "missing": "is required",
-    "string_type": "must be a string",
-    "int_type": "must be an integer",
-    "float_type": "must be a number",
-    "bool_type": "must be true or false",
-    "list_type": "must be a list",
-    "dict_type": "must be a table",
-    "model_type": "must be a table",
-    "model_attributes_type": "must be a table",
-    "path_type": "must be a file name (a string)",
-    "string_too_short": "must not be empty",
-    "string_too_long": "is too long",
-    "greater_than": "must be above {gt}",
-    "greater_than_equal": "must be at least {ge}",
-    "less_than": "must be below {lt}",
-    "less_than_equal": "must be at most {le}",
-    "enum": "must be {expected}",
-    "literal_error": "must be {expected}",
-    "int_parsing": "must be an integer",
-    "float_parsing": "must be a number",
-    "bool_parsing": "must be true or false",
-    "frozen_instance": "cannot be changed",
-}
-
-
-def _given(value: Any) -> str:
-    return f", not {_show(value)}" if isinstance(value, (bool, int, float, str, bytes)) else ""
-
-
-def error_text(item: Any, known: list[str] | None = None) -> str:
-    """One pydantic error in pyvmm's words: our validators' messages as they are
-    (without pydantic's "Value error, " prefix), pydantic's own rewritten
-    ("must be a string, not 5"), and an unknown key with the closest known one
-    (``known``: the keys allowed where it was found)."""
-    kind = item.get("type", "")
-    if kind == "value_error":
-        return str(item["msg"]).removeprefix("Value error, ")
-    if kind == "extra_forbidden":
-        key = str(item["loc"][-1]) if item.get("loc") else ""
-        hint = did_you_mean(key, known or [])
-        return "unknown setting" + (f" (did you mean {hint}?)" if hint else "")
-    template = _PYDANTIC_WORDS.get(kind)
-    if template is None:
-        text = str(item["msg"])
-        text = text.replace("Input should be", "must be").replace("Value error, ", "")
-        return text[:1].lower() + text[1:]
-    context = {k: str(v).replace("'", "") for k, v in (item.get("ctx") or {}).items()}
-    try:
-        text = template.format(**context)
-    except (KeyError, IndexError):
-        text = template
-    return text + ("" if kind == "missing" else _given(item.get("input")))
-
-
-def did_you_mean(word: str, known: list[str]) -> str | None:
-    """The known key ``word`` was probably meant to be (``legacy-bios`` ->
-    ``legacy_bios``), or None."""
-    import difflib
-
-    normal = word.replace("-", "_").lower()
-    if normal in known:
-        return normal
-    close = difflib.get_close_matches(normal, known, n=1, cutoff=0.6)
-    return close[0] if close else None
-
-
-def known_keys(model: Any, loc: tuple[Any, ...]) -> list[str]:
-    """The keys a pydantic model allows at ``loc`` (the location of an unknown
-    key, which is its last part), following nested models and lists of them."""
-    import typing
-
-    current: Any = model
-    for part in loc[:-1]:
-        if isinstance(part, int):
-            continue
-        fields = getattr(current, "model_fields", None)
-        if not fields or part not in fields:
-            return []
-        annotation = fields[part].annotation
-        current = None
-        for candidate in (annotation, *typing.get_args(annotation)):
-            if isinstance(candidate, type) and hasattr(candidate, "model_fields"):
-                current = candidate
-                break
-        if current is None:
-            return []
-    fields = getattr(current, "model_fields", None) or {}
-    return [field.alias or name for name, field in fields.items()]
-
-
-def validation_message(error: ValidationError, model: Any = None) -> str:
-    """One line for all problems: ``field.path: message; ...`` (the first
-    :data:`MAX_PROBLEMS`, then how many more), in pyvmm's words
-    (:func:`error_text`); ``model`` lets an unknown key get a "did you mean"."""
-    items = error.errors()
-    lines = []
-    for item in items[:MAX_PROBLEMS]:
-        where = ".".join(str(part) for part in item["loc"]) or "(record)"
-        known = known_keys(model, tuple(item["loc"])) if model is not None and item["loc"] else None
-        lines.append(f"{where}: {error_text(item, known)}")
-    if len(items) > MAX_PROBLEMS:
-        lines.append(f"and {len(items) - MAX_PROBLEMS} more")
-    return "; ".join(lines)
-
-
-# --- files named by the user ----------------------------------------------------------
 
 #: A machine file larger than this is not a machine file.
 MAX_MACHINE_FILE_SIZE = 1 << 20

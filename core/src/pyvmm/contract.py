@@ -29,7 +29,6 @@ This module imports nothing heavy: ``import pyvmm`` stays cheap.
 
 from __future__ import annotations
 
-import inspect
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Literal, TypeVar
@@ -100,6 +99,10 @@ def hook_info(
     :mod:`pyvmm.hookspecs` only)."""
 
     def record(spec: F) -> F:
+        # Imported here: inspect costs more than the rest of this module, and only
+        # defining the specifications (pyvmm.hookspecs) needs it.
+        import inspect
+
         name = spec.__name__
         doc = inspect.getdoc(spec) or ""
         info = HookSpecInfo(

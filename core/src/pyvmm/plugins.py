@@ -11,7 +11,23 @@ contract when it is registered:
 * its backend name is its own (below).
 
 A plugin that fails any of this, or fails to import, is recorded in
-:attr:`PluginRegistry.failures` and skipped; the others keep working.  A plugin
+:attr:`PluginRegistry.failures` and skipped; the others keep working.
+
+Manifests first, plugins on first use
+-------------------------------------
+An entry point names either the plugin object (``pyvmm_kvm.plugin:plugin``: it
+is imported at discovery and checked as above) or, as every plugin in this
+repository does, a function returning the backend's manifest
+(``pyvmm_kvm.manifest:manifest``), whose :attr:`~pyvmm.manifest.BackendManifest.plugin`
+names the plugin object.  Then discovery imports only the manifest's module
+(stdlib-only by the template, ``docs/writing-a-backend.md``), and the plugin is
+imported and checked -- the same checks, against that manifest, which its own
+``pyvmm_backend_info`` must return -- when the backend is first used
+(:meth:`BackendPlugin.load`, which :class:`pyvmm.vm.Backend` and selection
+call).  So ``pyvmm backends`` imports no backend's bindings, VM or vCPU code,
+and no pluggy; a plugin that breaks the contract is reported when it is used.
+Entry points are read from the installed distributions' ``entry_points.txt``
+(:mod:`pyvmm.entry_points`), not through :mod:`importlib.metadata`.  A plugin
 the policy (:mod:`pyvmm.policy`) denies is recorded in
 :attr:`PluginRegistry.denied`: never imported when its entry-point name is
 denied, refused right after its manifest when its backend name is.
@@ -19,7 +35,7 @@ denied, refused right after its manifest when its backend name is.
 Who owns a backend name
 -----------------------
 The owner of a backend name is the plugin whose entry-point name equals it
-(``kvm = "pyvmm_kvm.plugin:plugin"`` owns ``kvm``).  Discovery reads every
+(``kvm = "pyvmm_kvm.manifest:manifest"`` owns ``kvm``).  Discovery reads every
 manifest before it registers any, then settles each name:
 
 * one owner among the plugins claiming the name: the owner keeps it, whatever
@@ -61,20 +77,17 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
+import dataclasses
 import math
 import os
 import threading
 from collections.abc import Callable, Iterable, Mapping
-from dataclasses import dataclass, field
-from importlib import metadata
-from typing import TYPE_CHECKING, Any, TypeVar, cast
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Protocol, TypeVar, cast
 
-import pluggy
-from pydantic import ValidationError
-
-from pyvmm import hookspecs
+from pyvmm import entry_points as installed_entry_points
 from pyvmm.capabilities import Capability
-from pyvmm.config import Arch, validation_message
+from pyvmm.config import Arch
 from pyvmm.contract import (
     CHANGED_HOOKS,
     CONTRACT_VERSION,
@@ -86,8 +99,11 @@ from pyvmm.contract import (
 )
 from pyvmm.errors import BackendNotFound, BackendUnavailable, ConfigError, PluginContractError
 from pyvmm.manifest import Availability, BackendManifest, validated_manifest
+from pyvmm.records import RecordError
 
 if TYPE_CHECKING:
+    import pluggy
+
     from pyvmm.policy import PluginPolicy
 
 ENTRY_POINT_GROUP = "pyvmm"
@@ -100,9 +116,6 @@ ENV_PLUGIN_TIMEOUT = "PYVMM_PLUGIN_TIMEOUT"
 DEFAULT_PLUGIN_TIMEOUT = 5.0
 #: The largest timeout accepted: above it, a hang would pass for a wait.
 MAX_PLUGIN_TIMEOUT = 3600.0
-
-#: The hooks every backend implements (from the specifications' metadata).
-REQUIRED_HOOKS = required_hooks()
 
 _T = TypeVar("_T")
 
@@ -224,23 +237,99 @@ class PluginDenied:
     backend: str | None = None
 
 
-@dataclass
-class BackendPlugin:
-    """A registered, contract-checked backend."""
+class EntryPointLike(Protocol):
+    """What discovery reads of an entry point: :class:`pyvmm.entry_points.InstalledEntryPoint`
+    or :class:`importlib.metadata.EntryPoint` (tests fabricate the latter)."""
 
-    manifest: BackendManifest
-    source: PluginSource
-    impls: dict[str, Callable[..., Any]]
-    plugin: object = field(repr=False)
-    #: Seconds the availability probe may take (the registry's timeout).
-    timeout: float = field(default=DEFAULT_PLUGIN_TIMEOUT, repr=False, compare=False)
-    _availability: Availability | None = field(default=None, init=False, repr=False, compare=False)
-    _stuck_probe: threading.Thread | None = field(default=None, init=False, repr=False, compare=False)
-    _probe_lock: threading.Lock = field(default_factory=threading.Lock, init=False, repr=False, compare=False)
+    @property
+    def name(self) -> str: ...
+
+    def load(self) -> Any: ...
+
+
+#: Imports the plugin object a manifest names and checks it: ``(impls, plugin)``.
+PluginLoader = Callable[[], "tuple[dict[str, Callable[..., Any]], object]"]
+
+
+class BackendPlugin:
+    """A registered backend: its manifest, and the plugin implementing its hooks,
+    imported and contract-checked on first use when the entry point named a
+    manifest (:meth:`load`).
+
+    :param impls: the checked hook implementations, when the plugin is loaded already.
+    :param loader: imports and checks the plugin (for a manifest-only registration).
+    """
+
+    def __init__(
+        self,
+        manifest: BackendManifest,
+        source: PluginSource,
+        impls: dict[str, Callable[..., Any]] | None = None,
+        plugin: object = None,
+        timeout: float = DEFAULT_PLUGIN_TIMEOUT,
+        *,
+        loader: PluginLoader | None = None,
+    ) -> None:
+        if impls is None and loader is None:
+            raise ValueError("a BackendPlugin needs its implementations or a loader")
+        self.manifest = manifest
+        self.source = source
+        #: Seconds the availability probe may take (the registry's timeout).
+        self.timeout = timeout
+        self._impls = impls
+        self._plugin = plugin
+        self._loader = loader
+        self._load_error: PluginContractError | None = None
+        self._load_lock = threading.Lock()
+        self._availability: Availability | None = None
+        self._stuck_probe: threading.Thread | None = None
+        self._probe_lock = threading.Lock()
+
+    def __repr__(self) -> str:
+        state = "loaded" if self.loaded else "not loaded"
+        return f"BackendPlugin({self.name!r}, {self.source.describe()}, {state})"
 
     @property
     def name(self) -> str:
         return self.manifest.name
+
+    @property
+    def loaded(self) -> bool:
+        """Whether the plugin object is imported and checked."""
+        return self._impls is not None
+
+    def load(self) -> None:
+        """Import the plugin object the manifest names and check it against the
+        manifest, once; a no-op for a plugin registered loaded.
+
+        :raises PluginContractError: it failed to import, hung, or breaks the
+            contract (raised again, without retrying, on every later call).
+        :raises KeyboardInterrupt: Ctrl-C while waiting, or the plugin raised one.
+        """
+        with self._load_lock:
+            if self._impls is not None:
+                return
+            if self._load_error is not None:
+                raise self._load_error
+            assert self._loader is not None  # __init__ demands impls or a loader
+            try:
+                self._impls, self._plugin = self._loader()
+            except PluginContractError as exc:
+                self._load_error = exc
+                raise
+
+    @property
+    def impls(self) -> dict[str, Callable[..., Any]]:
+        """The hook implementations by hook name (loads the plugin: :meth:`load`)."""
+        self.load()
+        assert self._impls is not None
+        return self._impls
+
+    @property
+    def plugin(self) -> object:
+        """The plugin object (loads it: :meth:`load`)."""
+        self.load()
+        return self._plugin
 
     def availability(self) -> Availability:
         """Whether the backend can run here, asked of its probe each time.
@@ -277,7 +366,8 @@ class _Claim:
     backend name; registered with pluggy (as ``internal_name``) until settled."""
 
     backend: BackendPlugin
-    internal_name: str
+    #: None for a manifest-only claim: nothing is registered with pluggy yet.
+    internal_name: str | None
 
 
 class PluginRegistry:
@@ -292,15 +382,32 @@ class PluginRegistry:
     """
 
     def __init__(self, policy: PluginPolicy | None = None, *, timeout: float | None = None) -> None:
-        self._pm = pluggy.PluginManager(hookspecs.PROJECT)
-        self._pm.add_hookspecs(hookspecs)
-        self._specs = specs()
+        self._manager: pluggy.PluginManager | None = None
         self.backends: dict[str, BackendPlugin] = {}
         self.failures: list[PluginFailure] = []
         self.policy = policy
         self.denied: list[PluginDenied] = []
         self.timeout: float = plugin_timeout() if timeout is None else _checked_timeout(timeout, "timeout")
         self._entry_points_loaded = False
+
+    @property
+    def _pm(self) -> pluggy.PluginManager:
+        """The pluggy manager, made when the first plugin object is registered:
+        a registry that only reads manifests (``pyvmm backends``) needs neither
+        pluggy nor the hook specifications."""
+        if self._manager is None:
+            import pluggy
+
+            from pyvmm import hookspecs
+
+            manager = pluggy.PluginManager(hookspecs.PROJECT)
+            manager.add_hookspecs(hookspecs)
+            self._manager = manager
+        return self._manager
+
+    @property
+    def _specs(self) -> dict[str, Any]:
+        return specs()
 
     # --- registration -------------------------------------------------------
     def register(self, plugin: object, source: PluginSource | None = None) -> BackendPlugin:
@@ -326,6 +433,8 @@ class PluginRegistry:
 
     def _add_to_manager(self, plugin: object, source: PluginSource) -> str:
         """Register with pluggy (which checks the hook names); the internal name."""
+        import pluggy
+
         try:
             internal_name = self._pm.register(plugin, name=f"{source.entry_point}@{id(plugin):x}")
         except (pluggy.PluginValidationError, ValueError) as exc:
@@ -343,13 +452,50 @@ class PluginRegistry:
 
     def _checked(self, plugin: object, source: PluginSource, manifest: BackendManifest) -> BackendPlugin:
         """The contract checks that need no plugin code to run."""
+        impls = self._checked_impls(plugin, source, manifest)
+        return BackendPlugin(manifest=manifest, source=source, impls=impls, plugin=plugin, timeout=self.timeout)
+
+    def _checked_impls(
+        self, plugin: object, source: PluginSource, manifest: BackendManifest
+    ) -> dict[str, Callable[..., Any]]:
         where = source.describe()
         impls = self._implementations(plugin, where, manifest.contract_version)
-        missing = [hook for hook in REQUIRED_HOOKS if hook not in impls]
+        missing = [hook for hook in required_hooks() if hook not in impls]
         if missing:
             raise PluginContractError(f"{where}: required hook(s) not implemented: {', '.join(missing)}")
         self._check_capabilities(manifest, impls, where)
-        return BackendPlugin(manifest=manifest, source=source, impls=impls, plugin=plugin, timeout=self.timeout)
+        return impls
+
+    def _load_plugin(
+        self, manifest: BackendManifest, source: PluginSource
+    ) -> tuple[dict[str, Callable[..., Any]], object]:
+        """Import the plugin object ``manifest`` names (bounded, as an entry
+        point's import) and check it: its own ``pyvmm_backend_info`` must return
+        this manifest, and its hooks must match it.
+
+        :raises PluginContractError: it fails to import, hangs, or breaks the contract.
+        """
+        where = source.describe()
+        what = f"import of plugin {manifest.plugin!r}"
+        try:
+            plugin = _call_bounded(manifest.load_plugin, what, self.timeout)
+        except _Hung as hung:
+            raise PluginContractError(f"{where}: {hung}; the backend cannot be used") from None
+        except _Raised as raised:
+            raise PluginContractError(f"{where}: {what} failed: {raised}") from raised.error
+        internal_name = self._add_to_manager(plugin, source)
+        try:
+            own = self._manifest_of(plugin, source)
+            if dataclasses.replace(own, plugin=manifest.plugin) != manifest:
+                raise PluginContractError(
+                    f"{where}: plugin {manifest.plugin!r} describes itself otherwise than its entry point's "
+                    f"manifest does ({own!r}, not {manifest!r})"
+                )
+            impls = self._checked_impls(plugin, source, manifest)
+        except BaseException:
+            self._pm.unregister(name=internal_name)
+            raise
+        return impls, plugin
 
     def _refuse_taken_name(self, backend: BackendPlugin) -> None:
         clash = self.backends.get(backend.name)
@@ -393,19 +539,19 @@ class PluginRegistry:
                 impls[hook_name] = impl.function
         return impls
 
-    def _manifest(self, info: Callable[[], object], where: str) -> BackendManifest:
+    def _manifest(self, info: Callable[[], object], where: str, what: str = "pyvmm_backend_info") -> BackendManifest:
         try:
-            raw = _call_bounded(info, "pyvmm_backend_info", self.timeout)
+            raw = _call_bounded(info, what, self.timeout)
         except _Hung as hung:
             raise PluginContractError(f"{where}: {hung}; the plugin is skipped") from None
         except _Raised as raised:
-            raise PluginContractError(f"{where}: pyvmm_backend_info raised {raised}") from raised.error
+            raise PluginContractError(f"{where}: {what} raised {raised}") from raised.error
         try:
-            # Validated even when it is a BackendManifest: model_copy() and
-            # model_construct() build one without validation.
+            # Validated even when it is a BackendManifest: object.__setattr__
+            # gets past a frozen dataclass, and a subclass may report otherwise.
             manifest = validated_manifest(raw)
-        except ValidationError as exc:
-            raise PluginContractError(f"{where}: invalid manifest: {validation_message(exc)}") from exc
+        except RecordError as exc:
+            raise PluginContractError(f"{where}: invalid manifest: {exc}") from exc
         if not MIN_CONTRACT_VERSION <= manifest.contract_version <= CONTRACT_VERSION:
             raise PluginContractError(
                 f"{where}: backend {manifest.name!r} implements hook contract version "
@@ -440,7 +586,7 @@ class PluginRegistry:
             raise PluginContractError(f"{where}: manifest and hooks disagree: " + "; ".join(problems))
 
     # --- discovery ----------------------------------------------------------
-    def load_entry_points(self, entry_points: Iterable[metadata.EntryPoint] | None = None) -> None:
+    def load_entry_points(self, entry_points: Iterable[EntryPointLike] | None = None) -> None:
         """Import and register every backend in the ``pyvmm`` entry-point group
         the policy allows, settling who owns each backend name (module notes).
         Failures, hangs and refusals are recorded, never raised.  Runs once.
@@ -456,7 +602,7 @@ class PluginRegistry:
             self.policy = load_policy()
         self._entry_points_loaded = True
         if entry_points is None:
-            entry_points = metadata.entry_points(group=ENTRY_POINT_GROUP)
+            entry_points = installed_entry_points.entry_points(ENTRY_POINT_GROUP)
         ordered = sorted(entry_points, key=lambda e: e.name)
         # Every installed entry point, loaded or not: an entry point named after a
         # backend owns that name even when it is broken, hung or denied.
@@ -470,7 +616,7 @@ class PluginRegistry:
                 claims.append(claim)
         self._settle(claims, installed)
 
-    def load_owner(self, name: str, entry_points: Iterable[metadata.EntryPoint] | None = None) -> bool:
+    def load_owner(self, name: str, entry_points: Iterable[EntryPointLike] | None = None) -> bool:
         """Import only the entry point named ``name``, and register it when it
         claims backend ``name``: True when ``name`` is then registered.
 
@@ -492,7 +638,7 @@ class PluginRegistry:
 
             self.policy = load_policy()
         if entry_points is None:
-            entry_points = metadata.entry_points(group=ENTRY_POINT_GROUP)
+            entry_points = installed_entry_points.entry_points(ENTRY_POINT_GROUP)
         named = [ep for ep in entry_points if ep.name == name]
         if len(named) != 1:
             return False
@@ -501,12 +647,13 @@ class PluginRegistry:
         if claim is None:
             return False
         if claim.backend.name != name:
-            self._pm.unregister(name=claim.internal_name)
+            if claim.internal_name is not None:
+                self._pm.unregister(name=claim.internal_name)
             return False
         self._settle([claim], {name: [source]})
         return name in self.backends
 
-    def _claim(self, ep: metadata.EntryPoint, source: PluginSource, policy: PluginPolicy) -> _Claim | None:
+    def _claim(self, ep: EntryPointLike, source: PluginSource, policy: PluginPolicy) -> _Claim | None:
         """Import one entry point and read and check its manifest; None (with the
         reason recorded) when it is denied, broken or hung."""
         denial = policy.denial(ep.name)
@@ -521,6 +668,8 @@ class PluginRegistry:
         except _Raised as raised:
             self.failures.append(PluginFailure(source, f"import failed: {raised}"))
             return None
+        if callable(plugin) and not hasattr(plugin, "pyvmm_backend_info"):
+            return self._manifest_claim(plugin, ep, source, policy)
         try:
             internal_name = self._add_to_manager(plugin, source)
         except PluginContractError as exc:
@@ -546,6 +695,33 @@ class PluginRegistry:
         except BaseException:
             self._pm.unregister(name=internal_name)
             raise
+
+    def _manifest_claim(
+        self, read: Callable[[], object], ep: EntryPointLike, source: PluginSource, policy: PluginPolicy
+    ) -> _Claim | None:
+        """An entry point that names a manifest function: read and check the
+        manifest; the plugin it names is imported on first use (module notes)."""
+        where = source.describe()
+        try:
+            manifest = self._manifest(read, where, f"manifest function of entry point {ep.name!r}")
+            if not manifest.plugin:
+                raise PluginContractError(
+                    f"{where}: invalid manifest: plugin: is required when the entry point names the manifest "
+                    "(the 'package.module:attribute' of the plugin object)"
+                )
+        except PluginContractError as exc:
+            self.failures.append(PluginFailure(source, str(exc)))
+            return None
+        denial = policy.denial(manifest.name) if manifest.name != ep.name else None
+        if denial is not None:
+            reason = f"its manifest names backend {manifest.name!r}, which is {denial}"
+            self.denied.append(PluginDenied(source, reason, backend=manifest.name))
+            return None
+
+        def load() -> tuple[dict[str, Callable[..., Any]], object]:
+            return self._load_plugin(manifest, source)
+
+        return _Claim(BackendPlugin(manifest, source, timeout=self.timeout, loader=load), None)
 
     def _settle(self, claims: list[_Claim], installed: dict[str, list[PluginSource]]) -> None:
         """Give each claimed backend name to its owner, or to nobody (module notes)."""
@@ -595,7 +771,8 @@ class PluginRegistry:
                     self._refuse(claim, f"{this} claims backend name {name!r}, but {why}; it is refused")
 
     def _refuse(self, claim: _Claim, error: str) -> None:
-        self._pm.unregister(name=claim.internal_name)
+        if claim.internal_name is not None:
+            self._pm.unregister(name=claim.internal_name)
         self.failures.append(PluginFailure(claim.backend.source, error, backend=claim.backend.name))
 
     # --- selection ----------------------------------------------------------
@@ -604,6 +781,17 @@ class PluginRegistry:
             return self.backends[name]
         except KeyError:
             raise BackendNotFound(self._not_found_message(name)) from None
+
+    def _load(self, backend: BackendPlugin) -> None:
+        """:meth:`BackendPlugin.load`; a plugin that fails is dropped from
+        :attr:`backends` and recorded in :attr:`failures`, then the error raised."""
+        try:
+            backend.load()
+        except PluginContractError as exc:
+            if self.backends.get(backend.name) is backend:
+                del self.backends[backend.name]
+                self.failures.append(PluginFailure(backend.source, str(exc), backend=backend.name))
+            raise
 
     def _not_found_message(self, name: str) -> str:
         installed = ", ".join(sorted(self.backends)) or "none"
@@ -631,6 +819,7 @@ class PluginRegistry:
             availability = backend.availability()
             if not availability.available:
                 raise BackendUnavailable(name, availability.reason)
+            self._load(backend)
             return backend
         candidates = sorted(
             (b for b in self.backends.values() if b.manifest.auto_select),
@@ -642,9 +831,15 @@ class PluginRegistry:
                 reasons.append(f"{backend.name}: runs no {arch.value} guests")
                 continue
             availability = backend.availability()
-            if availability.available:
-                return backend
-            reasons.append(f"{backend.name}: {availability.reason}")
+            if not availability.available:
+                reasons.append(f"{backend.name}: {availability.reason}")
+                continue
+            try:
+                self._load(backend)
+            except PluginContractError as exc:
+                reasons.append(f"{backend.name}: failed to load ({exc})")
+                continue
+            return backend
         detail = "; ".join(reasons) if reasons else "no backend is installed (pip install pyvmm-kvm, ...)"
         what = (
             f"no backend available on this host runs {arch.value} guests"
@@ -654,7 +849,9 @@ class PluginRegistry:
         raise BackendNotFound(f"{what} ({detail})")
 
 
-def _source_of(ep: metadata.EntryPoint) -> PluginSource:
+def _source_of(ep: EntryPointLike) -> PluginSource:
+    if isinstance(ep, installed_entry_points.InstalledEntryPoint):
+        return PluginSource(ep.name, ep.distribution, ep.version, ep.location)
     dist = getattr(ep, "dist", None)
     if dist is None:
         return PluginSource(entry_point=ep.name)

@@ -42,49 +42,23 @@ from __future__ import annotations
 
 import os
 import re
-import sys
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Any
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
-
-from pyvmm.config import validation_message
 from pyvmm.errors import ConfigError
+from pyvmm.manifest import NAME_PATTERN as MANIFEST_NAME_PATTERN
 
-if sys.version_info >= (3, 11):
-    import tomllib
-else:  # pragma: no cover - exercised on Python 3.10 only
-    import tomli as tomllib  # type: ignore[import-not-found,unused-ignore]
+if TYPE_CHECKING:
+    from pyvmm.config_file import ConfigFile
 
 ENV_ALLOW = "PYVMM_BACKENDS_ALLOW"
 ENV_DENY = "PYVMM_BACKENDS_DENY"
 ENV_CONFIG = "PYVMM_CONFIG"
 
 #: What a backend (entry-point) name looks like; the manifest's name rule.
-NAME_PATTERN = r"^[a-z][a-z0-9_-]{0,31}$"
-BackendName = Annotated[str, Field(pattern=NAME_PATTERN)]
-
-
-class PluginsSection(BaseModel):
-    """The ``[plugins]`` table of the config file."""
-
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-    allow: tuple[BackendName, ...] | None = Field(
-        default=None, description="only these backends load (absent: all that are not denied)"
-    )
-    deny: tuple[BackendName, ...] = Field(default=(), description="these backends never load")
-
-
-class ConfigFile(BaseModel):
-    """The pyvmm config file.  Tables other than ``[plugins]`` belong to other
-    parts of pyvmm and are passed over here."""
-
-    model_config = ConfigDict(extra="allow", frozen=True)
-
-    plugins: PluginsSection = Field(default_factory=PluginsSection)
+NAME_PATTERN = MANIFEST_NAME_PATTERN
 
 
 @dataclass(frozen=True)
@@ -130,25 +104,28 @@ def config_path(environ: Mapping[str, str] | None = None) -> Path:
     return Path(base).expanduser() / "pyvmm" / "config.toml"
 
 
+def read_text(path: Path) -> str | None:
+    """The config file's text, or None when there is none.
+
+    :raises ConfigError: it exists but cannot be read.
+    """
+    try:
+        return path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        return None
+    except OSError as exc:
+        raise ConfigError(f"{path}: cannot read the pyvmm config file: {exc}") from exc
+
+
 def read_config(path: Path) -> ConfigFile:
     """Parse and validate a config file; a missing file is an empty config.
 
     :raises ConfigError: unreadable, not TOML, or an invalid ``[plugins]`` table.
     """
-    try:
-        text = path.read_text(encoding="utf-8")
-    except FileNotFoundError:
-        return ConfigFile()
-    except OSError as exc:
-        raise ConfigError(f"{path}: cannot read the pyvmm config file: {exc}") from exc
-    try:
-        raw = tomllib.loads(text)
-    except tomllib.TOMLDecodeError as exc:
-        raise ConfigError(f"{path}: not valid TOML: {exc}") from exc
-    try:
-        return ConfigFile.model_validate(raw)
-    except ValidationError as exc:
-        raise ConfigError(f"{path}: {validation_message(exc)}") from exc
+    from pyvmm.config_file import ConfigFile, parse_config
+
+    text = read_text(path)
+    return ConfigFile() if text is None else parse_config(text, path)
 
 
 def _env_names(variable: str, value: str) -> frozenset[str]:
@@ -167,10 +144,18 @@ def load_policy(environ: Mapping[str, str] | None = None) -> PluginPolicy:
     """
     env = os.environ if environ is None else environ
     path = config_path(env)
-    section = read_config(path).plugins
-    allow = frozenset(section.allow) if section.allow is not None else None
+    allow: frozenset[str] | None = None
+    deny: frozenset[str] = frozenset()
+    # Without a config file (the common case) nothing is validated, so pydantic
+    # is not imported (pyvmm.config_file).
+    text = read_text(path)
+    if text is not None:
+        from pyvmm.config_file import parse_config
+
+        section = parse_config(text, path).plugins
+        allow = frozenset(section.allow) if section.allow is not None else None
+        deny = frozenset(section.deny)
     allow_source = f"{path} [plugins] allow" if allow is not None else ""
-    deny = frozenset(section.deny)
     deny_source = f"{path} [plugins] deny" if deny else ""
     if ENV_ALLOW in env:
         names = _env_names(ENV_ALLOW, env[ENV_ALLOW])

@@ -35,6 +35,7 @@ failure while restoring closes the VM it was building.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import enum
 import hashlib
@@ -46,7 +47,7 @@ import struct
 import tempfile
 import types
 import typing
-from collections.abc import Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -90,12 +91,13 @@ STATE_TYPES: dict[StateKind, Any] = {
     StateKind.CORE_REGS: aarch64.CoreRegs,
     StateKind.XSAVE: x86_64.Xsave,
 }
-#: Where a register set goes when a vCPU is restored: the MP state first (KVM
-#: resets pending INIT/SIPI handling with it), the general and control registers,
-#: the FPU and the XSAVE area after it (XSAVE holds the FPU too and wins), then
-#: the local APIC.  Kinds a caller chose keep this relative order.
+#: Where a register set goes when a vCPU is restored: the general and control
+#: registers, the FPU and the XSAVE area after it (XSAVE holds the FPU too and
+#: wins), the local APIC, and the MP state last, after the pending events too
+#: (:func:`apply_vcpu`), as QEMU's ``kvm_arch_put_registers`` does: KVM's
+#: ``__set_sregs`` makes a BSP at the reset vector RUNNABLE, so an MP state set
+#: before the control registers is lost.  Kinds a caller chose keep this order.
 RESTORE_ORDER = (
-    StateKind.MP_STATE,
     StateKind.REGS,
     StateKind.SREGS,
     StateKind.FPU,
@@ -104,6 +106,7 @@ RESTORE_ORDER = (
     StateKind.DEBUG_REGS,
     StateKind.LAPIC,
     StateKind.CORE_REGS,
+    StateKind.MP_STATE,
 )
 
 
@@ -311,14 +314,23 @@ def encode(image: Snapshot) -> bytes:
 
 
 def write(image: Snapshot, path: str | os.PathLike[str]) -> None:
-    """Write ``image`` to ``path``, replacing it whole or not at all."""
+    """Write ``image`` to ``path``, replacing it whole or not at all.
+
+    :raises SnapshotError: the file cannot be written (a directory there, no
+        room, no permission); what was there is left as it was.
+    """
     data = encode(image)
     target = Path(path)
-    handle, temporary = tempfile.mkstemp(prefix=f".{target.name}.", dir=target.parent)
+    try:
+        handle, temporary = tempfile.mkstemp(prefix=f".{target.name}.", dir=target.parent)
+    except OSError as exc:
+        raise SnapshotError(f"{target}: cannot write the snapshot: {exc.strerror or exc}") from exc
     try:
         with os.fdopen(handle, "wb") as out:
             out.write(data)
         os.replace(temporary, target)
+    except OSError as exc:
+        raise SnapshotError(f"{target}: cannot write the snapshot: {exc.strerror or exc}") from exc
     finally:
         if os.path.exists(temporary):
             os.unlink(temporary)
@@ -612,13 +624,24 @@ def _decode(value: Any, kind: Any, what: str) -> Any:
 # --- restoring ---------------------------------------------------------------------
 
 
-def restore(backend: Backend, snapshot: Snapshot | str | os.PathLike[str]) -> Vm:
+def restore(
+    backend: Backend,
+    snapshot: Snapshot | str | os.PathLike[str],
+    prepare_vcpu: Callable[[Vcpu], None] | None = None,
+) -> Vm:
     """A new VM on ``backend`` in the state of ``snapshot`` (a loaded one, or a
     path), its vCPUs created on the calling thread and ready to run.
 
-    :raises SnapshotError: the file is not a valid snapshot (nothing created).
-    :raises PyvmmError: the backend refused part of it; the VM being built is
-        closed before this propagates.
+    ``prepare_vcpu`` is called with each vCPU as it is created, before any of
+    its state is set: give it its CPUID there (the snapshot holds none).  KVM
+    checks state against the guest's CPUID: an XCR0 with SSE or AVX is EINVAL
+    before ``KVM_SET_CPUID2`` (``__kvm_set_xcr``: only ``guest_supported_xcr0``
+    bits, from the CPUID), and so is an x2APIC base (``kvm_set_apic_base``).
+
+    :raises SnapshotError: the file is not a valid snapshot (nothing created),
+        or the backend refused a part of its state (named, the backend's error
+        as the cause); the VM being built is closed before this propagates.
+    :raises PyvmmError: the backend could not build the VM itself (memory, vCPUs).
     """
     image = snapshot if isinstance(snapshot, Snapshot) else load(snapshot)
     if image.devices is not None:
@@ -643,7 +666,10 @@ def restore(backend: Backend, snapshot: Snapshot | str | os.PathLike[str]) -> Vm
         if image.vm_states:
             vm.create_irqchip()
         for index in range(len(image.vcpus)):
-            apply_vcpu(vm.create_vcpu(), image.vcpu_image(index))
+            vcpu = vm.create_vcpu()
+            if prepare_vcpu is not None:
+                prepare_vcpu(vcpu)
+            apply_vcpu(vcpu, image.vcpu_image(index))
         apply_vm(vm, image)
     except BaseException:
         vm.close()
@@ -675,19 +701,70 @@ def fill_ram(vm: Vm, image: Snapshot) -> None:
             view[page * PAGE_SIZE : (page + 1) * PAGE_SIZE] = contents
 
 
+#: ``IA32_TSC_DEADLINE``: the local APIC timer's deadline in TSC-deadline mode.
+MSR_TSC_DEADLINE = 0x6E0
+#: MSRs set after the local APIC rather than before the register sets.  KVM
+#: drops a TSC-deadline write while the LVT timer is not in TSC-deadline mode
+#: (``kvm_set_lapic_tscdeadline_msr``, arch/x86/kvm/lapic.c), which it is not in
+#: a fresh vCPU, and ``KVM_SET_LAPIC`` switching the mode clears the deadline
+#: (``apic_update_lvtt``): set before the LAPIC, an armed timer never fires.
+#: QEMU writes it last for this reason (``kvm_put_tscdeadline_msr``).
+MSRS_AFTER_LAPIC = frozenset({MSR_TSC_DEADLINE})
+
+
 def apply_vcpu(vcpu: Vcpu, image: VcpuImage) -> None:
-    """Set ``vcpu``'s saved state, on its thread."""
-    if image.msrs:  # first: the register sets after them win where both hold a value
-        vcpu.set_msrs(image.msrs)
-    for kind, value in image.states:
-        vcpu.set_state(kind, value)
+    """Set ``vcpu``'s saved state, on its thread.
+
+    :raises SnapshotError: the backend refused a part (named): the snapshot's
+        state does not fit this vCPU (an XSAVE area from a host with more
+        components, an MSR this VM lacks ...).
+    """
+    msrs = image.msrs or []
+    early = [entry for entry in msrs if entry.index not in MSRS_AFTER_LAPIC]
+    late = [entry for entry in msrs if entry.index in MSRS_AFTER_LAPIC]
+    where = f"vCPU {vcpu.index}"
+    if early:  # first: the register sets after them win where both hold a value
+        with _refusal_is_snapshot_error(f"{where} MSRs"):
+            vcpu.set_msrs(early)
+    # The MP state after everything else (RESTORE_ORDER), whatever the file's
+    # order: version 2 files written before this put it first.
+    states = [(kind, value) for kind, value in image.states if kind is not StateKind.MP_STATE]
+    mp_states = [(kind, value) for kind, value in image.states if kind is StateKind.MP_STATE]
+    for kind, value in states:
+        with _refusal_is_snapshot_error(f"{where} {kind.value}"):
+            vcpu.set_state(kind, value)
+    if late:
+        with _refusal_is_snapshot_error(f"{where} MSRs"):
+            vcpu.set_msrs(late)
     if image.events is not None:
-        vcpu.set_events(image.events)
+        with _refusal_is_snapshot_error(f"{where} events"):
+            vcpu.set_events(image.events)
+    for _, mp_state in mp_states:
+        with _refusal_is_snapshot_error(f"{where} {StateKind.MP_STATE.value}"):
+            vcpu.set_state(StateKind.MP_STATE, mp_state)
 
 
 def apply_vm(vm: Vm, image: Snapshot) -> None:
-    """Set the VM-wide device state and, last, the clock."""
+    """Set the VM-wide device state and, last, the clock.
+
+    :raises SnapshotError: the backend refused an image (named).
+    """
     for kind, data in image.vm_states:
-        vm.set_vm_state(kind, data)
+        with _refusal_is_snapshot_error(f"VM state {kind.value}"):
+            vm.set_vm_state(kind, data)
     if image.clock is not None and vm.backend.supports(Capability.PVCLOCK):
-        vm.set_clock(image.clock)
+        with _refusal_is_snapshot_error("clock"):
+            vm.set_clock(image.clock)
+
+
+@contextlib.contextmanager
+def _refusal_is_snapshot_error(what: str) -> Iterator[None]:
+    """A backend's refusal of a value read from the file (wrong size, out of
+    range for this host) is the snapshot not fitting: a :class:`SnapshotError`
+    naming the part, with the backend's error as its cause."""
+    try:
+        yield
+    except SnapshotError:
+        raise
+    except PyvmmError as exc:
+        raise SnapshotError(f"the snapshot's {what} does not fit this VM: {exc}") from exc

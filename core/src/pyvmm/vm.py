@@ -19,13 +19,11 @@ import warnings
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, NoReturn
 
-from pydantic import ValidationError
-
 from pyvmm.arch.x86_64 import CpuidEntry, DebugRegs, Fpu, MsrEntry, Regs, Sregs, VcpuEvents
 from pyvmm.backend.plugin import FORWARD_ATTRIBUTE
 from pyvmm.boot import Aarch64VcpuInit, BootSpec, VcpuInit, X86VcpuInit
 from pyvmm.capabilities import Capability, CapabilitySet
-from pyvmm.config import MAX_GUEST_PHYS, PAGE_SIZE, Arch, MemoryRegionSpec, Protection, VmConfig, validation_message
+from pyvmm.config import MAX_GUEST_PHYS, PAGE_SIZE, Arch, MemoryRegionSpec, Protection, VmConfig
 from pyvmm.contract import HookSpecInfo, specs
 from pyvmm.errors import (
     ConfigError,
@@ -41,6 +39,7 @@ from pyvmm.manifest import Availability, BackendManifest
 from pyvmm.memory import GuestMemory, RamRegion
 from pyvmm.plugins import BackendPlugin, PluginRegistry, default_registry
 from pyvmm.prepared_state import PreparedVcpuState, SavedVcpuState
+from pyvmm.records import RecordError
 from pyvmm.vcpu_state import IoEventAddress, StateKind
 from pyvmm.vm_state import VmStateKind
 
@@ -55,9 +54,9 @@ def _validated(model: Any, value: Any, what: str) -> Any:
     if isinstance(value, model):
         return value
     try:
-        return model.model_validate(value)
-    except ValidationError as exc:
-        raise ConfigError(f"invalid {what}: {validation_message(exc, model)}") from exc
+        return model.from_mapping(value)
+    except RecordError as exc:
+        raise ConfigError(f"invalid {what}: {exc}") from exc
 
 
 class Backend:

@@ -58,4 +58,4 @@ def value_of(exit_: IoExit | MmioExit) -> int:
 
 
 def machine_config(**settings: Any) -> MachineConfig:
-    return MachineConfig.model_validate({"serial": "none", **settings})
+    return MachineConfig.from_mapping({"serial": "none", **settings})

@@ -19,8 +19,8 @@ def test_defaults_run_the_demo_on_one_vcpu() -> None:
 
 
 def test_sizes_accept_suffixes() -> None:
-    assert MachineConfig.model_validate({"memory": "1G"}).memory == 1 << 30
-    assert MachineConfig.model_validate({"memory": "64M"}).memory == 64 << 20
+    assert MachineConfig.from_mapping({"memory": "1G"}).memory == 1 << 30
+    assert MachineConfig.from_mapping({"memory": "64M"}).memory == 64 << 20
 
 
 def test_file_values_with_cli_overrides(tmp_path: Path) -> None:

@@ -63,7 +63,7 @@ def test_installed_entry_point() -> None:
     points = [ep for ep in metadata.entry_points(group=ENTRY_POINT_GROUP) if ep.name == "unicorn"]
     if not points:
         pytest.skip("pyvmm-unicorn is not installed in this environment")
-    assert points[0].value == "pyvmm_unicorn.plugin:plugin"
+    assert points[0].value == "pyvmm_unicorn.manifest:manifest"
     assert points[0].dist is not None and points[0].dist.metadata["Name"] == "pyvmm-unicorn"
 
 

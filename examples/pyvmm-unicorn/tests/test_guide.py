@@ -141,4 +141,4 @@ def test_the_guide_works_as_written(guide: str, tmp_path: Path) -> None:
         metadata = archive.read(next(n for n in names if n.endswith(".dist-info/METADATA"))).decode()
     assert {n.split("/")[0] for n in names} == {"pyvmm_acme", "pyvmm_acme-0.1.0.dist-info"}, names
     assert "Summary: pyvmm backend for the Acme hypervisor" in metadata
-    assert 'description="the Acme hypervisor"' in (copy / "src" / "pyvmm_acme" / "plugin.py").read_text()
+    assert 'description="the Acme hypervisor"' in (copy / "src" / "pyvmm_acme" / "manifest.py").read_text()

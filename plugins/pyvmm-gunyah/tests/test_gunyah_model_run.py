@@ -6,6 +6,7 @@ the raw seam."""
 
 from __future__ import annotations
 
+import dataclasses
 import errno
 import os
 import struct
@@ -56,7 +57,7 @@ def booted(
             setup(vm)
         guests.write_device_tree(vm, gic=gic)  # the RM makes the vCPUs and doorbells it names
         cpus = [vm.create_vcpu() for _ in range(vcpus)]
-        vm.boot(SPEC.model_copy(update=boot))
+        vm.boot(dataclasses.replace(SPEC, **boot))
         yield vm, cpus
 
 

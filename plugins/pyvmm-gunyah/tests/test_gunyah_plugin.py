@@ -77,7 +77,7 @@ def event() -> Iterator[Event]:
 
 
 def boot_spec(**extra: object) -> BootSpec:
-    return BootSpec.model_validate({"arch": "aarch64", "entry": ENTRY, "fdt_address": FDT, "fdt_size": 0x800, **extra})
+    return BootSpec.from_mapping({"arch": "aarch64", "entry": ENTRY, "fdt_address": FDT, "fdt_size": 0x800, **extra})
 
 
 def boot(vm: Vm, **extra: object) -> None:

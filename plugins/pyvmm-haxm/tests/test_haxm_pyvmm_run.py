@@ -46,7 +46,7 @@ def test_multiboot_pic_kernel_through_pyvmm_run_model(tmp_path: Path, monkeypatc
 
 
 def test_timer_interrupts_from_the_userspace_pic(model: Any) -> None:
-    config = MachineConfig.model_validate({"serial": "none", "timeout": 30, "irqchip": "userspace"})
+    config = MachineConfig.from_mapping({"serial": "none", "timeout": 30, "irqchip": "userspace"})
     with Machine(config, backend=make_backend(), image=pit_ticks.pit_ticks_image()) as machine:
         result = machine.run()
         assert (result.reason, result.code) == (StopReason.DEBUG_EXIT, pit_ticks.EXIT_CODE), result.detail

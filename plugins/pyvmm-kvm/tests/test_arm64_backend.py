@@ -265,13 +265,13 @@ class FakeSystem:
     ],
 )
 def test_bad_options_are_refused_before_the_vm_exists(options: dict[str, object], match: str) -> None:
-    config = VmConfig.model_validate({"arch": "aarch64", "backend_options": options})
+    config = VmConfig.from_mapping({"arch": "aarch64", "backend_options": options})
     with pytest.raises(ConfigError, match=match):
         KvmArm64Vm(FakeSystem(), config)  # type: ignore[arg-type]
 
 
 def test_too_many_vcpus_are_refused_before_the_vm_exists() -> None:
-    config = VmConfig.model_validate({"arch": "aarch64", "vcpus": 9})
+    config = VmConfig.from_mapping({"arch": "aarch64", "vcpus": 9})
     with pytest.raises(ConfigError, match="at most 8"):
         KvmArm64Vm(FakeSystem(), config)  # type: ignore[arg-type]
 

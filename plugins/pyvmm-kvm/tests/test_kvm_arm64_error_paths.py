@@ -65,7 +65,7 @@ def objects() -> Iterator[tuple[KvmArm64Vm, KvmArm64Vcpu, int]]:
     once), and a descriptor number that is closed."""
     with HOST.use(LibcDeviceSeam()) as host:
         system = KvmSystem(host)
-        vm = KvmArm64Vm(system, VmConfig.model_validate({"arch": "aarch64", "vcpus": 2}))
+        vm = KvmArm64Vm(system, VmConfig.from_mapping({"arch": "aarch64", "vcpus": 2}))
         vm.create_irqchip()
         vcpu = vm.create_vcpu(0)
         vm.start()
@@ -155,7 +155,7 @@ def test_building_fails_typed_and_leaves_nothing_open(name: str) -> None:
         before = _open_fds()
         try:
             with pytest.raises(HypervisorError) as info:
-                vm = KvmArm64Vm(system, VmConfig.model_validate({"arch": "aarch64"}))
+                vm = KvmArm64Vm(system, VmConfig.from_mapping({"arch": "aarch64"}))
                 try:
                     vm.create_irqchip() if name == "KVM_CREATE_DEVICE" else vm.create_vcpu(0)
                 finally:

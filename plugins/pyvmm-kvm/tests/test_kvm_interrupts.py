@@ -363,7 +363,7 @@ def test_the_resample_event_waits_for_the_guests_eoi(kvm: Backend) -> None:
 
 
 def _run(kvm: Backend, image: GuestImage, **settings: object) -> tuple[object, Machine]:
-    config = MachineConfig.model_validate({"serial": "none", "timeout": 20, "irqchip": "userspace", **settings})
+    config = MachineConfig.from_mapping({"serial": "none", "timeout": 20, "irqchip": "userspace", **settings})
     with Machine(config, backend=kvm, image=image) as machine:
         return machine.run(), machine
 
@@ -394,14 +394,14 @@ def test_a_multiboot_kernel_with_the_pic_runs_under_irqchip_userspace(kvm: Backe
 
 def test_smp_without_an_in_kernel_irqchip_is_refused(kvm: Backend) -> None:
     for mode in ("userspace", "none"):
-        config = MachineConfig.model_validate({"serial": "none", "cpus": 2, "irqchip": mode})
+        config = MachineConfig.from_mapping({"serial": "none", "cpus": 2, "irqchip": mode})
         with pytest.raises(ConfigError, match="2 vCPUs need the hypervisor's interrupt controllers") as info:
             Machine(config, backend=kvm)
         assert "drives one vCPU only" in str(info.value)
 
 
 def test_irqchip_kernel_is_kvms_own(kvm: Backend) -> None:
-    config = MachineConfig.model_validate({"serial": "none", "irqchip": "kernel"})
+    config = MachineConfig.from_mapping({"serial": "none", "irqchip": "kernel"})
     with Machine(config, backend=kvm) as machine:
         assert machine.irqchip and not machine.userspace_irqchip
         assert machine.vm.handle.irqchip

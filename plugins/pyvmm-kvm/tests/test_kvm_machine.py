@@ -207,7 +207,7 @@ def image(prog: GuestProgram, *extra: tuple[int, bytes]) -> GuestImage:
 
 
 def run(kvm: Backend, prog: GuestProgram, *extra: tuple[int, bytes], **settings: object) -> RunResult:
-    config = MachineConfig.model_validate({"serial": "none", **settings})
+    config = MachineConfig.from_mapping({"serial": "none", **settings})
     with Machine(config, backend=kvm, image=image(prog, *extra)) as machine:
         return machine.run()
 

@@ -4,7 +4,10 @@ one that was never stopped, and a damaged file creates nothing."""
 from __future__ import annotations
 
 import errno
+import hashlib
+import json
 import os
+import struct
 from pathlib import Path
 
 import pytest
@@ -120,7 +123,39 @@ def test_a_refused_restore_leaves_no_vm_behind(kvm: Backend, tmp_path: Path, mon
 
     monkeypatch.setattr(Vcpu, "set_state", refuse)
     monkeypatch.setattr(Vm, "close", record_close)
-    with pytest.raises(HypervisorError, match="KVM_SET_SREGS"):
+    with pytest.raises(SnapshotError, match="KVM_SET_SREGS") as refused:
         snapshot.restore(kvm, path)
+    assert isinstance(refused.value.__cause__, HypervisorError)  # the backend's refusal, kept as the cause
     assert len(closed) == 1
     assert len(os.listdir("/proc/self/fd")) == fds_before, "no descriptor of the half-built VM is left open"
+
+
+def _as_version_1(data: bytes) -> bytes:
+    """A version 2 file of a VM without irqchip rewritten as version 1 wrote
+    it: the header without ``vm_states``, ``clock`` and ``devices``, and only
+    the register sets version 1 knew (no XSAVE)."""
+    body = data[56:]
+    (length,) = struct.unpack_from("<I", body)
+    header = json.loads(body[4 : 4 + length])
+    for key in ("vm_states", "clock", "devices"):
+        header.pop(key)
+    for vcpu in header["vcpus"]:
+        vcpu["states"] = [pair for pair in vcpu["states"] if pair[0] != "xsave"]
+    encoded = json.dumps(header).encode()
+    new_body = struct.pack("<I", len(encoded)) + encoded + body[4 + length :]
+    return struct.pack("<8sIIQ32s", b"PYVMMSNP", 1, 0, len(new_body), hashlib.sha256(new_body).digest()) + new_body
+
+
+def test_a_version_1_file_restores_and_continues(kvm: Backend, tmp_path: Path) -> None:
+    path = tmp_path / "v2.snap"
+    vm, vcpu = _counter(kvm)
+    with vm:
+        _outputs(vcpu, 11)
+        snapshot.save(vm, path)
+        never_stopped = _outputs(vcpu, 20)
+    old = tmp_path / "v1.snap"
+    old.write_bytes(_as_version_1(path.read_bytes()))
+    image = snapshot.load(old)
+    assert (image.vm_states, image.clock, image.devices) == ([], None, None)
+    with snapshot.restore(kvm, old) as restored:
+        assert _outputs(restored.vcpus[0], 20) == never_stopped

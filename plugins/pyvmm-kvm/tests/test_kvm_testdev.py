@@ -211,7 +211,7 @@ def idt_32(vector: int, handler: int) -> tuple[tuple[int, bytes], ...]:
 
 
 def run(kvm: Backend, image: GuestImage, **settings: object) -> RunResult:
-    config = MachineConfig.model_validate({"serial": "none", "timeout": 30, **settings})
+    config = MachineConfig.from_mapping({"serial": "none", "timeout": 30, **settings})
     with Machine(config, backend=kvm, image=image) as machine:
         return machine.run()
 

@@ -104,9 +104,8 @@ def test_an_irqchip_guest_on_the_vm_api_continues_after_a_restore(kvm: Backend, 
     image = snapshot.load(path)
     assert [kind for kind, _ in image.vm_states] == list(X86_IRQCHIP_KINDS)
     assert {StateKind.XSAVE, StateKind.LAPIC, StateKind.MP_STATE} <= {kind for kind, _ in image.vcpus[0]}
-    with snapshot.restore(kvm, path) as restored:
+    with snapshot.restore(kvm, path, lambda v: v.set_cpuid(v.vm.supported_cpuid())) as restored:
         (vcpu2,) = restored.vcpus
-        vcpu2.set_cpuid(restored.supported_cpuid())
         restored_code = int.from_bytes(_run_to(vcpu2, DEBUG_EXIT).data, "little")
     assert never_stopped == restored_code == expected_code()
 

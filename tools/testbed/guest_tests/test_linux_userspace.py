@@ -110,7 +110,7 @@ def test_linux_reaches_userspace_under_pyvmm(pyvmm_backend: Backend, cpus: int) 
         "memory": f"{MEMORY_MIB}M",
         "cpus": cpus,
     }
-    config = MachineConfig.model_validate({**settings, "timeout": TIMEOUT})
+    config = MachineConfig.from_mapping({**settings, "timeout": TIMEOUT})
     started = time.monotonic()
     with Machine(config, backend=pyvmm_backend, serial_output=watcher) as machine:  # type: ignore[arg-type]
         watcher.machine = machine

@@ -39,7 +39,6 @@ import hashlib
 import os
 import stat
 import sys
-import tempfile
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -147,6 +146,8 @@ def _store(parsed: Any, key: str, directory: Path, path: Path) -> None:
         directory.mkdir(mode=0o700, parents=True, exist_ok=True)
         # Written under a temporary name and renamed, so that a process loading
         # the file never sees half of it.
+        import tempfile  # here: only writing the cache needs it, not every start
+
         handle, temporary = tempfile.mkstemp(prefix=".ffi_", suffix=".tmp", dir=directory)
         os.close(handle)
         try:

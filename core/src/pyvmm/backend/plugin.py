@@ -11,7 +11,8 @@ hook whose method the backend's VM or vCPU class defines, generates the
     # pyvmm_map_memory(vm, region)  ->  vm.map_memory(region)
     # pyvmm_run_vcpu(vcpu)          ->  vcpu.run()
 
-The entry point names the plugin object (``kvm = "pyvmm_kvm.plugin:plugin"``).
+The backend's manifest names the plugin object (``plugin="pyvmm_kvm.plugin:plugin"``),
+which core imports when the backend is first used (:mod:`pyvmm.plugins`).
 Which hooks exist follows from which methods the classes define, so a manifest
 that declares a capability without the methods (or the other way round) is
 refused at registration exactly as a hand-written plugin would be.

@@ -34,7 +34,6 @@ fall wait a little longer.
 
 from __future__ import annotations
 
-import calendar
 import math
 import threading
 import time
@@ -175,6 +174,8 @@ class Rtc(Device):
             parts[0] = self._decode(value) * 100 + parts[0] % 100
         else:
             return  # the day of week follows from the date
+        import calendar  # here: only a guest that sets the clock needs it
+
         wanted = calendar.timegm((*parts, 0, 0, 0)) + (now - whole)
         if self._held is not None:
             self._held = wanted

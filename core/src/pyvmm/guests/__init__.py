@@ -11,10 +11,14 @@ on the PL011 (polling, so it needs no interrupt controller):
 
 from __future__ import annotations
 
-from importlib import resources
+from pathlib import Path
 
 from pyvmm.boot import X86Mode
 from pyvmm.machine.images import Aarch64Image, GuestImage
+
+#: The bundled files, next to this module: pyvmm installs as files, and
+#: importlib.resources would import zipfile (a tenth of a demo run's start-up).
+_HERE = Path(__file__).parent
 
 #: Where the demo guest is loaded and entered, and its initial stack pointer.
 DEMO_LOAD_ADDRESS = 0x10_0000
@@ -25,11 +29,11 @@ DEMO_AARCH64_LOAD_ADDRESS = 0x8000_0000
 
 
 def demo_source() -> str:
-    return (resources.files(__package__) / "demo" / "demo.S").read_text(encoding="utf-8")
+    return (_HERE / "demo" / "demo.S").read_text(encoding="utf-8")
 
 
 def demo_binary() -> bytes:
-    return (resources.files(__package__) / "demo" / "demo.bin").read_bytes()
+    return (_HERE / "demo" / "demo.bin").read_bytes()
 
 
 def demo_image() -> GuestImage:
@@ -44,11 +48,11 @@ def demo_image() -> GuestImage:
 
 
 def demo_aarch64_source() -> str:
-    return (resources.files(__package__) / "demo_aarch64" / "demo.S").read_text(encoding="utf-8")
+    return (_HERE / "demo_aarch64" / "demo.S").read_text(encoding="utf-8")
 
 
 def demo_aarch64_binary() -> bytes:
-    return (resources.files(__package__) / "demo_aarch64" / "demo.bin").read_bytes()
+    return (_HERE / "demo_aarch64" / "demo.bin").read_bytes()
 
 
 def demo_aarch64_image() -> Aarch64Image:
@@ -61,16 +65,16 @@ ECHO_LOAD_ADDRESS = 0x10_0000
 
 
 def echo_source() -> str:
-    return (resources.files(__package__) / "echo" / "echo.S").read_text(encoding="utf-8")
+    return (_HERE / "echo" / "echo.S").read_text(encoding="utf-8")
 
 
 def echo_binary() -> bytes:
-    return (resources.files(__package__) / "echo" / "echo.bin").read_bytes()
+    return (_HERE / "echo" / "echo.bin").read_bytes()
 
 
 def echo_path() -> str:
     """The echo guest's file, for ``pyvmm run --kernel PATH --load-address 0x100000``."""
-    return str(resources.files(__package__) / "echo" / "echo.bin")
+    return str(_HERE / "echo" / "echo.bin")
 
 
 def echo_image() -> GuestImage:
@@ -86,16 +90,16 @@ def echo_image() -> GuestImage:
 
 
 def echo_aarch64_source() -> str:
-    return (resources.files(__package__) / "echo_aarch64" / "echo.S").read_text(encoding="utf-8")
+    return (_HERE / "echo_aarch64" / "echo.S").read_text(encoding="utf-8")
 
 
 def echo_aarch64_binary() -> bytes:
-    return (resources.files(__package__) / "echo_aarch64" / "echo.bin").read_bytes()
+    return (_HERE / "echo_aarch64" / "echo.bin").read_bytes()
 
 
 def echo_aarch64_path() -> str:
     """For ``pyvmm run --arch aarch64 --kernel PATH --load-address 0x80000000``."""
-    return str(resources.files(__package__) / "echo_aarch64" / "echo.bin")
+    return str(_HERE / "echo_aarch64" / "echo.bin")
 
 
 def echo_aarch64_image() -> Aarch64Image:

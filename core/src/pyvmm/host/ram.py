@@ -25,6 +25,7 @@ import contextlib
 import ctypes
 import logging
 import mmap
+import os
 import sys
 import weakref
 from typing import Any
@@ -46,9 +47,9 @@ def map_noreserve() -> int:
     flag = getattr(mmap, "MAP_NORESERVE", None)
     if flag is not None:
         return int(flag)
-    import platform  # only here: not worth its import time for every `import pyvmm.host`
-
-    if sys.platform.startswith("linux") and platform.machine().lower() in _GENERIC_MMAN_MACHINES:
+    # uname's machine is platform.machine() on a POSIX host, without importing platform.
+    machine = os.uname().machine if hasattr(os, "uname") else ""
+    if sys.platform.startswith("linux") and machine.lower() in _GENERIC_MMAN_MACHINES:
         return _LINUX_MAP_NORESERVE
     return 0
 

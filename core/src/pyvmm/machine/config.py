@@ -22,6 +22,9 @@ A command-line option overrides the file's value.  Every error names the field
 and where the value came from (the file, or the option).
 
 Values are strict: ``cpus = true`` or ``timeout = "5"`` is an error, not 1 or 5.
+The checks are written by hand (:mod:`pyvmm.records`), not with pydantic:
+``pyvmm run`` builds a :class:`MachineConfig` on every start, and importing
+pydantic would cost more than the rest of the command.
 Files are checked before anything reads them (:func:`check_input_files`): the
 machine file, kernel and initrd must be regular files, the machine file at most
 :data:`~pyvmm.config.MAX_MACHINE_FILE_SIZE` bytes, a kernel or initrd no larger
@@ -30,39 +33,28 @@ than the guest RAM.  A FIFO or device is refused, never opened for reading.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import sys
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Annotated, Any, Literal
-
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, field_validator, model_validator
-from pydantic_core import PydanticCustomError
+from typing import Any, Literal
 
 from pyvmm.config import (
     MAX_GUEST_PHYS,
     MAX_MACHINE_FILE_SIZE,
-    MAX_PROBLEMS,
     PAGE_SIZE,
     U32_MAX,
     Arch,
-    ByteSize,
     InputFileError,
-    StrictBool,
     check_input_file,
-    error_text,
-    float_range,
-    int_range,
-    known_keys,
+    parse_size,
     read_input_file,
     size_text,
 )
 from pyvmm.errors import ConfigError
 from pyvmm.machine.layout import MIN_RAM
-
-if sys.version_info >= (3, 11):
-    import tomllib
-else:  # pragma: no cover - exercised on 3.10 only
-    import tomli as tomllib  # type: ignore[import-not-found, unused-ignore]
+from pyvmm.records import MAX_PROBLEMS, MISSING, Checker, RecordError, from_mapping, required, show
 
 DEFAULT_MEMORY = 128 << 20
 #: xAPIC ids are 8 bits and 0xff is the broadcast id.
@@ -73,58 +65,93 @@ MAX_MEMORY = 1 << 40
 MAX_TIMEOUT = 1e9
 
 
-def _no_nul(value: Any) -> Any:
+def _no_nul(check: Checker, field: str, value: Any) -> None:
     # A NUL cannot be in a file name or a C string: open() would raise ValueError.
     if isinstance(value, str) and "\0" in value:
-        raise ValueError("must not contain a NUL character")
-    return value
+        check.fail(field, "must not contain a NUL character")
 
 
-def _kernel_text(value: Any) -> Any:
+def _path(check: Checker, field: str, value: Any) -> Path | None:
+    """A file name (a string or a Path) as a Path; None stays None."""
+    if value is None or isinstance(value, Path):
+        return value
+    if not isinstance(value, str):
+        check.fail(field, f"must be a file name (a string){_given(value)}")
+        return None
+    _no_nul(check, field, value)
+    return Path(value)
+
+
+def _optional_text(check: Checker, field: str, value: Any) -> None:
+    if value is not None and not isinstance(value, str):
+        check.fail(field, f"must be a string{_given(value)}")
+    else:
+        _no_nul(check, field, value)
+
+
+def _kernel_text(check: Checker, value: Any) -> None:
     """The command line goes to the guest as UTF-8 bytes: a non-UTF-8 argument
     (which Python hands over as lone surrogates) cannot be encoded."""
-    if isinstance(value, str):
-        if "\0" in value:
-            raise ValueError("must not contain a NUL character")
-        try:
-            value.encode("utf-8")
-        except UnicodeEncodeError as exc:
-            bad = value[exc.start].encode("utf-8", "surrogateescape")
-            raise ValueError(
-                f"is not valid UTF-8 (byte {bad[0]:#04x} at character {exc.start}); the command line must be UTF-8"
-            ) from None
-    return value
+    if not isinstance(value, str):
+        check.fail("append", f"must be a string{_given(value)}")
+        return
+    if "\0" in value:
+        check.fail("append", "must not contain a NUL character")
+        return
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        bad = value[exc.start].encode("utf-8", "surrogateescape")
+        check.fail(
+            "append",
+            f"is not valid UTF-8 (byte {bad[0]:#04x} at character {exc.start}); the command line must be UTF-8",
+        )
 
 
-NoNul = BeforeValidator(_no_nul)
+def _serial(check: Checker, value: Any) -> None:
+    if not isinstance(value, str):
+        check.fail("serial", f"must be a string{_given(value)}")
+        return
+    if "\0" in value:
+        check.fail("serial", "must not contain a NUL character")
+        return
+    for prefix, example in (("unix:", "unix:/tmp/console.sock"), ("file:", "file:console.log")):
+        if value == prefix:
+            check.fail("serial", f"{prefix} needs a path ({example})")
+            return
+    if not value:
+        check.fail("serial", "must not be empty")
 
 
-def _serial(value: Any) -> Any:
-    if isinstance(value, str):
-        _no_nul(value)
-        for prefix, example in (("unix:", "unix:/tmp/console.sock"), ("file:", "file:console.log")):
-            if value == prefix:
-                raise ValueError(f"{prefix} needs a path ({example})")
-    return value
+def _gdb_address(check: Checker, value: Any) -> Any:
+    if value is None:
+        return None
+    if not isinstance(value, str):
+        check.fail("gdb", f"must be a string{_given(value)}")
+        return value
+    from pyvmm.gdbstub.address import parse_gdb_address
 
-
-def _gdb_address(value: Any) -> Any:
-    if isinstance(value, str):
-        from pyvmm.gdbstub.address import parse_gdb_address
-
+    try:
         host, port = parse_gdb_address(value)
-        return f"tcp:{host}:{port}"
-    return value
+    except ValueError as exc:
+        check.fail("gdb", str(exc))
+        return value
+    return f"tcp:{host}:{port}"
 
 
-def _needs(field: str, other: str, why: str) -> PydanticCustomError:
-    """A setting that needs another: messages name both as the user gave them."""
-    return PydanticCustomError("needs", "{field} needs {other} ({why})", {"field": field, "other": other, "why": why})
+def _given(value: Any) -> str:
+    return f", not {show(value)}" if isinstance(value, (bool, int, float, str, bytes)) else ""
 
 
 #: The ``irqchip`` setting (:func:`pyvmm.machine.board.interrupt_controllers`).
 IrqchipMode = Literal["auto", "kernel", "userspace", "none"]
 IRQCHIP_MODES: tuple[str, ...] = ("auto", "kernel", "userspace", "none")
+CPUID_REGISTERS: tuple[str, ...] = ("eax", "ebx", "ecx", "edx")
+
+
+def _one_of(check: Checker, field: str, value: Any, choices: tuple[str, ...]) -> None:
+    if value not in choices or not isinstance(value, str):
+        check.fail(field, f"must be {', '.join(choices[:-1])} or {choices[-1]}{_given(value)}")
 
 
 def _irqchip_mode(value: Any) -> Any:
@@ -136,34 +163,60 @@ def _irqchip_mode(value: Any) -> Any:
     return value
 
 
-def _optional_bool(value: Any) -> Any:
-    if value is None or isinstance(value, bool):
-        return value
-    raise ValueError(f"must be true or false, not {value!r}"[:80])
+class MachineConfigError(RecordError):
+    """A :class:`MachineConfig` (or a :class:`CpuidOverride`) is invalid:
+    :attr:`problems` as for every record, and :attr:`needs` the settings given
+    without the one they need, ``(field, other, why)``, so that messages can name
+    both as the user gave them."""
+
+    def __init__(
+        self, record: str, problems: list[tuple[str, str]], needs: tuple[tuple[str, str, str], ...] = ()
+    ) -> None:
+        words = [(field, f"needs {other} ({why})") for field, other, why in needs]
+        super().__init__(record, problems + words)
+        self.needs = needs
 
 
-class CpuidOverride(BaseModel):
+@dataclass(frozen=True, slots=True, kw_only=True)
+class CpuidOverride:
     """Change one register of one CPUID leaf the guest sees.
 
     With ``value`` only, the register becomes ``value``; with ``mask`` only, it is
     ANDed with ``mask`` (clear the bits you want gone); with both, it becomes
     ``(register & mask) | value``.  A leaf the hypervisor does not report is added.
+
+    :raises MachineConfigError: a field is invalid (the message names it).
     """
 
-    # "register" would shadow BaseModel.register (from ABCMeta): keep it as the alias.
-    model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
+    function: int = MISSING
+    index: int = 0
+    register: str = MISSING
+    value: int | None = None
+    mask: int | None = None
 
-    function: Annotated[int, int_range(0, U32_MAX)]
-    index: Annotated[int, int_range(0, U32_MAX)] = 0
-    reg: Literal["eax", "ebx", "ecx", "edx"] = Field(alias="register")
-    value: Annotated[int | None, int_range(0, U32_MAX, optional=True)] = None
-    mask: Annotated[int | None, int_range(0, U32_MAX, optional=True)] = None
+    def __post_init__(self) -> None:
+        check = Checker("CpuidOverride")
+        if required(check, "function", self.function):
+            check.integer("function", self.function, 0, U32_MAX)
+        check.integer("index", self.index, 0, U32_MAX)
+        if required(check, "register", self.register):
+            _one_of(check, "register", self.register, CPUID_REGISTERS)
+        check.integer("value", self.value, 0, U32_MAX, optional=True)
+        check.integer("mask", self.mask, 0, U32_MAX, optional=True)
+        if not check.problems and self.value is None and self.mask is None:
+            check.fail("(record)", "give value, mask, or both")
+        if check.problems:
+            raise MachineConfigError("CpuidOverride", check.problems)
 
-    @model_validator(mode="after")
-    def _value_or_mask(self) -> CpuidOverride:
-        if self.value is None and self.mask is None:
-            raise ValueError("give value, mask, or both")
-        return self
+    @property
+    def reg(self) -> str:
+        """The register's name (``eax`` .. ``edx``)."""
+        return self.register
+
+    @classmethod
+    def from_mapping(cls, data: Any) -> CpuidOverride:
+        """An override from a machine file's table (unknown keys are refused)."""
+        return from_mapping(cls, data, CPUID_OVERRIDE_FIELDS, error=MachineConfigError)
 
     def apply(self, register: int) -> int:
         if self.mask is None:
@@ -171,76 +224,130 @@ class CpuidOverride(BaseModel):
         return (register & self.mask) | (self.value or 0)
 
 
-class MachineConfig(BaseModel):
-    """Everything ``pyvmm run`` needs to build and run a machine."""
+CPUID_OVERRIDE_FIELDS = ("function", "index", "register", "value", "mask")
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
 
-    arch: Arch | None = Field(
-        default=None, description="guest architecture; default: the backend's only one if it has one, else x86_64"
-    )
-    kernel: Annotated[Path | None, NoNul] = Field(
-        default=None, description="guest kernel; none runs the bundled demo guest"
-    )
-    initrd: Annotated[Path | None, NoNul] = None
-    load_address: Annotated[int | None, int_range(0, MAX_GUEST_PHYS - 1, optional=True)] = Field(
-        default=None, description="load a flat binary kernel here and enter it there (x86_64: in long mode)"
-    )
-    append: Annotated[str, BeforeValidator(_kernel_text)] = Field(default="", description="kernel command line")
-    memory: ByteSize = Field(default=DEFAULT_MEMORY, description="guest RAM in bytes, or '128M'-style")
-    cpus: Annotated[int, int_range(1, MAX_CPUS)] = 1
-    backend: Annotated[str | None, NoNul] = Field(
-        default=None, description="backend name; default: $PYVMM_BACKEND, else the best"
-    )
-    timeout: Annotated[float | None, float_range(0, MAX_TIMEOUT, optional=True)] = Field(
-        default=None, description="seconds before the run is stopped (status 124); covers loading the kernel too"
-    )
-    serial: Annotated[str, BeforeValidator(_serial)] = Field(
-        default="stdio",
-        min_length=1,
-        description="the console (COM1, the PL011): 'stdio' (interactive when stdin is a terminal), 'none', "
-        "'pty', 'unix:PATH' (a socket server), or a file ('file:PATH' or a plain path)",
-    )
-    gdb: Annotated[str | None, BeforeValidator(_gdb_address)] = Field(
-        default=None,
-        description="'tcp:HOST:PORT' (HOST defaults to localhost): a gdb stub there; the guest waits for the "
-        "debugger before its first instruction",
-    )
-    stats: Annotated[bool, StrictBool] = False
-    irqchip: Annotated[IrqchipMode, BeforeValidator(_irqchip_mode)] = Field(
-        default="auto",
-        description="the interrupt controllers and timer: 'kernel' the hypervisor's, 'userspace' pyvmm's 8259s "
-        "and 8254 (x86_64, one vCPU), 'none', or 'auto': the hypervisor's if it has them, else pyvmm's where "
-        "the backend can inject interrupts (true means auto, false none)",
-    )
-    testdev: Annotated[bool, StrictBool] = Field(
-        default=False, description="x86_64: add QEMU's pc-testdev (kvm-unit-tests use it)"
-    )
-    legacy_bios: Annotated[bool | None, BeforeValidator(_optional_bool)] = Field(
-        default=None,
-        description="x86_64: leave the PC as a BIOS would (8259s, PIT, vector table, ACPI, S3 resume); "
-        "default: for Multiboot kernels only",
-    )
-    cpuid_overrides: list[CpuidOverride] = Field(default_factory=list)
+@dataclass(frozen=True, slots=True, kw_only=True)
+class MachineConfig:
+    """Everything ``pyvmm run`` needs to build and run a machine.
 
-    @field_validator("memory")
-    @classmethod
-    def _check_memory(cls, memory: int) -> int:
-        if memory % PAGE_SIZE:
-            raise ValueError(f"{size_text(memory)} is not a whole number of {PAGE_SIZE // 1024}K pages")
-        if not MIN_RAM <= memory <= MAX_MEMORY:
-            raise ValueError(f"{size_text(memory)} is outside {size_text(MIN_RAM)}..{size_text(MAX_MEMORY)}")
-        return memory
+    :param arch: guest architecture; default: the backend's only one if it has one, else x86_64.
+    :param kernel: guest kernel; none runs the bundled demo guest.
+    :param initrd: the initrd (with a kernel only).
+    :param load_address: load a flat binary kernel here and enter it there (x86_64: in long mode).
+    :param append: kernel command line.
+    :param memory: guest RAM in bytes, or '128M'-style.
+    :param cpus: vCPUs, 1 to :data:`MAX_CPUS`.
+    :param backend: backend name; default: $PYVMM_BACKEND, else the best.
+    :param timeout: seconds before the run is stopped (status 124); covers loading the kernel too.
+    :param serial: the console (COM1, the PL011): 'stdio' (interactive when stdin is a terminal),
+        'none', 'pty', 'unix:PATH' (a socket server), or a file ('file:PATH' or a plain path).
+    :param gdb: 'tcp:HOST:PORT' (HOST defaults to localhost): a gdb stub there; the guest waits
+        for the debugger before its first instruction.
+    :param stats: print exit statistics at the end.
+    :param irqchip: the interrupt controllers and timer: 'kernel' the hypervisor's, 'userspace'
+        pyvmm's 8259s and 8254 (x86_64, one vCPU), 'none', or 'auto': the hypervisor's if it
+        has them, else pyvmm's where the backend can inject interrupts (true means auto, false none).
+    :param testdev: x86_64: add QEMU's pc-testdev (kvm-unit-tests use it).
+    :param legacy_bios: x86_64: leave the PC as a BIOS would (8259s, PIT, vector table, ACPI,
+        S3 resume); default: for Multiboot kernels only.
+    :param cpuid_overrides: :class:`CpuidOverride` records (or their tables).
+    :raises MachineConfigError: a field is invalid (the message names it).
+    """
 
-    @model_validator(mode="after")
-    def _check(self) -> MachineConfig:
+    arch: Arch | None = None
+    kernel: Path | None = None
+    initrd: Path | None = None
+    load_address: int | None = None
+    append: str = ""
+    memory: int = DEFAULT_MEMORY
+    cpus: int = 1
+    backend: str | None = None
+    timeout: float | None = None
+    serial: str = "stdio"
+    gdb: str | None = None
+    stats: bool = False
+    irqchip: IrqchipMode = "auto"
+    testdev: bool = False
+    legacy_bios: bool | None = None
+    cpuid_overrides: list[CpuidOverride] = dataclasses.field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        check = Checker("MachineConfig")
+        set_field = object.__setattr__
+        if self.arch is not None:
+            set_field(self, "arch", check.choice("arch", self.arch, Arch))
+        set_field(self, "kernel", _path(check, "kernel", self.kernel))
+        set_field(self, "initrd", _path(check, "initrd", self.initrd))
+        check.integer("load_address", self.load_address, 0, MAX_GUEST_PHYS - 1, optional=True)
+        _kernel_text(check, self.append)
+        set_field(self, "memory", _memory(check, self.memory))
+        check.integer("cpus", self.cpus, 1, MAX_CPUS)
+        _optional_text(check, "backend", self.backend)
+        if self.timeout is not None:
+            set_field(self, "timeout", check.number("timeout", self.timeout, 0, MAX_TIMEOUT))
+        _serial(check, self.serial)
+        set_field(self, "gdb", _gdb_address(check, self.gdb))
+        check.boolean("stats", self.stats)
+        set_field(self, "irqchip", _irqchip_mode(self.irqchip))
+        _one_of(check, "irqchip", self.irqchip, IRQCHIP_MODES)
+        check.boolean("testdev", self.testdev)
+        legacy_bios: Any = self.legacy_bios  # as given: the annotation is what is checked
+        if legacy_bios is not None and not isinstance(legacy_bios, bool):
+            check.fail("legacy_bios", f"must be true or false, not {legacy_bios!r}"[:80])
+        set_field(self, "cpuid_overrides", _overrides(check, self.cpuid_overrides))
+        if check.problems:
+            raise MachineConfigError("MachineConfig", check.problems)
+        needs = []
         if self.initrd is not None and self.kernel is None:
-            raise _needs("initrd", "kernel", "the demo guest takes no initrd")
+            needs.append(("initrd", "kernel", "the demo guest takes no initrd"))
         if self.load_address is not None and self.kernel is None:
-            raise _needs("load_address", "kernel", "it says where a flat binary kernel goes")
+            needs.append(("load_address", "kernel", "it says where a flat binary kernel goes"))
         if self.append and self.kernel is None:
-            raise _needs("append", "kernel", "the demo guest takes no command line")
-        return self
+            needs.append(("append", "kernel", "the demo guest takes no command line"))
+        if needs:
+            raise MachineConfigError("MachineConfig", [], tuple(needs))
+
+    @classmethod
+    def from_mapping(cls, data: Any) -> MachineConfig:
+        """A config from a mapping of its settings, as a machine file holds them
+        (unknown keys are refused, naming the closest known one)."""
+        return from_mapping(cls, data, MACHINE_CONFIG_FIELDS, error=MachineConfigError)
+
+
+MACHINE_CONFIG_FIELDS = tuple(f.name for f in dataclasses.fields(MachineConfig))
+
+
+def _memory(check: Checker, value: Any) -> Any:
+    try:
+        memory = parse_size(value)
+    except ValueError as exc:
+        check.fail("memory", str(exc))
+        return value
+    if memory % PAGE_SIZE:
+        check.fail("memory", f"{size_text(memory)} is not a whole number of {PAGE_SIZE // 1024}K pages")
+    elif not MIN_RAM <= memory <= MAX_MEMORY:
+        check.fail("memory", f"{size_text(memory)} is outside {size_text(MIN_RAM)}..{size_text(MAX_MEMORY)}")
+    return memory
+
+
+def _overrides(check: Checker, value: Any) -> Any:
+    """The CPUID overrides as records; each problem is named by its position."""
+    if not isinstance(value, (list, tuple)):
+        check.fail("cpuid_overrides", f"must be a list{_given(value)}")
+        return value
+    records = []
+    for i, item in enumerate(value):
+        if isinstance(item, CpuidOverride):
+            records.append(item)
+            continue
+        try:
+            records.append(CpuidOverride.from_mapping(item))
+        except RecordError as exc:
+            for where, problem in exc.problems:
+                inner = "" if where == "(record)" else f".{where}"
+                check.fail(f"cpuid_overrides.{i}{inner}", problem)
+    return records
 
 
 def read_machine_file(path: Path) -> dict[str, Any]:
@@ -250,6 +357,12 @@ def read_machine_file(path: Path) -> dict[str, Any]:
         waited on), over :data:`~pyvmm.config.MAX_MACHINE_FILE_SIZE`, not UTF-8
         or not TOML.
     """
+    # Imported here: a run without a machine file parses no TOML.
+    if sys.version_info >= (3, 11):
+        import tomllib
+    else:  # pragma: no cover - exercised on 3.10 only
+        import tomli as tomllib  # type: ignore[import-not-found, unused-ignore]
+
     try:
         raw = read_input_file(
             path, what="machine file", limit=MAX_MACHINE_FILE_SIZE, why="a machine file may have at most {limit}"
@@ -286,13 +399,9 @@ def build_config(
     given = {key: value for key, value in (overrides or {}).items() if value is not None}
     settings.update(given)
     try:
-        return MachineConfig.model_validate(settings)
-    except ValidationError as exc:
+        return MachineConfig.from_mapping(settings)
+    except MachineConfigError as exc:
         raise ConfigError(_describe(exc, file, given, option_names or {})) from exc
-    except RecursionError:
-        # A machine file nested deeper than pydantic recurses (the TOML parser took it).
-        where = f"{file}: " if file is not None else ""
-        raise ConfigError(f"invalid machine configuration: {where}values nested too deeply") from None
 
 
 def where_from(field: str, file: Path | None, given: dict[str, Any], option_names: dict[str, str]) -> str:
@@ -326,30 +435,24 @@ def check_input_files(
             raise ConfigError(f"{where_from(field, file, given or {}, option_names or {})}: {exc}") from None
 
 
-def _describe(error: ValidationError, file: Path | None, given: dict[str, Any], option_names: dict[str, str]) -> str:
+def _describe(error: MachineConfigError, file: Path | None, given: dict[str, Any], option_names: dict[str, str]) -> str:
     problems = []
     in_file = f"{file}: " if file is not None else ""
-    items = error.errors()
-    for item in items[:MAX_PROBLEMS]:
-        loc = [str(part) for part in item["loc"]]
-        if item["type"] == "needs":
-            ctx = item.get("ctx") or {}
-            field, other = str(ctx.get("field")), str(ctx.get("other"))
-            if field in given:
-                problems.append(
-                    f"{option_names.get(field, field)} needs {option_names.get(other, other)} ({ctx.get('why')})"
-                )
-            else:
-                problems.append(f"{in_file}{field} needs {other} ({ctx.get('why')})")
-            continue
-        message = error_text(item, known_keys(MachineConfig, tuple(item["loc"])) if item["loc"] else None)
-        if not loc:
-            # Checks across fields name their fields in the message.
-            problems.append(f"{in_file}{message}")
-        elif loc[0] in given:
-            problems.append(f"{option_names.get(loc[0], loc[0])}: {message}")
+    for field, other, why in error.needs[:MAX_PROBLEMS]:
+        if field in given:
+            problems.append(f"{option_names.get(field, field)} needs {option_names.get(other, other)} ({why})")
         else:
-            problems.append(f"{in_file}{'.'.join(loc)}: {message}")
-    if len(items) > MAX_PROBLEMS:
-        problems.append(f"and {len(items) - MAX_PROBLEMS} more")
+            problems.append(f"{in_file}{field} needs {other} ({why})")
+    listed = [(field, problem) for field, problem in error.problems if not problem.startswith("needs ")]
+    for field, message in listed[: max(0, MAX_PROBLEMS - len(problems))]:
+        top = field.split(".", 1)[0]
+        if field == "(record)":
+            problems.append(f"{in_file}{message}")
+        elif top in given:
+            problems.append(f"{option_names.get(top, top)}: {message}")
+        else:
+            problems.append(f"{in_file}{field}: {message}")
+    total = len(error.needs) + len(listed)
+    if total > MAX_PROBLEMS:
+        problems.append(f"and {total - MAX_PROBLEMS} more")
     return "invalid machine configuration: " + "; ".join(problems)

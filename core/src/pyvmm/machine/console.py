@@ -42,16 +42,18 @@ import errno
 import logging
 import os
 import select
-import socket
 import stat
 import sys
 import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any, BinaryIO, NoReturn, Protocol, TextIO
+from typing import TYPE_CHECKING, Any, BinaryIO, NoReturn, Protocol, TextIO
 
 from pyvmm.errors import ConfigError, PyvmmError
+
+if TYPE_CHECKING:
+    import socket
 
 log = logging.getLogger("pyvmm.console")
 
@@ -621,6 +623,8 @@ def _open_pty(where: str) -> ConsoleOutput:
 
 
 def _open_socket(path: str, where: str) -> ConsoleOutput:
+    import socket  # here: only a unix: console needs it
+
     if not path:
         raise ConfigError(f"{where}: unix: needs a path (unix:/tmp/console.sock)")
     try:

@@ -14,13 +14,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Protocol
 
-from pydantic import ValidationError
-
 from pyvmm.arch.x86_64_boot import BOOT_TABLE_PAGES
 from pyvmm.boot import BootSpec, X86Mode
-from pyvmm.config import PAGE_SIZE, Arch, validation_message
+from pyvmm.config import PAGE_SIZE, Arch
 from pyvmm.errors import ConfigError
 from pyvmm.memory import GuestMemory
+from pyvmm.records import RecordError
 
 if TYPE_CHECKING:
     from pyvmm.machine.loaders.arm64 import DeviceTreeBuilder
@@ -75,8 +74,8 @@ class GuestImage:
                 registers=dict(self.registers),
                 boot_tables=BOOT_TABLES,
             )
-        except ValidationError as exc:
-            raise ConfigError(f"{self.name}: cannot start it: {validation_message(exc)}") from None
+        except RecordError as exc:
+            raise ConfigError(f"{self.name}: cannot start it: {exc}") from None
         for address, data in self.segments:
             end = address + len(data)
             if not memory.contains(address, len(data)):

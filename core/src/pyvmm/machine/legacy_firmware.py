@@ -48,6 +48,7 @@ refuses an image that put bytes there.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import struct
 from collections.abc import Callable
@@ -398,7 +399,7 @@ class LegacyFirmware:
         memory.write(BOOT_STUB_ADDRESS, stub)
         pio.register(acpi_pm.PM_BASE, acpi_pm.PORT_COUNT, self.pm)
         self._memory = memory
-        return spec.model_copy(update={"entry": BOOT_STUB_ADDRESS})
+        return dataclasses.replace(spec, entry=BOOT_STUB_ADDRESS)
 
     def _suspend(self) -> None:
         """S3: sleep until the wake-up event, then resume at the waking vector."""

@@ -114,6 +114,14 @@ class Runner:
         #: Called on each vCPU's thread when its loop ended (a machine saving a
         #: snapshot reads the vCPU's state there, where its calls must come from).
         self.vcpu_stopped: Callable[[Vcpu], None] | None = None
+        #: Called on the thread of :meth:`run` once every vCPU is ready, before
+        #: any runs (a restored machine sets the hypervisor's irqchip and clock
+        #: there: a hypervisor delivers what an IOAPIC image holds pending to vCPUs that exist).
+        self.vcpus_ready: Callable[[], None] | None = None
+        #: The vCPUs whose run was stopped while they waited in ``hlt`` for the
+        #: board's own interrupt controllers (their RIP is past the ``hlt``):
+        #: a snapshot of one must restore it waiting, not running on.
+        self.stopped_in_hlt: set[int] = set()
         #: Stop with ``StopReason.SNAPSHOT`` after this many seconds (None: never).
         self.snapshot_after: float | None = None
         self.events = MachineEvents(
@@ -155,6 +163,8 @@ class Runner:
             if not self._flag.stopping:
                 try:
                     self.vm.start()
+                    if self.vcpus_ready is not None:
+                        self.vcpus_ready()
                 except BaseException as exc:  # noqa: BLE001 - whatever it is ends the run and is re-raised
                     self._fail(exc)
             with self._cond:
@@ -367,6 +377,8 @@ class Runner:
             assert self._board is not None
             interrupts = self._board.interrupts
             if interrupts is not None and interrupts.wait_for_interrupt(vcpu):
+                if self._flag.stopping:
+                    self.stopped_in_hlt.add(vcpu.index)
                 return False  # woken by an interrupt of the board's own controllers (or the stop)
             with self._cond:
                 self._halted += 1

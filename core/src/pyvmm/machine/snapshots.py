@@ -29,6 +29,7 @@ snapshotted (pc-testdev) makes the save refuse by name.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import threading
 from collections.abc import Callable
@@ -53,6 +54,7 @@ from pyvmm.snapshot import (
     settle_vcpu,
     write,
 )
+from pyvmm.vcpu_state import StateKind
 from pyvmm.vm import Vcpu, Vm
 
 #: The port a guest writes to ask for a snapshot (unused on the PC otherwise).
@@ -89,6 +91,42 @@ def bus_devices(pio: PortBus, mmio: MmioBus) -> dict[str, Stateful]:
             seen.add(id(holder))
             found[f"{space}@{base:#x}:{holder.name}"] = holder
     return found
+
+
+def still_halted(image: VcpuImage) -> VcpuImage:
+    """``image`` of a vCPU stopped while it waited in ``hlt`` for the board's
+    own interrupt controllers, made to wait again when restored.
+
+    x86 hypervisors report a ``hlt`` completed, RIP past it (the backend
+    notes say where each skips the instruction), and without the hypervisor's
+    local APIC there is no MP state to say the vCPU is halted: restored as
+    read, it would run on as if an interrupt had woken it.  RIP is moved back
+    one byte, onto the ``hlt``'s opcode (0xf4, the last byte of any prefixed
+    form too), so the restored vCPU executes it again and waits.  Not when an
+    interrupt is already being injected: the vCPU has then left its halt.
+    """
+    if image.events is not None and image.events.interrupt.injected:
+        return image
+    states = [
+        (kind, dataclasses.replace(value, rip=value.rip - 1) if kind is StateKind.REGS else value)
+        for kind, value in image.states
+    ]
+    return dataclasses.replace(image, states=states)
+
+
+def check_vm_state_sizes(vm: Vm, image: Snapshot) -> None:
+    """Refuse, while the machine is built, VM-wide images of another size than
+    this hypervisor's (they are set only once the vCPUs exist).
+
+    :raises SnapshotError: an image's size differs (named).
+    """
+    for kind, data in image.vm_states:
+        size = len(vm.get_vm_state(kind))
+        if len(data) != size:
+            raise SnapshotError(
+                f"the snapshot's VM state {kind.value} does not fit this VM: {len(data)} bytes, this hypervisor's "
+                f"are {size} (saved by another kernel?)"
+            )
 
 
 def save_devices(devices: dict[str, Stateful]) -> list[DeviceImage]:
@@ -159,6 +197,9 @@ class MachineSnapshots:
         if self.save_to is not None:
             if not self.save_to.parent.is_dir():
                 raise ConfigError(f"snapshot_to: {self.save_to.parent} is not a directory")
+            if self.save_to.is_dir():
+                # Found now, not after the guest ran to its snapshot point.
+                raise ConfigError(f"snapshot_to: {self.save_to} is a directory, not a file to write")
             self.request_port.on_request = self._requested
             runner.snapshot_after = save_after
             runner.vcpu_stopped = self._vcpu_stopped
@@ -183,6 +224,8 @@ class MachineSnapshots:
         except threading.BrokenBarrierError:
             return  # a vCPU never got here: save() names the vCPUs without an image
         image = capture_vcpu(vcpu)
+        if vcpu.index in self.runner.stopped_in_hlt:
+            image = still_halted(image)
         with self._lock:
             self._images[vcpu.index] = image
 
@@ -227,11 +270,21 @@ class MachineSnapshots:
         if bool(image.vm_states) != self.vm.has_irqchip:
             has = "has" if image.vm_states else "has no"
             raise SnapshotError(f"the snapshot {has} in-kernel irqchip state; this machine's irqchip setting differs")
+        check_vm_state_sizes(self.vm, image)
         load_devices(bus_devices(self.pio, self.mmio), image.devices)
         fill_ram(self.vm, image)
-        apply_vm(self.vm, image)
 
         def ready(vcpu: Vcpu) -> None:
             apply_vcpu(vcpu, image.vcpu_image(vcpu.index))
 
+        def all_ready() -> None:
+            # After every vCPU has its state, as QEMU and crosvm restore the
+            # irqchip: the hypervisor delivers a level line the IOAPIC image
+            # holds pending as the image is set, and with no vCPU to take it
+            # marks it in service (remote IRR) for an EOI that never comes
+            # (the backend notes, restore order).  The clock is set here too, as
+            # the guest is about to run, not while the machine is being built.
+            apply_vm(self.vm, image)
+
         self.runner.vcpu_ready = ready
+        self.runner.vcpus_ready = all_ready

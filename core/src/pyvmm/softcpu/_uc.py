@@ -15,8 +15,7 @@ from types import ModuleType
 from typing import Any
 
 from pyvmm.errors import PyvmmError
-
-INSTALL_HINT = "pip install 'pyvmm-core[softcpu]'"
+from pyvmm.softcpu_installed import INSTALL_HINT
 
 #: A PC no guest can reach: non-canonical on x86_64 and outside every aarch64
 #: VA range.  unicorn insists on an end address; the engine enables an empty

@@ -24,13 +24,12 @@ from pyvmm.boot import BootSpec, VcpuInit
 from pyvmm.capabilities import Capability
 from pyvmm.coalesced import CoalescedWrite
 from pyvmm.config import Arch, VmConfig
-from pyvmm.contract import INIT_VCPU_HOOK, hooks_by_capability
+from pyvmm.contract import INIT_VCPU_HOOK, hooks_by_capability, required_hooks
 from pyvmm.exits import HltExit, VcpuExit
 from pyvmm.hookspecs import hookimpl
 from pyvmm.interrupts import IrqRoute
 from pyvmm.manifest import CONTRACT_VERSION, Availability, BackendManifest
 from pyvmm.memory import RamRegion
-from pyvmm.plugins import REQUIRED_HOOKS
 from pyvmm.prepared_state import SavedVcpuState
 from pyvmm.served_io import ServedRegister
 from pyvmm.vcpu_state import IoEventAddress, StateKind
@@ -140,7 +139,7 @@ class ContractTestBackend:
         hypervisor owns the boot context, the hooks of the declared capabilities,
         minus ``omit`` plus ``extra``."""
         declared = {c if isinstance(c, Capability) else Capability(c) for c in self.capabilities if _known(c)}
-        wanted = set(REQUIRED_HOOKS)
+        wanted = set(required_hooks())
         if Capability.HYPERVISOR_INITIALIZED_BOOT_CONTEXT not in declared:
             wanted.add(INIT_VCPU_HOOK)
         for cap in declared:

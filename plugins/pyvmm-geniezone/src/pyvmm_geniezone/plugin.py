@@ -1,4 +1,4 @@
-"""The GenieZone backend's manifest and plugin object (entry point ``geniezone``).
+"""The GenieZone backend's plugin object, which :mod:`pyvmm_geniezone.manifest` (the entry point ``geniezone``) names.
 
 The hooks are the methods of :class:`~pyvmm_geniezone.vm.GenieZoneVm` and
 :class:`~pyvmm_geniezone.vcpu.GenieZoneVcpu`; :func:`pyvmm.backend.backend_plugin`
@@ -20,39 +20,10 @@ What is declared, and what is not (``docs/backends/geniezone.md`` §8):
 from __future__ import annotations
 
 from pyvmm.backend import backend_plugin
-from pyvmm.capabilities import Capability
-from pyvmm.config import Arch
-from pyvmm.manifest import CONTRACT_VERSION, BackendManifest
-from pyvmm_geniezone import __version__
-from pyvmm_geniezone.system import probe
+from pyvmm_geniezone.manifest import CAPABILITIES, manifest
 from pyvmm_geniezone.vcpu import GenieZoneVcpu
 from pyvmm_geniezone.vm import GenieZoneVm
 
-CAPABILITIES = (
-    Capability.USER_MEMORY,
-    Capability.IMMEDIATE_EXIT,
-    Capability.MULTI_VCPU,
-    Capability.PROTECTED,
-    Capability.IRQCHIP,
-    Capability.IRQ_LINE,
-    Capability.IRQFD,
-    Capability.IRQFD_REMOVAL,
-    Capability.IOEVENTS,
-)
-
-
-def manifest() -> BackendManifest:
-    return BackendManifest(
-        name="geniezone",
-        version=__version__,
-        contract_version=CONTRACT_VERSION,
-        description="MediaTek GenieZone through /dev/gzvm (the Android Common Kernel interface crosvm drives)",
-        host_os=("linux",),
-        guest_arches=(Arch.AARCH64,),
-        capabilities=CAPABILITIES,
-        priority=85,
-        probe=probe,
-    )
-
+__all__ = ["CAPABILITIES", "manifest", "plugin"]
 
 plugin = backend_plugin(manifest=manifest, create_vm=GenieZoneVm.create, vm_class=GenieZoneVm, vcpu_class=GenieZoneVcpu)

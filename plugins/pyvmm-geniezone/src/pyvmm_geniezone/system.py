@@ -23,7 +23,6 @@ creates no VM: ``GZVM_CREATE_VM`` already reaches the hypervisor.
 from __future__ import annotations
 
 import errno
-import os
 from dataclasses import dataclass
 
 from pyvmm.backend import DeviceHost
@@ -33,8 +32,7 @@ from pyvmm.manifest import Availability
 from pyvmm_geniezone import bindings as g
 from pyvmm_geniezone.bindings import ffi
 from pyvmm_geniezone.host import HOST
-
-DEVICE = os.environ.get("PYVMM_GENIEZONE_DEVICE", "/dev/gzvm")
+from pyvmm_geniezone.manifest import DEVICE
 
 #: The interface this plugin speaks, as messages name it.
 SUPPORTED_INTERFACE = "the Android Common Kernel gzvm interface (GZVM_CHECK_EXTENSION through a u64 pointer)"

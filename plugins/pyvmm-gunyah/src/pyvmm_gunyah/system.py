@@ -33,7 +33,6 @@ import ctypes
 import enum
 import errno
 import mmap
-import os
 from dataclasses import dataclass
 
 from pyvmm.backend import DeviceHost
@@ -42,8 +41,7 @@ from pyvmm.manifest import Availability
 from pyvmm_gunyah import bindings as g
 from pyvmm_gunyah.bindings import ffi
 from pyvmm_gunyah.host import HOST
-
-DEVICE = os.environ.get("PYVMM_GUNYAH_DEVICE", "/dev/gunyah")
+from pyvmm_gunyah.manifest import DEVICE
 
 
 class Abi(enum.Enum):

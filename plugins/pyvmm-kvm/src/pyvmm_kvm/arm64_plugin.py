@@ -48,7 +48,8 @@ from pyvmm_kvm import bindings as k
 from pyvmm_kvm.arm64_vcpu import KvmArm64Vcpu
 from pyvmm_kvm.arm64_vm import KvmArm64Vm
 from pyvmm_kvm.host_arch import host_is_arm64
-from pyvmm_kvm.system import DEVICE, system
+from pyvmm_kvm.manifest import DEVICE
+from pyvmm_kvm.system import system
 
 CAPABILITIES = (
     Capability.USER_MEMORY,
@@ -137,6 +138,7 @@ def manifest() -> BackendManifest:
         capabilities=CAPABILITIES,
         priority=100,
         probe=probe,
+        plugin="pyvmm_kvm.arm64_plugin:plugin",
     )
 
 

@@ -4,9 +4,19 @@ elsewhere.  Kept apart so that deciding imports neither backend."""
 
 from __future__ import annotations
 
-import platform
+import os
 
 
 def host_is_arm64(machine: str | None = None) -> bool:
-    """Whether ``machine`` (default: this host's ``platform.machine()``) is arm64."""
-    return (platform.machine() if machine is None else machine).lower() in ("aarch64", "arm64")
+    """Whether ``machine`` (default: this host's ``uname`` machine, which is what
+    ``platform.machine()`` answers on a POSIX host, without importing
+    :mod:`platform`) is arm64."""
+    if machine is None:
+        machine = os.uname().machine if hasattr(os, "uname") else _platform_machine()
+    return machine.lower() in ("aarch64", "arm64")
+
+
+def _platform_machine() -> str:
+    import platform
+
+    return platform.machine()

@@ -1,4 +1,5 @@
-"""The KVM backend's manifest and plugin object (entry point ``kvm``).
+"""The KVM backend's plugin object, which :mod:`pyvmm_kvm.manifest` (the entry
+point ``kvm``) names: core imports it when the backend is first used.
 
 The hooks themselves are the methods of :class:`~pyvmm_kvm.vm.KvmVm` and
 :class:`~pyvmm_kvm.vcpu.KvmVcpu`; :func:`pyvmm.backend.backend_plugin` generates
@@ -8,75 +9,12 @@ the pluggy implementations that forward to them.
 from __future__ import annotations
 
 from pyvmm.backend import backend_plugin
-from pyvmm.capabilities import Capability
-from pyvmm.config import Arch
-from pyvmm.manifest import CONTRACT_VERSION, BackendManifest
-from pyvmm_kvm import __version__
 from pyvmm_kvm.host_arch import host_is_arm64
-from pyvmm_kvm.system import probe
+from pyvmm_kvm.manifest import CAPABILITIES, manifest
 from pyvmm_kvm.vcpu import KvmVcpu
 from pyvmm_kvm.vm import KvmVm
 
-CAPABILITIES = (
-    Capability.USER_MEMORY,
-    Capability.IMMEDIATE_EXIT,
-    Capability.READ_ONLY_MEMORY,
-    Capability.DIRTY_LOG,
-    Capability.MEMORY_REMOVAL,
-    Capability.LATE_MEMORY,
-    Capability.PORT_IO,
-    Capability.VCPU_REGISTERS,
-    Capability.MSRS,
-    Capability.PREPARED_VCPU_STATE,
-    Capability.CPUID,
-    Capability.XCRS,
-    Capability.IOEVENTS,
-    Capability.PIO_IOEVENTS,
-    Capability.IRQFD,
-    Capability.IRQ_LINE,
-    Capability.IRQCHIP,
-    Capability.GUEST_DEBUG,
-    Capability.PVCLOCK,
-    Capability.MULTI_VCPU,
-    # Interrupts from userspace and the rest of the API (docs/backends/kvm.md §6.4-§8.1).
-    Capability.INTERRUPT_INJECTION,
-    Capability.NMI,
-    Capability.VCPU_EVENTS,
-    Capability.INTERRUPT_SHADOW,
-    Capability.IRQFD_REMOVAL,
-    Capability.IRQFD_RESAMPLE,
-    Capability.GSI_ROUTING,
-    Capability.MSI,
-    Capability.MSR_INDEX_LIST,
-    Capability.FEATURE_MSRS,
-    Capability.TSC_FREQUENCY,
-    Capability.TSC_SCALING,
-    Capability.TSC_OFFSET,
-    Capability.RAW_CAPABILITIES,
-    # Exits avoided (pyvmm_kvm.coalesced).
-    Capability.COALESCED_IO,
-    Capability.COALESCED_PIO,
-    # Registers answered in the run loop (pyvmm_kvm.served, compiled or pure).
-    Capability.SERVED_IO,
-    # Complete snapshots (pyvmm_kvm.irqchip_state, KvmVcpu.get_xsave).
-    Capability.XSAVE,
-    Capability.MP_STATE,
-    Capability.VM_STATE,
-)
-
-
-def manifest() -> BackendManifest:
-    return BackendManifest(
-        name="kvm",
-        version=__version__,
-        contract_version=CONTRACT_VERSION,
-        description="Linux KVM through /dev/kvm",
-        host_os=("linux",),
-        guest_arches=(Arch.X86_64,),
-        capabilities=CAPABILITIES,
-        priority=100,
-        probe=probe,
-    )
+__all__ = ["CAPABILITIES", "manifest", "plugin"]
 
 
 def _plugin_for_this_host() -> object:

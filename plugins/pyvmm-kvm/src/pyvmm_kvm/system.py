@@ -16,49 +16,10 @@ from pyvmm_kvm import bindings as k
 from pyvmm_kvm.bindings import ffi
 from pyvmm_kvm.host import HOST
 
-DEVICE = os.environ.get("PYVMM_KVM_DEVICE", "/dev/kvm")
-
-#: Capabilities the plugin implements that depend on a KVM extension; anything
-#: not listed here the base KVM API (version 12) always has.
-CAPABILITY_EXTENSIONS: dict[Capability, int] = {
-    Capability.IMMEDIATE_EXIT: k.KVM_CAP_IMMEDIATE_EXIT,
-    Capability.READ_ONLY_MEMORY: k.KVM_CAP_READONLY_MEM,
-    Capability.IOEVENTS: k.KVM_CAP_IOEVENTFD,
-    Capability.PIO_IOEVENTS: k.KVM_CAP_IOEVENTFD,
-    Capability.IRQFD: k.KVM_CAP_IRQFD,
-    Capability.IRQCHIP: k.KVM_CAP_IRQCHIP,
-    Capability.IRQ_LINE: k.KVM_CAP_IRQCHIP,
-    Capability.GUEST_DEBUG: k.KVM_CAP_SET_GUEST_DEBUG,
-    Capability.PVCLOCK: k.KVM_CAP_ADJUST_CLOCK,
-    Capability.XCRS: k.KVM_CAP_XCRS,
-    Capability.NMI: k.KVM_CAP_USER_NMI,
-    Capability.VCPU_EVENTS: k.KVM_CAP_VCPU_EVENTS,
-    # Upstream x86 KVM never reports KVM_CAP_INTR_SHADOW (kvm_vm_ioctl_check_extension
-    # in arch/x86/kvm/x86.c has no case for it): the STI/MOV-SS shadow comes with
-    # the vCPU events (KVM_VCPUEVENT_VALID_SHADOW, kvm_vcpu_ioctl_x86_get_vcpu_events).
-    Capability.INTERRUPT_SHADOW: k.KVM_CAP_VCPU_EVENTS,
-    Capability.IRQFD_REMOVAL: k.KVM_CAP_IRQFD,
-    Capability.IRQFD_RESAMPLE: k.KVM_CAP_IRQFD_RESAMPLE,
-    Capability.GSI_ROUTING: k.KVM_CAP_IRQ_ROUTING,
-    Capability.MSI: k.KVM_CAP_SIGNAL_MSI,
-    Capability.FEATURE_MSRS: k.KVM_CAP_GET_MSR_FEATURES,
-    Capability.TSC_FREQUENCY: k.KVM_CAP_GET_TSC_KHZ,
-    Capability.TSC_SCALING: k.KVM_CAP_TSC_CONTROL,
-    Capability.TSC_OFFSET: k.KVM_CAP_VCPU_ATTRIBUTES,
-    Capability.RAW_CAPABILITIES: k.KVM_CAP_ENABLE_CAP_VM,
-    Capability.COALESCED_IO: k.KVM_CAP_COALESCED_MMIO,
-    Capability.COALESCED_PIO: k.KVM_CAP_COALESCED_PIO,
-    Capability.XSAVE: k.KVM_CAP_XSAVE,
-    Capability.MP_STATE: k.KVM_CAP_MP_STATE,
-    Capability.VM_STATE: k.KVM_CAP_PIT_STATE2,
-}
-
-
-#: Implementations of the KVM API that differ from upstream KVM where no extension
-#: says so, by the kernel module that names them: the capabilities they lack.
-#: kvm_pvm takes an interrupt injected right after ``sti`` inside the shadow
-#: (docs/backends/kvm.md §6.5).
-DEVIATING_MODULES: dict[str, tuple[Capability, ...]] = {"kvm_pvm": (Capability.INTERRUPT_SHADOW,)}
+# The device and the capability table live with the manifest (stdlib-only, for
+# the probe ``pyvmm backends`` runs).
+from pyvmm_kvm.manifest import DEVICE
+from pyvmm_kvm.manifest import missing_capabilities as _missing_capabilities
 
 
 class KvmSystem:
@@ -92,11 +53,7 @@ class KvmSystem:
         return answer
 
     def missing_capabilities(self) -> tuple[Capability, ...]:
-        missing = [cap for cap, ext in CAPABILITY_EXTENSIONS.items() if not self.check_extension(ext)]
-        for module, lacking in DEVIATING_MODULES.items():
-            if os.path.isdir(f"/sys/module/{module}"):
-                missing += [cap for cap in lacking if cap not in missing]
-        return tuple(missing)
+        return _missing_capabilities(self.check_extension)
 
     def max_vcpus(self) -> int:
         return self.check_extension(k.KVM_CAP_MAX_VCPUS) or self.check_extension(k.KVM_CAP_NR_VCPUS) or 4

@@ -29,17 +29,26 @@ O(n log n) in its number of segments.
 from __future__ import annotations
 
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from pyvmm.machine.loaders.arm64 import load_arm64_kernel
-from pyvmm.machine.loaders.bzimage import is_bzimage, load_bzimage
+# ImageError and LoadedKernel are the common module's; the x86 loaders are
+# imported by load_kernel when a kernel is loaded: a run of the bundled demo,
+# which catches ImageError, needs none of them (start-up, issue 19).
 from pyvmm.machine.loaders.common import ImageError, LoadedKernel, RamMap, Request, read_file
-from pyvmm.machine.loaders.elf import is_elf, load_plain_elf, parse_elf
-from pyvmm.machine.loaders.flat import load_flat
-from pyvmm.machine.loaders.multiboot import find_header, load_multiboot
-from pyvmm.machine.loaders.pvh import load_pvh, pvh_entry
-from pyvmm.memory import GuestMemory
+
+if TYPE_CHECKING:
+    from pyvmm.machine.loaders.arm64 import load_arm64_kernel
+    from pyvmm.memory import GuestMemory
 
 __all__ = ["ImageError", "LoadedKernel", "load_arm64_kernel", "load_kernel"]
+
+
+def __getattr__(name: str) -> object:
+    if name == "load_arm64_kernel":
+        from pyvmm.machine.loaders.arm64 import load_arm64_kernel
+
+        return load_arm64_kernel
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def load_kernel(
@@ -54,6 +63,12 @@ def load_kernel(
 ) -> LoadedKernel:
     """Load the kernel at ``path`` into ``memory`` (the first ``ram_size`` bytes of its
     writable regions are the guest's RAM) and return how to start it."""
+    from pyvmm.machine.loaders.bzimage import is_bzimage, load_bzimage
+    from pyvmm.machine.loaders.elf import is_elf, load_plain_elf, parse_elf
+    from pyvmm.machine.loaders.flat import load_flat
+    from pyvmm.machine.loaders.multiboot import find_header, load_multiboot
+    from pyvmm.machine.loaders.pvh import load_pvh, pvh_entry
+
     path = Path(path)
     initrd = Path(initrd) if initrd is not None else None
     ram = RamMap(memory, ram_size, cpus, path)  # checks ram_size, the kernel's size limit

@@ -32,10 +32,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from pydantic import ValidationError
-
 from pyvmm.boot import BootSpec
-from pyvmm.config import PAGE_SIZE, Arch, validation_message
+from pyvmm.config import PAGE_SIZE, Arch
 from pyvmm.errors import ConfigError
 from pyvmm.machine.loaders.common import (
     ImageError,
@@ -50,6 +48,7 @@ from pyvmm.machine.loaders.common import (
     utf8_cmdline,
 )
 from pyvmm.memory import GuestMemory
+from pyvmm.records import RecordError
 
 ARM64_MAGIC = 0x644D5241  # "ARM\x64" little-endian, at offset 0x38
 #: A gzip stream: how distributions often ship the arm64 kernel (Image.gz).
@@ -232,6 +231,6 @@ def load_arm64_bytes(
     window.data = blob
     try:
         boot = BootSpec(arch=Arch.AARCH64, entry=entry, fdt_address=window_address, fdt_size=window_size)
-    except ValidationError as exc:
-        raise ImageError(path, f"cannot start it: {validation_message(exc)}") from None
+    except RecordError as exc:
+        raise ImageError(path, f"cannot start it: {exc}") from None
     return finish(layout, memory, boot, kind)

@@ -18,12 +18,11 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
-from pydantic import ValidationError
-
 from pyvmm.boot import BootSpec, X86Mode
-from pyvmm.config import PAGE_SIZE, Arch, InputFileError, read_input_file, validation_message
+from pyvmm.config import PAGE_SIZE, Arch, InputFileError, read_input_file
 from pyvmm.errors import ConfigError
 from pyvmm.memory import GuestMemory
+from pyvmm.records import RecordError
 
 KiB = 1 << 10
 MiB = 1 << 20
@@ -362,8 +361,8 @@ def boot_spec(path: Path, entry: int, mode: X86Mode, boot_tables: int, registers
         return BootSpec(
             arch=Arch.X86_64, entry=entry, x86_mode=mode, boot_tables=boot_tables, registers=dict(registers)
         )
-    except ValidationError as exc:
-        raise ImageError(path, f"cannot start it: {validation_message(exc)}") from None
+    except RecordError as exc:
+        raise ImageError(path, f"cannot start it: {exc}") from None
 
 
 def finish(layout: Layout, memory: GuestMemory, boot: BootSpec, kind: str) -> LoadedKernel:
