@@ -7,7 +7,9 @@ upstream runner adds: pc-testdev, isa-debug-exit, pci-testdev), in interleaved
 rounds, and prints the median cycles of each and pyvmm's ratio to QEMU.
 ``inl_from_pmtimer`` is the exit that reaches the VMM's own device code (the
 ACPI PM timer port); ``cpuid`` and ``inl_from_kernel`` stay in the kernel and
-show the floor both share.
+show the floor both share.  pyvmm runs once on each of pyvmm-kvm's exit paths:
+``compiled`` (``pyvmm_kvm._fast_exits``, which answers the PM timer as a served
+register without returning to Python) and ``pure`` (``PYVMM_KVM_PURE_EXITS=1``).
 
 The test kernels are built elsewhere (pyvmm ships none of their code): point
 ``--kut-dir`` at a built kvm-unit-tests tree (``./configure && make``).  Not a
@@ -39,12 +41,17 @@ def cycles(output: str, test: str) -> int:
     return int(match.group(1))
 
 
-def under_pyvmm(kernel: Path, test: str) -> int:
+#: pyvmm-kvm's exit paths, as the environment that selects each.
+PATHS = {"compiled": "0", "pure": "1"}
+
+
+def under_pyvmm(kernel: Path, test: str, path: str) -> int:
+    env = dict(os.environ, PYVMM_KVM_PURE_EXITS=PATHS[path])
     with tempfile.TemporaryDirectory(prefix="kut-") as scratch:
         serial = Path(scratch) / "serial.log"
         command = [sys.executable, "-m", "pyvmm", "run", "-q", "--kernel", str(kernel), "--append", test]
         command += ["--testdev", "--serial", str(serial), "--memory", "128M", "--timeout", str(TIMEOUT)]
-        subprocess.run(command, capture_output=True, check=False, timeout=TIMEOUT + 30)
+        subprocess.run(command, capture_output=True, check=False, timeout=TIMEOUT + 30, env=env)
         return cycles(serial.read_text(errors="replace"), test)
 
 
@@ -66,17 +73,18 @@ def main(argv: list[str] | None = None) -> int:
     kernel = args.kut_dir / "x86" / "vmexit.flat"
     if not kernel.is_file():
         parser.error(f"{kernel} does not exist: build kvm-unit-tests first")
-    samples: dict[str, dict[str, list[int]]] = {t: {"pyvmm": [], "qemu": []} for t in args.tests}
+    samples: dict[str, dict[str, list[int]]] = {t: {"qemu": [], **{p: [] for p in PATHS}} for t in args.tests}
     for _ in range(args.rounds):
         for test in args.tests:
             samples[test]["qemu"].append(under_qemu(args.qemu, kernel, test))
-            samples[test]["pyvmm"].append(under_pyvmm(kernel, test))
+            for path in PATHS:
+                samples[test][path].append(under_pyvmm(kernel, test, path))
     load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
     print(f"vmexit.flat, median cycles of {args.rounds} interleaved rounds (load {load:.2f})")
-    print(f"{'test':<20} {'QEMU':>10} {'pyvmm':>10} {'pyvmm/QEMU':>11}")
+    print(f"{'test':<20} {'QEMU':>10} {'compiled':>10} {'pure':>10} {'compiled/QEMU':>14} {'pure/QEMU':>10}")
     for test in args.tests:
-        qemu, ours = (statistics.median(samples[test][k]) for k in ("qemu", "pyvmm"))
-        print(f"{test:<20} {qemu:10.0f} {ours:10.0f} {ours / qemu:10.2f}x")
+        qemu, compiled, pure = (statistics.median(samples[test][k]) for k in ("qemu", *PATHS))
+        print(f"{test:<20} {qemu:10.0f} {compiled:10.0f} {pure:10.0f} {compiled / qemu:13.2f}x {pure / qemu:9.2f}x")
     return 0
 
 

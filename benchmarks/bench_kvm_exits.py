@@ -6,30 +6,40 @@ Runs, side by side in one process run, the same guest (real mode, a tight
 * ``c``: ``benchmarks/c/kvm_loop.c``, compiled here with the system compiler;
 * ``raw``: ``benchmarks/raw_kvm_loop.py``, fcntl.ioctl and an mmap, no pyvmm;
 * ``pyvmm``: the full API path: ``Vcpu.run()`` -> exit -> a device looked up on
-  a port/address map -> completion written into ``exit.data``.
+  a port/address map -> completion written into ``exit.data``, once on each of
+  pyvmm-kvm's exit paths: ``compiled`` (``pyvmm_kvm._fast_exits``, where it was
+  built) and ``pure`` (``PYVMM_KVM_PURE_EXITS=1``);
+* ``pyvmm served``: the same guest with the device a served register
+  (``Vm.serve_io``, ``LatchedBytes``): answered inside ``Vcpu.run()``, which a
+  kick ends after ``--served-seconds``; the time per answered access.
 
-A further row runs the MMIO guest with its address in a coalesced zone
-(``Vm.register_coalesced_io``): the guest exits only when the ring is full, and
-the cost per write (every write still handed to the device, in guest order) is
-printed as a ratio to the C loop's exit round trip.
+Further rows run the MMIO and the PIO guest with the address or port in a
+coalesced zone (``Vm.register_coalesced_io``): the guest exits to user space
+only when the ring is full, and the cost per write (every write still handed
+to the device, in guest order) is printed as a ratio to the C loop's exit
+round trip and to the C loop's own coalesced write (``kvm_loop coalesced`` and
+``coalesced-pio``: each write still exits to the kernel, which is the floor).
 
 Each is measured in several interleaved rounds (the machine is shared) and the
 median is printed with its ratio to C.  Not a test: it prints, it never fails
 on a number.
 
-    python benchmarks/bench_kvm_exits.py [--exits N] [--vms N] [--rounds N]
+    python benchmarks/bench_kvm_exits.py [--exits N] [--vms N] [--rounds N] [--served-seconds S]
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import os
 import shutil
 import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
@@ -39,8 +49,10 @@ import raw_kvm_loop  # noqa: E402 - a sibling script, not a package
 
 from pyvmm.boot import BootSpec, X86Mode  # noqa: E402
 from pyvmm.exits import ExitKind, IoExit, MmioExit  # noqa: E402
+from pyvmm.served_io import LatchedBytes  # noqa: E402
 from pyvmm.vcpu_state import IoEventAddress  # noqa: E402
 from pyvmm.vm import Backend, get_backend  # noqa: E402
+from pyvmm_kvm.fast_exits import ENV_PURE_EXITS, compiled_module  # noqa: E402
 
 WARMUP = 16
 
@@ -52,6 +64,20 @@ def build_c_loop(workdir: Path) -> Path | None:
     binary = workdir / "kvm_loop"
     subprocess.run([compiler, "-O2", "-o", str(binary), str(HERE / "c" / "kvm_loop.c")], check=True)
     return binary
+
+
+@contextlib.contextmanager
+def exit_path(path: str) -> Iterator[None]:
+    """VMs created inside take pyvmm-kvm's ``compiled`` or ``pure`` exit path."""
+    before = os.environ.get(ENV_PURE_EXITS)
+    os.environ[ENV_PURE_EXITS] = "1" if path == "pure" else "0"
+    try:
+        yield
+    finally:
+        if before is None:
+            del os.environ[ENV_PURE_EXITS]
+        else:
+            os.environ[ENV_PURE_EXITS] = before
 
 
 def c_loop(binary: Path, kind: str, n: int) -> float:
@@ -116,11 +142,36 @@ def pyvmm_loop(backend: Backend, kind: str, n: int) -> float:
         assert latch[0] == 0x5A
 
 
-def pyvmm_coalesced_loop(backend: Backend, n: int) -> float:
-    """The MMIO guest's write loop with its address in a coalesced zone: the
+def pyvmm_served_loop(backend: Backend, kind: str, seconds: float) -> float:
+    """The guest's port or MMIO byte as a served register: every access is
+    answered inside ``run()``; a kick from another thread ends it."""
+    vm, vcpu = _pyvmm_vm(backend, kind)
+    address = IoEventAddress.pio(raw_kvm_loop.PIO_PORT) if kind == "pio" else IoEventAddress.mmio(raw_kvm_loop.MMIO_GPA)
+    try:
+        vm.serve_io(address, 1, LatchedBytes(0))  # type: ignore[attr-defined]
+        timer = threading.Timer(seconds, vcpu.kick)  # type: ignore[attr-defined]
+        t0 = time.perf_counter_ns()
+        timer.start()
+        exit_ = vcpu.run()  # type: ignore[attr-defined]
+        elapsed = time.perf_counter_ns() - t0
+        timer.join()
+        if exit_.kind is not ExitKind.INTERRUPTED:
+            raise RuntimeError(f"unexpected exit {exit_!r}")
+        served: int = vcpu.handle.served_exits  # type: ignore[attr-defined]
+        if vm.handle.served.ranges[0].latch[0] != 0x5A:  # type: ignore[attr-defined]
+            raise RuntimeError("the served latch did not get the guest's byte")
+        return elapsed / served
+    finally:
+        vm.close()  # type: ignore[attr-defined]
+
+
+def pyvmm_coalesced_loop(backend: Backend, kind: str, n: int) -> float:
+    """The guest's write loop with its port or address in a coalesced zone: the
     guest exits only when the ring is full; every write still reaches the
     device, in guest order, taken from the ring before the exit is handled."""
-    vm, vcpu = _pyvmm_vm(backend, "mmio")
+    vm, vcpu = _pyvmm_vm(backend, kind)
+    expected = ExitKind.IO if kind == "pio" else ExitKind.MMIO
+    zone = IoEventAddress.pio(raw_kvm_loop.PIO_PORT) if kind == "pio" else IoEventAddress.mmio(raw_kvm_loop.MMIO_GPA)
     latch = bytearray(8)
     run = vcpu.run  # type: ignore[attr-defined]
     take = vm.take_coalesced_io  # type: ignore[attr-defined]
@@ -133,14 +184,14 @@ def pyvmm_coalesced_loop(backend: Backend, n: int) -> float:
             for write in take():
                 latch[0] = write.data[0]
                 writes += 1
-            if exit_.kind is not ExitKind.MMIO:
+            if exit_.kind is not expected:
                 raise RuntimeError(f"unexpected exit {exit_!r}")
             latch[0] = exit_.data[0]
             writes += 1
         return time.perf_counter_ns() - t0, writes
 
     try:
-        vm.register_coalesced_io(IoEventAddress.mmio(raw_kvm_loop.MMIO_GPA), 8)  # type: ignore[attr-defined]
+        vm.register_coalesced_io(zone, 1 if kind == "pio" else 8)  # type: ignore[attr-defined]
         spin(WARMUP)
         elapsed, writes = spin(n)
         return elapsed / writes
@@ -158,50 +209,75 @@ def pyvmm_create(backend: Backend, n: int) -> float:
     return (time.perf_counter_ns() - t0) / n
 
 
+def _ratio_rows(label: str, samples: dict[str, list[float]], unit: str) -> list[str]:
+    base = statistics.median(samples["C"])
+    return [
+        f"{label:6} {name:34} {statistics.median(values):10.0f} {statistics.median(values) / base:7.2f}x"
+        for name, values in samples.items()
+    ] + [f"       ({unit})"]
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--exits", type=int, default=100_000)
     parser.add_argument("--vms", type=int, default=300)
     parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--served-seconds", type=float, default=0.4)
     args = parser.parse_args()
     backend = get_backend("kvm")
+    paths = ["compiled", "pure"] if compiled_module() is not None else ["pure"]
+    if paths == ["pure"]:
+        print("pyvmm_kvm._fast_exits is not built here: the compiled rows are left out", file=sys.stderr)
     with tempfile.TemporaryDirectory() as tmp:
         binary = build_c_loop(Path(tmp))
         if binary is None:
             print("no C compiler: cannot build the C baseline", file=sys.stderr)
             return 1
-        rows: list[tuple[str, dict[str, list[float]]]] = []
+        lines: list[str] = []
         for kind in ("pio", "mmio"):
-            samples: dict[str, list[float]] = {"c": [], "raw": [], "pyvmm": []}
+            samples: dict[str, list[float]] = {"C": [], "raw Python": []}
+            for path in paths:
+                samples[f"pyvmm {path}, device in Python"] = []
+            for path in paths:
+                samples[f"pyvmm {path}, served register"] = []
             for _ in range(args.rounds):
-                samples["c"].append(c_loop(binary, kind, args.exits))
-                samples["raw"].append(raw_kvm_loop._exit_loop(kind, args.exits))
-                samples["pyvmm"].append(pyvmm_loop(backend, kind, args.exits))
-            rows.append((f"{kind} exit round trip (ns/exit)", samples))
-        coalesced: dict[str, list[float]] = {"c pio": [], "c mmio": [], "pyvmm": []}
+                samples["C"].append(c_loop(binary, kind, args.exits))
+                samples["raw Python"].append(raw_kvm_loop._exit_loop(kind, args.exits))
+                for path in paths:
+                    with exit_path(path):
+                        samples[f"pyvmm {path}, device in Python"].append(pyvmm_loop(backend, kind, args.exits))
+                        samples[f"pyvmm {path}, served register"].append(
+                            pyvmm_served_loop(backend, kind, args.served_seconds)
+                        )
+            lines += _ratio_rows(kind, samples, "ns per exit round trip; ratio to the C loop")
+        for kind, c_kind in (("mmio", "coalesced"), ("pio", "coalesced-pio")):
+            coalesced: dict[str, list[float]] = {"C": [], "C coalesced": []}
+            for path in paths:
+                coalesced[f"pyvmm {path}"] = []
+            for _ in range(args.rounds):
+                coalesced["C"].append(c_loop(binary, "pio", args.exits))
+                coalesced["C coalesced"].append(c_loop(binary, c_kind, args.exits))
+                for path in paths:
+                    with exit_path(path):
+                        coalesced[f"pyvmm {path}"].append(pyvmm_coalesced_loop(backend, kind, args.exits))
+            unit = f"ns per coalesced {kind.upper()} write; ratio to the C PIO exit round trip"
+            lines += _ratio_rows(f"c-{kind}", coalesced, unit)
+            floor = statistics.median(coalesced["C coalesced"])
+            for path in paths:
+                ours = statistics.median(coalesced[f"pyvmm {path}"])
+                lines.append(f"       pyvmm {path} / C coalesced write (the floor): {ours / floor:.2f}x")
+        create: dict[str, list[float]] = {"C": [], "raw Python": [], "pyvmm": []}
         for _ in range(args.rounds):
-            coalesced["c pio"].append(c_loop(binary, "pio", args.exits))
-            coalesced["c mmio"].append(c_loop(binary, "mmio", args.exits))
-            coalesced["pyvmm"].append(pyvmm_coalesced_loop(backend, args.exits))
-        samples = {"c": [], "raw": [], "pyvmm": []}
-        for _ in range(args.rounds):
-            samples["c"].append(c_loop(binary, "create", args.vms))
-            samples["raw"].append(raw_kvm_loop.create_loop(args.vms))
-            samples["pyvmm"].append(pyvmm_create(backend, args.vms))
-        rows.append(("VM create+destroy (ns/VM)", samples))
+            create["C"].append(c_loop(binary, "create", args.vms))
+            create["raw Python"].append(raw_kvm_loop.create_loop(args.vms))
+            create["pyvmm"].append(pyvmm_create(backend, args.vms))
+        lines += _ratio_rows("vm", create, "ns per VM create + destroy; ratio to C")
 
-    print(f"median of {args.rounds} interleaved rounds; {args.exits} exits, {args.vms} VMs per round")
-    print(f"{'':34} {'C':>10} {'raw Python':>12} {'pyvmm':>10} {'raw/C':>7} {'pyvmm/C':>8}")
-    for label, samples in rows:
-        c, raw, ours = (statistics.median(samples[k]) for k in ("c", "raw", "pyvmm"))
-        print(f"{label:34} {c:10.0f} {raw:12.0f} {ours:10.0f} {raw / c:7.2f} {ours / c:8.2f}")
-    c_pio, c_mmio, write = (statistics.median(coalesced[k]) for k in ("c pio", "c mmio", "pyvmm"))
-    print(
-        f"coalesced MMIO write, pyvmm (ns/write): {write:.0f}, "
-        f"{write / c_pio:.2f}x the C PIO exit round trip ({c_pio:.0f}), "
-        f"{write / c_mmio:.2f}x the C MMIO one ({c_mmio:.0f}), same rounds"
-    )
-    per_second = 1e9 / statistics.median(rows[-1][1]["pyvmm"])
+    load = os.getloadavg()[0]
+    print(f"median of {args.rounds} interleaved rounds; {args.exits} exits, {args.vms} VMs per round; load {load:.2f}")
+    print(f"{'':6} {'':34} {'median':>10} {'vs C':>8}")
+    print("\n".join(lines))
+    per_second = 1e9 / statistics.median(create["pyvmm"])
     print(f"pyvmm VM create+destroy: {per_second:.0f} per second")
     return 0
 

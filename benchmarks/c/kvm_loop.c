@@ -4,6 +4,10 @@
  *   kvm_loop pio N     N x (KVM_RUN -> KVM_EXIT_IO)    prints ns_per_exit=<float>
  *   kvm_loop mmio N    N x (KVM_RUN -> KVM_EXIT_MMIO)  prints ns_per_exit=<float>
  *   kvm_loop create N  N x (create + tear down a minimal VM)  prints ns_per_vm=<float>
+ *   kvm_loop coalesced N  the mmio guest with its address in a coalesced zone:
+ *                      N writes, each taken from the ring (or from the exit
+ *                      when the ring is full)  prints ns_per_write=<float>
+ *   kvm_loop coalesced-pio N  the same with the pio guest and a port zone
  *
  * The guest runs in 16-bit real mode: it needs no GDT, page tables or mode
  * switch, so the only state we set is CS:IP, DS and a couple of GPRs.  The
@@ -195,6 +199,58 @@ static double bench_exits(int kvm_fd, size_t run_size, long n, int mmio)
 	return (t1 - t0) / (double)n;
 }
 
+/* The floor of a coalesced write: the guest exits to the kernel on every store
+ * (the zone's address has no RAM, or is a port) and the kernel appends it to the
+ * ring; user space sees an exit only when the ring is full, then drains it. */
+static double bench_coalesced(int kvm_fd, size_t run_size, long n, int pio)
+{
+	int ring_page = xioctl(kvm_fd, KVM_CHECK_EXTENSION, KVM_CAP_COALESCED_MMIO, "KVM_CHECK_EXTENSION");
+	long page_size = sysconf(_SC_PAGESIZE);
+	if (ring_page <= 0 || (size_t)(ring_page + 1) * (size_t)page_size > run_size)
+		die_msg("no coalesced MMIO ring in the vCPU mapping");
+	struct vm vm;
+	vm_create(kvm_fd, run_size, &vm);
+	if (pio)
+		setup_real_mode(&vm, guest_pio, sizeof(guest_pio));
+	else
+		setup_real_mode(&vm, guest_mmio, sizeof(guest_mmio));
+	struct kvm_coalesced_mmio_zone zone = {
+		.addr = pio ? PIO_PORT : MMIO_GPA,
+		.size = pio ? 1 : 8,
+		.pio = (uint32_t)pio,
+	};
+	xioctl(vm.vm_fd, KVM_REGISTER_COALESCED_MMIO, (unsigned long)&zone, "KVM_REGISTER_COALESCED_MMIO");
+	struct kvm_coalesced_mmio_ring *ring = (void *)((uint8_t *)vm.run + (size_t)ring_page * (size_t)page_size);
+	uint32_t entries = (uint32_t)(((size_t)page_size - sizeof(*ring)) / sizeof(struct kvm_coalesced_mmio));
+	volatile uint8_t latch = 0;
+
+	long writes = 0;
+	double t0 = 0;
+	for (long round = -WARMUP; writes < n; round++) {
+		if (round == 0) {
+			writes = 0;
+			t0 = now_ns();
+		}
+		/* the ring was full: this write exits */
+		if (pio)
+			run_once_pio(&vm);
+		else
+			run_once_mmio(&vm);
+		for (uint32_t first = ring->first; first != ring->last; first = (first + 1) % entries) {
+			latch = ring->coalesced_mmio[first].data[0];
+			writes++;
+		}
+		__atomic_store_n(&ring->first, ring->last, __ATOMIC_RELEASE);
+		latch = pio ? ((uint8_t *)vm.run)[vm.run->io.data_offset] : vm.run->mmio.data[0];
+		writes++;
+	}
+	double t1 = now_ns();
+	if (latch != 0x5a)
+		die_msg("coalesced writes lost their value");
+	vm_destroy(&vm);
+	return (t1 - t0) / (double)writes;
+}
+
 static double bench_create(int kvm_fd, size_t run_size, long n)
 {
 	struct vm vm;
@@ -209,7 +265,7 @@ static double bench_create(int kvm_fd, size_t run_size, long n)
 
 static void usage(void)
 {
-	die_msg("usage: kvm_loop {pio|mmio|create} N");
+	die_msg("usage: kvm_loop {pio|mmio|coalesced|coalesced-pio|create} N");
 }
 
 int main(int argc, char **argv)
@@ -238,6 +294,10 @@ int main(int argc, char **argv)
 		printf("ns_per_exit=%.1f\n", bench_exits(kvm_fd, (size_t)run_size, n, 0));
 	else if (strcmp(argv[1], "mmio") == 0)
 		printf("ns_per_exit=%.1f\n", bench_exits(kvm_fd, (size_t)run_size, n, 1));
+	else if (strcmp(argv[1], "coalesced") == 0)
+		printf("ns_per_write=%.1f\n", bench_coalesced(kvm_fd, (size_t)run_size, n, 0));
+	else if (strcmp(argv[1], "coalesced-pio") == 0)
+		printf("ns_per_write=%.1f\n", bench_coalesced(kvm_fd, (size_t)run_size, n, 1));
 	else if (strcmp(argv[1], "create") == 0)
 		printf("ns_per_vm=%.1f\n", bench_create(kvm_fd, (size_t)run_size, n));
 	else

@@ -17,6 +17,7 @@ from pyvmm.interrupts import IrqChip, IrqchipRoute, MsiRoute
 from pyvmm.manifest import Availability
 from pyvmm.memory import RamRegion
 from pyvmm.plugins import PluginRegistry
+from pyvmm.served_io import PmTimerRegister
 from pyvmm.vcpu_state import IoEventAddress, StateKind
 from pyvmm.vm import Backend, Vcpu, Vm
 from pyvmm.vm_state import VmStateKind
@@ -229,6 +230,12 @@ GATES = [
         lambda c: c.vm.unregister_coalesced_io(IoEventAddress.mmio(0xD000_0000), 0x1000),
     ),
     Gate("take_coalesced_io", Capability.COALESCED_IO, "pyvmm_take_coalesced_io", lambda c: c.vm.take_coalesced_io()),
+    Gate(
+        "serve_io",
+        Capability.SERVED_IO,
+        "pyvmm_serve_io",
+        lambda c: c.vm.serve_io(IoEventAddress.pio(0x608), 4, PmTimerRegister(0)),
+    ),
 ]
 
 

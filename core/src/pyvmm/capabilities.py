@@ -161,6 +161,10 @@ class Capability(str, enum.Enum):
     ``pyvmm_take_coalesced_io``; :mod:`pyvmm.coalesced`)."""
     COALESCED_PIO = "coalesced_pio"
     """Coalesced zones may be port ranges too (KVM: ``KVM_CAP_COALESCED_PIO``)."""
+    SERVED_IO = "served_io"
+    """Simple registers (a constant, latched bytes, the ACPI PM timer) can be
+    answered inside the backend's run, never exiting to the VMM (hook
+    ``pyvmm_serve_io``; :mod:`pyvmm.served_io`)."""
 
     # --- complete snapshots (issue 19) ----------------------------------------
     XSAVE = "xsave"

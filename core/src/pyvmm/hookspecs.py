@@ -67,6 +67,7 @@ if TYPE_CHECKING:
     from pyvmm.manifest import BackendManifest
     from pyvmm.memory import RamRegion
     from pyvmm.prepared_state import SavedVcpuState
+    from pyvmm.served_io import ServedRegister
     from pyvmm.vcpu_state import IoEventAddress, StateKind
     from pyvmm.vm_state import VmStateKind
 
@@ -956,4 +957,22 @@ def pyvmm_set_vm_state(vm: Any, kind: VmStateKind, data: bytes) -> None:
 
         def set_vm_state(self, kind: VmStateKind, data: bytes) -> None:   # KvmVm
             self.set_pit2(data) if kind is VmStateKind.PIT else self.set_irqchip(CHIPS[kind], data)
+    """
+
+
+@hookspec
+@hook_info(on="vm", capability=Cap.SERVED_IO, since=3)
+def pyvmm_serve_io(vm: Any, address: IoEventAddress, size: int, register: ServedRegister) -> None:
+    """``SERVED_IO``: answer guest accesses to ``size`` bytes from ``address`` as
+    ``register`` inside the vCPU's run, without an exit to the VMM (core has
+    checked the record and the range; :mod:`pyvmm.served_io` gives each
+    register's answers).
+
+    Refuse (``ConfigError``) a range that overlaps a served range or a coalesced
+    zone.  Takes effect at every vCPU's next entry into the guest.
+
+    Example::
+
+        def serve_io(self, address, size, register) -> None:   # KvmVm
+            self.served.add(address, size, register)   # read by every vCPU's run loop
     """

@@ -47,6 +47,7 @@ if TYPE_CHECKING:
     from pyvmm.coalesced import CoalescedWrite
     from pyvmm.host import Event
     from pyvmm.machine.devicetree import DeviceTree
+    from pyvmm.served_io import ServedRegister
 
 
 def _validated(model: Any, value: Any, what: str) -> Any:
@@ -139,6 +140,7 @@ class BackendHooks:
     register_coalesced_io: Callable[[Any, IoEventAddress, int], None]
     unregister_coalesced_io: Callable[[Any, IoEventAddress, int], None]
     take_coalesced_io: Callable[[Any], list[CoalescedWrite]]
+    serve_io: Callable[[Any, IoEventAddress, int, ServedRegister], None]
     register_irqfd: Callable[[Any, Event, int, bool], None]
     set_irq_line: Callable[[Any, int, bool], None]
     create_irqchip: Callable[[Any], None]
@@ -592,6 +594,30 @@ class Vm:
         guest order (``COALESCED_IO``)."""
         self._check_open()
         return self._hooks.take_coalesced_io(self.handle)
+
+    def serve_io(self, address: IoEventAddress, size: int, register: ServedRegister) -> None:
+        """Answer guest accesses to ``size`` bytes from ``address`` as ``register``
+        inside the backend's run, never as exits (``SERVED_IO``; the registers
+        and their answers: :mod:`pyvmm.served_io`).
+
+        :raises ConfigError: the record is not a served register or is out of
+            range, the range is empty or leaves its address space, or (from the
+            backend) it overlaps a served range or a coalesced zone.
+        """
+        from pyvmm.served_io import check_served
+
+        self._check_open()
+        self.backend.require(Capability.SERVED_IO, "served registers")
+        limit = 0x1_0000 if address.space.value == "pio" else MAX_GUEST_PHYS
+        if isinstance(size, bool) or not isinstance(size, int) or size <= 0:
+            raise ConfigError(f"served range size must be a positive number of bytes, not {size!r}")
+        if not (address.address >= 0 and address.address + size <= limit):
+            space = address.space.value
+            raise ConfigError(
+                f"served range {address.address:#x}+{size:#x} leaves the {space} space (it ends at {limit:#x})"
+            )
+        check_served(register, size)
+        self._hooks.serve_io(self.handle, address, size, register)
 
     def _check_coalesced(self, address: IoEventAddress, size: int) -> None:
         self._check_open()

@@ -30,6 +30,7 @@ from dataclasses import dataclass
 
 from pyvmm.devices.base import Device
 from pyvmm.devices.state import DeviceState, check_fields, take
+from pyvmm.served_io import PmTimerRegister, ServedSpan
 
 log = logging.getLogger("pyvmm.devices")
 
@@ -80,6 +81,14 @@ class AcpiPm(Device):
         self.enable = 0
         self.control = CNT_SCI_EN
         self._lock = threading.Lock()
+
+    def served_spans(self) -> tuple[ServedSpan, ...]:
+        """The timer, a pure function of the monotonic clock: the backend may
+        answer it without an exit (``vmexit_inl_from_pmtimer``'s port read).
+        Not with another clock, which the backend cannot read."""
+        if self._clock_ns is not time.monotonic_ns:
+            return ()
+        return (ServedSpan(PM_TMR_OFFSET, PM_TMR_LEN, PmTimerRegister(self._start_ns)),)
 
     def timer(self) -> int:
         ticks = (self._clock_ns() - self._start_ns) * PM_TIMER_HZ // 1_000_000_000

@@ -6,6 +6,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from pyvmm.devices.state import DeviceState, Stateful, check_fields
+from pyvmm.served_io import ServedSpan
 
 #: What an absent device answers on a real bus: every data line floats high.
 ALL_ONES = 0xFFFF_FFFF_FFFF_FFFF
@@ -65,6 +66,15 @@ class Device:
 
     def write(self, offset: int, size: int, value: int) -> None:
         return None
+
+    def served_spans(self) -> tuple[ServedSpan, ...]:
+        """Registers simple enough for the backend to answer inside its run,
+        never exiting (:mod:`pyvmm.served_io`), asked once when the machine
+        starts: where the backend declares ``SERVED_IO`` the machine registers
+        them, and their accesses no longer reach :meth:`read`/:meth:`write`.
+        A span's answers must be exactly what :meth:`read`/:meth:`write` would
+        give.  None by default."""
+        return ()
 
     def doorbell_rung(self, doorbell: Doorbell) -> None:
         """One of :attr:`doorbells` was written at least once since the last

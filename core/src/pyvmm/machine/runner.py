@@ -44,6 +44,7 @@ from pyvmm.machine.outcome import (
     RunResult,
     StopReason,
 )
+from pyvmm.machine.served_devices import serve_device_registers
 from pyvmm.machine.stats import MachineStats, VcpuStats
 from pyvmm.machine.vcpu_loop import StopFlag, guest_pc, run_loop
 from pyvmm.vm import Vcpu, Vm
@@ -144,6 +145,7 @@ class Runner:
         self._board = board
         coalesced = CoalescedDevices(self.vm, self.pio, self.mmio)
         self._coalesced = coalesced if coalesced.register() else None
+        serve_device_registers(self.vm, self.pio, self.mmio)
         doorbells = Doorbells(self.vm, self.pio, self.mmio, self._fail)
         cpus = self.cpus
         threads = [

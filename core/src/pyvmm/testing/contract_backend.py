@@ -31,6 +31,7 @@ from pyvmm.interrupts import IrqRoute
 from pyvmm.manifest import CONTRACT_VERSION, Availability, BackendManifest
 from pyvmm.memory import RamRegion
 from pyvmm.prepared_state import SavedVcpuState
+from pyvmm.served_io import ServedRegister
 from pyvmm.vcpu_state import IoEventAddress, StateKind
 from pyvmm.vm_state import VmStateKind
 
@@ -412,6 +413,10 @@ class ContractTestBackend:
     @hookimpl
     def pyvmm_set_vm_state(self, vm: TestVm, kind: VmStateKind, data: bytes) -> None:
         self._record("pyvmm_set_vm_state", kind, data)
+
+    @hookimpl
+    def pyvmm_serve_io(self, vm: TestVm, address: IoEventAddress, size: int, register: ServedRegister) -> None:
+        self._record("pyvmm_serve_io", address, size, register)
 
 
 def _known(cap: Capability | str) -> bool:

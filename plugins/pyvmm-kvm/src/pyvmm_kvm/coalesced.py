@@ -42,6 +42,8 @@ class CoalescedZones:
         self.host = host
         #: Pages after the kvm_run page where the ring is (0: no ring).
         self.ring_page = ring_page
+        #: The zones registered, as ``(address, size)``.
+        self.zones: list[tuple[IoEventAddress, int]] = []
 
     def _zone(self, address: IoEventAddress, size: int) -> Any:
         pio = 1 if address.space is _PORT else 0
@@ -49,9 +51,12 @@ class CoalescedZones:
 
     def register(self, vm_fd: int, address: IoEventAddress, size: int) -> None:
         self.host.ioctl(vm_fd, k.KVM_REGISTER_COALESCED_MMIO, self._zone(address, size))
+        self.zones.append((address, size))
 
     def unregister(self, vm_fd: int, address: IoEventAddress, size: int) -> None:
         self.host.ioctl(vm_fd, k.KVM_UNREGISTER_COALESCED_MMIO, self._zone(address, size))
+        if (address, size) in self.zones:
+            self.zones.remove((address, size))
 
     def ring_view(self, vcpu_views: Sequence[memoryview]) -> memoryview | None:
         """The ring page, seen through the first vCPU mapping that reaches it."""
@@ -81,8 +86,11 @@ class CoalescedZones:
         base, size = _HEAD.size, _ENTRY.size
         # At most two runs of entries: first..end of ring, then 0..last.
         spans = [(first, last)] if first < last else [(first, RING_ENTRIES), (0, last)]
+        # tuple.__new__ builds each record without a Python frame (CoalescedWrite
+        # is a named tuple); a full-width slice of bytes is the bytes itself.
+        new, record = tuple.__new__, CoalescedWrite
         writes = [
-            CoalescedWrite(_PORT if pio else _MEMORY, address, data[:length] if length < 8 else data)
+            new(record, (_PORT if pio else _MEMORY, address, data[:length]))
             for start, end in spans
             for address, length, pio, data in _ENTRY.iter_unpack(ring[base + start * size : base + end * size])
         ]

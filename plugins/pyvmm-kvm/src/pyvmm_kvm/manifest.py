@@ -68,6 +68,8 @@ CAPABILITIES = (
     # Exits avoided (pyvmm_kvm.coalesced).
     Capability.COALESCED_IO,
     Capability.COALESCED_PIO,
+    # Registers answered in the run loop (pyvmm_kvm.served, compiled or pure).
+    Capability.SERVED_IO,
     # Complete snapshots (pyvmm_kvm.irqchip_state, KvmVcpu.get_xsave).
     Capability.XSAVE,
     Capability.MP_STATE,

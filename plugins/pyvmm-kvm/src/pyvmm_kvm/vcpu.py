@@ -5,6 +5,9 @@ The run loop reads the exit out of the mmapped ``kvm_run`` page with precompiled
 kernel header by the layout test), and refills one exit object per kind, so a
 port or MMIO exit allocates nothing but what ``struct.unpack_from`` returns.
 Read data is completed in place: ``exit.data`` is a view of the run page itself.
+Accesses to the VM's served registers (:mod:`pyvmm_kvm.served`) are answered in
+the run loop and never returned: by ``fx_run`` in C where
+:mod:`pyvmm_kvm.fast_exits` found the compiled module, else in :meth:`_run_once`.
 The page, the kick and the thread rules are the backend kit's
 (:class:`~pyvmm.backend.RunPage`, :class:`~pyvmm.backend.SignalKicker`).
 
@@ -45,6 +48,7 @@ from pyvmm.vcpu_state import StateKind
 from pyvmm_kvm import bindings as k
 from pyvmm_kvm import prepared_state, regs
 from pyvmm_kvm.bindings import ffi
+from pyvmm_kvm.served import ServedRanges
 from pyvmm_kvm.vcpu_common import RUN_STRUCT, KvmVcpuCommon
 
 _RUN = RUN_STRUCT
@@ -97,40 +101,78 @@ class KvmVcpu(KvmVcpuCommon):
         self._io_views: dict[int, memoryview] = {}
         self._mmio_views = self.page.mmio_views
         self._pending: VcpuExit | None = None
+        self._pure_served = 0
+        self._use_entry(vm)
         self._guard_run(self._interrupted)
+
+    def _use_entry(self, vm: Any) -> None:
+        """How this vCPU enters the guest.  Compiled (``vm.compiled``): ``fx_run``,
+        which answers the VM's served registers itself and returns 0 or
+        ``-errno`` at the first exit it does not serve, counting the ones it did.
+        Pure: the ``KVM_RUN`` ioctl alone, and :meth:`_run_once` answers them."""
+        compiled = vm.compiled
+        self._fx_run: Any = None
+        self._fx_page: Any = None
+        self._fx_table: Any = None
+        self._fx_count: Any = None
+        self._served: ServedRanges | None = vm.served
+        if compiled is None:
+            return
+        self._served = None
+        self._fx_table = vm.served.table
+        self._fx_count = compiled.ffi.new("uint64_t *")
+        self._fx_page = compiled.ffi.from_buffer(self._view)
+        self._fx_run = compiled.lib.fx_run
+
+    @property
+    def served_exits(self) -> int:
+        """Exits answered in the run loop as served registers, never returned."""
+        return self._pure_served + (int(self._fx_count[0]) if self._fx_count is not None else 0)
 
     # --- run ------------------------------------------------------------------
     def _run_once(self) -> VcpuExit:
         pending = self._pending
         if pending is not None:
             self._complete(pending)
-        result = self._ioctl(self.fd, _RUN_REQUEST, 0)
-        if result < 0:
-            err = self._errno_of(result)
-            if err in (errno.EINTR, errno.EAGAIN):
-                self.page.clear_immediate_exit()
-                return self._interrupted
-            raise HypervisorError("KVM_RUN", err)
-        view = self._view
-        reason, direction, size, port, count, data_offset = _HEAD_IO.unpack_from(view, _OFF_EXIT_REASON)
-        if reason == _EXIT_IO:
-            io = self._io
-            io.port, io.size, io.count = port, size, count
-            io.is_write = direction == _IO_OUT
-            nbytes = size * count
-            key = data_offset << 32 | nbytes
-            data = self._io_views.get(key)
-            if data is None:
-                data = self._io_views[key] = view[data_offset : data_offset + nbytes]
-            io.data = data
-            return io
-        if reason == _EXIT_MMIO:
-            _, address, length, is_write = _HEAD_MMIO.unpack_from(view, _OFF_EXIT_REASON)
-            mmio = self._mmio
-            mmio.address, mmio.size, mmio.is_write = address, length, bool(is_write)
-            mmio.data = self._mmio_views[length]
-            return mmio
-        return self._slow_exit(reason)
+        served = self._served  # the pure path's served registers (None: compiled, answered in C)
+        fx_run = self._fx_run
+        while True:
+            if fx_run is not None:
+                result = fx_run(self.fd, self._fx_page, self._fx_table, self._fx_count)
+            else:
+                result = self._ioctl(self.fd, _RUN_REQUEST, 0)
+            if result < 0:
+                err = -result if fx_run is not None else self._errno_of(result)  # fx_run returns -errno
+                if err in (errno.EINTR, errno.EAGAIN):
+                    self.page.clear_immediate_exit()
+                    return self._interrupted
+                raise HypervisorError("KVM_RUN", err)
+            view = self._view
+            reason, direction, size, port, count, data_offset = _HEAD_IO.unpack_from(view, _OFF_EXIT_REASON)
+            if reason == _EXIT_IO:
+                io = self._io
+                io.port, io.size, io.count = port, size, count
+                io.is_write = direction == _IO_OUT
+                nbytes = size * count
+                key = data_offset << 32 | nbytes
+                data = self._io_views.get(key)
+                if data is None:
+                    data = self._io_views[key] = view[data_offset : data_offset + nbytes]
+                io.data = data
+                if served is not None and served.ports and served.serve_port(io):
+                    self._pure_served += 1
+                    continue
+                return io
+            if reason == _EXIT_MMIO:
+                _, address, length, is_write = _HEAD_MMIO.unpack_from(view, _OFF_EXIT_REASON)
+                mmio = self._mmio
+                mmio.address, mmio.size, mmio.is_write = address, length, bool(is_write)
+                mmio.data = self._mmio_views[length]
+                if served is not None and served.mmio and served.serve_mmio(mmio):
+                    self._pure_served += 1
+                    continue
+                return mmio
+            return self._slow_exit(reason)
 
     def _slow_exit(self, reason: int) -> VcpuExit:
         run = self._run
@@ -451,3 +493,6 @@ class KvmVcpu(KvmVcpuCommon):
     def _drop_exit_views(self) -> None:
         self._io.data = self._mmio.data = memoryview(b"")
         self._io_views.clear()
+        if self._fx_page is not None:
+            self.vm.compiled.ffi.release(self._fx_page)
+            self._fx_page = None

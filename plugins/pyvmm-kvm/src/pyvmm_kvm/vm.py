@@ -16,12 +16,15 @@ from pyvmm.coalesced import CoalescedWrite
 from pyvmm.config import PAGE_SIZE, VmConfig
 from pyvmm.errors import ConfigError, HypervisorError
 from pyvmm.memory import RamRegion
+from pyvmm.served_io import ServedRegister
 from pyvmm.vcpu_state import IoEventAddress
 from pyvmm.vm_state import VmStateKind
 from pyvmm_kvm import bindings as k
 from pyvmm_kvm import irqchip_state, regs
 from pyvmm_kvm.bindings import ffi
 from pyvmm_kvm.coalesced import CoalescedZones
+from pyvmm_kvm.fast_exits import compiled_module_for
+from pyvmm_kvm.served import ServedRanges
 from pyvmm_kvm.system import KvmSystem, system
 from pyvmm_kvm.vcpu import KvmVcpu
 from pyvmm_kvm.vm_common import KvmVmCommon
@@ -77,6 +80,9 @@ class KvmVm(KvmVmCommon):
             raise
         self._cpuid: list[CpuidEntry] | None = None
         self._zones: CoalescedZones | None = None
+        #: The compiled exit path's module, or None for the pure path (pyvmm_kvm.fast_exits).
+        self.compiled = compiled_module_for(self.host)
+        self.served = ServedRanges(self.compiled, lambda: self._coalesced().zones if self._zones else [])
 
     # (memory, the dirty log, ioeventfds and the escape hatch: KvmVmCommon)
     # --- vCPUs ------------------------------------------------------------------
@@ -188,6 +194,10 @@ class KvmVm(KvmVmCommon):
         return self._zones
 
     def register_coalesced_io(self, address: IoEventAddress, size: int) -> None:
+        start, end = address.address, address.address + size
+        for served in self.served.ranges:
+            if served.space is address.space and start < served.end and served.base < end:
+                raise ConfigError(f"coalesced zone {start:#x}+{size:#x} overlaps the served range at {served.base:#x}")
         self._coalesced().register(self.fd, address, size)
 
     def unregister_coalesced_io(self, address: IoEventAddress, size: int) -> None:
@@ -196,6 +206,10 @@ class KvmVm(KvmVmCommon):
     def take_coalesced_io(self) -> list[CoalescedWrite]:
         zones = self._coalesced()
         return zones.take(zones.ring_view([vcpu.page.view for vcpu in self.vcpus if not vcpu.page.closed]))
+
+    # --- served registers (pyvmm_kvm.served) ---------------------------------------
+    def serve_io(self, address: IoEventAddress, size: int, register: ServedRegister) -> None:
+        self.served.add(address, size, register)
 
     def close(self) -> None:
         for vcpu in list(self.vcpus):
