@@ -6,7 +6,7 @@ import pytest
 
 from pyvmm.arch.x86_64 import CpuidEntry
 from pyvmm.machine.config import CpuidOverride
-from pyvmm.machine.cpuid import lookup, vcpu_cpuid
+from pyvmm.machine.cpuid import HYPERVISOR_PRESENT, lookup, vcpu_cpuid
 from pyvmm.machine.layout import FOUR_GIB, LAPIC_BASE, MMIO_HOLE_START, in_mmio_hole, ram_ranges
 
 
@@ -45,6 +45,26 @@ def test_each_vcpu_gets_its_apic_id() -> None:
     assert SUPPORTED[1].ebx == 0x0001_0800  # the supported set is not modified
 
 
+def test_the_guest_is_told_it_runs_under_a_hypervisor() -> None:
+    """CPUID.1:ECX[31], which KVM's supported set leaves clear: without it Linux
+    never reads the KVM leaves (no kvm-clock, no paravirtual spinlocks)."""
+    assert not SUPPORTED[1].ecx & HYPERVISOR_PRESENT
+    for index in (0, 1):
+        leaf1 = lookup(vcpu_cpuid(SUPPORTED, index), 1, 0)
+        assert leaf1 is not None
+        assert leaf1.ecx == SUPPORTED[1].ecx | HYPERVISOR_PRESENT
+    assert not SUPPORTED[1].ecx & HYPERVISOR_PRESENT  # the supported set is not modified
+
+
+def test_an_override_can_hide_the_hypervisor() -> None:
+    table = vcpu_cpuid(
+        SUPPORTED, 0, [CpuidOverride(function=1, register="ecx", mask=~HYPERVISOR_PRESENT & 0xFFFF_FFFF)]
+    )
+    leaf1 = lookup(table, 1, 0)
+    assert leaf1 is not None
+    assert leaf1.ecx == SUPPORTED[1].ecx
+
+
 def test_overrides_value_mask_and_both() -> None:
     overrides = [
         CpuidOverride(function=1, register="ecx", mask=0xFFDF_FFFF),  # no x2APIC
@@ -54,7 +74,7 @@ def test_overrides_value_mask_and_both() -> None:
     table = vcpu_cpuid(SUPPORTED, 0, overrides)
     leaf0, leaf1 = lookup(table, 0, 0), lookup(table, 1, 0)
     assert leaf0 is not None and leaf1 is not None
-    assert leaf1.ecx == 0x7ED8_320B & ~(1 << 21)
+    assert leaf1.ecx == (0x7ED8_320B | HYPERVISOR_PRESENT) & ~(1 << 21)
     assert leaf0.ebx == 0x756E6547
     assert leaf1.eax == 0x0080_0F00
 

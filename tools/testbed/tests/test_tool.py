@@ -146,3 +146,19 @@ def test_the_arm64_bed_runs_the_kvm_plugins_tests_and_leaves_out_nothing_by_name
     tests skip there with their reason: nothing is left out by a glob."""
     assert "plugins/pyvmm-kvm/tests" in ARM64.default_selection
     assert ARM64.default_pytest_args == ()
+
+
+def test_the_amd64_bed_runs_the_linux_boot_on_a_periodically_ticking_kernel(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    """Nothing is left out by name, and the bed's kernel keeps a periodic tick, which
+    re-raises a timer interrupt QEMU's TCG lost while a nested guest ran (arches.py)."""
+    assert AMD64.default_pytest_args == ()
+    assert "tools/testbed/guest_tests" in AMD64.default_selection
+    qemu = tmp_path / AMD64.qemu
+    qemu.write_text("#!/bin/sh\n")
+    qemu.chmod(0o755)
+    monkeypatch.setenv("PATH", str(tmp_path))
+    argv = command(AMD64, AMD64.mode(None), Path("vmlinuz"), Path("initrd"), cpus=1)
+    append = argv[argv.index("-append") + 1].split()
+    assert {"nohz=off", "highres=off"} <= set(append)
