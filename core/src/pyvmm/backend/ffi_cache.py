@@ -41,7 +41,7 @@ import stat
 import sys
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import _cffi_backend  # type: ignore[import-untyped]  # cffi's runtime, shipped without stubs
 
@@ -77,7 +77,12 @@ def declaration_key(cdef: str, packed: bool = False) -> str:
     return digest.hexdigest()[:32]
 
 
-def _sha256() -> Any:
+class _Hasher(Protocol):
+    def update(self, data: bytes, /) -> None: ...
+    def hexdigest(self) -> str: ...
+
+
+def _sha256() -> _Hasher:
     """A SHA-256 hasher, from CPython's own sha256 module where it has one.
 
     ``import hashlib`` loads OpenSSL (``_hashlib``), several milliseconds of
@@ -87,7 +92,8 @@ def _sha256() -> Any:
     """
     for name in ("_sha2", "_sha256"):  # Python 3.12 and later; 3.10 and 3.11
         try:
-            return importlib.import_module(name).sha256()
+            hasher: _Hasher = importlib.import_module(name).sha256()
+            return hasher
         except ImportError:
             continue
     import hashlib
