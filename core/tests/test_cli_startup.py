@@ -92,3 +92,56 @@ def test_a_config_file_is_validated_with_pydantic_only_when_it_exists(tmp_path: 
     (tmp_path / "present.toml").write_text('[plugins]\ndeny = ["haxm"]\n')
     env["PYVMM_CONFIG"] = str(tmp_path / "present.toml")
     assert "pydantic" in _all_imported(["backends"], env)
+
+
+# --- what building the demo machine imports: only the parts it uses ----------------------
+
+MACHINE_IMPORTS = """
+import json, sys
+sys.path[:0] = {paths!r}
+from coretests_support import RecordingBackend, register
+from machinetests_support import IRQCHIP_CAPS, machine_config
+from pyvmm.capabilities import Capability
+from pyvmm.machine.machine import Machine
+from pyvmm.plugins import PluginRegistry
+
+registry = PluginRegistry()
+registry._entry_points_loaded = True  # only the contract backend
+# As KVM: in-kernel interrupt controllers, and interrupts injectable from userspace.
+caps = (*IRQCHIP_CAPS, Capability.INTERRUPT_INJECTION)
+backend = register(registry, RecordingBackend("contract-test", caps))
+machine = Machine(machine_config(**{settings!r}), backend=backend, **{options!r})
+machine.close()
+print(json.dumps(sorted(sys.modules)), file=sys.stderr)
+"""
+
+#: Loaded only by a machine that saves or restores a snapshot.
+SNAPSHOT_MODULES = ("pyvmm.snapshot", "pyvmm.reset_point", "pyvmm.machine.snapshots", "hashlib", "_hashlib")
+#: Loaded only by a machine with the board's own interrupt controllers.
+USERSPACE_IRQCHIP_MODULES = ("pyvmm.machine.userspace_irqchip", "pyvmm.devices.i8259", "pyvmm.devices.i8254")
+
+
+def _machine_imports(settings: dict[str, object], options: dict[str, object] | None = None) -> set[str]:
+    """The modules loaded in a fresh interpreter that builds and closes a machine
+    (the demo guest, as ``pyvmm run`` with no image) on a contract backend with
+    in-kernel interrupt controllers that can also inject interrupts, as KVM."""
+    tests = Path(__file__).parent
+    code = MACHINE_IMPORTS.format(paths=[str(tests), str(tests / "machine")], settings=settings, options=options or {})
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=False)
+    assert done.returncode == 0, done.stderr
+    return set(json.loads(done.stderr.strip().splitlines()[-1]))
+
+
+def test_the_demo_machine_imports_no_snapshot_machinery_and_no_userspace_irqchip() -> None:
+    modules = _machine_imports({"irqchip": "auto"})
+    assert "pyvmm.machine.snapshot_port" in modules, "the snapshot request port is still there"
+    assert [m for m in SNAPSHOT_MODULES if m in modules] == []
+    assert [m for m in USERSPACE_IRQCHIP_MODULES if m in modules] == []
+    assert "pyvmm.devices.testdev" not in modules
+
+
+def test_the_userspace_irqchip_and_the_snapshot_machinery_load_when_asked_for(tmp_path: Path) -> None:
+    assert set(USERSPACE_IRQCHIP_MODULES) <= _machine_imports({"irqchip": "userspace"})
+    assert "pyvmm.devices.testdev" in _machine_imports({"testdev": True})
+    saving = _machine_imports({}, {"snapshot_to": str(tmp_path / "saved.snap")})
+    assert {"pyvmm.snapshot", "pyvmm.machine.snapshots"} <= saving

@@ -38,3 +38,32 @@ def test_every_public_name_resolves(name: str) -> None:
 def test_unknown_attribute() -> None:
     with pytest.raises(AttributeError, match="no attribute 'Frobnicator'"):
         _ = pyvmm.Frobnicator
+
+
+# --- pyvmm.arch.x86_64: the records beyond the boot registers load on first use ----------
+
+X86_CHECK = """
+import json, sys
+from pyvmm.arch import x86_64
+before = "pyvmm.arch.x86_64_extra_state" in sys.modules
+from pyvmm.arch.x86_64 import VcpuEvents
+from pyvmm.arch import x86_64_extra_state
+print(json.dumps([before, VcpuEvents is x86_64_extra_state.VcpuEvents, x86_64.VcpuEvents is VcpuEvents]))
+"""
+
+
+def test_the_x86_64_extra_state_records_load_on_first_use_as_the_same_classes() -> None:
+    result = subprocess.run([sys.executable, "-c", X86_CHECK], capture_output=True, text=True, timeout=60, check=False)
+    assert result.returncode == 0, result.stderr
+    assert json.loads(result.stdout) == [False, True, True]
+
+
+def test_every_x86_64_public_name_resolves_and_an_unknown_one_does_not() -> None:
+    from pyvmm.arch import x86_64, x86_64_extra_state
+
+    for name in x86_64.__all__:
+        assert getattr(x86_64, name) is not None
+    lazy = {name for name in x86_64.__all__ if hasattr(x86_64_extra_state, name) and name[0].isupper()}
+    assert lazy == set(x86_64._EXTRA_STATE)
+    with pytest.raises(AttributeError, match="no attribute 'Frobnicator'"):
+        _ = x86_64.Frobnicator  # type: ignore[attr-defined]

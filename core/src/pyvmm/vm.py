@@ -19,7 +19,7 @@ import warnings
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, NoReturn
 
-from pyvmm.arch.x86_64 import CpuidEntry, DebugRegs, Fpu, MsrEntry, Regs, Sregs, VcpuEvents
+from pyvmm.arch.x86_64 import CpuidEntry, MsrEntry, Regs, Sregs
 from pyvmm.backend.plugin import FORWARD_ATTRIBUTE
 from pyvmm.boot import Aarch64VcpuInit, BootSpec, VcpuInit, X86VcpuInit
 from pyvmm.capabilities import Capability, CapabilitySet
@@ -44,6 +44,8 @@ from pyvmm.vcpu_state import IoEventAddress, StateKind
 from pyvmm.vm_state import VmStateKind
 
 if TYPE_CHECKING:
+    # Built only when a vCPU's extra state is read or written (a start-up cost).
+    from pyvmm.arch.x86_64_extra_state import DebugRegs, Fpu, VcpuEvents
     from pyvmm.coalesced import CoalescedWrite
     from pyvmm.host import Event
     from pyvmm.machine.devicetree import DeviceTree
@@ -891,6 +893,8 @@ class Vcpu:
         """Replace the pending-event state (``VCPU_EVENTS``); None fields keep the
         hypervisor's values."""
         self._on_thread("set_events")
+        from pyvmm.arch.x86_64_extra_state import VcpuEvents  # see TYPE_CHECKING above
+
         if not isinstance(events, VcpuEvents):
             raise ConfigError(f"events: a pyvmm.arch.x86_64.VcpuEvents is needed, not {type(events).__name__}")
         events.check()
@@ -918,6 +922,8 @@ class Vcpu:
         events: object = state.events
         if events is not None:
             self._backend.require(Capability.VCPU_EVENTS, "restore pending events")
+            from pyvmm.arch.x86_64_extra_state import VcpuEvents  # see TYPE_CHECKING above
+
             if not isinstance(events, VcpuEvents):
                 raise ConfigError(f"events: a pyvmm.arch.x86_64.VcpuEvents is needed, not {type(events).__name__}")
             events.check()

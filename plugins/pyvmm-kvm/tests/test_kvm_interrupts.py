@@ -405,3 +405,9 @@ def test_irqchip_kernel_is_kvms_own(kvm: Backend) -> None:
     with Machine(config, backend=kvm) as machine:
         assert machine.irqchip and not machine.userspace_irqchip
         assert machine.vm.handle.irqchip
+
+
+def test_kvm_interrupt_shadow_bits_are_pyvmm_interrupt_shadow_values() -> None:
+    """``events_from_kvm`` and ``events_to_kvm`` pass the shadow bits through as they are."""
+    assert int(InterruptShadow.MOV_SS) == k.KVM_X86_SHADOW_INT_MOV_SS
+    assert int(InterruptShadow.STI) == k.KVM_X86_SHADOW_INT_STI

@@ -76,3 +76,19 @@ def test_a_demo_run_on_kvm_imports_no_other_backend_and_no_pydantic(kvm: object)
     assert [m for m in modules if m.split(".")[0] in ("pydantic", "pydantic_core", "pycparser")] == []
     assert "importlib.metadata" not in modules
     assert "pyvmm.machine.loaders.arm64" not in modules  # an x86 demo needs no kernel loader
+    # No snapshot option, the in-kernel irqchip, no vCPU state read beyond the
+    # registers, no --stats: none of their modules (nor hashlib, which only
+    # snapshots need).
+    unused = (
+        "pyvmm.snapshot",
+        "pyvmm.reset_point",
+        "pyvmm.machine.snapshots",
+        "hashlib",
+        "pyvmm.machine.userspace_irqchip",
+        "pyvmm.devices.i8259",
+        "pyvmm.devices.i8254",
+        "pyvmm.devices.testdev",
+        "pyvmm.arch.x86_64_extra_state",
+        "pyvmm.machine.stats",
+    )
+    assert [m for m in unused if m in modules] == []

@@ -13,7 +13,7 @@ from pyvmm import snapshot
 from pyvmm.arch.x86_64 import Xsave
 from pyvmm.errors import ConfigError, HypervisorError
 from pyvmm.exits import ExitKind, IoExit
-from pyvmm.machine.snapshots import SNAPSHOT_PORT
+from pyvmm.machine.snapshot_port import SNAPSHOT_PORT
 from pyvmm.testing.guests.snapshot_counter import expected_code, snapshot_counter_image
 from pyvmm.vcpu_state import StateKind
 from pyvmm.vm import Backend, Vcpu, Vm

@@ -35,13 +35,13 @@ when the current user owns it and nobody else may write to it or its directory.
 
 from __future__ import annotations
 
-import hashlib
+import importlib
 import os
 import stat
 import sys
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import _cffi_backend  # type: ignore[import-untyped]  # cffi's runtime, shipped without stubs
 
@@ -69,12 +69,36 @@ def cache_directory(environ: Mapping[str, str] | None = None) -> Path | None:
 def declaration_key(cdef: str, packed: bool = False) -> str:
     """The cache key of ``cdef``: its text (and packing), the cffi runtime and the
     interpreter, so a different cffi or Python never loads another's file."""
-    digest = hashlib.sha256()
+    digest = _sha256()
     layout = "packed" if packed else "natural"
     for part in (_FORMAT, _cffi_backend.__version__, sys.implementation.cache_tag or "", sys.platform, layout, cdef):
         digest.update(part.encode())
         digest.update(b"\0")
     return digest.hexdigest()[:32]
+
+
+class _Hasher(Protocol):
+    def update(self, data: bytes, /) -> None: ...
+    def hexdigest(self) -> str: ...
+
+
+def _sha256() -> _Hasher:
+    """A SHA-256 hasher, from CPython's own sha256 module where it has one.
+
+    ``import hashlib`` loads OpenSSL (``_hashlib``), several milliseconds of
+    every start-up that imports a backend, for one digest of a few kilobytes;
+    CPython's built-in module gives the same digest.  hashlib where a build
+    lacks it.
+    """
+    for name in ("_sha2", "_sha256"):  # Python 3.12 and later; 3.10 and 3.11
+        try:
+            hasher: _Hasher = importlib.import_module(name).sha256()
+            return hasher
+        except ImportError:
+            continue
+    import hashlib
+
+    return hashlib.sha256()
 
 
 def declared_ffi(cdef: str, environ: Mapping[str, str] | None = None, *, packed: bool = False) -> Any:

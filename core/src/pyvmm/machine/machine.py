@@ -140,6 +140,13 @@ class Machine:
             if restore is not None or snapshot_to is not None:
                 raise ConfigError("machine snapshots (restore, snapshot_to) are for x86_64 machines only")
             return None
+        if restore is None and snapshot_to is None and snapshot_after is None:
+            # Only the port: the snapshot machinery is imported by the machines
+            # that save or restore (a start-up cost for every other run).
+            from pyvmm.machine.snapshot_port import SNAPSHOT_PORT, SnapshotRequestPort
+
+            self.pio.register(SNAPSHOT_PORT, 1, SnapshotRequestPort())
+            return None
         from pyvmm.machine.snapshots import MachineSnapshots
 
         snapshots = MachineSnapshots(

@@ -37,25 +37,22 @@ from __future__ import annotations
 import errno
 import logging
 from dataclasses import dataclass
-from typing import BinaryIO, cast
+from typing import TYPE_CHECKING, BinaryIO, cast
 
 from pyvmm.arch.x86_64 import CpuidEntry
 from pyvmm.boot import BootSpec
 from pyvmm.capabilities import Capability
 from pyvmm.config import Arch
-from pyvmm.devices import debug_exit, fw_cfg, i8042, i8254, i8259, pci, poweroff, rtc, sinks, testdev, uart
+from pyvmm.devices import debug_exit, fw_cfg, i8042, pci, poweroff, rtc, sinks, uart
 from pyvmm.devices.base import IrqLine
 from pyvmm.devices.debug_exit import DebugExit
 from pyvmm.devices.fw_cfg import FwCfg
 from pyvmm.devices.i8042 import I8042
-from pyvmm.devices.i8254 import Pit8254
-from pyvmm.devices.i8259 import PicPair
 from pyvmm.devices.pci import PciHost
 from pyvmm.devices.poweroff import BochsPoweroff
 from pyvmm.devices.rtc import Rtc
 from pyvmm.devices.scratch import DEMO_DEVICE_BASE, DEMO_DEVICE_SIZE, ScratchDevice
 from pyvmm.devices.sinks import PortSink
-from pyvmm.devices.testdev import PcTestDev, SetIrqLine
 from pyvmm.devices.uart import COM1_IRQ, IER_RDA, Uart16550
 from pyvmm.errors import ConfigError
 from pyvmm.exits import CpuidExit, HypercallExit, MsrAccessExit, VcpuExit
@@ -66,8 +63,16 @@ from pyvmm.machine.config import MachineConfig
 from pyvmm.machine.images import Aarch64BootSource, BootSource, KernelFile
 from pyvmm.machine.layout import ram_ranges
 from pyvmm.machine.legacy_firmware import LegacyFirmware, is_multiboot
-from pyvmm.machine.userspace_irqchip import UserspaceIrqchip
 from pyvmm.vm import Backend, Vcpu
+
+if TYPE_CHECKING:
+    # The board's own interrupt controllers and QEMU's pc-testdev are imported
+    # where they are installed: a machine on an in-kernel irqchip without
+    # ``testdev`` (the usual one) never loads them (a start-up cost).
+    from pyvmm.devices.i8254 import Pit8254
+    from pyvmm.devices.i8259 import PicPair
+    from pyvmm.devices.testdev import PcTestDev, SetIrqLine
+    from pyvmm.machine.userspace_irqchip import UserspaceIrqchip
 
 log = logging.getLogger("pyvmm.machine")
 
@@ -137,7 +142,9 @@ def install_pc_devices(
 
 def install_testdev(pio: PortBus, mmio: MmioBus, set_irq_line: SetIrqLine | None) -> PcTestDev:
     """Add QEMU's pc-testdev: ports 0xe0-0xeb and 0x2000-0x2017, MMIO 0xff000000."""
-    dev = PcTestDev(set_irq_line)
+    from pyvmm.devices import testdev  # only machines that ask for it (see TYPE_CHECKING above)
+
+    dev = testdev.PcTestDev(set_irq_line)
     pio.register(testdev.LATCH_PORT, testdev.LATCH_PORT_COUNT, dev.ports)
     pio.register(testdev.IRQ_PORT, testdev.IRQ_PORT_COUNT, dev.irq_ports)
     mmio.register(testdev.IOMEM_BASE, testdev.IOMEM_SIZE, dev.iomem)
@@ -209,6 +216,12 @@ class PcBoard(Board):
     def _install_userspace_irqchip(self) -> None:
         """The board's own 8259 pair, 8254 and port B, their interrupts delivered to
         vCPU 0 by :class:`UserspaceIrqchip`."""
+        # Only for irqchip = userspace (see TYPE_CHECKING above).
+        from pyvmm.devices import i8254, i8259
+        from pyvmm.devices.i8254 import Pit8254
+        from pyvmm.devices.i8259 import PicPair
+        from pyvmm.machine.userspace_irqchip import UserspaceIrqchip
+
         pic = PicPair()
         pit = Pit8254(irq0=lambda level: pic.set_irq(0, level))
         chip = UserspaceIrqchip(self.backend, self.events, pic, can_wake=self._interrupt_may_come)
@@ -251,7 +264,9 @@ class PcBoard(Board):
         """Drive a line of the board's 8259 pair.  Lines above 15 are IOAPIC inputs,
         which this machine does not have: ignored, and logged once."""
         assert self.pic is not None
-        if 0 <= line < i8259.LINES:
+        from pyvmm.devices.i8259 import LINES  # loaded with the 8259 pair (see TYPE_CHECKING above)
+
+        if 0 <= line < LINES:
             self.pic.set_irq(line, level)
         elif line not in self._ignored_lines:
             self._ignored_lines.add(line)

@@ -25,7 +25,7 @@ import time
 from collections.abc import Callable
 from dataclasses import replace
 from types import FrameType
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 from pyvmm.capabilities import Capability
 from pyvmm.errors import PyvmmError, VmStateError
@@ -45,9 +45,11 @@ from pyvmm.machine.outcome import (
     StopReason,
 )
 from pyvmm.machine.served_devices import serve_device_registers
-from pyvmm.machine.stats import MachineStats, VcpuStats
 from pyvmm.machine.vcpu_loop import StopFlag, guest_pc, run_loop
 from pyvmm.vm import Vcpu, Vm
+
+if TYPE_CHECKING:
+    from pyvmm.machine.stats import VcpuStats
 
 log = logging.getLogger("pyvmm.machine")
 
@@ -76,6 +78,14 @@ class RunAborted(PyvmmError):
     The run ends as an error, never with a guest result it did not get."""
 
 
+def _new_stats(count: int) -> list[VcpuStats]:
+    """Exit counters for ``count`` vCPUs.  :mod:`pyvmm.machine.stats` is imported
+    only by the runs that count (``stats``, the status line): a start-up cost."""
+    from pyvmm.machine.stats import VcpuStats
+
+    return [VcpuStats(i) for i in range(count)]
+
+
 class Runner:
     """The vCPU threads of one machine's single run, and its stop state.
 
@@ -100,7 +110,7 @@ class Runner:
         self._go = False
         self._halted = 0
         self._can_kick = vm.backend.supports(Capability.IMMEDIATE_EXIT)
-        self._stats = [VcpuStats(i) for i in range(config.cpus)] if config.stats else None
+        self._stats = _new_stats(config.cpus) if config.stats else None
         self._report_stats = config.stats
         #: A debugger (the gdb stub) that stops vCPUs: set before :meth:`run`.
         self.debugger: Debugger | None = None
@@ -187,6 +197,8 @@ class Runner:
             raise self._error
         assert self._result is not None
         if self._stats is not None and self._report_stats:
+            from pyvmm.machine.stats import MachineStats  # see _new_stats
+
             return replace(self._result, stats=MachineStats(self._stats))
         return self._result
 
@@ -210,7 +222,7 @@ class Runner:
         ``stats`` does); returns a function that reads (exits, guest ns) so far,
         from any thread."""
         if self._stats is None:
-            self._stats = [VcpuStats(i) for i in range(self.cpus)]
+            self._stats = _new_stats(self.cpus)
         stats = self._stats
         return lambda: (sum(v.exits for v in stats), sum(v.guest_ns for v in stats))
 

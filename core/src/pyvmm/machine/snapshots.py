@@ -32,15 +32,14 @@ from __future__ import annotations
 import dataclasses
 import os
 import threading
-from collections.abc import Callable
 from pathlib import Path
 
-from pyvmm.devices.base import Device
 from pyvmm.devices.state import DeviceImage, DeviceStateError, Stateful, check_version
 from pyvmm.errors import ConfigError
 from pyvmm.machine.bus import MmioBus, PortBus
 from pyvmm.machine.outcome import STATUS_CLEAN, StopReason
 from pyvmm.machine.runner import Runner
+from pyvmm.machine.snapshot_port import SNAPSHOT_PORT, SnapshotRequestPort
 from pyvmm.snapshot import (
     Snapshot,
     SnapshotError,
@@ -57,25 +56,8 @@ from pyvmm.snapshot import (
 from pyvmm.vcpu_state import StateKind
 from pyvmm.vm import Vcpu, Vm
 
-#: The port a guest writes to ask for a snapshot (unused on the PC otherwise).
-SNAPSHOT_PORT = 0x5F0
 #: How long a stopped vCPU waits for the others before the snapshot is given up.
 STOP_WAIT_SECONDS = 10.0
-
-
-class SnapshotRequestPort(Device):
-    """Port 0x5f0: a write asks for a snapshot when the machine is to save one,
-    and is ignored otherwise; reads all ones.  Stateless."""
-
-    name = "snapshot-request"
-    state_version = 0
-
-    def __init__(self) -> None:
-        self.on_request: Callable[[], None] | None = None
-
-    def write(self, offset: int, size: int, value: int) -> None:
-        if self.on_request is not None:
-            self.on_request()
 
 
 def bus_devices(pio: PortBus, mmio: MmioBus) -> dict[str, Stateful]:

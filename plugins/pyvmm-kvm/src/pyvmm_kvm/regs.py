@@ -2,28 +2,18 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from pyvmm.arch.x86_64 import (
-    GPR_NAMES,
-    CpuidEntry,
-    DebugRegs,
-    DescriptorTable,
-    ExceptionEvent,
-    Fpu,
-    InterruptEvent,
-    InterruptShadow,
-    NmiEvent,
-    Regs,
-    Segment,
-    SmiEvent,
-    Sregs,
-    VcpuEvents,
-)
+from pyvmm.arch.x86_64 import GPR_NAMES, CpuidEntry, DescriptorTable, Regs, Segment, Sregs
 from pyvmm.errors import ConfigError
 from pyvmm.interrupts import IrqChip, IrqRoute, MsiRoute
 from pyvmm_kvm import bindings as k
 from pyvmm_kvm.bindings import ffi
+
+if TYPE_CHECKING:
+    # Imported by the conversions that build them: running a guest needs none
+    # of these records (a start-up cost).
+    from pyvmm.arch.x86_64_extra_state import DebugRegs, Fpu, VcpuEvents
 
 _SEGMENTS = ("cs", "ds", "es", "fs", "gs", "ss", "tr", "ldt")
 _SEGMENT_FIELDS = ("base", "limit", "selector", "type", "present", "dpl", "db", "s", "l", "g", "avl", "unusable")
@@ -66,6 +56,8 @@ def sregs_to_kvm(sregs: Sregs, raw: Any) -> None:
 
 
 def fpu_from_kvm(raw: Any) -> Fpu:
+    from pyvmm.arch.x86_64_extra_state import Fpu  # see TYPE_CHECKING above
+
     return Fpu(
         fpr=[bytes(ffi.buffer(raw.fpr[i])) for i in range(8)],
         fcw=raw.fcw,
@@ -89,6 +81,8 @@ def fpu_to_kvm(fpu: Fpu, raw: Any) -> None:
 
 
 def debugregs_from_kvm(raw: Any) -> DebugRegs:
+    from pyvmm.arch.x86_64_extra_state import DebugRegs  # see TYPE_CHECKING above
+
     return DebugRegs(db=(raw.db[0], raw.db[1], raw.db[2], raw.db[3]), dr6=raw.dr6, dr7=raw.dr7)
 
 
@@ -107,14 +101,20 @@ def cpuid_to_kvm(entries: list[CpuidEntry]) -> Any:
     return buf
 
 
-# KVM's shadow bits are pyvmm's InterruptShadow values (uapi asm/kvm.h).
-assert int(InterruptShadow.MOV_SS) == k.KVM_X86_SHADOW_INT_MOV_SS
-assert int(InterruptShadow.STI) == k.KVM_X86_SHADOW_INT_STI
-
-
 def events_from_kvm(raw: Any) -> VcpuEvents:
     """A ``struct kvm_vcpu_events`` as a record; what its ``flags`` do not mark
-    valid is None (``docs/backends/kvm.md`` §6.7)."""
+    valid is None (``docs/backends/kvm.md`` §6.7).  KVM's shadow bits are
+    pyvmm's :class:`InterruptShadow` values (uapi ``asm/kvm.h``; checked by the
+    tests)."""
+    from pyvmm.arch.x86_64_extra_state import (  # see TYPE_CHECKING above
+        ExceptionEvent,
+        InterruptEvent,
+        InterruptShadow,
+        NmiEvent,
+        SmiEvent,
+        VcpuEvents,
+    )
+
     flags = raw.flags
     payload_valid = bool(flags & k.KVM_VCPUEVENT_VALID_PAYLOAD)
     exception = ExceptionEvent(

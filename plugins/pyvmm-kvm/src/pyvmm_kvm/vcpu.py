@@ -18,9 +18,10 @@ from __future__ import annotations
 
 import errno
 import struct
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from pyvmm.arch.x86_64 import CpuidEntry, Lapic, MpState, MsrEntry, VcpuEvents, Xcr, Xsave
+from pyvmm.arch import x86_64
+from pyvmm.arch.x86_64 import CpuidEntry, MpState, MsrEntry
 from pyvmm.boot import VcpuInit, X86VcpuInit
 from pyvmm.errors import ConfigError, HypervisorError, MsrAccessError, UnknownExitError
 from pyvmm.exits import (
@@ -50,6 +51,10 @@ from pyvmm_kvm import prepared_state, regs
 from pyvmm_kvm.bindings import ffi
 from pyvmm_kvm.served import ServedRanges
 from pyvmm_kvm.vcpu_common import RUN_STRUCT, KvmVcpuCommon
+
+if TYPE_CHECKING:
+    # Built through ``x86_64`` only when read (loaded on first use there: a start-up cost).
+    from pyvmm.arch.x86_64_extra_state import VcpuEvents, Xsave
 
 _RUN = RUN_STRUCT
 _OFF_EXIT_REASON = ffi.offsetof(_RUN, "exit_reason")
@@ -301,12 +306,12 @@ class KvmVcpu(KvmVcpuCommon):
         if kind is StateKind.DEBUG_REGS:
             return regs.debugregs_from_kvm(self._get("struct kvm_debugregs *", k.KVM_GET_DEBUGREGS))
         if kind is StateKind.LAPIC:
-            return Lapic(bytes(ffi.buffer(self._get("struct kvm_lapic_state *", k.KVM_GET_LAPIC))))
+            return x86_64.Lapic(bytes(ffi.buffer(self._get("struct kvm_lapic_state *", k.KVM_GET_LAPIC))))
         if kind is StateKind.MP_STATE:
             return MpState(self._get("struct kvm_mp_state *", k.KVM_GET_MP_STATE).mp_state)
         if kind is StateKind.XCRS:
             raw = self._get("struct kvm_xcrs *", k.KVM_GET_XCRS)
-            return [Xcr(raw.xcrs[i].xcr, raw.xcrs[i].value) for i in range(raw.nr_xcrs)]
+            return [x86_64.Xcr(raw.xcrs[i].xcr, raw.xcrs[i].value) for i in range(raw.nr_xcrs)]
         if kind is StateKind.XSAVE:
             return self.get_xsave()
         raise ConfigError(f"KVM x86 vCPUs have no {kind.value} state")
@@ -360,7 +365,7 @@ class KvmVcpu(KvmVcpuCommon):
         raw = ffi.new("char[]", size)
         request = k.KVM_GET_XSAVE2 if size > ffi.sizeof("struct kvm_xsave") else k.KVM_GET_XSAVE
         self.host.ioctl(self.fd, request, raw)
-        return Xsave(bytes(ffi.buffer(raw)))
+        return x86_64.Xsave(bytes(ffi.buffer(raw)))
 
     def set_xsave(self, value: Xsave) -> None:
         """``KVM_SET_XSAVE``, which reads :meth:`xsave_size` bytes.  A smaller image
