@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import gc
 import threading
+import weakref
 from collections.abc import Callable
 from typing import Any
 
@@ -64,6 +66,35 @@ def test_close_destroys_vcpus_then_vm(full: tuple[RecordingBackend, Backend]) ->
     assert "closed" in repr(vm)
     vm.close()  # idempotent: nothing more is destroyed
     assert len(test_backend.calls) == mark + 7
+
+
+def test_a_lone_vcpu_is_not_kicked_before_its_destruction(full: tuple[RecordingBackend, Backend]) -> None:
+    """With one vCPU there is nothing to leave together with: its destruction
+    kicks it out if it runs, and an early kick would only touch its run page."""
+    test_backend, backend = full
+    vm = backend.create_vm()
+    vm.create_vcpu()
+    mark = len(test_backend.calls)
+    vm.close()
+    assert test_backend.calls[mark:] == [("pyvmm_destroy_vcpu", 0), ("pyvmm_destroy_vm", test_backend.vms[0])]
+
+
+def test_a_closed_vm_and_its_vcpus_are_freed_without_the_cyclic_gc(full: tuple[RecordingBackend, Backend]) -> None:
+    _, backend = full
+    gc.collect()
+    gc.disable()
+    try:
+        vm = backend.create_vm({"vcpus": 2})
+        vm.add_memory(0, 0x1000)
+        vcpus = [vm.create_vcpu(), vm.create_vcpu()]
+        refs = [weakref.ref(vm), *(weakref.ref(vcpu) for vcpu in vcpus)]
+        vm.close()
+        with pytest.raises(VmStateError, match="vCPU 1 is closed"):
+            vcpus[1].run()
+        del vm, vcpus
+        assert [ref() for ref in refs] == [None, None, None]
+    finally:
+        gc.enable()
 
 
 def test_context_manager(full: tuple[RecordingBackend, Backend]) -> None:

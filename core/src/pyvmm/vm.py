@@ -702,8 +702,11 @@ class Vm:
             except (Exception, KeyboardInterrupt) as exc:  # noqa: BLE001 - finish teardown, then re-raise
                 raised.append(exc)
 
-        if self.backend.supports(Capability.IMMEDIATE_EXIT):
-            for vcpu in self.vcpus:  # all at once, so they leave together
+        # All at once, so they leave together.  A lone vCPU is not kicked here:
+        # its destruction kicks it out itself if it is running (the kit's
+        # SignalKicker.close), and a kick would touch its idle run page.
+        if len(self.vcpus) > 1 and self.backend.supports(Capability.IMMEDIATE_EXIT):
+            for vcpu in self.vcpus:
                 # A kick refused (no signal handler) is not a stuck vCPU: the
                 # destruction below finds out whether it leaves.
                 with contextlib.suppress(PyvmmError):
@@ -715,6 +718,9 @@ class Vm:
             raise VmStateError("the VM could not be closed safely, so its guest memory is kept: " + "; ".join(stuck))
         step(lambda: self._hooks.destroy_vm(self.handle))
         step(self.memory.close)
+        # Each vCPU points back at this VM: with the list emptied, refcounting
+        # frees a closed VM at once instead of leaving the pair to the cyclic GC.
+        self.vcpus.clear()
         if raised:
             raise raised[0]
 
@@ -995,8 +1001,11 @@ class Vcpu:
         if self._closed:
             return
         self._closed = True
-        self.run = self._run_closed  # never hand the destroyed handle to the run hook
+        # Never hand the destroyed handle to the run hook.  Not a bound method:
+        # that would be a reference cycle through this vCPU.
+        self.run = functools.partial(_run_closed, self.index)
         self._hooks.destroy_vcpu(self.handle)
 
-    def _run_closed(self) -> VcpuExit:
-        raise VmStateError(f"vCPU {self.index} is closed")
+
+def _run_closed(index: int) -> VcpuExit:
+    raise VmStateError(f"vCPU {index} is closed")
