@@ -16,7 +16,6 @@ pyvmm uses for pydantic's errors where it still uses pydantic
 
 from __future__ import annotations
 
-import contextlib
 import enum
 import math
 from collections.abc import Mapping
@@ -133,11 +132,13 @@ class Checker:
         members = _members_by_value.get(kind)
         if members is None:  # once per enum: iterating its members costs µs on every record
             members = _members_by_value[kind] = {member.value: member for member in kind}
-        with contextlib.suppress(TypeError):  # an unhashable value is no member's value
+        try:
             member = members.get(value)
-            # ``True == 1``: the type must match too, as the values are compared.
-            if member is not None and type(value) is type(member.value):
-                return member
+        except TypeError:  # unhashable: no member's value
+            member = None
+        # ``True == 1``: the type must match too, as the values are compared.
+        if member is not None and type(value) is type(member.value):
+            return member
         names = [str(member.value) for member in kind]
         expected = " or ".join([", ".join(names[:-1]), names[-1]] if len(names) > 1 else names)
         self.fail(field, f"must be {expected}{_given(value)}")
