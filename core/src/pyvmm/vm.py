@@ -20,6 +20,7 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, NoReturn
 
 from pyvmm.arch.x86_64 import CpuidEntry, DebugRegs, Fpu, MsrEntry, Regs, Sregs, VcpuEvents
+from pyvmm.backend.kick import SignalKicker
 from pyvmm.backend.plugin import FORWARD_ATTRIBUTE
 from pyvmm.boot import Aarch64VcpuInit, BootSpec, VcpuInit, X86VcpuInit
 from pyvmm.capabilities import Capability, CapabilitySet
@@ -702,11 +703,15 @@ class Vm:
             except (Exception, KeyboardInterrupt) as exc:  # noqa: BLE001 - finish teardown, then re-raise
                 raised.append(exc)
 
-        # All at once, so they leave together.  A lone vCPU is not kicked here:
-        # its destruction kicks it out itself if it is running (the kit's
-        # SignalKicker.close), and a kick would touch its idle run page.
-        if len(self.vcpus) > 1 and self.backend.supports(Capability.IMMEDIATE_EXIT):
-            for vcpu in self.vcpus:
+        if self.backend.supports(Capability.IMMEDIATE_EXIT):
+            for vcpu in self.vcpus:  # all at once, so they leave together
+                kicker = getattr(vcpu.handle, "kicker", None)
+                if isinstance(kicker, SignalKicker) and not kicker.running:
+                    # Idle, on the backend kit's kicker: its close (in the
+                    # destruction below) kicks the vCPU out should a run start
+                    # meanwhile.  A kick now would only touch its run page,
+                    # for the first time on a VM that never ran (a page fault).
+                    continue
                 # A kick refused (no signal handler) is not a stuck vCPU: the
                 # destruction below finds out whether it leaves.
                 with contextlib.suppress(PyvmmError):
