@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import gc
 import threading
+import weakref
 from collections.abc import Callable
 from typing import Any
 
@@ -10,6 +12,7 @@ import pytest
 from coretests_support import ALL_CAPS, MakeBackend, RecordingBackend
 
 from pyvmm.arch.x86_64 import CpuidEntry, MsrEntry, Regs
+from pyvmm.backend import SignalKicker
 from pyvmm.boot import BootSpec, X86Mode
 from pyvmm.capabilities import Capability
 from pyvmm.config import Arch
@@ -64,6 +67,44 @@ def test_close_destroys_vcpus_then_vm(full: tuple[RecordingBackend, Backend]) ->
     assert "closed" in repr(vm)
     vm.close()  # idempotent: nothing more is destroyed
     assert len(test_backend.calls) == mark + 7
+
+
+def test_close_kicks_only_the_vcpus_whose_kit_kicker_may_be_running(full: tuple[RecordingBackend, Backend]) -> None:
+    """A vCPU on the backend kit's kicker and idle is not kicked before its
+    destruction (the kicker's close kicks it should a run start meanwhile, and
+    the kick would touch its run page); a running one is, and so is a vCPU
+    whose handle has no kit kicker."""
+    test_backend, backend = full
+    vm = backend.create_vm({"vcpus": 3})
+    vcpus = [vm.create_vcpu() for _ in range(3)]
+    idle, running = (SignalKicker(lambda: None, lambda thread, signum: None, "test") for _ in range(2))
+    running.running = True
+    vcpus[0].handle.kicker = idle
+    vcpus[1].handle.kicker = running
+    mark = len(test_backend.calls)
+    vm.close()
+    assert [call for call in test_backend.calls[mark:] if call[0] == "pyvmm_kick_vcpu"] == [
+        ("pyvmm_kick_vcpu", 1),
+        ("pyvmm_kick_vcpu", 2),
+    ]
+
+
+def test_a_closed_vm_and_its_vcpus_are_freed_without_the_cyclic_gc(full: tuple[RecordingBackend, Backend]) -> None:
+    _, backend = full
+    gc.collect()
+    gc.disable()
+    try:
+        vm = backend.create_vm({"vcpus": 2})
+        vm.add_memory(0, 0x1000)
+        vcpus = [vm.create_vcpu(), vm.create_vcpu()]
+        refs = [weakref.ref(vm), *(weakref.ref(vcpu) for vcpu in vcpus)]
+        vm.close()
+        with pytest.raises(VmStateError, match="vCPU 1 is closed"):
+            vcpus[1].run()
+        del vm, vcpus
+        assert [ref() for ref in refs] == [None, None, None]
+    finally:
+        gc.enable()
 
 
 def test_context_manager(full: tuple[RecordingBackend, Backend]) -> None:

@@ -129,9 +129,16 @@ class Checker:
         """A member of the enum ``kind``, or one of its values."""
         if isinstance(value, kind):
             return value
-        for member in kind:
-            if type(value) is type(member.value) and value == member.value:
-                return member
+        members = _members_by_value.get(kind)
+        if members is None:  # once per enum: iterating its members costs µs on every record
+            members = _members_by_value[kind] = {member.value: member for member in kind}
+        try:
+            member = members.get(value)
+        except TypeError:  # unhashable: no member's value
+            member = None
+        # ``True == 1``: the type must match too, as the values are compared.
+        if member is not None and type(value) is type(member.value):
+            return member
         names = [str(member.value) for member in kind]
         expected = " or ".join([", ".join(names[:-1]), names[-1]] if len(names) > 1 else names)
         self.fail(field, f"must be {expected}{_given(value)}")
@@ -141,6 +148,10 @@ class Checker:
         """:raises RecordError: any check failed."""
         if self.problems:
             raise RecordError(self.record, self.problems)
+
+
+#: Per enum type checked by :meth:`Checker.choice`: its members by value.
+_members_by_value: dict[type[enum.Enum], dict[Any, Any]] = {}
 
 
 def _given(value: Any) -> str:

@@ -20,6 +20,7 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, NoReturn
 
 from pyvmm.arch.x86_64 import CpuidEntry, MsrEntry, Regs, Sregs
+from pyvmm.backend.kick import SignalKicker
 from pyvmm.backend.plugin import FORWARD_ATTRIBUTE
 from pyvmm.boot import Aarch64VcpuInit, BootSpec, VcpuInit, X86VcpuInit
 from pyvmm.capabilities import Capability, CapabilitySet
@@ -706,6 +707,13 @@ class Vm:
 
         if self.backend.supports(Capability.IMMEDIATE_EXIT):
             for vcpu in self.vcpus:  # all at once, so they leave together
+                kicker = getattr(vcpu.handle, "kicker", None)
+                if isinstance(kicker, SignalKicker) and not kicker.running:
+                    # Idle, on the backend kit's kicker: its close (in the
+                    # destruction below) kicks the vCPU out should a run start
+                    # meanwhile.  A kick now would only touch its run page,
+                    # for the first time on a VM that never ran (a page fault).
+                    continue
                 # A kick refused (no signal handler) is not a stuck vCPU: the
                 # destruction below finds out whether it leaves.
                 with contextlib.suppress(PyvmmError):
@@ -717,6 +725,9 @@ class Vm:
             raise VmStateError("the VM could not be closed safely, so its guest memory is kept: " + "; ".join(stuck))
         step(lambda: self._hooks.destroy_vm(self.handle))
         step(self.memory.close)
+        # Each vCPU points back at this VM: with the list emptied, refcounting
+        # frees a closed VM at once instead of leaving the pair to the cyclic GC.
+        self.vcpus.clear()
         if raised:
             raise raised[0]
 
@@ -1001,8 +1012,11 @@ class Vcpu:
         if self._closed:
             return
         self._closed = True
-        self.run = self._run_closed  # never hand the destroyed handle to the run hook
+        # Never hand the destroyed handle to the run hook.  Not a bound method:
+        # that would be a reference cycle through this vCPU.
+        self.run = functools.partial(_run_closed, self.index)
         self._hooks.destroy_vcpu(self.handle)
 
-    def _run_closed(self) -> VcpuExit:
-        raise VmStateError(f"vCPU {self.index} is closed")
+
+def _run_closed(index: int) -> VcpuExit:
+    raise VmStateError(f"vCPU {index} is closed")

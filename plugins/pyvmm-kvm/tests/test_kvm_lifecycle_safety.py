@@ -11,6 +11,7 @@ import os
 import threading
 import time
 import warnings
+import weakref
 from typing import Any
 
 import pytest
@@ -18,8 +19,10 @@ import pytest
 from pyvmm.boot import BootSpec, X86Mode
 from pyvmm.errors import VmStateError
 from pyvmm.exits import ExitKind
+from pyvmm.served_io import LatchedBytes
 from pyvmm.testing.conformance import programs as p
 from pyvmm.testing.conformance.harness import booted
+from pyvmm.vcpu_state import IoEventAddress
 from pyvmm.vm import Backend, Vm
 
 #: ``1: inc qword ptr [0x1000]; jmp 1b`` -- a guest that writes RAM for ever.
@@ -207,3 +210,27 @@ def test_ctrl_c_during_close_still_finishes_it(kvm: Backend, monkeypatch: pytest
         vm.close()
     assert region.closed, "teardown went on after the interrupt"
     assert _fds() == before
+
+
+@pytest.mark.parametrize("cpuid", ["host", "none"])
+def test_a_closed_vm_is_freed_by_refcounting_alone(kvm: Backend, cpuid: str) -> None:
+    """No reference cycle survives close: with the cyclic GC off, the VM, its
+    backend handles and its vCPU go as soon as the last reference does, and a
+    collection afterwards finds nothing of theirs."""
+    gc.collect()
+    gc.disable()
+    try:
+        vm: Vm = kvm.create_vm({"arch": "x86_64", "backend_options": {"cpuid": cpuid}})
+        vm.add_memory(0, 0x10000)
+        vcpu = vm.create_vcpu()
+        vm.serve_io(IoEventAddress.pio(0x40), 1, LatchedBytes())  # the served ranges refer back to the VM
+        handle = vcpu.handle
+        refs = [weakref.ref(obj) for obj in (vm, vm.handle, vcpu, handle)]
+        vm.close()
+        with pytest.raises(VmStateError):
+            handle.run()  # the handle's run after close: refused, without the vCPU behind it
+        del vm, vcpu, handle
+        assert [ref() for ref in refs] == [None] * len(refs)
+        assert gc.collect() == 0
+    finally:
+        gc.enable()

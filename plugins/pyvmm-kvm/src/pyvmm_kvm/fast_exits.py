@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import importlib
 import os
+import sys
 from typing import Any
 
 from pyvmm.backend import DeviceHost, LibcDeviceSeam
@@ -20,14 +21,22 @@ from pyvmm.backend import DeviceHost, LibcDeviceSeam
 #: Set to 1 to take the pure-Python exit path even where the module was built.
 ENV_PURE_EXITS = "PYVMM_KVM_PURE_EXITS"
 
+_MODULE = "pyvmm_kvm._fast_exits"
+_NOT_YET: Any = object()
+
 
 def compiled_module() -> Any | None:
     """The compiled module (``ffi``, ``lib``), or None when it was not built or
     :data:`ENV_PURE_EXITS` turns it off."""
     if os.environ.get(ENV_PURE_EXITS, "").strip() not in ("", "0"):
         return None
+    # sys.modules first: every VM asks, and importlib costs µs even for a module
+    # already imported.  (None there means "not importable", as import says.)
+    module = sys.modules.get(_MODULE, _NOT_YET)
+    if module is not _NOT_YET:
+        return module
     try:
-        return importlib.import_module("pyvmm_kvm._fast_exits")  # built at install, where it could be
+        return importlib.import_module(_MODULE)  # built at install, where it could be
     except ImportError:
         return None
 

@@ -12,6 +12,7 @@ from collections.abc import Callable
 from typing import Any
 
 from pyvmm.backend import DeviceHost, RunPage, SignalKicker
+from pyvmm.errors import VmStateError
 from pyvmm.exits import InterruptedExit, VcpuExit
 from pyvmm_kvm import bindings as k
 
@@ -105,3 +106,11 @@ class KvmVcpuCommon:
         self.page.release()
         self.host.close(self.fd)
         self.fd = -1
+        # The guarded run closes over this vCPU's bound ``_run_once``: a cycle
+        # through the instance.  Replacing it lets refcounting free the vCPU
+        # (and its page, its VM) as soon as the last reference goes.
+        self.run = _run_after_close  # type: ignore[method-assign]
+
+
+def _run_after_close() -> VcpuExit:
+    raise VmStateError("this KVM vCPU is closed")

@@ -8,6 +8,7 @@ the backend kit's generated adapter forwards ``pyvmm_map_memory(vm, region)`` to
 from __future__ import annotations
 
 import errno
+import weakref
 from typing import TYPE_CHECKING, Any
 
 from pyvmm.arch.x86_64 import CpuidEntry, MsrEntry
@@ -30,6 +31,8 @@ from pyvmm_kvm.vcpu import KvmVcpu
 from pyvmm_kvm.vm_common import KvmVmCommon
 
 if TYPE_CHECKING:
+    from collections.abc import Callable
+
     from pyvmm.host import Event
     from pyvmm.interrupts import IrqRoute
 
@@ -82,7 +85,9 @@ class KvmVm(KvmVmCommon):
         self._zones: CoalescedZones | None = None
         #: The compiled exit path's module, or None for the pure path (pyvmm_kvm.fast_exits).
         self.compiled = compiled_module_for(self.host)
-        self.served = ServedRanges(self.compiled, lambda: self._coalesced().zones if self._zones else [])
+        # A weak reference back: a closure over ``self`` would put the VM in a
+        # reference cycle, left for the cyclic GC instead of freed at close.
+        self.served = ServedRanges(self.compiled, _zones_of(weakref.ref(self)))
 
     # (memory, the dirty log, ioeventfds and the escape hatch: KvmVmCommon)
     # --- vCPUs ------------------------------------------------------------------
@@ -218,6 +223,16 @@ class KvmVm(KvmVmCommon):
         if self.fd >= 0:
             self.host.close(self.fd)
             self.fd = -1
+
+
+def _zones_of(vm: weakref.ref[KvmVm]) -> Callable[[], list[tuple[IoEventAddress, int]]]:
+    """The VM's coalesced zones (none until one is registered), for its served ranges."""
+
+    def zones() -> list[tuple[IoEventAddress, int]]:
+        owner = vm()
+        return owner._coalesced().zones if owner is not None and owner._zones is not None else []
+
+    return zones
 
 
 def _address_option(value: object, name: str, size: int) -> int:
