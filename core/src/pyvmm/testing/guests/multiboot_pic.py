@@ -14,6 +14,7 @@ import struct
 from pyvmm.arch.x86_64_boot import CODE32_SELECTOR
 from pyvmm.config import Arch
 from pyvmm.testing.conformance.programs import GuestProgram
+from pyvmm.testing.guests.pic_pit_setup import pic_pit_setup
 
 #: The debug-exit status the kernel ends with when it saw both interrupts.
 EXPECTED_STATUS = (0x10 << 1) | 1
@@ -25,37 +26,17 @@ EXPECTED_STATUS = (0x10 << 1) | 1
 #: (IDTR at 0x100a00), turns on COM1's transmitter-empty interrupt and sleeps in
 #: hlt until 20 timer ticks (counted at 0x100900); exit 0x10 if COM1 interrupted
 #: too (counted at 0x100904), else 0x3f.
+_SETUP_ASM, _SETUP_CODE = pic_pit_setup(master_mask=0xEE)
+
 MULTIBOOT_PIC_KERNEL = GuestProgram(
     "multiboot_pic_kernel",
     Arch.X86_64,
     """
     mov esp, 0x100f00
     cmp eax, 0x2badb002
-    jne 2f
-    mov al, 0x11
-    out 0x20, al
-    out 0xa0, al
-    mov al, 0x20
-    out 0x21, al
-    mov al, 0x28
-    out 0xa1, al
-    mov al, 0x04
-    out 0x21, al
-    mov al, 0x02
-    out 0xa1, al
-    mov al, 0x01
-    out 0x21, al
-    out 0xa1, al
-    mov al, 0xee
-    out 0x21, al
-    mov al, 0xff
-    out 0xa1, al
-    mov al, 0x34
-    out 0x43, al
-    mov al, 0xa9
-    out 0x40, al
-    mov al, 0x04
-    out 0x40, al
+    jne 2f"""
+    + _SETUP_ASM
+    + """
     lidt [0x100a00]
     mov dx, 0x3f9
     mov al, 0x02
@@ -71,11 +52,9 @@ MULTIBOOT_PIC_KERNEL = GuestProgram(
 2:  mov eax, 0x3f
     out 0xf4, eax
 """,
-    bytes.fromhex(
-        "bc000f10003d02b0ad2b7559b011e620e6a0b020e621b028e6a1b004e621b002e6a1b001e621e6a1b0eee621b0ffe6a1b034e6"
-        "43b0a9e640b004e6400f011d000a100066baf903b002eefbf4833d000910001472f6833d04091000007407b810000000e7f4b83f"
-        "000000e7f4"
-    ),
+    bytes.fromhex("bc000f10003d02b0ad2b7559")
+    + _SETUP_CODE
+    + bytes.fromhex("0f011d000a100066baf903b002eefbf4833d000910001472f6833d04091000007407b810000000e7f4b83f000000e7f4"),
     ".code32",
 )
 

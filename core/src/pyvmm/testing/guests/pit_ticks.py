@@ -18,6 +18,7 @@ from pyvmm.machine import GuestImage
 from pyvmm.testing.conformance import programs as p
 from pyvmm.testing.conformance.harness import interrupt_gate
 from pyvmm.testing.conformance.programs import GuestProgram
+from pyvmm.testing.guests.pic_pit_setup import pic_pit_setup
 
 #: The ticks the guest waits for, and the value it writes to port 0xf4 then.
 TICKS = 10
@@ -28,34 +29,14 @@ HANDLER, IDTR, IDT = 0x101000, 0x102000, 0x103000
 #: Long mode, for ``--irqchip userspace``: the 8259s at vectors 0x20/0x28 with only
 #: IRQ 0 open, PIT counter 0 at 1 kHz (mode 2, 1193 counts), the IDTR at 0x102000;
 #: sleep in hlt until the tick handler counted 10 at 0x104000, then exit 0x21.
+_SETUP_ASM, _SETUP_CODE = pic_pit_setup(master_mask=0xFE)
+
 PIT_TICKS = GuestProgram(
     "pit_ticks",
     Arch.X86_64,
-    """
-    mov al, 0x11
-    out 0x20, al
-    out 0xa0, al
-    mov al, 0x20
-    out 0x21, al
-    mov al, 0x28
-    out 0xa1, al
-    mov al, 0x04
-    out 0x21, al
-    mov al, 0x02
-    out 0xa1, al
-    mov al, 0x01
-    out 0x21, al
-    out 0xa1, al
-    mov al, 0xfe
-    out 0x21, al
-    mov al, 0xff
-    out 0xa1, al
-    mov al, 0x34
-    out 0x43, al
-    mov al, 0xa9
-    out 0x40, al
-    mov al, 0x04
-    out 0x40, al
+    """"""
+    + _SETUP_ASM
+    + """
     lidt [0x102000]
     sti
 1:  hlt
@@ -64,10 +45,7 @@ PIT_TICKS = GuestProgram(
     mov eax, 0x21
     out 0xf4, eax
 """,
-    bytes.fromhex(
-        "b011e620e6a0b020e621b028e6a1b004e621b002e6a1b001e621e6a1b0fee621b0ffe6a1b034e643b0a9e640b004e6400f011c"
-        "2500201000fbf4833c25004010000a72f5b821000000e7f4"
-    ),
+    _SETUP_CODE + bytes.fromhex("0f011c2500201000fbf4833c25004010000a72f5b821000000e7f4"),
 )
 
 #: IRQ 0 at vector 0x20: count at 0x104000, non-specific EOI to the master 8259.

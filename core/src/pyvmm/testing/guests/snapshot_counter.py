@@ -22,6 +22,7 @@ from pyvmm.machine import GuestImage
 from pyvmm.testing.conformance import programs as p
 from pyvmm.testing.conformance.harness import interrupt_gate
 from pyvmm.testing.conformance.programs import GuestProgram
+from pyvmm.testing.guests.pic_pit_setup import pic_pit_setup
 
 #: Where the tick handler, the IDT and its IDTR go; the tick count, and the
 #: word the guest sets before its snapshot request.
@@ -31,35 +32,15 @@ TICKS = 10
 RBX, R12 = 0x600D, 0x5EED
 CHECKSUM_RANGE = (0x100000, 0x105000)
 
+_SETUP_ASM, _SETUP_CODE = pic_pit_setup(master_mask=0xFE)
+
 SNAPSHOT_COUNTER = GuestProgram(
     "snapshot_counter",
     Arch.X86_64,
     """
-    mov esp, 0x90000
-    mov al, 0x11
-    out 0x20, al
-    out 0xa0, al
-    mov al, 0x20
-    out 0x21, al
-    mov al, 0x28
-    out 0xa1, al
-    mov al, 0x04
-    out 0x21, al
-    mov al, 0x02
-    out 0xa1, al
-    mov al, 0x01
-    out 0x21, al
-    out 0xa1, al
-    mov al, 0xfe
-    out 0x21, al
-    mov al, 0xff
-    out 0xa1, al
-    mov al, 0x34
-    out 0x43, al
-    mov al, 0xa9
-    out 0x40, al
-    mov al, 0x04
-    out 0x40, al
+    mov esp, 0x90000"""
+    + _SETUP_ASM
+    + """
     lidt [0x102000]
     mov ebx, 0x5eed
     mov r12, rbx
@@ -87,10 +68,11 @@ SNAPSHOT_COUNTER = GuestProgram(
     add eax, ebx
     out 0xf4, eax
 """,
-    bytes.fromhex(
-        "bc00000900b011e620e6a0b020e621b028e6a1b004e621b002e6a1b001e621e6a1b0fee621b0ffe6a1b034e643b0a9e640b004e6"
-        "400f011c2500201000bbed5e00004989dcbb0d600000fbf4833c25004010000572f5c70425044010000100000066baf005eef483"
-        "3c25004010000a72f5fabe0000100031c0c1c00533064883c6044881fe0050100072ee4c89e101c801d8e7f4"
+    bytes.fromhex("bc00000900")
+    + _SETUP_CODE
+    + bytes.fromhex(
+        "0f011c2500201000bbed5e00004989dcbb0d600000fbf4833c25004010000572f5c70425044010000100000066baf005eef4"
+        "833c25004010000a72f5fabe0000100031c0c1c00533064883c6044881fe0050100072ee4c89e101c801d8e7f4"
     ),
 )
 
