@@ -7,7 +7,10 @@ import json
 import os
 import subprocess
 import sys
+from importlib.metadata import entry_points
 from pathlib import Path
+
+import pytest
 
 import pyvmm.cli
 
@@ -82,6 +85,8 @@ def test_pyvmm_backends_imports_no_plugin_code_and_no_heavy_library() -> None:
     heavy = [m for m in modules if any(m == h or m.startswith(h + ".") for h in HEAVY)]
     assert heavy == []
     plugin_modules = [m for m in modules if m.startswith("pyvmm_") and "." in m]
+    if not entry_points(group="pyvmm"):
+        pytest.skip("no backend plugin is installed here (core alone): its manifest half runs in the backends' envs")
     assert plugin_modules, "the installed plugins' manifests are read"
     assert [m for m in plugin_modules if m.split(".", 1)[1] not in MANIFEST_ONLY] == []
 
