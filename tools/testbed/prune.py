@@ -6,9 +6,9 @@ The cache holds entries of a few kinds, each named by its key: ``checkout-*``
 ``<arch>/wheels-*`` and the ``.deb`` files in ``<arch>/debs`` (a kind per package
 name).  A run sets the modification time of each entry it uses to now, so the
 time orders entries by last use.  Pruning keeps, per kind, the entries the
-current run uses, those used within ``min_age`` seconds (a run of an older tool
-that does not take the lock), and the ``keep`` most recently used; it removes the
-rest.  ``pyvmm-testbed-*`` scratch directories are left by killed runs and go
+current run uses and those used within ``min_age`` seconds (a run of an older tool
+that does not take the lock), and more of the most recently used up to ``keep``
+in all; it removes the rest.  ``pyvmm-testbed-*`` scratch directories are left by killed runs and go
 once they are older than ``min_age``.  ``<arch>/apt`` (apt's lists, refreshed
 daily in place) and names it does not know are never touched.
 
@@ -150,7 +150,8 @@ def choose(
     entries: Iterable[Entry], *, keep: int, in_use: Iterable[Path] = (), now: float, min_age: float
 ) -> tuple[list[Entry], list[Entry]]:
     """(kept, removed): per kind, what is in use or recent, then the ``keep``
-    most recently used; scratch directories are only kept while recent."""
+    most recently used (the entries kept for the first two reasons count toward
+    ``keep``); scratch directories are only kept while recent."""
     using = {Path(path).resolve() for path in in_use}
     by_kind: dict[str, list[Entry]] = defaultdict(list)
     for entry in entries:
@@ -158,12 +159,15 @@ def choose(
     kept: list[Entry] = []
     removed: list[Entry] = []
     for kind in sorted(by_kind):
-        count = 0
-        for entry in sorted(by_kind[kind], key=lambda e: e.last_used, reverse=True):
-            protected = entry.path.resolve() in using or now - entry.last_used < min_age
-            if protected or (kind != SCRATCH and count < keep):
+
+        def protected(entry: Entry) -> bool:
+            return entry.path.resolve() in using or now - entry.last_used < min_age
+
+        # What must stay counts first toward ``keep``, then the most recently used.
+        ranked = sorted(by_kind[kind], key=lambda e: (not protected(e), -e.last_used))
+        for count, entry in enumerate(ranked):
+            if protected(entry) or (kind != SCRATCH and count < keep):
                 kept.append(entry)
-                count += 1
             else:
                 removed.append(entry)
     return kept, removed
