@@ -18,6 +18,9 @@ Usage, from the checkout's ``tools`` directory (or with it on PYTHONPATH)::
     options: --timeout SECONDS (hard, default 1800), --cache-dir DIR (default
     ~/.cache/pyvmm-testbed or $PYVMM_TESTBED_CACHE), --junit FILE, --quiet,
     --command SHELL (run it in the guest instead of pytest: a look around)
+    --keep N (cache entries kept per kind after the run, default 2), --no-prune
+
+    python3 -m testbed prune [--keep N] [--dry-run] [--cache-dir DIR]
 
 PATHS are test paths in the checkout, before or after the options (default: the
 bed's own, ``Arch.default_selection``: on amd64 ``plugins/pyvmm-kvm/tests`` and
@@ -29,6 +32,10 @@ or a package missing, the guest did not finish in time, KVM not in the mode aske
 Needs: ``qemu-system-arm`` / ``qemu-system-x86`` (Debian 12: QEMU 7.2), apt-get and
 dpkg-deb with Debian's sources configured, pip with PyPI.  The image is built in
 the cache on first use (a minute or two) and reused while the Debian package
-versions and the checkout's requirements stay the same.  The host-side pytest
+versions and the checkout's requirements stay the same.  Each run holds a shared
+lock on the cache (``cachelock``) and then prunes it: per kind (checkout layer, base,
+anchor, wheels, each Debian package) it keeps what the run used and the most recently
+used up to ``--keep``, never what was used in the last hour, never a link out of
+the cache, and nothing while another run holds the lock (``prune``).  The host-side pytest
 tests are ``tools/testbed/tests`` (tox envs ``kvm-arm64`` and ``kvm-amd``).
 """

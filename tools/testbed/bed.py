@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import tempfile
 import xml.etree.ElementTree as ET
 from collections.abc import Callable
@@ -9,7 +10,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from . import image, qemu
+from . import cachelock, image, prune, qemu, wheels
 from .arches import Arch
 from .errors import GuestFailure
 from .framing import FrameError, decode
@@ -80,6 +81,19 @@ def default_cache() -> Path:
     return Path(base) / "pyvmm-testbed"
 
 
+def prune_cache(
+    cache: Path, *, keep: int, in_use: list[Path], dry_run: bool = False, log: Callable[[str], None] = print
+) -> bool:
+    """Prune the cache unless a bed run holds it; False when one did."""
+    with cachelock.exclusive(cache) as alone:
+        if not alone:
+            log(f"testbed: cache: another bed run is using {cache}; nothing pruned")
+            return False
+        for line in prune.prune(cache, keep=keep, in_use=in_use, dry_run=dry_run).lines():
+            log(line)
+    return True
+
+
 def run_bed(
     arch: Arch,
     mode_name: str | None,
@@ -93,32 +107,42 @@ def run_bed(
     echo: Callable[[str], None] | None = None,
     log: Callable[[str], None] = print,
     command: str | None = None,
+    keep: int | None = prune.DEFAULT_KEEP,
 ) -> BedResult:
     """Boot ``arch``'s bed in KVM mode ``mode_name`` and run
     ``pytest --pyvmm-backend kvm SELECTION PYTEST_ARGS`` inside it (or the shell
-    ``command`` instead, its output on the console)."""
+    ``command`` instead, its output on the console).  Afterwards the cache is
+    pruned to the ``keep`` most recently used entries per kind (None: not pruned)."""
     mode = arch.mode(mode_name)
     qemu.qemu_binary(arch)  # missing QEMU is said before anything is downloaded
     cache = cache_dir or default_cache()
-    checkout_layer, checkout_wheels = image.build_checkout_layer(cache, checkout)
-    base = image.build_base(arch, cache, checkout_wheels, log)
-    anchor = image.build_anchor(arch, cache, log)
-    settings = {
-        "mode": mode.name,
-        "kvm_marker": mode.dmesg_marker,
-        "pytest": ["--pyvmm-backend", "kvm", *selection, *pytest_args],
-        "command": command,
-    }
-    with tempfile.TemporaryDirectory(prefix="pyvmm-testbed-run-") as scratch:
-        run_layer = image.build_run_layer(
-            arch, base, checkout, selection=selection, settings=settings, into=Path(scratch)
-        )
-        initrd = Path(scratch) / "initrd.cpio"
-        layers = [base.archive, checkout_layer, *([anchor] if anchor else []), run_layer]
-        image.concatenate(layers, initrd)
-        argv = qemu.command(arch, mode, base.kernel, initrd, cpus=cpus)
-        log(f"testbed: booting the {arch.name} bed ({mode.name}): {' '.join(argv)}")
-        booted = qemu.boot(argv, timeout, echo)
+    with cachelock.shared(cache):
+        checkout_layer, checkout_wheels = image.build_checkout_layer(cache, checkout)
+        base = image.build_base(arch, cache, checkout_wheels, log)
+        anchor = image.build_anchor(arch, cache, log)
+        wheel_dir = cache / arch.name / f"wheels-{wheels.dependencies_key(checkout_wheels, arch.wheel_platforms)}"
+        in_use = [checkout_layer.parent, base.archive.parent, *([anchor] if anchor else []), wheel_dir]
+        for entry in in_use:
+            if entry.exists():  # a base found in the cache had no need of its wheels
+                os.utime(entry)  # the entry's time is its last use: pruning keeps the latest
+        settings = {
+            "mode": mode.name,
+            "kvm_marker": mode.dmesg_marker,
+            "pytest": ["--pyvmm-backend", "kvm", *selection, *pytest_args],
+            "command": command,
+        }
+        with tempfile.TemporaryDirectory(prefix="pyvmm-testbed-run-") as scratch:
+            run_layer = image.build_run_layer(
+                arch, base, checkout, selection=selection, settings=settings, into=Path(scratch)
+            )
+            initrd = Path(scratch) / "initrd.cpio"
+            layers = [base.archive, checkout_layer, *([anchor] if anchor else []), run_layer]
+            image.concatenate(layers, initrd)
+            argv = qemu.command(arch, mode, base.kernel, initrd, cpus=cpus)
+            log(f"testbed: booting the {arch.name} bed ({mode.name}): {' '.join(argv)}")
+            booted = qemu.boot(argv, timeout, echo)
+    if keep is not None:
+        prune_cache(cache, keep=keep, in_use=in_use, log=log)
     try:
         payload = decode(booted.console)
     except FrameError as error:
