@@ -81,6 +81,7 @@ def test_pyvmm_backends_imports_no_plugin_code_and_no_heavy_library() -> None:
     modules = _all_imported(["backends", "--json"])
     heavy = [m for m in modules if any(m == h or m.startswith(h + ".") for h in HEAVY)]
     assert heavy == []
+    assert "logging" not in modules, "no record goes out: pyvmm.lazy_logging never loads logging"
     plugin_modules = [m for m in modules if m.startswith("pyvmm_") and "." in m]
     assert plugin_modules, "the installed plugins' manifests are read"
     assert [m for m in plugin_modules if m.split(".", 1)[1] not in MANIFEST_ONLY] == []
@@ -138,6 +139,7 @@ def test_the_demo_machine_imports_no_snapshot_machinery_and_no_userspace_irqchip
     assert [m for m in SNAPSHOT_MODULES if m in modules] == []
     assert [m for m in USERSPACE_IRQCHIP_MODULES if m in modules] == []
     assert "pyvmm.devices.testdev" not in modules
+    assert "logging" not in modules, "no record goes out: pyvmm.lazy_logging never loads logging"
 
 
 def test_the_userspace_irqchip_and_the_snapshot_machinery_load_when_asked_for(tmp_path: Path) -> None:
@@ -145,3 +147,45 @@ def test_the_userspace_irqchip_and_the_snapshot_machinery_load_when_asked_for(tm
     assert "pyvmm.devices.testdev" in _machine_imports({"testdev": True})
     saving = _machine_imports({}, {"snapshot_to": str(tmp_path / "saved.snap")})
     assert {"pyvmm.snapshot", "pyvmm.machine.snapshots"} <= saving
+
+
+# --- logging: loaded by the first record that goes out, not before ----------------------
+
+LOGS = """
+import sys
+from pyvmm import cli_log
+from pyvmm.lazy_logging import LazyLogger
+
+cli_log.configure(verbose={verbose})
+cli_log.notice("backend x (--backend), x86_64 guest")
+LazyLogger("pyvmm.machine").debug("a debug record")
+print("loaded" if "logging" in sys.modules else "not loaded", file=sys.stderr)
+LazyLogger("pyvmm.machine").warning("unhandled port %#x", 0x80)
+print("loaded" if "logging" in sys.modules else "not loaded", file=sys.stderr)
+"""
+
+
+def _log_lines(verbose: int) -> list[str]:
+    code = LOGS.format(verbose=verbose)
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=False)
+    assert done.returncode == 0, done.stderr
+    return done.stderr.splitlines()
+
+
+def test_the_notice_and_dropped_records_load_no_logging_and_a_shown_record_does() -> None:
+    assert _log_lines(0) == [
+        "pyvmm: backend x (--backend), x86_64 guest",
+        "not loaded",
+        "pyvmm: warning: unhandled port 0x80",
+        "loaded",
+    ]
+
+
+def test_a_debug_record_shown_by_the_level_goes_out_through_logging() -> None:
+    assert _log_lines(2) == [
+        "pyvmm: backend x (--backend), x86_64 guest",
+        "pyvmm: debug: a debug record",
+        "loaded",
+        "pyvmm: warning: unhandled port 0x80",
+        "loaded",
+    ]

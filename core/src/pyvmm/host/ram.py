@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
-import logging
 import mmap
 import os
 import sys
@@ -32,8 +31,10 @@ from typing import Any
 
 from pyvmm.errors import ConfigError, ErrorSpace, HypervisorError, VmStateError
 from pyvmm.host import win32
+from pyvmm.lazy_logging import LazyLogger
 
-log = logging.getLogger("pyvmm.host")
+# Loads logging only when a record goes out (start-up time).
+log = LazyLogger("pyvmm.host")
 
 #: ``MAP_NORESERVE`` in linux/include/uapi/asm-generic/mman-common.h's family:
 #: 0x4000 on x86 and arm64 (asm-generic/mman.h), which Python 3.10's mmap module

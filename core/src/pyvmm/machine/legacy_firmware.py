@@ -49,7 +49,6 @@ refuses an image that put bytes there.
 from __future__ import annotations
 
 import dataclasses
-import logging
 import struct
 from collections.abc import Callable
 
@@ -59,12 +58,14 @@ from pyvmm.devices import acpi_pm
 from pyvmm.devices.acpi_pm import AcpiPm, SleepEvents
 from pyvmm.devices.rtc import REG_CENTURY, Rtc
 from pyvmm.errors import ConfigError
+from pyvmm.lazy_logging import LazyLogger
 from pyvmm.machine.bus import PortBus
 from pyvmm.machine.layout import IOAPIC_BASE, LAPIC_BASE
 from pyvmm.memory import GuestMemory
 from pyvmm.vm import Vcpu
 
-log = logging.getLogger("pyvmm.machine")
+# Loads logging only when a record goes out (start-up time).
+log = LazyLogger("pyvmm.machine")
 
 #: EAX at a Multiboot v1 entry: how the machine recognises a Multiboot boot.
 MULTIBOOT_BOOTLOADER_MAGIC = 0x2BADB002

@@ -35,7 +35,6 @@ legacy firmware where it wants a BIOS, and each vCPU's CPUID table.
 from __future__ import annotations
 
 import errno
-import logging
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, BinaryIO, cast
 
@@ -56,6 +55,7 @@ from pyvmm.devices.sinks import PortSink
 from pyvmm.devices.uart import COM1_IRQ, IER_RDA, Uart16550
 from pyvmm.errors import ConfigError
 from pyvmm.exits import CpuidExit, HypercallExit, MsrAccessExit, VcpuExit
+from pyvmm.lazy_logging import LazyLogger
 from pyvmm.machine import cpuid
 from pyvmm.machine.board import Board, BoardParts, MachineEvents
 from pyvmm.machine.bus import MmioBus, PortBus
@@ -74,7 +74,8 @@ if TYPE_CHECKING:
     from pyvmm.devices.testdev import PcTestDev, SetIrqLine
     from pyvmm.machine.userspace_irqchip import UserspaceIrqchip
 
-log = logging.getLogger("pyvmm.machine")
+# Loads logging only when a record goes out (start-up time).
+log = LazyLogger("pyvmm.machine")
 
 #: -ENOSYS as a 64-bit register: the answer to a hypercall nobody handles.
 ENOSYS_U64 = (1 << 64) - errno.ENOSYS
