@@ -120,6 +120,8 @@ print(json.dumps(sorted(sys.modules)), file=sys.stderr)
 SNAPSHOT_MODULES = ("pyvmm.snapshot", "pyvmm.reset_point", "pyvmm.machine.snapshots", "hashlib", "_hashlib")
 #: Loaded only by a machine with the board's own interrupt controllers.
 USERSPACE_IRQCHIP_MODULES = ("pyvmm.machine.userspace_irqchip", "pyvmm.devices.i8259", "pyvmm.devices.i8254")
+#: Loaded only by a machine that boots through the legacy firmware.
+LEGACY_FIRMWARE_MODULES = ("pyvmm.machine.legacy_firmware", "pyvmm.devices.acpi_pm")
 
 
 def _machine_imports(settings: dict[str, object], options: dict[str, object] | None = None) -> set[str]:
@@ -139,12 +141,14 @@ def test_the_demo_machine_imports_no_snapshot_machinery_and_no_userspace_irqchip
     assert [m for m in SNAPSHOT_MODULES if m in modules] == []
     assert [m for m in USERSPACE_IRQCHIP_MODULES if m in modules] == []
     assert "pyvmm.devices.testdev" not in modules
+    assert [m for m in LEGACY_FIRMWARE_MODULES if m in modules] == [], "the demo boots without the firmware"
     assert "logging" not in modules, "no record goes out: pyvmm.lazy_logging never loads logging"
 
 
 def test_the_userspace_irqchip_and_the_snapshot_machinery_load_when_asked_for(tmp_path: Path) -> None:
     assert set(USERSPACE_IRQCHIP_MODULES) <= _machine_imports({"irqchip": "userspace"})
     assert "pyvmm.devices.testdev" in _machine_imports({"testdev": True})
+    assert set(LEGACY_FIRMWARE_MODULES) <= _machine_imports({"legacy_bios": True})
     saving = _machine_imports({}, {"snapshot_to": str(tmp_path / "saved.snap")})
     assert {"pyvmm.snapshot", "pyvmm.machine.snapshots"} <= saving
 

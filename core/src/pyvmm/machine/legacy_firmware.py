@@ -67,9 +67,6 @@ from pyvmm.vm import Vcpu
 # Loads logging only when a record goes out (start-up time).
 log = LazyLogger("pyvmm.machine")
 
-#: EAX at a Multiboot v1 entry: how the machine recognises a Multiboot boot.
-MULTIBOOT_BOOTLOADER_MAGIC = 0x2BADB002
-
 IVT_BASE = 0
 IVT_VECTORS = 256
 FIRMWARE_SEGMENT = 0xF000
@@ -173,12 +170,6 @@ IOAPIC_ID = 0
 SCI_INTI_FLAGS = 0b1101
 #: C2/C3 latencies over 100/1000 us: "not supported".
 _NO_C2, _NO_C3 = 101, 1001
-
-
-def is_multiboot(spec: BootSpec) -> bool:
-    registers = {name.lower(): value for name, value in spec.registers.items()}
-    magic = registers.get("rax", registers.get("eax"))
-    return spec.x86_mode is X86Mode.PROTECTED and magic == MULTIBOOT_BOOTLOADER_MAGIC
 
 
 # --- the boot stub and the vector table ---------------------------------------------
