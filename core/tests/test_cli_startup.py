@@ -82,6 +82,7 @@ def test_pyvmm_backends_imports_no_plugin_code_and_no_heavy_library() -> None:
     heavy = [m for m in modules if any(m == h or m.startswith(h + ".") for h in HEAVY)]
     assert heavy == []
     assert "logging" not in modules, "no record goes out: pyvmm.lazy_logging never loads logging"
+    assert "ctypes" not in modules, "guest RAM's address comes from cffi's runtime; ctypes is for Windows"
     plugin_modules = [m for m in modules if m.startswith("pyvmm_") and "." in m]
     assert plugin_modules, "the installed plugins' manifests are read"
     assert [m for m in plugin_modules if m.split(".", 1)[1] not in MANIFEST_ONLY] == []
@@ -143,6 +144,7 @@ def test_the_demo_machine_imports_no_snapshot_machinery_and_no_userspace_irqchip
     assert "pyvmm.devices.testdev" not in modules
     assert [m for m in LEGACY_FIRMWARE_MODULES if m in modules] == [], "the demo boots without the firmware"
     assert "logging" not in modules, "no record goes out: pyvmm.lazy_logging never loads logging"
+    assert "ctypes" not in modules, "guest RAM's address comes from cffi's runtime; ctypes is for Windows"
 
 
 def test_the_userspace_irqchip_and_the_snapshot_machinery_load_when_asked_for(tmp_path: Path) -> None:
