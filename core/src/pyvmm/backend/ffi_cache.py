@@ -10,6 +10,9 @@ loads in about a millisecond.
 :func:`declared_ffi` does exactly that, the way Python caches bytecode: the
 first process to need a set of declarations parses them and writes cffi's
 out-of-line module to a cache directory; every later one loads that module.
+The module's compiled code is kept next to it (``ffi_<key>.code``, marshalled
+and stamped with the source's mtime and size, as a ``.pyc`` is), so that later
+processes run it without compiling it again.
 
 Why a cache filled at first use rather than a module generated at build time:
 the backends are pure-Python distributions whose declarations are ordinary
