@@ -84,6 +84,8 @@ def test_pyvmm_backends_imports_no_plugin_code_and_no_heavy_library() -> None:
     modules = _all_imported(["backends", "--json"])
     heavy = [m for m in modules if any(m == h or m.startswith(h + ".") for h in HEAVY)]
     assert heavy == []
+    assert "logging" not in modules, "no record goes out: pyvmm.lazy_logging never loads logging"
+    assert "ctypes" not in modules, "guest RAM's address comes from cffi's runtime; ctypes is for Windows"
     plugin_modules = [m for m in modules if m.startswith("pyvmm_") and "." in m]
     if not entry_points(group="pyvmm"):
         pytest.skip("no backend plugin is installed here (core alone): its manifest half runs in the backends' envs")
@@ -124,6 +126,8 @@ print(json.dumps(sorted(sys.modules)), file=sys.stderr)
 SNAPSHOT_MODULES = ("pyvmm.snapshot", "pyvmm.reset_point", "pyvmm.machine.snapshots", "hashlib", "_hashlib")
 #: Loaded only by a machine with the board's own interrupt controllers.
 USERSPACE_IRQCHIP_MODULES = ("pyvmm.machine.userspace_irqchip", "pyvmm.devices.i8259", "pyvmm.devices.i8254")
+#: Loaded only by a machine that boots through the legacy firmware.
+LEGACY_FIRMWARE_MODULES = ("pyvmm.machine.legacy_firmware", "pyvmm.devices.acpi_pm")
 
 
 def _machine_imports(settings: dict[str, object], options: dict[str, object] | None = None) -> set[str]:
@@ -143,10 +147,56 @@ def test_the_demo_machine_imports_no_snapshot_machinery_and_no_userspace_irqchip
     assert [m for m in SNAPSHOT_MODULES if m in modules] == []
     assert [m for m in USERSPACE_IRQCHIP_MODULES if m in modules] == []
     assert "pyvmm.devices.testdev" not in modules
+    assert [m for m in LEGACY_FIRMWARE_MODULES if m in modules] == [], "the demo boots without the firmware"
+    assert "logging" not in modules, "no record goes out: pyvmm.lazy_logging never loads logging"
+    assert "ctypes" not in modules, "guest RAM's address comes from cffi's runtime; ctypes is for Windows"
 
 
 def test_the_userspace_irqchip_and_the_snapshot_machinery_load_when_asked_for(tmp_path: Path) -> None:
     assert set(USERSPACE_IRQCHIP_MODULES) <= _machine_imports({"irqchip": "userspace"})
     assert "pyvmm.devices.testdev" in _machine_imports({"testdev": True})
+    assert set(LEGACY_FIRMWARE_MODULES) <= _machine_imports({"legacy_bios": True})
     saving = _machine_imports({}, {"snapshot_to": str(tmp_path / "saved.snap")})
     assert {"pyvmm.snapshot", "pyvmm.machine.snapshots"} <= saving
+
+
+# --- logging: loaded by the first record that goes out, not before ----------------------
+
+LOGS = """
+import sys
+from pyvmm import cli_log
+from pyvmm.lazy_logging import LazyLogger
+
+cli_log.configure(verbose={verbose})
+cli_log.notice("backend x (--backend), x86_64 guest")
+LazyLogger("pyvmm.machine").debug("a debug record")
+print("loaded" if "logging" in sys.modules else "not loaded", file=sys.stderr)
+LazyLogger("pyvmm.machine").warning("unhandled port %#x", 0x80)
+print("loaded" if "logging" in sys.modules else "not loaded", file=sys.stderr)
+"""
+
+
+def _log_lines(verbose: int) -> list[str]:
+    code = LOGS.format(verbose=verbose)
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=False)
+    assert done.returncode == 0, done.stderr
+    return done.stderr.splitlines()
+
+
+def test_the_notice_and_dropped_records_load_no_logging_and_a_shown_record_does() -> None:
+    assert _log_lines(0) == [
+        "pyvmm: backend x (--backend), x86_64 guest",
+        "not loaded",
+        "pyvmm: warning: unhandled port 0x80",
+        "loaded",
+    ]
+
+
+def test_a_debug_record_shown_by_the_level_goes_out_through_logging() -> None:
+    assert _log_lines(2) == [
+        "pyvmm: backend x (--backend), x86_64 guest",
+        "pyvmm: debug: a debug record",
+        "loaded",
+        "pyvmm: warning: unhandled port 0x80",
+        "loaded",
+    ]

@@ -153,3 +153,43 @@ def test_cache_directory_choice(tmp_path: Path) -> None:
     assert cache_directory({ENV_FFI_CACHE: str(tmp_path)}) == tmp_path
     assert cache_directory({"XDG_CACHE_HOME": str(tmp_path)}) == tmp_path / "pyvmm" / "cffi"
     assert cache_directory({}) == Path.home() / ".cache" / "pyvmm" / "cffi"
+
+
+def test_later_use_runs_the_compiled_twin_without_compiling(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    declared_ffi(CDEF, _env(tmp_path))  # writes the module
+    declared_ffi(CDEF, _env(tmp_path))  # compiles it once, writes its twin
+    (twin,) = tmp_path.glob("ffi_*.code")
+    assert twin.stat().st_mode & 0o777 == 0o600
+    assert not list(tmp_path.glob(".ffi_*")), "the temporary file is renamed, not left behind"
+
+    def no_compile(*args: Any) -> Any:
+        raise AssertionError("compiled although the twin holds the code")
+
+    monkeypatch.setattr(ffi_cache, "compile", no_compile, raising=False)
+    assert _layout(declared_ffi(CDEF, _env(tmp_path))) == (16, 56, 4, 8)
+
+
+def test_a_twin_of_another_source_or_writable_by_others_is_not_run(tmp_path: Path) -> None:
+    declared_ffi(CDEF, _env(tmp_path))
+    declared_ffi(CDEF, _env(tmp_path))
+    (twin,) = tmp_path.glob("ffi_*.code")
+    stale = twin.read_bytes()
+    planted = tmp_path / "planted"
+    declared_ffi(CDEF.replace("uint64_t b;", "uint8_t b;"), _env(planted))
+    (other,) = _cache_files(planted)
+    (path,) = _cache_files(tmp_path)
+    (tmp_path / "original.py").write_bytes(path.read_bytes())
+    path.write_bytes(other.read_bytes())  # the source changed: the twin is stale
+    assert declared_ffi(CDEF, _env(tmp_path)).sizeof("struct probe_pair") == 8
+    assert twin.read_bytes() != stale, "the twin is rewritten from the new source"
+    # A twin stamped for the current source but holding CDEF's code: trusted
+    # while private, never run once others may write to it.
+    import marshal
+
+    original = compile((planted.parent / "original.py").read_bytes(), "original", "exec")
+    twin.write_bytes(ffi_cache._code_stamp(path.stat()) + marshal.dumps(original))
+    twin.chmod(0o600)
+    assert declared_ffi(CDEF, _env(tmp_path)).sizeof("struct probe_pair") == 16, "a private twin is trusted"
+    twin.write_bytes(ffi_cache._code_stamp(path.stat()) + marshal.dumps(original))
+    twin.chmod(0o620)
+    assert declared_ffi(CDEF, _env(tmp_path)).sizeof("struct probe_pair") == 8

@@ -133,6 +133,20 @@ class BootSpec:
 
 BOOT_SPEC_FIELDS = ("arch", "entry", "x86_mode", "stack", "registers", "boot_tables", "fdt_address", "fdt_size")
 
+#: EAX at a Multiboot v1 entry: how the machine recognises a Multiboot boot.
+MULTIBOOT_BOOTLOADER_MAGIC = 0x2BADB002
+
+
+def is_multiboot(spec: BootSpec) -> bool:
+    """Whether ``spec`` is a Multiboot v1 hand-off (protected mode, EAX = the magic).
+
+    Here rather than in :mod:`pyvmm.machine.legacy_firmware`, which boots such
+    kernels: every x86 boot asks, and only some load the firmware (start-up time).
+    """
+    registers = {name.lower(): value for name, value in spec.registers.items()}
+    magic = registers.get("rax", registers.get("eax"))
+    return spec.x86_mode is X86Mode.PROTECTED and magic == MULTIBOOT_BOOTLOADER_MAGIC
+
 
 @dataclass(slots=True)
 class X86VcpuInit:

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import logging
 import os
 import signal
 import sys
@@ -551,7 +550,7 @@ def _select_backend(config: MachineConfig, words: _UserWords) -> tuple[Backend, 
     """The backend (``--backend``, the machine file, ``$PYVMM_BACKEND``, else the
     best available one that runs the guest's arch) and the guest arch; one line
     on stderr says which and why."""
-    from pyvmm.cli_log import NOTICE
+    from pyvmm.cli_log import notice
     from pyvmm.machine.machine import machine_arch
     from pyvmm.plugins import ENV_BACKEND, default_registry, registry_for
     from pyvmm.vm import Backend
@@ -571,7 +570,7 @@ def _select_backend(config: MachineConfig, words: _UserWords) -> tuple[Backend, 
         why = _why_best(registry, plugin, config.arch)
     backend = Backend(plugin)
     arch = machine_arch(config.arch, backend)
-    logging.getLogger("pyvmm.cli").log(NOTICE, "backend %s (%s), %s guest", backend.name, why, arch.value)
+    notice(f"backend {backend.name} ({why}), {arch.value} guest")
     return backend, arch
 
 
@@ -633,6 +632,5 @@ def _log_to_stderr() -> None:
     through :func:`pyvmm.cli.main` (which sets the level from -v/-q/$PYVMM_LOG)."""
     from pyvmm import cli_log
 
-    logger = logging.getLogger("pyvmm")
-    if not any(isinstance(handler, cli_log.StderrHandler) for handler in logger.handlers):
+    if not cli_log.configured():
         cli_log.configure()

@@ -15,7 +15,7 @@ from coretests_support import MakeBackend
 from machinetests_support import IRQCHIP_CAPS, MACHINE_CAPS, TINY_IMAGE, io_exit, machine_config, value_of
 
 from pyvmm.arch.x86_64 import CR0_ET
-from pyvmm.boot import BootSpec, X86Mode, X86VcpuInit
+from pyvmm.boot import BootSpec, X86Mode, X86VcpuInit, is_multiboot
 from pyvmm.capabilities import Capability
 from pyvmm.config import Arch, MemoryRegionSpec
 from pyvmm.devices import acpi_pm, rtc
@@ -88,10 +88,10 @@ def test_the_stub_takes_long_mode_in_reach_but_not_real_mode() -> None:
 
 
 def test_multiboot_is_recognised_by_its_magic() -> None:
-    assert fw.is_multiboot(spec(rax=0x2BADB002, rbx=MBI))
-    assert fw.is_multiboot(spec(EAX=0x2BADB002))
-    assert not fw.is_multiboot(spec(rax=0x2BADB003))
-    assert not fw.is_multiboot(spec(X86Mode.LONG, rax=0x2BADB002))
+    assert is_multiboot(spec(rax=0x2BADB002, rbx=MBI))
+    assert is_multiboot(spec(EAX=0x2BADB002))
+    assert not is_multiboot(spec(rax=0x2BADB003))
+    assert not is_multiboot(spec(X86Mode.LONG, rax=0x2BADB002))
 
 
 # --- what the guest finds in memory -------------------------------------------------------

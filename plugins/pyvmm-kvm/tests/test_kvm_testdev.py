@@ -9,7 +9,7 @@ import time
 
 import pytest
 
-from pyvmm.boot import X86Mode
+from pyvmm.boot import MULTIBOOT_BOOTLOADER_MAGIC, X86Mode
 from pyvmm.config import Arch
 from pyvmm.machine import GuestImage, Machine, MachineConfig, RunResult, StopReason
 from pyvmm.machine import legacy_firmware as fw
@@ -22,7 +22,7 @@ IDTR = 0x102000
 IDT = 0x103000
 STACK = 0x90000
 RESUME = 0x8000
-MULTIBOOT_REGISTERS = {"rax": fw.MULTIBOOT_BOOTLOADER_MAGIC, "rbx": 0x9000}
+MULTIBOOT_REGISTERS = {"rax": MULTIBOOT_BOOTLOADER_MAGIC, "rbx": 0x9000}
 
 
 def program(name: str, source: str, code: str, directive: str = ".code64") -> GuestProgram:

@@ -10,6 +10,9 @@ loads in about a millisecond.
 :func:`declared_ffi` does exactly that, the way Python caches bytecode: the
 first process to need a set of declarations parses them and writes cffi's
 out-of-line module to a cache directory; every later one loads that module.
+The module's compiled code is kept next to it (``ffi_<key>.code``, marshalled
+and stamped with the source's mtime and size, as a ``.pyc`` is), so that later
+processes run it without compiling it again.
 
 Why a cache filled at first use rather than a module generated at build time:
 the backends are pure-Python distributions whose declarations are ordinary
@@ -135,28 +138,79 @@ def _parsed(cdef: str, packed: bool = False) -> Any:
     return ffi
 
 
-def _private_to_us(path: Path) -> bool:
-    """True when ``path`` is ours and nobody else can write to it."""
+def _private_to_us(path: Path) -> os.stat_result | None:
+    """``path``'s status when it is ours and nobody else can write to it, else None."""
     info = path.stat()
     getuid = getattr(os, "getuid", None)
     if getuid is not None and info.st_uid != getuid():
-        return False
-    return not info.st_mode & (stat.S_IWGRP | stat.S_IWOTH)
+        return None
+    return None if info.st_mode & (stat.S_IWGRP | stat.S_IWOTH) else info
 
 
 def _load(path: Path) -> Any:
     """The FFI object in the cache file ``path``; None when there is none, it is
     not private to this user, or it does not load (it is then rewritten)."""
     try:
-        if not (_private_to_us(path.parent) and _private_to_us(path)):
+        if _private_to_us(path.parent) is None:
             return None
-        code = compile(path.read_bytes(), str(path), "exec")
+        info = _private_to_us(path)
+        if info is None:
+            return None
+        code = _compiled(path, info)
         namespace: dict[str, Any] = {}
         exec(code, namespace)
     except Exception:  # noqa: BLE001 - any broken cache file means "parse instead"
         return None
     ffi = namespace.get("ffi")
     return ffi if isinstance(ffi, _cffi_backend.FFI) else None
+
+
+#: Starts a compiled cache file; followed by the source's mtime and size.
+_CODE_MAGIC = b"pyvmm-ffi-code-1"
+
+
+def _code_stamp(source: os.stat_result) -> bytes:
+    return _CODE_MAGIC + source.st_mtime_ns.to_bytes(8, "little") + source.st_size.to_bytes(8, "little")
+
+
+def _compiled(path: Path, source: os.stat_result) -> Any:
+    """The code object of the cache file ``path``, from its compiled twin
+    (``.code``, marshalled) when that was made from this very file, as Python's
+    own ``.pyc`` files are; else compiled now and the twin (re)written.
+
+    Compiling the out-of-line module's source costs more than running it; the
+    file name's key already names the interpreter, and the stamp (the source's
+    mtime and size, as in a ``.pyc``) ties the twin to the source it came from.
+    """
+    import marshal  # built in: nothing to load
+
+    twin = path.with_suffix(".code")
+    stamp = _code_stamp(source)
+    try:
+        if _private_to_us(twin) is not None:
+            data = twin.read_bytes()
+            if data.startswith(stamp):
+                return marshal.loads(data[len(stamp) :])
+    except (OSError, ValueError, EOFError, TypeError):
+        pass  # no twin, or a broken one: compile, and write it again
+    code = compile(path.read_bytes(), str(path), "exec")
+    _write_private(twin, stamp + marshal.dumps(code))
+    return code
+
+
+def _write_private(path: Path, data: bytes) -> None:
+    """Write ``data`` to ``path`` (mode 0600) through a temporary file renamed
+    over it; failing to is not an error (the next process compiles again)."""
+    temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        with os.fdopen(os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600), "wb") as out:
+            out.write(data)
+        os.replace(temporary, path)
+    except OSError:
+        pass
+    finally:
+        if os.path.exists(temporary):
+            os.unlink(temporary)
 
 
 def _store(parsed: Any, key: str, directory: Path, path: Path) -> None:

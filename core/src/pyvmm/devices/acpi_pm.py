@@ -22,7 +22,6 @@ when the timer's top bit flips.
 
 from __future__ import annotations
 
-import logging
 import threading
 import time
 from collections.abc import Callable
@@ -30,9 +29,11 @@ from dataclasses import dataclass
 
 from pyvmm.devices.base import Device
 from pyvmm.devices.state import DeviceState, check_fields, take
+from pyvmm.lazy_logging import LazyLogger
 from pyvmm.served_io import PmTimerRegister, ServedSpan
 
-log = logging.getLogger("pyvmm.devices")
+# Loads logging only when a record goes out (start-up time).
+log = LazyLogger("pyvmm.devices")
 
 PM_BASE = 0x600
 PM1_EVT_OFFSET = 0

@@ -29,12 +29,13 @@ accepts: realmode.flat's ``outl 1, 0x200b`` raises line 11 and lowers 12-14.
 
 from __future__ import annotations
 
-import logging
 from collections.abc import Callable
 
 from pyvmm.devices.base import Device
+from pyvmm.lazy_logging import LazyLogger
 
-log = logging.getLogger("pyvmm.devices")
+# Loads logging only when a record goes out (start-up time).
+log = LazyLogger("pyvmm.devices")
 
 LATCH_PORT = 0xE0
 #: The latch, the flush-page port and the byte-wide latch, 4 ports each.

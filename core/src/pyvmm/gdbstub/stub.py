@@ -29,7 +29,6 @@ it.
 from __future__ import annotations
 
 import contextlib
-import logging
 import os
 import select
 import socket
@@ -45,12 +44,14 @@ from pyvmm.exits import DebugExit, ExitKind, VcpuExit
 from pyvmm.gdbstub.packets import PacketReader, ProtocolError, frame
 from pyvmm.gdbstub.registers import RegisterError, RegisterFile, register_file
 from pyvmm.gdbstub.translate import x86_translate
+from pyvmm.lazy_logging import LazyLogger
 from pyvmm.vm import Vcpu
 
 if TYPE_CHECKING:
     from pyvmm.machine.machine import Machine
 
-log = logging.getLogger("pyvmm.gdbstub")
+# Loads logging only when a record goes out (start-up time).
+log = LazyLogger("pyvmm.gdbstub")
 
 SIGINT = 2
 SIGTRAP = 5

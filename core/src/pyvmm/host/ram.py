@@ -22,8 +22,6 @@ view, otherwise when the last view goes, so no view ever points at freed memory.
 from __future__ import annotations
 
 import contextlib
-import ctypes
-import logging
 import mmap
 import os
 import sys
@@ -32,8 +30,10 @@ from typing import Any
 
 from pyvmm.errors import ConfigError, ErrorSpace, HypervisorError, VmStateError
 from pyvmm.host import win32
+from pyvmm.lazy_logging import LazyLogger
 
-log = logging.getLogger("pyvmm.host")
+# Loads logging only when a record goes out (start-up time).
+log = LazyLogger("pyvmm.host")
 
 #: ``MAP_NORESERVE`` in linux/include/uapi/asm-generic/mman-common.h's family:
 #: 0x4000 on x86 and arm64 (asm-generic/mman.h), which Python 3.10's mmap module
@@ -139,10 +139,29 @@ def _allocate_posix(size: int) -> HostRam:
     if flags is None:  # worked out on first use, not at import (and not per region: it costs µs)
         flags = _posix_flags = mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS | map_noreserve()
     mapping = mmap.mmap(-1, size, flags=flags, prot=mmap.PROT_READ | mmap.PROT_WRITE)
-    anchor = ctypes.c_char.from_buffer(mapping)
-    address = ctypes.addressof(anchor)
-    del anchor  # release the buffer export so close() can unmap
-    return HostRam(mapping, memoryview(mapping), address, size)
+    return HostRam(mapping, memoryview(mapping), _buffer_address(mapping), size)
+
+
+_ffi: Any = None
+
+
+def _buffer_address(mapping: Any) -> int:
+    """The host address of ``mapping``'s first byte.
+
+    Through cffi's runtime (a pyvmm-core dependency, already loaded by every
+    backend with C bindings) rather than ctypes, which would cost a few
+    milliseconds of every start-up for this one number.
+    """
+    global _ffi
+    if _ffi is None:
+        import _cffi_backend  # type: ignore[import-untyped]  # cffi's runtime, shipped without stubs
+
+        _ffi = _cffi_backend.FFI()
+    pointer = _ffi.from_buffer(mapping)
+    try:
+        return int(_ffi.cast("uintptr_t", pointer))
+    finally:
+        _ffi.release(pointer)  # release the buffer export so close() can unmap
 
 
 def _virtual_free(kernel32: Any, address: int) -> None:
@@ -156,6 +175,8 @@ def _allocate_windows(size: int) -> HostRam:
     address = kernel32.VirtualAlloc(None, size, win32.MEM_RESERVE | win32.MEM_COMMIT, win32.PAGE_READWRITE)
     if not address:
         raise HypervisorError("VirtualAlloc", win32.last_error(), f"{size:#x} bytes", space=ErrorSpace.WIN32)
+    import ctypes  # Windows only: see _buffer_address
+
     try:
         owner = (ctypes.c_char * size).from_address(address)
         # The array is what every view exports, so it lives exactly as long as the

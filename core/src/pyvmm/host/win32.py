@@ -14,10 +14,13 @@ function (memoryapi.h)", "Memory Protection Constants", "CreateEventW function
 
 from __future__ import annotations
 
-import ctypes
 import math
 import threading
 from typing import Any
+
+# ctypes is imported by the calls below, not here: the constants are read on
+# every host (pyvmm.host.event, pyvmm.host.ram import this module), and ctypes
+# costs a few milliseconds of every start-up where nothing calls Windows.
 
 #: ``VirtualAlloc`` allocation types and the protection pyvmm uses.
 MEM_COMMIT = 0x0000_1000
@@ -33,17 +36,22 @@ WAIT_TIMEOUT = 0x0000_0102
 WAIT_FAILED = 0xFFFF_FFFF
 INFINITE = 0xFFFF_FFFF
 
-# (name, argtypes, restype).  HANDLE and LPVOID are pointers (c_void_p: an int or
-# None in Python), BOOL is an int, DWORD a 32-bit unsigned, SIZE_T a size_t.
-_SIGNATURES: tuple[tuple[str, list[Any], Any], ...] = (
-    ("VirtualAlloc", [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_uint32, ctypes.c_uint32], ctypes.c_void_p),
-    ("VirtualFree", [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_uint32], ctypes.c_int),
-    ("CreateEventW", [ctypes.c_void_p, ctypes.c_int, ctypes.c_int, ctypes.c_wchar_p], ctypes.c_void_p),
-    ("SetEvent", [ctypes.c_void_p], ctypes.c_int),
-    ("ResetEvent", [ctypes.c_void_p], ctypes.c_int),
-    ("WaitForSingleObject", [ctypes.c_void_p, ctypes.c_uint32], ctypes.c_uint32),
-    ("CloseHandle", [ctypes.c_void_p], ctypes.c_int),
-)
+
+def _signatures() -> tuple[tuple[str, list[Any], Any], ...]:
+    """(name, argtypes, restype).  HANDLE and LPVOID are pointers (c_void_p: an
+    int or None in Python), BOOL is an int, DWORD a 32-bit unsigned, SIZE_T a size_t."""
+    import ctypes
+
+    return (
+        ("VirtualAlloc", [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_uint32, ctypes.c_uint32], ctypes.c_void_p),
+        ("VirtualFree", [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_uint32], ctypes.c_int),
+        ("CreateEventW", [ctypes.c_void_p, ctypes.c_int, ctypes.c_int, ctypes.c_wchar_p], ctypes.c_void_p),
+        ("SetEvent", [ctypes.c_void_p], ctypes.c_int),
+        ("ResetEvent", [ctypes.c_void_p], ctypes.c_int),
+        ("WaitForSingleObject", [ctypes.c_void_p, ctypes.c_uint32], ctypes.c_uint32),
+        ("CloseHandle", [ctypes.c_void_p], ctypes.c_int),
+    )
+
 
 _lock = threading.Lock()
 _kernel32: Any = None
@@ -55,12 +63,14 @@ def kernel32() -> Any:
     ``use_last_error=True`` makes ctypes save ``GetLastError()`` right after each
     call, before anything else can overwrite it; read it with :func:`last_error`.
     """
+    import ctypes
+
     global _kernel32
     with _lock:
         if _kernel32 is None:
             # ctypes.WinDLL exists only on Windows: looked up here, not at import.
             dll = ctypes.WinDLL("kernel32", use_last_error=True)  # type: ignore[attr-defined,unused-ignore]
-            for name, argtypes, restype in _SIGNATURES:
+            for name, argtypes, restype in _signatures():
                 function = getattr(dll, name)
                 function.argtypes = argtypes
                 function.restype = restype
@@ -70,6 +80,8 @@ def kernel32() -> Any:
 
 def last_error() -> int:
     """The Win32 error of the last kernel32 call on this thread (ctypes' saved copy)."""
+    import ctypes
+
     return int(ctypes.get_last_error())  # type: ignore[attr-defined,unused-ignore]
 
 

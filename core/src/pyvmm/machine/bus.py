@@ -19,14 +19,15 @@ each address.
 from __future__ import annotations
 
 import bisect
-import logging
 import threading
 from collections.abc import Callable
 
 from pyvmm.devices.base import ALL_ONES, Device
 from pyvmm.errors import ConfigError
+from pyvmm.lazy_logging import LazyLogger
 
-log = logging.getLogger("pyvmm.machine")
+# Loads logging only when a record goes out (start-up time).
+log = LazyLogger("pyvmm.machine")
 
 #: ``(read, write, base, device)``; base is 0 for the unhandled entry, whose
 #: device therefore sees absolute addresses.

@@ -19,17 +19,18 @@ not wrapped: the exit path costs nothing more.
 
 from __future__ import annotations
 
-import logging
 import threading
 from collections.abc import Callable
 
 from pyvmm.capabilities import Capability
 from pyvmm.exits import VcpuExit
+from pyvmm.lazy_logging import LazyLogger
 from pyvmm.machine.bus import Bus, MmioBus, PortBus
 from pyvmm.vcpu_state import AddressSpace, IoEventAddress
 from pyvmm.vm import Vm
 
-log = logging.getLogger("pyvmm.machine")
+# Loads logging only when a record goes out (start-up time).
+log = LazyLogger("pyvmm.machine")
 
 
 class CoalescedDevices:

@@ -39,7 +39,6 @@ from __future__ import annotations
 
 import contextlib
 import errno
-import logging
 import os
 import select
 import stat
@@ -51,11 +50,13 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, BinaryIO, NoReturn, Protocol, TextIO
 
 from pyvmm.errors import ConfigError, PyvmmError
+from pyvmm.lazy_logging import LazyLogger
 
 if TYPE_CHECKING:
     import socket
 
-log = logging.getLogger("pyvmm.console")
+# Loads logging only when a record goes out (start-up time).
+log = LazyLogger("pyvmm.console")
 
 #: The escape key of the interactive console (Ctrl-A, as QEMU's).
 ESCAPE = 0x01

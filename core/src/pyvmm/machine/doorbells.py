@@ -19,7 +19,6 @@ and by :meth:`Doorbells.register` itself when it fails half-way.
 
 from __future__ import annotations
 
-import logging
 import select
 import sys
 import threading
@@ -28,12 +27,14 @@ from collections.abc import Callable
 from pyvmm.capabilities import Capability
 from pyvmm.devices.base import Device, Doorbell
 from pyvmm.host import Event
+from pyvmm.lazy_logging import LazyLogger
 from pyvmm.machine.bus import MmioBus, PortBus
 from pyvmm.machine.vcpu_loop import DeviceError
 from pyvmm.vcpu_state import AddressSpace, IoEventAddress
 from pyvmm.vm import Vm
 
-log = logging.getLogger("pyvmm.machine")
+# Loads logging only when a record goes out (start-up time).
+log = LazyLogger("pyvmm.machine")
 
 _Bell = tuple[Event, IoEventAddress, Doorbell, Device]
 

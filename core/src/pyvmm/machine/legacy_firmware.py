@@ -49,7 +49,6 @@ refuses an image that put bytes there.
 from __future__ import annotations
 
 import dataclasses
-import logging
 import struct
 from collections.abc import Callable
 
@@ -59,15 +58,14 @@ from pyvmm.devices import acpi_pm
 from pyvmm.devices.acpi_pm import AcpiPm, SleepEvents
 from pyvmm.devices.rtc import REG_CENTURY, Rtc
 from pyvmm.errors import ConfigError
+from pyvmm.lazy_logging import LazyLogger
 from pyvmm.machine.bus import PortBus
 from pyvmm.machine.layout import IOAPIC_BASE, LAPIC_BASE
 from pyvmm.memory import GuestMemory
 from pyvmm.vm import Vcpu
 
-log = logging.getLogger("pyvmm.machine")
-
-#: EAX at a Multiboot v1 entry: how the machine recognises a Multiboot boot.
-MULTIBOOT_BOOTLOADER_MAGIC = 0x2BADB002
+# Loads logging only when a record goes out (start-up time).
+log = LazyLogger("pyvmm.machine")
 
 IVT_BASE = 0
 IVT_VECTORS = 256
@@ -172,12 +170,6 @@ IOAPIC_ID = 0
 SCI_INTI_FLAGS = 0b1101
 #: C2/C3 latencies over 100/1000 us: "not supported".
 _NO_C2, _NO_C3 = 101, 1001
-
-
-def is_multiboot(spec: BootSpec) -> bool:
-    registers = {name.lower(): value for name, value in spec.registers.items()}
-    magic = registers.get("rax", registers.get("eax"))
-    return spec.x86_mode is X86Mode.PROTECTED and magic == MULTIBOOT_BOOTLOADER_MAGIC
 
 
 # --- the boot stub and the vector table ---------------------------------------------

@@ -30,13 +30,14 @@ from pyvmm.machine.bus import MmioBus, PortBus
 from pyvmm.machine.config import MachineConfig
 from pyvmm.machine.console import ConsoleOutput, open_serial
 from pyvmm.machine.images import Aarch64BootSource, BootSource
-from pyvmm.machine.legacy_firmware import LegacyFirmware
 from pyvmm.machine.outcome import RunResult, StopReason
 from pyvmm.machine.pc import PcBoard, PcDevices
 from pyvmm.machine.runner import Debugger, Runner
 from pyvmm.vm import Backend, get_backend
 
 if TYPE_CHECKING:
+    from pyvmm.machine.legacy_firmware import LegacyFirmware
+
     # The aarch64 board (and the device-tree library under it) loads only when used.
     from pyvmm.machine.snapshots import MachineSnapshots
     from pyvmm.machine.virt import VirtBoard, VirtDevices

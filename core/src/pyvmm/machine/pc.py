@@ -35,12 +35,11 @@ legacy firmware where it wants a BIOS, and each vCPU's CPUID table.
 from __future__ import annotations
 
 import errno
-import logging
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, BinaryIO, cast
 
 from pyvmm.arch.x86_64 import CpuidEntry
-from pyvmm.boot import BootSpec
+from pyvmm.boot import BootSpec, is_multiboot
 from pyvmm.capabilities import Capability
 from pyvmm.config import Arch
 from pyvmm.devices import debug_exit, fw_cfg, i8042, pci, poweroff, rtc, sinks, uart
@@ -56,13 +55,13 @@ from pyvmm.devices.sinks import PortSink
 from pyvmm.devices.uart import COM1_IRQ, IER_RDA, Uart16550
 from pyvmm.errors import ConfigError
 from pyvmm.exits import CpuidExit, HypercallExit, MsrAccessExit, VcpuExit
+from pyvmm.lazy_logging import LazyLogger
 from pyvmm.machine import cpuid
 from pyvmm.machine.board import Board, BoardParts, MachineEvents
 from pyvmm.machine.bus import MmioBus, PortBus
 from pyvmm.machine.config import MachineConfig
 from pyvmm.machine.images import Aarch64BootSource, BootSource, KernelFile
 from pyvmm.machine.layout import ram_ranges
-from pyvmm.machine.legacy_firmware import LegacyFirmware, is_multiboot
 from pyvmm.vm import Backend, Vcpu
 
 if TYPE_CHECKING:
@@ -72,9 +71,11 @@ if TYPE_CHECKING:
     from pyvmm.devices.i8254 import Pit8254
     from pyvmm.devices.i8259 import PicPair
     from pyvmm.devices.testdev import PcTestDev, SetIrqLine
+    from pyvmm.machine.legacy_firmware import LegacyFirmware
     from pyvmm.machine.userspace_irqchip import UserspaceIrqchip
 
-log = logging.getLogger("pyvmm.machine")
+# Loads logging only when a record goes out (start-up time).
+log = LazyLogger("pyvmm.machine")
 
 #: -ENOSYS as a 64-bit register: the answer to a hypercall nobody handles.
 ENOSYS_U64 = (1 << 64) - errno.ENOSYS
@@ -299,6 +300,10 @@ class PcBoard(Board):
         by_default = is_multiboot(boot) or (linux and self.irqchip)
         if wanted is False or (wanted is None and not by_default):
             return boot
+        # Imported here: a boot without the firmware (the demo's) never loads it
+        # nor its ACPI PM block (start-up time).
+        from pyvmm.machine.legacy_firmware import LegacyFirmware
+
         events = self.events
         self.firmware = LegacyFirmware(
             self.devices.rtc,

@@ -18,7 +18,6 @@ answers the exits a guest waits on.
 
 from __future__ import annotations
 
-import logging
 import signal
 import threading
 import time
@@ -30,6 +29,7 @@ from typing import TYPE_CHECKING, Protocol
 from pyvmm.capabilities import Capability
 from pyvmm.errors import PyvmmError, VmStateError
 from pyvmm.exits import ExitKind, FailEntryExit, InternalErrorExit, SystemEvent, SystemEventExit, VcpuExit
+from pyvmm.lazy_logging import LazyLogger
 from pyvmm.machine.board import Board, MachineEvents
 from pyvmm.machine.bus import MmioBus, PortBus
 from pyvmm.machine.coalesced_io import CoalescedDevices
@@ -51,7 +51,8 @@ from pyvmm.vm import Vcpu, Vm
 if TYPE_CHECKING:
     from pyvmm.machine.stats import VcpuStats
 
-log = logging.getLogger("pyvmm.machine")
+# Loads logging only when a record goes out (start-up time).
+log = LazyLogger("pyvmm.machine")
 
 #: How long to wait for a kicked vCPU thread to leave the hypervisor.
 JOIN_GRACE_SECONDS = 10.0

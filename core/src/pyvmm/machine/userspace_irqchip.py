@@ -39,7 +39,6 @@ them).
 
 from __future__ import annotations
 
-import logging
 import threading
 import time
 from collections.abc import Callable
@@ -48,10 +47,12 @@ from typing import Protocol
 from pyvmm.capabilities import Capability
 from pyvmm.errors import PyvmmError
 from pyvmm.exits import VcpuExit
+from pyvmm.lazy_logging import LazyLogger
 from pyvmm.machine.board import MachineEvents
 from pyvmm.vm import Backend, Vcpu
 
-log = logging.getLogger("pyvmm.machine")
+# Loads logging only when a record goes out (start-up time).
+log = LazyLogger("pyvmm.machine")
 
 #: While an interrupt window is requested and no exit has come, kick the vCPU
 #: this often, for hypervisors that do not report the window (10 ms).
