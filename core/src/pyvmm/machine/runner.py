@@ -375,6 +375,12 @@ class Runner:
 
         return restore
 
+    def interrupt_wakes(self, vcpu: Vcpu) -> bool:
+        """Whether the board's own interrupt controllers hold an interrupt for
+        ``vcpu`` now (never with the hypervisor's irqchip)."""
+        interrupts = None if self._board is None else self._board.interrupts
+        return interrupts is not None and interrupts.would_wake(vcpu)
+
     # --- exits other than port and MMIO I/O ----------------------------------------
     def _other_exit(self, vcpu: Vcpu, exit_: VcpuExit) -> bool:
         """Which exit ends the run: True stops this vCPU's loop."""
