@@ -24,6 +24,7 @@ import importlib
 import os
 import re
 import sys
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -61,14 +62,11 @@ class InstalledEntryPoint:
         return found
 
 
-def entry_points(group: str, path: list[str] | None = None) -> list[InstalledEntryPoint]:
-    """The entry points of ``group`` in the distributions installed on ``path``
-    (default ``sys.path``), in path order.
-    """
-    entries = sys.path if path is None else path
-    if any(entry and os.path.isfile(entry) for entry in entries):
-        return _from_importlib(group)
-    found: list[InstalledEntryPoint] = []
+def _distributions(entries: list[str], only: str | None = None) -> Iterator[tuple[str, str, str]]:
+    """``(path entry, metadata folder, metadata file name)`` of each distribution
+    installed in ``entries``, the first of each project only (an earlier path
+    entry shadows a later one, as for imports); ``only``: that normalised
+    project alone."""
     seen: set[str] = set()
     for entry in entries:
         directory = entry or "."
@@ -81,18 +79,29 @@ def entry_points(group: str, path: list[str] | None = None) -> list[InstalledEnt
             if suffix is None:
                 continue
             project = _normalised(info[: -len(suffix)].split("-", 1)[0])
-            if project in seen:
+            if project in seen or (only is not None and project != only):
                 continue
             seen.add(project)
-            folder = os.path.join(directory, info)
-            points = _group_of(os.path.join(folder, "entry_points.txt"), group)
-            if not points:
-                continue
-            name, version = _name_and_version(folder, "PKG-INFO" if suffix == ".egg-info" else "METADATA")
-            found += [
-                InstalledEntryPoint(point, value, group, name or "(unknown)", version, entry or ".")
-                for point, value in points
-            ]
+            yield entry, os.path.join(directory, info), "PKG-INFO" if suffix == ".egg-info" else "METADATA"
+
+
+def entry_points(group: str, path: list[str] | None = None) -> list[InstalledEntryPoint]:
+    """The entry points of ``group`` in the distributions installed on ``path``
+    (default ``sys.path``), in path order.
+    """
+    entries = sys.path if path is None else path
+    if any(entry and os.path.isfile(entry) for entry in entries):
+        return _from_importlib(group)
+    found: list[InstalledEntryPoint] = []
+    for entry, folder, metadata_file in _distributions(entries):
+        points = _group_of(os.path.join(folder, "entry_points.txt"), group)
+        if not points:
+            continue
+        name, version = _name_and_version(folder, metadata_file)
+        found += [
+            InstalledEntryPoint(point, value, group, name or "(unknown)", version, entry or ".")
+            for point, value in points
+        ]
     return found
 
 
@@ -110,18 +119,8 @@ def distribution_version(project: str, path: list[str] | None = None) -> str | N
         except metadata.PackageNotFoundError:
             return None
     wanted = _normalised(project)
-    for entry in entries:
-        directory = entry or "."
-        try:
-            names = os.listdir(directory)
-        except OSError:  # a missing or unreadable path entry holds no distribution
-            continue
-        for info in names:
-            suffix = next((s for s in _SUFFIXES if info.lower().endswith(s)), None)
-            if suffix is None or _normalised(info[: -len(suffix)].split("-", 1)[0]) != wanted:
-                continue
-            metadata_file = "PKG-INFO" if suffix == ".egg-info" else "METADATA"
-            return _name_and_version(os.path.join(directory, info), metadata_file)[1]
+    for _, folder, metadata_file in _distributions(entries, only=wanted):
+        return _name_and_version(folder, metadata_file)[1]
     return None
 
 
