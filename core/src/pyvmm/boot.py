@@ -15,11 +15,12 @@ from __future__ import annotations
 
 import enum
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import field
 from typing import TYPE_CHECKING, Any
 
 from pyvmm.config import MAX_GUEST_PHYS, U32_MAX, U64_MAX, Arch
 from pyvmm.errors import ConfigError
+from pyvmm.lean_dataclass import lean_dataclass
 from pyvmm.records import MISSING, Checker, from_mapping, required, show
 
 if TYPE_CHECKING:
@@ -36,7 +37,7 @@ class X86Mode(str, enum.Enum):
     LONG = "long"
 
 
-@dataclass(frozen=True, slots=True, kw_only=True)
+@lean_dataclass(frozen=True, slots=True, kw_only=True)
 class BootSpec:
     """Where and how the boot vCPU starts.
 
@@ -148,7 +149,7 @@ def is_multiboot(spec: BootSpec) -> bool:
     return spec.x86_mode is X86Mode.PROTECTED and magic == MULTIBOOT_BOOTLOADER_MAGIC
 
 
-@dataclass(slots=True)
+@lean_dataclass(slots=True)
 class X86VcpuInit:
     """Register state for one x86_64 vCPU before its first run."""
 
@@ -169,7 +170,7 @@ class X86VcpuInit:
             msr.check()
 
 
-@dataclass(slots=True)
+@lean_dataclass(slots=True)
 class Aarch64VcpuInit:
     """Registers to set on one aarch64 vCPU, by one-reg id.  Registers missing from
     ``regs`` keep the hypervisor's value; a secondary vCPU starts powered off and is

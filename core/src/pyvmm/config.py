@@ -25,11 +25,12 @@ import os
 import re
 import stat
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import field
 from pathlib import Path
 from typing import Any
 
 from pyvmm.errors import ConfigError
+from pyvmm.lean_dataclass import lean_dataclass
 from pyvmm.records import Checker, bound, from_mapping, show
 
 PAGE_SIZE = 4096
@@ -76,7 +77,7 @@ class Protection(str, enum.Enum):
     PROTECTED = "protected"
 
 
-@dataclass(frozen=True, slots=True, kw_only=True)
+@lean_dataclass(frozen=True, slots=True, kw_only=True)
 class VmConfig:
     """What a VM is created with.  Memory is mapped afterwards, region by region.
 
@@ -127,7 +128,7 @@ class VmConfig:
 VM_CONFIG_FIELDS = ("arch", "vcpus", "protection", "ipa_bits", "backend_options")
 
 
-@dataclass(frozen=True, slots=True, kw_only=True)
+@lean_dataclass(frozen=True, slots=True, kw_only=True)
 class MemoryRegionSpec:
     """A guest-physical range to back with host memory.
 

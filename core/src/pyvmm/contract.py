@@ -30,10 +30,11 @@ This module imports nothing heavy: ``import pyvmm`` stays cheap.
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import field
 from typing import Any, Literal, TypeVar
 
 from pyvmm.capabilities import Capability
+from pyvmm.lean_dataclass import lean_dataclass
 
 #: The version of the hook contract this pyvmm implements.
 CONTRACT_VERSION = 3
@@ -48,7 +49,7 @@ CHANGED_HOOKS: dict[str, str] = {
 Target = Literal["backend", "vm", "vcpu"]
 
 
-@dataclass(frozen=True)
+@lean_dataclass(frozen=True)
 class HookSpecInfo:
     """The contract metadata of one hook specification."""
 

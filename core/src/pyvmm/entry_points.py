@@ -25,8 +25,9 @@ import os
 import re
 import sys
 from collections.abc import Iterator
-from dataclasses import dataclass
 from typing import Any
+
+from pyvmm.lean_dataclass import lean_dataclass
 
 __all__ = ["InstalledEntryPoint", "distribution_version", "entry_points"]
 
@@ -34,7 +35,7 @@ _SUFFIXES = (".dist-info", ".egg-info")
 _VALUE = re.compile(r"^(?P<module>[\w.]+)\s*(?::\s*(?P<attr>[\w.]+)\s*)?(?:\[.*\]\s*)?$")
 
 
-@dataclass(frozen=True)
+@lean_dataclass(frozen=True)
 class InstalledEntryPoint:
     """One entry point of an installed distribution (the parts
     :mod:`pyvmm.plugins` reads of ``importlib.metadata.EntryPoint``)."""

@@ -11,9 +11,9 @@ crosvm's ``IrqRoute``/``IrqSource``.
 from __future__ import annotations
 
 import enum
-from dataclasses import dataclass
 
 from pyvmm.errors import ConfigError
+from pyvmm.lean_dataclass import lean_dataclass
 
 
 class IrqChip(enum.Enum):
@@ -32,7 +32,7 @@ def _check_int(record: object, name: str, value: object, bits: int) -> None:
         raise ConfigError(f"{where}: {value!r} is out of range: must be an integer from 0 to {top:#x}")
 
 
-@dataclass(frozen=True, slots=True)
+@lean_dataclass(frozen=True, slots=True)
 class IrqchipRoute:
     """GSI ``gsi`` drives input ``pin`` of ``chip``."""
 
@@ -47,7 +47,7 @@ class IrqchipRoute:
             raise ConfigError(f"IrqchipRoute.chip: an IrqChip, not {self.chip!r}")
 
 
-@dataclass(frozen=True, slots=True)
+@lean_dataclass(frozen=True, slots=True)
 class MsiRoute:
     """GSI ``gsi`` sends the message ``data`` to ``address`` (on x86 the local APIC
     window: ``0xfee00000 | destination << 12``, the vector in ``data``'s low byte)."""

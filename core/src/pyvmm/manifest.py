@@ -28,7 +28,7 @@ import dataclasses
 import re
 import sys
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass, field
+from dataclasses import field
 from typing import Any
 
 from pyvmm.capabilities import Capability, CapabilitySet, parse_capabilities
@@ -37,6 +37,7 @@ from pyvmm.config import Arch
 # The contract version lives with the specifications' metadata; plugins have
 # always imported it from here.
 from pyvmm.contract import CONTRACT_VERSION
+from pyvmm.lean_dataclass import lean_dataclass
 from pyvmm.records import MISSING, Checker, RecordError, from_mapping, required, show
 
 __all__ = [
@@ -55,7 +56,7 @@ _NAME = re.compile(NAME_PATTERN)
 _OBJECT_REFERENCE = re.compile(r"^[A-Za-z_][\w.]*:[A-Za-z_][\w.]*$")
 
 
-@dataclass(frozen=True, slots=True, kw_only=True)
+@lean_dataclass(frozen=True, slots=True, kw_only=True)
 class Availability:
     """Result of a backend's availability probe.
 
@@ -109,7 +110,7 @@ def _never_available() -> Availability:
     return Availability.no("the backend declares no availability probe")
 
 
-@dataclass(frozen=True, slots=True, kw_only=True)
+@lean_dataclass(frozen=True, slots=True, kw_only=True)
 class BackendManifest:
     """Everything core needs to know about a backend before using it.
 

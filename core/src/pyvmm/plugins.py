@@ -82,7 +82,6 @@ import math
 import os
 import threading
 from collections.abc import Callable, Iterable, Mapping
-from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Protocol, TypeVar, cast
 
 from pyvmm import entry_points as installed_entry_points
@@ -98,6 +97,7 @@ from pyvmm.contract import (
     specs,
 )
 from pyvmm.errors import BackendNotFound, BackendUnavailable, ConfigError, PluginContractError
+from pyvmm.lean_dataclass import lean_dataclass
 from pyvmm.manifest import Availability, BackendManifest, validated_manifest
 from pyvmm.records import RecordError
 
@@ -202,7 +202,7 @@ def _call_bounded(call: Callable[[], _T], what: str, timeout: float) -> _T:
     raise _Raised(value)
 
 
-@dataclass(frozen=True)
+@lean_dataclass(frozen=True)
 class PluginSource:
     """Where a plugin came from, for ``pyvmm backends`` and error messages."""
 
@@ -216,7 +216,7 @@ class PluginSource:
         return f"{dist} (entry point {self.entry_point!r})"
 
 
-@dataclass(frozen=True)
+@lean_dataclass(frozen=True)
 class PluginFailure:
     """A plugin that was skipped, and why."""
 
@@ -226,7 +226,7 @@ class PluginFailure:
     backend: str | None = None
 
 
-@dataclass(frozen=True)
+@lean_dataclass(frozen=True)
 class PluginDenied:
     """An installed plugin the policy kept from loading, and the rule that did."""
 
@@ -360,7 +360,7 @@ class BackendPlugin:
             return result
 
 
-@dataclass(frozen=True)
+@lean_dataclass(frozen=True)
 class _Claim:
     """A discovered plugin that passed every check but the ownership of its
     backend name; registered with pluggy (as ``internal_name``) until settled."""

@@ -43,11 +43,11 @@ from __future__ import annotations
 import os
 import re
 from collections.abc import Mapping
-from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from pyvmm.errors import ConfigError
+from pyvmm.lean_dataclass import lean_dataclass
 from pyvmm.manifest import NAME_PATTERN as MANIFEST_NAME_PATTERN
 
 if TYPE_CHECKING:
@@ -61,7 +61,7 @@ ENV_CONFIG = "PYVMM_CONFIG"
 NAME_PATTERN = MANIFEST_NAME_PATTERN
 
 
-@dataclass(frozen=True)
+@lean_dataclass(frozen=True)
 class PluginPolicy:
     """The merged allow/deny lists, and where each came from."""
 

@@ -13,9 +13,9 @@ same order.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
+from pyvmm.lean_dataclass import lean_dataclass
 from pyvmm.vcpu_state import StateKind
 
 if TYPE_CHECKING:
@@ -23,7 +23,7 @@ if TYPE_CHECKING:
     from pyvmm.vm import Vcpu
 
 
-@dataclass(frozen=True)
+@lean_dataclass(frozen=True)
 class SavedVcpuState:
     """What is written back to one vCPU, in this order: the MSRs, then the
     register sets in the order given, then the pending events.

@@ -28,9 +28,8 @@ A served range never overlaps another served range or a coalesced zone.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 from pyvmm.errors import ConfigError
+from pyvmm.lean_dataclass import lean_dataclass
 
 #: The PM timer's rate and width (ACPI 6.5, 4.8.3.3 "Power Management Timer").
 PM_TIMER_HZ = 3_579_545
@@ -41,7 +40,7 @@ PM_TIMER_WIDTH = 4
 MAX_SERVED_RANGES = 32
 
 
-@dataclass(frozen=True)
+@lean_dataclass(frozen=True)
 class ConstantRegister:
     """Reads answer ``value`` (0 <= value < 2**64); writes are ignored."""
 
@@ -51,7 +50,7 @@ class ConstantRegister:
         _check_u("ConstantRegister.value", self.value, 64)
 
 
-@dataclass(frozen=True)
+@lean_dataclass(frozen=True)
 class LatchedBytes:
     """Each byte reads back the low byte last written at it (``initial`` first)."""
 
@@ -61,7 +60,7 @@ class LatchedBytes:
         _check_u("LatchedBytes.initial", self.initial, 8)
 
 
-@dataclass(frozen=True)
+@lean_dataclass(frozen=True)
 class PmTimerRegister:
     """4-byte reads answer the ACPI PM timer counted from ``start_ns``
     (:func:`time.monotonic_ns`)."""
@@ -75,7 +74,7 @@ class PmTimerRegister:
 ServedRegister = ConstantRegister | LatchedBytes | PmTimerRegister
 
 
-@dataclass(frozen=True)
+@lean_dataclass(frozen=True)
 class ServedSpan:
     """``size`` bytes at ``offset`` of a device, answered as ``register``: what a
     device declares in :meth:`pyvmm.devices.base.Device.served_spans`."""

@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import enum
-from dataclasses import dataclass
+
+from pyvmm.lean_dataclass import lean_dataclass
 
 
 class StateKind(enum.Enum):
@@ -26,7 +27,7 @@ class AddressSpace(enum.Enum):
     MMIO = "mmio"
 
 
-@dataclass(frozen=True, slots=True)
+@lean_dataclass(frozen=True, slots=True)
 class IoEventAddress:
     space: AddressSpace
     address: int

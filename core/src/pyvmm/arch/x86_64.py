@@ -14,10 +14,11 @@ value that does not fit (``Regs(rip=-1)``, a 2**64 base) raises
 from __future__ import annotations
 
 import enum
-from dataclasses import dataclass, field
+from dataclasses import field
 from typing import TYPE_CHECKING
 
 from pyvmm.errors import ConfigError
+from pyvmm.lean_dataclass import lean_dataclass
 
 if TYPE_CHECKING:
     from pyvmm.arch.x86_64_extra_state import (
@@ -103,7 +104,7 @@ def check_bytes(record: object, name: str, value: object, size: int) -> None:
         raise ConfigError(f"{type(record).__name__}.{name}: must be {size} bytes, not {shown}")
 
 
-@dataclass(slots=True)
+@lean_dataclass(slots=True)
 class Regs:
     """General-purpose registers.  The reset state is ``rip=0xfff0, rflags=2``."""
 
@@ -134,7 +135,7 @@ class Regs:
         check_fields(self, _GPR_WIDTHS)
 
 
-@dataclass(slots=True)
+@lean_dataclass(slots=True)
 class Segment:
     base: int = 0
     limit: int = 0xFFFF
@@ -156,7 +157,7 @@ class Segment:
         check_fields(self, _SEGMENT_WIDTHS)
 
 
-@dataclass(slots=True)
+@lean_dataclass(slots=True)
 class DescriptorTable:
     base: int = 0
     limit: int = 0xFFFF
@@ -176,7 +177,7 @@ def _data_reset() -> Segment:
     return Segment(type=0x3)
 
 
-@dataclass(slots=True)
+@lean_dataclass(slots=True)
 class Sregs:
     """Segment and control registers.  Defaults are the architectural reset state."""
 
@@ -216,7 +217,7 @@ class Sregs:
         check_fields(self, _CONTROL_WIDTHS)
 
 
-@dataclass(slots=True)
+@lean_dataclass(slots=True)
 class MsrEntry:
     index: int
     data: int = 0
@@ -228,7 +229,7 @@ class MsrEntry:
         check_fields(self, _MSR_WIDTHS)
 
 
-@dataclass(slots=True)
+@lean_dataclass(slots=True)
 class CpuidEntry:
     """One CPUID leaf.  ``flags`` bit 0 means ``index`` (ECX) matters."""
 

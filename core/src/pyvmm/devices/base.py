@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
 
 from pyvmm.devices.state import DeviceState, Stateful, check_fields
+from pyvmm.lean_dataclass import lean_dataclass
 from pyvmm.served_io import ServedSpan
 
 #: What an absent device answers on a real bus: every data line floats high.
@@ -15,7 +15,7 @@ ALL_ONES = 0xFFFF_FFFF_FFFF_FFFF
 IrqLine = Callable[[bool], None]
 
 
-@dataclass(frozen=True)
+@lean_dataclass(frozen=True)
 class Doorbell:
     """A register whose write only says "look now" (a virtqueue notify).
 

@@ -16,10 +16,10 @@ left as it was, with a :class:`DeviceStateError` naming the device and field.
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass
 from typing import Protocol, TypeVar
 
 from pyvmm.errors import PyvmmError
+from pyvmm.lean_dataclass import lean_dataclass
 
 #: What one field of a device's state may be.
 StateValue = int | bool | bytes
@@ -78,7 +78,7 @@ def check_version(device: str, version: int, expected: int | None) -> None:
         raise DeviceStateError(f"device {device}: saved state version {version}, this pyvmm reads version {expected}")
 
 
-@dataclass(frozen=True)
+@lean_dataclass(frozen=True)
 class DeviceImage:
     """One device's saved state in a machine snapshot: ``key`` says where the
     device sits (its bus and address), so the restore finds the same device."""

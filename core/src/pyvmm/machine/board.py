@@ -19,12 +19,12 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from collections.abc import Callable
-from dataclasses import dataclass
 from typing import TYPE_CHECKING, BinaryIO, ClassVar, Protocol
 
 from pyvmm.capabilities import Capability
 from pyvmm.config import Arch
 from pyvmm.errors import ConfigError
+from pyvmm.lean_dataclass import lean_dataclass
 
 if TYPE_CHECKING:
     from pyvmm.exits import VcpuExit
@@ -34,7 +34,7 @@ if TYPE_CHECKING:
     from pyvmm.vm import Backend, Vcpu, Vm
 
 
-@dataclass(frozen=True)
+@lean_dataclass(frozen=True)
 class MachineEvents:
     """What a board's devices and firmware ask of the running machine; the runner
     answers.  Each may be called from any vCPU thread."""
@@ -57,7 +57,7 @@ class MachineEvents:
     wake: Callable[[], None]
 
 
-@dataclass(frozen=True)
+@lean_dataclass(frozen=True)
 class BoardParts:
     """What the machine hands a board to build on."""
 

@@ -36,7 +36,6 @@ from __future__ import annotations
 import dataclasses
 import os
 import sys
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
@@ -53,6 +52,7 @@ from pyvmm.config import (
     size_text,
 )
 from pyvmm.errors import ConfigError
+from pyvmm.lean_dataclass import lean_dataclass
 from pyvmm.machine.layout import MIN_RAM
 from pyvmm.records import MAX_PROBLEMS, MISSING, Checker, RecordError, from_mapping, required, show
 
@@ -177,7 +177,7 @@ class MachineConfigError(RecordError):
         self.needs = needs
 
 
-@dataclass(frozen=True, slots=True, kw_only=True)
+@lean_dataclass(frozen=True, slots=True, kw_only=True)
 class CpuidOverride:
     """Change one register of one CPUID leaf the guest sees.
 
@@ -227,7 +227,7 @@ class CpuidOverride:
 CPUID_OVERRIDE_FIELDS = ("function", "index", "register", "value", "mask")
 
 
-@dataclass(frozen=True, slots=True, kw_only=True)
+@lean_dataclass(frozen=True, slots=True, kw_only=True)
 class MachineConfig:
     """Everything ``pyvmm run`` needs to build and run a machine.
 

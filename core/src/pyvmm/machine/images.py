@@ -10,7 +10,7 @@ the guest runs.  An x86_64 image is a :class:`BootSource`, an aarch64 one an
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import field
 from pathlib import Path
 from typing import TYPE_CHECKING, Protocol
 
@@ -18,6 +18,7 @@ from pyvmm.arch.x86_64_boot import BOOT_TABLE_PAGES
 from pyvmm.boot import BootSpec, X86Mode
 from pyvmm.config import PAGE_SIZE, Arch
 from pyvmm.errors import ConfigError
+from pyvmm.lean_dataclass import lean_dataclass
 from pyvmm.memory import GuestMemory
 from pyvmm.records import RecordError
 
@@ -47,7 +48,7 @@ class Aarch64BootSource(Protocol):
         ...
 
 
-@dataclass(frozen=True)
+@lean_dataclass(frozen=True)
 class GuestImage:
     """Bytes to place at guest-physical addresses, and an entry point."""
 
@@ -93,7 +94,7 @@ class GuestImage:
         return boot
 
 
-@dataclass(frozen=True)
+@lean_dataclass(frozen=True)
 class Aarch64Image:
     """A64 code to run at ``address`` (in guest RAM), entered at EL1 with X0 = the
     device tree, as a kernel is."""
@@ -115,7 +116,7 @@ class Aarch64Image:
         return loaded.boot
 
 
-@dataclass(frozen=True)
+@lean_dataclass(frozen=True)
 class KernelFile:
     """A kernel image on disk, loaded by :func:`pyvmm.machine.loaders.load_kernel`."""
 

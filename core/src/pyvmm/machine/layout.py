@@ -9,9 +9,8 @@ continues at 4 GiB, as on a PC.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 from pyvmm.config import PAGE_SIZE
+from pyvmm.lean_dataclass import lean_dataclass
 
 #: Start of the MMIO hole below 4 GiB (3.25 GiB).
 MMIO_HOLE_START = 0xD000_0000
@@ -23,7 +22,7 @@ LAPIC_BASE = 0xFEE0_0000
 MIN_RAM = 2 << 20
 
 
-@dataclass(frozen=True)
+@lean_dataclass(frozen=True)
 class RamRange:
     start: int
     size: int

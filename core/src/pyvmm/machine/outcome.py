@@ -17,8 +17,9 @@ that raised), which is reported as an exception, not a :class:`RunResult`.
 from __future__ import annotations
 
 import enum
-from dataclasses import dataclass
 from typing import TYPE_CHECKING
+
+from pyvmm.lean_dataclass import lean_dataclass
 
 if TYPE_CHECKING:
     from pyvmm.machine.stats import MachineStats
@@ -49,7 +50,7 @@ class StopReason(str, enum.Enum):
     ERROR = "error"
 
 
-@dataclass(frozen=True)
+@lean_dataclass(frozen=True)
 class RunResult:
     reason: StopReason
     #: The process exit status ``pyvmm run`` ends with.

@@ -35,7 +35,6 @@ legacy firmware where it wants a BIOS, and each vCPU's CPUID table.
 from __future__ import annotations
 
 import errno
-from dataclasses import dataclass
 from typing import TYPE_CHECKING, BinaryIO, cast
 
 from pyvmm.arch.x86_64 import CpuidEntry
@@ -56,6 +55,7 @@ from pyvmm.devices.uart import COM1_IRQ, IER_RDA, Uart16550
 from pyvmm.errors import ConfigError
 from pyvmm.exits import CpuidExit, HypercallExit, MsrAccessExit, VcpuExit
 from pyvmm.lazy_logging import LazyLogger
+from pyvmm.lean_dataclass import lean_dataclass
 from pyvmm.machine import cpuid
 from pyvmm.machine.board import Board, BoardParts, MachineEvents
 from pyvmm.machine.bus import MmioBus, PortBus
@@ -91,7 +91,7 @@ def _is_linux(source: BootSource) -> bool:
         return is_bzimage(file.read(HDRS_OFFSET + len(HDRS_MAGIC)))
 
 
-@dataclass(frozen=True)
+@lean_dataclass(frozen=True)
 class PcDevices:
     uart: Uart16550
     debug_exit: DebugExit

@@ -15,12 +15,12 @@ import bisect
 import itertools
 import os
 from collections.abc import Iterable
-from dataclasses import dataclass
 from pathlib import Path
 
 from pyvmm.boot import BootSpec, X86Mode
 from pyvmm.config import PAGE_SIZE, Arch, InputFileError, read_input_file
 from pyvmm.errors import ConfigError
+from pyvmm.lean_dataclass import lean_dataclass
 from pyvmm.memory import GuestMemory
 from pyvmm.records import RecordError
 
@@ -56,7 +56,7 @@ class ImageError(ConfigError):
         self.problem = problem
 
 
-@dataclass
+@lean_dataclass
 class LoadedKernel:
     """How to start the loaded kernel.  ``extents`` are the guest ranges the loader
     wrote, sorted and merged; ``boot.boot_tables`` points at pages kept free for the
@@ -158,7 +158,7 @@ class RamMap:
             )
 
 
-@dataclass
+@lean_dataclass
 class Request:
     """One load_kernel call, after the kernel file has been read."""
 
@@ -171,7 +171,7 @@ class Request:
     load_address: int | None
 
 
-@dataclass
+@lean_dataclass
 class Item:
     """One range of the layout.  ``data`` is written at ``start`` (``None``: nothing is
     written, the range is only kept free), ``zero`` fills the range with zeros."""
