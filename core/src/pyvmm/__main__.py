@@ -1,7 +1,5 @@
 """``python -m pyvmm``: the same as the ``pyvmm`` command."""
 
-import sys
+from pyvmm.cli import console_main
 
-from pyvmm.cli import main
-
-sys.exit(main())
+console_main()

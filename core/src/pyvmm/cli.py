@@ -240,6 +240,19 @@ def build_parser(*, with_run: bool = True) -> argparse.ArgumentParser:
 STATUS_INTERRUPTED = 130
 
 
+def console_main() -> NoReturn:
+    """The ``pyvmm`` executable: :func:`main` with the start-up and exit only
+    a process about to end may have (:mod:`pyvmm.executable`)."""
+    from pyvmm import executable
+
+    executable.pause_collection()
+    try:
+        status = main()
+    except BrokenPipeError:
+        status = executable.quiet_broken_pipe()
+    executable.finish(status)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     words = sys.argv[1:] if argv is None else list(argv)
     # Only a command line that may be the run command (or asks for help on

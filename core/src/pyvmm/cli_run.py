@@ -440,6 +440,9 @@ def _run(args: argparse.Namespace) -> int:
                             console.connect(machine.devices.uart, machine.console_quit)
                         if status is not None:
                             status.start()
+                        from pyvmm.executable import resume_collection
+
+                        resume_collection()
                         result = machine.run()
                     finally:
                         signals.disarm()
