@@ -181,3 +181,20 @@ class _NoDll:
 
     def last_error(self) -> int:
         return 0
+
+
+@pytest.mark.parametrize("named", [True, False], ids=["named", "best-available"])
+def test_selecting_a_backend_asks_its_probe_once(registry: PluginRegistry, named: bool) -> None:
+    asked: list[bool] = []
+
+    def probe() -> Availability:
+        asked.append(True)
+        return Availability.yes(missing_capabilities=())
+
+    _add(registry, "counted", priority=10, auto_select=True, probe=probe)
+    asked.clear()  # registering it made a Backend, which asked
+    backend = get_backend("counted" if named else None, registry=registry)
+    assert backend.name == "counted"
+    assert len(asked) == 1
+    backend.availability()  # asked afresh when asked directly
+    assert len(asked) == 2

@@ -571,7 +571,7 @@ def _select_backend(config: MachineConfig, words: _UserWords) -> tuple[Backend, 
         registry = default_registry()
         plugin = registry.select(None, arch=config.arch)
         why = _why_best(registry, plugin, config.arch)
-    backend = Backend(plugin)
+    backend = Backend(plugin, plugin.last_availability)
     arch = machine_arch(config.arch, backend)
     notice(f"backend {backend.name} ({why}), {arch.value} guest")
     return backend, arch

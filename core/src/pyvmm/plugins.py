@@ -331,6 +331,12 @@ class BackendPlugin:
         self.load()
         return self._plugin
 
+    @property
+    def last_availability(self) -> Availability | None:
+        """The answer of the latest :meth:`availability` call (None before the
+        first): what :meth:`PluginRegistry.select` found, for its caller."""
+        return self._availability
+
     def availability(self) -> Availability:
         """Whether the backend can run here, asked of its probe each time.
 

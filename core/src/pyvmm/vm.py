@@ -65,12 +65,14 @@ def _validated(model: Any, value: Any, what: str) -> Any:
 class Backend:
     """One registered backend, ready to create VMs."""
 
-    def __init__(self, plugin: BackendPlugin) -> None:
+    def __init__(self, plugin: BackendPlugin, availability: Availability | None = None) -> None:
+        """``availability``: the probe's answer when the caller has just asked it
+        (a selection does), else the probe is asked here."""
         self.plugin = plugin
         self.manifest: BackendManifest = plugin.manifest
         self.name: str = plugin.name
         #: Declared capabilities, less those the availability probe found missing here.
-        self.capabilities: CapabilitySet = plugin.manifest.host_capabilities(plugin.availability())
+        self.capabilities: CapabilitySet = plugin.manifest.host_capabilities(availability or plugin.availability())
         #: The hook implementations, resolved once: every call into the backend goes here.
         self.hooks = BackendHooks(plugin, self.capabilities)
 
@@ -262,7 +264,8 @@ def get_backend(
 ) -> Backend:
     """Select a backend: ``name``, else ``$PYVMM_BACKEND``, else the best available
     (for guests of ``arch``, when given)."""
-    return Backend((registry or default_registry()).select(name, arch=arch))
+    plugin = (registry or default_registry()).select(name, arch=arch)
+    return Backend(plugin, plugin.last_availability)
 
 
 class Vm:
