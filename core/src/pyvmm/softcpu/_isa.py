@@ -176,6 +176,11 @@ class Isa:
     def forget_pending(self) -> None:
         """Drop any access waiting to be completed by re-execution."""
 
+    def instruction_in_flight(self) -> bool:
+        """An instruction reported an exit and completes on the next run (an x86
+        port access): a kicked run finishes it before it stops, as KVM does."""
+        return False
+
     def describe_access(self, gpa: int) -> tuple[bytes, int | None]:
         """For an exit before the instruction at the PC, which accesses ``gpa``:
         the instruction's bytes and the access's guest-virtual address (None

@@ -487,6 +487,9 @@ class X86Isa(Isa):
             pending.ready = True
         return last is self._io
 
+    def instruction_in_flight(self) -> bool:
+        return self._pending is not None
+
     def forget_pending(self) -> None:
         # An injected exception is not an access: it stays for the next run.
         self._pending = None

@@ -691,7 +691,13 @@ class SoftCpu:
         if self._queue:
             return self._report(self._queue.popleft())
         with self._lock:
-            if self._kicked:
+            # A kick stops the vCPU before it runs guest code, but an instruction
+            # that reported an exit is finished first (its MMIO re-executed, its
+            # port access completed), as KVM completes a pending I/O exit even
+            # on a run that exits at once: the state read afterwards is the one
+            # after the instruction, which a snapshot or a reset depends on.
+            in_flight = bool(self._log) or self._isa.instruction_in_flight()
+            if self._kicked and not in_flight:
                 self._kicked = False
                 return self._interrupted
             self._running = True
@@ -717,6 +723,8 @@ class SoftCpu:
                     exit_ = self._report(self._queue.popleft())
                 if exit_ is None and self._single_step and not self._log:
                     exit_ = self._debug_exit(self._isa.pc())
+                if exit_ is None and not self._log and self._take_kick():
+                    exit_ = self._interrupted  # the instruction is done; the kick stops the rest
             else:
                 exit_ = self._emulate()
             if exit_ is not None:
@@ -732,12 +740,14 @@ class SoftCpu:
         if self._resume_breakpoint is not None and self._resume_breakpoint != pc:
             self._resume_breakpoint = None
         self._clear_stop()
+        # Kicked with an instruction in flight (run()): finish that one alone.
+        finishing = self._kicked and self._isa.instruction_in_flight()
         early = self._isa.before_run()
         if early is not None:
             return early
         pc = self._isa.pc()
         self._isa.before_slice()
-        count = 1 if self._single_step else self._isa.slice_budget(RUN_BUDGET)
+        count = 1 if self._single_step or finishing else self._isa.slice_budget(RUN_BUDGET)
         try:
             self._uc.emu_start(pc, UNREACHABLE, 0, count)
         except self._u.UcError as exc:
