@@ -56,7 +56,7 @@ from pyvmm.arch import aarch64, x86_64
 from pyvmm.capabilities import Capability
 from pyvmm.config import PAGE_SIZE, Arch
 from pyvmm.devices.state import DeviceImage
-from pyvmm.errors import PyvmmError, VmStateError
+from pyvmm.errors import ConfigError, PyvmmError, VmStateError
 from pyvmm.exits import ExitKind
 from pyvmm.host.residency import touched_pages
 from pyvmm.reset_point import default_kinds, restorable_msrs, saves_msrs, settle
@@ -197,7 +197,17 @@ def capture_vcpu(vcpu: Vcpu, kinds: Sequence[StateKind] | None = None) -> VcpuIm
     chosen = sorted(snapshot_kinds(vm) if kinds is None else kinds, key=RESTORE_ORDER.index)
     with_events = vm.backend.supports(Capability.VCPU_EVENTS) and vm.config.arch is Arch.X86_64
     msrs = restorable_msrs(vcpu, vm.msr_index_list()) if saves_msrs(vm) else None
-    states = [(kind, vcpu.get_state(kind)) for kind in chosen]
+    states = []
+    for kind in chosen:
+        try:
+            states.append((kind, vcpu.get_state(kind)))
+        except ConfigError as exc:
+            # A backend without this register set: a snapshot without it would
+            # restore a guest whose registers silently changed.
+            raise SnapshotError(
+                f"vCPU {vcpu.index}: the {vm.backend.name} backend cannot read its {kind.value} state, "
+                f"which a snapshot needs ({exc})"
+            ) from exc
     return VcpuImage(states, vcpu.get_events() if with_events else None, msrs)
 
 

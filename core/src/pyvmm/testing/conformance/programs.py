@@ -185,6 +185,25 @@ SPIN = _x86(
     "ebfe",
 )
 
+#: Where COUNTER keeps its count (in the page after the code's).
+COUNTER_ADDRESS = 0x107000
+
+COUNTER = _x86(
+    "counter",
+    """
+1:  mov eax, dword ptr [0x107000]
+    inc eax
+    mov dword ptr [0x107000], eax
+    add ebx, eax
+    mov al, bl
+    out 0x10, al
+    jmp 1b
+""",
+    "8b042500701000ffc08904250070100001c388d8e610ebe8",
+)
+"""Each port write reports the running sum of a counter kept in memory: what
+comes out next depends on guest memory and on a register both."""
+
 SET_RAX = _x86(
     "set_rax",
     """

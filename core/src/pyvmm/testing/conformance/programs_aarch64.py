@@ -156,6 +156,23 @@ MMIO_ROUND_TRIP = aarch64_program(
     "000180d20080b0f2020000d4",
 )
 
+COUNTER = aarch64_program(
+    "counter",
+    """
+    movz x1, #0x4018, lsl #16
+    movz x5, #0x0900, lsl #16
+1:  ldr w0, [x1]
+    add w0, w0, #1
+    str w0, [x1]
+    add w2, w2, w0
+    strb w2, [x5]
+    b 1b
+""",
+    "0103a8d20520a1d2200040b900040011200000b94200000ba2000039fbffff17",
+)
+"""Each MMIO write reports the running sum of a counter kept at DATA_ADDRESS:
+what comes out next depends on guest memory and on a register both."""
+
 PSCI_OFF = aarch64_program("psci_system_off", SYSTEM_OFF_SOURCE, "000180d20080b0f2020000d4")
 
 PSCI_RESET = aarch64_program(
