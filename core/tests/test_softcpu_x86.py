@@ -468,6 +468,49 @@ def test_a_kicked_run_finishes_an_mmio_read_with_the_data_given(machines: list[M
     assert struct.unpack("<I", write.data[:4])[0] == 42
 
 
+#: fld1; fldpi; hlt; fstp qword ptr [0x101000]; movdqu [0x101010], xmm1; hlt
+X87_AND_SSE = "d9e8d9ebf4dd1c2500101000f30f7f0c2510101000f4"
+
+
+def _x87(value: float) -> bytes:
+    """``value`` as an FXSAVE register slot: the 80-bit extended format, padded to 16 bytes."""
+    bits = struct.unpack("<Q", struct.pack("<d", value))[0]
+    sign, exponent, fraction = bits >> 63, (bits >> 52) & 0x7FF, bits & ((1 << 52) - 1)
+    significand = (1 << 63) | (fraction << 11)
+    return struct.pack("<QH6x", significand, (sign << 15) | (exponent - 1023 + 16383))
+
+
+def test_the_fpu_reads_in_fxsave_layout_and_writes_back_into_the_guest(machines: list[Machine]) -> None:
+    m = boot(machines, X87_AND_SSE)
+    run_to(m.cpu, ExitKind.HLT)
+    fpu = m.cpu.get_fpu()
+    assert (fpu.fsw >> 11) & 7 == 6, "two loads: TOP went 0 -> 7 -> 6"
+    assert fpu.fpr[1] == _x87(1.0), "ST1 is the first value loaded"
+    assert fpu.fpr[0][:10] == bytes.fromhex("35c26821a2da0fc90040"), "ST0 is pi, as the FPU holds it"
+    assert fpu.ftwx == 0b1100_0000, "physical registers 6 and 7 are in use"
+    fpu.fpr[0] = _x87(2.5)
+    fpu.xmm[1] = bytes(range(16))
+    m.cpu.set_fpu(fpu)
+    assert m.cpu.get_fpu() == fpu
+    sregs = m.cpu.get_sregs()
+    sregs.cr4 |= 1 << 9  # CR4.OSFXSR, or movdqu is #UD
+    m.cpu.set_sregs(sregs)
+    assert m.cpu.get_fpu() == fpu, "a mode change keeps the FPU"
+    run_to(m.cpu, ExitKind.HLT)
+    assert struct.unpack("<d", m.memory.read(0x101000, 8))[0] == 2.5
+    assert m.memory.read(0x101010, 16) == bytes(range(16))
+    assert m.cpu.get_fpu().ftwx == 0b1000_0000, "the store popped ST0: register 6 is free again"
+
+
+def test_debug_registers_are_kept(machines: list[Machine]) -> None:
+    from pyvmm.arch.x86_64_extra_state import DebugRegs
+
+    m = boot(machines, "f4")
+    wanted = DebugRegs((0x1000, 0x2000, 0x3000, 0x4000), 0xFFFF0FF1, 0x401)
+    m.cpu.set_debug_regs(wanted)
+    assert m.cpu.get_debug_regs() == wanted
+
+
 def test_memory_changes_while_the_vcpu_runs(machines: list[Machine]) -> None:
     m = boot(machines, "48ffc0ebfb")
     extra = m.add(0x800000, 0x1000)

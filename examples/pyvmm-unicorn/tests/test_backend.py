@@ -110,8 +110,8 @@ def test_state_kinds_per_arch(backend: Backend) -> None:
         assert vcpu.get_regs().rip == CODE
         with pytest.raises(ConfigError, match="core_regs"):
             vcpu.get_state(StateKind.CORE_REGS)
-        with pytest.raises(ConfigError, match="fpu"):
-            vcpu.get_fpu()
+        with pytest.raises(ConfigError, match="xsave"):
+            vcpu.get_state(StateKind.XSAVE)
         with pytest.raises(ConfigError, match="expected Regs"):
             vcpu.set_state(StateKind.REGS, CoreRegs())
 

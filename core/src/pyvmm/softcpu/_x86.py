@@ -38,6 +38,7 @@ from pyvmm.arch.x86_64 import (
     Sregs,
     VcpuEvents,
 )
+from pyvmm.arch.x86_64_extra_state import DebugRegs, Fpu
 from pyvmm.boot import X86VcpuInit
 from pyvmm.errors import ConfigError
 from pyvmm.exits import (
@@ -257,6 +258,10 @@ class X86Isa(Isa):
             # SYSCALL, SYSENTER, CPUID, RDTSC(P)): every instruction is looked at
             # instead, which is why MSR exits are an option.
             self.uc.hook_add(self.u.UC_HOOK_CODE, self._on_code_msr)
+        # The FPU as a new KVM vCPU has it (after FNINIT: FCW 0x37F, every
+        # register empty, MXCSR 0x1F80); unicorn starts with FCW 0 and all eight
+        # registers tagged in use.
+        self.set_fpu(Fpu())
 
     # --- run-loop interface -------------------------------------------------------
     def pc(self) -> int:
@@ -1234,8 +1239,7 @@ class X86Isa(Isa):
         c = self.c
         regs = self.get_regs()
         kept_msrs = [(msr, int(self.uc.reg_read(c.UC_X86_REG_MSR, msr))) for msr in _KEPT_MSRS]
-        xmm = [(reg, self.uc.reg_read(reg)) for reg in range(c.UC_X86_REG_XMM0, c.UC_X86_REG_XMM0 + 16)]
-        mxcsr = self._read(c.UC_X86_REG_MXCSR)
+        fpu, debug = self.get_fpu(), self.get_debug_regs()  # not part of the mode: kept as they are
         self.uc.context_restore(self._fresh)
         # From the fresh state (LMA set, 64-bit code): entering and leaving
         # paging is the only register-level way to clear LMA, which real,
@@ -1265,9 +1269,8 @@ class X86Isa(Isa):
         self.uc.reg_write(c.UC_X86_REG_LDTR, (s.ldt.selector, s.ldt.base, s.ldt.limit, cache_flags(s.ldt)))
         for msr, value in kept_msrs:
             self.uc.reg_write(c.UC_X86_REG_MSR, (msr, value))
-        for reg, value in xmm:
-            self.uc.reg_write(reg, value)
-        self.uc.reg_write(c.UC_X86_REG_MXCSR, mxcsr)
+        self.set_fpu(fpu)
+        self.set_debug_regs(debug)
         for reg, value in zip(self.gpr_ids, dataclasses.astuple(regs), strict=True):
             self.regs.write(reg, value)
         if self._layout.ok:
@@ -1284,11 +1287,72 @@ class X86Isa(Isa):
         self._apic_base = s.apic_base
         self.uc.ctl_flush_tb()
 
+    # --- FPU/SSE and debug registers (a snapshot's and a reset's sets) ---------------
+    # Fpu holds the x87 registers as FXSAVE does, in stack order (ST0 first, 16
+    # bytes each: the 64-bit significand, then sign and exponent) with the
+    # abridged tag byte (a bit set: the physical register is in use); unicorn
+    # indexes FP0-FP7 physically and reports the full 2-bit tag word, empty
+    # being 3 (it writes only the empty/in-use distinction back).
+    def _x87_top(self) -> int:
+        return (int(self.uc.reg_read(self.c.UC_X86_REG_FPSW)) >> 11) & 7
+
+    def get_fpu(self) -> Fpu:
+        c = self.c
+        top = self._x87_top()
+        fpr = []
+        for stack in range(8):
+            significand, exponent = self.uc.reg_read(c.UC_X86_REG_FP0 + (top + stack) % 8)
+            fpr.append(struct.pack("<QH6x", significand, exponent & 0xFFFF))
+        tags = self.uc.reg_read(c.UC_X86_REG_FPTAG)
+        in_use = sum(1 << phys for phys in range(8) if (tags >> (2 * phys)) & 3 != 3)
+        return Fpu(
+            fpr=fpr,
+            fcw=self.uc.reg_read(c.UC_X86_REG_FPCW),
+            fsw=self.uc.reg_read(c.UC_X86_REG_FPSW),
+            ftwx=in_use,
+            last_opcode=self.uc.reg_read(c.UC_X86_REG_FOP),
+            last_ip=self.uc.reg_read(c.UC_X86_REG_FIP),
+            last_dp=self.uc.reg_read(c.UC_X86_REG_FDP),
+            xmm=[self.uc.reg_read(c.UC_X86_REG_XMM0 + n).to_bytes(16, "little") for n in range(16)],
+            mxcsr=self.uc.reg_read(c.UC_X86_REG_MXCSR),
+        )
+
+    def set_fpu(self, fpu: Fpu) -> None:
+        fpu.check()
+        c = self.c
+        self.uc.reg_write(c.UC_X86_REG_FPCW, fpu.fcw)
+        self.uc.reg_write(c.UC_X86_REG_FPSW, fpu.fsw)  # TOP first: it maps ST(i) to FP0-FP7
+        top = self._x87_top()
+        for stack, raw in enumerate(fpu.fpr):
+            significand, exponent = struct.unpack_from("<QH", raw)
+            self.uc.reg_write(c.UC_X86_REG_FP0 + (top + stack) % 8, (significand, exponent))
+        empty = sum(3 << (2 * phys) for phys in range(8) if not (fpu.ftwx >> phys) & 1)
+        self.uc.reg_write(c.UC_X86_REG_FPTAG, empty)
+        self.uc.reg_write(c.UC_X86_REG_FOP, fpu.last_opcode)
+        self.uc.reg_write(c.UC_X86_REG_FIP, fpu.last_ip)
+        self.uc.reg_write(c.UC_X86_REG_FDP, fpu.last_dp)
+        for n, raw in enumerate(fpu.xmm):
+            self.uc.reg_write(c.UC_X86_REG_XMM0 + n, int.from_bytes(raw, "little"))
+        self.uc.reg_write(c.UC_X86_REG_MXCSR, fpu.mxcsr)
+
+    def get_debug_regs(self) -> DebugRegs:
+        c = self.c
+        db = tuple(self.uc.reg_read(c.UC_X86_REG_DR0 + n) for n in range(4))
+        return DebugRegs(db, self.uc.reg_read(c.UC_X86_REG_DR6), self.uc.reg_read(c.UC_X86_REG_DR7))
+
+    def set_debug_regs(self, debug: DebugRegs) -> None:
+        """Kept for the guest to read back; the software CPU takes no hardware
+        breakpoints from them (``set_guest_debug`` is the VMM's way)."""
+        debug.check()
+        for n, address in enumerate(debug.db):
+            self.uc.reg_write(self.c.UC_X86_REG_DR0 + n, address)
+        self.uc.reg_write(self.c.UC_X86_REG_DR6, debug.dr6)
+        self.uc.reg_write(self.c.UC_X86_REG_DR7, debug.dr7)
+
     def init(self, boot: X86VcpuInit) -> None:
         self.set_sregs(boot.sregs)
         self.set_regs(boot.regs)
         for entry in boot.msrs:
             self.uc.reg_write(self.c.UC_X86_REG_MSR, (entry.index, entry.data))
         if boot.fpu is not None:
-            self.uc.reg_write(self.c.UC_X86_REG_MXCSR, boot.fpu.mxcsr)
-            self.uc.reg_write(self.c.UC_X86_REG_FPCW, boot.fpu.fcw)
+            self.set_fpu(boot.fpu)

@@ -30,6 +30,7 @@ from pyvmm.softcpu._isa import INTERNAL_ERROR_EMULATION, Conduit, Hypercall, Hyp
 from pyvmm.softcpu._uc import RUN_BUDGET, UNREACHABLE
 
 if TYPE_CHECKING:
+    from pyvmm.arch.x86_64_extra_state import DebugRegs, Fpu
     from pyvmm.memory import RamRegion
     from pyvmm.softcpu._aarch64 import Aarch64Isa
     from pyvmm.softcpu._x86 import X86Isa
@@ -467,6 +468,20 @@ class SoftCpu:
 
     def set_regs(self, regs: Regs) -> None:
         self._x86("set_regs").set_regs(regs)
+
+    def get_fpu(self) -> Fpu:
+        """x86 x87/SSE registers, in FXSAVE's layout (:class:`~pyvmm.arch.x86_64_extra_state.Fpu`)."""
+        return self._x86("get_fpu").get_fpu()
+
+    def set_fpu(self, fpu: Fpu) -> None:
+        self._x86("set_fpu").set_fpu(fpu)
+
+    def get_debug_regs(self) -> DebugRegs:
+        """x86 DR0-DR3, DR6 and DR7 (kept, not acted on: see :meth:`set_guest_debug`)."""
+        return self._x86("get_debug_regs").get_debug_regs()
+
+    def set_debug_regs(self, debug: DebugRegs) -> None:
+        self._x86("set_debug_regs").set_debug_regs(debug)
 
     def get_sregs(self) -> Sregs:
         """x86 segment and control registers (see the module notes on what the

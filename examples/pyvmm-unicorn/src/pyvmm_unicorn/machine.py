@@ -16,6 +16,7 @@ from typing import Any
 
 from pyvmm.arch.aarch64 import CoreRegs
 from pyvmm.arch.x86_64 import Regs, Sregs, VcpuEvents
+from pyvmm.arch.x86_64_extra_state import DebugRegs, Fpu
 from pyvmm.boot import VcpuInit
 from pyvmm.config import Arch, VmConfig
 from pyvmm.errors import ConfigError
@@ -35,8 +36,18 @@ from pyvmm.vcpu_state import StateKind
 OPTIONS: dict[str, object] = {"coherent_code": True, "intercept": (), "exit_timing": "after", "string_batch": 0}
 
 _STATE_KINDS = {
-    Arch.X86_64: (StateKind.REGS, StateKind.SREGS),
+    # A snapshot and a reset point need the FPU and debug registers too.
+    Arch.X86_64: (StateKind.REGS, StateKind.SREGS, StateKind.FPU, StateKind.DEBUG_REGS),
     Arch.AARCH64: (StateKind.CORE_REGS,),
+}
+
+#: How the software CPU reads and writes each register set, and the record it takes.
+_STATE_ACCESS: dict[StateKind, tuple[str, str, type]] = {
+    StateKind.REGS: ("get_regs", "set_regs", Regs),
+    StateKind.SREGS: ("get_sregs", "set_sregs", Sregs),
+    StateKind.FPU: ("get_fpu", "set_fpu", Fpu),
+    StateKind.DEBUG_REGS: ("get_debug_regs", "set_debug_regs", DebugRegs),
+    StateKind.CORE_REGS: ("get_core_regs", "set_core_regs", CoreRegs),
 }
 
 
@@ -190,23 +201,15 @@ class UnicornVcpu:
 
     def get_state(self, kind: StateKind) -> Any:
         self._check_kind(kind)
-        if kind is StateKind.REGS:
-            return self.cpu.get_regs()
-        if kind is StateKind.SREGS:
-            return self.cpu.get_sregs()
-        return self.cpu.get_core_regs()
+        getter, _, _ = _STATE_ACCESS[kind]
+        return getattr(self.cpu, getter)()
 
     def set_state(self, kind: StateKind, value: Any) -> None:
         self._check_kind(kind)
-        if kind is StateKind.REGS and isinstance(value, Regs):
-            self.cpu.set_regs(value)
-        elif kind is StateKind.SREGS and isinstance(value, Sregs):
-            self.cpu.set_sregs(value)
-        elif kind is StateKind.CORE_REGS and isinstance(value, CoreRegs):
-            self.cpu.set_core_regs(value)
-        else:
-            expected = {StateKind.REGS: Regs, StateKind.SREGS: Sregs, StateKind.CORE_REGS: CoreRegs}[kind]
-            raise ConfigError(f"{kind.value}: expected {expected.__name__}, got {type(value).__name__}")
+        _, setter, record = _STATE_ACCESS[kind]
+        if not isinstance(value, record):
+            raise ConfigError(f"{kind.value}: expected {record.__name__}, got {type(value).__name__}")
+        getattr(self.cpu, setter)(value)
 
     def _check_kind(self, kind: StateKind) -> None:
         kinds = _STATE_KINDS[self.vm.config.arch]
