@@ -204,3 +204,39 @@ def test_a_zip_on_the_path_falls_back_to_importlib_metadata(tmp_path: Path, monk
     monkeypatch.setattr(metadata, "entry_points", fake)
     (point,) = entry_points("pyvmm", [str(archive)])
     assert asked == ["pyvmm"] and (point.name, point.value, point.distribution) == ("z", "m:o", "(unknown)")
+
+
+RAISING_MANIFEST_MODULE = """
+def manifest():
+    raise OSError(5, "the manifest read a file, against the contract")
+"""
+
+HANGING_MANIFEST_MODULE = """
+import threading
+release = threading.Event()
+
+def manifest():
+    release.wait(30)
+"""
+
+
+def test_a_manifest_function_that_raises_is_named_as_such(write_module: WriteModule) -> None:
+    module = write_module(RAISING_MANIFEST_MODULE)
+    registry = PluginRegistry(PluginPolicy())
+    registry.load_entry_points([_ep("raises", module)])
+    (failure,) = registry.failures
+    assert "manifest function of entry point 'raises' raised OSError" in failure.error
+    assert "import failed" not in failure.error
+    assert registry.backends == {}
+
+
+def test_a_manifest_function_that_hangs_is_bounded_and_named_as_such(write_module: WriteModule) -> None:
+    module = write_module(HANGING_MANIFEST_MODULE)
+    registry = PluginRegistry(PluginPolicy(), timeout=0.3)
+    try:
+        registry.load_entry_points([_ep("hangs", module)])
+        (failure,) = registry.failures
+        assert "manifest function of entry point 'hangs' did not finish within 0.3 s" in failure.error
+        assert registry.backends == {}
+    finally:
+        sys.modules[module].release.set()  # type: ignore[attr-defined]
