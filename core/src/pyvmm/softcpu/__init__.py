@@ -98,13 +98,17 @@ What it models
 * **Registers.**  x86 :class:`~pyvmm.arch.x86_64.Regs` and
   :class:`~pyvmm.arch.x86_64.Sregs` (real, 16- and 32-bit protected,
   compatibility and 64-bit mode, segment caches as given -- every state
-  :func:`pyvmm.arch.x86_64_boot.build_x86_boot_state` builds), x86 events
+  :func:`pyvmm.arch.x86_64_boot.build_x86_boot_state` builds), the x87/SSE
+  state as :class:`~pyvmm.arch.x86_64_extra_state.Fpu` (FXSAVE's layout; a
+  new CPU's is KVM's reset state) and the debug registers, x86 events
   as :class:`~pyvmm.arch.x86_64.VcpuEvents`; aarch64 registers by
   KVM one-reg id and as :class:`~pyvmm.arch.aarch64.CoreRegs`.
 * **Kick.**  :meth:`SoftCpu.kick` from any thread makes the current or next
   run return an :class:`~pyvmm.exits.InterruptedExit` (``uc_emu_stop``,
   repeated by a watchdog until the vCPU thread has seen it, because unicorn
-  forgets a stop that lands between two emulation slices).
+  forgets a stop that lands between two emulation slices).  An instruction
+  whose exit was just reported (a port or MMIO access) is finished first, as
+  KVM does, so the registers read after a kicked run are past it.
 * **Debug.**  Single-stepping and breakpoints end a run with a
   :class:`~pyvmm.exits.DebugExit`.
 
@@ -149,9 +153,10 @@ What unicorn cannot model (and the engine does not pretend to)
   context, so ``get_sregs`` reports what the CPU holds however the segment was
   loaded (QEMU keeps no "unusable" flag: a segment that is not present reads
   as unusable).  ``apic_base`` is stored, not modelled.  ``set_sregs``
-  restarts the CPU from its fresh state: general registers, SSE registers,
-  MXCSR and the syscall MSRs are kept, the x87 state and debug registers are
-  not.
+  restarts the CPU from its fresh state: general registers, the x87/SSE
+  state, the debug registers and the syscall MSRs are kept.  The debug
+  registers are stored, not acted on (hardware breakpoints come from
+  ``set_guest_debug``).
 * **No x86 interrupt controller** (no local APIC or IOAPIC: the machine
   layer's userspace 8259/8254 drive x86 injection), and the GIC models no SGIs,
   group 0, binary-point preemption, LPIs/ITS or EOImode 1; an IRQ taken at EL1
