@@ -325,6 +325,13 @@ class Vm:
         self._check_open()
         if isinstance(guest_phys_addr, MemoryRegionSpec):
             spec = guest_phys_addr
+        elif not flags:
+            # The usual call: only known fields, so no mapping to build and check
+            # for unknown keys; the record's own checks are the same.
+            try:
+                spec = MemoryRegionSpec(guest_phys_addr=guest_phys_addr, size=size)  # type: ignore[arg-type]
+            except RecordError as exc:
+                raise ConfigError(f"invalid memory region: {exc}") from exc
         else:
             spec = _validated(
                 MemoryRegionSpec, {"guest_phys_addr": guest_phys_addr, "size": size, **flags}, "memory region"
@@ -394,8 +401,9 @@ class Vm:
         index = len(self.vcpus) if index is None else index
         if not 0 <= index < self.config.vcpus:
             raise ConfigError(f"vCPU index {index} is out of range for a VM configured with {self.config.vcpus}")
-        if any(v.index == index for v in self.vcpus):
-            raise ConfigError(f"vCPU {index} already exists")
+        for existing in self.vcpus:
+            if existing.index == index:
+                raise ConfigError(f"vCPU {index} already exists")
         vcpu = Vcpu(self, index, self._hooks.create_vcpu(self.handle, index))
         self.vcpus.append(vcpu)
         if self._boot is not None:
