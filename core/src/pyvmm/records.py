@@ -171,7 +171,7 @@ def from_mapping(
     ``error`` too, never a ``TypeError``; the problems of the known keys are
     reported with those of the unknown ones."""
     name = what or cls.__name__
-    if not isinstance(data, Mapping):
+    if type(data) is not dict and not isinstance(data, Mapping):  # a dict skips the ABC check
         raise error(name, [("(record)", f"must be a table{_given(data)}")])
     unknown = []
     for key in data:
