@@ -210,17 +210,24 @@ def mmio_loop(n: int) -> float:
 
 def create_loop(n: int) -> float:
     """Create and tear down ``n`` minimal VMs; return nanoseconds per VM."""
+    times = create_times(n)
+    return sum(times) / len(times)
+
+
+def create_times(n: int) -> list[int]:
+    """Create and tear down ``n`` minimal VMs; return each one's nanoseconds."""
     if n <= 0:
         raise ValueError("n must be positive")
     kvm_fd, run_size = _open_kvm()
+    times = []
     try:
-        t0 = time.perf_counter_ns()
         for _ in range(n):
+            t0 = time.perf_counter_ns()
             _Vm(kvm_fd, run_size).close()
-        t1 = time.perf_counter_ns()
+            times.append(time.perf_counter_ns() - t0)
     finally:
         os.close(kvm_fd)
-    return (t1 - t0) / n
+    return times
 
 
 def main(argv: list[str]) -> int:
