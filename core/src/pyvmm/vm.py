@@ -328,6 +328,13 @@ class Vm:
         self._check_open()
         if isinstance(guest_phys_addr, MemoryRegionSpec):
             spec = guest_phys_addr
+        elif not flags:
+            # The usual call: only known fields, so no mapping to build and check
+            # for unknown keys; the record's own checks are the same.
+            try:
+                spec = MemoryRegionSpec(guest_phys_addr=guest_phys_addr, size=size)  # type: ignore[arg-type]
+            except RecordError as exc:
+                raise ConfigError(f"invalid memory region: {exc}") from exc
         else:
             spec = _validated(
                 MemoryRegionSpec, {"guest_phys_addr": guest_phys_addr, "size": size, **flags}, "memory region"
@@ -397,8 +404,9 @@ class Vm:
         index = len(self.vcpus) if index is None else index
         if not 0 <= index < self.config.vcpus:
             raise ConfigError(f"vCPU index {index} is out of range for a VM configured with {self.config.vcpus}")
-        if any(v.index == index for v in self.vcpus):
-            raise ConfigError(f"vCPU {index} already exists")
+        for existing in self.vcpus:
+            if existing.index == index:
+                raise ConfigError(f"vCPU {index} already exists")
         vcpu = Vcpu(self, index, self._hooks.create_vcpu(self.handle, index))
         self.vcpus.append(vcpu)
         if self._boot is not None:
@@ -699,17 +707,9 @@ class Vm:
         self._closed = True
         raised: list[BaseException] = []  # re-raised, the first, once teardown is done
         stuck: list[str] = []
-
-        def step(action: Callable[[], object]) -> None:
-            try:
-                action()
-            except VmStateError as exc:
-                stuck.append(str(exc))
-            except (Exception, KeyboardInterrupt) as exc:  # noqa: BLE001 - finish teardown, then re-raise
-                raised.append(exc)
-
-        if self.backend.supports(Capability.IMMEDIATE_EXIT):
-            for vcpu in self.vcpus:  # all at once, so they leave together
+        vcpus = self.vcpus
+        if vcpus and self.backend.supports(Capability.IMMEDIATE_EXIT):
+            for vcpu in vcpus:  # all at once, so they leave together
                 kicker = getattr(vcpu.handle, "kicker", None)
                 if isinstance(kicker, SignalKicker) and not kicker.running:
                     # Idle, on the backend kit's kicker: its close (in the
@@ -721,16 +721,16 @@ class Vm:
                 # destruction below finds out whether it leaves.
                 with contextlib.suppress(PyvmmError):
                     vcpu.kick()
-        for vcpu in reversed(self.vcpus):
-            step(vcpu.close)
+        for vcpu in reversed(vcpus):
+            _teardown_step(stuck, raised, vcpu.close)
         if stuck:
             _ABANDONED.append(self)
             raise VmStateError("the VM could not be closed safely, so its guest memory is kept: " + "; ".join(stuck))
-        step(lambda: self._hooks.destroy_vm(self.handle))
-        step(self.memory.close)
+        _teardown_step(stuck, raised, self._hooks.destroy_vm, self.handle)
+        _teardown_step(stuck, raised, self.memory.close)
         # Each vCPU points back at this VM: with the list emptied, refcounting
         # frees a closed VM at once instead of leaving the pair to the cyclic GC.
-        self.vcpus.clear()
+        vcpus.clear()
         if raised:
             raise raised[0]
 
@@ -748,6 +748,17 @@ class Vm:
 #: VMs whose vCPUs would not leave the hypervisor on close: kept alive for the
 #: life of the process so their guest memory is never unmapped under them.
 _ABANDONED: list[Vm] = []
+
+
+def _teardown_step(stuck: list[str], raised: list[BaseException], action: Callable[..., object], *args: object) -> None:
+    """One step of :meth:`Vm.close`: ``action(*args)``, its failure recorded and
+    teardown carried on (a module function, not a closure made on every close)."""
+    try:
+        action(*args)
+    except VmStateError as exc:
+        stuck.append(str(exc))
+    except (Exception, KeyboardInterrupt) as exc:  # noqa: BLE001 - finish teardown, then re-raise
+        raised.append(exc)
 
 
 class Vcpu:

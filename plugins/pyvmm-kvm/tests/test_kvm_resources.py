@@ -128,3 +128,41 @@ def test_bad_tss_and_identity_addresses_are_config_errors(
     with pytest.raises(ConfigError, match=message):
         kvm.create_vm({"arch": "x86_64", "backend_options": options})
     assert _fds() == before
+
+
+class _RecordingVmSetup(LibcDeviceSeam):
+    """The real calls, remembering each VM setup ioctl and its argument."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.setup: list[tuple[int, int]] = []
+
+    def ioctl(self, fd: int, request: int, arg: int) -> int:
+        if request in (k.KVM_SET_TSS_ADDR, k.KVM_SET_IDENTITY_MAP_ADDR):
+            self.setup.append((request, arg))
+        return super().ioctl(fd, request, arg)
+
+
+def test_identity_map_is_set_only_away_from_kvms_default(kvm: Backend) -> None:
+    """KVM takes 0xFFFBC000 for the identity map page when userspace never sets
+    one (docs/backends/kvm.md §4.1), so a VM at that address skips the ioctl;
+    the TSS address is always set, and any other identity address is too."""
+    with HOST.use(_RecordingVmSetup()) as host:
+        seam = host.seam
+        assert isinstance(seam, _RecordingVmSetup)
+        kvm_system = system(host)
+        try:
+            with kvm.create_vm({"arch": "x86_64"}):
+                pass
+            assert [request for request, _ in seam.setup] == [k.KVM_SET_TSS_ADDR]
+            assert seam.setup[0][1] == 0xFFFBD000
+            seam.setup.clear()
+            with kvm.create_vm({"arch": "x86_64", "backend_options": {"identity_map_address": 0xFEFFC000}}) as vm:
+                vm.create_vcpu()  # the kernel took the address: a vCPU can follow
+            requests = [request for request, _ in seam.setup]
+            if kvm_system.check_extension(k.KVM_CAP_SET_IDENTITY_MAP_ADDR):
+                assert requests == [k.KVM_SET_TSS_ADDR, k.KVM_SET_IDENTITY_MAP_ADDR]
+            else:
+                assert requests == [k.KVM_SET_TSS_ADDR]
+        finally:
+            kvm_system.close()

@@ -52,6 +52,7 @@ class DeviceHost:
         #: Per-host state a backend shares between its VMs (an opened device).
         self.state: dict[str, Any] = {}
         self.lock = threading.Lock()
+        self._fast_ioctl: tuple[Callable[[int, int, int], int], Callable[[int], int]] | None = None
 
     def shared(self, key: str, make: Callable[[DeviceHost], T], kind: type[T]) -> T:
         """The one ``kind`` object of this host under ``key`` (an opened device
@@ -85,12 +86,13 @@ class DeviceHost:
         returns a negative value on failure, and ``errno_of(result)`` is then the
         error number.  On the libc seam this is libc's own function, called with
         no Python frame in between; on any other seam (a driver model) it is the
-        seam's ``ioctl``, whose negative result is ``-errno``."""
-        raw = getattr(self.seam, "raw_ioctl", None)
-        if callable(raw):
-            call, errno_of = raw()
-            return call, errno_of
-        return self.seam.ioctl, operator.neg
+        seam's ``ioctl``, whose negative result is ``-errno``.  Worked out once
+        per host (the seam never changes): every vCPU asks."""
+        fast = self._fast_ioctl
+        if fast is None:
+            raw = getattr(self.seam, "raw_ioctl", None)
+            fast = self._fast_ioctl = raw() if callable(raw) else (self.seam.ioctl, operator.neg)
+        return fast
 
     def open_device(self, path: str) -> int:
         fd = self.seam.open(path, os.O_RDWR | os.O_CLOEXEC)

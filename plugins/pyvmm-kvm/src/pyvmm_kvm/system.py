@@ -41,6 +41,7 @@ class KvmSystem:
             raise
         self._cpuid: list[CpuidEntry] | None = None
         self._extensions: dict[int, int] = {}
+        self._max_vcpus: int | None = None
 
     def check_extension(self, cap: int) -> int:
         """``KVM_CHECK_EXTENSION``: 0 when absent, else a cap-specific positive value.
@@ -56,7 +57,14 @@ class KvmSystem:
         return _missing_capabilities(self.check_extension)
 
     def max_vcpus(self) -> int:
-        return self.check_extension(k.KVM_CAP_MAX_VCPUS) or self.check_extension(k.KVM_CAP_NR_VCPUS) or 4
+        # Fixed while the module is loaded, like every answer check_extension
+        # caches; asked on every VM created.
+        limit = self._max_vcpus
+        if limit is None:
+            limit = self._max_vcpus = (
+                self.check_extension(k.KVM_CAP_MAX_VCPUS) or self.check_extension(k.KVM_CAP_NR_VCPUS) or 4
+            )
+        return limit
 
     def supported_cpuid(self) -> list[CpuidEntry]:
         """``KVM_GET_SUPPORTED_CPUID``, cached (it cannot change while the module is loaded)."""

@@ -92,16 +92,18 @@ class KvmVcpu(KvmVcpuCommon):
     """One vCPU of a :class:`pyvmm_kvm.vm.KvmVm`."""
 
     def __init__(self, vm: Any, index: int, mmap_size: int) -> None:
-        page = self._open(vm, index, mmap_size, ffi, lambda: None)
+        page = self._open(vm, index, mmap_size, ffi, None)
         self._view = page.view
-        # One exit object per kind, refilled on every run.
+        # One exit object per kind, refilled on every run.  The debug, hypercall
+        # and MSR exits are made at the first such exit: most VMs never see one,
+        # and every object made here is a cost of every VM created.
         self._io = IoExit()
         self._mmio = MmioExit()
         self._hlt = HltExit()
         self._interrupted = InterruptedExit()
-        self._debug = DebugExit()
-        self._hypercall = HypercallExit()
-        self._msr = MsrAccessExit()
+        self._debug: DebugExit | None = None
+        self._hypercall: HypercallExit | None = None
+        self._msr: MsrAccessExit | None = None
         self._irq_window = IrqWindowOpenExit()
         self._io_views: dict[int, memoryview] = {}
         self._mmio_views = self.page.mmio_views
@@ -199,6 +201,8 @@ class KvmVcpu(KvmVcpuCommon):
             return FailEntryExit(run.fail_entry.hardware_entry_failure_reason, run.fail_entry.cpu)
         if reason == k.KVM_EXIT_DEBUG:
             debug = self._debug
+            if debug is None:
+                debug = self._debug = DebugExit()
             arch = run.debug.arch
             debug.pc, debug.exception, debug.dr6, debug.dr7 = arch.pc, arch.exception, arch.dr6, arch.dr7
             return debug
@@ -206,6 +210,8 @@ class KvmVcpu(KvmVcpuCommon):
             return ExceptionExit(run.ex.exception, run.ex.error_code)
         if reason == k.KVM_EXIT_HYPERCALL:
             call = self._hypercall
+            if call is None:
+                call = self._hypercall = HypercallExit()
             call.number = run.hypercall.nr
             call.args = tuple(run.hypercall.args)
             call.result = 0
@@ -217,6 +223,8 @@ class KvmVcpu(KvmVcpuCommon):
             return IoapicEoiExit(run.eoi.vector)
         if reason in (k.KVM_EXIT_X86_RDMSR, k.KVM_EXIT_X86_WRMSR):
             msr = self._msr
+            if msr is None:
+                msr = self._msr = MsrAccessExit()
             msr.index, msr.is_write = run.msr.index, reason == k.KVM_EXIT_X86_WRMSR
             msr.value, msr.error = run.msr.data, False
             self._pending = msr
@@ -271,12 +279,13 @@ class KvmVcpu(KvmVcpuCommon):
         """Hand results that do not live in the run page back before the next run."""
         self._pending = None
         run = self._run
-        if pending is self._hypercall:
-            run.hypercall.ret = self._hypercall.result
-        elif pending is self._msr:
-            run.msr.error = 1 if self._msr.error else 0
-            if not self._msr.is_write:
-                run.msr.data = self._msr.value
+        # Only this vCPU's own hypercall or MSR exit is ever pending.
+        if isinstance(pending, HypercallExit):
+            run.hypercall.ret = pending.result
+        elif isinstance(pending, MsrAccessExit):
+            run.msr.error = 1 if pending.error else 0
+            if not pending.is_write:
+                run.msr.data = pending.value
 
     # --- init and state -------------------------------------------------------
     def init(self, boot: VcpuInit) -> None:

@@ -18,6 +18,7 @@ from pyvmm_kvm import bindings as k
 
 #: The run struct's type name, the same in both architectures' declarations.
 RUN_STRUCT = "struct kvm_run"
+_RUN_POINTER = RUN_STRUCT + " *"
 
 
 class KvmVcpuCommon:
@@ -32,10 +33,10 @@ class KvmVcpuCommon:
     page: RunPage
     kicker: SignalKicker
 
-    def _open(self, vm: Any, index: int, mmap_size: int, ffi: Any, arch_init: Callable[[], None]) -> RunPage:
+    def _open(self, vm: Any, index: int, mmap_size: int, ffi: Any, arch_init: Callable[[], None] | None) -> RunPage:
         """``KVM_CREATE_VCPU``, the run page mapped, the kicker made, then
-        ``arch_init`` (e.g. ``KVM_ARM_VCPU_INIT``); on any error nothing is left:
-        the page and the descriptor go with it."""
+        ``arch_init`` if given (e.g. ``KVM_ARM_VCPU_INIT``); on any error nothing
+        is left: the page and the descriptor go with it."""
         self.vm = vm
         self.index = index
         self.host = host = vm.host
@@ -49,10 +50,11 @@ class KvmVcpuCommon:
                 immediate_exit=ffi.offsetof(RUN_STRUCT, "immediate_exit"),
                 mmio_data=ffi.offsetof(RUN_STRUCT, "mmio", "data"),
             )
-            self._run = ffi.from_buffer(f"{RUN_STRUCT} *", page.view)
+            self._run = ffi.from_buffer(_RUN_POINTER, page.view)
             self.kicker = SignalKicker(page.request_immediate_exit, host.signal_thread, "KVM")
             self._ioctl, self._errno_of = host.fast_ioctl()
-            arch_init()
+            if arch_init is not None:
+                arch_init()
         except BaseException:
             if page is not None:
                 with contextlib.suppress(Exception):

@@ -38,6 +38,7 @@ if TYPE_CHECKING:
 
 #: Where QEMU and crosvm put the real-mode TSS (3 pages) and the EPT identity map
 #: page on Intel hosts without unrestricted guest: just below the 4 GiB BIOS area.
+#: The identity map's is also KVM's default, used when userspace never sets one.
 DEFAULT_TSS_ADDRESS = 0xFFFBD000
 DEFAULT_IDENTITY_MAP_ADDRESS = 0xFFFBC000
 
@@ -76,7 +77,12 @@ class KvmVm(KvmVmCommon):
         self.fd = self.host.ioctl(kvm.fd, k.KVM_CREATE_VM, 0)
         try:
             self.host.ioctl(self.fd, k.KVM_SET_TSS_ADDR, tss)
-            if kvm.check_extension(k.KVM_CAP_SET_IDENTITY_MAP_ADDR):
+            # KVM's own default when the ioctl never comes (vmx.c
+            # init_rmode_identity_map(), VMX_EPT_IDENTITY_PAGETABLE_ADDR in
+            # vmx.h; api.rst: 0 "resets the address to its default"), so
+            # setting it to that value would change nothing: an ioctl saved
+            # on every VM.
+            if identity != DEFAULT_IDENTITY_MAP_ADDRESS and kvm.check_extension(k.KVM_CAP_SET_IDENTITY_MAP_ADDR):
                 self.host.ioctl(self.fd, k.KVM_SET_IDENTITY_MAP_ADDR, ffi.new("uint64_t *", identity))
         except BaseException:
             self.host.close(self.fd)

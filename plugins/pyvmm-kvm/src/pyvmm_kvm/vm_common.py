@@ -42,10 +42,9 @@ class KvmVmCommon:
 
     # --- memory -----------------------------------------------------------------
     def _set_region(self, slot: int, flags: int, gpa: int, size: int, host_addr: int) -> None:
-        region = self._ffi.new(
-            "struct kvm_userspace_memory_region *",
-            {"slot": slot, "flags": flags, "guest_phys_addr": gpa, "memory_size": size, "userspace_addr": host_addr},
-        )
+        # Positional, in the struct's field order (slot, flags, guest_phys_addr,
+        # memory_size, userspace_addr): no dict built for every slot change.
+        region = self._ffi.new("struct kvm_userspace_memory_region *", [slot, flags, gpa, size, host_addr])
         self.host.ioctl(self.fd, k.KVM_SET_USER_MEMORY_REGION, region)
 
     def _check_region(self, region: RamRegion) -> None:
