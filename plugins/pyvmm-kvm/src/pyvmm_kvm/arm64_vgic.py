@@ -24,10 +24,11 @@ so the VM refuses a second ``create_irqchip`` rather than meeting EEXIST.
 
 from __future__ import annotations
 
+import errno
 from typing import Any
 
 from pyvmm.backend import DeviceHost, address_of
-from pyvmm.errors import ConfigError
+from pyvmm.errors import ConfigError, HypervisorError
 from pyvmm_kvm import arm64_uapi as a
 from pyvmm_kvm import bindings as k
 from pyvmm_kvm.bindings import ffi_aarch64 as ffi
@@ -96,6 +97,28 @@ class Vgic3:
             return
         self._attr(k.KVM_SET_DEVICE_ATTR, a.KVM_DEV_ARM_VGIC_GRP_CTRL, a.KVM_DEV_ARM_VGIC_CTRL_INIT, None, "CTRL_INIT")
         self.initialized = True
+
+    def get_attr(self, group: int, attr: int, width: int = 32) -> int:
+        """``KVM_GET_DEVICE_ATTR``: a ``width``-bit attribute of ``group``."""
+        value = ffi.new(f"uint{width}_t *")
+        self._attr(k.KVM_GET_DEVICE_ATTR, group, attr, value, f"vGIC group {group} attribute {attr:#x}")
+        return int(value[0])
+
+    def set_attr(self, group: int, attr: int, value: int, width: int = 32) -> None:
+        """``KVM_SET_DEVICE_ATTR``: a ``width``-bit attribute of ``group``."""
+        raw = ffi.new(f"uint{width}_t *", value)
+        self._attr(k.KVM_SET_DEVICE_ATTR, group, attr, raw, f"vGIC group {group} attribute {attr:#x} = {value:#x}")
+
+    def has_attr(self, group: int, attr: int) -> bool:
+        """``KVM_HAS_DEVICE_ATTR``: whether this vGIC has the attribute (ENXIO: not)."""
+        raw = ffi.new("struct kvm_device_attr *", {"group": group, "attr": attr, "addr": 0})
+        try:
+            self.host.ioctl(self.fd, k.KVM_HAS_DEVICE_ATTR, raw)
+        except HypervisorError as exc:
+            if exc.errno == errno.ENXIO:
+                return False
+            raise
+        return True
 
     def distributor_register(self, offset: int) -> int:
         """A 32-bit distributor register as the guest would read it
