@@ -24,11 +24,10 @@ so the VM refuses a second ``create_irqchip`` rather than meeting EEXIST.
 
 from __future__ import annotations
 
-import errno
 from typing import Any
 
 from pyvmm.backend import DeviceHost, address_of
-from pyvmm.errors import ConfigError, HypervisorError
+from pyvmm.errors import ConfigError
 from pyvmm_kvm import arm64_uapi as a
 from pyvmm_kvm import bindings as k
 from pyvmm_kvm.bindings import ffi_aarch64 as ffi
@@ -108,17 +107,6 @@ class Vgic3:
         """``KVM_SET_DEVICE_ATTR``: a ``width``-bit attribute of ``group``."""
         raw = ffi.new(f"uint{width}_t *", value)
         self._attr(k.KVM_SET_DEVICE_ATTR, group, attr, raw, f"vGIC group {group} attribute {attr:#x} = {value:#x}")
-
-    def has_attr(self, group: int, attr: int) -> bool:
-        """``KVM_HAS_DEVICE_ATTR``: whether this vGIC has the attribute (ENXIO: not)."""
-        raw = ffi.new("struct kvm_device_attr *", {"group": group, "attr": attr, "addr": 0})
-        try:
-            self.host.ioctl(self.fd, k.KVM_HAS_DEVICE_ATTR, raw)
-        except HypervisorError as exc:
-            if exc.errno == errno.ENXIO:
-                return False
-            raise
-        return True
 
     def distributor_register(self, offset: int) -> int:
         """A 32-bit distributor register as the guest would read it

@@ -21,8 +21,7 @@ What is saved (:class:`pyvmm.gicv3_state.Gicv3State`):
 * per vCPU, its redistributor's ``GICR_CTLR`` and SGI frame: group, enable,
   pending, active, priorities, configuration of SGIs and PPIs;
 * per vCPU, its CPU interface's ``ICC_*_EL1`` registers, the active-priority
-  registers only where ``KVM_HAS_DEVICE_ATTR`` says this GIC has them (their
-  count follows the priority bits);
+  registers only as many as its priority bits give it (:func:`absent_aprs`);
 * the line level of every SPI and of each vCPU's private lines
   (``GRP_LEVEL_INFO``).
 
@@ -99,6 +98,17 @@ ICC_REGISTERS = (
 )
 
 
+def absent_aprs(icc_ctlr: int) -> frozenset[int]:
+    """The active-priority registers this CPU interface lacks.  With n priority
+    bits (``ICC_CTLR_EL1.PRIbits`` + 1) a GIC has 2^(n-5) of each group's
+    (ICC_AP0R<m>/AP1R<m>, m below that); KVM answers EINVAL for the others
+    though ``KVM_HAS_DEVICE_ATTR`` finds them in its table (vgic-sys-reg-v3.c
+    ``access_gic_aprn``: ``vgic_v3_max_apr_idx``)."""
+    priority_bits = (icc_ctlr >> 8 & 7) + 1
+    present = 1 << max(priority_bits - 5, 0)
+    return frozenset(ICC_AP0R_EL1[present:] + ICC_AP1R_EL1[present:])
+
+
 def mpidr_attr(mpidr: int) -> int:
     """The ``attr`` bits that name a vCPU: MPIDR_EL1's Aff3..Aff0 packed into
     bits 63..32 (``KVM_DEV_ARM_VGIC_V3_MPIDR_MASK``)."""
@@ -148,8 +158,9 @@ def save(vgic: Vgic3, mpidrs: Sequence[int]) -> Gicv3State:
         redist = a.KVM_DEV_ARM_VGIC_GRP_REDIST_REGS
         redistributors.append({offset: vgic.get_attr(redist, who | offset) for offset in REDIST_CONFIG + REDIST_STATE})
         sysregs = a.KVM_DEV_ARM_VGIC_GRP_CPU_SYSREGS
+        ctlr = vgic.get_attr(sysregs, who | ICC_CTLR_EL1, 64)
         cpu_interfaces.append(
-            {reg: vgic.get_attr(sysregs, who | reg, 64) for reg in ICC_REGISTERS if vgic.has_attr(sysregs, who | reg)}
+            {reg: vgic.get_attr(sysregs, who | reg, 64) for reg in ICC_REGISTERS if reg not in absent_aprs(ctlr)}
         )
         private_levels.append(_level(vgic, who, 0))
     first = mpidr_attr(mpidrs[0]) if mpidrs else 0

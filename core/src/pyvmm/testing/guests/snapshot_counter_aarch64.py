@@ -1,17 +1,22 @@
 """An aarch64 guest that counts virtual-timer ticks across a snapshot point,
-through the GICv3: the guest of the arm64 KVM snapshot tests.
+through the GICv3: the guest of the arm64 KVM snapshot tests, on the VM API and
+on the ``virt`` machine.
 
-It routes the virtual timer's PPI (INTID 27) through the GIC, keeps values in a
-callee-saved register pair (x19, x20), an FP/SIMD register (d8) and a system
-register (TPIDR_EL1), and re-arms the timer from its IRQ handler, which counts
-each tick at :data:`COUNTER_ADDRESS` and writes the square of the count into the
-count's word.  After 5 ticks it writes the count to :data:`SNAPSHOT_REQUEST`
-(an MMIO write: the host snapshots there); after :data:`TICKS` it stops the
-timer, checksums its own code and the first 16 words of the data page, adds
-the four kept registers, writes the sum to :data:`RESULT` and powers off.  A
-restore that lost the GIC's enables or priority mask, the CPU interface, the
-timer or any of those registers either never wakes or reports another sum.
-:func:`expected_result` computes the sum from the program alone.
+It routes the virtual timer's PPI (INTID 27) through the GIC (at the ``virt``
+board's addresses), keeps values in a callee-saved register pair (x19, x20), an
+FP/SIMD register (d8) and a system register (TPIDR_EL1), and re-arms the timer
+from its IRQ handler, which counts each tick in the page after its code
+(:data:`DATA_OFFSET`) and writes the square of the count into the count's word.
+After :data:`TICKS_BEFORE_SNAPSHOT` ticks it writes the count to
+:data:`SNAPSHOT_REQUEST` (the ``virt`` machine's snapshot request register;
+on the VM API an MMIO exit where the test saves); after :data:`TICKS` it stops
+the timer, checksums its own code and the first :data:`DATA_WORDS` words of the
+data page, adds the four kept registers, and writes the sum to :data:`RESULT`
+(the ``virt`` board's debug-exit) as a 32-bit word, then powers off.  A restore
+that lost the GIC's enables or priority mask, the CPU interface, the timer or
+any of those registers either never wakes or reports another sum.
+:func:`expected_result` computes the sum from the program alone.  It runs
+wherever it is loaded (position-independent, 2 KiB-aligned for VBAR_EL1).
 
 The bytes are checked against the source wherever an aarch64 GNU assembler
 exists (``plugins/pyvmm-kvm/tests/test_kvm_arm64_snapshot.py``).
@@ -19,13 +24,14 @@ exists (``plugins/pyvmm-kvm/tests/test_kvm_arm64_snapshot.py``).
 
 from __future__ import annotations
 
-from pyvmm.testing.conformance.programs_aarch64 import DATA_ADDRESS, MMIO_BASE, aarch64_program
+from pyvmm.machine.virt import VIRT_DEBUG_EXIT_BASE, VIRT_SNAPSHOT_REQUEST_BASE
+from pyvmm.testing.conformance.programs_aarch64 import aarch64_program
 
-#: Where the tick count is, followed by the squares (``movz x6, #0x4018, lsl #16``).
-COUNTER_ADDRESS = DATA_ADDRESS
 #: Where the guest writes its result, and where it asks for the snapshot.
-RESULT = MMIO_BASE
-SNAPSHOT_REQUEST = MMIO_BASE + 8
+RESULT = VIRT_DEBUG_EXIT_BASE
+SNAPSHOT_REQUEST = VIRT_SNAPSHOT_REQUEST_BASE
+#: The tick count and the squares: this far past the program's start.
+DATA_OFFSET = 0x1000
 #: Ticks counted before the snapshot request, and in all.
 TICKS_BEFORE_SNAPSHOT = 5
 TICKS = 10
@@ -59,10 +65,12 @@ main:
     adr x0, vectors
     msr VBAR_EL1, x0
     isb
-    movz x7, #0x0900, lsl #16
-    movz x6, #0x4018, lsl #16
+    movz x7, #0x0a00, lsl #16
+    movk x7, #0x1000
+    add x8, x7, #0x1000
+    add x6, x0, #0x1000
     movz x1, #0x0800, lsl #16
-    mov w2, #0x12
+    mov w2, #0x13
     str w2, [x1]
     movz x1, #0x080a, lsl #16
     str wzr, [x1, #0x14]
@@ -74,6 +82,9 @@ main:
     msr S3_0_C4_C6_0, x2
     mov x2, #1
     msr S3_0_C12_C12_7, x2
+    isb
+    mov x2, #(3 << 20)
+    msr CPACR_EL1, x2
     isb
     movz x19, #0x600d
     movz x20, #0x5eed
@@ -89,7 +100,7 @@ main:
     ldr w1, [x6]
     cmp w1, #5
     b.lo 1b
-    str x1, [x7, #8]
+    str w1, [x8]
 4:  wfi
     ldr w1, [x6]
     cmp w1, #10
@@ -116,7 +127,7 @@ main:
     add w0, w0, w1
     mrs x1, TPIDR_EL1
     add w0, w0, w1
-    str x0, [x7]
+    str w0, [x7]
     movz x0, #0x0008
     movk x0, #0x8400, lsl #16
     hvc #0
@@ -127,12 +138,12 @@ end:
     + "00" * (0x280 - 4)
     + (
         "00cc38d51f6c00f1a1010054c10040b921040011c10000b9227c011bc27821b83f28007182000054020088d202e31bd503000014"
-        "420080d222e31bd520cc18d5e0039fd6e0e9ff1000c018d5df3f03d50720a1d20603a8d20100a1d242028052220000b94101a1d2"
-        "3f1400b9214040910200a152228000b9220001b9021e80d2024618d5220080d2e2cc18d5df3f03d5b3018cd2b4dd8bd28802679e"
-        "93d018d5020088d202e31bd5220080d222e31bd5df3f03d5ff4203d57f2003d5c10040b93f140071a3ffff54e10400f97f2003d5"
-        "c10040b93f280071a3ffff54df4203d503e5ff100403001000008052006c8013614440b80000014a7f0004eb83ffff54e30306aa"
-        "c4000191006c8013614440b80000014a7f0004eb83ffff540000130b0000140b0101669e0000010b81d038d50000010be00000f9"
-        "000180d20080b0f2020000d4"
+        "420080d222e31bd520cc18d5e0039fd6e0e9ff1000c018d5df3f03d50740a1d2070082f2e8044091060440910100a1d262028052"
+        "220000b94101a1d23f1400b9214040910200a152228000b9220001b9021e80d2024618d5220080d2e2cc18d5df3f03d50206a0d2"
+        "421018d5df3f03d5b3018cd2b4dd8bd28802679e93d018d5020088d202e31bd5220080d222e31bd5df3f03d5ff4203d57f2003d5"
+        "c10040b93f140071a3ffff54010100b97f2003d5c10040b93f280071a3ffff54df4203d563e4ff100403001000008052006c8013"
+        "614440b80000014a7f0004eb83ffff54e30306aac4000191006c8013614440b80000014a7f0004eb83ffff540000130b0000140b"
+        "0101669e0000010b81d038d50000010be00000b9000180d20080b0f2020000d4"
     ),
 )
 #: The data words the checksum reads.
@@ -151,4 +162,3 @@ def expected_result() -> int:
     for word in words:
         checksum = ((checksum << 5 | checksum >> 27) & 0xFFFF_FFFF) ^ word
     return (checksum + X19 + X20 + X20 + X19) & 0xFFFF_FFFF
-
