@@ -48,8 +48,9 @@ on_arm64 = pytest.mark.skipif(not host_is_arm64(), reason="needs KVM on an aarch
 WATCHDOG_SECONDS = 120.0
 #: The virtual counter (KVM_REG_ARM_TIMER_CNT): it moves on, by design.
 TIMER_CNT_ID = sysreg_id(3, 3, 14, 3, 2)
-#: GICD_ISPENDR1 / GICD_IPRIORITYR<n>: SPIs 0-31's pending bits, a priority byte.
-GICD_ISPENDR1, GICD_IPRIORITYR = 0x204, 0x400
+#: GICD_ISPENDR1: SPIs 0-31's pending bits; GICD_IPRIORITYR<n>: priority bytes;
+#: GICD_ICFGR2: the configuration of INTIDs 32-47 (two bits each, the upper one: edge).
+GICD_ISPENDR1, GICD_IPRIORITYR, GICD_ICFGR2 = 0x204, 0x400, 0xC08
 
 
 def test_the_guest_bytes_are_its_source() -> None:
@@ -156,20 +157,26 @@ def test_a_secondary_never_started_is_restored_powered_off(kvm: Backend) -> None
 
 
 @on_arm64
-def test_a_pending_spi_and_a_priority_come_back_in_the_gic(kvm: Backend) -> None:
+def test_pending_spis_and_a_priority_come_back_in_the_gic(kvm: Backend) -> None:
+    """SPI 5 made level-sensitive, its line high: pending while the line is,
+    not latched by the restore.  SPI 6 edge-triggered (KVM's default for SPIs),
+    raised: latched pending, which lowering its line does not clear."""
+    dist = a.KVM_DEV_ARM_VGIC_GRP_DIST_REGS
     with counter_vm(kvm) as vm:
-        vm.start()
         vgic = vm.handle.vgic
-        vgic.set_attr(a.KVM_DEV_ARM_VGIC_GRP_DIST_REGS, GICD_IPRIORITYR + 40, 0xA0B0C0D0)
-        vm.set_irq_line(5, True)  # SPI 5, INTID 37: level-sensitive, its line high
+        assert vgic.get_attr(dist, GICD_ICFGR2) == 0xAAAA_AAAA, "KVM's SPIs start edge-triggered"
+        vgic.set_attr(dist, GICD_ICFGR2, 0xAAAA_AAAA & ~(3 << 10))  # INTID 37 level-sensitive
+        vgic.set_attr(dist, GICD_IPRIORITYR + 40, 0xA0B0C0D0)
+        vm.set_irq_line(5, True)
+        vm.set_irq_line(6, True)
         image = snapshot.capture(vm)
     with snapshot.restore(kvm, image) as restored:
         vgic2 = restored.handle.vgic
-        dist = a.KVM_DEV_ARM_VGIC_GRP_DIST_REGS
         assert vgic2.get_attr(dist, GICD_IPRIORITYR + 40) == 0xA0B0C0D0
-        assert vgic2.get_attr(dist, GICD_ISPENDR1) == 1 << 5
+        assert vgic2.get_attr(dist, GICD_ISPENDR1) == 1 << 5 | 1 << 6
         restored.set_irq_line(5, False)
-        assert vgic2.get_attr(dist, GICD_ISPENDR1) == 0, "pending was the line's level, not a latch"
+        restored.set_irq_line(6, False)
+        assert vgic2.get_attr(dist, GICD_ISPENDR1) == 1 << 6, "SPI 5's pending was its level; SPI 6's a latch"
 
 
 # --- snapshots that do not fit ------------------------------------------------------
