@@ -231,9 +231,7 @@ def add_run_parser(sub: Any, common: argparse.ArgumentParser | None = None) -> N
     run.add_argument(
         "--snapshot-after", type=float, metavar="S", help="with --snapshot-to: save after S seconds of running"
     )
-    run.add_argument(
-        "--restore", type=Path, metavar="FILE", help="continue the snapshot in FILE instead of booting"
-    )
+    run.add_argument("--restore", type=Path, metavar="FILE", help="continue the snapshot in FILE instead of booting")
     run.set_defaults(func=cmd_run)
 
 

@@ -157,10 +157,11 @@ def test_a_secondary_never_started_is_restored_powered_off(kvm: Backend) -> None
 
 
 @on_arm64
-def test_pending_spis_and_a_priority_come_back_in_the_gic(kvm: Backend) -> None:
-    """SPI 5 made level-sensitive, its line high: pending while the line is,
-    not latched by the restore.  SPI 6 edge-triggered (KVM's default for SPIs),
-    raised: latched pending, which lowering its line does not clear."""
+def test_pending_spis_line_levels_and_a_priority_come_back_in_the_gic(kvm: Backend) -> None:
+    """SPI 5 made level-sensitive, its line high: its level comes back, and
+    lowering the line leaves nothing pending.  SPI 6 edge-triggered (KVM's
+    default for SPIs), raised: latched pending, which lowering its line does not
+    clear.  (Userspace reads of ISPENDR give the latch alone.)"""
     dist = a.KVM_DEV_ARM_VGIC_GRP_DIST_REGS
     with counter_vm(kvm) as vm:
         vgic = vm.handle.vgic
@@ -173,10 +174,13 @@ def test_pending_spis_and_a_priority_come_back_in_the_gic(kvm: Backend) -> None:
     with snapshot.restore(kvm, image) as restored:
         vgic2 = restored.handle.vgic
         assert vgic2.get_attr(dist, GICD_IPRIORITYR + 40) == 0xA0B0C0D0
-        assert vgic2.get_attr(dist, GICD_ISPENDR1) == 1 << 5 | 1 << 6
+        assert vgic2.get_attr(dist, GICD_ICFGR2) == 0xAAAA_AAAA & ~(3 << 10)
+        assert vgic2.get_attr(dist, GICD_ISPENDR1) == 1 << 6
+        assert vgic2.get_attr(a.KVM_DEV_ARM_VGIC_GRP_LEVEL_INFO, 32) == 1 << 5, "SPI 5's line is high"
         restored.set_irq_line(5, False)
         restored.set_irq_line(6, False)
-        assert vgic2.get_attr(dist, GICD_ISPENDR1) == 1 << 6, "SPI 5's pending was its level; SPI 6's a latch"
+        assert vgic2.get_attr(a.KVM_DEV_ARM_VGIC_GRP_LEVEL_INFO, 32) == 0
+        assert vgic2.get_attr(dist, GICD_ISPENDR1) == 1 << 6, "SPI 6's latch outlives its line"
 
 
 # --- snapshots that do not fit ------------------------------------------------------

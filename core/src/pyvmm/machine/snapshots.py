@@ -102,8 +102,8 @@ def check_vm_state_sizes(vm: Vm, image: Snapshot) -> None:
     """Refuse, while the machine is built, VM-wide images of another size than
     this hypervisor's (they are set only once the vCPUs exist).  The x86
     chips' only: an aarch64 GIC image was checked against the vCPUs when the
-    file was loaded, and KVM's vGIC can be read only once it is initialised,
-    after the vCPUs (its SPI count is compared when it is set).
+    file was loaded, and a hypervisor's GIC may be readable only once the VM
+    started (the backend compares the rest when the image is set).
 
     :raises SnapshotError: an image's size differs (named).
     """

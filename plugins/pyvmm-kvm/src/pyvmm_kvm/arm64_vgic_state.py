@@ -36,12 +36,13 @@ distributor, then each redistributor, then each CPU interface, then the line
 levels.  Within a frame the configuration (group, ``ICFGR``, priority, routing)
 comes before the state it qualifies, and each state register is written as its
 clear half with all ones and then its set half with the saved bits, since a
-fresh vGIC is not all-clear (``kvm_vgic_vcpu_init`` enables the SGIs).  A
-level-sensitive line whose level was high is left out of the pending bits
-written: its pending state is the line itself, restored by the level info, and
-``vgic_uaccess_write_spending`` would otherwise latch it pending for good (a
-pending latch the guest set on such a line while it was high is lost, as with
-QEMU's save).
+fresh vGIC is not all-clear (``kvm_vgic_vcpu_init`` enables the SGIs).
+Pending state and line level are separate for userspace, as arm-vgic-v3.rst
+says: a userspace read of ``ISPENDR`` gives the pending latch alone, never the
+level of a level-sensitive line (``__read_pending`` with ``is_user``), and a
+write sets the latch (``vgic_uaccess_write_spending``); the level comes and
+goes through ``GRP_LEVEL_INFO``.  So each is saved and set as it is, and a line
+the guest latched pending while its level was also high keeps both.
 """
 
 from __future__ import annotations
@@ -191,16 +192,12 @@ def restore(vgic: Vgic3, mpidrs: Sequence[int], image: Gicv3State) -> None:
     put_dist = functools.partial(vgic.set_attr, dist)
     for offset in [GICD_CTLR, *config]:
         put_dist(offset, image.distributor[offset])
-    spi_latch = _without_high_levels(image.distributor, image.spi_levels, first_word=1)
-    _put_state(put_dist, image.distributor, state, spi_latch)
-    for mpidr, registers, level in zip(mpidrs, image.redistributors, image.private_levels, strict=True):
+    _put_state(put_dist, image.distributor, state)
+    for mpidr, registers in zip(mpidrs, image.redistributors, strict=True):
         put_redist = functools.partial(_put_redistributor, vgic, mpidr_attr(mpidr))
         for offset in REDIST_CONFIG:
             put_redist(offset, registers[offset])
-        latch = _without_high_levels(
-            {offset - SGI_FRAME: value for offset, value in registers.items() if offset >= SGI_FRAME}, [level], 0
-        )
-        _put_state(put_redist, registers, REDIST_STATE, latch)
+        _put_state(put_redist, registers, REDIST_STATE)
     sysregs = a.KVM_DEV_ARM_VGIC_GRP_CPU_SYSREGS
     for mpidr, registers in zip(mpidrs, image.cpu_interfaces, strict=True):
         who = mpidr_attr(mpidr)
@@ -224,29 +221,13 @@ def _missing(registers: dict[int, int], wanted: list[int], what: str) -> None:
         raise ConfigError(f"the GICv3 image lacks {what}'s register(s) at {', '.join(hex(o) for o in absent[:4])}")
 
 
-def _without_high_levels(frame: dict[int, int], levels: list[int], first_word: int) -> dict[int, int]:
-    """The ``ISPENDR`` words to write: the saved pending bits less the
-    level-sensitive lines whose level is high (``ICFGR``'s upper bit of a line's
-    two is 0 for level-sensitive)."""
-    latch = {}
-    for n, level in enumerate(levels):
-        word = first_word + n
-        config = frame[ICFGR + 8 * word] | frame[ICFGR + 8 * word + 4] << 32
-        level_sensitive = sum(1 << line for line in range(32) if not config >> (2 * line + 1) & 1)
-        latch[ISPENDR + 4 * word] = frame[ISPENDR + 4 * word] & ~(level & level_sensitive)
-    return latch
-
-
-def _put_state(
-    put: Callable[[int, int], None], registers: dict[int, int], state: list[int], latch: dict[int, int]
-) -> None:
-    """Each state word: its clear half all ones, then its set half the saved
-    bits (the pending ones as :func:`_without_high_levels` left them)."""
+def _put_state(put: Callable[[int, int], None], registers: dict[int, int], state: list[int]) -> None:
+    """Each state word: its clear half all ones, then its set half the saved bits."""
     clear_of = dict(SET_AND_CLEAR)
     for offset in state:
         bank = offset & 0xFFFF & ~0x7F
         put(offset - bank + clear_of[bank], 0xFFFF_FFFF)
-        put(offset, latch.get(offset & 0xFFFF, registers[offset]))
+        put(offset, registers[offset])
 
 
 def _level_attr(who: int, intid: int) -> int:
