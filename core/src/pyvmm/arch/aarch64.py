@@ -111,4 +111,4 @@ class MpState(enum.IntEnum):
     #: Powered off (PSCI ``CPU_OFF``, or never started by ``CPU_ON``).
     STOPPED = 5
     #: Suspended by PSCI ``SYSTEM_SUSPEND`` until an interrupt wakes it.
-    SUSPENDED = 8
+    SUSPENDED = 10

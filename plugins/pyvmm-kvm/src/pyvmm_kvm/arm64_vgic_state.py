@@ -65,6 +65,9 @@ IGROUPR, ISENABLER, ICENABLER = 0x0080, 0x0100, 0x0180
 ISPENDR, ICPENDR, ISACTIVER, ICACTIVER = 0x0200, 0x0280, 0x0300, 0x0380
 IPRIORITYR, ICFGR = 0x0400, 0x0C00
 GICD_IROUTER = 0x6000
+#: ``GRP_LEVEL_INFO``'s one kind of information, the line levels (arm-vgic-v3.rst;
+#: ``VGIC_LEVEL_INFO_LINE_LEVEL`` in vgic.h, not in the uapi header).
+LEVEL_INFO_LINE_LEVEL = 0
 #: The set halves of the state registers, each with its clear half.
 SET_AND_CLEAR = ((ISENABLER, ICENABLER), (ISPENDR, ICPENDR), (ISACTIVER, ICACTIVER))
 
@@ -231,7 +234,7 @@ def _put_state(put: Callable[[int, int], None], registers: dict[int, int], state
 
 
 def _level_attr(who: int, intid: int) -> int:
-    return who | a.KVM_DEV_ARM_VGIC_LINE_LEVEL_INFO_LINE_LEVEL << a.KVM_DEV_ARM_VGIC_LINE_LEVEL_INFO_SHIFT | intid
+    return who | LEVEL_INFO_LINE_LEVEL << a.KVM_DEV_ARM_VGIC_LINE_LEVEL_INFO_SHIFT | intid
 
 
 def _level(vgic: Vgic3, who: int, intid: int) -> int:
