@@ -16,11 +16,14 @@ from pathlib import Path
 import pytest
 
 from pyvmm import cli, snapshot
+from pyvmm.arch.aarch64 import MpState
+from pyvmm.gicv3_state import Gicv3State
 from pyvmm.machine import Machine, MachineConfig
 from pyvmm.machine.outcome import StopReason
 from pyvmm.machine.virt import RAM_BASE as VIRT_RAM_BASE
 from pyvmm.snapshot import SnapshotError
 from pyvmm.testing.guests.snapshot_counter_aarch64 import SNAPSHOT_COUNTER_AARCH64, expected_result
+from pyvmm.vcpu_state import StateKind
 from pyvmm.vm import Backend
 from pyvmm.vm_state import VmStateKind
 from pyvmm_kvm.host_arch import host_is_arm64
@@ -92,3 +95,20 @@ def test_pyvmm_run_saves_and_restores(kvm: Backend, kernel: Path, tmp_path: Path
     base += ["--timeout", str(TIMEOUT), "--kernel", str(kernel), "--load-address", hex(VIRT_RAM_BASE)]
     assert cli.main([*base, "--snapshot-to", str(path)]) == 0
     assert cli.main([*base, "--restore", str(path)]) == (expected_result() << 1 | 1) & 0xFF
+
+
+def test_a_two_vcpu_machine_restores_its_idle_secondary_and_both_redistributors(
+    kvm: Backend, kernel: Path, tmp_path: Path
+) -> None:
+    """The guest never starts vCPU 1: its thread is kicked out of its powered-off
+    wait for the snapshot, and it is restored powered off, with its own
+    redistributor and CPU interface in the GIC image."""
+    path = tmp_path / "two.snap"
+    with Machine(_config(kernel, cpus=2), snapshot_to=path) as machine:
+        assert machine.run().reason is StopReason.SNAPSHOT
+    image = snapshot.load(path)
+    assert [dict(states)[StateKind.MP_STATE] for states in image.vcpus] == [MpState.RUNNABLE, MpState.STOPPED]
+    assert Gicv3State.decode(dict(image.vm_states)[VmStateKind.GICV3]).vcpus == 2
+    with Machine(_config(kernel, cpus=2), restore=path) as machine:
+        result = machine.run()
+    assert (result.reason, result.code) == (StopReason.DEBUG_EXIT, expected_result())
