@@ -17,6 +17,7 @@ from pyvmm.devices.i8042 import COMMAND_PORT, DATA_PORT, I8042
 from pyvmm.devices.i8254 import Pit8254
 from pyvmm.devices.i8259 import PicPair
 from pyvmm.devices.pci import PciConfigSpace, PciHost
+from pyvmm.devices.pl011 import CR, DR, FR, FR_RXFE, IBRD, IMSC, INT_RT, INT_TX, LCR_H, MIS, RIS, Pl011
 from pyvmm.devices.poweroff import BochsPoweroff
 from pyvmm.devices.rtc import Rtc
 from pyvmm.devices.scratch import ScratchDevice
@@ -63,6 +64,8 @@ DEVICES: dict[str, tuple[Callable[[], Device], list[tuple[bool, int, int, int]]]
     "bochs-poweroff": (lambda: BochsPoweroff(_nothing), [(True, 0, 1, ord("S")), (True, 0, 1, ord("h"))]),
     "post": (lambda: PortSink("post", initial=0), [(True, 0, 1, 0x42)]),
     "acpi-pm": (lambda: AcpiPm(_Sleep(), clock_ns=lambda: 5_000_000), [(True, 2, 2, 0x0120), (True, 4, 1, 0x01)]),
+    "pl011": (lambda: Pl011(io.BytesIO()), [(True, IBRD, 4, 0x1A), (True, LCR_H, 4, 0x70), (True, IMSC, 4, 0x50),
+                                            (True, CR, 4, 0x301), (True, DR, 4, ord("x"))]),
 }  # fmt: skip
 
 
@@ -113,6 +116,24 @@ def test_the_uart_keeps_received_bytes_and_its_registers() -> None:
     fresh.load_state(uart.save_state())
     assert (fresh.read(7, 1), fresh.read(1, 1), fresh.read(3, 1)) == (0x5A, 0x02, 0x03)
     assert (fresh.read(0, 1), fresh.read(0, 1)) == (ord("h"), ord("i"))
+
+
+def test_the_pl011_keeps_received_bytes_its_registers_and_its_interrupt_status() -> None:
+    uart = _changed("pl011")
+    uart.rx.put(b"ok")
+    fresh = Pl011(io.BytesIO())
+    fresh.load_state(uart.save_state())
+    assert (fresh.read(IBRD, 4), fresh.read(LCR_H, 4), fresh.read(CR, 4)) == (0x1A, 0x70, 0x301)
+    # TX done (latched) and 2 bytes waiting under the FIFO's 8-byte trigger: a receive timeout.
+    assert (fresh.read(RIS, 4), fresh.read(MIS, 4)) == (INT_TX | INT_RT, INT_RT)
+    assert (fresh.read(DR, 4), fresh.read(DR, 4)) == (ord("o"), ord("k"))
+    assert fresh.read(FR, 4) & FR_RXFE
+    with pytest.raises(DeviceStateError, match="field ibrd must be a 16-bit"):
+        fresh.load_state({**uart.save_state(), "ibrd": 0x10000})
+    with pytest.raises(DeviceStateError, match="fbrd 0x40 has bits the register lacks"):
+        fresh.load_state({**uart.save_state(), "fbrd": 0x40})
+    with pytest.raises(DeviceStateError, match="interrupt bits beyond"):
+        fresh.load_state({**uart.save_state(), "imsc": 0x800})
 
 
 def test_the_rtc_goes_on_from_the_time_it_showed() -> None:

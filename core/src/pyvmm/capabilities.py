@@ -172,7 +172,12 @@ class Capability(str, enum.Enum):
     ``StateKind.XSAVE`` (AVX and later state beyond the legacy FPU area)."""
     MP_STATE = "mp_state"
     """x86: the multiprocessing state (running, halted, waiting for SIPI) can be
-    read and written as the register set ``StateKind.MP_STATE``."""
+    read and written as the register set ``StateKind.MP_STATE``; aarch64: running,
+    powered off or suspended."""
+    REGISTER_LIST = "register_list"
+    """aarch64: every register the hypervisor keeps for a vCPU -- core, FP/SIMD,
+    system, timer and firmware registers -- can be read and written by id as the
+    register set ``StateKind.REGISTER_LIST``."""
     VM_STATE = "vm_state"
     """The hypervisor's VM-wide device state -- the in-kernel interrupt controllers
     and timer (:class:`pyvmm.vm_state.VmStateKind`) -- can be read and written
@@ -204,6 +209,7 @@ CORE_READS: dict[Capability, str] = {
     Capability.MULTI_VCPU: "Backend.create_vm: more than one vCPU needs it",
     Capability.XSAVE: "snapshot: the XSAVE area is saved and restored where the backend declares it",
     Capability.MP_STATE: "snapshot: a VM with an irqchip saves each vCPU's MP state where the backend declares it",
+    Capability.REGISTER_LIST: "snapshot: an aarch64 vCPU's every register is saved where the backend declares it",
 }
 
 #: Capabilities core never reads: they mirror crosvm's ``HypervisorCap``/``VmCap``

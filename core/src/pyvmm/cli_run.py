@@ -78,9 +78,10 @@ Messages: one line names the backend, why it was chosen and the guest arch;
 on a terminal a status line shows exits/s while the console is quiet.  -q drops
 both, -v/-vv add info/debug messages, --log-level or $PYVMM_LOG sets the level.
 
-Snapshots (x86_64): --snapshot-to FILE saves the whole machine -- RAM, vCPUs,
-the hypervisor's irqchip, PIT and clock, every device -- and stops (status 0)
-when the guest writes any value to port 0x5f0, or after --snapshot-after S
+Snapshots: --snapshot-to FILE saves the whole machine -- RAM, vCPUs, the
+hypervisor's irqchip (x86: PIT and clock too; aarch64: the GICv3), every
+device -- and stops (status 0) when the guest writes any value to port 0x5f0
+(x86_64) or to MMIO 0x0a002000 (aarch64), or after --snapshot-after S
 seconds of running.  --restore FILE continues such a snapshot instead of
 booting: give it the options the snapshot was saved with (memory, cpus,
 irqchip, kernel); a damaged file or another machine's is an error (status 2)
@@ -224,14 +225,13 @@ def add_run_parser(sub: Any, common: argparse.ArgumentParser | None = None) -> N
         "--snapshot-to",
         type=Path,
         metavar="FILE",
-        help="x86_64: save a snapshot to FILE and stop when the guest writes port 0x5f0 (or after --snapshot-after)",
+        help="save a snapshot to FILE and stop when the guest writes port 0x5f0 (x86_64) or MMIO 0x0a002000 "
+        "(aarch64), or after --snapshot-after",
     )
     run.add_argument(
         "--snapshot-after", type=float, metavar="S", help="with --snapshot-to: save after S seconds of running"
     )
-    run.add_argument(
-        "--restore", type=Path, metavar="FILE", help="x86_64: continue the snapshot in FILE instead of booting"
-    )
+    run.add_argument("--restore", type=Path, metavar="FILE", help="continue the snapshot in FILE instead of booting")
     run.set_defaults(func=cmd_run)
 
 

@@ -11,10 +11,12 @@ What a snapshot holds, where the backend declares the capability named:
   whole XSAVE area (``XSAVE``), and with an in-kernel irqchip the local APIC
   (``IRQCHIP``) and the MP state (``MP_STATE``); the pending events
   (``VCPU_EVENTS``); the MSRs the backend lists and can write back
-  (:func:`reset_point.restorable_msrs`);
+  (:func:`reset_point.restorable_msrs`); on aarch64 every register the
+  hypervisor lists (``REGISTER_LIST``) and the MP state (``MP_STATE``);
 * VM-wide, with an in-kernel irqchip: both 8259s, the IOAPIC and the 8254
   (``VM_STATE``, :class:`pyvmm.vm_state.VmStateKind`), and the clock
-  (``PVCLOCK``);
+  (``PVCLOCK``); on aarch64 the GICv3 (:mod:`pyvmm.gicv3_state`), checked
+  against the vCPUs when the file is loaded;
 * a machine's devices, each as its versioned :mod:`pyvmm.devices.state`
   (:mod:`pyvmm.machine.snapshots` saves and restores those).
 
@@ -58,11 +60,12 @@ from pyvmm.config import PAGE_SIZE, Arch
 from pyvmm.devices.state import DeviceImage
 from pyvmm.errors import ConfigError, PyvmmError, VmStateError
 from pyvmm.exits import ExitKind
+from pyvmm.gicv3_state import Gicv3State, Gicv3StateError
 from pyvmm.host.residency import touched_pages
 from pyvmm.reset_point import default_kinds, restorable_msrs, saves_msrs, settle
 from pyvmm.vcpu_state import StateKind
 from pyvmm.vm import Backend, Vcpu, Vm
-from pyvmm.vm_state import X86_IRQCHIP_KINDS, VmStateKind
+from pyvmm.vm_state import AARCH64_IRQCHIP_KINDS, X86_IRQCHIP_KINDS, VmStateKind
 
 MAGIC = b"PYVMMSNP"
 #: The version written.  Version 1 (RAM, registers, events, MSRs) is still read:
@@ -90,13 +93,35 @@ STATE_TYPES: dict[StateKind, Any] = {
     StateKind.MP_STATE: x86_64.MpState,
     StateKind.CORE_REGS: aarch64.CoreRegs,
     StateKind.XSAVE: x86_64.Xsave,
+    StateKind.REGISTER_LIST: list[aarch64.OneReg],
 }
+#: Where an aarch64 register set's record differs from x86's.
+AARCH64_STATE_TYPES: dict[StateKind, Any] = {StateKind.MP_STATE: aarch64.MpState}
+#: The register sets each architecture's vCPUs have.
+ARCH_STATE_KINDS = {
+    Arch.X86_64: frozenset(STATE_TYPES) - {StateKind.CORE_REGS, StateKind.REGISTER_LIST},
+    Arch.AARCH64: frozenset({StateKind.CORE_REGS, StateKind.REGISTER_LIST, StateKind.MP_STATE}),
+}
+#: The VM-wide images a VM with the hypervisor's irqchip holds, per architecture.
+IRQCHIP_KINDS = {Arch.X86_64: X86_IRQCHIP_KINDS, Arch.AARCH64: AARCH64_IRQCHIP_KINDS}
+
+
+def state_type(kind: StateKind, arch: Arch) -> Any:
+    """The record type ``kind`` is rebuilt as for a vCPU of ``arch``."""
+    if arch is Arch.AARCH64 and kind in AARCH64_STATE_TYPES:
+        return AARCH64_STATE_TYPES[kind]
+    return STATE_TYPES[kind]
+
+
 #: Where a register set goes when a vCPU is restored: the general and control
 #: registers, the FPU and the XSAVE area after it (XSAVE holds the FPU too and
 #: wins), the local APIC, and the MP state last, after the pending events too
 #: (:func:`apply_vcpu`), as QEMU's ``kvm_arch_put_registers`` does: KVM's
 #: ``__set_sregs`` makes a BSP at the reset vector RUNNABLE, so an MP state set
-#: before the control registers is lost.  Kinds a caller chose keep this order.
+#: before the control registers is lost.  On aarch64 every listed register
+#: comes after the core ones it also holds (its values win), and the MP state
+#: last too (QEMU's ``kvm_arch_put_registers`` for arm ends with
+#: ``kvm_arm_sync_mpstate_to_kvm``).  Kinds a caller chose keep this order.
 RESTORE_ORDER = (
     StateKind.REGS,
     StateKind.SREGS,
@@ -106,6 +131,7 @@ RESTORE_ORDER = (
     StateKind.DEBUG_REGS,
     StateKind.LAPIC,
     StateKind.CORE_REGS,
+    StateKind.REGISTER_LIST,
     StateKind.MP_STATE,
 )
 
@@ -166,6 +192,14 @@ def snapshot_kinds(vm: Vm) -> tuple[StateKind, ...]:
     point's, the XSAVE area (``XSAVE``), and with the hypervisor's irqchip the
     local APIC and the MP state (``MP_STATE``)."""
     kinds = list(default_kinds(vm))
+    if vm.config.arch is Arch.AARCH64:
+        # Every register, not only the core ones: FP/SIMD, the system registers
+        # (MMU, vectors, thread pointers) and the timer's; and the MP state with
+        # or without the GIC -- a secondary PSCI has not started is powered off.
+        if vm.backend.supports(Capability.REGISTER_LIST):
+            kinds.append(StateKind.REGISTER_LIST)
+        if vm.backend.supports(Capability.MP_STATE):
+            kinds.append(StateKind.MP_STATE)
     if vm.config.arch is Arch.X86_64:
         if vm.backend.supports(Capability.XSAVE) and StateKind.XSAVE not in kinds:
             kinds.append(StateKind.XSAVE)
@@ -214,13 +248,10 @@ def capture_vcpu(vcpu: Vcpu, kinds: Sequence[StateKind] | None = None) -> VcpuIm
 def capture_vm(vm: Vm, vcpus: Sequence[VcpuImage], devices: list[DeviceImage] | None = None) -> Snapshot:
     """A snapshot of stopped ``vm`` from its vCPUs' images (in vCPU order): RAM,
     the VM-wide device state and the clock are read here."""
-    if vm.has_irqchip and vm.config.arch is not Arch.X86_64:
-        # The vGIC's state (KVM_DEV_ARM_VGIC_GRP_*) is not saved yet: a snapshot
-        # without it would restore a guest whose interrupts are lost.
-        raise SnapshotError("a snapshot of an aarch64 VM with the hypervisor's GIC is not supported yet")
     if vm.has_irqchip:
         vm.backend.require(Capability.VM_STATE, "a snapshot of a VM with the hypervisor's irqchip")
-    vm_states = [(kind, vm.get_vm_state(kind)) for kind in X86_IRQCHIP_KINDS] if vm.has_irqchip else []
+    kinds = IRQCHIP_KINDS[vm.config.arch] if vm.has_irqchip else ()
+    vm_states = [(kind, vm.get_vm_state(kind)) for kind in kinds]
     clock = vm.get_clock() if vm.backend.supports(Capability.PVCLOCK) else None
     regions = list(vm.memory)
     images = [RegionImage(r.guest_phys_addr, r.size, r.read_only, r.log_dirty) for r in regions]
@@ -425,7 +456,7 @@ def _parse_body(body: memoryview, version: int) -> Snapshot:
         vcpus.append(states)
         events.append(event)
         msrs.append(vcpu_msrs)
-    vm_states = _vm_states(fields.get("vm_states", []), arch)
+    vm_states = _vm_states(fields.get("vm_states", []), arch, len(vcpus))
     clock = fields.get("clock")
     if clock is not None:
         _int(clock, "header.clock")
@@ -452,7 +483,7 @@ def _parse_body(body: memoryview, version: int) -> Snapshot:
     return Snapshot(arch, regions, pages, vcpus, events, msrs, vm_states, clock, devices)
 
 
-def _vm_states(value: Any, arch: Arch) -> list[tuple[VmStateKind, bytes]]:
+def _vm_states(value: Any, arch: Arch, vcpus: int) -> list[tuple[VmStateKind, bytes]]:
     states = []
     seen = set()
     for i, item in enumerate(_list(value, "header.vm_states")):
@@ -463,11 +494,25 @@ def _vm_states(value: Any, arch: Arch) -> list[tuple[VmStateKind, bytes]]:
             kind = VmStateKind(pair[0])
         except ValueError:
             raise _Bad(f"header.vm_states[{i}]: unknown VM state {pair[0]!r}") from None
-        if kind in seen or arch is not Arch.X86_64:
+        if kind in seen or kind not in IRQCHIP_KINDS[arch]:
             raise _Bad(f"header.vm_states[{i}]: VM state {kind.value!r} is repeated or not of {arch.value}")
         seen.add(kind)
-        states.append((kind, _decode(pair[1], bytes, f"header.vm_states.{kind.value}")))
+        data: bytes = _decode(pair[1], bytes, f"header.vm_states.{kind.value}")
+        if kind is VmStateKind.GICV3:
+            _check_gicv3(data, vcpus)
+        states.append((kind, data))
     return states
+
+
+def _check_gicv3(data: bytes, vcpus: int) -> None:
+    """The GIC image whole, and with one redistributor per vCPU: a restore
+    would otherwise fail only once the VM and its vCPUs exist."""
+    try:
+        gic = Gicv3State.decode(data)
+    except Gicv3StateError as exc:
+        raise _Bad(f"header.vm_states.gicv3: {exc}") from None
+    if gic.vcpus != vcpus:
+        raise _Bad(f"header.vm_states.gicv3: the GIC has {gic.vcpus} redistributor(s), the snapshot {vcpus} vCPU(s)")
 
 
 def _devices(value: Any) -> list[DeviceImage] | None:
@@ -563,10 +608,10 @@ def _vcpu(
             kind = StateKind(pair[0])
         except ValueError:
             raise _Bad(f"{what}.states[{i}]: unknown register set {pair[0]!r}") from None
-        if (kind is StateKind.CORE_REGS) != (arch is Arch.AARCH64) or kind in seen:
+        if kind not in ARCH_STATE_KINDS[arch] or kind in seen:
             raise _Bad(f"{what}.states[{i}]: register set {kind.value!r} is repeated or not of {arch.value}")
         seen.add(kind)
-        states.append((kind, _decode(pair[1], STATE_TYPES[kind], f"{what}.{kind.value}")))
+        states.append((kind, _decode(pair[1], state_type(kind, arch), f"{what}.{kind.value}")))
     events = fields["events"]
     if events is not None and arch is not Arch.X86_64:
         raise _Bad(f"{what}.events: only x86_64 vCPUs have events")
@@ -680,6 +725,10 @@ def restore(
             if prepare_vcpu is not None:
                 prepare_vcpu(vcpu)
             apply_vcpu(vcpu, image.vcpu_image(index))
+        if vm.backend.supports(Capability.VM_START):
+            # Where the hypervisor finishes its irqchip only once every vCPU
+            # exists (KVM's vGIC: CTRL_INIT), its state can be set only after.
+            vm.start()
         apply_vm(vm, image)
     except BaseException:
         vm.close()

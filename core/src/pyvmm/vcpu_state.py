@@ -17,9 +17,12 @@ class StateKind(enum.Enum):
     DEBUG_REGS = "debug_regs"  #: x86 :class:`pyvmm.arch.x86_64.DebugRegs`
     XCRS = "xcrs"  #: x86 ``list[`` :class:`pyvmm.arch.x86_64.Xcr` ``]``
     LAPIC = "lapic"  #: x86 :class:`pyvmm.arch.x86_64.Lapic`
-    MP_STATE = "mp_state"  #: x86 :class:`pyvmm.arch.x86_64.MpState`
+    MP_STATE = "mp_state"  #: x86 :class:`pyvmm.arch.x86_64.MpState`, aarch64 :class:`pyvmm.arch.aarch64.MpState`
     CORE_REGS = "core_regs"  #: aarch64 :class:`pyvmm.arch.aarch64.CoreRegs`
     XSAVE = "xsave"  #: x86 :class:`pyvmm.arch.x86_64.Xsave` (backends declaring ``XSAVE``)
+    #: aarch64 ``list[`` :class:`pyvmm.arch.aarch64.OneReg` ``]``: every register the
+    #: hypervisor lists for the vCPU, in its order (backends declaring ``REGISTER_LIST``)
+    REGISTER_LIST = "register_list"
 
 
 class AddressSpace(enum.Enum):

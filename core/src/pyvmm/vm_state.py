@@ -13,13 +13,19 @@ import enum
 
 
 class VmStateKind(enum.Enum):
-    """A piece of the hypervisor's VM-wide device state (x86)."""
+    """A piece of the hypervisor's VM-wide device state."""
 
     PIC_PRIMARY = "pic_primary"  #: the master 8259 (KVM: ``KVM_GET_IRQCHIP``, chip 0)
     PIC_SECONDARY = "pic_secondary"  #: the slave 8259 (chip 1)
     IOAPIC = "ioapic"  #: the IOAPIC (chip 2)
     PIT = "pit"  #: the 8254 timer (KVM: ``KVM_GET_PIT2``)
+    #: aarch64: the GICv3 -- distributor, redistributors, CPU interfaces and line
+    #: levels -- as a :class:`pyvmm.gicv3_state.Gicv3State` image (core reads it
+    #: to check it against the snapshot's vCPUs before anything is created)
+    GICV3 = "gicv3"
 
 
 #: What a VM with an in-kernel irqchip holds, in the order it is restored.
 X86_IRQCHIP_KINDS = (VmStateKind.PIC_PRIMARY, VmStateKind.PIC_SECONDARY, VmStateKind.IOAPIC, VmStateKind.PIT)
+#: What an aarch64 VM with the hypervisor's GICv3 holds.
+AARCH64_IRQCHIP_KINDS = (VmStateKind.GICV3,)

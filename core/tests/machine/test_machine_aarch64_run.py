@@ -73,7 +73,12 @@ def test_a_backend_with_one_arch_gets_that_arch(kvm_style: tuple[RecordingBacken
     with build(backend) as machine:
         assert machine.arch is Arch.AARCH64
         assert machine.pio.ranges == []  # no port I/O on aarch64
-        assert [device.name for _, _, device in machine.mmio.ranges] == ["pl011", "demo-device", "debug-exit"]
+        assert [device.name for _, _, device in machine.mmio.ranges] == [
+            "pl011",
+            "demo-device",
+            "debug-exit",
+            "snapshot-request",
+        ]
     assert test_backend.calls_of("pyvmm_create_vm")[0][1].arch is Arch.AARCH64
     # RAM at 2 GiB, one region.
     assert [call[2:] for call in test_backend.calls_of("pyvmm_map_memory")] == [(RAM_BASE, 128 * MiB)]

@@ -11,7 +11,7 @@ from typing import Any
 
 import pytest
 
-from pyvmm.arch.aarch64 import MPIDR_EL1_ID, PC_ID, PSTATE_ID, SP_EL1_ID, SP_ID, CoreRegs, x_reg_id
+from pyvmm.arch.aarch64 import MPIDR_EL1_ID, PC_ID, PSTATE_ID, SP_EL1_ID, SP_ID, CoreRegs, MpState, x_reg_id
 from pyvmm.capabilities import Capability
 from pyvmm.config import VmConfig
 from pyvmm.errors import ConfigError
@@ -26,6 +26,7 @@ from pyvmm_kvm import bindings as k
 from pyvmm_kvm import plugin as kvm_plugin
 from pyvmm_kvm.arm64_vgic import ppi_irq_line, spi_irq_line
 from pyvmm_kvm.arm64_vm import KvmArm64Vm
+from pyvmm_kvm.manifest import KVM_CAP_MP_STATE
 
 EL1H = 0x3C5
 EL1T = 0x3C4
@@ -172,6 +173,7 @@ def test_without_an_irqchip_every_interrupt_capability_goes() -> None:
         Capability.IRQFD,
         Capability.IRQFD_REMOVAL,
         Capability.IRQFD_RESAMPLE,
+        Capability.VM_STATE,
     }
 
 
@@ -179,7 +181,9 @@ def test_each_extension_narrows_only_its_capabilities() -> None:
     assert arm64_plugin.missing_capabilities(answers(k.KVM_CAP_IRQFD_RESAMPLE)) == (Capability.IRQFD_RESAMPLE,)
     assert arm64_plugin.missing_capabilities(answers(k.KVM_CAP_READONLY_MEM)) == (Capability.READ_ONLY_MEMORY,)
     assert arm64_plugin.missing_capabilities(answers(k.KVM_CAP_IMMEDIATE_EXIT)) == (Capability.IMMEDIATE_EXIT,)
-    assert arm64_plugin.missing_capabilities(answers(k.KVM_CAP_DEVICE_CTRL)) == (Capability.IRQCHIP,)
+    without_devices = arm64_plugin.missing_capabilities(answers(k.KVM_CAP_DEVICE_CTRL))
+    assert without_devices == (Capability.IRQCHIP, Capability.VM_STATE)
+    assert arm64_plugin.missing_capabilities(answers(KVM_CAP_MP_STATE)) == (Capability.MP_STATE,)
 
 
 def test_without_psci_0_2_the_backend_is_unavailable() -> None:
@@ -286,3 +290,12 @@ def test_guest_programs_match_their_source() -> None:
         pytest.skip("no aarch64 assembler (apt-get install binutils-aarch64-linux-gnu)")
     for program in guests.PROGRAMS:
         assert program.assembled() == program.code, program.name
+
+
+def test_core_mp_states_are_kvms_numbers() -> None:
+    """The arm64 MP states a snapshot records are KVM's own (checked against the uapi by test_arm64_layout)."""
+    assert (MpState.RUNNABLE, MpState.STOPPED, MpState.SUSPENDED) == (
+        k.KVM_MP_STATE_RUNNABLE,
+        k.KVM_MP_STATE_STOPPED,
+        a.KVM_MP_STATE_SUSPENDED,
+    )

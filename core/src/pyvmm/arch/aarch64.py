@@ -7,6 +7,7 @@ The one-reg id encoding is the one KVM and GenieZone share
 
 from __future__ import annotations
 
+import enum
 from dataclasses import dataclass, field
 
 from pyvmm.errors import ConfigError
@@ -78,3 +79,36 @@ class CoreRegs:
                 raise ConfigError(
                     f"CoreRegs.{name}: {value!r} is out of range: must be an integer from 0 to {(1 << 64) - 1:#x}"
                 )
+
+
+@dataclass(frozen=True, slots=True)
+class OneReg:
+    """One register of a vCPU by its one-reg id, its value as the hypervisor
+    moves it: little-endian, as many bytes as the id's size field says (the
+    FP/SIMD registers are 16)."""
+
+    reg_id: int
+    value: bytes
+
+    def __post_init__(self) -> None:
+        if isinstance(self.reg_id, bool) or not isinstance(self.reg_id, int) or not 0 <= self.reg_id < 1 << 64:
+            raise ConfigError(f"OneReg.reg_id: {self.reg_id!r} is not a 64-bit one-reg id")
+        size_field = (self.reg_id >> REG_SIZE_SHIFT) & 0xF
+        if not isinstance(self.value, bytes) or size_field > 8 or len(self.value) != 1 << size_field:
+            shown = len(self.value) if isinstance(self.value, bytes) else type(self.value).__name__
+            raise ConfigError(f"register {self.reg_id:#x}: its id says {1 << size_field} bytes, the value has {shown}")
+
+
+#: Where a one-reg id keeps its size (log2 of the bytes) in bits 52-55.
+REG_SIZE_SHIFT = 52
+
+
+class MpState(enum.IntEnum):
+    """An aarch64 vCPU's multiprocessing state (KVM's numbering,
+    ``KVM_MP_STATE_*`` in ``include/uapi/linux/kvm.h``)."""
+
+    RUNNABLE = 0
+    #: Powered off (PSCI ``CPU_OFF``, or never started by ``CPU_ON``).
+    STOPPED = 5
+    #: Suspended by PSCI ``SYSTEM_SUSPEND`` until an interrupt wakes it.
+    SUSPENDED = 10

@@ -32,6 +32,10 @@ transmit interrupt assert.
 
 The device is called from vCPU threads and from the console's thread: a lock
 keeps its state and its interrupt line consistent.
+
+Its snapshot state (:mod:`pyvmm.devices.state`, version 1): the latched
+registers, the interrupt mask, the latched transmit status, the level its line
+was driven to, and the bytes waiting to be read.
 """
 
 from __future__ import annotations
@@ -40,6 +44,7 @@ from typing import BinaryIO
 
 from pyvmm.devices.base import IrqLine
 from pyvmm.devices.serial_line import SerialLine
+from pyvmm.devices.state import DeviceState, DeviceStateError, check_fields, take
 
 #: One 4 KiB page of registers.
 PL011_SIZE = 0x1000
@@ -92,8 +97,14 @@ RX_TRIGGER = (2, 4, 8, 12, 14, 14, 14, 14)
 _LATCHES = {ILPR: 0xFF, IBRD: 0xFFFF, FBRD: 0x3F, LCR_H: 0xFF, CR: 0xFFFF, IFLS: 0x3F, DMACR: 0x7}
 
 
+#: The latched registers by the names their snapshot state gives them.
+_LATCH_NAMES = {ILPR: "ilpr", IBRD: "ibrd", FBRD: "fbrd", LCR_H: "lcr_h", CR: "cr", IFLS: "ifls", DMACR: "dmacr"}
+_STATE_FIELDS = {*_LATCH_NAMES.values(), "imsc", "ris", "irq_level", "rx"}
+
+
 class Pl011(SerialLine):
     name = "pl011"
+    state_version = 1
 
     def __init__(self, output: BinaryIO | None, *, irq: IrqLine | None = None, flush_lines: bool = True) -> None:
         super().__init__(output, irq=irq, flush_lines=flush_lines)
@@ -175,6 +186,36 @@ class Pl011(SerialLine):
         if level != self._irq_level:
             self._irq_level = level
             self._irq(level)
+
+    # --- snapshots ----------------------------------------------------------------
+    def save_state(self) -> DeviceState:
+        with self._lock:
+            state: DeviceState = {name: self.registers[offset] for offset, name in _LATCH_NAMES.items()}
+            state.update(imsc=self.imsc, ris=self.ris, irq_level=self._irq_level, rx=self.rx.peek())
+            return state
+
+    def load_state(self, state: DeviceState) -> None:
+        name = self.name
+        check_fields(name, state, _STATE_FIELDS)
+        latches = {offset: take(name, state, field, int, 16) for offset, field in _LATCH_NAMES.items()}
+        for offset, value in latches.items():
+            if value & ~_LATCHES[offset]:
+                raise DeviceStateError(f"device {name}: {_LATCH_NAMES[offset]} {value:#x} has bits the register lacks")
+        imsc, ris = take(name, state, "imsc", int, 16), take(name, state, "ris", int, 16)
+        if imsc & ~INT_ALL or ris & ~INT_ALL:
+            raise DeviceStateError(f"device {name}: interrupt bits beyond {INT_ALL:#x}")
+        irq_level = take(name, state, "irq_level", bool)
+        rx = take(name, state, "rx", bytes)
+        if len(rx) > self.rx.capacity:
+            raise DeviceStateError(f"device {name}: {len(rx)} received bytes exceed the {self.rx.capacity}-byte buffer")
+        with self._lock:
+            self.registers = latches
+            self.imsc, self.ris = imsc, ris
+            # The line's level is in the interrupt controller's saved state too:
+            # taken as it was, not driven again.
+            self._irq_level = irq_level
+            self.rx.clear()
+            self.rx.put(rx)
 
     def close(self) -> None:
         if self._output is not None:

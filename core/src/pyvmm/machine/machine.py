@@ -79,7 +79,7 @@ class Machine:
         instead of ``config.serial``.
     :param restore: a snapshot (or its file) to continue from instead of
         booting: saved by a machine of the same configuration
-        (:mod:`pyvmm.machine.snapshots`; x86_64).
+        (:mod:`pyvmm.machine.snapshots`).
     :param snapshot_to: save a snapshot to this file, and stop, when the guest
         writes port 0x5f0 or after ``snapshot_after`` seconds.
     """
@@ -135,23 +135,34 @@ class Machine:
         snapshot_to: str | os.PathLike[str] | None,
         snapshot_after: float | None,
     ) -> MachineSnapshots | None:
-        """The snapshot request port on the PC (so a guest that asks runs the
-        same with or without a snapshot being taken), and the restore."""
-        if self.arch is not Arch.X86_64:
-            if restore is not None or snapshot_to is not None:
-                raise ConfigError("machine snapshots (restore, snapshot_to) are for x86_64 machines only")
-            return None
+        """The snapshot request port (the PC's port 0x5f0, the ``virt`` board's
+        MMIO page at 0x0a00_2000), so a guest that asks runs the same with or
+        without a snapshot being taken, and the restore."""
+        from pyvmm.machine.snapshot_port import SNAPSHOT_PORT, SnapshotRequestPort
+
+        def register_request(port: SnapshotRequestPort) -> None:
+            if self.arch is Arch.X86_64:
+                self.pio.register(SNAPSHOT_PORT, 1, port)
+            else:
+                from pyvmm.machine.virt import VIRT_SNAPSHOT_REQUEST_BASE, VIRT_SNAPSHOT_REQUEST_SIZE
+
+                self.mmio.register(VIRT_SNAPSHOT_REQUEST_BASE, VIRT_SNAPSHOT_REQUEST_SIZE, port)
+
         if restore is None and snapshot_to is None and snapshot_after is None:
             # Only the port: the snapshot machinery is imported by the machines
             # that save or restore (a start-up cost for every other run).
-            from pyvmm.machine.snapshot_port import SNAPSHOT_PORT, SnapshotRequestPort
-
-            self.pio.register(SNAPSHOT_PORT, 1, SnapshotRequestPort())
+            register_request(SnapshotRequestPort())
             return None
         from pyvmm.machine.snapshots import MachineSnapshots
 
         snapshots = MachineSnapshots(
-            self.vm, self._runner, self.pio, self.mmio, save_to=snapshot_to, save_after=snapshot_after
+            self.vm,
+            self._runner,
+            self.pio,
+            self.mmio,
+            save_to=snapshot_to,
+            save_after=snapshot_after,
+            register_request=register_request,
         )
         if restore is not None:
             snapshots.restore(restore, self.config.cpus)

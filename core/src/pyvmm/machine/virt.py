@@ -9,6 +9,7 @@ where              what                   notes
 0x0900_0000        PL011 UART             4 KiB, SPI 1; the console
 0x0a00_0000        demo device            ID + scratch register (one page)
 0x0a00_1000        debug-exit             a write of ``code``: status (code << 1) | 1
+0x0a00_2000        snapshot request       a write asks for a snapshot (``--snapshot-to``)
 0x8000_0000        RAM                    up to the 40-bit IPA limit
 =================  =====================  ======================================
 
@@ -65,6 +66,10 @@ UART_SPI = 1
 VIRT_DEMO_DEVICE_BASE = 0x0A00_0000
 VIRT_DEBUG_EXIT_BASE = 0x0A00_1000
 VIRT_DEBUG_EXIT_SIZE = 0x1000
+#: Where a guest asks for a snapshot (any write; :mod:`pyvmm.machine.snapshots`),
+#: the MMIO twin of the PC's port 0x5f0.
+VIRT_SNAPSHOT_REQUEST_BASE = 0x0A00_2000
+VIRT_SNAPSHOT_REQUEST_SIZE = 0x1000
 RAM_BASE = 0x8000_0000
 #: The guest-physical space every aarch64 hypervisor gives a VM by default (40 bits).
 IPA_LIMIT = 1 << 40

@@ -18,6 +18,11 @@ capability depends on (the probe drops those this kernel lacks):
 ``IRQCHIP``, ``IRQ_LINE``     ``KVM_CAP_IRQCHIP`` (arm.c: "vgic_present") and
                               ``KVM_CAP_DEVICE_CTRL`` (``KVM_CREATE_DEVICE``)
 ``MULTI_VCPU``                ``KVM_CAP_ARM_PSCI_0_2`` (secondaries start by CPU_ON)
+``REGISTER_LIST``             ``KVM_CAP_ONE_REG`` (``KVM_GET_REG_LIST``: snapshots)
+``MP_STATE``                  ``KVM_CAP_MP_STATE``
+``VM_STATE``                  ``KVM_CAP_IRQCHIP`` and ``KVM_CAP_DEVICE_CTRL`` (the
+                              vGIC's registers as device attributes:
+                              :mod:`pyvmm_kvm.arm64_vgic_state`)
 ``RAW_CAPABILITIES``          ``KVM_CAP_ENABLE_CAP_VM``
 ============================  =====================================================
 
@@ -48,7 +53,7 @@ from pyvmm_kvm import bindings as k
 from pyvmm_kvm.arm64_vcpu import KvmArm64Vcpu
 from pyvmm_kvm.arm64_vm import KvmArm64Vm
 from pyvmm_kvm.host_arch import host_is_arm64
-from pyvmm_kvm.manifest import DEVICE
+from pyvmm_kvm.manifest import DEVICE, KVM_CAP_MP_STATE
 from pyvmm_kvm.system import system
 
 CAPABILITIES = (
@@ -68,6 +73,9 @@ CAPABILITIES = (
     Capability.MULTI_VCPU,
     Capability.VM_START,
     Capability.RAW_CAPABILITIES,
+    Capability.REGISTER_LIST,
+    Capability.MP_STATE,
+    Capability.VM_STATE,
 )
 
 #: Each capability that rests on extensions, with all the extensions it needs.
@@ -83,6 +91,9 @@ CAPABILITY_EXTENSIONS: dict[Capability, tuple[int, ...]] = {
     Capability.IRQ_LINE: (k.KVM_CAP_IRQCHIP,),
     Capability.MULTI_VCPU: (k.KVM_CAP_ARM_PSCI_0_2,),
     Capability.RAW_CAPABILITIES: (k.KVM_CAP_ENABLE_CAP_VM,),
+    Capability.REGISTER_LIST: (k.KVM_CAP_ONE_REG,),
+    Capability.MP_STATE: (KVM_CAP_MP_STATE,),
+    Capability.VM_STATE: (k.KVM_CAP_IRQCHIP, k.KVM_CAP_DEVICE_CTRL),
 }
 
 #: Without these no vCPU can be initialised the way this backend does it.

@@ -31,7 +31,7 @@ import errno
 import struct
 from typing import Any
 
-from pyvmm.arch.aarch64 import MPIDR_EL1_ID, CoreRegs
+from pyvmm.arch.aarch64 import MPIDR_EL1_ID, CoreRegs, MpState, OneReg
 from pyvmm.backend import address_of
 from pyvmm.boot import Aarch64VcpuInit, VcpuInit
 from pyvmm.errors import ConfigError, HypervisorError, UnknownExitError
@@ -142,11 +142,24 @@ class KvmArm64Vcpu(KvmVcpuCommon):
     # --- one-reg access -------------------------------------------------------------
     def get_one_reg(self, reg_id: int) -> int:
         """``KVM_GET_ONE_REG``: the register ``reg_id`` as an unsigned integer."""
+        return int.from_bytes(self.get_one_reg_bytes(reg_id), "little")
+
+    def get_one_reg_bytes(self, reg_id: int) -> bytes:
+        """``KVM_GET_ONE_REG``: the register ``reg_id`` as KVM moves it (little-endian)."""
         size = arm64_regs.reg_size(reg_id)
         buffer = ffi.new("uint8_t[]", size)
         one = ffi.new("struct kvm_one_reg *", {"id": reg_id, "addr": address_of(buffer)})
         self.host.ioctl(self.fd, k.KVM_GET_ONE_REG, one, detail=f"register {reg_id:#x}")
-        return int.from_bytes(ffi.buffer(buffer), "little")
+        return bytes(ffi.buffer(buffer))
+
+    def set_one_reg_bytes(self, reg_id: int, value: bytes) -> None:
+        """``KVM_SET_ONE_REG`` with the register's bytes (little-endian, its full width)."""
+        size = arm64_regs.reg_size(reg_id)
+        if len(value) != size:
+            raise ConfigError(f"register {reg_id:#x}: {len(value)} bytes for a {size}-byte register")
+        buffer = ffi.new("uint8_t[]", value)
+        one = ffi.new("struct kvm_one_reg *", {"id": reg_id, "addr": address_of(buffer)})
+        self.host.ioctl(self.fd, k.KVM_SET_ONE_REG, one, detail=f"register {reg_id:#x}")
 
     def set_one_reg(self, reg_id: int, value: int) -> None:
         """``KVM_SET_ONE_REG``.
@@ -203,14 +216,49 @@ class KvmArm64Vcpu(KvmVcpuCommon):
     def get_state(self, kind: StateKind) -> Any:
         if kind is StateKind.CORE_REGS:
             return arm64_regs.read_core_regs(self.get_one_reg)
-        raise ConfigError(f"KVM arm64 vCPUs have no {kind.value} state (registers are CORE_REGS or one-reg ids)")
+        if kind is StateKind.REGISTER_LIST:
+            return [OneReg(reg_id, self.get_one_reg_bytes(reg_id)) for reg_id in self.reg_list()]
+        if kind is StateKind.MP_STATE:
+            return _mp_state(self.get_mp_state())
+        raise ConfigError(f"KVM arm64 vCPUs have no {kind.value} state (CORE_REGS, REGISTER_LIST, MP_STATE)")
 
     def set_state(self, kind: StateKind, value: Any) -> None:
-        if kind is not StateKind.CORE_REGS:
-            raise ConfigError(f"KVM arm64 vCPUs have no {kind.value} state (registers are CORE_REGS or one-reg ids)")
-        if not isinstance(value, CoreRegs):
-            raise ConfigError(f"CORE_REGS takes CoreRegs, not {type(value).__name__}")
-        arm64_regs.write_core_regs(value, self.set_one_reg)
+        if kind is StateKind.CORE_REGS:
+            if not isinstance(value, CoreRegs):
+                raise ConfigError(f"CORE_REGS takes CoreRegs, not {type(value).__name__}")
+            arm64_regs.write_core_regs(value, self.set_one_reg)
+        elif kind is StateKind.REGISTER_LIST:
+            self._set_register_list(value)
+        elif kind is StateKind.MP_STATE:
+            if not isinstance(value, MpState):
+                raise ConfigError(f"MP_STATE on aarch64 takes pyvmm.arch.aarch64.MpState, not {value!r}")
+            self.set_mp_state(int(value))
+        else:
+            raise ConfigError(f"KVM arm64 vCPUs have no {kind.value} state (CORE_REGS, REGISTER_LIST, MP_STATE)")
+
+    def _set_register_list(self, registers: Any) -> None:
+        """Write every register of a ``REGISTER_LIST`` in its order (KVM lists the
+        core registers first, then the firmware, timer and system registers,
+        ``kvm_arm_copy_reg_indices`` in arch/arm64/kvm/guest.c: the order QEMU
+        writes them too).  Every id must be one this vCPU lists: an id it lacks
+        is a snapshot of another vCPU (SVE, PMU, ptrauth features), refused
+        before anything is written."""
+        if not isinstance(registers, list) or not all(isinstance(r, OneReg) for r in registers):
+            raise ConfigError("REGISTER_LIST takes a list of pyvmm.arch.aarch64.OneReg")
+        have = set(self.reg_list())
+        foreign = [r.reg_id for r in registers if r.reg_id not in have]
+        if foreign:
+            shown = ", ".join(f"{reg_id:#x}" for reg_id in foreign[:4])
+            raise ConfigError(f"vCPU {self.index} has no register(s) {shown} (a vCPU with other features?)")
+        for register in registers:
+            self.set_one_reg_bytes(register.reg_id, register.value)
 
     def _drop_exit_views(self) -> None:
         self._mmio.data = memoryview(b"")
+
+
+def _mp_state(raw: int) -> MpState:
+    try:
+        return MpState(raw)
+    except ValueError:
+        raise HypervisorError("KVM_GET_MP_STATE", 0, f"an arm64 MP state pyvmm does not know: {raw}") from None

@@ -97,6 +97,17 @@ class Vgic3:
         self._attr(k.KVM_SET_DEVICE_ATTR, a.KVM_DEV_ARM_VGIC_GRP_CTRL, a.KVM_DEV_ARM_VGIC_CTRL_INIT, None, "CTRL_INIT")
         self.initialized = True
 
+    def get_attr(self, group: int, attr: int, width: int = 32) -> int:
+        """``KVM_GET_DEVICE_ATTR``: a ``width``-bit attribute of ``group``."""
+        value = ffi.new(f"uint{width}_t *")
+        self._attr(k.KVM_GET_DEVICE_ATTR, group, attr, value, f"vGIC group {group} attribute {attr:#x}")
+        return int(value[0])
+
+    def set_attr(self, group: int, attr: int, value: int, width: int = 32) -> None:
+        """``KVM_SET_DEVICE_ATTR``: a ``width``-bit attribute of ``group``."""
+        raw = ffi.new(f"uint{width}_t *", value)
+        self._attr(k.KVM_SET_DEVICE_ATTR, group, attr, raw, f"vGIC group {group} attribute {attr:#x} = {value:#x}")
+
     def distributor_register(self, offset: int) -> int:
         """A 32-bit distributor register as the guest would read it
         (``KVM_DEV_ARM_VGIC_GRP_DIST_REGS``), e.g. GICD_ISPENDR<n> to see a line's

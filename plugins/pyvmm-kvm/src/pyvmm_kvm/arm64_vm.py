@@ -18,10 +18,13 @@ from typing import TYPE_CHECKING, Any
 from pyvmm.backend import install_kick_handler
 from pyvmm.config import VmConfig
 from pyvmm.errors import ConfigError, HypervisorError, VmStateError
+from pyvmm.gicv3_state import Gicv3State
 from pyvmm.machine.virt import GIC_DISTRIBUTOR_BASE, GIC_REDISTRIBUTOR_BASE
 from pyvmm.memory import RamRegion
 from pyvmm.vcpu_state import AddressSpace, IoEventAddress
+from pyvmm.vm_state import VmStateKind
 from pyvmm_kvm import arm64_uapi as a
+from pyvmm_kvm import arm64_vgic_state
 from pyvmm_kvm import bindings as k
 from pyvmm_kvm.arm64_vcpu import KvmArm64Vcpu
 from pyvmm_kvm.arm64_vgic import Vgic3, spi_irq_line
@@ -190,6 +193,28 @@ class KvmArm64Vm(KvmVmCommon):
             {"fd": irqfd.fd, "gsi": irqfd.gsi, "flags": irqfd.flags, "resamplefd": irqfd.resamplefd},
         )
         self.host.ioctl(self.fd, k.KVM_IRQFD, raw)
+
+    # --- VM-wide state: the vGIC (VM_STATE) ------------------------------------------
+    def _mpidrs(self) -> list[int]:
+        """Each vCPU's MPIDR_EL1, in index order: the vGIC names a vCPU by it."""
+        return [vcpu.mpidr() for vcpu in sorted(self.vcpus, key=lambda v: v.index)]
+
+    def get_vm_state(self, kind: VmStateKind) -> bytes:
+        """``VM_STATE``: the vGIC's registers (:mod:`pyvmm_kvm.arm64_vgic_state`),
+        every vCPU stopped."""
+        vgic = self._vgic_state(kind)
+        return arm64_vgic_state.save(vgic, self._mpidrs()).encode()
+
+    def set_vm_state(self, kind: VmStateKind, data: bytes) -> None:
+        """``VM_STATE``: the vGIC's registers from an image :meth:`get_vm_state`
+        returned, once the vGIC is initialised (``start``) and before any vCPU ran."""
+        vgic = self._vgic_state(kind)
+        arm64_vgic_state.restore(vgic, self._mpidrs(), Gicv3State.decode(data))
+
+    def _vgic_state(self, kind: VmStateKind) -> Vgic3:
+        if kind is not VmStateKind.GICV3:
+            raise ConfigError(f"KVM arm64 VMs have no {kind.value} state: their VM state is the GICv3's")
+        return self._require_vgic("the GICv3's state")
 
     # --- ioeventfds (MMIO only: arm64 has no port I/O) ----------------------------------
     def _check_ioevent(self, address: IoEventAddress) -> None:
