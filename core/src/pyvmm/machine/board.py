@@ -90,11 +90,6 @@ class InterruptDelivery(Protocol):
         False: nothing can wake it (interrupts disabled, no timer running)."""
         ...
 
-    def would_wake(self, vcpu: Vcpu) -> bool:
-        """Whether an interrupt of the controllers waits for ``vcpu`` now: one
-        halted in ``hlt`` is being woken by it (any thread)."""
-        ...
-
 
 def interrupt_controllers(mode: str, backend: Backend, arch: Arch) -> tuple[bool, bool]:
     """``(in the hypervisor, in userspace)`` for the machine setting ``irqchip``:

@@ -186,11 +186,6 @@ class UserspaceIrqchip:
         self._attention = True
         return True
 
-    def would_wake(self, vcpu: Vcpu) -> bool:
-        """Whether the controllers hold an interrupt for ``vcpu`` (the one they
-        are attached to) now (any thread)."""
-        return vcpu is self._vcpu and self._controller.has_interrupt()
-
     # --- changes from any thread ----------------------------------------------------
     def output_changed(self) -> None:
         """The controller's output may have changed (any thread)."""
