@@ -268,3 +268,33 @@ def test_a_backend_that_cannot_report_without_running_is_refused(registry: Plugi
     backend = register(registry, HltBackend("no-kick", without_kick))
     with pytest.raises(SnapshotError, match="IMMEDIATE_EXIT"):
         Machine(CONFIG, backend=backend, image=TINY_IMAGE, restore=saved)
+
+
+def test_the_devices_are_saved_as_the_vcpus_stop_not_when_the_file_is_written(
+    hlt_backend: tuple[HltBackend, Backend], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The 8254 counts on while the run winds down: saved then, its next tick
+    came due early in the restored machine (on the slow amd64 bed, just before
+    the one after it, and the guest counted two)."""
+    test_backend, backend = hlt_backend
+    counter_0_rate_generator = (io_exit(0x43, write=True, value=0x34), *(io_exit(0x40, write=True, value=0xFF),) * 2)
+    test_backend.script_exits(*GUEST_BEFORE_HLT, *counter_0_rate_generator)
+    later = [0]
+    path = tmp_path / "pit.snap"
+    with Machine(CONFIG, backend=backend, image=TINY_IMAGE, snapshot_to=path, snapshot_after=0.05) as machine:
+        board = machine._board
+        assert isinstance(board, PcBoard) and board.pit is not None
+        board.pit.clock = lambda: time.monotonic_ns() + later[0]
+        snapshots = machine._snapshots
+        assert snapshots is not None
+        real_save = snapshots.save
+
+        def save_a_second_after_the_stop() -> Snapshot:
+            later[0] = 1_000_000_000
+            return real_save()
+
+        monkeypatch.setattr(snapshots, "save", save_a_second_after_the_stop)
+        assert machine.run().reason is StopReason.SNAPSHOT
+    (pit,) = [d for d in snapshot.load(path).devices or () if d.key == "pio@0x40:pit"]
+    elapsed = pit.state["counter0_elapsed_ns"]
+    assert isinstance(elapsed, int) and elapsed < 500_000_000, "counted to the stop, not to the save"
