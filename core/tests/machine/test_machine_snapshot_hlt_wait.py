@@ -298,3 +298,22 @@ def test_the_devices_are_saved_as_the_vcpus_stop_not_when_the_file_is_written(
     (pit,) = [d for d in snapshot.load(path).devices or () if d.key == "pio@0x40:pit"]
     elapsed = pit.state["counter0_elapsed_ns"]
     assert isinstance(elapsed, int) and elapsed < 500_000_000, "counted to the stop, not to the save"
+
+
+def test_no_timer_fires_while_the_timers_are_held(hlt_backend: tuple[HltBackend, Backend]) -> None:
+    """What the restore's device reload holds: a tick due meanwhile fires only
+    after it, from the timer's state then (here: still due, so it fires)."""
+    _, backend = hlt_backend
+    with Machine(CONFIG, backend=backend, image=TINY_IMAGE) as machine:
+        board = machine._board
+        assert isinstance(board, PcBoard) and board.userspace is not None
+        chip = board.userspace
+        fired: list[str] = []
+        chip.add_timer(lambda: 0, lambda: fired.append(threading.current_thread().name))
+        ticking = threading.Thread(target=chip.tick, name="ticking")
+        with chip.timers_held():
+            ticking.start()
+            ticking.join(0.2)
+            assert ticking.is_alive() and fired == [], "held: the due timer waits"
+        ticking.join(5.0)
+    assert fired == ["ticking"]

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from collections.abc import Callable
+from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, BinaryIO, ClassVar, Protocol
 
@@ -88,6 +89,10 @@ class InterruptDelivery(Protocol):
         """The vCPU halted: block until an interrupt can wake it (True, and the next
         run delivers it) or the run stops (True too: the loop sees the stop).
         False: nothing can wake it (interrupts disabled, no timer running)."""
+        ...
+
+    def timers_held(self) -> AbstractContextManager[object]:
+        """While held (any thread), the controllers' timers do not fire."""
         ...
 
 

@@ -22,6 +22,7 @@ import signal
 import threading
 import time
 from collections.abc import Callable
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import replace
 from types import FrameType
 from typing import TYPE_CHECKING, Protocol
@@ -380,6 +381,12 @@ class Runner:
             signal.signal(signal.SIGINT, previous)
 
         return restore
+
+    def timers_held(self) -> AbstractContextManager[object]:
+        """While held, the board's own timers do not fire (nothing to hold with
+        the hypervisor's irqchip); during :meth:`run`."""
+        interrupts = None if self._board is None else self._board.interrupts
+        return nullcontext() if interrupts is None else interrupts.timers_held()
 
     # --- exits other than port and MMIO I/O ----------------------------------------
     def _other_exit(self, vcpu: Vcpu, exit_: VcpuExit) -> bool:

@@ -348,8 +348,11 @@ class MachineSnapshots:
             # The devices again, for the same reason: they were loaded (and checked)
             # while the machine was built, and the time since counted on the
             # 8254's clock; a slow build (the amd64 test bed) had its next tick
-            # fire before the guest ran, early.  Loading is idempotent.
-            load_devices(bus_devices(self.pio, self.mmio), devices)
+            # fire before the guest ran, early.  Loading is idempotent.  The
+            # timers are held meanwhile: a tick of the 8254 as built, landing in
+            # the 8259s already loaded again, would come early too.
+            with self.runner.timers_held():
+                load_devices(bus_devices(self.pio, self.mmio), devices)
 
         self.runner.vcpu_ready = ready
         self.runner.vcpus_ready = all_ready
