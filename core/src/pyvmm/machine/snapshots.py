@@ -24,7 +24,9 @@ Each vCPU's state is read and written on that vCPU's own thread
 on the machine's buses and keyed by where they sit, so the restore finds each
 one again (the 8259 pair and 8254 of ``--irqchip userspace`` too): every device
 must declare its state (:mod:`pyvmm.devices.state`); one that cannot be
-snapshotted (pc-testdev) makes the save refuse by name.
+snapshotted (pc-testdev) makes the save refuse by name.  The devices are read
+once every vCPU has stopped, by the first vCPU thread past that point, not after
+the run has wound down: their clocks (the 8254's) go on meanwhile.
 
 With the board's own interrupt controllers (``--irqchip userspace``) a vCPU
 stopped while it waited in ``hlt`` has no MP state to say so (that is the
