@@ -97,11 +97,6 @@ ARM64 = Arch(
     guest_qemu="qemu-system-aarch64",
 )
 
-#: The test the amd64 bed leaves out (see ``AMD64.default_pytest_args``).
-HALTED_RESTORE_RACE = (
-    "plugins/pyvmm-kvm/tests/test_kvm_snapshot_continuity.py::test_a_vcpu_halted_in_pyvmms_irqchip_is_restored_halted"
-)
-
 AMD64 = Arch(
     name="amd64",
     qemu="qemu-system-x86_64",
@@ -129,14 +124,7 @@ AMD64 = Arch(
     modes=(KvmMode("amd", ("nohz=off", "highres=off"), "kvm: Nested Paging enabled"),),
     # examples/fuzzing holds no tests: it is there for the KVM test that runs it.
     default_selection=("plugins/pyvmm-kvm/tests", "tools/testbed/guest_tests", "examples/fuzzing"),
-    # One known race, left out here by name until it is fixed (issue 19): a vCPU
-    # snapshotted while it waited in hlt under pyvmm's own 8259s is restored with
-    # RIP back on the hlt, and on this slow bed the 8254's next tick can fire
-    # before that vCPU's first entry, so it takes the tick *before* the hlt and
-    # then waits for another (1 restore in 8 here; never on the host's KVM).  The
-    # fix records halted vCPUs in the snapshot and starts them in the runner's
-    # wait instead of rewinding RIP.
-    default_pytest_args=(f"--deselect={HALTED_RESTORE_RACE}",),
+    default_pytest_args=(),
     anchor_packages=("qemu-system-x86",),
     guest_qemu="qemu-system-x86_64",
 )

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from collections.abc import Callable
+from contextlib import AbstractContextManager
 from typing import TYPE_CHECKING, BinaryIO, ClassVar, Protocol
 
 from pyvmm.capabilities import Capability
@@ -90,9 +91,8 @@ class InterruptDelivery(Protocol):
         False: nothing can wake it (interrupts disabled, no timer running)."""
         ...
 
-    def would_wake(self, vcpu: Vcpu) -> bool:
-        """Whether an interrupt of the controllers waits for ``vcpu`` now: one
-        halted in ``hlt`` is being woken by it (any thread)."""
+    def timers_held(self) -> AbstractContextManager[object]:
+        """While held (any thread), the controllers' timers do not fire."""
         ...
 
 

@@ -98,10 +98,12 @@ class Machine:
         self.config = config if config is not None else MachineConfig()
         cfg = self.config
         if restore is not None:
+            from pyvmm.machine.snapshots import vcpus_in_hlt_wait
             from pyvmm.snapshot import Snapshot, load
 
             # Checked whole before anything is built: a damaged file creates no VM.
             restore = restore if isinstance(restore, Snapshot) else load(restore)
+            vcpus_in_hlt_wait(restore)  # the machine's own record in it too
         self.backend = backend if backend is not None else get_backend(cfg.backend, arch=cfg.arch)
         self.arch = machine_arch(cfg.arch, self.backend)
         #: The hypervisor's interrupt controllers, or the board's own (``irqchip`` setting).

@@ -22,6 +22,7 @@ import signal
 import threading
 import time
 from collections.abc import Callable
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import replace
 from types import FrameType
 from typing import TYPE_CHECKING, Protocol
@@ -131,8 +132,12 @@ class Runner:
         self.vcpus_ready: Callable[[], None] | None = None
         #: The vCPUs whose run was stopped while they waited in ``hlt`` for the
         #: board's own interrupt controllers (their RIP is past the ``hlt``):
-        #: a snapshot of one must restore it waiting, not running on.
+        #: a snapshot records them, and its restore starts them waiting.
         self.stopped_in_hlt: set[int] = set()
+        #: The vCPUs that start in that wait instead of entering the guest (a
+        #: restored machine's :attr:`stopped_in_hlt`): as after their ``hlt``
+        #: exit, the board's controllers wake them; set before :meth:`run`.
+        self.start_in_hlt_wait: frozenset[int] = frozenset()
         #: Stop with ``StopReason.SNAPSHOT`` after this many seconds (None: never).
         self.snapshot_after: float | None = None
         self.events = MachineEvents(
@@ -256,6 +261,8 @@ class Runner:
 
     def _loop(self, vcpu: Vcpu) -> None:
         assert self._board is not None
+        if vcpu.index in self.start_in_hlt_wait and self._resume_in_hlt_wait(vcpu):
+            return  # nothing can wake it: halted for good, as it would be after its hlt exit
         interrupts = self._board.interrupts  # the board's own interrupt controllers, if any
         if self._stats is None:
             run = vcpu.run if self._coalesced is None else self._coalesced.draining(vcpu.run)
@@ -375,11 +382,11 @@ class Runner:
 
         return restore
 
-    def interrupt_wakes(self, vcpu: Vcpu) -> bool:
-        """Whether the board's own interrupt controllers hold an interrupt for
-        ``vcpu`` now (never with the hypervisor's irqchip)."""
+    def timers_held(self) -> AbstractContextManager[object]:
+        """While held, the board's own timers do not fire (nothing to hold with
+        the hypervisor's irqchip); during :meth:`run`."""
         interrupts = None if self._board is None else self._board.interrupts
-        return interrupts is not None and interrupts.would_wake(vcpu)
+        return nullcontext() if interrupts is None else interrupts.timers_held()
 
     # --- exits other than port and MMIO I/O ----------------------------------------
     def _other_exit(self, vcpu: Vcpu, exit_: VcpuExit) -> bool:
@@ -393,17 +400,7 @@ class Runner:
         if kind is ExitKind.HLT:
             if self.irqchip:
                 return False  # the hypervisor wakes it; an exit here is spurious
-            assert self._board is not None
-            interrupts = self._board.interrupts
-            if interrupts is not None and interrupts.wait_for_interrupt(vcpu):
-                if self._flag.stopping:
-                    self.stopped_in_hlt.add(vcpu.index)
-                return False  # woken by an interrupt of the board's own controllers (or the stop)
-            with self._cond:
-                self._halted += 1
-                if self._halted == self.cpus:
-                    self.request_stop(StopReason.HALTED, STATUS_CLEAN, "every vCPU halted, with nothing to wake it")
-            return True
+            return self._wait_in_hlt(vcpu)
         if kind is ExitKind.SHUTDOWN:
             self.request_stop(StopReason.TRIPLE_FAULT, STATUS_GUEST_FAILED, f"{where}: triple fault{_pc(vcpu)}")
             return True
@@ -425,6 +422,35 @@ class Runner:
         if self._board.answer_exit(vcpu, exit_):
             return False
         self.request_stop(StopReason.UNEXPECTED_EXIT, STATUS_GUEST_FAILED, f"{where}: unexpected exit {exit_!r}")
+        return True
+
+    def _resume_in_hlt_wait(self, vcpu: Vcpu) -> bool:
+        """:meth:`_wait_in_hlt` for a restored ``vcpu`` that was saved in it,
+        before it runs any guest code."""
+        # The wait asks the backend whether the vCPU takes an interrupt, which
+        # the backend answers from the vCPU's last exit, and a restored vCPU has
+        # had none.  A run that enters no guest code gives it one, in the state
+        # its hlt exit left (the backend notes, snapshots, say where each
+        # hypervisor reports it on such a run).
+        from pyvmm.snapshot import settle_vcpu  # only restored machines get here
+
+        settle_vcpu(vcpu)
+        return self._wait_in_hlt(vcpu)
+
+    def _wait_in_hlt(self, vcpu: Vcpu) -> bool:
+        """``vcpu`` executed ``hlt`` (RIP is past it): wait until the board's own
+        interrupt controllers have an interrupt for it, which the next entry
+        delivers.  True: nothing can wake it, its loop ends."""
+        assert self._board is not None
+        interrupts = self._board.interrupts
+        if interrupts is not None and interrupts.wait_for_interrupt(vcpu):
+            if self._flag.stopping:
+                self.stopped_in_hlt.add(vcpu.index)
+            return False  # woken by an interrupt of the board's own controllers (or the stop)
+        with self._cond:
+            self._halted += 1
+            if self._halted == self.cpus:
+                self.request_stop(StopReason.HALTED, STATUS_CLEAN, "every vCPU halted, with nothing to wake it")
         return True
 
     def _system_event(self, where: str, event: SystemEventExit) -> None:

@@ -24,17 +24,30 @@ Each vCPU's state is read and written on that vCPU's own thread
 on the machine's buses and keyed by where they sit, so the restore finds each
 one again (the 8259 pair and 8254 of ``--irqchip userspace`` too): every device
 must declare its state (:mod:`pyvmm.devices.state`); one that cannot be
-snapshotted (pc-testdev) makes the save refuse by name.
+snapshotted (pc-testdev) makes the save refuse by name.  The devices are read
+once every vCPU has stopped, by the first vCPU thread past that point, not after
+the run has wound down: their clocks (the 8254's) go on meanwhile.
+
+With the board's own interrupt controllers (``--irqchip userspace``) a vCPU
+stopped while it waited in ``hlt`` has no MP state to say so (that is the
+hypervisor's local APIC's), and its RIP is already past the ``hlt``.  The
+snapshot therefore holds one more record beside the devices' (:data:`HLT_WAIT_KEY`):
+which vCPUs the runner held in its ``hlt`` wait, as QEMU saves ``halted`` with
+every CPU (``vmstate_cpu_common``).  The restore starts those vCPUs in that same
+wait, where the board's controllers wake them exactly as they would have: the
+first interrupt raised after the restore, whenever it comes, is the one the
+vCPU takes.  A file without the record (written before it existed) holds those
+vCPUs with RIP moved back onto the ``hlt``: they run and execute it again.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import os
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 
+from pyvmm.capabilities import Capability
 from pyvmm.devices.state import DeviceImage, DeviceStateError, Stateful, check_version
 from pyvmm.errors import ConfigError
 from pyvmm.machine.bus import MmioBus, PortBus
@@ -77,25 +90,65 @@ def bus_devices(pio: PortBus, mmio: MmioBus) -> dict[str, Stateful]:
     return found
 
 
-def still_halted(image: VcpuImage) -> VcpuImage:
-    """``image`` of a vCPU stopped while it waited in ``hlt`` for the board's
-    own interrupt controllers, made to wait again when restored.
+#: The key of the runner's record among a snapshot's device images: which vCPUs
+#: waited in ``hlt`` for the board's own interrupt controllers.  No bus device's
+#: key starts so (theirs start with their bus).
+HLT_WAIT_KEY = "runner:hlt-wait"
+#: The record's version.  Version 1: field ``vcpus``, one byte per vCPU in vCPU
+#: order, 1 for a vCPU held in the wait, 0 for one that was not.
+HLT_WAIT_VERSION = 1
+_WAITING, _RUNNING = 1, 0
+#: RFLAGS.IF, interrupts enabled (Intel SDM vol. 1, 3.4.3.3).
+_RFLAGS_IF = 1 << 9
 
-    x86 hypervisors report a ``hlt`` completed, RIP past it (the backend
-    notes say where each skips the instruction), and without the hypervisor's
-    local APIC there is no MP state to say the vCPU is halted: restored as
-    read, it would run on as if an interrupt had woken it.  RIP is moved back
-    one byte, onto the ``hlt``'s opcode (0xf4, the last byte of any prefixed
-    form too), so the restored vCPU executes it again and waits.  Not when an
-    interrupt is already being injected: the vCPU has then left its halt.
+
+def hlt_wait_image(waiting: Iterable[int], count: int) -> DeviceImage:
+    """The record of the ``count`` vCPUs, those in ``waiting`` held in the runner's ``hlt`` wait."""
+    held = set(waiting)
+    flags = bytes(_WAITING if index in held else _RUNNING for index in range(count))
+    return DeviceImage(HLT_WAIT_KEY, HLT_WAIT_VERSION, {"vcpus": flags})
+
+
+def vcpus_in_hlt_wait(image: Snapshot) -> frozenset[int]:
+    """The vCPUs ``image`` says the runner held in its ``hlt`` wait, checked
+    against the rest of the snapshot (call it before building anything).
+    Empty for a snapshot without the record: saved on the VM API, or by a pyvmm
+    that moved their RIP back onto the ``hlt`` instead.
+
+    :raises SnapshotError: the record is of another version, or its values are
+        damaged or contradict the vCPUs' saved state (named).
     """
-    if image.events is not None and image.events.interrupt.injected:
-        return image
-    states = [
-        (kind, dataclasses.replace(value, rip=value.rip - 1) if kind is StateKind.REGS else value)
-        for kind, value in image.states
-    ]
-    return dataclasses.replace(image, states=states)
+    records = [device for device in image.devices or () if device.key == HLT_WAIT_KEY]
+    if not records:
+        return frozenset()
+    (record,) = records  # keys are unique (checked when the file was read)
+    where = f"the snapshot's record {HLT_WAIT_KEY}"
+    if record.version != HLT_WAIT_VERSION:
+        raise SnapshotError(f"{where}: version {record.version}, this pyvmm reads version {HLT_WAIT_VERSION}")
+    flags = record.state.get("vcpus")
+    if set(record.state) != {"vcpus"} or not isinstance(flags, bytes):
+        raise SnapshotError(f"{where}: expected one field, vcpus, as bytes; found {sorted(record.state)}")
+    if len(flags) != len(image.vcpus) or not set(flags) <= {_WAITING, _RUNNING}:
+        raise SnapshotError(
+            f"{where}: expected one byte, 0 or 1, for each of the {len(image.vcpus)} vCPU(s); found {flags.hex()}"
+        )
+    waiting = frozenset(index for index, flag in enumerate(flags) if flag == _WAITING)
+    if waiting and image.vm_states:
+        raise SnapshotError(
+            f"{where}: vCPU(s) {sorted(waiting)} waiting for pyvmm's own interrupt controllers in a snapshot "
+            "of the hypervisor's (their MP state says whether they are halted)"
+        )
+    for index in sorted(waiting):
+        # What the wait itself requires of a vCPU: interrupts on (a hlt with
+        # them off never waits) and nothing being injected (one is delivered
+        # only once the wait is over).
+        regs = dict(image.vcpus[index]).get(StateKind.REGS)
+        events = image.events[index]
+        if regs is None or not regs.rflags & _RFLAGS_IF:
+            raise SnapshotError(f"{where}: vCPU {index} is waiting for an interrupt with interrupts disabled")
+        if events is not None and events.interrupt.injected:
+            raise SnapshotError(f"{where}: vCPU {index} is waiting for an interrupt while one is being injected")
+    return waiting
 
 
 def check_vm_state_sizes(vm: Vm, image: Snapshot) -> None:
@@ -186,6 +239,8 @@ class MachineSnapshots:
         else:
             register_request(self.request_port)
         self._images: dict[int, VcpuImage] = {}
+        #: The devices' images, read as the vCPUs stopped (or why they could not be).
+        self._devices: list[DeviceImage] | SnapshotError | None = None
         self._lock = threading.Lock()
         #: Every vCPU thread waits here, settled, before any reads its state.
         self._all_stopped: threading.Barrier | None = None
@@ -215,9 +270,20 @@ class MachineSnapshots:
                 self._all_stopped = threading.Barrier(len(self.vm.vcpus))
             barrier = self._all_stopped
         try:
-            barrier.wait(STOP_WAIT_SECONDS)
+            arrival = barrier.wait(STOP_WAIT_SECONDS)
         except threading.BrokenBarrierError:
             return  # a vCPU never got here: save() names the vCPUs without an image
+        if arrival == 0:
+            # The devices now, with the vCPUs, not once the run has ended: their
+            # clocks go on meanwhile (the 8254's next tick, saved late, came
+            # due at once and bunched with the one after it on the slow amd64
+            # test bed, and the guest counted two).
+            try:
+                devices: list[DeviceImage] | SnapshotError = save_devices(bus_devices(self.pio, self.mmio))
+            except SnapshotError as exc:
+                devices = exc  # save() raises it, and writes nothing
+            with self._lock:
+                self._devices = devices
         image = capture_vcpu(vcpu)
         with self._lock:
             self._images[vcpu.index] = image
@@ -236,16 +302,13 @@ class MachineSnapshots:
                 f"vCPU(s) {missing} did not stop for the snapshot (never ran, or did not leave the guest in "
                 f"{STOP_WAIT_SECONDS:g} s): the machine cannot be saved"
             )
-        devices = save_devices(bus_devices(self.pio, self.mmio))
+        if isinstance(self._devices, SnapshotError):
+            raise self._devices
+        assert self._devices is not None  # read by the first vCPU past the barrier
+        # Whether an interrupt was already waking one of them needs no deciding
+        # here: the restored wait asks the restored controllers, as the live one did.
+        devices = [*self._devices, hlt_wait_image(self.runner.stopped_in_hlt, count)]
         images = [self._images[i] for i in range(count)]
-        for index in self.runner.stopped_in_hlt:
-            # Asked after the devices were saved, so that the choice agrees with
-            # the controllers' saved state (a tick landing between the two is the
-            # save's known race): a vCPU an interrupt is waking has left its halt
-            # and must not wait again, or it would take that interrupt *and* wait
-            # for the next one (seen on the amd64 test bed).
-            if not self.runner.interrupt_wakes(self.vm.vcpus[index]):
-                images[index] = still_halted(images[index])
         image = capture_vm(self.vm, images, devices)
         write(image, self.save_to)
         return image
@@ -273,7 +336,15 @@ class MachineSnapshots:
             has = "has" if image.vm_states else "has no"
             raise SnapshotError(f"the snapshot {has} in-kernel irqchip state; this machine's irqchip setting differs")
         check_vm_state_sizes(self.vm, image)
-        devices = image.devices
+        waiting = vcpus_in_hlt_wait(image)
+        if waiting and not self.vm.backend.supports(Capability.IMMEDIATE_EXIT):
+            # (Runner.start_in_hlt_wait: the wait needs the backend's word on
+            # whether the vCPU takes interrupts, which only a run gives.)
+            raise SnapshotError(
+                f"vCPU(s) {sorted(waiting)} were saved waiting in hlt; backend {self.vm.backend.name!r} cannot "
+                "say whether a restored vCPU takes interrupts without running it (it has no IMMEDIATE_EXIT)"
+            )
+        devices = [device for device in image.devices if device.key != HLT_WAIT_KEY]
         load_devices(bus_devices(self.pio, self.mmio), devices)
         fill_ram(self.vm, image)
 
@@ -291,9 +362,16 @@ class MachineSnapshots:
             # The devices again, for the same reason: they were loaded (and checked)
             # while the machine was built, and the time since counted on the
             # 8254's clock; a slow build (the amd64 test bed) had its next tick
-            # fire before the guest ran, so a vCPU restored in hlt took that tick
-            # and then waited for another.  Loading is idempotent.
-            load_devices(bus_devices(self.pio, self.mmio), devices)
+            # fire before the guest ran, early.  Loading is idempotent.  The
+            # timers are held meanwhile: a tick of the 8254 as built, landing in
+            # the 8259s already loaded again, would come early too.
+            with self.runner.timers_held():
+                load_devices(bus_devices(self.pio, self.mmio), devices)
 
         self.runner.vcpu_ready = ready
         self.runner.vcpus_ready = all_ready
+        # In the wait from the start, as after their hlt exit: an interrupt the
+        # restored controllers hold, or the first one raised later (before or
+        # after the vCPU got there, the wait looks at the controller itself), is
+        # delivered at its next entry; it never runs guest code unwoken.
+        self.runner.start_in_hlt_wait = waiting

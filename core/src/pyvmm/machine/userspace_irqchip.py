@@ -42,6 +42,7 @@ from __future__ import annotations
 import threading
 import time
 from collections.abc import Callable
+from contextlib import AbstractContextManager
 from typing import Protocol
 
 from pyvmm.capabilities import Capability
@@ -103,6 +104,8 @@ class UserspaceIrqchip:
         self._clock = clock
         self._can_kick = backend.supports(Capability.IMMEDIATE_EXIT)
         self._timers: list[tuple[Callable[[], int | None], Callable[[], object]]] = []
+        #: Held while the timers fire (:meth:`timers_held`).
+        self._firing = threading.Lock()
         self._vcpu: Vcpu | None = None
         #: An interrupt waits at the controller's output (a hint; the controller decides).
         self._pending = False
@@ -186,11 +189,6 @@ class UserspaceIrqchip:
         self._attention = True
         return True
 
-    def would_wake(self, vcpu: Vcpu) -> bool:
-        """Whether the controllers hold an interrupt for ``vcpu`` (the one they
-        are attached to) now (any thread)."""
-        return vcpu is self._vcpu and self._controller.has_interrupt()
-
     # --- changes from any thread ----------------------------------------------------
     def output_changed(self) -> None:
         """The controller's output may have changed (any thread)."""
@@ -228,17 +226,25 @@ class UserspaceIrqchip:
     def tick(self) -> None:
         """Run the timers that are due, and kick a vCPU whose interrupt window is
         overdue (the timer thread calls this at :meth:`next_deadline`)."""
-        now = self._clock()
-        for next_deadline, expire in self._timers:
-            deadline = next_deadline()
-            if deadline is not None and deadline <= now:
-                expire()
+        with self._firing:
+            now = self._clock()
+            for next_deadline, expire in self._timers:
+                deadline = next_deadline()
+                if deadline is not None and deadline <= now:
+                    expire()
         poll_at = self._window_poll_at
         vcpu = self._vcpu
         if poll_at is not None and now >= poll_at:
             self._window_poll_at = now + WINDOW_POLL_NS
             if vcpu is not None and self._can_kick and not self._waiting:
                 self._kick(vcpu)
+
+    def timers_held(self) -> AbstractContextManager[object]:
+        """While held (any thread), no timer fires: one already firing finishes
+        first, and one due meanwhile fires after, from its state then.  So a tick
+        decided on a timer's earlier state never lands in a controller loaded
+        since (a restore loading the 8259s and 8254 again as the guest starts)."""
+        return self._firing
 
     def timer_failed(self, exc: BaseException) -> None:
         """The timer thread raised: the vCPU thread raises it at its next entry,
