@@ -92,6 +92,8 @@ def restore(vcpu: KvmVcpu, prepared: PreparedWrites) -> None:
         result = ioctl(fd, write.request, write.address)
         if result < 0:
             raise HypervisorError(vcpu.host.ioctl_name(write.request), errno_of(result))
+        if write.request == k.KVM_SET_SREGS:
+            vcpu.keep_cr8(write.raw.cr8)
         msrs = write.msrs
         if msrs is not None and result < len(msrs):
             done = tuple((e.index, e.data) for e in msrs[:result])

@@ -325,6 +325,15 @@ class KvmVcpu(KvmVcpuCommon):
             return self.get_xsave()
         raise ConfigError(f"KVM x86 vCPUs have no {kind.value} state")
 
+    def keep_cr8(self, cr8: int) -> None:
+        """After ``KVM_SET_SREGS``: without an in-kernel local APIC, KVM loads CR8
+        from ``kvm_run->cr8`` on every ``KVM_RUN``, an immediate exit included
+        (``kvm_arch_vcpu_ioctl_run`` in arch/x86/kvm/x86.c calls ``kvm_set_cr8``
+        before anything else), and only refreshes that field at an exit: a
+        vCPU whose CR8 was just set would get the stale one back on its next
+        run. QEMU writes the field before each run (``kvm_arch_pre_run``)."""
+        self._run.cr8 = cr8
+
     def set_state(self, kind: StateKind, value: Any) -> None:
         if kind is StateKind.REGS:
             raw = ffi.new("struct kvm_regs *")
@@ -334,6 +343,7 @@ class KvmVcpu(KvmVcpuCommon):
             raw = self._get("struct kvm_sregs *", k.KVM_GET_SREGS)
             regs.sregs_to_kvm(value, raw)
             self.host.ioctl(self.fd, k.KVM_SET_SREGS, raw)
+            self.keep_cr8(raw.cr8)
         elif kind is StateKind.FPU:
             raw = self._get("struct kvm_fpu *", k.KVM_GET_FPU)
             regs.fpu_to_kvm(value, raw)
