@@ -15,7 +15,6 @@ import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
-from pathlib import Path
 from types import FrameType
 from typing import TYPE_CHECKING, Any, BinaryIO, TypeVar, cast
 
@@ -23,6 +22,8 @@ from pyvmm.cli import RUN_HELP, RawDescriptionHelpFormatter
 from pyvmm.errors import ConfigError
 
 if TYPE_CHECKING:
+    from pathlib import Path
+
     from pyvmm.config import Arch
     from pyvmm.gdbstub import GdbServer
     from pyvmm.machine.config import MachineConfig
@@ -146,6 +147,14 @@ def option_names(args: argparse.Namespace) -> dict[str, str]:
     return {**OPTION_NAMES, **getattr(args, "_typed_options", {})}
 
 
+def _file_path(text: str) -> Path:
+    """argparse's type for a file option.  pathlib costs ~5 ms of every start-up
+    (it imports urllib and ipaddress): imported when such an option is given."""
+    from pathlib import Path
+
+    return Path(text)
+
+
 def add_run_parser(sub: Any, common: argparse.ArgumentParser | None = None) -> None:
     """Add the ``run`` command to ``pyvmm``'s subparsers (``common``: options
     every command takes)."""
@@ -160,7 +169,9 @@ def add_run_parser(sub: Any, common: argparse.ArgumentParser | None = None) -> N
     run.register("action", None, _TypedStore)
     run.register("action", "store", _TypedStore)
     run.register("action", "store_true", _TypedStoreTrue)
-    run.add_argument("--config", type=Path, metavar="FILE", help="TOML machine file (options override its values)")
+    run.add_argument(
+        "--config", type=_file_path, metavar="FILE", help="TOML machine file (options override its values)"
+    )
     run.add_argument(
         "--arch",
         choices=("x86_64", "aarch64"),
@@ -168,11 +179,11 @@ def add_run_parser(sub: Any, common: argparse.ArgumentParser | None = None) -> N
     )
     run.add_argument(
         "--kernel",
-        type=Path,
+        type=_file_path,
         metavar="FILE",
         help="kernel image (x86_64: multiboot, bzImage, PVH, ELF; aarch64: Image)",
     )
-    run.add_argument("--initrd", type=Path, metavar="FILE", help="initrd, or multiboot module")
+    run.add_argument("--initrd", type=_file_path, metavar="FILE", help="initrd, or multiboot module")
     run.add_argument("--append", metavar="STR", help="kernel command line")
     run.add_argument(
         "--load-address",
@@ -223,7 +234,7 @@ def add_run_parser(sub: Any, common: argparse.ArgumentParser | None = None) -> N
     )
     run.add_argument(
         "--snapshot-to",
-        type=Path,
+        type=_file_path,
         metavar="FILE",
         help="save a snapshot to FILE and stop when the guest writes port 0x5f0 (x86_64) or MMIO 0x0a002000 "
         "(aarch64), or after --snapshot-after",
@@ -231,7 +242,9 @@ def add_run_parser(sub: Any, common: argparse.ArgumentParser | None = None) -> N
     run.add_argument(
         "--snapshot-after", type=float, metavar="S", help="with --snapshot-to: save after S seconds of running"
     )
-    run.add_argument("--restore", type=Path, metavar="FILE", help="continue the snapshot in FILE instead of booting")
+    run.add_argument(
+        "--restore", type=_file_path, metavar="FILE", help="continue the snapshot in FILE instead of booting"
+    )
     run.set_defaults(func=cmd_run)
 
 

@@ -26,12 +26,14 @@ import re
 import stat
 from collections.abc import Callable, Mapping
 from dataclasses import field
-from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from pyvmm.errors import ConfigError
 from pyvmm.lean_dataclass import lean_dataclass
 from pyvmm.records import Checker, bound, from_mapping, show
+
+if TYPE_CHECKING:
+    from pathlib import Path
 
 PAGE_SIZE = 4096
 #: Guest-physical addresses are at most 52 bits on x86_64 and aarch64.

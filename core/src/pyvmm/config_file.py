@@ -46,7 +46,7 @@ class ConfigFile(BaseModel):
     plugins: PluginsSection = Field(default_factory=PluginsSection)
 
 
-def parse_config(text: str, path: Path) -> ConfigFile:
+def parse_config(text: str, path: Path | str) -> ConfigFile:
     """Parse and validate the text of the config file at ``path``.
 
     :raises ConfigError: not TOML, or an invalid ``[plugins]`` table (naming ``path``).

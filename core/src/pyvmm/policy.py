@@ -43,7 +43,6 @@ from __future__ import annotations
 import os
 import re
 from collections.abc import Mapping
-from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from pyvmm.errors import ConfigError
@@ -51,6 +50,8 @@ from pyvmm.lean_dataclass import lean_dataclass
 from pyvmm.manifest import NAME_PATTERN as MANIFEST_NAME_PATTERN
 
 if TYPE_CHECKING:
+    from pathlib import Path
+
     from pyvmm.config_file import ConfigFile
 
 ENV_ALLOW = "PYVMM_BACKENDS_ALLOW"
@@ -96,24 +97,33 @@ class PluginPolicy:
 
 def config_path(environ: Mapping[str, str] | None = None) -> Path:
     """Where the config file is looked for (it need not exist)."""
+    from pathlib import Path
+
+    return Path(_config_file(environ))
+
+
+def _config_file(environ: Mapping[str, str] | None) -> str:
+    """:func:`config_path` as a string: what every command reads, without
+    pathlib (~5 ms of start-up, for one file name)."""
     env = os.environ if environ is None else environ
     explicit = env.get(ENV_CONFIG)
     if explicit:
-        return Path(explicit).expanduser()
-    base = env.get("XDG_CONFIG_HOME") or str(Path(env.get("HOME", "~")) / ".config")
-    return Path(base).expanduser() / "pyvmm" / "config.toml"
+        return os.path.normpath(os.path.expanduser(explicit))
+    base = env.get("XDG_CONFIG_HOME") or os.path.join(env.get("HOME", "~"), ".config")
+    return os.path.normpath(os.path.join(os.path.expanduser(base), "pyvmm", "config.toml"))
 
 
-def read_text(path: Path) -> str | None:
+def read_text(path: Path | str) -> str | None:
     """The config file's text, or None when there is none.
 
     :raises ConfigError: it exists but cannot be read.
     """
     try:
-        return path.read_text(encoding="utf-8")
+        with open(path, encoding="utf-8") as file:
+            return file.read()
     except FileNotFoundError:
         return None
-    except OSError as exc:
+    except (OSError, UnicodeDecodeError) as exc:
         raise ConfigError(f"{path}: cannot read the pyvmm config file: {exc}") from exc
 
 
@@ -143,7 +153,7 @@ def load_policy(environ: Mapping[str, str] | None = None) -> PluginPolicy:
     :raises ConfigError: the config file or a variable is malformed.
     """
     env = os.environ if environ is None else environ
-    path = config_path(env)
+    path = _config_file(env)
     allow: frozenset[str] | None = None
     deny: frozenset[str] = frozenset()
     # Without a config file (the common case) nothing is validated, so pydantic

@@ -76,6 +76,8 @@ def test_a_demo_run_on_kvm_imports_no_other_backend_and_no_pydantic(kvm: object)
     assert [m for m in modules if m.split(".")[0] in ("pydantic", "pydantic_core", "pycparser")] == []
     assert "importlib.metadata" not in modules
     assert "pyvmm.machine.loaders.arm64" not in modules  # an x86 demo needs no kernel loader
+    # pathlib (with urllib and ipaddress, ~5 ms) is for runs given a file.
+    assert [m for m in modules if m in ("pathlib", "urllib.parse", "ipaddress")] == []
     # No snapshot option, the in-kernel irqchip, no vCPU state read beyond the
     # registers, no --stats: none of their modules (nor hashlib, which only
     # snapshots need).

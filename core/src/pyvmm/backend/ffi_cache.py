@@ -43,10 +43,14 @@ import os
 import stat
 import sys
 from collections.abc import Mapping
-from pathlib import Path
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 import _cffi_backend  # type: ignore[import-untyped]  # cffi's runtime, shipped without stubs
+
+if TYPE_CHECKING:
+    from pathlib import Path
+
+    from _typeshed import StrPath
 
 ENV_FFI_CACHE = "PYVMM_FFI_CACHE"
 #: The value of :data:`ENV_FFI_CACHE` that turns the cache off.
@@ -58,15 +62,26 @@ _FORMAT = "1"
 
 def cache_directory(environ: Mapping[str, str] | None = None) -> Path | None:
     """Where out-of-line modules are kept, or None when the cache is off."""
+    directory = _cache_root(environ)
+    if directory is None:
+        return None
+    from pathlib import Path
+
+    return Path(directory)
+
+
+def _cache_root(environ: Mapping[str, str] | None) -> str | None:
+    """:func:`cache_directory` as a string: every start-up of a backend reads it,
+    and pathlib costs ~5 ms to import for a file name."""
     env = os.environ if environ is None else environ
     chosen = env.get(ENV_FFI_CACHE, "").strip()
     if chosen.lower() == CACHE_OFF:
         return None
     if chosen:
-        return Path(chosen)
+        return chosen
     base = env.get("XDG_CACHE_HOME", "").strip()
-    root = Path(base) if base else Path.home() / ".cache"
-    return root / "pyvmm" / "cffi"
+    root = base if base else os.path.join(os.path.expanduser("~"), ".cache")
+    return os.path.join(root, "pyvmm", "cffi")
 
 
 def declaration_key(cdef: str, packed: bool = False) -> str:
@@ -116,11 +131,11 @@ def declared_ffi(cdef: str, environ: Mapping[str, str] | None = None, *, packed:
 
     :raises cffi.CDefError: ``cdef`` is not valid C declarations (from the parse).
     """
-    directory = cache_directory(environ)
+    directory = _cache_root(environ)
     if directory is None:
         return _parsed(cdef, packed)
     key = declaration_key(cdef, packed)
-    path = directory / f"ffi_{key}.py"
+    path = os.path.join(directory, f"ffi_{key}.py")
     loaded = _load(path)
     if loaded is not None:
         return loaded
@@ -138,20 +153,20 @@ def _parsed(cdef: str, packed: bool = False) -> Any:
     return ffi
 
 
-def _private_to_us(path: Path) -> os.stat_result | None:
+def _private_to_us(path: StrPath) -> os.stat_result | None:
     """``path``'s status when it is ours and nobody else can write to it, else None."""
-    info = path.stat()
+    info = os.stat(path)
     getuid = getattr(os, "getuid", None)
     if getuid is not None and info.st_uid != getuid():
         return None
     return None if info.st_mode & (stat.S_IWGRP | stat.S_IWOTH) else info
 
 
-def _load(path: Path) -> Any:
+def _load(path: StrPath) -> Any:
     """The FFI object in the cache file ``path``; None when there is none, it is
     not private to this user, or it does not load (it is then rewritten)."""
     try:
-        if _private_to_us(path.parent) is None:
+        if _private_to_us(os.path.dirname(path)) is None:
             return None
         info = _private_to_us(path)
         if info is None:
@@ -173,7 +188,7 @@ def _code_stamp(source: os.stat_result) -> bytes:
     return _CODE_MAGIC + source.st_mtime_ns.to_bytes(8, "little") + source.st_size.to_bytes(8, "little")
 
 
-def _compiled(path: Path, source: os.stat_result) -> Any:
+def _compiled(path: StrPath, source: os.stat_result) -> Any:
     """The code object of the cache file ``path``, from its compiled twin
     (``.code``, marshalled) when that was made from this very file, as Python's
     own ``.pyc`` files are; else compiled now and the twin (re)written.
@@ -184,24 +199,30 @@ def _compiled(path: Path, source: os.stat_result) -> Any:
     """
     import marshal  # built in: nothing to load
 
-    twin = path.with_suffix(".code")
+    twin = os.path.splitext(path)[0] + ".code"
     stamp = _code_stamp(source)
     try:
         if _private_to_us(twin) is not None:
-            data = twin.read_bytes()
+            data = _read(twin)
             if data.startswith(stamp):
                 return marshal.loads(data[len(stamp) :])
     except (OSError, ValueError, EOFError, TypeError):
         pass  # no twin, or a broken one: compile, and write it again
-    code = compile(path.read_bytes(), str(path), "exec")
+    code = compile(_read(path), os.fspath(path), "exec")
     _write_private(twin, stamp + marshal.dumps(code))
     return code
 
 
-def _write_private(path: Path, data: bytes) -> None:
+def _read(path: StrPath) -> bytes:
+    with open(path, "rb") as file:
+        return file.read()
+
+
+def _write_private(path: StrPath, data: bytes) -> None:
     """Write ``data`` to ``path`` (mode 0600) through a temporary file renamed
     over it; failing to is not an error (the next process compiles again)."""
-    temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    folder, name = os.path.split(os.fspath(path))
+    temporary = os.path.join(folder, f".{name}.{os.getpid()}.tmp")
     try:
         with os.fdopen(os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600), "wb") as out:
             out.write(data)
@@ -213,7 +234,7 @@ def _write_private(path: Path, data: bytes) -> None:
             os.unlink(temporary)
 
 
-def _store(parsed: Any, key: str, directory: Path, path: Path) -> None:
+def _store(parsed: Any, key: str, directory: StrPath, path: StrPath) -> None:
     """Write the out-of-line module of the ``parsed`` declarations; failing to
     is not an error (the next process parses again)."""
     # emit_python_code() is make_py_source() with a "generating ..." line on
@@ -221,7 +242,7 @@ def _store(parsed: Any, key: str, directory: Path, path: Path) -> None:
     from cffi.recompiler import make_py_source
 
     try:
-        directory.mkdir(mode=0o700, parents=True, exist_ok=True)
+        os.makedirs(directory, mode=0o700, exist_ok=True)
         # Written under a temporary name and renamed, so that a process loading
         # the file never sees half of it.
         import tempfile  # here: only writing the cache needs it, not every start

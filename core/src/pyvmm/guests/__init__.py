@@ -11,14 +11,26 @@ on the PL011 (polling, so it needs no interrupt controller):
 
 from __future__ import annotations
 
-from pathlib import Path
+import os
 
 from pyvmm.boot import X86Mode
 from pyvmm.machine.images import Aarch64Image, GuestImage
 
 #: The bundled files, next to this module: pyvmm installs as files, and
-#: importlib.resources would import zipfile (a tenth of a demo run's start-up).
-_HERE = Path(__file__).parent
+#: importlib.resources would import zipfile (a tenth of a demo run's start-up);
+#: os.path rather than pathlib, which a demo run does not otherwise import.
+_HERE = os.path.dirname(os.path.abspath(__file__))
+
+
+def _read_bytes(*parts: str) -> bytes:
+    with open(os.path.join(_HERE, *parts), "rb") as file:
+        return file.read()
+
+
+def _read_text(*parts: str) -> str:
+    with open(os.path.join(_HERE, *parts), encoding="utf-8") as file:
+        return file.read()
+
 
 #: Where the demo guest is loaded and entered, and its initial stack pointer.
 DEMO_LOAD_ADDRESS = 0x10_0000
@@ -29,11 +41,11 @@ DEMO_AARCH64_LOAD_ADDRESS = 0x8000_0000
 
 
 def demo_source() -> str:
-    return (_HERE / "demo" / "demo.S").read_text(encoding="utf-8")
+    return _read_text("demo", "demo.S")
 
 
 def demo_binary() -> bytes:
-    return (_HERE / "demo" / "demo.bin").read_bytes()
+    return _read_bytes("demo", "demo.bin")
 
 
 def demo_image() -> GuestImage:
@@ -48,11 +60,11 @@ def demo_image() -> GuestImage:
 
 
 def demo_aarch64_source() -> str:
-    return (_HERE / "demo_aarch64" / "demo.S").read_text(encoding="utf-8")
+    return _read_text("demo_aarch64", "demo.S")
 
 
 def demo_aarch64_binary() -> bytes:
-    return (_HERE / "demo_aarch64" / "demo.bin").read_bytes()
+    return _read_bytes("demo_aarch64", "demo.bin")
 
 
 def demo_aarch64_image() -> Aarch64Image:
@@ -65,16 +77,16 @@ ECHO_LOAD_ADDRESS = 0x10_0000
 
 
 def echo_source() -> str:
-    return (_HERE / "echo" / "echo.S").read_text(encoding="utf-8")
+    return _read_text("echo", "echo.S")
 
 
 def echo_binary() -> bytes:
-    return (_HERE / "echo" / "echo.bin").read_bytes()
+    return _read_bytes("echo", "echo.bin")
 
 
 def echo_path() -> str:
     """The echo guest's file, for ``pyvmm run --kernel PATH --load-address 0x100000``."""
-    return str(_HERE / "echo" / "echo.bin")
+    return os.path.join(_HERE, "echo", "echo.bin")
 
 
 def echo_image() -> GuestImage:
@@ -90,16 +102,16 @@ def echo_image() -> GuestImage:
 
 
 def echo_aarch64_source() -> str:
-    return (_HERE / "echo_aarch64" / "echo.S").read_text(encoding="utf-8")
+    return _read_text("echo_aarch64", "echo.S")
 
 
 def echo_aarch64_binary() -> bytes:
-    return (_HERE / "echo_aarch64" / "echo.bin").read_bytes()
+    return _read_bytes("echo_aarch64", "echo.bin")
 
 
 def echo_aarch64_path() -> str:
     """For ``pyvmm run --arch aarch64 --kernel PATH --load-address 0x80000000``."""
-    return str(_HERE / "echo_aarch64" / "echo.bin")
+    return os.path.join(_HERE, "echo_aarch64", "echo.bin")
 
 
 def echo_aarch64_image() -> Aarch64Image:

@@ -36,8 +36,7 @@ from __future__ import annotations
 import dataclasses
 import os
 import sys
-from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 from pyvmm.config import (
     MAX_GUEST_PHYS,
@@ -56,6 +55,9 @@ from pyvmm.lean_dataclass import lean_dataclass
 from pyvmm.machine.layout import MIN_RAM
 from pyvmm.records import MAX_PROBLEMS, MISSING, Checker, RecordError, from_mapping, required, show
 
+if TYPE_CHECKING:
+    from pathlib import Path
+
 DEFAULT_MEMORY = 128 << 20
 #: xAPIC ids are 8 bits and 0xff is the broadcast id.
 MAX_CPUS = 254
@@ -73,7 +75,11 @@ def _no_nul(check: Checker, field: str, value: Any) -> None:
 
 def _path(check: Checker, field: str, value: Any) -> Path | None:
     """A file name (a string or a Path) as a Path; None stays None."""
-    if value is None or isinstance(value, Path):
+    if value is None:
+        return None
+    from pathlib import Path  # not at import: ~5 ms of a run given no file
+
+    if isinstance(value, Path):
         return value
     if not isinstance(value, str):
         check.fail(field, f"must be a file name (a string){_given(value)}")
@@ -357,6 +363,8 @@ def read_machine_file(path: Path) -> dict[str, Any]:
         waited on), over :data:`~pyvmm.config.MAX_MACHINE_FILE_SIZE`, not UTF-8
         or not TOML.
     """
+    from pathlib import Path
+
     # Imported here: a run without a machine file parses no TOML.
     if sys.version_info >= (3, 11):
         import tomllib

@@ -46,7 +46,6 @@ import sys
 import threading
 import time
 from collections.abc import Callable
-from pathlib import Path
 from typing import TYPE_CHECKING, Any, BinaryIO, NoReturn, Protocol, TextIO
 
 from pyvmm.errors import ConfigError, PyvmmError
@@ -54,6 +53,7 @@ from pyvmm.lazy_logging import LazyLogger
 
 if TYPE_CHECKING:
     import socket
+    from pathlib import Path
 
 # Loads logging only when a record goes out (start-up time).
 log = LazyLogger("pyvmm.console")

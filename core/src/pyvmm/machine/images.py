@@ -11,7 +11,6 @@ the guest runs.  An x86_64 image is a :class:`BootSource`, an aarch64 one an
 from __future__ import annotations
 
 from dataclasses import field
-from pathlib import Path
 from typing import TYPE_CHECKING, Protocol
 
 from pyvmm.arch.x86_64_boot import BOOT_TABLE_PAGES
@@ -23,6 +22,8 @@ from pyvmm.memory import GuestMemory
 from pyvmm.records import RecordError
 
 if TYPE_CHECKING:
+    from pathlib import Path
+
     from pyvmm.machine.loaders.arm64 import DeviceTreeBuilder
 
 #: Where in-memory images keep the boot GDT and page tables (BootSpec's default).

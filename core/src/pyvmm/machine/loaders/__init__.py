@@ -28,7 +28,6 @@ O(n log n) in its number of segments.
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import TYPE_CHECKING
 
 # ImageError and LoadedKernel are the common module's; the x86 loaders are
@@ -37,6 +36,8 @@ from typing import TYPE_CHECKING
 from pyvmm.machine.loaders.common import ImageError, LoadedKernel, RamMap, Request, read_file
 
 if TYPE_CHECKING:
+    from pathlib import Path
+
     from pyvmm.machine.loaders.arm64 import load_arm64_kernel
     from pyvmm.memory import GuestMemory
 
@@ -63,6 +64,8 @@ def load_kernel(
 ) -> LoadedKernel:
     """Load the kernel at ``path`` into ``memory`` (the first ``ram_size`` bytes of its
     writable regions are the guest's RAM) and return how to start it."""
+    from pathlib import Path  # imported when a kernel is loaded, not by every run
+
     from pyvmm.machine.loaders.bzimage import is_bzimage, load_bzimage
     from pyvmm.machine.loaders.elf import is_elf, load_plain_elf, parse_elf
     from pyvmm.machine.loaders.flat import load_flat

@@ -15,7 +15,7 @@ import bisect
 import itertools
 import os
 from collections.abc import Iterable
-from pathlib import Path
+from typing import TYPE_CHECKING
 
 from pyvmm.boot import BootSpec, X86Mode
 from pyvmm.config import PAGE_SIZE, Arch, InputFileError, read_input_file
@@ -23,6 +23,9 @@ from pyvmm.errors import ConfigError
 from pyvmm.lean_dataclass import lean_dataclass
 from pyvmm.memory import GuestMemory
 from pyvmm.records import RecordError
+
+if TYPE_CHECKING:
+    from pathlib import Path
 
 KiB = 1 << 10
 MiB = 1 << 20
