@@ -5,7 +5,9 @@
 # to the machine's devices the way a kernel does, each access a VM exit handled
 # in Python:
 #
-#   - prints over the COM1 UART, polling LSR for "transmitter empty";
+#   - prints over the COM1 UART with its FIFOs on, polling LSR for
+#     "transmitter empty" before each 16 bytes (the FIFO's depth, as Linux's
+#     8250 driver does);
 #   - port I/O round trips: the UART scratch register, fw_cfg's signature and
 #     CPU count;
 #   - MMIO round trips: the demo device's ID register and 64-bit scratch
@@ -24,7 +26,10 @@
 
     .set COM1, 0x3f8
     .set COM1_SCR, COM1 + 7
+    .set COM1_FCR, COM1 + 2
     .set COM1_LSR, COM1 + 5
+    .set FCR_FIFO_ON, 0x07               # enable, and clear both FIFOs
+    .set TX_FIFO_DEPTH, 16
     .set LSR_THRE, 0x20
     .set FW_CFG_SELECTOR, 0x510
     .set FW_CFG_DATA, 0x511
@@ -36,7 +41,7 @@
 
 start:
     lea rsi, [rip + hello]
-    call puts
+    call console_on_puts
 
     # Port I/O: the UART's scratch register keeps what it is given.
     mov dx, COM1_SCR
@@ -109,19 +114,32 @@ halt:
     hlt
     jmp halt
 
-# putc: send al to COM1 once the transmitter is empty.  Clobbers dx.
+# putc: send al to COM1.  "Transmitter empty" means the FIFO has room for 16
+# bytes: r9d counts the room left since LSR last said so.  Clobbers dx, r9.
 putc:
+    test r9d, r9d
+    jnz 2f
     push rax
     mov dx, COM1_LSR
 1:  in al, dx
     test al, LSR_THRE
     jz 1b
     pop rax
+    mov r9d, TX_FIFO_DEPTH
+2:  dec r9d
     mov dx, COM1
     out dx, al
     ret
 
-# puts: send the NUL-terminated string at rsi.  Clobbers rax, rdx, rsi.
+# console_on_puts: turn the UART's FIFOs on, then puts.
+console_on_puts:
+    mov dx, COM1_FCR
+    mov al, FCR_FIFO_ON
+    out dx, al
+    xor r9d, r9d                         # putc: no room known in the FIFO yet
+    jmp puts
+
+# puts: send the NUL-terminated string at rsi.  Clobbers rax, rdx, rsi, r9.
 puts:
     lodsb
     test al, al
