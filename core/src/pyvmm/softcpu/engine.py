@@ -711,8 +711,7 @@ class SoftCpu:
             # port access completed), as KVM completes a pending I/O exit even
             # on a run that exits at once: the state read afterwards is the one
             # after the instruction, which a snapshot or a reset depends on.
-            in_flight = bool(self._log) or self._isa.instruction_in_flight()
-            if self._kicked and not in_flight:
+            if self._kicked and not (self._log or self._isa.instruction_in_flight()):
                 self._kicked = False
                 return self._interrupted
             self._running = True
